@@ -1,0 +1,3 @@
+"""dropvar_tf version."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""dropvar_tf: one-pass dropout prediction variation for Keras models."""
+
+import os
+
+import setuptools
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_VERSION = {}
+with open(os.path.join(_HERE, "dropvar_tf", "version.py")) as f:
+  exec(f.read(), _VERSION)  # pylint: disable=exec-used
+
+REQUIRED = [
+    "tensorflow>=2.21,<2.22",
+    "keras>=3.10,<4",
+    "tensorflow-serving-api>=2.21,<2.22",
+    "tensorflow-datasets>=4.9.10,<5",
+    # tfds 4.9.10 imports it on Python 3.11 but does not declare it.
+    "importlib_resources",
+    "absl-py>=2.1",
+    "numpy>=1.26,<3",
+    "scipy>=1.11",
+    "scikit-learn>=1.4",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+    "grpcio>=1.60",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=15"],
+    "data": ["pyarrow>=15"],
+    "beam": ["apache-beam>=2.60,<3", "pyarrow>=15"],
+}
+
+setuptools.setup(
+    name="dropvar_tf",
+    version=_VERSION["__version__"],
+    description=("One-pass estimates of dropout prediction variation for "
+                 "Keras models, exported and served with TF Serving."),
+    long_description=open(os.path.join(_HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["dropvar_tf", "dropvar_tf.*",
+                                               "serving", "serving.*",
+                                               "export", "export.*"]),
+    python_requires=">=3.10",
+    install_requires=REQUIRED,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "dropvar=dropvar_tf.cli:run_main",
+            "dropvar_model_server=serving.server:run_main",
+            "dropvar_client=serving.client_cli:run_main",
+            "dropvar_export=export.export_cli:run_main",
+        ],
+    },
+    license="Apache-2.0",
+)
