@@ -1,0 +1,107 @@
+"""Argument checks shared by every public entry point.
+
+One error-message shape, as Keras' own layers have it:
+"Invalid value received for argument `num_samples`. Expected an integer >= 2.
+Received: num_samples=1".
+"""
+
+from dropvar_tf._keras import keras
+
+try:
+  from keras.src.models.functional import Functional as _Functional
+except ImportError:  # pragma: no cover - depends on the Keras layout.
+  _Functional = None
+
+
+def invalid(arg, expected, received):
+  """Returns a ValueError in the house message shape.
+
+  Args:
+    arg: name of the offending argument.
+    expected: what was expected, e.g. "an integer >= 2".
+    received: the received value (its repr is shown, shortened).
+  """
+  text = repr(received)
+  if len(text) > 200:
+    text = text[:200] + "..."
+  return ValueError(f"Invalid value received for argument `{arg}`. "
+                    f"Expected {expected}. Received: {arg}={text}")
+
+
+def is_graph_model(model):
+  """True for Functional and Sequential Keras models (they have a graph)."""
+  if isinstance(model, keras.Sequential):
+    return True
+  if _Functional is not None:
+    return isinstance(model, _Functional)
+  return hasattr(model, "_run_through_graph")  # pragma: no cover
+
+
+def iter_layers(model):
+  """Yields every layer of `model`, descending into nested models."""
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      yield from iter_layers(layer)
+    else:
+      yield layer
+
+
+def dropout_layers(model):
+  """Returns the Dropout layers (and subclasses) of `model`, nested included."""
+  return [l for l in iter_layers(model) if isinstance(l, keras.layers.Dropout)]
+
+
+def check_model(model, arg="model", require_dropout=True):
+  """Validates a base model argument.
+
+  Args:
+    model: the value to check.
+    arg: the argument name used in error messages.
+    require_dropout: also require at least one Dropout layer.
+
+  Returns:
+    `model`, unchanged.
+
+  Raises:
+    ValueError: `model` is None, not a Keras model, a subclassed model (no
+      symbolic graph to tap), unbuilt (no defined inputs), or has no Dropout
+      layer when `require_dropout`.
+  """
+  if model is None or not isinstance(model, keras.Model):
+    raise invalid(arg, "a built Functional or Sequential `keras.Model`",
+                  model if model is None else type(model).__name__)
+  if not is_graph_model(model):
+    raise invalid(
+        arg,
+        "a Functional or Sequential `keras.Model`; subclassed models have no "
+        "symbolic graph to tap. Rebuild it with the Functional API (or wrap "
+        "its layers in `keras.Sequential`)",
+        f"subclassed model of type {type(model).__name__}")
+  try:
+    inputs = model.inputs
+  except (AttributeError, ValueError):
+    inputs = None
+  if not model.built or not inputs:
+    raise invalid(
+        arg,
+        "a built model with defined inputs (start a Sequential model with "
+        "`keras.Input(shape)` or call `model.build(input_shape)`)",
+        f"unbuilt model {model.name!r}")
+  if require_dropout and not dropout_layers(model):
+    raise invalid(
+        arg,
+        "a model with at least one `keras.layers.Dropout` layer (dropout "
+        "prediction variation needs dropout)",
+        f"model {model.name!r} without Dropout layers")
+  return model
+
+
+def check_int(value, arg, minimum):
+  """Validates an integer argument >= `minimum` and returns it as int."""
+  if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+      hasattr(value, "__index__")):
+    raise invalid(arg, f"an integer >= {minimum}", value)
+  value = int(value)
+  if value < minimum:
+    raise invalid(arg, f"an integer >= {minimum}", value)
+  return value
