@@ -1,0 +1,438 @@
+"""Add a variation head to a trained Keras model, and take it off again.
+
+`add_variation_head` taps the post-activation outputs of chosen hidden layers
+of an existing Functional or Sequential model, turns them into activation-
+strength features with probe layers, and feeds them (with the model's own
+prediction) to a small head network. The returned dual model has outputs
+`{"prediction": ..., "variation": ...}` and shares every base weight with the
+input model; the input model itself is not modified.
+"""
+
+import warnings
+
+import numpy as np
+
+from dropvar_tf._keras import keras
+from dropvar_tf import contract
+from dropvar_tf import layers as probe_layers
+from dropvar_tf import validation
+from dropvar_tf.version import __version__
+
+_ops = keras.ops
+
+LOG = "log"
+IDENTITY = "identity"
+TRANSFORMS = (LOG, IDENTITY)
+
+PROBE_PREFIX = "dropvar_probe_"
+PREDICTION_FEATURES_NAME = "dropvar_prediction_features"
+MOMENTS_NAME = "dropvar_moments"
+
+# Layers whose output is a post-activation hidden state worth tapping even
+# when no Dropout follows them.
+_ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU,
+                      keras.layers.LeakyReLU, keras.layers.ELU,
+                      keras.layers.PReLU)
+_SKIPPED = (keras.layers.InputLayer, keras.layers.Dropout)
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class PredictionFeatures(keras.layers.Layer):
+  """Features of the base model's prediction for the head.
+
+  One output unit (regression, binary probability): `[y, y**2]`. Several
+  (class probabilities): the probabilities sorted in descending order, the
+  margin between the top two, and the entropy.
+
+  Input shape: (batch, k). Output shape: (batch, 2) or (batch, k + 2).
+  """
+
+  def call(self, inputs):
+    y = _ops.cast(inputs, self.compute_dtype)
+    if len(y.shape) == 1:
+      y = _ops.expand_dims(y, -1)
+    if y.shape[-1] == 1:
+      return _ops.concatenate([y, _ops.square(y)], axis=-1)
+    ranked = _ops.flip(_ops.sort(y, axis=-1), axis=-1)
+    margin = ranked[:, :1] - ranked[:, 1:2]
+    p = _ops.clip(y, 1e-7, 1.0)
+    entropy = -_ops.sum(p * _ops.log(p), axis=-1, keepdims=True)
+    return _ops.concatenate([ranked, margin, entropy], axis=-1)
+
+  def compute_output_shape(self, input_shape):
+    k = 1 if len(input_shape) == 1 else input_shape[-1]
+    return (input_shape[0], 2 if k == 1 else k + 2)
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class VariationOutput(keras.layers.Layer):
+  """Maps the head's raw output to a non-negative variation estimate.
+
+  With `transform="log"` the head is trained on `log(dpv + eps)` and this
+  layer returns `scale * max(exp(z) - eps, 0)`; with "identity" it returns
+  `scale * max(z, 0)`. `eps` and `scale` are non-trainable weights set by
+  `fit_variation_head` (so they are saved with the model and never baked into
+  a traced graph).
+
+  Args:
+    units: number of estimated statistics (1 gives output shape (batch,)).
+    transform: "log" or "identity".
+    metadata: JSON-able dict describing what the head estimates; kept in the
+      config so it survives saving (see `variation_head_metadata`).
+    **kwargs: passed to `keras.layers.Layer`.
+  """
+
+  def __init__(self, units=1, transform=LOG, metadata=None, **kwargs):
+    super().__init__(**kwargs)
+    if transform not in TRANSFORMS:
+      raise validation.invalid("transform", f"one of {TRANSFORMS}", transform)
+    self.units = validation.check_int(units, "units", 1)
+    self.transform = transform
+    self.metadata = dict(metadata or {})
+    self.eps = self.add_weight(name="eps", shape=(), trainable=False,
+                               initializer=keras.initializers.Constant(1e-3))
+    self.scale = self.add_weight(name="scale", shape=(), trainable=False,
+                                 initializer="ones")
+
+  def call(self, inputs):
+    z = _ops.cast(inputs, "float32")
+    if self.transform == LOG:
+      v = _ops.exp(_ops.minimum(z, 30.0)) - self.eps
+    else:
+      v = z
+    v = self.scale * _ops.relu(v)
+    if self.units == 1:
+      v = _ops.squeeze(v, axis=-1)
+    return v
+
+  def compute_output_shape(self, input_shape):
+    if self.units == 1:
+      return tuple(input_shape[:-1])
+    return tuple(input_shape)
+
+  def to_raw(self, variation):
+    """Numpy inverse of the output transform, for building training targets."""
+    v = np.asarray(variation, "float64") / float(self.scale.numpy())
+    if self.transform == LOG:
+      return np.log(v + float(self.eps.numpy()))
+    return v
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"units": self.units, "transform": self.transform,
+                   "metadata": self.metadata})
+    return config
+
+
+def _check_layers_arg(layers):
+  if isinstance(layers, str):
+    if layers in ("all", "last"):
+      return layers
+    return [layers]
+  if isinstance(layers, (list, tuple)) and layers and all(
+      isinstance(n, str) for n in layers):
+    return list(layers)
+  raise validation.invalid(
+      "layers", '"all", "last", or a non-empty list of layer names', layers)
+
+
+def _source_layer(tensor):
+  return tensor._keras_history.operation  # pylint: disable=protected-access
+
+
+def candidate_layers(model):
+  """Returns the hidden layers of `model` whose outputs can feed a head.
+
+  A layer is a candidate when a Dropout layer reads its output, or when it
+  applies a nonlinearity (a Dense or Conv layer with a non-linear activation,
+  an Activation-type layer, or a nested model). Input, Dropout and output
+  layers are never candidates. Order is topological (input to output).
+
+  Args:
+    model: a built Functional or Sequential Keras model.
+
+  Returns:
+    A list of layers, possibly empty.
+  """
+  output_ops = {id(_source_layer(t)) for t in model.outputs}
+  feeds_dropout = set()
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.Dropout):
+      for node in layer._inbound_nodes:  # pylint: disable=protected-access
+        for t in node.input_tensors:
+          feeds_dropout.add(id(_source_layer(t)))
+  found = []
+  for layer in model.layers:
+    if isinstance(layer, _SKIPPED) or id(layer) in output_ops:
+      continue
+    activation = getattr(layer, "activation", None)
+    nonlinear = activation is not None and activation not in (
+        keras.activations.linear, None)
+    if (id(layer) in feeds_dropout or nonlinear or
+        isinstance(layer, _ACTIVATION_LAYERS + (keras.Model,))):
+      found.append(layer)
+  return found
+
+
+def _resolve_taps(model, layers):
+  candidates = candidate_layers(model)
+  if layers == "all":
+    taps = candidates
+  elif layers == "last":
+    taps = candidates[-1:]
+  else:
+    by_name = {l.name: l for l in model.layers}
+    unknown = [n for n in layers if n not in by_name]
+    if unknown:
+      raise validation.invalid(
+          "layers",
+          "names of layers of the model; candidates are "
+          f"{[l.name for l in candidates]}", unknown)
+    taps = [by_name[n] for n in layers]
+  if not taps:
+    raise validation.invalid(
+        "layers", "a selection with at least one hidden layer to tap",
+        f"{layers!r} (model {model.name!r} has no hidden candidate layers)")
+  for layer in taps:
+    if len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
+      raise validation.invalid(
+          "layers", "layers called exactly once in the model (a shared "
+          "layer has no single output to tap)", layer.name)
+  return taps
+
+
+def model_input(model):
+  """Returns `model`'s symbolic input structure (Sequential models included)."""
+  if isinstance(model, keras.Sequential):
+    return model.inputs[0]
+  return model.input
+
+
+def has_variation_head(model):
+  """True when `model` is a dual model made by `add_variation_head`."""
+  try:
+    model.get_layer(contract.HEAD_NAME)
+  except ValueError:
+    return False
+  return True
+
+
+def _output_units(model):
+  shape = model.outputs[0].shape
+  return 1 if len(shape) < 2 else int(shape[-1])
+
+
+def _resolve_statistic(statistic, units):
+  if statistic not in contract.STATISTICS:
+    raise validation.invalid("statistic", f"one of {contract.STATISTICS}",
+                             statistic)
+  if statistic == contract.STAT_AUTO:
+    return (contract.STAT_STD if units == 1
+            else contract.STAT_PREDICTED_CLASS_STD)
+  return statistic
+
+
+def _statistic_units(statistic, units):
+  if statistic == contract.STAT_PREDICTED_CLASS_STD:
+    return 1
+  return units
+
+
+def _moment_features(model, include_moments, statistic):
+  """Returns a moment-propagation model, or None (with a warning on "auto")."""
+  if not include_moments:
+    return None
+  try:
+    from dropvar_tf import moments  # pylint: disable=import-outside-toplevel
+    return moments.moment_model(model, statistic=statistic)
+  except (ImportError, ValueError) as e:
+    if include_moments == "auto":
+      warnings.warn(f"Moment-propagation features skipped: {e}")
+      return None
+    raise
+
+
+def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
+                       hidden_units=(64,), statistic=contract.STAT_AUTO,
+                       include_prediction=True, include_moments=False,
+                       transform=LOG, l2=1e-4, head_dropout=0.0, seed=0,
+                       name=None):
+  """Returns a dual model with outputs {"prediction", "variation"}.
+
+  Like `tfmot.quantization.keras.quantize_model`, it takes an existing model
+  and returns a transformed one. Side effects: none on `model`. The dual model
+  reuses `model`'s layers, so weights are shared (not copied): training the
+  base afterwards changes both. The dual model is not compiled; train its head
+  with `fit_variation_head`, which leaves the base weights untouched. Nested
+  sub-models are tapped as a whole (their inner layers are not reachable).
+
+  Args:
+    model: a built, trained Functional or Sequential `keras.Model` with at
+      least one Dropout layer and one output tensor. Subclassed models are
+      refused (they have no symbolic graph to tap).
+    layers: "all" (every candidate hidden layer, see `candidate_layers`),
+      "last" (the candidate closest to the output), or a list of layer names.
+    features: "neurons" (per-neuron activations, default) or "summary"
+      (mean, RMS and fraction active per layer).
+    hidden_units: widths of the head's hidden ReLU layers.
+    statistic: the DPV statistic the head estimates (see `contract`):
+      "auto", "std", "predicted_class_std" or "per_class_std".
+    include_prediction: also feed features of the base prediction.
+    include_moments: also feed the moment-propagation estimate
+      (`dropvar_tf.moments`): True, False, or "auto" (when supported).
+    transform: "log" (train on log DPV; default) or "identity".
+    l2: L2 weight penalty on the head's Dense kernels.
+    head_dropout: dropout rate inside the head (off at inference).
+    seed: seed of the head's initializers.
+    name: name of the dual model (default "<model.name>_dual").
+
+  Returns:
+    A `keras.Model` with the inputs of `model` and dict outputs
+    {"prediction": model's output, "variation": (batch,) or (batch, k)}.
+
+  Raises:
+    ValueError: invalid `model` (None, not Keras, subclassed, unbuilt, no
+      Dropout, several outputs, already has a head) or invalid arguments,
+      e.g. unknown layer names.
+
+  Example:
+  >>> dual = add_variation_head(model, layers="all")
+  >>> out = dual.predict(x)   # {"prediction": ..., "variation": ...}
+  """
+  validation.check_model(model)
+  if has_variation_head(model):
+    raise validation.invalid(
+        "model", "a model without a variation head (call "
+        "`strip_variation_head` first to replace its head)",
+        f"dual model {model.name!r}")
+  if len(model.outputs) != 1:
+    raise validation.invalid("model", "a model with exactly one output",
+                             f"model {model.name!r} with "
+                             f"{len(model.outputs)} outputs")
+  layers = _check_layers_arg(layers)
+  probe_layers._check_features(features)  # pylint: disable=protected-access
+  hidden_units = [validation.check_int(u, "hidden_units", 1)
+                  for u in hidden_units]
+  units = _output_units(model)
+  statistic = _resolve_statistic(statistic, units)
+  taps = _resolve_taps(model, layers)
+
+  prediction = model.outputs[0]
+  head_inputs = []
+  for layer in taps:
+    probe = probe_layers.ActivationStrength(
+        features=features, name=PROBE_PREFIX + layer.name)
+    head_inputs.append(probe(layer.output))
+  if include_prediction:
+    head_inputs.append(
+        PredictionFeatures(name=PREDICTION_FEATURES_NAME)(prediction))
+  moment_net = _moment_features(model, include_moments, statistic)
+  if moment_net is not None:
+    mp = moment_net(model_input(model))
+    if len(mp.shape) == 1:
+      mp = keras.layers.Reshape((1,))(mp)
+    head_inputs.append(keras.layers.Lambda(
+        lambda t: _ops.log(t + 1e-6), name=MOMENTS_NAME)(mp))
+
+  metadata = {
+      "dropvar_tf_version": __version__,
+      "statistic": statistic,
+      "num_samples": None,
+      "dropout_rates": {l.name: float(l.rate)
+                        for l in validation.dropout_layers(model)},
+      "layers": [l.name for l in taps],
+      "features": features,
+      "include_prediction": bool(include_prediction),
+      "include_moments": moment_net is not None,
+      "transform": transform,
+      "base_model": model.name,
+  }
+  head = _build_head(head_inputs, hidden_units,
+                     _statistic_units(statistic, units), transform, l2,
+                     head_dropout, seed, metadata)
+  variation = head(head_inputs)
+  return keras.Model(
+      inputs=model_input(model),
+      outputs={contract.PREDICTION_KEY: prediction,
+               contract.VARIATION_KEY: variation},
+      name=name or f"{model.name}_dual")
+
+
+def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
+                head_dropout, seed, metadata):
+  inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype,
+                        name=f"head_in_{i}")
+            for i, t in enumerate(feature_tensors)]
+  x = (keras.layers.Concatenate(name="head_concat")(inputs)
+       if len(inputs) > 1 else inputs[0])
+  x = keras.layers.Normalization(name="head_norm")(x)
+  reg = keras.regularizers.L2(l2) if l2 else None
+  for i, width in enumerate(hidden_units):
+    x = keras.layers.Dense(
+        width, activation="relu", kernel_regularizer=reg,
+        kernel_initializer=keras.initializers.HeNormal(seed=seed + i),
+        name=f"head_dense_{i}")(x)
+    if head_dropout:
+      x = keras.layers.Dropout(head_dropout, seed=seed,
+                               name=f"head_dropout_{i}")(x)
+  z = keras.layers.Dense(
+      out_units, kernel_regularizer=reg,
+      kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 100),
+      name="head_out")(x)
+  v = VariationOutput(out_units, transform=transform, metadata=metadata,
+                      name="variation_output")(z)
+  return keras.Model(inputs, v, name=contract.HEAD_NAME)
+
+
+def variation_head(dual):
+  """Returns the head sub-model of a dual model.
+
+  Raises:
+    ValueError: `dual` was not made by `add_variation_head`.
+  """
+  if not isinstance(dual, keras.Model) or not has_variation_head(dual):
+    raise validation.invalid(
+        "dual", "a dual model made by `add_variation_head`",
+        dual if not isinstance(dual, keras.Model) else
+        f"model {dual.name!r} without a variation head")
+  return dual.get_layer(contract.HEAD_NAME)
+
+
+def variation_output_layer(dual):
+  """Returns the `VariationOutput` layer of a dual model's head."""
+  return variation_head(dual).get_layer("variation_output")
+
+
+def variation_head_metadata(dual):
+  """Returns what the head estimates, as a JSON-able dict.
+
+  Keys: dropvar_tf_version, statistic, num_samples (of the MC targets it was
+  fitted on; None before fitting), dropout_rates, layers, features,
+  include_prediction, include_moments, transform, base_model, and after
+  fitting seed and num_train_examples.
+  """
+  return dict(variation_output_layer(dual).metadata)
+
+
+def head_feature_tensors(dual):
+  """Returns the symbolic tensors that feed the head, in head-input order."""
+  head = variation_head(dual)
+  node = head._inbound_nodes[0]  # pylint: disable=protected-access
+  return list(node.input_tensors)
+
+
+def strip_variation_head(dual):
+  """Returns the plain model: the inverse of `add_variation_head`.
+
+  The result is a Functional model with the dual model's inputs and the base
+  prediction as its only output; it shares the base weights (no copy), so its
+  predictions equal `dual(x)["prediction"]`.
+
+  Raises:
+    ValueError: `dual` has no variation head.
+  """
+  variation_head(dual)
+  outputs = dual.output
+  prediction = outputs[contract.PREDICTION_KEY]
+  base_name = variation_head_metadata(dual).get("base_model") or dual.name
+  return keras.Model(inputs=dual.input, outputs=prediction, name=base_name)

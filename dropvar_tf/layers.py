@@ -1,0 +1,102 @@
+"""Probe layers: record neuron activation strength during the one forward pass.
+
+A probe sees the post-activation values of a hidden layer in the deterministic
+pass and turns them into features for the variation head:
+
+- "neurons" (default): every neuron's value. Rank-2 activations (batch, units)
+  are kept as they are; feature maps of higher rank (batch, ..., channels) are
+  averaged over their spatial axes, one strength per channel, so a conv layer
+  gives as many features as it has filters.
+- "summary": three numbers per layer: mean activation, root-mean-square
+  (the L2 norm divided by sqrt(units), so widths compare), and the fraction of
+  active (> 0) neurons.
+"""
+
+from dropvar_tf._keras import keras
+from dropvar_tf import validation
+
+NEURONS = "neurons"
+SUMMARY = "summary"
+FEATURE_SETS = (NEURONS, SUMMARY)
+
+_ops = keras.ops
+
+
+def _check_features(features):
+  if features not in FEATURE_SETS:
+    raise validation.invalid("features", f"one of {FEATURE_SETS}", features)
+  return features
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class ActivationStrength(keras.layers.Layer):
+  """Activation-strength features of one layer's output.
+
+  Input shape: (batch, units) or (batch, d1, ..., channels).
+  Output shape: (batch, units) / (batch, channels) for "neurons";
+  (batch, 3) for "summary".
+
+  Args:
+    features: "neurons" or "summary" (see the module docstring).
+    **kwargs: passed to `keras.layers.Layer`.
+
+  Example:
+  >>> probe = ActivationStrength(features="summary")
+  >>> probe(np.ones((2, 4), "float32")).shape
+  TensorShape([2, 3])
+  """
+
+  def __init__(self, features=NEURONS, **kwargs):
+    super().__init__(**kwargs)
+    self.features = _check_features(features)
+
+  def call(self, inputs):
+    x = _ops.cast(inputs, self.compute_dtype)
+    rank = len(x.shape)
+    if rank < 2:
+      x = _ops.expand_dims(x, -1)
+    if self.features == NEURONS:
+      if rank > 2:
+        return _ops.mean(x, axis=tuple(range(1, rank - 1)))
+      return x
+    flat = _ops.reshape(x, (_ops.shape(x)[0], -1))
+    mean = _ops.mean(flat, axis=-1, keepdims=True)
+    rms = _ops.sqrt(_ops.mean(_ops.square(flat), axis=-1, keepdims=True))
+    active = _ops.mean(_ops.cast(flat > 0, self.compute_dtype), axis=-1,
+                       keepdims=True)
+    return _ops.concatenate([mean, rms, active], axis=-1)
+
+  def compute_output_shape(self, input_shape):
+    if self.features == SUMMARY:
+      return (input_shape[0], 3)
+    if len(input_shape) < 2:
+      return (input_shape[0], 1)
+    return (input_shape[0], input_shape[-1])
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"features": self.features})
+    return config
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class ActivationProbe(ActivationStrength):
+  """Identity on the main path, activation strength as a side output.
+
+  For models you build yourself: put a probe after any hidden layer and route
+  its second output to a variation head. `add_variation_head` taps existing
+  models without inserting probes into their main path.
+
+  Input shape: any (batch, ...). Output: `(inputs, features)`, `inputs`
+  unchanged, `features` as `ActivationStrength` computes them.
+
+  Example:
+  >>> h = keras.layers.Dense(8, activation="relu")(keras.Input((4,)))
+  >>> h, strength = ActivationProbe(name="probe_1")(h)
+  """
+
+  def call(self, inputs):
+    return inputs, super().call(inputs)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape, super().compute_output_shape(input_shape)
