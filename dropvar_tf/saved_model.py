@@ -1,0 +1,684 @@
+"""Exports a dual model as a versioned SavedModel for TF Serving.
+
+`export_saved_model(dual, export_base)` writes `<export_base>/<version>/`:
+
+```
+<export_base>/                  # TF Serving's --model_base_path
+  1/
+    saved_model.pb              # signatures: serving_default, metadata,
+    variables/                  #   and mc_dropout (optional)
+    assets/dropvar_tf_metadata.json
+    assets.extra/tf_serving_warmup_requests   # optional
+  2/ ...
+```
+
+The version folder appears in one `os.rename` of a complete temporary folder
+(`.tmp-<version>-<hex>`, a name TF Serving's version poller skips because it is
+not an integer), so a server polling `export_base` never sees half a model.
+"""
+
+import datetime
+import io
+import json
+import os
+import shutil
+import uuid
+
+import numpy as np
+
+from dropvar_tf import contract
+from dropvar_tf import validation
+from dropvar_tf._keras import keras, tf
+from dropvar_tf.version import __version__
+
+# Signature returning the metadata JSON as a scalar string (no inputs).
+METADATA_SIGNATURE = "metadata"
+METADATA_OUTPUT_KEY = "metadata"
+WARMUP_FILENAME = "tf_serving_warmup_requests"
+WARMUP_DIRNAME = "assets.extra"
+TMP_PREFIX = ".tmp-"
+# Bumped when the layout of the metadata JSON changes incompatibly.
+METADATA_FORMAT = 1
+
+# Ops that exist in the Python TensorFlow runtime but not in a stock
+# `tensorflow_model_server`: they call back into a Python interpreter.
+DENIED_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
+
+# TF Serving reads at most 1000 warmup records; a few batches are enough to
+# trigger lazy initialisation and compile the common shapes.
+_MAX_WARMUP_REQUESTS = 4
+
+
+# ---------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_dual(dual):
+  validation.check_model(dual, arg="dual", require_dropout=False)
+  outputs = dual.output
+  if not isinstance(outputs, dict) or set(outputs) != set(contract.OUTPUT_KEYS):
+    received = (sorted(outputs) if isinstance(outputs, dict)
+                else f"{len(dual.outputs)} unnamed output(s)")
+    raise validation.invalid(
+        "dual",
+        f"a dual model whose outputs are a dict with keys "
+        f"{list(contract.OUTPUT_KEYS)} (build it with "
+        f"`dropvar_tf.add_variation_head`)",
+        f"model {dual.name!r} with outputs {received}")
+  return dual
+
+
+def _check_export_base(export_base):
+  if not isinstance(export_base, (str, os.PathLike)) or not os.fspath(
+      export_base):
+    raise validation.invalid("export_base", "a non-empty directory path",
+                             export_base)
+  path = os.fspath(export_base)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise validation.invalid("export_base", "a directory path",
+                             f"{path!r} (an existing file)")
+  return path
+
+
+def _check_metadata(metadata):
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, dict) or not all(
+      isinstance(k, str) for k in metadata):
+    raise validation.invalid("metadata", "a dict with string keys", metadata)
+  try:
+    json.dumps(metadata)
+  except (TypeError, ValueError) as e:
+    raise validation.invalid("metadata", f"a JSON-serializable dict ({e})",
+                             metadata) from e
+  statistic = metadata.get("statistic", contract.STAT_AUTO)
+  if statistic not in contract.STATISTICS:
+    raise validation.invalid("metadata", f"a 'statistic' in "
+                             f"{contract.STATISTICS}", metadata)
+  return dict(metadata)
+
+
+# ---------------------------------------------------------------------------
+# Inputs: names, specs and the model's own input structure.
+
+
+def _input_entries(dual):
+  """Returns [(serving_name, keras_tensor)] and a function that rebuilds the
+  model's input structure from a {serving_name: tensor} dict.
+
+  Dict inputs keep their dict keys (e.g. "user_id", "movie_id"); single and
+  list inputs are named by their `keras.Input` names.
+  """
+  struct = dual.input
+  if isinstance(struct, dict):
+    entries = list(struct.items())
+    rebuild = lambda named: {k: named[k] for k, _ in entries}
+  elif isinstance(struct, (list, tuple)):
+    entries = [(t.name, t) for t in struct]
+    rebuild = lambda named: [named[k] for k, _ in entries]
+  else:
+    entries = [(struct.name, struct)]
+    rebuild = lambda named: named[entries[0][0]]
+  names = [k for k, _ in entries]
+  if len(set(names)) != len(names):
+    raise validation.invalid("dual", "a model whose inputs have unique names",
+                             f"input names {names}")
+  return entries, rebuild
+
+
+def _tensor_specs(entries):
+  """{serving_name: tf.TensorSpec} with a variable batch dimension."""
+  specs = {}
+  for name, tensor in entries:
+    shape = (None,) + tuple(tensor.shape[1:])
+    specs[name] = tf.TensorSpec(shape, tf.as_dtype(tensor.dtype), name=name)
+  return specs
+
+
+def _describe_specs(specs):
+  return [{"name": name, "dtype": spec.dtype.name,
+           "shape": [d if d is None else int(d) for d in spec.shape]}
+          for name, spec in specs.items()]
+
+
+def _check_warmup(warmup_examples, specs):
+  """Returns {serving_name: np.ndarray} cast to the input dtypes.
+
+  Raises:
+    ValueError: the examples do not match the model inputs (names, rank,
+      fixed dimensions, dtype kind or batch size).
+  """
+  arg = "warmup_examples"
+  if not isinstance(warmup_examples, dict):
+    if len(specs) != 1:
+      raise validation.invalid(
+          arg, f"a dict of arrays keyed by the input names {list(specs)}",
+          type(warmup_examples).__name__)
+    warmup_examples = {next(iter(specs)): warmup_examples}
+  missing = sorted(set(specs) - set(warmup_examples))
+  extra = sorted(set(warmup_examples) - set(specs))
+  if missing or extra:
+    raise validation.invalid(
+        arg, f"arrays for exactly the inputs {list(specs)} (missing "
+        f"{missing}, unexpected {extra})", sorted(warmup_examples))
+  arrays = {}
+  batch = None
+  for name, spec in specs.items():
+    try:
+      array = np.asarray(warmup_examples[name])
+    except (TypeError, ValueError) as e:
+      raise validation.invalid(arg, f"an array for input {name!r}",
+                               type(warmup_examples[name]).__name__) from e
+    want = spec.dtype
+    ok_kind = (
+        (want.is_integer and array.dtype.kind in "iub") or
+        (want.is_floating and array.dtype.kind in "iuf") or
+        (want.is_bool and array.dtype.kind == "b") or
+        (want == tf.string and array.dtype.kind in "SUO"))
+    if not ok_kind:
+      raise validation.invalid(
+          arg, f"input {name!r} of dtype {want.name}",
+          f"array of dtype {array.dtype}")
+    shape = list(spec.shape)
+    if array.ndim != len(shape) or any(
+        d is not None and d != a for d, a in zip(shape[1:], array.shape[1:])):
+      raise validation.invalid(
+          arg, f"input {name!r} of shape {[None] + shape[1:]}",
+          f"array of shape {list(array.shape)}")
+    if array.shape[0] < 1 or (batch is not None and array.shape[0] != batch):
+      raise validation.invalid(
+          arg, "a non-empty batch of the same size for every input",
+          f"input {name!r} with {array.shape[0]} examples"
+          + ("" if batch is None else f" (others have {batch})"))
+    batch = array.shape[0]
+    if want == tf.string:
+      arrays[name] = array.astype(object)
+    else:
+      arrays[name] = array.astype(want.as_numpy_dtype)
+  return arrays
+
+
+# ---------------------------------------------------------------------------
+# MC-dropout signature.
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class ExportMcDropout(keras.layers.Layer):
+  """Dropout that is always on, with stateless seeded masks.
+
+  Used only inside the exported `mc_dropout` signature: the masks depend on
+  (`seed`, `stream`) and the input shape only, so the graph holds no random
+  state and the same request gets the same answer.
+
+  Args:
+    rate: fraction of units dropped, in [0, 1).
+    noise_shape: optional mask shape; None entries take the input's size.
+    seed: integer seed shared by all dropout layers of one model.
+    stream: integer that makes each layer's masks distinct.
+
+  Input shape: any. Output shape: same as input.
+  """
+
+  def __init__(self, rate, noise_shape=None, seed=0, stream=0, **kwargs):
+    super().__init__(**kwargs)
+    self.rate = rate
+    self.noise_shape = noise_shape
+    self.seed = seed
+    self.stream = stream
+
+  def call(self, inputs, training=None):
+    del training  # Always on: that is the point of the MC passes.
+    if not self.rate:
+      return inputs
+    noise_shape = None
+    if self.noise_shape is not None:
+      dynamic = tf.shape(inputs)
+      noise_shape = tf.stack([dynamic[i] if d is None else d
+                              for i, d in enumerate(self.noise_shape)])
+    return tf.nn.experimental.stateless_dropout(
+        inputs, rate=self.rate, noise_shape=noise_shape,
+        seed=tf.constant([self.seed, self.stream], tf.int64))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"rate": self.rate, "noise_shape": self.noise_shape,
+                   "seed": self.seed, "stream": self.stream})
+    return config
+
+
+def _noise_shape(layer):
+  """A Dropout layer's mask shape with None for "the input's size"."""
+  get_noise_shape = getattr(layer, "_get_noise_shape", None)
+  if get_noise_shape is not None:  # Spatial dropout: whole channels.
+    try:
+      return [None if d is None else int(d)
+              for d in get_noise_shape(layer.input)]
+    except (AttributeError, ValueError, TypeError):
+      pass
+  if layer.noise_shape is None:
+    return None
+  return [None if d is None else int(d) for d in layer.noise_shape]
+
+
+def _mc_dropout_model(prediction_model, seed):
+  """`prediction_model` with every Dropout always on; all else inference.
+
+  Layers other than Dropout are reused (weights shared, not copied), and
+  BatchNormalization and friends run in inference mode because the model is
+  called with training=False.
+  """
+  counter = iter(range(1 << 30))
+
+  def clone_function(layer):
+    if isinstance(layer, keras.layers.Dropout):
+      return ExportMcDropout(float(layer.rate), noise_shape=_noise_shape(layer),
+                             seed=seed, stream=next(counter),
+                             name=f"mc_{layer.name}")
+    return layer
+
+  return keras.models.clone_model(prediction_model,
+                                  clone_function=clone_function,
+                                  recursive=True)
+
+
+def _resolve_statistic(statistic, units):
+  if statistic == contract.STAT_AUTO:
+    return (contract.STAT_STD if units == 1
+            else contract.STAT_PREDICTED_CLASS_STD)
+  return statistic
+
+
+def _mc_statistic(samples, deterministic, statistic):
+  """DPV of `samples` (T, N, ...) as the head's statistic defines it.
+
+  Population std (divide by T). "predicted_class_std" takes the class the
+  deterministic pass predicts; for one output unit every statistic is the
+  std of that unit, shape (N,).
+  """
+  std = tf.math.reduce_std(samples, axis=0)
+  flat = tf.reshape(std, [tf.shape(std)[0], -1])
+  if statistic == contract.STAT_PREDICTED_CLASS_STD:
+    classes = tf.argmax(tf.reshape(deterministic,
+                                   [tf.shape(deterministic)[0], -1]), axis=-1)
+    return tf.gather(flat, classes, axis=1, batch_dims=1)
+  return flat
+
+
+# ---------------------------------------------------------------------------
+# Metadata.
+
+
+def _head_metadata(dual):
+  """What the head estimates: `variation_head_metadata` when available."""
+  try:
+    from dropvar_tf import heads  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    heads = None
+  if heads is not None and heads.has_variation_head(dual):
+    return dict(heads.variation_head_metadata(dual))
+  # Not made by `add_variation_head`: derive what the graph tells.
+  return {"dropout_rates": {l.name: float(l.rate)
+                            for l in validation.dropout_layers(dual)}}
+
+
+def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
+  outputs = []
+  for key in contract.OUTPUT_KEYS:
+    tensor = dual.output[key]
+    outputs.append({"name": key, "dtype": str(tensor.dtype),
+                    "shape": [None] + [None if d is None else int(d)
+                                       for d in tensor.shape[1:]]})
+  signatures = [contract.SERVING_SIGNATURE, METADATA_SIGNATURE]
+  if mc is not None:
+    signatures.append(contract.MC_DROPOUT_SIGNATURE)
+  return {
+      "format": METADATA_FORMAT,
+      "dropvar_tf_version": __version__,
+      "tensorflow_version": tf.__version__,
+      "keras_version": keras.__version__,
+      "model_name": dual.name,
+      "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "signatures": signatures,
+      "output_keys": list(contract.OUTPUT_KEYS),
+      "inputs": _describe_specs(specs),
+      "outputs": outputs,
+      "variation_head": head_metadata,
+      "mc_dropout": mc,
+      "warmup_requests": num_warmup,
+  }
+
+
+def read_export_metadata(path):
+  """Returns the metadata dict of an export.
+
+  Args:
+    path: a version folder (`<export_base>/<version>`) or an export base, in
+      which case the highest version is read.
+
+  Returns:
+    The dict written to `assets/dropvar_tf_metadata.json`: DPV statistic,
+    num_samples and dropout rates under "variation_head", versions, inputs,
+    outputs, signatures, mc_dropout settings.
+
+  Raises:
+    FileNotFoundError: no export (or no metadata file) at `path`.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(os.path.join(path, "saved_model.pb")):
+    versions = existing_versions(path)
+    if not versions:
+      raise FileNotFoundError(
+          f"No SavedModel at {path!r} and no numeric version folder in it.")
+    path = os.path.join(path, str(versions[-1]))
+  filename = os.path.join(path, "assets", contract.METADATA_FILENAME)
+  if not os.path.exists(filename):
+    raise FileNotFoundError(
+        f"{filename!r} does not exist: {path!r} was not written by "
+        "dropvar_tf.export_saved_model.")
+  with open(filename, encoding="utf-8") as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------------------
+# Version folders.
+
+
+def existing_versions(export_base):
+  """Sorted integer versions under `export_base` (temporary folders skipped)."""
+  if not os.path.isdir(export_base):
+    return []
+  return sorted(int(name) for name in os.listdir(export_base)
+                if name.isdigit() and
+                os.path.isdir(os.path.join(export_base, name)))
+
+
+def _resolve_version(export_base, version):
+  if version is None:
+    versions = existing_versions(export_base)
+    return versions[-1] + 1 if versions else 1
+  version = validation.check_int(version, "version", 1)
+  if os.path.exists(os.path.join(export_base, str(version))):
+    raise FileExistsError(
+        f"Version {version} already exists in {export_base!r}; versions are "
+        "never overwritten. Pass another `version` (or None for the next).")
+  return version
+
+
+# ---------------------------------------------------------------------------
+# Op check.
+
+
+def _graph_ops(saved_model_dir):
+  """Op types used by the SavedModel's graphs and function library."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+    proto.ParseFromString(f.read())
+  ops, functions = set(), set()
+  for meta_graph in proto.meta_graphs:
+    graph = meta_graph.graph_def
+    ops.update(node.op for node in graph.node)
+    for function in graph.library.function:
+      functions.add(function.signature.name)
+      ops.update(node.op for node in function.node_def)
+  # A node may call a library function by name; that is not an op type.
+  return ops - functions
+
+
+def check_serving_ops(saved_model_dir):
+  """Checks that a stock TF Serving of this TF version can run the graph.
+
+  Every op must be registered in this TensorFlow, be part of its public op
+  set (`tf.raw_ops`; custom ops loaded from .so libraries are not) or be an
+  internal "_" op, and not call back into Python (py_func, EagerPyFunc).
+
+  Args:
+    saved_model_dir: folder holding `saved_model.pb`.
+
+  Returns:
+    The sorted list of op types used.
+
+  Raises:
+    ValueError: naming the offending ops.
+  """
+  from tensorflow.python.framework import op_def_registry  # pylint: disable=g-import-not-at-top
+  ops = _graph_ops(saved_model_dir)
+  public = set(dir(tf.raw_ops))
+  denied = sorted(ops & DENIED_OPS)
+  unregistered = sorted(o for o in ops if op_def_registry.get(o) is None)
+  custom = sorted(o for o in ops - DENIED_OPS - set(unregistered)
+                  if o not in public and not o.startswith("_"))
+  problems = []
+  if denied:
+    problems.append(f"ops that call Python (absent from TF Serving): {denied}")
+  if unregistered:
+    problems.append(f"ops not registered in TensorFlow {tf.__version__}: "
+                    f"{unregistered}")
+  if custom:
+    problems.append(f"custom ops (not in tf.raw_ops, e.g. loaded from a .so "
+                    f"library): {custom}")
+  if problems:
+    raise ValueError(
+        "The exported graph cannot run on a stock TF Serving: it uses "
+        + "; ".join(problems) + ". Replace them with TensorFlow ops (no "
+        "tf.py_function / tf.numpy_function in the model).")
+  return sorted(ops)
+
+
+# ---------------------------------------------------------------------------
+# Writing.
+
+
+def _write_warmup(saved_model_dir, arrays):
+  """Writes PredictionLog records; returns how many."""
+  from tensorflow_serving.apis import model_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
+  batch = len(next(iter(arrays.values())))
+  chunks = np.array_split(np.arange(batch), min(batch, _MAX_WARMUP_REQUESTS))
+  folder = os.path.join(saved_model_dir, WARMUP_DIRNAME)
+  os.makedirs(folder, exist_ok=True)
+  with tf.io.TFRecordWriter(os.path.join(folder, WARMUP_FILENAME)) as writer:
+    for rows in chunks:
+      request = predict_pb2.PredictRequest(
+          model_spec=model_pb2.ModelSpec(
+              signature_name=contract.SERVING_SIGNATURE))
+      for name, array in arrays.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(array[rows]))
+      log = prediction_log_pb2.PredictionLog(
+          predict_log=prediction_log_pb2.PredictLog(request=request))
+      writer.write(log.SerializeToString())
+  return len(chunks)
+
+
+def _write_json(filename, data):
+  os.makedirs(os.path.dirname(filename), exist_ok=True)
+  with io.open(filename, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def _fsync_tree(root):
+  """Flushes every file and folder under `root` to disk (POSIX)."""
+  for folder, _, files in os.walk(root):
+    for name in files:
+      fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:  # pragma: no cover - platforms without directory fds.
+    return
+  try:
+    os.fsync(fd)
+  except OSError:  # pragma: no cover - some file systems refuse it.
+    pass
+  finally:
+    os.close(fd)
+
+
+def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
+                   statistic, variation_shape):
+  archive = keras.export.ExportArchive()
+  archive.track(dual)
+
+  def serve(inputs):
+    outputs = dual(rebuild(inputs), training=False)
+    return {key: outputs[key] for key in contract.OUTPUT_KEYS}
+
+  archive.add_endpoint(contract.SERVING_SIGNATURE, serve,
+                       input_signature=[specs])
+  archive.add_endpoint(
+      METADATA_SIGNATURE,
+      lambda: {METADATA_OUTPUT_KEY: tf.constant(metadata_json)},
+      input_signature=[])
+
+  if mc_model is not None:
+    archive.track(mc_model)
+
+    def mc_dropout(inputs):
+      deterministic = dual(rebuild(inputs), training=False)[
+          contract.PREDICTION_KEY]
+      # One tiled batch of T*N rows: one graph call instead of T.
+      tiled = {name: tf.tile(x, [num_samples] + [1] * (x.shape.rank - 1))
+               for name, x in inputs.items()}
+      samples = mc_model(rebuild(tiled), training=False)
+      samples = tf.reshape(
+          samples, tf.concat([[num_samples, -1], tf.shape(samples)[1:]], 0))
+      variation = _mc_statistic(samples, deterministic, statistic)
+      variation = tf.reshape(variation, [-1] + variation_shape)
+      return {contract.PREDICTION_KEY: tf.reduce_mean(samples, axis=0),
+              contract.VARIATION_KEY: tf.cast(variation,
+                                              dual.output[
+                                                  contract.VARIATION_KEY].dtype)}
+
+    archive.add_endpoint(contract.MC_DROPOUT_SIGNATURE, mc_dropout,
+                         input_signature=[specs])
+  return archive
+
+
+def export_saved_model(dual, export_base, version=None, warmup_examples=None,
+                       mc_num_samples=None, metadata=None, seed=0):
+  """Writes `dual` as `<export_base>/<version>/`, a SavedModel for TF Serving.
+
+  Signatures:
+    - "serving_default": named inputs (dict keys of the model's inputs, else
+      the `keras.Input` names), batch size variable; returns exactly
+      {"prediction", "variation"}. Dropout is off (training=False), so the
+      same request always gets the same answer.
+    - "metadata": no inputs; returns {"metadata": scalar string}, the JSON
+      also written to `assets/dropvar_tf_metadata.json`.
+    - "mc_dropout" (when `mc_num_samples` is given): same inputs;
+      `mc_num_samples` stochastic passes with dropout on (seeded, stateless
+      masks) and everything else in inference mode; returns {"prediction":
+      mean over passes, "variation": MC DPV with the head's statistic, shaped
+      like "variation" of serving_default}. For auditing the one-pass
+      estimate in place; it costs `mc_num_samples` forward passes.
+
+  Side effects: `dual` is not changed. The export is written into a temporary
+  folder `<export_base>/.tmp-<version>-<hex>`, checked (ops), flushed to disk,
+  then renamed to `<export_base>/<version>`; on any error the temporary folder
+  is removed and no version folder appears. A temporary folder left by a
+  killed export is neither reused nor counted as a version.
+
+  Args:
+    dual: a built Functional `keras.Model` whose outputs are the dict
+      {"prediction", "variation"}, as `add_variation_head` returns.
+    export_base: the model's base path (what TF Serving's
+      `--model_base_path` points at); created when missing. Local file
+      systems only: the atomic rename needs POSIX semantics.
+    version: positive integer; None takes the largest existing numeric
+      version + 1 (1 when there is none).
+    warmup_examples: optional array (single-input models) or dict of arrays
+      keyed by input name, shape (N, ...) each; written as up to 4
+      PredictLog records in `assets.extra/tf_serving_warmup_requests`.
+    mc_num_samples: optional integer >= 2: adds the "mc_dropout" signature.
+    metadata: optional JSON-able dict merged over what `dual`'s head reports
+      (`variation_head_metadata`) under "variation_head"; use it for models
+      not made by `add_variation_head`. A "statistic" key must be one of
+      `contract.STATISTICS`.
+    seed: integer >= 0, seed of the "mc_dropout" masks.
+
+  Returns:
+    The path of the new version folder.
+
+  Raises:
+    ValueError: invalid arguments (`dual` None, not a Keras model, outputs not
+      the contract dict; bad `version`, `mc_num_samples`, `metadata` or
+      warmup examples that do not match the inputs), or the graph uses ops a
+      stock TF Serving lacks.
+    FileExistsError: the version folder already exists.
+
+  Example:
+  >>> path = export_saved_model(dual, "/models/movielens", warmup_examples=x)
+  >>> served = tf.saved_model.load(path).signatures["serving_default"]
+  """
+  dual = _check_dual(dual)
+  export_base = _check_export_base(export_base)
+  if mc_num_samples is not None:
+    mc_num_samples = validation.check_int(mc_num_samples, "mc_num_samples", 2)
+  seed = validation.check_int(seed, "seed", 0)
+  head_metadata = _head_metadata(dual)
+  head_metadata.update(_check_metadata(metadata))
+  entries, rebuild = _input_entries(dual)
+  specs = _tensor_specs(entries)
+  warmup = (None if warmup_examples is None
+            else _check_warmup(warmup_examples, specs))
+  version = _resolve_version(export_base, version)
+
+  mc, mc_model, statistic, variation_shape = None, None, None, None
+  if mc_num_samples is not None:
+    prediction = dual.output[contract.PREDICTION_KEY]
+    if not validation.dropout_layers(keras.Model(dual.input, prediction)):
+      raise validation.invalid(
+          "mc_num_samples", "None for a model without Dropout layers "
+          "before its prediction", mc_num_samples)
+    units = int(np.prod(prediction.shape[1:])) if prediction.shape[1:] else 1
+    statistic = _resolve_statistic(
+        head_metadata.get("statistic", contract.STAT_AUTO), units)
+    variation_shape = [int(d) for d in
+                       dual.output[contract.VARIATION_KEY].shape[1:]]
+    mc_model = _mc_dropout_model(keras.Model(dual.input, prediction), seed)
+    mc = {"num_samples": mc_num_samples, "seed": seed,
+          "statistic": statistic, "std": "population (divide by T)"}
+
+  num_warmup = 0 if warmup is None else min(len(next(iter(warmup.values()))),
+                                            _MAX_WARMUP_REQUESTS)
+  metadata_dict = _build_metadata(dual, specs, head_metadata, mc, num_warmup)
+  metadata_json = json.dumps(metadata_dict, sort_keys=True)
+
+  os.makedirs(export_base, exist_ok=True)
+  target = os.path.join(export_base, str(version))
+  tmp = os.path.join(export_base,
+                     f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:12]}")
+  try:
+    archive = _build_archive(dual, specs, rebuild, metadata_json, mc_model,
+                             mc_num_samples, statistic, variation_shape)
+    archive.write_out(tmp, verbose=False)
+    _write_json(os.path.join(tmp, "assets", contract.METADATA_FILENAME),
+                metadata_dict)
+    if warmup is not None:
+      _write_warmup(tmp, warmup)
+    check_serving_ops(tmp)
+    _fsync_tree(tmp)
+    if os.path.exists(target):
+      raise FileExistsError(
+          f"Version {version} appeared in {export_base!r} during the export; "
+          "versions are never overwritten.")
+    try:
+      # Fails (ENOTEMPTY/EEXIST) when a concurrent export won the race.
+      os.rename(tmp, target)
+    except OSError as e:
+      raise FileExistsError(
+          f"Could not publish version {version} in {export_base!r}: {e}") from e
+    _fsync_dir(export_base)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return target
