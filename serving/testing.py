@@ -1,0 +1,135 @@
+"""Tiny dual-output SavedModels for serving tests and benchmarks.
+
+The models follow the serving contract (`serving_default` returning
+{"prediction", "variation"}) without needing a trained variation head, so the
+server and client can be tested on their own. `write_export` lays a model out
+the way TF Serving expects: `<export_base>/<version>/saved_model.pb`.
+"""
+
+import os
+
+import numpy as np
+
+from dropvar_tf import contract
+from dropvar_tf._keras import keras, tf
+
+# Feature sizes of the test models (kept tiny so tests stay fast).
+DENSE_FEATURES = 4
+NUM_USERS = 50
+NUM_MOVIES = 40
+CONTEXT_FEATURES = 2
+
+
+def dense_model(seed=0):
+  """A Functional model with one float input `x` of shape (batch, 4).
+
+  Args:
+    seed: seed of the weight initialisers.
+
+  Returns:
+    A `keras.Model` whose outputs are a dict: "prediction" (batch, 1) and
+    "variation" (batch, 1), the latter >= 0.
+  """
+  init = keras.initializers.GlorotUniform(seed=seed)
+  x = keras.Input(shape=(DENSE_FEATURES,), dtype="float32", name="x")
+  h = keras.layers.Dense(8, activation="relu", kernel_initializer=init)(x)
+  h = keras.layers.Dropout(0.2, seed=seed)(h)
+  prediction = keras.layers.Dense(1, kernel_initializer=init,
+                                  name="pred")(h)
+  variation = keras.layers.Dense(1, activation="softplus",
+                                 kernel_initializer=init, name="var")(h)
+  return keras.Model(x, {contract.PREDICTION_KEY: prediction,
+                         contract.VARIATION_KEY: variation})
+
+
+def ratings_model(seed=0):
+  """A model with named int64 inputs `user_id`, `movie_id` and float `context`.
+
+  Args:
+    seed: seed of the weight initialisers.
+
+  Returns:
+    A `keras.Model` taking a dict {"user_id": (batch,) int64,
+    "movie_id": (batch,) int64, "context": (batch, 2) float32} and returning
+    {"prediction": (batch, 1), "variation": (batch, 1)}.
+  """
+  init = keras.initializers.GlorotUniform(seed=seed)
+  user = keras.Input(shape=(), dtype="int64", name="user_id")
+  movie = keras.Input(shape=(), dtype="int64", name="movie_id")
+  context = keras.Input(shape=(CONTEXT_FEATURES,), dtype="float32",
+                        name="context")
+  u = keras.layers.Embedding(NUM_USERS, 4, embeddings_initializer=init)(user)
+  m = keras.layers.Embedding(NUM_MOVIES, 4, embeddings_initializer=init)(movie)
+  h = keras.layers.Concatenate()([u, m, context])
+  h = keras.layers.Dense(8, activation="relu", kernel_initializer=init)(h)
+  h = keras.layers.Dropout(0.2, seed=seed)(h)
+  prediction = keras.layers.Dense(1, kernel_initializer=init, name="pred")(h)
+  variation = keras.layers.Dense(1, activation="softplus",
+                                 kernel_initializer=init, name="var")(h)
+  return keras.Model({"user_id": user, "movie_id": movie, "context": context},
+                     {contract.PREDICTION_KEY: prediction,
+                      contract.VARIATION_KEY: variation})
+
+
+def _input_specs(model):
+  """TensorSpecs named after the model's inputs, batch dimension free."""
+  specs = {}
+  for tensor in model.inputs:
+    name = tensor.name.split(":")[0]
+    specs[name] = tf.TensorSpec((None,) + tuple(tensor.shape[1:]),
+                                tf.as_dtype(tensor.dtype), name=name)
+  return specs
+
+
+def write_export(model, export_base, version):
+  """Exports `model` as `<export_base>/<version>/` with `serving_default`.
+
+  Args:
+    model: a model from this module (dict outputs with the contract keys).
+    export_base: the folder a server polls.
+    version: positive integer version.
+
+  Returns:
+    The version folder path.
+  """
+  specs = _input_specs(model)
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  if len(specs) == 1:
+    (spec,) = specs.values()
+
+    def serve(x):
+      outputs = model(x, training=False)
+      return {key: outputs[key] for key in contract.OUTPUT_KEYS}
+
+    archive.add_endpoint(contract.SERVING_SIGNATURE, serve,
+                         input_signature=[spec])
+  else:
+
+    def serve(features):
+      outputs = model(features, training=False)
+      return {key: outputs[key] for key in contract.OUTPUT_KEYS}
+
+    archive.add_endpoint(contract.SERVING_SIGNATURE, serve,
+                         input_signature=[specs])
+  path = os.path.join(export_base, str(int(version)))
+  archive.write_out(path, verbose=False)
+  return path
+
+
+def dense_inputs(batch_size, seed=0):
+  """Random float32 inputs for `dense_model`, shape (batch_size, 4)."""
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(batch_size, DENSE_FEATURES)).astype(np.float32)
+
+
+def ratings_inputs(batch_size, seed=0):
+  """Random inputs for `ratings_model`, a dict of numpy arrays."""
+  rng = np.random.default_rng(seed)
+  return {
+      "user_id": rng.integers(0, NUM_USERS, size=batch_size, dtype=np.int64),
+      "movie_id": rng.integers(0, NUM_MOVIES, size=batch_size,
+                               dtype=np.int64),
+      "context": rng.normal(size=(batch_size, CONTEXT_FEATURES)).astype(
+          np.float32),
+  }
