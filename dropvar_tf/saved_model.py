@@ -27,6 +27,7 @@ import uuid
 import numpy as np
 
 from dropvar_tf import contract
+from dropvar_tf import targets
 from dropvar_tf import validation
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.version import __version__
@@ -200,85 +201,6 @@ def _check_warmup(warmup_examples, specs):
 
 # ---------------------------------------------------------------------------
 # MC-dropout signature.
-
-
-@keras.saving.register_keras_serializable(package="dropvar_tf")
-class ExportMcDropout(keras.layers.Layer):
-  """Dropout that is always on, with stateless seeded masks.
-
-  Used only inside the exported `mc_dropout` signature: the masks depend on
-  (`seed`, `stream`) and the input shape only, so the graph holds no random
-  state and the same request gets the same answer.
-
-  Args:
-    rate: fraction of units dropped, in [0, 1).
-    noise_shape: optional mask shape; None entries take the input's size.
-    seed: integer seed shared by all dropout layers of one model.
-    stream: integer that makes each layer's masks distinct.
-
-  Input shape: any. Output shape: same as input.
-  """
-
-  def __init__(self, rate, noise_shape=None, seed=0, stream=0, **kwargs):
-    super().__init__(**kwargs)
-    self.rate = rate
-    self.noise_shape = noise_shape
-    self.seed = seed
-    self.stream = stream
-
-  def call(self, inputs, training=None):
-    del training  # Always on: that is the point of the MC passes.
-    if not self.rate:
-      return inputs
-    noise_shape = None
-    if self.noise_shape is not None:
-      dynamic = tf.shape(inputs)
-      noise_shape = tf.stack([dynamic[i] if d is None else d
-                              for i, d in enumerate(self.noise_shape)])
-    return tf.nn.experimental.stateless_dropout(
-        inputs, rate=self.rate, noise_shape=noise_shape,
-        seed=tf.constant([self.seed, self.stream], tf.int64))
-
-  def get_config(self):
-    config = super().get_config()
-    config.update({"rate": self.rate, "noise_shape": self.noise_shape,
-                   "seed": self.seed, "stream": self.stream})
-    return config
-
-
-def _noise_shape(layer):
-  """A Dropout layer's mask shape with None for "the input's size"."""
-  get_noise_shape = getattr(layer, "_get_noise_shape", None)
-  if get_noise_shape is not None:  # Spatial dropout: whole channels.
-    try:
-      return [None if d is None else int(d)
-              for d in get_noise_shape(layer.input)]
-    except (AttributeError, ValueError, TypeError):
-      pass
-  if layer.noise_shape is None:
-    return None
-  return [None if d is None else int(d) for d in layer.noise_shape]
-
-
-def _mc_dropout_model(prediction_model, seed):
-  """`prediction_model` with every Dropout always on; all else inference.
-
-  Layers other than Dropout are reused (weights shared, not copied), and
-  BatchNormalization and friends run in inference mode because the model is
-  called with training=False.
-  """
-  counter = iter(range(1 << 30))
-
-  def clone_function(layer):
-    if isinstance(layer, keras.layers.Dropout):
-      return ExportMcDropout(float(layer.rate), noise_shape=_noise_shape(layer),
-                             seed=seed, stream=next(counter),
-                             name=f"mc_{layer.name}")
-    return layer
-
-  return keras.models.clone_model(prediction_model,
-                                  clone_function=clone_function,
-                                  recursive=True)
 
 
 def _resolve_statistic(statistic, units):
@@ -524,7 +446,7 @@ def _fsync_dir(folder):
 
 
 def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
-                   statistic, variation_shape):
+                   seed, statistic, variation_shape):
   archive = keras.export.ExportArchive()
   archive.track(dual)
 
@@ -545,18 +467,24 @@ def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
     def mc_dropout(inputs):
       deterministic = dual(rebuild(inputs), training=False)[
           contract.PREDICTION_KEY]
-      # One tiled batch of T*N rows: one graph call instead of T.
+      # One tiled batch of T*N rows: one graph call instead of T. Row i of
+      # tile t gets the masks `mc_dropout_targets` draws for example key i
+      # and sample t, so a request reproduces the offline targets exactly.
+      rows = tf.shape(next(iter(inputs.values())), out_type=tf.int64)[0]
       tiled = {name: tf.tile(x, [num_samples] + [1] * (x.shape.rank - 1))
                for name, x in inputs.items()}
-      samples = mc_model(rebuild(tiled), training=False)
+      keys = tf.tile(tf.range(rows), [num_samples])
+      sample = tf.repeat(tf.range(num_samples, dtype=tf.int64), rows)
+      states = targets.example_seeds(seed, keys, sample)
+      with targets._row_context(states):  # pylint: disable=protected-access
+        samples = mc_model(rebuild(tiled), training=False)
       samples = tf.reshape(
           samples, tf.concat([[num_samples, -1], tf.shape(samples)[1:]], 0))
       variation = _mc_statistic(samples, deterministic, statistic)
       variation = tf.reshape(variation, [-1] + variation_shape)
       return {contract.PREDICTION_KEY: tf.reduce_mean(samples, axis=0),
-              contract.VARIATION_KEY: tf.cast(variation,
-                                              dual.output[
-                                                  contract.VARIATION_KEY].dtype)}
+              contract.VARIATION_KEY: tf.cast(
+                  variation, dual.output[contract.VARIATION_KEY].dtype)}
 
     archive.add_endpoint(contract.MC_DROPOUT_SIGNATURE, mc_dropout,
                          input_signature=[specs])
@@ -575,11 +503,14 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
     - "metadata": no inputs; returns {"metadata": scalar string}, the JSON
       also written to `assets/dropvar_tf_metadata.json`.
     - "mc_dropout" (when `mc_num_samples` is given): same inputs;
-      `mc_num_samples` stochastic passes with dropout on (seeded, stateless
-      masks) and everything else in inference mode; returns {"prediction":
+      `mc_num_samples` stochastic passes with dropout on and everything else
+      in inference mode (`targets.mc_dropout_model`); returns {"prediction":
       mean over passes, "variation": MC DPV with the head's statistic, shaped
-      like "variation" of serving_default}. For auditing the one-pass
-      estimate in place; it costs `mc_num_samples` forward passes.
+      like "variation" of serving_default}. Row i of a request gets the masks
+      `targets.mc_dropout_targets(..., seed=seed)` draws for example key i,
+      so the answer equals the offline target of that request and is the
+      same on every call. For auditing the one-pass estimate in place; it
+      costs `mc_num_samples` forward passes.
 
   Side effects: `dual` is not changed. The export is written into a temporary
   folder `<export_base>/.tmp-<version>-<hex>`, checked (ops), flushed to disk,
@@ -603,7 +534,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       (`variation_head_metadata`) under "variation_head"; use it for models
       not made by `add_variation_head`. A "statistic" key must be one of
       `contract.STATISTICS`.
-    seed: integer >= 0, seed of the "mc_dropout" masks.
+    seed: integer in [0, 2**32), seed of the "mc_dropout" masks.
 
   Returns:
     The path of the new version folder.
@@ -624,6 +555,8 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   if mc_num_samples is not None:
     mc_num_samples = validation.check_int(mc_num_samples, "mc_num_samples", 2)
   seed = validation.check_int(seed, "seed", 0)
+  if seed >= 2**32:
+    raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   head_metadata = _head_metadata(dual)
   head_metadata.update(_check_metadata(metadata))
   entries, rebuild = _input_entries(dual)
@@ -644,9 +577,11 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
         head_metadata.get("statistic", contract.STAT_AUTO), units)
     variation_shape = [int(d) for d in
                        dual.output[contract.VARIATION_KEY].shape[1:]]
-    mc_model = _mc_dropout_model(keras.Model(dual.input, prediction), seed)
+    mc_model = targets.mc_dropout_model(keras.Model(dual.input, prediction))
     mc = {"num_samples": mc_num_samples, "seed": seed,
-          "statistic": statistic, "std": "population (divide by T)"}
+          "statistic": statistic, "std": "population (divide by T)",
+          "masks": "dropvar_tf.targets mask function, example key = row "
+                   "index in the request"}
 
   num_warmup = 0 if warmup is None else min(len(next(iter(warmup.values()))),
                                             _MAX_WARMUP_REQUESTS)
@@ -659,7 +594,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
                      f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:12]}")
   try:
     archive = _build_archive(dual, specs, rebuild, metadata_json, mc_model,
-                             mc_num_samples, statistic, variation_shape)
+                             mc_num_samples, seed, statistic, variation_shape)
     archive.write_out(tmp, verbose=False)
     _write_json(os.path.join(tmp, "assets", contract.METADATA_FILENAME),
                 metadata_dict)

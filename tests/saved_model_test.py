@@ -387,17 +387,31 @@ class McDropoutSignatureTest(tf.test.TestCase):
     self.assertNotAllClose(outputs[0], outputs[1])
     self.assertTrue(np.all(outputs[0] >= 0))
 
-  def test_mc_dropout_model_shares_weights_and_keeps_dropout_on(self):
-    dual = make_dual("float", rate=0.5)
-    prediction = keras.Model(dual.input, dual.output[contract.PREDICTION_KEY])
-    mc_model = saved_model._mc_dropout_model(prediction, seed=3)  # pylint: disable=protected-access
-    self.assertIs(mc_model.get_layer("out"), dual.get_layer("out"))
-    self.assertIsInstance(mc_model.get_layer("mc_base_dropout"),
-                          saved_model.ExportMcDropout)
-    x = float_examples(32)
-    first = mc_model(x, training=False).numpy()
-    self.assertNotAllClose(first, prediction(x, training=False).numpy())
-    self.assertAllEqual(first, mc_model(x, training=False).numpy())
+  def test_reproduces_offline_targets_for_classes(self):
+    from dropvar_tf import targets  # pylint: disable=g-import-not-at-top
+    keras.utils.set_random_seed(4)
+    x = keras.Input(shape=(4,), name="features")
+    h = keras.layers.Dropout(0.4, name="drop")(
+        keras.layers.Dense(16, activation="relu")(x))
+    probs = keras.layers.Dense(3, activation="softmax")(h)
+    variation = keras.layers.Dense(1, activation="softplus")(h)
+    dual = keras.Model(x, {contract.PREDICTION_KEY: probs,
+                           contract.VARIATION_KEY: variation})
+    path = saved_model.export_saved_model(
+        dual, fresh_dir(self), mc_num_samples=64, seed=11,
+        metadata={"statistic": contract.STAT_PREDICTED_CLASS_STD})
+    mc = tf.saved_model.load(path).signatures[contract.MC_DROPOUT_SIGNATURE]
+    xs = float_examples(6, seed=5)
+    got = mc(features=tf.constant(xs))
+    want = targets.mc_dropout_targets(
+        keras.Model(x, probs), xs, num_samples=64, seed=11,
+        statistic=contract.STAT_PREDICTED_CLASS_STD)
+    self.assertEqual(got[contract.VARIATION_KEY].shape, (6, 1))
+    self.assertAllClose(got[contract.VARIATION_KEY][:, 0], want,
+                        rtol=1e-4, atol=1e-6)
+    self.assertAllGreater(want, 0.0)
+    self.assertAllClose(np.sum(got[contract.PREDICTION_KEY], axis=1),
+                        np.ones(6), atol=1e-5)
 
   def test_predicted_class_std_picks_the_deterministic_class(self):
     samples = tf.constant([[[0.7, 0.3], [0.1, 0.9]],
