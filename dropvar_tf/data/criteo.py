@@ -169,21 +169,25 @@ def criteo_dataset(path_or_glob, batch_size=1024,
 
   Raises:
     FileNotFoundError: nothing matches `path_or_glob`.
-    ValueError: the first line of the first file is not Criteo TSV, or an
-      argument is invalid. A malformed later line raises
+    ValueError: the first line of a file is not Criteo TSV, or an argument
+      is invalid. A malformed later line raises
       `tf.errors.InvalidArgumentError` while iterating.
   """
   batch_size = check_int(batch_size, "batch_size", 1)
   buckets = check_num_buckets(num_buckets)
   files = _resolve_files(path_or_glob)
-  compression = _compression(files[0], compression_type)
-  _check_first_line(files[0], compression, has_label)
   defaults = ([tf.constant([], tf.float32)] if has_label else [])
   defaults += [tf.constant(0.0, tf.float32)] * NUM_DENSE
   defaults += [tf.constant("", tf.string)] * NUM_CATEGORICAL
-  ds = tf.data.experimental.CsvDataset(
-      files, defaults, compression_type=compression, field_delim="\t",
-      use_quote_delim=False, na_value="")
+  ds = None
+  # One reader per file: a glob may mix plain and gzipped files.
+  for path in files:
+    compression = _compression(path, compression_type)
+    _check_first_line(path, compression, has_label)
+    part = tf.data.experimental.CsvDataset(
+        path, defaults, compression_type=compression, field_delim="\t",
+        use_quote_delim=False, na_value="")
+    ds = part if ds is None else ds.concatenate(part)
   if shuffle_buffer:
     ds = ds.shuffle(check_int(shuffle_buffer, "shuffle_buffer", 1), seed=seed)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -332,7 +336,7 @@ def _draw(world, n, rng):
   counts = np.floor(rng.lognormal(world.dense_mu + world.dense_load * activity,
                                   world.dense_sigma))
   # I2 has small negative values in the real data.
-  counts[:, 1] -= 1
+  counts[rng.random(n) < 0.1, 1] = -1
   counts[rng.random((n, NUM_DENSE)) < np.array(_DENSE_MISSING)] = np.nan
   tokens = np.empty((n, NUM_CATEGORICAL), np.int64)
   for j in range(NUM_CATEGORICAL):
