@@ -88,7 +88,7 @@ def _check_metadata(metadata):
       isinstance(k, str) for k in metadata):
     raise validation.invalid("metadata", "a dict with string keys", metadata)
   try:
-    json.dumps(metadata)
+    json.dumps(metadata, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise validation.invalid("metadata", f"a JSON-serializable dict ({e})",
                              metadata) from e
@@ -391,13 +391,18 @@ def check_serving_ops(saved_model_dir):
 # Writing.
 
 
+def _warmup_chunks(arrays):
+  """Row indices of each warmup request: up to 4 near-equal slices."""
+  batch = len(next(iter(arrays.values())))
+  return np.array_split(np.arange(batch), min(batch, _MAX_WARMUP_REQUESTS))
+
+
 def _write_warmup(saved_model_dir, arrays):
   """Writes PredictionLog records; returns how many."""
   from tensorflow_serving.apis import model_pb2  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
-  batch = len(next(iter(arrays.values())))
-  chunks = np.array_split(np.arange(batch), min(batch, _MAX_WARMUP_REQUESTS))
+  chunks = _warmup_chunks(arrays)
   folder = os.path.join(saved_model_dir, WARMUP_DIRNAME)
   os.makedirs(folder, exist_ok=True)
   with tf.io.TFRecordWriter(os.path.join(folder, WARMUP_FILENAME)) as writer:
@@ -583,8 +588,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
           "masks": "dropvar_tf.targets mask function, example key = row "
                    "index in the request"}
 
-  num_warmup = 0 if warmup is None else min(len(next(iter(warmup.values()))),
-                                            _MAX_WARMUP_REQUESTS)
+  num_warmup = 0 if warmup is None else len(_warmup_chunks(warmup))
   metadata_dict = _build_metadata(dual, specs, head_metadata, mc, num_warmup)
   metadata_json = json.dumps(metadata_dict, sort_keys=True)
 
