@@ -527,7 +527,7 @@ def model_fingerprint(model):
   """sha256 of every weight (values, shapes, dtypes, in model order)."""
   digest = hashlib.sha256()
   for w in model.weights:
-    value = np.ascontiguousarray(keras.ops.convert_to_numpy(w))
+    value = np.ascontiguousarray(w.numpy())
     digest.update(f"{value.dtype.str}|{value.shape}|".encode())
     digest.update(value.tobytes())
   return digest.hexdigest()
