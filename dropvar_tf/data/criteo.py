@@ -225,7 +225,8 @@ def load_criteo_tsv(path_or_glob, num_buckets=DEFAULT_NUM_BUCKETS,
     ValueError: a line is not Criteo TSV, or an argument is invalid.
   """
   buckets = check_num_buckets(num_buckets)
-  ds = criteo_dataset(path_or_glob, batch_size=8192, num_buckets=buckets,
+  files = _resolve_files(path_or_glob)
+  ds = criteo_dataset(files, batch_size=8192, num_buckets=buckets,
                       compression_type=compression_type)
   if max_rows is not None:
     ds = ds.unbatch().take(check_int(max_rows, "max_rows", 2)).batch(8192)
@@ -238,7 +239,6 @@ def load_criteo_tsv(path_or_glob, num_buckets=DEFAULT_NUM_BUCKETS,
   except tf.errors.InvalidArgumentError as e:
     raise ValueError(
         f"Malformed Criteo TSV line in {path_or_glob!r}: {e.message}") from e
-  files = _resolve_files(path_or_glob)
   x = {DENSE_KEY: np.concatenate(dense), CAT_KEY: np.concatenate(cat)}
   y = np.concatenate(labels).astype(np.float32)
   if not np.isin(y, (0.0, 1.0)).all():
