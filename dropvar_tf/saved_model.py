@@ -27,6 +27,7 @@ import uuid
 import numpy as np
 
 from dropvar_tf import contract
+from dropvar_tf import heads
 from dropvar_tf import targets
 from dropvar_tf import validation
 from dropvar_tf._keras import keras, tf
@@ -231,12 +232,8 @@ def _mc_statistic(samples, deterministic, statistic):
 
 
 def _head_metadata(dual):
-  """What the head estimates: `variation_head_metadata` when available."""
-  try:
-    from dropvar_tf import heads  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    heads = None
-  if heads is not None and heads.has_variation_head(dual):
+  """What the head estimates: `variation_head_metadata` for dual models."""
+  if heads.has_variation_head(dual):
     return dict(heads.variation_head_metadata(dual))
   # Not made by `add_variation_head`: derive what the graph tells.
   return {"dropout_rates": {l.name: float(l.rate)
