@@ -1,0 +1,186 @@
+"""Fit a dual model's variation head against MC-dropout targets.
+
+The base model stays frozen by construction: the head's input features are
+computed once with the base in inference mode (dropout off, BatchNormalization
+using its moving statistics), then only the head's weights are trained on them.
+Calling `dual.fit` directly would instead run the base with dropout on.
+"""
+
+import numpy as np
+
+from dropvar_tf._keras import keras, tf
+from dropvar_tf import contract
+from dropvar_tf import heads
+from dropvar_tf import validation
+
+
+def num_examples(x):
+  """Number of examples in an array, a dict of arrays, or None for datasets."""
+  if isinstance(x, dict):
+    if not x:
+      raise validation.invalid("x", "a non-empty dict of arrays", x)
+    lengths = {k: len(v) for k, v in x.items()}
+    if len(set(lengths.values())) != 1:
+      raise validation.invalid("x", "arrays of one common length", lengths)
+    return next(iter(lengths.values()))
+  if isinstance(x, tf.data.Dataset):
+    return None
+  if x is None:
+    raise validation.invalid("x", "an array, a dict of arrays or a "
+                             "tf.data.Dataset", x)
+  return len(x)
+
+
+def head_features(dual, x, batch_size=256):
+  """Computes the head's input features for `x` (inference mode).
+
+  Args:
+    dual: a dual model from `add_variation_head`.
+    x: inputs of the base model: array, dict of arrays, or a batched
+      `tf.data.Dataset` of inputs.
+    batch_size: batch size for arrays.
+
+  Returns:
+    A list of float32 arrays, one per head input, each (N, d_i).
+  """
+  feature_model = keras.Model(dual.input, heads.head_feature_tensors(dual))
+  if isinstance(x, tf.data.Dataset):
+    feats = feature_model.predict(x, verbose=0)
+  else:
+    feats = feature_model.predict(x, batch_size=batch_size, verbose=0)
+  if not isinstance(feats, (list, tuple)):
+    feats = [feats]
+  return [np.asarray(f, "float32").reshape(len(f), -1) for f in feats]
+
+
+def _check_targets(targets, n, units):
+  if targets is None:
+    raise validation.invalid("targets", "an array of MC-dropout DPV targets",
+                             targets)
+  t = np.asarray(targets, "float64")
+  if t.ndim == 2 and t.shape[1] == 1 and units == 1:
+    t = t[:, 0]
+  expected = (n,) if units == 1 else (n, units)
+  if n is not None and t.shape != expected:
+    raise validation.invalid(
+        "targets", f"shape {expected} (one target per example of `x`)",
+        f"array of shape {t.shape}")
+  if not np.all(np.isfinite(t)):
+    raise validation.invalid(
+        "targets", "finite values (no NaN or Inf)",
+        f"array with {int(np.sum(~np.isfinite(t)))} non-finite values")
+  if np.any(t < 0):
+    raise validation.invalid("targets", "non-negative standard deviations",
+                             f"array with minimum {t.min()}")
+  return t
+
+
+def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
+                       validation_split=0.1, learning_rate=1e-3, seed=0,
+                       num_samples=None, patience=10, calibrate=True,
+                       verbose=0):
+  """Trains the head of `dual` on MC-dropout targets, base frozen.
+
+  Fit on inputs the base model was NOT trained on (a held-out calibration
+  split, unlabeled or perturbed inputs): on its own training inputs a model is
+  overconfident and a head fitted there underestimates DPV on new data.
+
+  Side effects: updates only the head's weights (including its normalization
+  statistics and the output `eps`/`scale`) and its metadata; base weights and
+  the dual model's compile state are unchanged. Deterministic for a `seed`.
+
+  Args:
+    dual: a dual model from `add_variation_head`.
+    x: inputs (array, dict of arrays, or a batched `tf.data.Dataset` of inputs
+      in a fixed order), N examples.
+    targets: DPV targets, shape (N,) or (N, k), from `mc_dropout_targets` with
+      the head's statistic.
+    epochs: maximum training epochs.
+    batch_size: head training batch size.
+    validation_split: fraction (0 <= f < 1) held out, chosen by `seed`, for
+      early stopping and the output scale calibration.
+    learning_rate: Adam learning rate.
+    seed: seed for the split and the shuffling.
+    num_samples: T of the MC targets, recorded in the head metadata.
+    patience: early-stopping patience in epochs.
+    calibrate: fit the output scale by least squares on the held-out part
+      (on the training part when `validation_split` is 0).
+    verbose: Keras verbosity.
+
+  Returns:
+    The `keras.callbacks.History` of the head's training.
+
+  Raises:
+    ValueError: `dual` has no head, or `targets` do not match `x`
+      (length, shape), contain NaN/Inf or negative values, or an argument is
+      out of range.
+  """
+  out_layer = heads.variation_output_layer(dual)
+  head = heads.variation_head(dual)
+  n = num_examples(x)
+  epochs = validation.check_int(epochs, "epochs", 1)
+  batch_size = validation.check_int(batch_size, "batch_size", 1)
+  if not 0.0 <= validation_split < 1.0:
+    raise validation.invalid("validation_split", "a float in [0, 1)",
+                             validation_split)
+  units = out_layer.units
+  if n is not None:
+    _check_targets(targets, n, units)
+  feats = head_features(dual, x)
+  t = _check_targets(targets, len(feats[0]), units)
+  n = len(t)
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(n)
+  n_val = int(round(n * validation_split))
+  if validation_split and (n_val < 1 or n - n_val < 1):
+    raise validation.invalid("validation_split",
+                             "a fraction leaving examples on both sides",
+                             validation_split)
+  val_idx, train_idx = order[:n_val], order[n_val:]
+
+  if out_layer.transform == heads.LOG:
+    positive = t[t > 0]
+    eps = max(0.05 * float(np.median(positive)) if positive.size else 1e-3,
+              1e-6)
+    out_layer.eps.assign(eps)
+  out_layer.scale.assign(1.0)
+  raw = out_layer.to_raw(t).astype("float32")
+  if units == 1:
+    raw = raw[:, None]
+  norm = head.get_layer("head_norm")
+  norm.adapt(np.concatenate([f[train_idx] for f in feats], axis=1))
+
+  def dataset(idx, shuffle):
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tuple(f[idx] for f in feats), raw[idx]))
+    if shuffle:
+      ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size)
+
+  # Train the layers below the output transform on transformed targets.
+  trainer = keras.Model(head.inputs, head.get_layer("head_out").output)
+  trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+  callbacks = []
+  val_ds = None
+  if n_val:
+    val_ds = dataset(val_idx, shuffle=False)
+    callbacks.append(keras.callbacks.EarlyStopping(
+        patience=patience, restore_best_weights=True))
+  history = trainer.fit(dataset(train_idx, shuffle=True), validation_data=val_ds,
+                     epochs=epochs, callbacks=callbacks, verbose=verbose)
+
+  if calibrate:
+    idx = val_idx if n_val else train_idx
+    est = np.asarray(head.predict([f[idx] for f in feats], verbose=0,
+                                  batch_size=1024), "float64")
+    denom = float(np.sum(est * est))
+    if denom > 0:
+      out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
+  out_layer.metadata.update({
+      "num_samples": None if num_samples is None else int(num_samples),
+      "seed": int(seed),
+      "num_train_examples": int(len(train_idx)),
+      "output_eps": float(out_layer.eps.numpy()),
+      "output_scale": float(out_layer.scale.numpy()),
+  })
+  return history
