@@ -75,10 +75,16 @@ class Result:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-  """An input or output of a served signature: dtype and shape (-1: any)."""
+  """An input or output of a served signature.
+
+  Attributes:
+    name: the alias.
+    dtype: a `tf.DType` (None for a signature entry without a tensor).
+    shape: tuple of ints, -1 for any size; None for unknown rank.
+  """
   name: str
-  dtype: object  # tf.DType.
-  shape: object  # tuple of ints, or None for unknown rank.
+  dtype: object
+  shape: object
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +124,9 @@ def _specs(tensor_infos):
   for alias, info in tensor_infos.items():
     shape = None if info.tensor_shape.unknown_rank else tuple(
         d.size for d in info.tensor_shape.dim)
-    specs[alias] = TensorSpec(alias, tf.dtypes.as_dtype(info.dtype), shape)
+    # DT_INVALID (0) appears in `__saved_model_init_op`, which has no tensor.
+    dtype = tf.dtypes.as_dtype(info.dtype) if info.dtype else None
+    specs[alias] = TensorSpec(alias, dtype, shape)
   return specs
 
 
@@ -401,7 +409,7 @@ class VariationClient:
       specs = self.input_specs()
       for alias, array in named.items():
         spec = specs.get(alias)
-        if spec is None or array.dtype.kind in "OUS":
+        if spec is None or spec.dtype is None or array.dtype.kind in "OUS":
           continue
         want = np.dtype(spec.dtype.as_numpy_dtype)
         if array.dtype == want or not np.can_cast(array.dtype, want,

@@ -874,30 +874,46 @@ class ModelServer:
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_integer("port", 8500, "gRPC port; 0 picks a free port.")
-flags.DEFINE_string("host", "127.0.0.1",
-                    "Interface to bind (loopback by default; 0.0.0.0 for all).")
-flags.DEFINE_string("model_name", "default",
-                    "Name of the model (with --model_base_path).")
-flags.DEFINE_string("model_base_path", None,
-                    "Folder holding numeric version folders of the model.")
-flags.DEFINE_string("model_config_file", None,
-                    "Text-format ModelServerConfig (as tensorflow_model_server "
-                    "reads); overrides --model_name/--model_base_path.")
-flags.DEFINE_float("file_system_poll_wait_seconds", DEFAULT_POLL_SECONDS,
-                   "Seconds between polls for new versions; 0 loads once.")
-flags.DEFINE_integer("max_batch_size", DEFAULT_MAX_BATCH_SIZE,
-                     "Largest batch size accepted per request.")
-flags.DEFINE_integer("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES,
-                     "Largest request accepted, in bytes (gRPC "
-                     "max_receive_message_length and decoded tensor size).")
-flags.DEFINE_bool("reject_non_finite", False,
-                  "Answer INVALID_ARGUMENT for NaN/Inf in float inputs "
-                  "instead of passing them to the model.")
-flags.DEFINE_integer("num_workers", 4, "Request handler threads.")
-flags.DEFINE_integer("rest_api_port", 0,
-                     "Accepted for compatibility with tensorflow_model_server; "
-                     "this server has no REST API.")
+def _define(define, name, *args, **kwargs):
+  # Another module may already define a flag of the same name and meaning
+  # (--model_name); defining it twice is an error in absl.
+  if name not in FLAGS:
+    define(name, *args, **kwargs)
+
+
+def define_flags():
+  """Defines this command's flags; called by `run_main`, not at import.
+
+  Defining them at import would clash with other modules' flags whenever
+  both are imported (tests, notebooks).
+  """
+  _define(flags.DEFINE_integer, "port", 8500,
+          "gRPC port; 0 picks a free port.")
+  _define(flags.DEFINE_string, "host", "127.0.0.1",
+          "Interface to bind (loopback by default; 0.0.0.0 for all).")
+  _define(flags.DEFINE_string, "model_name", "default",
+          "Name of the model (with --model_base_path).")
+  _define(flags.DEFINE_string, "model_base_path", None,
+          "Folder holding numeric version folders of the model.")
+  _define(flags.DEFINE_string, "model_config_file", None,
+          "Text-format ModelServerConfig (as tensorflow_model_server reads); "
+          "overrides --model_name/--model_base_path.")
+  _define(flags.DEFINE_float, "file_system_poll_wait_seconds",
+          DEFAULT_POLL_SECONDS,
+          "Seconds between polls for new versions; 0 loads once.")
+  _define(flags.DEFINE_integer, "max_batch_size", DEFAULT_MAX_BATCH_SIZE,
+          "Largest batch size accepted per request.")
+  _define(flags.DEFINE_integer, "max_request_bytes",
+          DEFAULT_MAX_REQUEST_BYTES,
+          "Largest request accepted, in bytes (gRPC "
+          "max_receive_message_length and decoded tensor size).")
+  _define(flags.DEFINE_bool, "reject_non_finite", False,
+          "Answer INVALID_ARGUMENT for NaN/Inf in float inputs instead of "
+          "passing them to the model.")
+  _define(flags.DEFINE_integer, "num_workers", 4, "Request handler threads.")
+  _define(flags.DEFINE_integer, "rest_api_port", 0,
+          "Accepted for compatibility with tensorflow_model_server; this "
+          "server has no REST API.")
 
 
 def _configs_from_flags():
@@ -956,6 +972,7 @@ def main(argv):
 
 def run_main():
   """Console entry point `dropvar_model_server`."""
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
 
 

@@ -2,10 +2,6 @@
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from unittest import mock
@@ -70,15 +66,6 @@ def _wait_for(predicate, timeout=20.0, interval=0.05):
       return True
     time.sleep(interval)
   return False
-
-
-def _port_is_free(port):
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    try:
-      s.bind(("127.0.0.1", port))
-    except OSError:
-      return False
-  return True
 
 
 class ServerTest(tf.test.TestCase):
@@ -510,39 +497,6 @@ model_config_list {
     served = server_lib.ServedModel(every)
     served.poll()
     self.assertEqual([v for v, *_ in served.status()], [1, 2, 3])
-
-
-class CommandLineServerTest(_TestCase):
-
-  def test_sigterm_shuts_down_cleanly_and_releases_the_port(self):
-    base = self._new_dir()
-    model = testing.dense_model(seed=0)
-    testing.write_export(model, base, 1)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--port=0",
-         "--model_name=m", f"--model_base_path={base}",
-         "--rest_api_port=8501"],
-        cwd=_REPO_ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True)
-    self.addCleanup(lambda: proc.poll() is None and proc.kill())
-    port = None
-    for line in proc.stdout:
-      if line.startswith("Running gRPC ModelServer at 127.0.0.1:"):
-        port = int(line.split(":")[-1].split()[0])
-        break
-    self.assertIsNotNone(port, "server did not report its port")
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-      stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-      x = testing.dense_inputs(2)
-      response = stub.Predict(_predict_request("m", {"x": x}),
-                              timeout=_TIMEOUT)
-      self.assertAllClose(tf.make_ndarray(response.outputs["variation"]),
-                          model(x)["variation"], rtol=1e-6, atol=1e-6)
-    self.assertFalse(_port_is_free(port))
-    proc.send_signal(signal.SIGTERM)
-    self.assertEqual(proc.wait(timeout=30), 0)
-    self.assertTrue(_port_is_free(port))
 
 
 if __name__ == "__main__":

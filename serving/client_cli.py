@@ -1,0 +1,160 @@
+"""`dropvar_client`: query a served dual model from the command line.
+
+  dropvar_client predict --target=localhost:8500 --model_name=movies \
+      --input=request.json
+  dropvar_client metadata --target=localhost:8500 --model_name=movies
+  dropvar_client status --target=localhost:8500 --model_name=movies
+
+`--input` is a JSON file, either {"inputs": {name: nested list, ...}} (or
+{"inputs": nested list} for a single-input signature) or a bare nested list;
+or a `.npy` file (one array) or `.npz` file (one array per input name).
+Output is JSON on stdout: {"prediction", "variation", "model_version"} for
+predict (plus "outputs" for other aliases). Exit code 1 and the gRPC code on
+stderr when the server refuses the request.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from dropvar_tf import contract
+from serving import client as client_lib
+
+FLAGS = flags.FLAGS
+
+def _define(define, name, *args, **kwargs):
+  # Another module may already define a flag of the same name and meaning
+  # (--model_name); defining it twice is an error in absl.
+  if name not in FLAGS:
+    define(name, *args, **kwargs)
+
+
+def define_flags():
+  """Defines this command's flags; called by `run_main`, not at import.
+
+  Defining them at import would clash with other modules' flags whenever
+  both are imported (tests, notebooks).
+  """
+  _define(flags.DEFINE_string, "target", "localhost:8500",
+          "host:port of the server.")
+  _define(flags.DEFINE_string, "model_name", None, "Served model name.")
+  _define(flags.DEFINE_string, "signature", contract.SERVING_SIGNATURE,
+          "Signature to call.")
+  _define(flags.DEFINE_integer, "version", None,
+          "Model version (default: latest).")
+  _define(flags.DEFINE_string, "version_label", None,
+          "Version label instead of --version.")
+  _define(flags.DEFINE_string, "input", None,
+          "Request inputs: .json, .npy or .npz file.")
+  _define(flags.DEFINE_list, "output_filter", None,
+          "Output aliases to return, e.g. variation (default: all).")
+  _define(flags.DEFINE_float, "timeout", 10.0, "Deadline per RPC, seconds.")
+
+
+COMMANDS = ("predict", "metadata", "status")
+
+
+def load_inputs(path):
+  """Reads request inputs from a .json, .npy or .npz file.
+
+  Args:
+    path: the file.
+
+  Returns:
+    A numpy array (single input) or a dict {name: numpy array}.
+
+  Raises:
+    ValueError: unknown extension or JSON of the wrong shape.
+  """
+  if path.endswith(".npy"):
+    return np.load(path, allow_pickle=False)
+  if path.endswith(".npz"):
+    with np.load(path, allow_pickle=False) as data:
+      return {name: data[name] for name in data.files}
+  if path.endswith(".json"):
+    with open(path) as f:
+      data = json.load(f)
+    if isinstance(data, dict):
+      if "inputs" not in data:
+        raise ValueError(f"{path}: expected {{\"inputs\": ...}} or a list; "
+                         f"got keys {sorted(data)}.")
+      data = data["inputs"]
+    if isinstance(data, dict):
+      return {name: np.asarray(value) for name, value in data.items()}
+    if isinstance(data, list):
+      return np.asarray(data)
+    raise ValueError(f"{path}: inputs must be a dict or a nested list.")
+  raise ValueError(f"--input must end in .json, .npy or .npz; got {path}.")
+
+
+def _jsonable(array):
+  return None if array is None else np.asarray(array).tolist()
+
+
+def run_command(command, client, inputs=None, output_filter=None):
+  """Runs one command with `client`; returns a JSON-able dict."""
+  if command == "predict":
+    result = client.predict(inputs, output_filter=output_filter)
+    out = {"prediction": _jsonable(result.prediction),
+           "variation": _jsonable(result.variation),
+           "model_version": result.model_version}
+    extra = {k: _jsonable(v) for k, v in result.outputs.items()
+             if k not in contract.OUTPUT_KEYS}
+    if extra:
+      out["outputs"] = extra
+    return out
+  if command == "metadata":
+    metadata = client.get_model_metadata()
+    def describe(specs):
+      return {alias: {"dtype": spec.dtype.name if spec.dtype else None,
+                      "shape": _jsonable(spec.shape)}
+              for alias, spec in specs.items()}
+
+    signatures = {name: {"inputs": describe(metadata.inputs(name)),
+                         "outputs": describe(metadata.outputs(name))}
+                  for name in metadata.signature_defs}
+    return {"model_name": metadata.model_name,
+            "model_version": metadata.model_version,
+            "signatures": signatures}
+  return {"model_version_status": [
+      {"version": s.version, "state": s.state, "error_code": s.error_code,
+       "error_message": s.error_message}
+      for s in client.get_model_status()]}
+
+
+def main(argv):
+  command = argv[1] if len(argv) > 1 else "predict"
+  if command not in COMMANDS or len(argv) > 2:
+    raise app.UsageError(f"Usage: dropvar_client [{'|'.join(COMMANDS)}] "
+                         "--model_name=... [flags]")
+  if not FLAGS.model_name:
+    raise app.UsageError("--model_name is required.")
+  inputs = None
+  if command == "predict":
+    if not FLAGS.input:
+      raise app.UsageError("predict needs --input (.json, .npy or .npz).")
+    inputs = load_inputs(FLAGS.input)
+  try:
+    with client_lib.VariationClient(
+        FLAGS.target, FLAGS.model_name, signature=FLAGS.signature,
+        version=FLAGS.version, version_label=FLAGS.version_label,
+        timeout=FLAGS.timeout) as client:
+      out = run_command(command, client, inputs, FLAGS.output_filter)
+  except client_lib.ServingError as e:
+    print(str(e), file=sys.stderr)
+    return 1
+  print(json.dumps(out))
+  return 0
+
+
+def run_main():
+  """Console entry point `dropvar_client`."""
+  define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run_main()
