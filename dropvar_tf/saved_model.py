@@ -18,13 +18,17 @@ not an integer), so a server polling `export_base` never sees half a model.
 """
 
 import datetime
-import io
 import json
 import os
 import shutil
 import uuid
 
 import numpy as np
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
+from tensorflow_serving.apis import model_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 
 from dropvar_tf import contract
 from dropvar_tf import heads
@@ -329,7 +333,6 @@ def _resolve_version(export_base, version):
 
 def _graph_ops(saved_model_dir):
   """Op types used by the SavedModel's graphs and function library."""
-  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
   proto = saved_model_pb2.SavedModel()
   with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
     proto.ParseFromString(f.read())
@@ -360,7 +363,6 @@ def check_serving_ops(saved_model_dir):
   Raises:
     ValueError: naming the offending ops.
   """
-  from tensorflow.python.framework import op_def_registry  # pylint: disable=g-import-not-at-top
   ops = _graph_ops(saved_model_dir)
   public = set(dir(tf.raw_ops))
   denied = sorted(ops & DENIED_OPS)
@@ -396,9 +398,6 @@ def _warmup_chunks(arrays):
 
 def _write_warmup(saved_model_dir, arrays):
   """Writes PredictionLog records; returns how many."""
-  from tensorflow_serving.apis import model_pb2  # pylint: disable=g-import-not-at-top
-  from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
-  from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
   chunks = _warmup_chunks(arrays)
   folder = os.path.join(saved_model_dir, WARMUP_DIRNAME)
   os.makedirs(folder, exist_ok=True)
@@ -417,7 +416,7 @@ def _write_warmup(saved_model_dir, arrays):
 
 def _write_json(filename, data):
   os.makedirs(os.path.dirname(filename), exist_ok=True)
-  with io.open(filename, "w", encoding="utf-8") as f:
+  with open(filename, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=2, sort_keys=True)
     f.write("\n")
 

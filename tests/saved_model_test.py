@@ -7,9 +7,13 @@ import tempfile
 from unittest import mock
 
 import numpy as np
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 
 from dropvar_tf import contract
+from dropvar_tf import heads
 from dropvar_tf import saved_model
+from dropvar_tf import targets
 from dropvar_tf._keras import keras, tf
 
 # Expected error messages, stored once.
@@ -175,8 +179,8 @@ class ExportSavedModelTest(tf.test.TestCase):
                                 "Version 5 already exists.*never overwritten"):
       saved_model.export_saved_model(dual, self.base, version=5)
     self.assertEqual(self.entries(), ["1", "5", "6"])
-    self.assertEqual(
-        before, os.path.getmtime(os.path.join(self.base, "5", "saved_model.pb")))
+    after = os.path.getmtime(os.path.join(self.base, "5", "saved_model.pb"))
+    self.assertEqual(before, after)
     self.assertEqual(saved_model.existing_versions(self.base), [1, 5, 6])
 
   def test_bad_versions_are_refused(self):
@@ -247,8 +251,8 @@ class ExportSavedModelTest(tf.test.TestCase):
         ({k: v[:0] for k, v in good.items()}, "a non-empty batch"),
     ]
     for examples, message in cases:
-      with self.assertRaisesRegex(ValueError,
-                                  re.escape(WARMUP) + ".*" + re.escape(message)):
+      pattern = re.escape(WARMUP) + ".*" + re.escape(message)
+      with self.assertRaisesRegex(ValueError, pattern):
         saved_model.export_saved_model(ids, self.base, warmup_examples=examples)
     with self.assertRaisesRegex(ValueError, re.escape(
         "input 'features' of shape [None, 4]")):
@@ -257,7 +261,6 @@ class ExportSavedModelTest(tf.test.TestCase):
     self.assertEqual(self.entries(), [])
 
   def test_warmup_records_replay_through_loaded_signature(self):
-    from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
     dual = make_dual("ids")
     examples = id_examples(10, seed=3)
     path = saved_model.export_saved_model(dual, self.base,
@@ -315,7 +318,6 @@ class ExportSavedModelTest(tf.test.TestCase):
       saved_model.read_export_metadata(fresh_dir(self))
 
   def test_head_metadata_of_a_dual_from_add_variation_head(self):
-    from dropvar_tf import heads  # pylint: disable=g-import-not-at-top
     keras.utils.set_random_seed(1)
     x = keras.Input(shape=(4,), name="features")
     h = keras.layers.Dense(8, activation="relu", name="hidden")(x)
@@ -388,7 +390,6 @@ class McDropoutSignatureTest(tf.test.TestCase):
     self.assertTrue(np.all(outputs[0] >= 0))
 
   def test_reproduces_offline_targets_for_classes(self):
-    from dropvar_tf import targets  # pylint: disable=g-import-not-at-top
     keras.utils.set_random_seed(4)
     x = keras.Input(shape=(4,), name="features")
     h = keras.layers.Dropout(0.4, name="drop")(
@@ -438,7 +439,6 @@ class AtomicityAndOpCheckTest(tf.test.TestCase):
     self.assertEqual(os.listdir(self.base), [])
 
   def test_unregistered_op_is_named(self):
-    from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
     path = saved_model.export_saved_model(make_dual("float"), self.base)
     self.assertIn("MatMul", saved_model.check_serving_ops(path))
     filename = os.path.join(path, "saved_model.pb")
@@ -484,7 +484,8 @@ class AtomicityAndOpCheckTest(tf.test.TestCase):
     self.assertEqual(saved_model.existing_versions(self.base), [1])
     # Not ours to delete: it may belong to an export still running.
     self.assertTrue(os.path.isdir(stale))
-    self.assertEqual(sorted(os.listdir(self.base)), [".tmp-1-killed000000", "1"])
+    self.assertEqual(sorted(os.listdir(self.base)),
+                     [".tmp-1-killed000000", "1"])
 
   def test_version_published_by_a_concurrent_export_is_not_overwritten(self):
     target = os.path.join(self.base, "1")
