@@ -253,8 +253,8 @@ def _moment_features(model, include_moments, statistic):
 
 
 def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
-                       hidden_units=(64,), statistic=contract.STAT_AUTO,
-                       include_prediction=True, include_moments=False,
+                       hidden_units=(128, 128), statistic=contract.STAT_AUTO,
+                       include_prediction=True, include_moments="auto",
                        transform=LOG, l2=1e-4, head_dropout=0.0, seed=0,
                        name=None):
   """Returns a dual model with outputs {"prediction", "variation"}.
