@@ -348,8 +348,8 @@ class TargetsTest(tf.test.TestCase):
     again = targets.mc_dropout_targets(model, x, num_samples=8, batch_size=4)
     self.assertAllClose(again, out, rtol=1e-5)
 
-  def test_nested_sequential_and_conv(self):
-    for kind, x in [("nested", features(10)),
+  def test_sequential_nested_sequential_and_conv(self):
+    for kind, x in [("sequential", features(10)), ("nested", features(10)),
                     ("conv", np.random.RandomState(0).randn(
                         10, 6, 6, 2).astype(np.float32))]:
       out = targets.mc_dropout_targets(build_model(kind), x, num_samples=6)
