@@ -65,6 +65,35 @@ class PredictionFeatures(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="dropvar_tf")
+class LogFeature(keras.layers.Layer):
+  """`log(x + offset)` of a non-negative feature, e.g. an analytic DPV.
+
+  Input shape: (batch,) or (batch, d). Output shape: (batch, d) (d = 1 for
+  rank-1 inputs).
+  """
+
+  def __init__(self, offset=1e-6, **kwargs):
+    super().__init__(**kwargs)
+    self.offset = float(offset)
+
+  def call(self, inputs):
+    x = _ops.cast(inputs, self.compute_dtype)
+    if len(x.shape) == 1:
+      x = _ops.expand_dims(x, -1)
+    return _ops.log(_ops.relu(x) + self.offset)
+
+  def compute_output_shape(self, input_shape):
+    if len(input_shape) == 1:
+      return (input_shape[0], 1)
+    return tuple(input_shape)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"offset": self.offset})
+    return config
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
 class VariationOutput(keras.layers.Layer):
   """Maps the head's raw output to a non-negative variation estimate.
 
@@ -140,6 +169,27 @@ def _source_layer(tensor):
   return tensor._keras_history.operation  # pylint: disable=protected-access
 
 
+def _graph_nodes(model):
+  """Maps id(layer) -> list of (input_tensors, output_tensors) in `model`.
+
+  Walks back from the model's outputs, so calls of the same layer objects in
+  other graphs (e.g. clones that reuse them) are not counted.
+  """
+  nodes, seen, stack = {}, set(), list(model.outputs)
+  while stack:
+    tensor = stack.pop()
+    history = tensor._keras_history  # pylint: disable=protected-access
+    key = (id(history.operation), history.node_index)
+    if key in seen:
+      continue
+    seen.add(key)
+    node = history.operation._inbound_nodes[history.node_index]  # pylint: disable=protected-access
+    nodes.setdefault(id(history.operation), []).append(
+        (list(node.input_tensors), list(node.output_tensors)))
+    stack.extend(node.input_tensors)
+  return nodes
+
+
 def candidate_layers(model):
   """Returns the hidden layers of `model` whose outputs can feed a head.
 
@@ -154,16 +204,17 @@ def candidate_layers(model):
   Returns:
     A list of layers, possibly empty.
   """
+  nodes = _graph_nodes(model)
   output_ops = {id(_source_layer(t)) for t in model.outputs}
   feeds_dropout = set()
   for layer in model.layers:
     if isinstance(layer, keras.layers.Dropout):
-      for node in layer._inbound_nodes:  # pylint: disable=protected-access
-        for t in node.input_tensors:
-          feeds_dropout.add(id(_source_layer(t)))
+      for inputs, _ in nodes.get(id(layer), []):
+        feeds_dropout.update(id(_source_layer(t)) for t in inputs)
   found = []
   for layer in model.layers:
-    if isinstance(layer, _SKIPPED) or id(layer) in output_ops:
+    if (isinstance(layer, _SKIPPED) or id(layer) in output_ops or
+        id(layer) not in nodes):
       continue
     activation = getattr(layer, "activation", None)
     nonlinear = activation is not None and activation not in (
@@ -175,6 +226,7 @@ def candidate_layers(model):
 
 
 def _resolve_taps(model, layers):
+  """Returns [(layer, output tensor in `model`'s graph)] to tap."""
   candidates = candidate_layers(model)
   if layers == "all":
     taps = candidates
@@ -193,12 +245,17 @@ def _resolve_taps(model, layers):
     raise validation.invalid(
         "layers", "a selection with at least one hidden layer to tap",
         f"{layers!r} (model {model.name!r} has no hidden candidate layers)")
+  nodes = _graph_nodes(model)
+  tapped = []
   for layer in taps:
-    if len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
+    calls = nodes.get(id(layer), [])
+    if len(calls) != 1 or len(calls[0][1]) != 1:
       raise validation.invalid(
-          "layers", "layers called exactly once in the model (a shared "
-          "layer has no single output to tap)", layer.name)
-  return taps
+          "layers", "layers called exactly once in the model, with one "
+          "output tensor (a shared layer has no single output to tap)",
+          layer.name)
+    tapped.append((layer, calls[0][1][0]))
+  return tapped
 
 
 def model_input(model):
@@ -319,20 +376,17 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
 
   prediction = model.outputs[0]
   head_inputs = []
-  for layer in taps:
+  for layer, tensor in taps:
     probe = probe_layers.ActivationStrength(
         features=features, name=PROBE_PREFIX + layer.name)
-    head_inputs.append(probe(layer.output))
+    head_inputs.append(probe(tensor))
   if include_prediction:
     head_inputs.append(
         PredictionFeatures(name=PREDICTION_FEATURES_NAME)(prediction))
   moment_net = _moment_features(model, include_moments, statistic)
   if moment_net is not None:
-    mp = moment_net(model_input(model))
-    if len(mp.shape) == 1:
-      mp = keras.layers.Reshape((1,))(mp)
-    head_inputs.append(keras.layers.Lambda(
-        lambda t: _ops.log(t + 1e-6), name=MOMENTS_NAME)(mp))
+    head_inputs.append(
+        LogFeature(name=MOMENTS_NAME)(moment_net(model_input(model))))
 
   metadata = {
       "dropvar_tf_version": __version__,
@@ -340,7 +394,7 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
       "num_samples": None,
       "dropout_rates": {l.name: float(l.rate)
                         for l in validation.dropout_layers(model)},
-      "layers": [l.name for l in taps],
+      "layers": [l.name for l, _ in taps],
       "features": features,
       "include_prediction": bool(include_prediction),
       "include_moments": moment_net is not None,
@@ -417,8 +471,11 @@ def variation_head_metadata(dual):
 def head_feature_tensors(dual):
   """Returns the symbolic tensors that feed the head, in head-input order."""
   head = variation_head(dual)
-  node = head._inbound_nodes[0]  # pylint: disable=protected-access
-  return list(node.input_tensors)
+  calls = _graph_nodes(dual).get(id(head), [])
+  if len(calls) != 1:
+    raise validation.invalid("dual", "a dual model whose head is called once",
+                             f"{len(calls)} calls in model {dual.name!r}")
+  return calls[0][0]
 
 
 def strip_variation_head(dual):

@@ -184,3 +184,56 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
       "output_scale": float(out_layer.scale.numpy()),
   })
   return history
+
+
+def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=8000,
+                         perturb_noise=0.5, perturb_swap=0.3, epochs=60,
+                         batch_size=64, target_batch_size=256, progress=None,
+                         **head_kwargs):
+  """Adds a variation head to `model` and fits it, in one call.
+
+  The recommended route: the head is fitted on `num_perturbed` perturbed
+  copies of `x` (`augment.perturb_inputs`) labelled with MC-dropout targets,
+  so it sees inputs that look unseen to the model even when `x` is the model's
+  own training data. With `num_perturbed=0` it is fitted on `x` itself: pass a
+  held-out calibration split then.
+
+  Side effects: none on `model` (see `add_variation_head`).
+
+  Args:
+    model: a trained Functional or Sequential Keras model with Dropout.
+    x: inputs (array or dict of arrays) to fit on or to perturb.
+    num_samples: T, stochastic passes per MC target.
+    seed: seed of the perturbations, the MC masks and the head training.
+    num_perturbed: perturbed inputs to make; 0 fits on `x` as given.
+    perturb_noise: float-feature noise level (see `perturb_inputs`).
+    perturb_swap: integer-feature swap probability (see `perturb_inputs`).
+    epochs: maximum head training epochs.
+    batch_size: head training batch size.
+    target_batch_size: batch size of the MC target passes.
+    progress: progress bar for the MC targets (None: automatic).
+    **head_kwargs: passed to `add_variation_head` (layers, features, ...).
+
+  Returns:
+    The fitted dual model.
+
+  Raises:
+    ValueError: as `add_variation_head`, `mc_dropout_targets` and
+      `fit_variation_head` do.
+  """
+  # pylint: disable=import-outside-toplevel
+  from dropvar_tf import augment
+  from dropvar_tf import targets as targets_lib
+  num_perturbed = validation.check_int(num_perturbed, "num_perturbed", 0)
+  dual = heads.add_variation_head(model, seed=seed, **head_kwargs)
+  statistic = heads.variation_head_metadata(dual)["statistic"]
+  fit_x = x
+  if num_perturbed:
+    fit_x = augment.perturb_inputs(x, num_perturbed, noise=perturb_noise,
+                                   swap=perturb_swap, seed=seed)
+  fit_t = targets_lib.mc_dropout_targets(
+      model, fit_x, num_samples=num_samples, seed=seed,
+      batch_size=target_batch_size, statistic=statistic, progress=progress)
+  fit_variation_head(dual, fit_x, fit_t, epochs=epochs, batch_size=batch_size,
+                     seed=seed, num_samples=num_samples)
+  return dual
