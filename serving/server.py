@@ -56,7 +56,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from concurrent import futures
 
 from absl import app
@@ -71,7 +70,6 @@ from dropvar_tf._keras import tf
 from tensorflow.core.framework import tensor_pb2
 from tensorflow.core.framework import tensor_shape_pb2
 from tensorflow.core.framework import types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
