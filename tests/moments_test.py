@@ -129,7 +129,7 @@ def _cnn(seed=0):
       L.Conv2D(8, 3, activation="relu"),
       L.MaxPooling2D(3, strides=2, padding="same"),
       L.AveragePooling2D(2, padding="same"),
-      L.SpatialDropout2D(0.1),
+      L.Dropout(0.1),
       L.Flatten(),
       L.Dense(32, "relu"),
       L.Dropout(0.3),
@@ -495,6 +495,15 @@ class ErrorsTest(tf.test.TestCase):
       moments.moment_model(model)
     self.assertIn(SUPPORTED_LIST_MSG, str(error.exception))
     self.assertIn("Conv2D", str(error.exception))
+
+  def test_shared_dropout_masks_are_refused(self):
+    for layer in (L.SpatialDropout2D(0.2, name="drop"),
+                  L.Dropout(0.2, noise_shape=(None, 1, 1, 2), name="drop")):
+      model = keras.Sequential([keras.Input((4, 4, 2)), layer, L.Flatten(),
+                                L.Dense(1)])
+      with self.assertRaisesRegex(ValueError,
+                                  f"layer 'drop' of class {type(layer).__name__}"):
+        moments.moment_model(model)
 
   def test_non_elementwise_activation_is_refused(self):
     model = keras.Sequential([keras.Input((4,)), L.Dropout(0.1),
