@@ -1,0 +1,18 @@
+"""Apache Beam pipelines for dropvar_tf (optional extra `dropvar_tf[beam]`).
+
+* `targets_pipeline`: MC-dropout DPV targets at scale, keyed and sharded;
+  `python -m dropvar_tf.beam.targets_pipeline --help`.
+* `scoring_pipeline`: batch scoring of an exported dual SavedModel
+  (prediction and variation per example);
+  `python -m dropvar_tf.beam.scoring_pipeline --help`.
+* `records`: the file formats, the input adapter `write_examples` and the
+  readers `read_targets` / `read_scores`. It does not need `apache_beam`;
+  the pipeline modules do, so import them explicitly.
+"""
+
+from dropvar_tf.beam.records import model_input_specs
+from dropvar_tf.beam.records import read_scores
+from dropvar_tf.beam.records import read_targets
+from dropvar_tf.beam.records import shard_of
+from dropvar_tf.beam.records import signature_input_specs
+from dropvar_tf.beam.records import write_examples

@@ -1,0 +1,688 @@
+"""Apache Beam pipeline: MC-dropout DPV targets for large data sets.
+
+Computes exactly what `dropvar_tf.targets.mc_dropout_targets` computes (same
+statistic, same seed semantics), spread over the workers of any Beam runner
+(DirectRunner by default; Dataflow, Flink, Spark with their usual flags):
+
+    examples (TFRecord of tf.Example with an int64 key, or .npz)
+      -> BatchElements (fixed size: a multiple of `batch_size`)
+      -> MC targets per batch (model loaded once per worker in `setup`)
+      -> GroupByKey(shard_of(key))
+      -> one sorted shard file per shard, written atomically
+      -> manifest.json (counts, sha256) once every shard is there
+
+Why the result does not depend on the runner, sharding or retries:
+
+* Dropout masks are a pure function of (seed, example key, sample index,
+  layer, unit) (see `dropvar_tf.targets`): each example's key is passed as
+  `keys=`, so which worker computes which example, and in which batch, does
+  not change its masks.
+* Every compiled call sees the same shapes as in `mc_dropout_targets(...,
+  batch_size=batch_size)`: partial batches are padded to `batch_size` rows
+  (as `mc_dropout_targets` itself pads its last batch), so the same kernels
+  run and the targets are bitwise equal to the in-process ones on the same
+  machine type.
+* A shard file is a pure function of its keys' targets (sorted by key;
+  duplicate deliveries of a key are merged), written to a temporary name and
+  renamed, so a retried or re-run shard writes the same bytes again and a
+  killed write leaves no partial shard. A rerun (`resume=True`, the default)
+  skips the examples of shards already written and computes the rest.
+* `manifest.json` is written last; `records.read_targets` refuses a
+  directory without it and checks digests, duplicates and missing keys.
+
+Example (DirectRunner, two local processes):
+
+    python -m dropvar_tf.beam.targets_pipeline \\
+      --model base.keras --input 'calib-*.tfrecord' --output targets/ \\
+      --num_samples 100 --seed 0 \\
+      --direct_num_workers 2 --direct_running_mode multi_processing
+
+Then `keys, dpv = read_targets("targets/")`.
+"""
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+import numpy as np
+
+from dropvar_tf import contract
+from dropvar_tf import targets
+from dropvar_tf import validation
+from dropvar_tf._keras import keras
+from dropvar_tf.beam import records
+
+INPUT_FORMATS = ("auto", "tfrecord", "npz")
+METRICS_NAMESPACE = "dropvar_tf"
+# Rows of an .npz file read per work item (spread over workers).
+NPZ_RANGE_ROWS = 4096
+# Modules that register dropvar_tf's Keras layers; imported before loading.
+_REGISTERING_MODULES = ("dropvar_tf.targets", "dropvar_tf.layers",
+                        "dropvar_tf.heads", "dropvar_tf.models.reference")
+
+
+# ---------------------------------------------------------------------------
+# Files and models (shared with the scoring pipeline).
+
+
+def is_local(path):
+  return FileSystems.get_scheme(path) in (None, "file")
+
+
+def read_file_bytes(path):
+  with FileSystems.open(path) as f:
+    return f.read()
+
+
+def atomic_write(path, data):
+  """Writes `data` to `path` via a unique temporary name and a rename.
+
+  A reader never sees a partial file: it sees the old file, none, or the new
+  one. Rewriting the same bytes (a retried shard) is harmless.
+  """
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  try:
+    with FileSystems.create(tmp) as f:
+      f.write(data)
+    if is_local(path):
+      os.replace(tmp, path)
+    else:
+      if FileSystems.exists(path):
+        FileSystems.delete([path])
+      FileSystems.rename([tmp], [path])
+  finally:
+    if FileSystems.exists(tmp):
+      FileSystems.delete([tmp])
+
+
+def import_modules(names):
+  for name in _REGISTERING_MODULES + tuple(names or ()):
+    importlib.import_module(name)
+
+
+def load_keras_model(path, extra_modules=()):
+  """Loads a `.keras` file (local or any Beam file system), compile=False.
+
+  Args:
+    path: the model file.
+    extra_modules: modules to import first (they register custom layers).
+
+  Returns:
+    The `keras.Model`.
+  """
+  import_modules(extra_modules)
+  if is_local(path):
+    return keras.saving.load_model(path, compile=False)
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "model.keras")
+    with open(local, "wb") as f:
+      f.write(read_file_bytes(path))
+    return keras.saving.load_model(local, compile=False)
+
+
+def match_inputs(patterns):
+  """[(path, size)] of every file matching `patterns`, sorted by path.
+
+  Raises:
+    FileNotFoundError: a pattern matches nothing.
+  """
+  files = []
+  for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
+    if not result.metadata_list:
+      raise FileNotFoundError(f"No input file matches {pattern!r}.")
+    files += [(m.path, m.size_in_bytes) for m in result.metadata_list]
+  return sorted(set(files))
+
+
+def resolve_input_format(input_format, files):
+  if input_format not in INPUT_FORMATS:
+    raise validation.invalid("input_format", f"one of {INPUT_FORMATS}",
+                             input_format)
+  if input_format != "auto":
+    return input_format
+  kinds = {"npz" if p.endswith(".npz") else "tfrecord" for p, _ in files}
+  if len(kinds) != 1:
+    raise validation.invalid("input", "files of one format (.npz or "
+                             "TFRecord)", [p for p, _ in files][:4])
+  return kinds.pop()
+
+
+def _npz_header(path, name):
+  """Shape of array `name` of an .npz file, read from its header only."""
+  with FileSystems.open(path) as f, zipfile.ZipFile(f) as z:
+    with z.open(f"{name}.npy") as member:
+      version = np.lib.format.read_magic(member)
+      if version == (1, 0):
+        shape, _, _ = np.lib.format.read_array_header_1_0(member)
+      else:
+        shape, _, _ = np.lib.format.read_array_header_2_0(member)
+  return shape
+
+
+def _npz_names(path):
+  with FileSystems.open(path) as f, zipfile.ZipFile(f) as z:
+    return [n[:-len(".npy")] for n in z.namelist() if n.endswith(".npy")]
+
+
+def npz_ranges(files, input_specs, key_feature, range_rows=NPZ_RANGE_ROWS):
+  """Work items (path, start, stop, has_keys) covering every .npz row.
+
+  Raises:
+    ValueError: a file lacks an input array, arrays disagree on rows, or
+      several files have no key array (row indices would repeat).
+  """
+  items = []
+  needed = [n for n, _, _ in input_specs["inputs"]]
+  keyless = []
+  for path, _ in files:
+    names = _npz_names(path)
+    missing = [n for n in needed if n not in names]
+    if missing:
+      raise validation.invalid(
+          "input", f".npz files with the arrays {needed} (and optionally "
+          f"{key_feature!r})", f"{path!r} without {missing}")
+    has_keys = key_feature in names
+    if not has_keys:
+      keyless.append(path)
+    rows = {_npz_header(path, n)[0] for n in needed + (
+        [key_feature] if has_keys else [])}
+    if len(rows) != 1:
+      raise validation.invalid("input", "arrays with one number of rows",
+                               f"{path!r} with row counts {sorted(rows)}")
+    n = rows.pop()
+    items += [(path, s, min(s + range_rows, n), has_keys)
+              for s in range(0, n, range_rows)]
+  if keyless and len(files) > 1:
+    raise validation.invalid(
+        "input", f"a {key_feature!r} array in every .npz file when there are "
+        f"several (row indices would repeat)", keyless[:4])
+  return items
+
+
+class ReadNpzRowsFn(beam.DoFn):
+  """(path, start, stop, has_keys) -> (key, {input name: row}) per row."""
+
+  def __init__(self, input_names, key_feature):
+    self._names = list(input_names)
+    self._key_feature = key_feature
+    self._cache = None
+
+  def setup(self):
+    self._cache = {}
+
+  def _arrays(self, path):
+    if path not in self._cache:
+      # One file at a time per worker: the ranges of a file are usually
+      # processed together.
+      self._cache.clear()
+      with FileSystems.open(path) as f:
+        with np.load(f, allow_pickle=False) as data:
+          self._cache[path] = {n: data[n] for n in data.files}
+    return self._cache[path]
+
+  def process(self, item):
+    path, start, stop, has_keys = item
+    arrays = self._arrays(path)
+    for i in range(start, stop):
+      key = int(arrays[self._key_feature][i]) if has_keys else i
+      yield key, {n: arrays[n][i] for n in self._names}
+
+
+def decode_batch(batch, input_format, input_specs, key_feature):
+  """A BatchElements batch -> (keys (B,) int64, model inputs)."""
+  if input_format == "tfrecord":
+    return records.parse_examples(list(batch), input_specs, key_feature)
+  keys = np.array([k for k, _ in batch], np.int64)
+  named = {}
+  for name, dtype, _ in input_specs["inputs"]:
+    named[name] = np.stack([row[name] for _, row in batch]).astype(
+        np.dtype(dtype))
+  return keys, records.structure_inputs(named, input_specs)
+
+
+def read_examples(pipeline, files, input_format, input_specs, key_feature,
+                  label="Read"):
+  """PCollection of raw examples: serialized Examples or (key, row) pairs."""
+  if input_format == "tfrecord":
+    reads = [pipeline | f"{label}{i}" >> beam.io.ReadFromTFRecord(path)
+             for i, (path, _) in enumerate(files)]
+    if len(reads) == 1:
+      return reads[0]
+    return tuple(reads) | f"{label}Flatten" >> beam.Flatten()
+  items = npz_ranges(files, input_specs, key_feature)
+  names = [n for n, _, _ in input_specs["inputs"]]
+  return (pipeline
+          | f"{label}Ranges" >> beam.Create(items)
+          | f"{label}Spread" >> beam.Reshuffle()
+          | f"{label}Rows" >> beam.ParDo(ReadNpzRowsFn(names, key_feature)))
+
+
+# ---------------------------------------------------------------------------
+# The targets pipeline.
+
+
+def resolve_statistic(model, statistic):
+  """(statistic, per-example target shape) as `mc_dropout_targets` has them."""
+  if not isinstance(statistic, str) or statistic not in contract.STATISTICS:
+    raise validation.invalid("statistic", f"one of {contract.STATISTICS}",
+                             statistic)
+  if len(model.outputs) != 1:
+    raise validation.invalid("model", "a model with a single output tensor",
+                             f"{len(model.outputs)} outputs")
+  out_shape = tuple(model.outputs[0].shape[1:])
+  units = int(np.prod(out_shape, dtype=np.int64))
+  if statistic == contract.STAT_AUTO:
+    statistic = (contract.STAT_STD if units == 1 else
+                 contract.STAT_PREDICTED_CLASS_STD)
+  if statistic == contract.STAT_PREDICTED_CLASS_STD or units == 1:
+    return statistic, []
+  return statistic, [int(d) for d in out_shape]
+
+
+class TargetsFn(beam.DoFn):
+  """Batch of raw examples -> (shard, (keys, targets)) per shard in it.
+
+  The model is loaded once per worker in `setup` from its `.keras` file and
+  checked against the fingerprint the launcher saw.
+  """
+
+  def __init__(self, model_path, config):
+    self._model_path = model_path
+    self._config = dict(config)
+    self._model = None
+    self._computed = Metrics.counter(METRICS_NAMESPACE, "examples_computed")
+    self._skipped = Metrics.counter(METRICS_NAMESPACE, "examples_skipped")
+
+  def setup(self):
+    c = self._config
+    self._model = load_keras_model(self._model_path, c["import_modules"])
+    if targets.model_fingerprint(self._model) != c["model_fingerprint"]:
+      raise ValueError(f"The model file {self._model_path!r} changed while "
+                       f"the pipeline ran (weight fingerprint differs).")
+
+  def process(self, batch):
+    c = self._config
+    keys, x = decode_batch(batch, c["input_format"], c["input_specs"],
+                           c["key_feature"])
+    shards = records.shard_of(keys, c["num_shards"])
+    todo = ~np.isin(shards, c["done_shards"])
+    self._skipped.inc(int((~todo).sum()))
+    if not todo.any():
+      return
+    if not todo.all():
+      keys, shards = keys[todo], shards[todo]
+      x = _take_rows(x, np.flatnonzero(todo))
+    n = len(keys)
+    # Pad to a whole number of compute batches: every compiled call then has
+    # the shapes of the in-process run, hence bitwise-equal targets.
+    rows = c["batch_size"] * math.ceil(n / c["batch_size"])
+    idx = np.concatenate([np.arange(n), np.full(rows - n, n - 1)])
+    values = targets.mc_dropout_targets(
+        self._model, _take_rows(x, idx), num_samples=c["num_samples"],
+        seed=c["seed"], batch_size=c["batch_size"],
+        statistic=c["statistic"], keys=keys[idx], progress=False)[:n]
+    self._computed.inc(n)
+    for shard in np.unique(shards):
+      sel = shards == shard
+      yield int(shard), (keys[sel], values[sel])
+
+
+def _take_rows(x, idx):
+  if isinstance(x, dict):
+    return {k: v[idx] for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [v[idx] for v in x]
+  return x[idx]
+
+
+class WriteShardFn(beam.DoFn):
+  """(shard, [(keys, targets), ...]) -> one sorted shard file + its entry."""
+
+  def __init__(self, output_dir, num_shards, output_format):
+    self._output_dir = output_dir
+    self._num_shards = num_shards
+    self._format = output_format
+    self._duplicates = Metrics.counter(METRICS_NAMESPACE,
+                                       "duplicates_dropped")
+
+  def process(self, item):
+    shard, parts = item
+    parts = list(parts)
+    keys = np.concatenate([k for k, _ in parts])
+    values = np.concatenate([v for _, v in parts])
+    keys, values, dropped = records.merge_duplicates(keys, values)
+    self._duplicates.inc(dropped)
+    yield write_shard(self._output_dir, shard, self._num_shards,
+                      self._format, keys, values)
+
+
+def write_shard(output_dir, index, num_shards, fmt, keys, values):
+  """Writes one shard file atomically; returns its manifest entry."""
+  name = records.shard_filename(index, num_shards, fmt)
+  data = records.encode_shard(keys, values, fmt)
+  atomic_write(FileSystems.join(output_dir, name), data)
+  return {"index": int(index), "file": name, "count": int(len(keys)),
+          "sha256": records.sha256(data)}
+
+
+def existing_shards(output_dir, num_shards, fmt):
+  """Indices of shard files already in `output_dir` (complete by design)."""
+  pattern = FileSystems.join(
+      output_dir, f"{records.SHARD_PREFIX}-*-of-{num_shards:05d}.{fmt}")
+  found = set()
+  for m in FileSystems.match([pattern])[0].metadata_list:
+    name = m.path.rsplit("/", 1)[-1]
+    try:
+      found.add(int(name.split("-")[1]))
+    except ValueError:
+      continue
+  return sorted(i for i in found if i < num_shards)
+
+
+def finalize(entries, num_input_records, output_dir, settings):
+  """Completes missing entries (skipped or empty shards); writes the manifest.
+
+  Returns:
+    The manifest dict.
+  """
+  num_shards = settings["num_shards"]
+  fmt = settings["output_format"]
+  shape = tuple(settings["target_shape"])
+  by_index = {e["index"]: e for e in entries}
+  for index in range(num_shards):
+    if index in by_index:
+      continue
+    name = records.shard_filename(index, num_shards, fmt)
+    path = FileSystems.join(output_dir, name)
+    if FileSystems.exists(path):  # Written by an earlier (resumed) run.
+      data = read_file_bytes(path)
+      keys, _ = records.decode_shard(data, fmt,
+                                     {records.TARGET_FEATURE: shape})
+      by_index[index] = {"index": index, "file": name, "count": len(keys),
+                         "sha256": records.sha256(data)}
+    else:  # No example hashed to this shard.
+      by_index[index] = write_shard(
+          output_dir, index, num_shards, fmt, np.zeros((0,), np.int64),
+          np.zeros((0,) + shape, np.float32))
+  shards = [by_index[i] for i in range(num_shards)]
+  manifest = dict(settings)
+  manifest.update({
+      "shards": shards,
+      "num_keys": int(sum(e["count"] for e in shards)),
+      "num_input_records": int(num_input_records),
+  })
+  atomic_write(FileSystems.join(output_dir, records.MANIFEST_FILENAME),
+               json.dumps(manifest, indent=2, sort_keys=True).encode())
+  return manifest
+
+
+def _check_settings(output_dir, settings, resume):
+  """Writes settings.json, or checks it against an earlier run's."""
+  path = FileSystems.join(output_dir, records.SETTINGS_FILENAME)
+  if FileSystems.exists(path):
+    stored = json.loads(read_file_bytes(path).decode())
+    if resume:
+      for name, value in settings.items():
+        if stored.get(name) != value:
+          raise validation.invalid(
+              "output", f"a directory written with the same settings, or "
+              f"resume=False; its `{name}` is {stored.get(name)!r}, this "
+              f"run's is {value!r}", output_dir)
+      return
+  atomic_write(path, json.dumps(settings, indent=2, sort_keys=True).encode())
+
+
+def _clear_output(output_dir):
+  """Removes earlier shards and manifest (resume=False)."""
+  pattern = FileSystems.join(output_dir, f"{records.SHARD_PREFIX}-*")
+  paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+  manifest = FileSystems.join(output_dir, records.MANIFEST_FILENAME)
+  if FileSystems.exists(manifest):
+    paths.append(manifest)
+  if paths:
+    FileSystems.delete(paths)
+
+
+def _check_args(num_samples, seed, batch_size, num_shards, output_format,
+                beam_batch_size):
+  num_samples = validation.check_int(num_samples, "num_samples", 2)
+  seed = validation.check_int(seed, "seed", 0)
+  if seed >= 2**32:
+    raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
+  batch_size = validation.check_int(batch_size, "batch_size", 1)
+  num_shards = validation.check_int(num_shards, "num_shards", 1)
+  records.check_format(output_format, records.TARGET_FORMATS)
+  if beam_batch_size is None:
+    beam_batch_size = 8 * batch_size
+  beam_batch_size = validation.check_int(beam_batch_size, "beam_batch_size",
+                                         1)
+  if beam_batch_size % batch_size:
+    raise validation.invalid(
+        "beam_batch_size", f"a multiple of batch_size ({batch_size}), so "
+        f"that no compute batch is padded but the last", beam_batch_size)
+  return num_samples, seed, batch_size, num_shards, beam_batch_size
+
+
+def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
+                    statistic="auto", batch_size=256, num_shards=8,
+                    output_format=records.TFRECORD, input_format="auto",
+                    key_feature=records.KEY_FEATURE, input_feature=None,
+                    beam_batch_size=None, resume=True, extra_modules=()):
+  """Validates everything on the launcher and prepares the output directory.
+
+  Returns:
+    (settings, config, files): settings.json content, the worker config and
+    the matched input files.
+  """
+  num_samples, seed, batch_size, num_shards, beam_batch_size = _check_args(
+      num_samples, seed, batch_size, num_shards, output_format,
+      beam_batch_size)
+  if isinstance(inputs, str):
+    inputs = [inputs]
+  files = match_inputs(inputs)
+  input_format = resolve_input_format(input_format, files)
+  model = load_keras_model(model_path, extra_modules)
+  validation.check_model(model)
+  statistic, target_shape = resolve_statistic(model, statistic)
+  input_specs = records.model_input_specs(model, input_feature)
+  settings = {
+      "format_version": records.FORMAT_VERSION,
+      "model_fingerprint": targets.model_fingerprint(model),
+      "num_samples": num_samples,
+      "seed": seed,
+      "statistic": statistic,
+      "target_shape": target_shape,
+      "num_shards": num_shards,
+      "output_format": output_format,
+      "key_feature": key_feature,
+      "input_specs": input_specs,
+      "input_format": input_format,
+      "input_files": [[p, s] for p, s in files],
+  }
+  if not FileSystems.exists(output):
+    FileSystems.mkdirs(output)
+  _check_settings(output, settings, resume)
+  manifest = FileSystems.join(output, records.MANIFEST_FILENAME)
+  if not resume:
+    _clear_output(output)
+  elif FileSystems.exists(manifest):
+    FileSystems.delete([manifest])  # Rewritten when this run completes.
+  done = existing_shards(output, num_shards, output_format) if resume else []
+  config = {
+      "model_fingerprint": settings["model_fingerprint"],
+      "num_samples": num_samples,
+      "seed": seed,
+      "statistic": statistic,
+      "batch_size": batch_size,
+      "beam_batch_size": beam_batch_size,
+      "num_shards": num_shards,
+      "done_shards": done,
+      "input_format": input_format,
+      "input_specs": input_specs,
+      "key_feature": key_feature,
+      "import_modules": list(extra_modules or ()),
+  }
+  return settings, config, files
+
+
+def build_targets_pipeline(pipeline, model_path, output, settings, config,
+                           files):
+  """Adds the targets transforms to `pipeline`; returns the manifest PColl."""
+  examples = read_examples(pipeline, files, config["input_format"],
+                           config["input_specs"], config["key_feature"])
+  count = examples | "CountInputs" >> beam.combiners.Count.Globally()
+  entries = (
+      examples
+      | "Batch" >> beam.BatchElements(
+          min_batch_size=config["beam_batch_size"],
+          max_batch_size=config["beam_batch_size"])
+      | "MCTargets" >> beam.ParDo(TargetsFn(model_path, config))
+      | "GroupByShard" >> beam.GroupByKey()
+      | "WriteShards" >> beam.ParDo(WriteShardFn(
+          output, config["num_shards"], settings["output_format"])))
+  return (entries
+          | "CollectShards" >> beam.combiners.ToList()
+          | "WriteManifest" >> beam.Map(
+              finalize, beam.pvalue.AsSingleton(count), output, settings))
+
+
+def _counters(result):
+  out = {}
+  query = result.metrics().query(
+      MetricsFilter().with_namespace(METRICS_NAMESPACE))
+  for counter in query["counters"]:
+    value = counter.committed
+    if value is None:
+      value = counter.attempted
+    out[counter.key.metric.name] = out.get(counter.key.metric.name, 0) + (
+        value or 0)
+  return out
+
+
+def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
+                         statistic="auto", batch_size=256, num_shards=8,
+                         output_format=records.TFRECORD, input_format="auto",
+                         key_feature=records.KEY_FEATURE, input_feature=None,
+                         beam_batch_size=None, resume=True, extra_modules=(),
+                         pipeline_args=None):
+  """Runs the targets pipeline and waits for it.
+
+  Args:
+    model_path: the base model's `.keras` file (any Beam file system); it is
+      loaded once per worker, never pickled.
+    inputs: a file pattern or a list of them: TFRecord files of
+      `tf.train.Example` (features named by `records.model_input_specs`,
+      plus the int64 `key_feature`), or `.npz` files (arrays named the same;
+      a `key_feature` array, optional for a single file, where keys default
+      to row indices as in `mc_dropout_targets`).
+    output: output directory (created when missing).
+    num_samples, seed, statistic, batch_size: as in `mc_dropout_targets`;
+      `batch_size` is also the compute batch of each worker.
+    num_shards: number of output shard files.
+    output_format: "tfrecord" (tf.Example {key, target}) or "parquet"
+      (columns key, target).
+    input_format: "auto" (by extension), "tfrecord" or "npz".
+    key_feature: name of the int64 example key feature / array.
+    input_feature: feature name of a single-input model's input (default:
+      its `keras.Input` name).
+    beam_batch_size: examples per `BatchElements` batch, a multiple of
+      `batch_size` (default 8 * batch_size).
+    resume: reuse shard files of an earlier run with the same settings;
+      False clears them first.
+    extra_modules: modules to import before loading the model (custom
+      layers).
+    pipeline_args: Beam flags, e.g. ["--runner=DataflowRunner", ...] or
+      ["--direct_num_workers=2", "--direct_running_mode=multi_processing"];
+      the DirectRunner is the default.
+
+  Returns:
+    dict: "manifest" (the written manifest), "seconds", and the counters
+    "examples_computed", "examples_skipped", "duplicates_dropped".
+
+  Raises:
+    ValueError: an invalid argument, or `output` holds a run with other
+      settings (and `resume` is True).
+    FileNotFoundError: an input pattern matches nothing.
+  """
+  start = time.perf_counter()
+  settings, config, files = prepare_targets(
+      model_path, inputs, output, num_samples=num_samples, seed=seed,
+      statistic=statistic, batch_size=batch_size, num_shards=num_shards,
+      output_format=output_format, input_format=input_format,
+      key_feature=key_feature, input_feature=input_feature,
+      beam_batch_size=beam_batch_size, resume=resume,
+      extra_modules=extra_modules)
+  options = PipelineOptions(list(pipeline_args or []))
+  pipeline = beam.Pipeline(options=options)
+  build_targets_pipeline(pipeline, model_path, output, settings, config, files)
+  result = pipeline.run()
+  result.wait_until_finish()
+  manifest = records.read_json(
+      FileSystems.join(output, records.MANIFEST_FILENAME)) if is_local(
+          output) else None
+  summary = {"manifest": manifest,
+             "seconds": time.perf_counter() - start,
+             "examples_computed": 0, "examples_skipped": 0,
+             "duplicates_dropped": 0}
+  summary.update(_counters(result))
+  return summary
+
+
+def _parser():
+  p = argparse.ArgumentParser(
+      description="MC-dropout DPV targets with Apache Beam. Unknown flags "
+      "(--runner, --direct_num_workers, --project, ...) go to Beam.")
+  p.add_argument("--model", required=True, help="base model .keras file")
+  p.add_argument("--input", required=True, action="append",
+                 help="TFRecord or .npz file pattern (repeatable)")
+  p.add_argument("--output", required=True, help="output directory")
+  p.add_argument("--num_samples", type=int, default=100)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--statistic", default="auto",
+                 choices=contract.STATISTICS)
+  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--beam_batch_size", type=int, default=None)
+  p.add_argument("--num_shards", type=int, default=8)
+  p.add_argument("--output_format", default=records.TFRECORD,
+                 choices=records.TARGET_FORMATS)
+  p.add_argument("--input_format", default="auto", choices=INPUT_FORMATS)
+  p.add_argument("--key_feature", default=records.KEY_FEATURE)
+  p.add_argument("--input_feature", default=None)
+  p.add_argument("--no_resume", action="store_true",
+                 help="clear earlier shards instead of reusing them")
+  p.add_argument("--import_module", action="append", default=[],
+                 help="module to import first (custom layers; repeatable)")
+  return p
+
+
+def main(argv=None):
+  args, beam_args = _parser().parse_known_args(argv)
+  summary = run_targets_pipeline(
+      args.model, args.input, args.output, num_samples=args.num_samples,
+      seed=args.seed, statistic=args.statistic, batch_size=args.batch_size,
+      num_shards=args.num_shards, output_format=args.output_format,
+      input_format=args.input_format, key_feature=args.key_feature,
+      input_feature=args.input_feature, beam_batch_size=args.beam_batch_size,
+      resume=not args.no_resume, extra_modules=args.import_module,
+      pipeline_args=beam_args)
+  manifest = summary.pop("manifest")
+  if manifest is not None:
+    summary["num_keys"] = manifest["num_keys"]
+  print(json.dumps(summary, sort_keys=True))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
