@@ -558,7 +558,8 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
               finalize, beam.pvalue.AsSingleton(count), output, settings))
 
 
-def _counters(result):
+def counters(result):
+  """Sums of the pipeline's dropvar_tf counters, by name."""
   out = {}
   query = result.metrics().query(
       MetricsFilter().with_namespace(METRICS_NAMESPACE))
@@ -636,7 +637,7 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
              "seconds": time.perf_counter() - start,
              "examples_computed": 0, "examples_skipped": 0,
              "duplicates_dropped": 0}
-  summary.update(_counters(result))
+  summary.update(counters(result))
   return summary
 
 

@@ -1,0 +1,303 @@
+"""Apache Beam pipeline: batch scoring of an exported dual SavedModel.
+
+Runs the `serving_default` signature of a SavedModel written by
+`dropvar_tf.saved_model.export_saved_model` (or any SavedModel whose
+signature returns {"prediction", "variation"}) over a data set and writes one
+record per example: its key, the prediction and the one-pass DPV estimate.
+For offline analysis and monitoring (e.g. the share of traffic whose
+variation exceeds a threshold, day over day), without a serving cluster.
+
+    examples (TFRecord of tf.Example with an int64 key, or .npz)
+      -> BatchElements
+      -> serving_default (SavedModel loaded once per worker in `setup`)
+      -> scores-SSSSS-of-NNNNN.{parquet,tfrecord,jsonl} (Beam's file sinks:
+         written to temporary files and renamed when the pipeline commits)
+
+Input features are named after the signature's inputs (`saved_model_cli show
+--dir ... --signature_def serving_default`, or `records.signature_input_specs`).
+Per-example outputs of one value are written as scalars, others as lists.
+`scoring.json` beside the files records the shapes; `records.read_scores`
+reads everything back ordered by key.
+
+Example:
+
+    python -m dropvar_tf.beam.scoring_pipeline \\
+      --saved_model /models/criteo/3 --input 'day_23-*.tfrecord' \\
+      --output scores/ --output_format parquet
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+import numpy as np
+
+from dropvar_tf import contract
+from dropvar_tf import validation
+from dropvar_tf._keras import tf
+from dropvar_tf.beam import records
+from dropvar_tf.beam import targets_pipeline
+
+SCORING_FILENAME = "scoring.json"
+SCORES_PREFIX = "scores"
+
+
+def _per_example_shape(spec):
+  """Stored shape of one example's output: () when it has one value."""
+  shape = [int(d) for d in spec.shape[1:]]
+  return [] if int(np.prod(shape, dtype=np.int64)) == 1 else shape
+
+
+def load_signature(saved_model_dir, signature=contract.SERVING_SIGNATURE):
+  """(loaded SavedModel, signature function), the SavedModel kept alive."""
+  loaded = tf.saved_model.load(saved_model_dir)
+  if signature not in loaded.signatures:
+    raise validation.invalid(
+        "signature", f"one of the SavedModel's signatures "
+        f"{sorted(loaded.signatures)}", signature)
+  return loaded, loaded.signatures[signature]
+
+
+def output_shapes(fn):
+  """{"prediction": shape, "variation": shape} stored per example.
+
+  Raises:
+    ValueError: the signature lacks one of the contract's output keys.
+  """
+  outputs = fn.structured_outputs
+  missing = [k for k in contract.OUTPUT_KEYS if k not in outputs]
+  if missing:
+    raise validation.invalid(
+        "saved_model", f"a signature returning {list(contract.OUTPUT_KEYS)}",
+        f"outputs {sorted(outputs)}")
+  return {k: _per_example_shape(outputs[k]) for k in contract.OUTPUT_KEYS}
+
+
+class ScoreFn(beam.DoFn):
+  """Batch of raw examples -> score dicts {key, prediction, variation}."""
+
+  def __init__(self, saved_model_dir, config):
+    self._saved_model_dir = saved_model_dir
+    self._config = dict(config)
+    self._loaded = None
+    self._fn = None
+    self._scored = Metrics.counter(targets_pipeline.METRICS_NAMESPACE,
+                                   "examples_scored")
+
+  def setup(self):
+    self._loaded, self._fn = load_signature(self._saved_model_dir,
+                                            self._config["signature"])
+
+  def process(self, batch):
+    c = self._config
+    keys, x = targets_pipeline.decode_batch(batch, c["input_format"],
+                                            c["input_specs"],
+                                            c["key_feature"])
+    out = self._fn(**{k: tf.constant(v) for k, v in x.items()})
+    n = len(keys)
+    values = {}
+    for name in contract.OUTPUT_KEYS:
+      v = out[name].numpy().astype(np.float32)
+      values[name] = v.reshape((n,) + tuple(c["output_shapes"][name]))
+    self._scored.inc(n)
+    for i in range(n):
+      yield {records.KEY_FEATURE: int(keys[i]),
+             **{name: values[name][i].tolist() for name in values}}
+
+
+def _to_example(row):
+  feature = {records.KEY_FEATURE: tf.train.Feature(
+      int64_list=tf.train.Int64List(value=[row[records.KEY_FEATURE]]))}
+  for name in contract.OUTPUT_KEYS:
+    value = np.asarray(row[name], np.float32).ravel()
+    feature[name] = tf.train.Feature(float_list=tf.train.FloatList(
+        value=value))
+  return tf.train.Example(features=tf.train.Features(
+      feature=feature)).SerializeToString()
+
+
+def _parquet_schema(shapes):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  fields = [(records.KEY_FEATURE, pa.int64())]
+  for name in contract.OUTPUT_KEYS:
+    if shapes[name]:
+      width = int(np.prod(shapes[name]))
+      fields.append((name, pa.list_(pa.float32(), width)))
+    else:
+      fields.append((name, pa.float32()))
+  return pa.schema(fields)
+
+
+def _flat(row):
+  return {k: (np.asarray(v, np.float32).ravel().tolist()
+              if isinstance(v, list) else v) for k, v in row.items()}
+
+
+def write_scores(scores, output, output_format, shapes, num_shards):
+  """Adds the file sink of `output_format` under `output`."""
+  prefix = FileSystems.join(output, SCORES_PREFIX)
+  suffix = f".{output_format}"
+  if output_format == records.PARQUET:
+    return (scores
+            | "Flatten" >> beam.Map(_flat)
+            | "WriteParquet" >> beam.io.WriteToParquet(
+                prefix, _parquet_schema(shapes), file_name_suffix=suffix,
+                num_shards=num_shards))
+  if output_format == records.TFRECORD:
+    return (scores
+            | "ToExample" >> beam.Map(_to_example)
+            | "WriteTFRecord" >> beam.io.WriteToTFRecord(
+                prefix, file_name_suffix=suffix, num_shards=num_shards))
+  return (scores
+          | "ToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
+          | "WriteJsonl" >> beam.io.WriteToText(
+              prefix, file_name_suffix=suffix, num_shards=num_shards))
+
+
+def prepare_scoring(saved_model_dir, inputs, output,
+                    output_format=records.PARQUET, input_format="auto",
+                    key_feature=records.KEY_FEATURE, batch_size=256,
+                    signature=contract.SERVING_SIGNATURE):
+  """Validates on the launcher; writes `scoring.json`; returns the config."""
+  records.check_format(output_format, records.SCORE_FORMATS)
+  batch_size = validation.check_int(batch_size, "batch_size", 1)
+  if isinstance(inputs, str):
+    inputs = [inputs]
+  files = targets_pipeline.match_inputs(inputs)
+  input_format = targets_pipeline.resolve_input_format(input_format, files)
+  _, fn = load_signature(saved_model_dir, signature)
+  shapes = output_shapes(fn)
+  config = {
+      "signature": signature,
+      "input_format": input_format,
+      "input_specs": records.signature_input_specs(fn),
+      "key_feature": key_feature,
+      "batch_size": batch_size,
+      "output_shapes": shapes,
+  }
+  if not FileSystems.exists(output):
+    FileSystems.mkdirs(output)
+  info = {"saved_model": saved_model_dir, "signature": signature,
+          "output_format": output_format, "output_shapes": shapes,
+          "input_files": [[p, s] for p, s in files]}
+  targets_pipeline.atomic_write(
+      FileSystems.join(output, SCORING_FILENAME),
+      json.dumps(info, indent=2, sort_keys=True).encode())
+  return config, files
+
+
+def build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
+                           config, files, num_shards=0):
+  """Adds the scoring transforms to `pipeline`."""
+  examples = targets_pipeline.read_examples(
+      pipeline, files, config["input_format"], config["input_specs"],
+      config["key_feature"])
+  scores = (examples
+            | "Batch" >> beam.BatchElements(
+                min_batch_size=1, max_batch_size=config["batch_size"])
+            | "Score" >> beam.ParDo(ScoreFn(saved_model_dir, config)))
+  return write_scores(scores, output, output_format,
+                      config["output_shapes"], num_shards)
+
+
+def run_scoring_pipeline(saved_model_dir, inputs, output,
+                         output_format=records.PARQUET, input_format="auto",
+                         key_feature=records.KEY_FEATURE, batch_size=256,
+                         num_shards=0, signature=contract.SERVING_SIGNATURE,
+                         pipeline_args=None):
+  """Scores every example of `inputs` with a SavedModel; waits for the end.
+
+  Args:
+    saved_model_dir: a SavedModel version folder (`<base>/<version>`).
+    inputs: file pattern(s): TFRecord of tf.Example (features named after
+      the signature's inputs, plus the int64 `key_feature`) or `.npz`.
+    output: output directory: `scores-*.<format>` and `scoring.json`.
+    output_format: "parquet", "tfrecord" or "jsonl".
+    input_format: "auto" (by extension), "tfrecord" or "npz".
+    key_feature: name of the int64 example key feature / array.
+    batch_size: largest `BatchElements` batch (rows per signature call).
+    num_shards: output files; 0 lets the runner choose.
+    signature: the signature to call.
+    pipeline_args: Beam flags (runner and its options); DirectRunner
+      default.
+
+  Returns:
+    dict with "examples_scored" and "seconds".
+
+  Raises:
+    ValueError: an invalid argument or a signature without the contract's
+      outputs.
+    FileNotFoundError: an input pattern matches nothing.
+  """
+  start = time.perf_counter()
+  config, files = prepare_scoring(saved_model_dir, inputs, output,
+                                  output_format, input_format, key_feature,
+                                  batch_size, signature)
+  num_shards = validation.check_int(num_shards, "num_shards", 0)
+  pipeline = beam.Pipeline(options=PipelineOptions(list(pipeline_args or [])))
+  build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
+                         config, files, num_shards)
+  result = pipeline.run()
+  result.wait_until_finish()
+  summary = {"examples_scored": 0, "seconds": time.perf_counter() - start}
+  counters = targets_pipeline.counters(result)
+  summary["examples_scored"] = counters.get("examples_scored", 0)
+  return summary
+
+
+def read_scores(output):
+  """Reads a scoring output directory: dict of key-ordered arrays.
+
+  Returns:
+    {"key": (N,) int64 ascending, "prediction": (N, ...) float32,
+    "variation": (N, ...) float32}.
+  """
+  info = records.read_json(FileSystems.join(output, SCORING_FILENAME))
+  if info is None:
+    raise ValueError(f"No {SCORING_FILENAME} in {output!r}: not a scoring "
+                     f"pipeline output.")
+  return records.read_scores(
+      FileSystems.join(output, f"{SCORES_PREFIX}-*"), info["output_format"],
+      info["output_shapes"][contract.PREDICTION_KEY],
+      info["output_shapes"][contract.VARIATION_KEY])
+
+
+def _parser():
+  p = argparse.ArgumentParser(
+      description="Score a dual SavedModel over a data set with Apache Beam. "
+      "Unknown flags (--runner, --direct_num_workers, ...) go to Beam.")
+  p.add_argument("--saved_model", required=True,
+                 help="SavedModel version folder")
+  p.add_argument("--input", required=True, action="append",
+                 help="TFRecord or .npz file pattern (repeatable)")
+  p.add_argument("--output", required=True, help="output directory")
+  p.add_argument("--output_format", default=records.PARQUET,
+                 choices=records.SCORE_FORMATS)
+  p.add_argument("--input_format", default="auto",
+                 choices=targets_pipeline.INPUT_FORMATS)
+  p.add_argument("--key_feature", default=records.KEY_FEATURE)
+  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--num_shards", type=int, default=0)
+  p.add_argument("--signature", default=contract.SERVING_SIGNATURE)
+  return p
+
+
+def main(argv=None):
+  args, beam_args = _parser().parse_known_args(argv)
+  summary = run_scoring_pipeline(
+      args.saved_model, args.input, args.output,
+      output_format=args.output_format, input_format=args.input_format,
+      key_feature=args.key_feature, batch_size=args.batch_size,
+      num_shards=args.num_shards, signature=args.signature,
+      pipeline_args=beam_args)
+  print(json.dumps(summary, sort_keys=True))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
