@@ -1,0 +1,594 @@
+"""Tests for dropvar_tf.heads (add/strip_variation_head and head layers)."""
+
+import os
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+
+from dropvar_tf import contract
+from dropvar_tf import heads
+from dropvar_tf import targets
+from dropvar_tf import training
+from dropvar_tf._keras import keras
+from dropvar_tf._keras import tf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import testing_models as tm  # pylint: disable=g-import-not-at-top
+
+_PREFIX = "Invalid value received for argument "
+_ERR_MODEL_NONE = (_PREFIX + "`model`. Expected a built Functional or "
+                   "Sequential `keras.Model`. Received: model=None")
+_ERR_MODEL_STR = (_PREFIX + "`model`. Expected a built Functional or "
+                  "Sequential `keras.Model`. Received: model='str'")
+_ERR_SUBCLASSED = (
+    _PREFIX + "`model`. Expected a Functional or Sequential `keras.Model`; "
+    "subclassed models have no symbolic graph to tap. Rebuild it with the "
+    "Functional API (or wrap its layers in `keras.Sequential`). Received: "
+    "model='subclassed model of type _Subclassed'")
+_ERR_UNBUILT = (
+    _PREFIX + "`model`. Expected a built model with defined inputs (start a "
+    "Sequential model with `keras.Input(shape)` or call "
+    "`model.build(input_shape)`). Received: model=\"unbuilt model "
+    "'unbuilt'\"")
+_ERR_NO_DROPOUT = (
+    _PREFIX + "`model`. Expected a model with at least one "
+    "`keras.layers.Dropout` layer (dropout prediction variation needs "
+    "dropout). Received: model=\"model 'no_dropout' without Dropout "
+    "layers\"")
+_ERR_HAS_HEAD = (
+    _PREFIX + "`model`. Expected a model without a variation head (call "
+    "`strip_variation_head` first to replace its head). Received: "
+    "model=\"dual model 'mlp_softmax_dual'\"")
+_ERR_TWO_OUTPUTS = (
+    _PREFIX + "`model`. Expected a model with exactly one output. Received: "
+    "model=\"model 'two_outputs' with 2 outputs\"")
+_ERR_FEATURES = (_PREFIX + "`features`. Expected one of ('neurons', "
+                 "'summary'). Received: features='mean'")
+_ERR_TRANSFORM = (_PREFIX + "`transform`. Expected one of ('log', "
+                  "'identity'). Received: transform='sqrt'")
+_ERR_STATISTIC = (_PREFIX + "`statistic`. Expected one of ('auto', 'std', "
+                  "'predicted_class_std', 'per_class_std'). Received: "
+                  "statistic='var'")
+_ERR_HIDDEN_ZERO = (_PREFIX + "`hidden_units`. Expected an integer >= 1. "
+                    "Received: hidden_units=0")
+_ERR_HIDDEN_PREFIX = _PREFIX + "`hidden_units`."
+_ERR_LAYERS_UNKNOWN = (
+    _PREFIX + "`layers`. Expected names of layers of the model; candidates "
+    "are ['dense_a', 'dense_b']. Received: layers=['nope']")
+_ERR_LAYERS_EMPTY = (_PREFIX + "`layers`. Expected \"all\", \"last\", or a "
+                     "non-empty list of layer names. Received: layers=[]")
+_ERR_LAYERS_INT = (_PREFIX + "`layers`. Expected \"all\", \"last\", or a "
+                   "non-empty list of layer names. Received: layers=3")
+_ERR_STRIP_BASE = (_PREFIX + "`dual`. Expected a dual model made by "
+                   "`add_variation_head`. Received: dual=\"model "
+                   "'mlp_softmax' without a variation head\"")
+_ERR_STRIP_NONE = (_PREFIX + "`dual`. Expected a dual model made by "
+                   "`add_variation_head`. Received: dual=None")
+_ERR_CANDIDATES_PREFIX = _PREFIX + "`model`."
+_ERR_MOMENTS_CNN = "Received: model=\"layer 'sdrop' of class SpatialDropout2D\""
+
+_CANDIDATES = {
+    "softmax": ["dense_a", "dense_b"],
+    # dense_a is linear and feeds BatchNormalization, not Dropout.
+    "binary_bn": ["relu_a", "dense_b"],
+    "regression": ["dense_a", "dense_b"],
+    # Embeddings and Concatenate are linear and feed no Dropout.
+    "recommender": ["dense_a"],
+    "cnn": ["conv", "dense_a"],
+    # A nested model is tapped as a whole.
+    "nested": ["dense_a", "block"],
+}
+
+_SMALL_HEAD = dict(hidden_units=(8,))
+
+
+def _predict(model, x):
+  """Eager inference call (no tf.function tracing: faster for tiny models)."""
+  return tf.nest.map_structure(np.asarray, model(x, training=False))
+
+
+def _two_outputs():
+  inputs = keras.Input((tm.NUM_FEATURES,))
+  h = keras.layers.Dense(8, activation="relu")(inputs)
+  h = keras.layers.Dropout(0.3)(h)
+  return keras.Model(inputs, [keras.layers.Dense(1)(h),
+                              keras.layers.Dense(2)(h)], name="two_outputs")
+
+
+def _random_targets(n, seed=0, units=None):
+  shape = (n,) if units is None else (n, units)
+  return np.abs(np.random.default_rng(seed).normal(0.1, 0.05, shape))
+
+
+class AddVariationHeadTest(tf.test.TestCase):
+
+  def test_outputs_for_every_kind_of_model(self):
+    for kind in tm.BUILDERS:
+      with self.subTest(kind=kind):
+        model = tm.build(kind)
+        x = tm.sample_inputs(kind, 20)
+        dual = heads.add_variation_head(model, **_SMALL_HEAD)
+        self.assertTrue(heads.has_variation_head(dual))
+        self.assertEqual(set(dual.output), set(contract.OUTPUT_KEYS))
+        out = _predict(dual, x)
+        self.assertEqual(set(out), set(contract.OUTPUT_KEYS))
+        variation = out[contract.VARIATION_KEY]
+        self.assertEqual(variation.shape, (20,))
+        self.assertTrue(np.all(np.isfinite(variation)))
+        self.assertTrue(np.all(variation >= 0))
+        self.assertAllEqual(out[contract.PREDICTION_KEY], _predict(model, x))
+
+  def test_dict_inputs_keep_their_names(self):
+    model = tm.recommender()
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    self.assertEqual(set(dual.input), {"user_id", "movie_id"})
+    self.assertEqual(dual.input["user_id"].dtype, "int64")
+
+  def test_default_name_and_custom_name(self):
+    model = tm.regression()
+    self.assertEqual(heads.add_variation_head(model, **_SMALL_HEAD).name,
+                     "regression_dual")
+    self.assertEqual(
+        heads.add_variation_head(model, name="mine", **_SMALL_HEAD).name,
+        "mine")
+
+  def test_head_is_not_compiled_and_base_compile_state_kept(self):
+    model = tm.binary_bn()
+    optimizer = keras.optimizers.SGD()
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    training.fit_variation_head(dual, tm.sample_inputs("binary_bn", 40),
+                                _random_targets(40), epochs=1)
+    self.assertFalse(dual.compiled)
+    self.assertIs(model.optimizer, optimizer)
+    self.assertEqual(model.loss, "binary_crossentropy")
+
+  def test_statistics_choose_output_shape(self):
+    model = tm.mlp_softmax()
+    x = tm.sample_inputs("softmax", 10)
+    for statistic, shape in [("auto", (10,)), ("predicted_class_std", (10,)),
+                             ("per_class_std", (10, tm.NUM_CLASSES)),
+                             ("std", (10, tm.NUM_CLASSES))]:
+      with self.subTest(statistic=statistic):
+        dual = heads.add_variation_head(model, statistic=statistic,
+                                        **_SMALL_HEAD)
+        self.assertEqual(_predict(dual, x)["variation"].shape, shape)
+    auto = heads.add_variation_head(model, **_SMALL_HEAD)
+    self.assertEqual(heads.variation_head_metadata(auto)["statistic"],
+                     "predicted_class_std")
+    binary = heads.add_variation_head(tm.binary_bn(), **_SMALL_HEAD)
+    self.assertEqual(heads.variation_head_metadata(binary)["statistic"],
+                     "std")
+
+  def test_same_seed_same_head_and_other_seed_differs(self):
+    model = tm.regression()
+    x = tm.sample_inputs("regression", 16)
+    a = heads.add_variation_head(model, seed=3, **_SMALL_HEAD)
+    b = heads.add_variation_head(model, seed=3, **_SMALL_HEAD)
+    c = heads.add_variation_head(model, seed=4, **_SMALL_HEAD)
+    self.assertAllEqual(_predict(a, x)["variation"],
+                        _predict(b, x)["variation"])
+    self.assertNotAllClose(_predict(a, x)["variation"],
+                           _predict(c, x)["variation"])
+
+  def test_metadata_before_fitting(self):
+    dual = heads.add_variation_head(tm.mlp_softmax(), layers="last",
+                                    features="summary", **_SMALL_HEAD)
+    meta = heads.variation_head_metadata(dual)
+    self.assertIsNone(meta["num_samples"])
+    self.assertEqual(meta["layers"], ["dense_b"])
+    self.assertEqual(meta["features"], "summary")
+    self.assertEqual(meta["transform"], "log")
+    self.assertEqual(meta["base_model"], "mlp_softmax")
+    self.assertEqual(meta["dropout_rates"], {"drop_a": 0.3, "drop_b": 0.3})
+    self.assertTrue(meta["include_prediction"])
+    self.assertEqual(meta["statistic"], "predicted_class_std")
+
+  def test_summary_features_give_three_per_layer(self):
+    dual = heads.add_variation_head(tm.mlp_softmax(), features="summary",
+                                    include_prediction=False,
+                                    **_SMALL_HEAD)
+    for name in ("dense_a", "dense_b"):
+      probe = dual.get_layer(heads.PROBE_PREFIX + name)
+      self.assertEqual(tuple(probe.output.shape), (None, 3))
+
+  def test_include_prediction_false_drops_its_features(self):
+    dual = heads.add_variation_head(tm.regression(), include_prediction=False,
+                                    **_SMALL_HEAD)
+    names = [l.name for l in dual.layers]
+    self.assertNotIn(heads.PREDICTION_FEATURES_NAME, names)
+    self.assertFalse(
+        heads.variation_head_metadata(dual)["include_prediction"])
+
+  def test_include_moments(self):
+    model = tm.mlp_softmax()
+    dual = heads.add_variation_head(model, include_moments=True,
+                                    **_SMALL_HEAD)
+    self.assertTrue(heads.variation_head_metadata(dual)["include_moments"])
+    x = tm.sample_inputs("softmax", 12)
+    self.assertAllEqual(_predict(dual, x)["prediction"], _predict(model, x))
+    off = heads.add_variation_head(model, include_moments=False,
+                                   **_SMALL_HEAD)
+    self.assertFalse(heads.variation_head_metadata(off)["include_moments"])
+
+  def test_include_moments_true_on_unsupported_model_raises(self):
+    with self.assertRaises(ValueError) as cm:
+      heads.add_variation_head(tm.cnn(), include_moments=True, **_SMALL_HEAD)
+    self.assertIn(_ERR_MOMENTS_CNN, str(cm.exception))
+
+  def test_sequential_built_with_build_works(self):
+    model = keras.Sequential([
+        keras.layers.Dense(8, activation="relu", name="dense_a"),
+        keras.layers.Dropout(0.3), keras.layers.Dense(1)], name="later")
+    model.build((None, tm.NUM_FEATURES))
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    x = tm.sample_inputs("regression", 8)
+    self.assertAllEqual(_predict(dual, x)["prediction"], _predict(model, x))
+
+
+class BaseUntouchedTest(tf.test.TestCase):
+
+  def _check_untouched(self, kind):
+    model = tm.build(kind)
+    x = tm.sample_inputs(kind, 48)
+    weights = tm.weights_snapshot(model)
+    trainable = [v.trainable for v in model.weights]
+    before = _predict(model, x)
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    training.fit_variation_head(dual, x, _random_targets(48), epochs=2,
+                                batch_size=16)
+    after = tm.weights_snapshot(model)
+    self.assertEqual(set(after), set(weights))
+    for path, value in weights.items():
+      self.assertAllEqual(after[path], value, msg=path)
+    self.assertEqual([v.trainable for v in model.weights], trainable)
+    self.assertAllEqual(_predict(model, x), before)
+    self.assertAllEqual(_predict(dual, x)["prediction"], before)
+
+  def test_batchnorm_model_untouched_by_add_and_fit(self):
+    self._check_untouched("binary_bn")
+
+  def test_sequential_model_untouched_by_add_and_fit(self):
+    self._check_untouched("softmax")
+
+  def test_dict_input_model_untouched_by_add_and_fit(self):
+    self._check_untouched("recommender")
+
+  def test_fit_changes_only_head_weights(self):
+    model = tm.binary_bn()
+    x = tm.sample_inputs("binary_bn", 48)
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    head = heads.variation_head(dual)
+    head_ids = {id(v) for v in head.weights}
+    base_ids = {id(v) for v in model.weights}
+    before = {id(v): np.array(v.numpy()) for v in dual.weights}
+    training.fit_variation_head(dual, x, _random_targets(48), epochs=2,
+                                batch_size=16)
+    changed = {id(v) for v in dual.weights
+               if not np.array_equal(before[id(v)], v.numpy())}
+    self.assertTrue(changed)
+    self.assertEqual(changed & base_ids, set())
+    self.assertEqual(changed - head_ids, set())
+    self.assertIn(id(head.get_layer("head_out").kernel), changed)
+    for v in model.trainable_weights:
+      self.assertTrue(v.trainable, msg=v.path)
+
+
+class LayerSelectionTest(tf.test.TestCase):
+
+  def test_candidate_layers(self):
+    for kind, expected in _CANDIDATES.items():
+      with self.subTest(kind=kind):
+        found = heads.candidate_layers(tm.build(kind))
+        self.assertEqual([l.name for l in found], expected)
+
+  def test_linear_layer_feeding_dropout_is_a_candidate(self):
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, name="linear_a")(inputs)
+    h = keras.layers.Dropout(0.2)(h)
+    h = keras.layers.Dense(8, name="linear_b")(h)
+    outputs = keras.layers.Dense(1, name="out")(h)
+    model = keras.Model(inputs, outputs)
+    self.assertEqual([l.name for l in heads.candidate_layers(model)],
+                     ["linear_a"])
+
+  def test_all_last_and_named_layers(self):
+    model = tm.mlp_softmax()
+    for layers, expected in [("all", ["dense_a", "dense_b"]),
+                             ("last", ["dense_b"]),
+                             (["dense_a"], ["dense_a"]),
+                             ("dense_b", ["dense_b"]),
+                             (("dense_b", "dense_a"), ["dense_b", "dense_a"])]:
+      with self.subTest(layers=layers):
+        dual = heads.add_variation_head(model, layers=layers, **_SMALL_HEAD)
+        self.assertEqual(heads.variation_head_metadata(dual)["layers"],
+                         expected)
+        probes = [l.name for l in dual.layers
+                  if l.name.startswith(heads.PROBE_PREFIX)]
+        self.assertCountEqual(probes,
+                              [heads.PROBE_PREFIX + n for n in expected])
+
+  def test_probe_sees_the_tapped_layer_output(self):
+    model = tm.cnn()
+    dual = heads.add_variation_head(model, layers=["conv"], **_SMALL_HEAD)
+    x = tm.sample_inputs("cnn", 6)
+    probe = keras.Model(dual.input,
+                        dual.get_layer(heads.PROBE_PREFIX + "conv").output)
+    conv = keras.Model(model.input, model.get_layer("conv").output)
+    self.assertAllClose(_predict(probe, x),
+                        _predict(conv, x).mean(axis=(1, 2)), atol=1e-6)
+
+  def test_nested_model_is_tapped_as_a_whole(self):
+    dual = heads.add_variation_head(tm.nested(), layers="last",
+                                    **_SMALL_HEAD)
+    self.assertEqual(heads.variation_head_metadata(dual)["layers"], ["block"])
+    self.assertEqual(
+        tuple(dual.get_layer(heads.PROBE_PREFIX + "block").output.shape),
+        (None, 12))
+
+  def test_unknown_layer_name_raises(self):
+    with self.assertRaises(ValueError) as cm:
+      heads.add_variation_head(tm.mlp_softmax(), layers=["dense_a", "nope"])
+    self.assertEqual(str(cm.exception), _ERR_LAYERS_UNKNOWN)
+
+  def test_bad_layers_argument_raises(self):
+    for layers, message in [([], _ERR_LAYERS_EMPTY), (3, _ERR_LAYERS_INT)]:
+      with self.subTest(layers=layers):
+        with self.assertRaises(ValueError) as cm:
+          heads.add_variation_head(tm.mlp_softmax(), layers=layers)
+        self.assertEqual(str(cm.exception), message)
+
+  @unittest.expectedFailure
+  def test_candidate_layers_validates_model(self):
+    # candidate_layers(None) raises AttributeError (no check_model call).
+    with self.assertRaisesRegex(ValueError, _ERR_CANDIDATES_PREFIX):
+      heads.candidate_layers(None)
+
+
+class InvalidArgumentsTest(tf.test.TestCase):
+
+  def _assert_error(self, message, model, **kwargs):
+    with self.assertRaises(ValueError) as cm:
+      heads.add_variation_head(model, **kwargs)
+    self.assertEqual(str(cm.exception), message)
+
+  def test_invalid_models(self):
+    dual = heads.add_variation_head(tm.mlp_softmax(), **_SMALL_HEAD)
+    cases = [
+        ("none", _ERR_MODEL_NONE, None),
+        ("not_keras", _ERR_MODEL_STR, "model"),
+        ("subclassed", _ERR_SUBCLASSED, tm.subclassed()),
+        ("unbuilt", _ERR_UNBUILT, tm.unbuilt()),
+        ("no_dropout", _ERR_NO_DROPOUT, tm.no_dropout()),
+        ("has_head", _ERR_HAS_HEAD, dual),
+        ("two_outputs", _ERR_TWO_OUTPUTS, _two_outputs()),
+    ]
+    for label, message, model in cases:
+      with self.subTest(label):
+        self._assert_error(message, model)
+
+  def test_invalid_options(self):
+    model = tm.mlp_softmax()
+    cases = [
+        (_ERR_FEATURES, {"features": "mean"}),
+        (_ERR_TRANSFORM, {"transform": "sqrt"}),
+        (_ERR_STATISTIC, {"statistic": "var"}),
+        (_ERR_HIDDEN_ZERO, {"hidden_units": (8, 0)}),
+    ]
+    for message, kwargs in cases:
+      with self.subTest(**kwargs):
+        self._assert_error(message, model, **kwargs)
+
+  @unittest.expectedFailure
+  def test_hidden_units_not_a_sequence_raises_value_error(self):
+    # heads.add_variation_head iterates `hidden_units` unchecked: an int or
+    # None raises TypeError ("'int' object is not iterable").
+    for bad in (8, None):
+      with self.subTest(hidden_units=bad):
+        with self.assertRaisesRegex(ValueError, _ERR_HIDDEN_PREFIX):
+          heads.add_variation_head(tm.mlp_softmax(), hidden_units=bad)
+
+  def test_input_model_unchanged_after_refusal(self):
+    model = tm.mlp_softmax()
+    names = [l.name for l in model.layers]
+    with self.assertRaises(ValueError):
+      heads.add_variation_head(model, features="mean")
+    self.assertEqual([l.name for l in model.layers], names)
+    self.assertFalse(heads.has_variation_head(model))
+
+
+class StripVariationHeadTest(tf.test.TestCase):
+
+  def test_strip_gives_base_predictions(self):
+    for kind in ("softmax", "recommender", "nested"):
+      with self.subTest(kind=kind):
+        model = tm.build(kind)
+        x = tm.sample_inputs(kind, 16)
+        dual = heads.add_variation_head(model, **_SMALL_HEAD)
+        plain = heads.strip_variation_head(dual)
+        self.assertFalse(heads.has_variation_head(plain))
+        self.assertEqual(plain.name, model.name)
+        self.assertEqual(len(plain.outputs), 1)
+        self.assertAllEqual(_predict(plain, x), _predict(model, x))
+
+  def test_strip_then_add_again(self):
+    model = tm.regression()
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    again = heads.add_variation_head(heads.strip_variation_head(dual),
+                                     **_SMALL_HEAD)
+    x = tm.sample_inputs("regression", 8)
+    self.assertAllEqual(_predict(again, x)["prediction"], _predict(model, x))
+    self.assertEqual(heads.variation_head_metadata(again)["layers"],
+                     ["dense_a", "dense_b"])
+
+  def test_strip_refuses_models_without_head(self):
+    for model, message in [(tm.mlp_softmax(), _ERR_STRIP_BASE),
+                           (None, _ERR_STRIP_NONE)]:
+      with self.subTest(message=message):
+        with self.assertRaises(ValueError) as cm:
+          heads.strip_variation_head(model)
+        self.assertEqual(str(cm.exception), message)
+
+  def test_metadata_refuses_models_without_head(self):
+    with self.assertRaises(ValueError) as cm:
+      heads.variation_head_metadata(tm.mlp_softmax())
+    self.assertEqual(str(cm.exception), _ERR_STRIP_BASE)
+
+
+class AfterMcDropoutTest(tf.test.TestCase):
+  """mc_dropout_model clones the graph reusing layers: taps must still work."""
+
+  def test_add_head_after_targets_on_base(self):
+    for kind in ("softmax", "nested"):
+      with self.subTest(kind=kind):
+        model = tm.build(kind)
+        x = tm.sample_inputs(kind, 32)
+        t = targets.mc_dropout_targets(model, x, num_samples=4, seed=0,
+                                       progress=False)
+        dual = heads.add_variation_head(model, **_SMALL_HEAD)
+        self.assertEqual(heads.variation_head_metadata(dual)["layers"],
+                         _CANDIDATES[kind])
+        training.fit_variation_head(dual, x, t, epochs=1)
+        out = _predict(dual, x)
+        self.assertAllEqual(out["prediction"], _predict(model, x))
+        self.assertTrue(np.all(np.isfinite(out["variation"])))
+
+  def test_targets_between_add_and_fit(self):
+    model = tm.regression()
+    x = tm.sample_inputs("regression", 32)
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    t = targets.mc_dropout_targets(model, x, num_samples=4, seed=0,
+                                   progress=False)
+    training.fit_variation_head(dual, x, t, epochs=1)
+    plain = heads.strip_variation_head(dual)
+    self.assertAllEqual(_predict(plain, x), _predict(model, x))
+    second = heads.add_variation_head(model, **_SMALL_HEAD)
+    self.assertEqual(heads.variation_head_metadata(second)["layers"],
+                     ["dense_a", "dense_b"])
+
+
+class SaveLoadTest(tf.test.TestCase):
+
+  def _round_trip(self, dual, x):
+    path = os.path.join(tempfile.mkdtemp(dir=self.get_temp_dir()), "dual.keras")
+    dual.save(path)
+    loaded = keras.saving.load_model(path)
+    before, after = _predict(dual, x), _predict(loaded, x)
+    self.assertEqual(set(after), set(contract.OUTPUT_KEYS))
+    for key in contract.OUTPUT_KEYS:
+      self.assertAllEqual(after[key], before[key], msg=key)
+    self.assertEqual(heads.variation_head_metadata(loaded),
+                     heads.variation_head_metadata(dual))
+    return loaded
+
+  def test_round_trip_unfitted(self):
+    for kind in tm.BUILDERS:
+      with self.subTest(kind=kind):
+        dual = heads.add_variation_head(tm.build(kind), **_SMALL_HEAD)
+        self._round_trip(dual, tm.sample_inputs(kind, 16))
+
+  def test_round_trip_after_fit(self):
+    for kind in ("binary_bn", "recommender"):
+      with self.subTest(kind=kind):
+        model = tm.build(kind)
+        x = tm.sample_inputs(kind, 48)
+        dual = heads.add_variation_head(model, **_SMALL_HEAD)
+        training.fit_variation_head(dual, x, _random_targets(48), epochs=2,
+                                    num_samples=7)
+        loaded = self._round_trip(dual, x)
+        self.assertEqual(
+            heads.variation_head_metadata(loaded)["num_samples"], 7)
+        out_layer = heads.variation_output_layer(loaded)
+        self.assertAllEqual(out_layer.scale.numpy(),
+                            heads.variation_output_layer(dual).scale.numpy())
+        plain = heads.strip_variation_head(loaded)
+        self.assertEqual(plain.name, model.name)
+        self.assertAllEqual(_predict(plain, x), _predict(model, x))
+
+  def test_round_trip_with_moments(self):
+    dual = heads.add_variation_head(tm.mlp_softmax(), include_moments=True,
+                                    **_SMALL_HEAD)
+    self._round_trip(dual, tm.sample_inputs("softmax", 16))
+
+
+class HeadLayersTest(tf.test.TestCase):
+
+  def test_prediction_features_one_unit(self):
+    y = np.array([[0.2], [0.9]], "float32")
+    out = heads.PredictionFeatures()(y)
+    self.assertAllClose(out, [[0.2, 0.04], [0.9, 0.81]], atol=1e-6)
+    self.assertAllClose(heads.PredictionFeatures()(y[:, 0]), out)
+
+  def test_prediction_features_several_units(self):
+    y = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], "float32")
+    out = np.asarray(heads.PredictionFeatures()(y))
+    ranked = -np.sort(-y, axis=-1)
+    entropy = -np.sum(y * np.log(y), axis=-1)
+    self.assertEqual(out.shape, (2, 5))
+    self.assertAllClose(out[:, :3], ranked)
+    self.assertAllClose(out[:, 3], ranked[:, 0] - ranked[:, 1])
+    self.assertAllClose(out[:, 4], entropy, atol=1e-6)
+    self.assertEqual(heads.PredictionFeatures().compute_output_shape(
+        (None, 3)), (None, 5))
+
+  def test_log_feature(self):
+    layer = heads.LogFeature(offset=0.5)
+    out = layer(np.array([0.0, 1.5, -2.0], "float32"))
+    self.assertAllClose(out, np.log([[0.5], [2.0], [0.5]]), atol=1e-6)
+    config = layer.get_config()
+    self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
+                              "offset": 0.5})
+    self.assertEqual(heads.LogFeature.from_config(config).offset, 0.5)
+
+  def test_variation_output_log_and_identity(self):
+    z = np.array([[np.log(0.3)], [np.log(0.001)], [1.0]], "float32")
+    log_layer = heads.VariationOutput(transform="log")
+    log_layer.eps.assign(0.01)
+    log_layer.scale.assign(2.0)
+    out = np.asarray(log_layer(z))
+    self.assertEqual(out.shape, (3,))
+    expected = 2.0 * np.maximum(np.exp(z[:, 0]) - 0.01, 0.0)
+    self.assertAllClose(out, expected, rtol=1e-6)
+    self.assertEqual(out[1], 0.0)  # exp(z) < eps clips to zero.
+    identity = heads.VariationOutput(transform="identity")
+    self.assertAllClose(identity(np.array([[-1.0], [0.25]], "float32")),
+                        [0.0, 0.25])
+
+  def test_variation_output_to_raw_inverts_call(self):
+    layer = heads.VariationOutput(units=2, transform="log")
+    layer.eps.assign(0.02)
+    layer.scale.assign(0.5)
+    v = np.array([[0.1, 0.3], [0.05, 1.0]])
+    raw = layer.to_raw(v).astype("float32")
+    self.assertAllClose(layer(raw), v, rtol=1e-5)
+    self.assertEqual(tuple(layer(raw).shape), (2, 2))
+
+  def test_variation_output_config_and_errors(self):
+    layer = heads.VariationOutput(units=2, transform="identity",
+                                  metadata={"statistic": "std"}, name="vo")
+    config = layer.get_config()
+    self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
+                              "units": 2, "transform": "identity",
+                              "metadata": {"statistic": "std"}})
+    clone = heads.VariationOutput.from_config(config)
+    self.assertEqual(clone.metadata, {"statistic": "std"})
+    with self.assertRaises(ValueError) as cm:
+      heads.VariationOutput(transform="sqrt")
+    self.assertEqual(str(cm.exception), _ERR_TRANSFORM)
+    with self.assertRaises(ValueError) as cm:
+      heads.VariationOutput(units=0)
+    self.assertEqual(str(cm.exception), _PREFIX + "`units`. Expected an "
+                     "integer >= 1. Received: units=0")
+
+  def test_head_layers_are_registered(self):
+    for cls in (heads.PredictionFeatures, heads.LogFeature,
+                heads.VariationOutput):
+      with self.subTest(cls=cls.__name__):
+        self.assertEqual(keras.saving.get_registered_name(cls),
+                         "dropvar_tf>" + cls.__name__)
+
+
+if __name__ == "__main__":
+  tf.test.main()
