@@ -1,0 +1,184 @@
+"""Tests for dropvar_tf.beam.scoring_pipeline.
+
+They need `apache_beam` (run them in a venv with `dropvar_tf[beam]`, e.g.
+`.venv-beam/bin/python -m pytest -q tests/beam_scoring_test.py`) and are
+skipped, with the reason, elsewhere.
+
+Beam scores are compared with the same `serving_default` signature called
+in-process on all examples at once, to float32 tolerance: the pipeline calls
+it on batches of another size, and matmul kernels may round differently for
+different batch shapes (unlike the targets pipeline, nothing pads here).
+"""
+
+import os
+import shutil
+import tempfile
+import unittest
+
+import numpy as np
+
+from dropvar_tf import contract
+from dropvar_tf import heads
+from dropvar_tf import saved_model
+from dropvar_tf._keras import keras
+from dropvar_tf._keras import tf
+from dropvar_tf.beam import records
+
+try:
+  import apache_beam  # pylint: disable=unused-import
+  from dropvar_tf.beam import scoring_pipeline
+except ImportError:
+  scoring_pipeline = None
+
+_SKIP_REASON = ("apache_beam is not installed: install dropvar_tf[beam] "
+                "(e.g. in .venv-beam) to run the Beam pipeline tests")
+
+
+def build_dict_model(seed=0):
+  """A tiny base model with named int64 and float inputs, 3-class softmax."""
+  keras.utils.set_random_seed(seed)
+  user = keras.Input((), dtype="int64", name="user_id")
+  dense = keras.Input((3,), name="dense")
+  e = keras.layers.Flatten()(keras.layers.Embedding(20, 4)(user))
+  h = keras.layers.Concatenate()([e, dense])
+  h = keras.layers.Dense(16, activation="relu")(h)
+  h = keras.layers.Dropout(0.3)(h)
+  out = keras.layers.Dense(3, activation="softmax")(h)
+  return keras.Model({"user_id": user, "dense": dense}, out)
+
+
+def build_regression_model(seed=0):
+  keras.utils.set_random_seed(seed)
+  x = keras.Input((5,), name="x")
+  h = keras.layers.Dense(16, activation="relu")(x)
+  h = keras.layers.Dropout(0.2)(h)
+  return keras.Model(x, keras.layers.Dense(1)(h))
+
+
+def dict_inputs(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"user_id": rng.integers(0, 20, size=n).astype(np.int64),
+          "dense": rng.normal(size=(n, 3)).astype(np.float32)}
+
+
+@unittest.skipIf(scoring_pipeline is None, _SKIP_REASON)
+class ScoringPipelineTest(tf.test.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp(prefix="beam_scoring_test_")
+    cls.dual = heads.add_variation_head(build_regression_model())
+    cls.export = saved_model.export_saved_model(
+        cls.dual, os.path.join(cls.root, "regression"), version=1)
+    cls.loaded, cls.fn = scoring_pipeline.load_signature(cls.export)
+    cls.specs = records.signature_input_specs(cls.fn)
+    cls.n = 1500
+    cls.x = np.random.default_rng(0).normal(size=(cls.n, 5)).astype(
+        np.float32)
+    cls.files = records.write_examples(os.path.join(cls.root, "ex", "ex"),
+                                       cls.x, cls.specs, num_shards=3)
+    cls.expected = {k: v.numpy() for k, v in cls.fn(x=tf.constant(
+        cls.x)).items()}
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  def new_dir(self):
+    return tempfile.mkdtemp(dir=self.get_temp_dir())
+
+  def test_scores_match_the_signature_in_every_format(self):
+    self.assertEqual(self.specs, {"kind": "dict",
+                                  "inputs": [["x", "float32", [5]]]})
+    for fmt in records.SCORE_FORMATS:
+      output = self.new_dir()
+      summary = scoring_pipeline.run_scoring_pipeline(
+          self.export, os.path.join(self.root, "ex", "ex-*"), output,
+          output_format=fmt, batch_size=100, num_shards=2)
+      self.assertEqual(summary["examples_scored"], self.n)
+      self.assertLen(tf.io.gfile.glob(os.path.join(output, f"scores-*.{fmt}")),
+                     2)
+      got = scoring_pipeline.read_scores(output)
+      self.assertAllEqual(got["key"], np.arange(self.n))
+      for name in contract.OUTPUT_KEYS:
+        self.assertEqual(got[name].shape, (self.n,), msg=(fmt, name))
+        self.assertAllClose(got[name], np.reshape(self.expected[name], [-1]),
+                            rtol=1e-5,
+                            atol=1e-6, msg=(fmt, name))
+      self.assertGreaterEqual(got[contract.VARIATION_KEY].min(), 0.0)
+      self.assertGreater(got[contract.VARIATION_KEY].std(), 0.0)
+
+  def test_scores_match_the_keras_dual_model(self):
+    output = self.new_dir()
+    scoring_pipeline.run_scoring_pipeline(self.export, self.files, output)
+    got = scoring_pipeline.read_scores(output)
+    direct = self.dual.predict(self.x, verbose=0)
+    for name in contract.OUTPUT_KEYS:
+      self.assertAllClose(got[name], np.reshape(direct[name], [-1]),
+                          rtol=1e-5, atol=1e-6)
+
+  def test_dict_inputs_npz_vector_prediction_and_runner_flags(self):
+    dual = heads.add_variation_head(build_dict_model())
+    export = saved_model.export_saved_model(
+        dual, os.path.join(self.root, "dict"), version=3)
+    x = dict_inputs(400, seed=1)
+    keys = np.arange(400, dtype=np.int64) * 10 + 7
+    npz = os.path.join(self.root, "dict.npz")
+    np.savez(npz, key=keys, **x)
+    output = self.new_dir()
+    scoring_pipeline.main([
+        "--saved_model", export, "--input", npz, "--output", output,
+        "--output_format", "parquet", "--batch_size", "64",
+        "--runner", "DirectRunner", "--direct_num_workers", "1"])
+    got = scoring_pipeline.read_scores(output)
+    _, fn = scoring_pipeline.load_signature(export)
+    expected = fn(**{k: tf.constant(v) for k, v in x.items()})
+    self.assertAllEqual(got["key"], keys)
+    self.assertEqual(got[contract.PREDICTION_KEY].shape, (400, 3))
+    self.assertAllClose(got[contract.PREDICTION_KEY],
+                        expected[contract.PREDICTION_KEY], rtol=1e-5,
+                        atol=1e-6)
+    self.assertAllClose(got[contract.VARIATION_KEY],
+                        np.reshape(expected[contract.VARIATION_KEY], [-1]),
+                        rtol=1e-5, atol=1e-6)
+
+  def test_missing_input_feature_fails_with_the_expected_names(self):
+    wrong = records.write_examples(
+        os.path.join(self.root, "wrong", "ex"), self.x,
+        {"kind": "dict", "inputs": [["features", "float32", [5]]]})
+    with self.assertRaisesRegex(Exception, r"Cannot parse input examples "
+                                r"with features \['key', 'x'\]"):
+      scoring_pipeline.run_scoring_pipeline(self.export, wrong,
+                                            self.new_dir())
+
+  def test_invalid_arguments(self):
+    with self.assertRaisesRegex(ValueError, "`output_format`. Expected one "
+                                "of"):
+      scoring_pipeline.run_scoring_pipeline(self.export, self.files,
+                                            self.new_dir(),
+                                            output_format="csv")
+    with self.assertRaisesRegex(ValueError, "`signature`. Expected one of "
+                                "the SavedModel's signatures"):
+      scoring_pipeline.run_scoring_pipeline(self.export, self.files,
+                                            self.new_dir(), signature="nope")
+    with self.assertRaisesRegex(ValueError, "not a scoring pipeline output"):
+      scoring_pipeline.read_scores(self.new_dir())
+
+  def test_signature_without_contract_outputs_is_refused(self):
+    model = build_regression_model()
+    plain = os.path.join(self.root, "plain")
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        contract.SERVING_SIGNATURE, lambda x: {"y": model(x)},
+        input_signature=[tf.TensorSpec((None, 5), tf.float32, name="x")])
+    archive.write_out(plain, verbose=False)
+    with self.assertRaisesRegex(ValueError, r"Expected a signature "
+                                r"returning \['prediction', 'variation'\]"):
+      scoring_pipeline.run_scoring_pipeline(plain, self.files, self.new_dir())
+
+
+if __name__ == "__main__":
+  tf.test.main()
