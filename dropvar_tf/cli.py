@@ -31,7 +31,7 @@ def define_flags(fv=flags.FLAGS):
   _FLAGS["dropout_rate"] = flags.DEFINE_float(
       "dropout_rate", 0.3, "Dropout rate of the base model.", flag_values=fv)
   _FLAGS["num_perturbed"] = flags.DEFINE_integer(
-      "num_perturbed", 8000, "Perturbed calibration inputs for the head.",
+      "num_perturbed", 16000, "Perturbed calibration inputs for the head.",
       flag_values=fv)
   _FLAGS["base_epochs"] = flags.DEFINE_integer(
       "base_epochs", 60, "Epochs of base-model training.", flag_values=fv)
@@ -46,7 +46,7 @@ def define_flags(fv=flags.FLAGS):
       flag_values=fv)
 
 
-def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=8000,
+def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
         base_epochs=60, head_epochs=60, seed=0, export=True, log=print):
   """Runs the chain on digits; returns a dict of results (see keys below).
 

@@ -27,6 +27,7 @@ TRANSFORMS = (LOG, IDENTITY)
 PROBE_PREFIX = "dropvar_probe_"
 PREDICTION_FEATURES_NAME = "dropvar_prediction_features"
 MOMENTS_NAME = "dropvar_moments"
+DELTA_NAME = "dropvar_output_delta"
 
 # Layers whose output is a post-activation hidden state worth tapping even
 # when no Dropout follows them.
@@ -98,10 +99,10 @@ class VariationOutput(keras.layers.Layer):
   """Maps the head's raw output to a non-negative variation estimate.
 
   With `transform="log"` the head is trained on `log(dpv + eps)` and this
-  layer returns `scale * max(exp(z) - eps, 0)`; with "identity" it returns
-  `scale * max(z, 0)`. `eps` and `scale` are non-trainable weights set by
-  `fit_variation_head` (so they are saved with the model and never baked into
-  a traced graph).
+  layer returns `min(scale * max(exp(z) - eps, 0), max_value)`; with
+  "identity", `min(scale * max(z, 0), max_value)`. `eps`, `scale` and
+  `max_value` are non-trainable weights set by `fit_variation_head` (so they
+  are saved with the model and never baked into a traced graph).
 
   Args:
     units: number of estimated statistics (1 gives output shape (batch,)).
@@ -122,6 +123,11 @@ class VariationOutput(keras.layers.Layer):
                                initializer=keras.initializers.Constant(1e-3))
     self.scale = self.add_weight(name="scale", shape=(), trainable=False,
                                  initializer="ones")
+    # Upper bound on the estimate: a head meeting inputs unlike any it was
+    # fitted on must not extrapolate exp() to absurd values.
+    self.max_value = self.add_weight(
+        name="max_value", shape=(), trainable=False,
+        initializer=keras.initializers.Constant(3.4e38))
 
   def call(self, inputs):
     z = _ops.cast(inputs, "float32")
@@ -129,7 +135,7 @@ class VariationOutput(keras.layers.Layer):
       v = _ops.exp(_ops.minimum(z, 30.0)) - self.eps
     else:
       v = z
-    v = self.scale * _ops.relu(v)
+    v = _ops.minimum(self.scale * _ops.relu(v), self.max_value)
     if self.units == 1:
       v = _ops.squeeze(v, axis=-1)
     return v
@@ -295,6 +301,39 @@ def _statistic_units(statistic, units):
   return units
 
 
+def _output_delta(model, include_delta, statistic, units):
+  """Returns an `OutputDropoutDelta` feature tensor, or None."""
+  if not include_delta:
+    return None
+  out = model.outputs[0]
+  layer = _source_layer(out)
+  nodes = _graph_nodes(model)
+  why = None
+  activation = getattr(getattr(layer, "activation", None), "__name__", None)
+  if not isinstance(layer, keras.layers.Dense):
+    why = f"the output layer {layer.name!r} is not Dense"
+  elif activation not in probe_layers._OUTPUT_ACTIVATIONS:  # pylint: disable=protected-access
+    why = f"output activation {activation!r} is not linear/sigmoid/softmax"
+  else:
+    dropped = nodes[id(layer)][0][0][0]
+    dropout = _source_layer(dropped)
+    if (not isinstance(dropout, keras.layers.Dropout) or
+        dropout.noise_shape is not None or len(dropped.shape) != 2):
+      why = f"the input of {layer.name!r} does not come from a plain Dropout"
+  if why:
+    if include_delta == "auto":
+      return None
+    raise validation.invalid("include_delta", "a model whose output is a "
+                             "Dense layer right after a Dropout layer", why)
+  h = nodes[id(dropout)][0][0][0]
+  delta = probe_layers.OutputDropoutDelta(
+      rate=dropout.rate, activation=activation, statistic=statistic,
+      input_dim=int(h.shape[-1]), units=units, name=DELTA_NAME)
+  value = delta([h, out])
+  delta.kernel.assign(layer.kernel.numpy())
+  return LogFeature(name=DELTA_NAME + "_log")(value)
+
+
 def _moment_features(model, include_moments, statistic):
   """Returns a moment-propagation model, or None (with a warning on "auto")."""
   if not include_moments:
@@ -310,8 +349,9 @@ def _moment_features(model, include_moments, statistic):
 
 
 def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
-                       hidden_units=(128, 128), statistic=contract.STAT_AUTO,
-                       include_prediction=True, include_moments="auto",
+                       hidden_units=(64,), statistic=contract.STAT_AUTO,
+                       include_prediction=True, include_delta="auto",
+                       include_moments=False,
                        transform=LOG, l2=1e-4, head_dropout=0.0, seed=0,
                        name=None):
   """Returns a dual model with outputs {"prediction", "variation"}.
@@ -335,8 +375,13 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
     statistic: the DPV statistic the head estimates (see `contract`):
       "auto", "std", "predicted_class_std" or "per_class_std".
     include_prediction: also feed features of the base prediction.
+    include_delta: also feed the delta-method DPV of the dropout right
+      before the output layer (`layers.OutputDropoutDelta`; one small
+      matmul): True, False, or "auto" (when the model ends in Dropout ->
+      Dense).
     include_moments: also feed the moment-propagation estimate
-      (`dropvar_tf.moments`): True, False, or "auto" (when supported).
+      (`dropvar_tf.moments`): True, False, or "auto" (when supported). It
+      costs about two extra forward passes, so it is off by default.
     transform: "log" (train on log DPV; default) or "identity".
     l2: L2 weight penalty on the head's Dense kernels.
     head_dropout: dropout rate inside the head (off at inference).
@@ -383,6 +428,9 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
   if include_prediction:
     head_inputs.append(
         PredictionFeatures(name=PREDICTION_FEATURES_NAME)(prediction))
+  delta = _output_delta(model, include_delta, statistic, units)
+  if delta is not None:
+    head_inputs.append(delta)
   moment_net = _moment_features(model, include_moments, statistic)
   if moment_net is not None:
     head_inputs.append(
@@ -397,6 +445,7 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
       "layers": [l.name for l, _ in taps],
       "features": features,
       "include_prediction": bool(include_prediction),
+      "include_delta": delta is not None,
       "include_moments": moment_net is not None,
       "transform": transform,
       "base_model": model.name,
@@ -419,7 +468,9 @@ def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
             for i, t in enumerate(feature_tensors)]
   x = (keras.layers.Concatenate(name="head_concat")(inputs)
        if len(inputs) > 1 else inputs[0])
-  x = keras.layers.Normalization(name="head_norm")(x)
+  # No Normalization layer: `fit_variation_head` trains on standardised
+  # features and folds the standardisation into the first Dense layer, which
+  # saves its element-wise ops on every served request.
   reg = keras.regularizers.L2(l2) if l2 else None
   for i, width in enumerate(hidden_units):
     x = keras.layers.Dense(

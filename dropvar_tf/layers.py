@@ -100,3 +100,85 @@ class ActivationProbe(ActivationStrength):
 
   def compute_output_shape(self, input_shape):
     return input_shape, super().compute_output_shape(input_shape)
+
+
+_OUTPUT_ACTIVATIONS = ("linear", "sigmoid", "softmax")
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class OutputDropoutDelta(keras.layers.Layer):
+  """Delta-method DPV of the dropout right before a Dense output layer.
+
+  For an output layer `y = act(h_drop @ kernel + bias)` whose input `h` goes
+  through inverted dropout of rate `p`, the masks make each `h_j` vary with
+  variance `h_j**2 * p / (1 - p)`. Linearising `act` at the deterministic
+  pass gives, for a statistic with gradient `g` w.r.t. the logits,
+  `Var ~ sum_j ((kernel @ g)_j)**2 * h_j**2 * p / (1 - p)`. It ignores the
+  dropout of earlier layers, so it is a cheap feature for the head (one small
+  matmul), not an estimate on its own. The kernel is a non-trainable copy
+  taken when the head is added.
+
+  Inputs: `[h, y]`: h (batch, d) the output layer's input before dropout,
+  y (batch, k) the model's output. Output: (batch, 1) for "std" with k = 1
+  and "predicted_class_std", else (batch, k): estimated std.
+
+  Args:
+    rate: dropout rate before the output layer.
+    activation: "linear", "sigmoid" or "softmax".
+    statistic: "std", "predicted_class_std" or "per_class_std".
+    input_dim: d. units: k.
+    **kwargs: passed to `keras.layers.Layer`.
+  """
+
+  def __init__(self, rate, activation, statistic, input_dim, units,
+               **kwargs):
+    super().__init__(**kwargs)
+    if activation not in _OUTPUT_ACTIVATIONS:
+      raise validation.invalid("activation", f"one of {_OUTPUT_ACTIVATIONS}",
+                               activation)
+    self.rate = float(rate)
+    self.activation = activation
+    self.statistic = statistic
+    self.input_dim = int(input_dim)
+    self.units = int(units)
+    self.kernel = self.add_weight(name="kernel",
+                                  shape=(self.input_dim, self.units),
+                                  trainable=False, initializer="zeros")
+
+  def call(self, inputs):
+    h, y = inputs
+    h = _ops.cast(h, "float32")
+    y = _ops.cast(y, "float32")
+    noise = _ops.square(h) * (self.rate / (1.0 - self.rate))
+    w = _ops.cast(self.kernel, "float32")
+    if self.activation == "softmax":
+      if self.statistic == "predicted_class_std":
+        k = _ops.argmax(y, axis=-1)
+        onehot = _ops.one_hot(k, self.units, dtype="float32")
+        p_c = _ops.sum(y * onehot, axis=-1, keepdims=True)
+        g = p_c * (onehot - y)                             # (batch, k)
+        wg = _ops.matmul(g, _ops.transpose(w))             # (batch, d)
+        var = _ops.sum(_ops.square(wg) * noise, axis=-1, keepdims=True)
+      else:
+        eye = _ops.eye(self.units, dtype="float32")
+        jac = y[:, :, None] * (eye[None] - y[:, None, :])  # (batch, k, k)
+        wg = _ops.einsum("nck,dk->ncd", jac, w)
+        var = _ops.einsum("ncd,nd->nc", _ops.square(wg), noise)
+    else:
+      var = _ops.matmul(noise, _ops.square(w))            # (batch, k)
+      if self.activation == "sigmoid":
+        var = var * _ops.square(y * (1.0 - y))
+    return _ops.sqrt(_ops.relu(var))
+
+  def compute_output_shape(self, input_shape):
+    batch = input_shape[0][0]
+    if self.statistic == "predicted_class_std":
+      return (batch, 1)
+    return (batch, self.units)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"rate": self.rate, "activation": self.activation,
+                   "statistic": self.statistic, "input_dim": self.input_dim,
+                   "units": self.units})
+    return config

@@ -75,6 +75,31 @@ def _check_targets(targets, n, units):
   return t
 
 
+# Estimates are capped at this multiple of the largest fitted target.
+_MAX_VALUE_FACTOR = 1.5
+
+
+def _reset_dense_layers(layers, seed):
+  """Re-initialises the head's Dense layers, so refitting starts afresh."""
+  for i, layer in enumerate(layers):
+    if isinstance(layer, keras.layers.Dense):
+      init = keras.initializers.GlorotUniform(seed=seed + i)
+      layer.kernel.assign(init(layer.kernel.shape))
+      if layer.use_bias:
+        layer.bias.assign(np.zeros(layer.bias.shape, "float32"))
+
+
+def _fold_standardisation(dense, mean, std):
+  """Makes `dense` act on raw features as it was trained on standardised ones.
+
+  dense((x - mean) / std) = x @ (W / std[:, None]) + (b - (mean / std) @ W).
+  """
+  w = dense.kernel.numpy().astype("float64")
+  b = dense.bias.numpy().astype("float64")
+  dense.kernel.assign((w / std[:, None]).astype("float32"))
+  dense.bias.assign((b - (mean / std) @ w).astype("float32"))
+
+
 def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                        validation_split=0.1, learning_rate=1e-3, seed=0,
                        num_samples=None, patience=10, calibrate=True,
@@ -85,8 +110,9 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   split, unlabeled or perturbed inputs): on its own training inputs a model is
   overconfident and a head fitted there underestimates DPV on new data.
 
-  Side effects: updates only the head's weights (including its normalization
-  statistics and the output `eps`/`scale`) and its metadata; base weights and
+  Side effects: updates only the head's weights (with the feature
+  standardisation folded into its first layer, and the output `eps`, `scale`
+  and `max_value`) and its metadata; base weights and
   the dual model's compile state are unchanged. Deterministic for a `seed`.
 
   Args:
@@ -144,21 +170,33 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
               1e-6)
     out_layer.eps.assign(eps)
   out_layer.scale.assign(1.0)
+  out_layer.max_value.assign(_MAX_VALUE_FACTOR * float(t.max()) + 1e-12)
   raw = out_layer.to_raw(t).astype("float32")
   if units == 1:
     raw = raw[:, None]
-  norm = head.get_layer("head_norm")
-  norm.adapt(np.concatenate([f[train_idx] for f in feats], axis=1))
+  features = np.concatenate(feats, axis=1)
+  mean = features[train_idx].mean(axis=0)
+  std = features[train_idx].std(axis=0)
+  std = np.where(std > 1e-6, std, 1.0)
+  features = ((features - mean) / std).astype("float32")
+  trainable = [l for l in head.layers
+               if isinstance(l, (keras.layers.Dense, keras.layers.Dropout))]
+  first = trainable[0]
+  _reset_dense_layers(trainable, seed)
 
   def dataset(idx, shuffle):
-    ds = tf.data.Dataset.from_tensor_slices(
-        (tuple(f[idx] for f in feats), raw[idx]))
+    ds = tf.data.Dataset.from_tensor_slices((features[idx], raw[idx]))
     if shuffle:
       ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size)
 
-  # Train the layers below the output transform on transformed targets.
-  trainer = keras.Model(head.inputs, head.get_layer("head_out").output)
+  # Train the head's layers (below the output transform) on standardised
+  # features and transformed targets, then fold the standardisation in.
+  trainer_in = keras.Input((features.shape[1],), name="standardised_features")
+  z = trainer_in
+  for layer in trainable:
+    z = layer(z)
+  trainer = keras.Model(trainer_in, z)
   trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
   callbacks = []
   val_ds = None
@@ -169,6 +207,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   history = trainer.fit(dataset(train_idx, shuffle=True), validation_data=val_ds,
                      epochs=epochs, callbacks=callbacks, verbose=verbose)
 
+  _fold_standardisation(first, mean, std)
   if calibrate:
     idx = val_idx if n_val else train_idx
     est = np.asarray(head.predict([f[idx] for f in feats], verbose=0,
@@ -182,11 +221,12 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
       "num_train_examples": int(len(train_idx)),
       "output_eps": float(out_layer.eps.numpy()),
       "output_scale": float(out_layer.scale.numpy()),
+      "output_max_value": float(out_layer.max_value.numpy()),
   })
   return history
 
 
-def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=8000,
+def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
                          perturb_noise=0.5, perturb_swap=0.3, epochs=60,
                          batch_size=64, target_batch_size=256, progress=None,
                          **head_kwargs):

@@ -1,0 +1,101 @@
+"""Forward-time cost of the variation head, measured side by side.
+
+Prints, at batch 1 and 256, on a 3x256 ReLU MLP with dropout 0.3:
+  (a) dual model / base model forward time, for the default head (all layers,
+      per-neuron features) and for the per-layer-summary head
+      (goals: <= 1.25x and <= 1.10x);
+  (b) MC dropout with T=100 passes / dual model (goal: >= 50x).
+Every timed function is a compiled tf.function; repeats are interleaved and
+medians reported, since these machines are noisy.
+
+  python bench/dual_bench.py [--quick]
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from dropvar_tf._keras import keras, tf
+from dropvar_tf import heads
+from dropvar_tf import targets
+
+
+def base_model(num_features=64, width=256, depth=3, classes=10, rate=0.3):
+  inputs = keras.Input((num_features,), name="x")
+  h = inputs
+  for i in range(depth):
+    h = keras.layers.Dense(width, activation="relu", name=f"hidden_{i}")(h)
+    h = keras.layers.Dropout(rate, name=f"dropout_{i}")(h)
+  outputs = keras.layers.Dense(classes, activation="softmax", name="out")(h)
+  return keras.Model(inputs, outputs)
+
+
+def compiled(model):
+  fn = tf.function(lambda x: model(x, training=False), jit_compile=False)
+  return fn
+
+
+def mc_compiled(model, num_samples):
+  """T stochastic passes (seeded dropout masks) as one tiled batch."""
+  mc = targets.mc_dropout_model(model)
+
+  @tf.function
+  def fn(x):
+    tiled = tf.tile(x, [num_samples, 1])
+    p = mc(tiled, training=False)
+    p = tf.reshape(p, [num_samples, -1, p.shape[-1]])
+    return tf.math.reduce_std(p, axis=0)
+  return fn
+
+
+def time_interleaved(fns, x, repeats, inner):
+  """Returns {name: median seconds per call}, repeats interleaved."""
+  for fn in fns.values():
+    fn(x)  # trace and warm up
+  samples = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(inner):
+        out = fn(x)
+      tf.nest.map_structure(lambda t: t.numpy(), out)
+      samples[name].append((time.perf_counter() - start) / inner)
+  return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--num_samples", type=int, default=100)
+  args = parser.parse_args()
+  repeats, inner = (5, 20) if args.quick else (15, 50)
+  keras.utils.set_random_seed(0)
+  base = base_model()
+  variants = {
+      "head, all layers, neurons (default)": heads.add_variation_head(base),
+      "head, all layers, summary": heads.add_variation_head(
+          base, features="summary"),
+      "head, all layers, neurons, h32": heads.add_variation_head(base, hidden_units=(32,)),
+      "head + moment propagation": heads.add_variation_head(
+          base, include_moments=True),
+  }
+  print(f"base: 3x256 MLP; T={args.num_samples}; repeats={repeats}x{inner}")
+  for batch in (1, 256):
+    x = tf.constant(np.random.default_rng(0).normal(
+        size=(batch, 64)).astype("float32"))
+    fns = {"base": compiled(base)}
+    fns.update({name: compiled(m) for name, m in variants.items()})
+    fns["mc"] = mc_compiled(base, args.num_samples)
+    t = time_interleaved(fns, x, repeats, inner)
+    print(f"\nbatch {batch}: base {t['base'] * 1e3:.3f} ms")
+    for name in variants:
+      print(f"  (a) {name}: {t[name] * 1e3:.3f} ms = "
+            f"{t[name] / t['base']:.2f}x base")
+    default = next(iter(variants))
+    print(f"  (b) MC dropout T={args.num_samples}: {t['mc'] * 1e3:.3f} ms = "
+          f"{t['mc'] / t[default]:.1f}x the default dual model")
+
+
+if __name__ == "__main__":
+  main()
