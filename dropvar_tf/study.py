@@ -107,6 +107,8 @@ class StudyConfig:
     max_train: cap on training rows per task (None: all).
     max_test: cap on test rows per task (None: all).
     timing_rows: rows used to time one-pass and MC inference.
+    reference_samples: T of a second, less noisy scoring target on the test
+      split (0: none).
     seed: global seed (data split, models, perturbation, masks, heads).
     cache_dir: where base models, targets and result rows are cached (None:
       no cache).
@@ -128,6 +130,7 @@ class StudyConfig:
   max_train: int = None
   max_test: int = 10_000
   timing_rows: int = 1024
+  reference_samples: int = 1000
   seed: int = 0
   cache_dir: str = None
   label: str = "full"
@@ -145,7 +148,8 @@ def small_config(cache_dir=None, tasks=(DIGITS, CRITEO)):
       head_epochs=3, head_batch_size=64,
       base_epochs={MOVIELENS: 1, CRITEO: 1, DIGITS: 3, MNIST: 2},
       criteo_rows=1200, criteo_buckets=50, max_train=600, max_test=200,
-      timing_rows=128, cache_dir=cache_dir, label="small")
+      timing_rows=128, reference_samples=20, cache_dir=cache_dir,
+      label="small")
 
 
 def check_config(config):
@@ -368,6 +372,36 @@ def mc_targets(task, model, fit_x, split, rate, config, log=print):
   return out
 
 
+def reference_targets(task, model, split, rate, config, log=print):
+  """High-T MC DPV of the test split (seed + 3), cached; None when disabled.
+
+  T=100 targets carry sampling noise (the noise ceiling measures it); scores
+  against `reference_samples` passes tell how close an estimator is to the
+  DPV itself rather than to one noisy draw of it.
+  """
+  if not config.reference_samples:
+    return None
+  path = None
+  if config.cache_dir:
+    settings = dict(_target_settings(task, rate, config),
+                    reference_samples=config.reference_samples)
+    path = os.path.join(config.cache_dir,
+                        f"{task}_r{rate}_{_digest(settings)}_reference.npy")
+    if os.path.exists(path):
+      return np.load(path)
+  t0 = time.time()
+  ref = targets_lib.mc_dropout_targets(
+      model, split.x_test, num_samples=config.reference_samples,
+      seed=config.seed + 3, progress=False)
+  log(f"  reference MC targets (T={config.reference_samples}) in "
+      f"{time.time() - t0:.0f} s")
+  if path:
+    tmp = path + ".tmp.npy"
+    np.save(tmp, ref)
+    os.replace(tmp, path)
+  return ref
+
+
 # ---------------------------------------------------------------------------
 # Estimators.
 
@@ -540,11 +574,19 @@ def head_specs(model, sweep):
   return specs
 
 
-def _row(task, data, rate, estimator, group, scores, **extra):
+def _row(task, data, rate, estimator, group, estimate, t_test, ref,
+         **extra):
+  """A result row: the estimate scored against the test MC DPV (and ref)."""
   row = {"task": task, "data": data, "rate": rate, "estimator": estimator,
          "group": group, "head_params": None, "us_per_example": None,
          "layers": None}
-  row.update(scores)
+  if estimate is not None:
+    estimate = np.asarray(estimate, "float64")
+    row.update(metrics.fidelity(estimate, t_test))
+    if ref is not None:
+      row.update({"ref_" + k: v for k, v in
+                  metrics.fidelity(estimate, ref).items()})
+    row["estimate"] = estimate.tolist()
   row.update(extra)
   return row
 
@@ -565,6 +607,7 @@ def run_config(task, rate, config, split, data, log=print):
   fit_x = calibration_inputs(split, config)
   t = mc_targets(task, model, fit_x, split, rate, config, log)
   t_fit, t_test = t["fit"].astype("float64"), t["test"].astype("float64")
+  ref = reference_targets(task, model, split, rate, config, log)
   timing_x = common.take(split.x_test, np.arange(
       min(config.timing_rows, len(split.y_test))))
   mc_s = mc_seconds(model, timing_x, config.num_samples)
@@ -573,6 +616,10 @@ def run_config(task, rate, config, split, data, log=print):
   kind = split.info["kind"]
   rows = []
   layer_names = [l.name for l in heads.candidate_layers(model)]
+
+  def add(name, group, estimate, **extra):
+    rows.append(_row(task, data, rate, name, group, estimate, t_test, ref,
+                     **extra))
 
   for name, kwargs in head_specs(model, sweep):
     t0 = time.time()
@@ -583,55 +630,42 @@ def run_config(task, rate, config, split, data, log=print):
         dual, fit_x, t_fit, epochs=config.head_epochs,
         batch_size=config.head_batch_size, seed=seed,
         num_samples=config.num_samples)
-    est = np.asarray(dual.predict(split.x_test, batch_size=1024,
-                                  verbose=0)["variation"], "float64")
+    est = dual.predict(split.x_test, batch_size=1024, verbose=0)["variation"]
     meta = heads.variation_head_metadata(dual)
-    rows.append(_row(
-        task, data, rate, name, HEAD, metrics.fidelity(est, t_test),
+    add(name, HEAD, est,
         head_params=int(heads.variation_head(dual).count_params()),
         us_per_example=1e6 * one_pass_seconds(dual, timing_x),
         layers=meta["layers"], features=meta["features"],
         include_prediction=meta["include_prediction"],
         include_moments=meta["include_moments"],
-        fit_seconds=time.time() - t0))
-    if name == RECOMMENDED:
-      rows[-1]["estimate"] = est.tolist()
-    if name == SINGLE_PREFIX + layer_names[-1]:
-      rows.append(dict(rows[-1], estimator=LAST_LAYER + f" ({layer_names[-1]})"
-                       , duplicate_of=name))
+        fit_seconds=time.time() - t0)
     log(f"  {name}: Spearman {rows[-1]['spearman']:.3f}, "
         f"R2 {rows[-1]['r2']:.3f} ({time.time() - t0:.0f} s)")
+    if name == SINGLE_PREFIX + layer_names[-1]:
+      rows.append(dict(rows[-1], estimator=f"{LAST_LAYER} ({layer_names[-1]})",
+                       duplicate_of=name))
 
   est, params = prediction_head_estimate(model, fit_x, t_fit, split.x_test,
                                          config)
-  rows.append(_row(task, data, rate, PREDICTION_HEAD, BASELINE,
-                   metrics.fidelity(est, t_test), head_params=int(params)))
+  add(PREDICTION_HEAD, BASELINE, est, head_params=int(params))
   closed = closed_form_estimate(kind, model, split.x_test)
   if closed is not None:
-    rows.append(_row(task, data, rate, PREDICTION_CLOSED_FORM + (
-        ": p(1-p)" if kind == common.BINARY else ": 1 - max prob"), BASELINE,
-                     metrics.fidelity(closed, t_test), head_params=0))
+    add(PREDICTION_CLOSED_FORM + (": p(1-p)" if kind == common.BINARY
+                                  else ": 1 - max prob"), BASELINE, closed,
+        head_params=0)
   est, params = input_only_estimate(fit_x, t_fit, split.x_test, config)
-  rows.append(_row(task, data, rate, INPUT_ONLY, BASELINE,
-                   metrics.fidelity(est, t_test), head_params=int(params)))
+  add(INPUT_ONLY, BASELINE, est, head_params=int(params))
   try:
     mp_model = moments.moment_model(model)
-    est = np.asarray(mp_model.predict(split.x_test, batch_size=1024,
-                                      verbose=0), "float64")
-    rows.append(_row(task, data, rate, MOMENT_PROPAGATION, BASELINE,
-                     metrics.fidelity(est, t_test), head_params=0,
-                     us_per_example=1e6 * one_pass_seconds(mp_model,
-                                                           timing_x)))
   except ValueError as e:
-    rows.append(_row(task, data, rate, MOMENT_PROPAGATION, BASELINE,
-                     {"unsupported": str(e).split(". Received:")[-1]
-                      .strip()}))
-  rows.append(_row(task, data, rate, NOISE_CEILING, CEILING,
-                   metrics.fidelity(t["test2"], t_test),
-                   us_per_example=1e6 * mc_s))
-  for r in rows:
-    if r["group"] == BASELINE and r["estimator"] != MOMENT_PROPAGATION:
-      r["us_per_example"] = None
+    add(MOMENT_PROPAGATION, BASELINE, None,
+        unsupported=str(e).split("Received:")[-1].strip())
+  else:
+    add(MOMENT_PROPAGATION, BASELINE,
+        mp_model.predict(split.x_test, batch_size=1024, verbose=0),
+        head_params=0,
+        us_per_example=1e6 * one_pass_seconds(mp_model, timing_x))
+  add(NOISE_CEILING, CEILING, t["test2"], us_per_example=1e6 * mc_s)
   info = {
       "task": task, "data": data, "rate": rate, "kind": kind,
       "quality": quality, "base_train_seconds": base_seconds,
@@ -640,6 +674,8 @@ def run_config(task, rate, config, split, data, log=print):
       "mc_us_per_example": 1e6 * mc_s, "base_us_per_example": 1e6 * base_s,
       "num_samples": config.num_samples, "layers": layer_names,
       "test_targets": t_test.tolist(),
+      "reference_samples": config.reference_samples if ref is not None
+                           else None,
   }
   return rows, info
 
@@ -649,7 +685,8 @@ def _config_key(task, rate, config):
                   version=RESULTS_VERSION, head_epochs=config.head_epochs,
                   head_batch_size=config.head_batch_size,
                   sweep=rate in config.sweep_rates,
-                  timing_rows=config.timing_rows)
+                  timing_rows=config.timing_rows,
+                  reference_samples=config.reference_samples)
   return f"{task}_r{rate}_{_digest(settings)}_rows.json"
 
 
@@ -699,7 +736,10 @@ def run_study(config, output_dir, log=print):
           json.dump({"rows": rows, "info": info}, f)
         os.replace(cached + ".tmp", cached)
   results = {"config": dataclasses.asdict(config), "rows": all_rows,
-             "configs": infos, "checks": target_checks(all_rows),
+             "configs": infos,
+             "checks": target_checks(all_rows) + (
+                 target_checks(all_rows, against="ref")
+                 if config.reference_samples else []),
              "seconds": time.time() - t_start}
   results["paths"] = write_report(results, output_dir)
   return results
@@ -713,55 +753,57 @@ def _find(rows, task, rate, estimator):
   return None
 
 
-def target_checks(rows, rate=TARGET_RATE):
+def target_checks(rows, rate=TARGET_RATE, against="mc"):
   """Checks the issue's targets at `rate`; one dict per check.
 
-  Each check: task, check (text), value (measured), goal, passed (bool, or
-  None when a needed row is missing or not applicable).
+  Args:
+    rows: result rows.
+    rate: the dropout rate the targets are set at.
+    against: "mc" scores against the T-pass test targets (the metrics
+      "spearman", "r2"), "ref" against the high-T reference ("ref_spearman",
+      "ref_r2").
+
+  Returns:
+    A list of dicts: task, check (text), against, value (measured), goal,
+    passed (bool, or None when a needed row is missing or not applicable).
   """
+  pre = "" if against == "mc" else "ref_"
+  spearman, r2 = pre + "spearman", pre + "r2"
   checks = []
-  tasks = []
-  for r in rows:
-    if r["task"] not in tasks:
-      tasks.append(r["task"])
-  for task in tasks:
+
+  def check(task, text, value, goal, passed):
+    checks.append({"task": task, "check": text, "against": against,
+                   "value": value, "goal": goal, "passed": passed})
+
+  for task in _tasks_in(rows):
     rec = _find(rows, task, rate, RECOMMENDED)
-    if rec is None:
+    if rec is None or spearman not in rec:
       continue
     s_goal, r2_goal = TARGETS[task]
-    checks.append({"task": task, "check": "recommended head Spearman",
-                   "value": rec["spearman"], "goal": f">= {s_goal}",
-                   "passed": rec["spearman"] >= s_goal})
-    checks.append({"task": task, "check": "recommended head R2",
-                   "value": rec["r2"], "goal": f">= {r2_goal}",
-                   "passed": rec["r2"] >= r2_goal})
+    check(task, "recommended head Spearman", rec[spearman], f">= {s_goal}",
+          rec[spearman] >= s_goal)
+    check(task, "recommended head R2", rec[r2], f">= {r2_goal}",
+          rec[r2] >= r2_goal)
     all_layers = _find(rows, task, rate, ALL_LAYERS)
     singles = [r for r in rows if r["task"] == task and r["rate"] == rate and
                r["group"] == HEAD and r.get("layers") and
                len(r["layers"]) == 1 and r["features"] == "neurons" and
                not r["include_prediction"] and "duplicate_of" not in r]
     if all_layers and singles:
-      best = max(singles, key=lambda r: r["spearman"])
-      gap = all_layers["spearman"] - best["spearman"]
-      checks.append({
-          "task": task,
-          "check": f"all-layers minus best single layer ({best['layers'][0]})"
-                   " Spearman", "value": gap,
-          "goal": f"<= {SINGLE_LAYER_GAP}", "passed": gap <= SINGLE_LAYER_GAP})
+      best = max(singles, key=lambda r: r[spearman])
+      gap = all_layers[spearman] - best[spearman]
+      check(task, f"all layers minus best single layer ({best['layers'][0]}),"
+            " Spearman", gap, f"<= {SINGLE_LAYER_GAP}",
+            gap <= SINGLE_LAYER_GAP)
     for name in (PREDICTION_HEAD, MOMENT_PROPAGATION):
       base = _find(rows, task, rate, name)
-      if base is None or "spearman" not in base:
-        checks.append({"task": task, "check": f"recommended above {name}",
-                       "value": None, "goal": "n/a (not applicable)",
-                       "passed": None})
+      if base is None or spearman not in base:
+        check(task, f"recommended above {name}", None,
+              "n/a (baseline not applicable)", None)
         continue
-      ok = rec["spearman"] > base["spearman"] and rec["r2"] > base["r2"]
-      checks.append({
-          "task": task,
-          "check": f"recommended above {name} (Spearman / R2)",
-          "value": (rec["spearman"] - base["spearman"],
-                    rec["r2"] - base["r2"]),
-          "goal": "> 0 both", "passed": bool(ok)})
+      check(task, f"recommended above {name} (Spearman / R2 margin)",
+            (rec[spearman] - base[spearman], rec[r2] - base[r2]), "> 0 both",
+            bool(rec[spearman] > base[spearman] and rec[r2] > base[r2]))
   return checks
 
 
@@ -810,17 +852,22 @@ def _table(header, lines):
   return "\n".join(out)
 
 
-def fidelity_rows_table(rows):
+def fidelity_rows_table(rows, reference_samples=None):
   """Markdown table of result rows: one line per estimator."""
-  header = ["estimator", "data", "rate", *_REPORT_COLUMNS, "head params",
-            "µs/example"]
+  columns = list(_REPORT_COLUMNS)
+  header = ["estimator", "data", "rate", *_REPORT_COLUMNS]
+  if reference_samples:
+    columns += ["ref_spearman", "ref_r2"]
+    header += [f"spearman (T={reference_samples})",
+               f"r2 (T={reference_samples})"]
+  header += ["head params", "µs/example"]
   lines = []
   for r in rows:
     if "unsupported" in r:
-      cells = ["n/a"] * len(_REPORT_COLUMNS)
+      cells = ["n/a"] * len(columns)
       cells[0] = "unsupported: " + r["unsupported"]
     else:
-      cells = [_fmt(r.get(c)) for c in _REPORT_COLUMNS]
+      cells = [_fmt(r.get(c)) for c in columns]
     lines.append([r["estimator"], r["data"], r["rate"], *cells,
                   _fmt(r["head_params"]), _fmt(r["us_per_example"], 1)])
   return _table(header, lines)
@@ -828,11 +875,11 @@ def fidelity_rows_table(rows):
 
 def checks_table(checks):
   """Markdown table of `target_checks`."""
-  lines = [[c["task"], c["check"], _fmt(c["value"]), c["goal"],
+  lines = [[c["task"], c["check"], c["against"], _fmt(c["value"]), c["goal"],
             {True: "pass", False: "MISS", None: "n/a"}[c["passed"]]]
            for c in checks]
-  return _table(["task", "check (rate 0.3, test split)", "measured", "goal",
-                 "result"], lines)
+  return _table(["task", "check (test split)", "scored against", "measured",
+                 "goal", "result"], lines)
 
 
 def context_table(infos):
@@ -1001,9 +1048,11 @@ def write_report(results, output_dir, command=None):
   lines = [
       "# dropvar_tf study: one-pass DPV estimates against MC dropout",
       "",
-      f"Generated by `{command}` ({config['label']} mode) in "
-      f"{results['seconds'] / 60:.1f} min on a shared 2-core CPU machine. "
-      "See `docs/study.md` for how to run and read it.",
+      f"Generated by `{command}` ({config['label']} mode) on a shared 2-core "
+      "CPU machine; the configurations took "
+      f"{sum(i.get('seconds', 0.0) for i in results['configs']) / 60:.1f} "
+      "min of compute (stages reused from the cache count as 0). See "
+      "`docs/study.md` for how to run and read it.",
       "",
       f"Settings: T = {config['num_samples']} MC passes per target; heads "
       f"fitted on {config['num_perturbed']} perturbed training inputs "
@@ -1012,7 +1061,12 @@ def write_report(results, output_dir, command=None):
       f"{config['head_epochs']} head epochs, batch {config['head_batch_size']}"
       f"; seed {config['seed']}. Every number is on the test split against "
       "its own MC DPV (seed + 1); the noise ceiling is a second MC run "
-      "(seed + 2) scored the same way. DPV statistic: std of the output "
+      "(seed + 2) scored the same way. " + (
+          f"The T={config['reference_samples']} columns score the same "
+          "estimates against a less noisy reference MC run (seed + 3); there "
+          f"the noise-ceiling row shows how well a {config['num_samples']}-"
+          "pass MC run itself estimates DPV. " if config["reference_samples"]
+          else "") + "DPV statistic: std of the output "
       "(regression), of the click probability (binary), of the predicted "
       "class's probability (classes).",
       "",
@@ -1032,7 +1086,8 @@ def write_report(results, output_dir, command=None):
       layers = next((i["layers"] for i in results["configs"]
                      if i["task"] == task and i["rate"] == r), [])
       lines += [f"Dropout rate {r}; tapped candidate layers: "
-                f"{', '.join(layers)}.", "", fidelity_rows_table(part), ""]
+                f"{', '.join(layers)}.", "",
+                fidelity_rows_table(part, config["reference_samples"]), ""]
     if task in paths["scatter"]:
       lines += [f"![scatter {task}]({os.path.basename(paths['scatter'][task])})",
                 ""]

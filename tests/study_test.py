@@ -65,8 +65,10 @@ class StudySmallRunTest(tf.test.TestCase):
       for key in ("spearman", "pearson", "auc_top10", "auc_bottom10"):
         self.assertTrue(math.isfinite(r[key]), (r["estimator"], key))
         self.assertBetween(r[key], -1.0, 1.0)
-      self.assertTrue(math.isfinite(r["r2"]))
-      self.assertLessEqual(r["r2"], 1.0)
+      for key in ("r2", "ref_r2"):
+        self.assertTrue(math.isfinite(r[key]))
+        self.assertLessEqual(r[key], 1.0)
+      self.assertBetween(r["ref_spearman"], -1.0, 1.0)
       self.assertEqual(r["n"], 200)
       if r["group"] == study.HEAD:
         self.assertGreater(r["head_params"], 0)
@@ -89,8 +91,9 @@ class StudySmallRunTest(tf.test.TestCase):
     self.assertLen(table_lines, 2)
     for line in table_lines:
       cells = [c.strip() for c in line.strip("|").split("|")]
-      self.assertLen(cells, 11)
-      for cell in cells[3:9]:
+      # estimator, data, rate, 6 metrics, 2 T=20 reference metrics, cost.
+      self.assertLen(cells, 13)
+      for cell in cells[3:11]:
         self.assertBetween(float(cell), -1e6, 1.0)
     self.assertIn("| Criteo-like (synthetic), 600 train / 200 test |", text)
     self.assertIn("![scatter digits](scatter_digits.png)", text)
@@ -108,8 +111,9 @@ class StudySmallRunTest(tf.test.TestCase):
       names = [c["check"] for c in checks if c["task"] == task]
       self.assertIn("recommended head Spearman", names)
       self.assertIn("recommended head R2", names)
-      self.assertTrue(any(n.startswith("all-layers minus best single")
+      self.assertTrue(any(n.startswith("all layers minus best single")
                           for n in names))
+    self.assertEqual({c["against"] for c in checks}, {"mc", "ref"})
     for c in checks:
       self.assertIn(c["passed"], (True, False, None))
 
