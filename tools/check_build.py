@@ -48,6 +48,27 @@ HEADER = """\
 """
 
 
+# Files tests read besides Python modules (configs, docs they check).
+TEST_DATA = """\
+filegroup(
+    name = "test_data",
+    srcs = ["pytest.ini"] + glob(
+        [
+            "dropvar_tf/**",
+            "serving/**",
+            "export/**",
+            "docs/**",
+            "README.md",
+            "setup.py",
+        ],
+        exclude = [
+            "**/*.py",
+            "**/*.pyc",
+        ],
+    ),
+)"""
+
+
 def _rel(path, root):
   return os.path.relpath(path, root).replace(os.sep, "/")
 
@@ -85,7 +106,7 @@ def target_name(dotted):
   return dotted.replace(".", "_")
 
 
-def _imported_modules(path, dotted, known):
+def _imported_modules(path, dotted, known, strings_are_modules=False):
   """Known modules a file imports, relative imports resolved.
 
   `import a.b` and `from a import b` (b a module) name module a.b, not
@@ -109,6 +130,11 @@ def _imported_modules(path, dotted, known):
     return None
 
   for node in ast.walk(tree):
+    if (strings_are_modules and isinstance(node, ast.Constant) and
+        isinstance(node.value, str) and node.value in known):
+      # `python -m serving.server` run by a test in a subprocess.
+      found.add(node.value)
+      continue
     if isinstance(node, ast.Import):
       names = [alias.name for alias in node.names]
     elif isinstance(node, ast.ImportFrom):
@@ -131,12 +157,12 @@ def _imported_modules(path, dotted, known):
   return found
 
 
-def _deps(path, dotted, known, local=None):
+def _deps(path, dotted, known, local=None, strings_are_modules=False):
   """Target names of the known (and `local`) modules `path` imports."""
   everything = dict(known)
   everything.update(local or {})
-  return sorted({everything[m] for m in _imported_modules(path, dotted,
-                                                          everything)})
+  return sorted({everything[m] for m in _imported_modules(
+      path, dotted, everything, strings_are_modules)})
 
 
 def _fmt_list(name, items, indent="    "):
@@ -224,12 +250,12 @@ def generate(root):
     stem = os.path.basename(rel)[:-3]
     if stem in test_helpers:
       continue
-    local = {k: v for k, v in test_helpers.items()}
-    deps = _deps(os.path.join(root, rel), stem, known, local)
+    deps = _deps(os.path.join(root, rel), stem, known, test_helpers,
+                 strings_are_modules=True)
     rules.append(_rule("py_test", stem, [
         ("size", f'"{TEST_SIZES.get(stem, "medium")}"'),
         ("srcs", [rel, RUNNER]), ("main", f'"{RUNNER}"'),
-        ("args", [rel]), ("data", ["pytest.ini"]), ("deps", deps)]))
+        ("args", [rel]), ("data", [":test_data"]), ("deps", deps)]))
   for rel in _files(root, BENCH_DIR):
     stem = os.path.basename(rel)[:-3]
     deps = _deps(os.path.join(root, rel), stem, known)
@@ -249,7 +275,7 @@ def generate(root):
       ["    ]),", '    main = "tools/check_build.py",', ")"])
   body = "\n\n".join(rules + [check])
   return (HEADER + '\npackage(default_visibility = ["//visibility:public"])'
-          '\n\nexports_files(["pytest.ini"])\n\n' + body + "\n")
+          "\n\n" + TEST_DATA + "\n\n" + body + "\n")
 
 
 def main(argv=None):
