@@ -57,7 +57,6 @@ filegroup(
             "dropvar_tf/**",
             "serving/**",
             "export/**",
-            "docs/**",
             "README.md",
             "setup.py",
         ],
