@@ -5,9 +5,13 @@ import os
 import numpy as np
 
 from dropvar_tf import layers
+from dropvar_tf import targets
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
+_ERR_ACTIVATION = ("Invalid value received for argument `activation`. "
+                   "Expected one of ('linear', 'sigmoid', 'softmax'). "
+                   "Received: activation='relu'")
 _ERR_FEATURES = ("Invalid value received for argument `features`. Expected "
                  "one of ('neurons', 'summary'). Received: features='mean'")
 
@@ -163,6 +167,88 @@ class ActivationProbeTest(tf.test.TestCase):
     before, after = model.predict(x, verbose=0), loaded.predict(x, verbose=0)
     for key in ("out", "strength"):
       self.assertAllEqual(after[key], before[key])
+
+
+def _delta_reference(h, y, w, rate, activation, statistic):
+  """Numpy delta-method std of the output layer's dropout (float64)."""
+  h, y, w = (np.asarray(a, "float64") for a in (h, y, w))
+  noise = h**2 * rate / (1.0 - rate)
+  if activation in ("linear", "sigmoid"):
+    var = noise @ w**2
+    if activation == "sigmoid":
+      var *= (y * (1.0 - y))**2
+    return np.sqrt(var)
+  k = y.shape[1]
+  jac = y[:, :, None] * (np.eye(k)[None] - y[:, None, :])  # d y_c / d z_k
+  wg = np.einsum("nck,dk->ncd", jac, w)
+  per_class = np.sqrt(np.einsum("ncd,nd->nc", wg**2, noise))
+  if statistic == "per_class_std":
+    return per_class
+  c = y.argmax(-1)
+  return per_class[np.arange(len(y)), c][:, None]
+
+
+class OutputDropoutDeltaTest(tf.test.TestCase):
+
+  def _layer(self, activation, statistic, units, w):
+    layer = layers.OutputDropoutDelta(rate=0.25, activation=activation,
+                                      statistic=statistic,
+                                      input_dim=w.shape[0], units=units)
+    layer.build([(None, w.shape[0]), (None, units)])
+    layer.kernel.assign(w)
+    return layer
+
+  def test_matches_numpy_reference(self):
+    rng = np.random.default_rng(0)
+    h = np.abs(rng.normal(size=(6, 5))).astype("float32")
+    for activation, statistic, units in [
+        ("linear", "std", 1), ("sigmoid", "std", 1), ("linear", "std", 2),
+        ("softmax", "predicted_class_std", 3),
+        ("softmax", "per_class_std", 3)]:
+      with self.subTest(activation=activation, statistic=statistic):
+        w = rng.normal(size=(5, units)).astype("float32")
+        z = h @ w
+        y = {"linear": z, "sigmoid": 1 / (1 + np.exp(-z)),
+             "softmax": np.exp(z) / np.exp(z).sum(-1, keepdims=True)}[
+                 activation].astype("float32")
+        layer = self._layer(activation, statistic, units, w)
+        out = layer([h, y])
+        expected = _delta_reference(h, y, w, 0.25, activation, statistic)
+        self.assertEqual(tuple(out.shape), expected.shape)
+        self.assertAllClose(out, expected, rtol=1e-4, atol=1e-7)
+
+  def test_exact_for_linear_output_with_one_dropout(self):
+    # With dropout only before a linear output the output is linear in the
+    # masks, so the delta method is the exact DPV: compare with MC dropout.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    dropped = keras.layers.Dropout(0.25)(h)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(dropped))
+    x = np.random.default_rng(1).normal(size=(16, 4)).astype("float32")
+    hidden = keras.Model(inputs, h)(x)
+    layer = self._layer("linear", "std", 1,
+                        model.get_layer("out").kernel.numpy())
+    delta = np.asarray(layer([hidden, model(x)]))[:, 0]
+    mc = targets.mc_dropout_targets(model, x, num_samples=4000, seed=0,
+                                    progress=False)
+    # The std of a 4000-sample std estimate is about 1.1% of its value.
+    self.assertAllClose(mc, delta, rtol=0.06)
+
+  def test_config_and_errors(self):
+    layer = layers.OutputDropoutDelta(0.3, "sigmoid", "std", 4, 1, name="d")
+    config = layer.get_config()
+    self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
+                              "rate": 0.3, "activation": "sigmoid",
+                              "statistic": "std", "input_dim": 4,
+                              "units": 1})
+    clone = layers.OutputDropoutDelta.from_config(config)
+    self.assertEqual(clone.input_dim, 4)
+    self.assertEqual(keras.saving.get_registered_name(
+        layers.OutputDropoutDelta), "dropvar_tf>OutputDropoutDelta")
+    with self.assertRaises(ValueError) as cm:
+      layers.OutputDropoutDelta(0.3, "relu", "std", 4, 1)
+    self.assertEqual(str(cm.exception), _ERR_ACTIVATION)
 
 
 if __name__ == "__main__":
