@@ -17,7 +17,8 @@ def _perturb_float(values, strength, noise, rng):
   scale = np.where(scale > 0, scale, 1.0)
   s = strength.reshape((-1,) + (1,) * (values.ndim - 1))
   out = values + rng.normal(size=values.shape) * noise * scale * s
-  lo, hi = values.min(), values.max()
+  # Each feature stays within its own observed range (pixels in [0, 1]...).
+  lo, hi = values.min(axis=0), values.max(axis=0)
   return np.clip(out, lo, hi).astype(values.dtype)
 
 
@@ -54,6 +55,9 @@ def perturb_inputs(x, num, noise=0.3, swap=0.3, seed=0):
   rng = np.random.default_rng(seed)
   arrays = x if isinstance(x, dict) else {None: x}
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  if not arrays or any(v.ndim == 0 for v in arrays.values()):
+    raise validation.invalid("x", "an array or a dict of arrays with a "
+                             "leading example axis", x)
   lengths = {len(v) for v in arrays.values()}
   if len(lengths) != 1 or 0 in lengths:
     raise validation.invalid("x", "non-empty arrays of one common length",

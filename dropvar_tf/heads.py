@@ -209,7 +209,11 @@ def candidate_layers(model):
 
   Returns:
     A list of layers, possibly empty.
+
+  Raises:
+    ValueError: `model` is not a built Functional or Sequential model.
   """
+  validation.check_model(model, require_dropout=False)
   nodes = _graph_nodes(model)
   output_ops = {id(_source_layer(t)) for t in model.outputs}
   feeds_dropout = set()
@@ -413,6 +417,10 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
                              f"{len(model.outputs)} outputs")
   layers = _check_layers_arg(layers)
   probe_layers._check_features(features)  # pylint: disable=protected-access
+  if not isinstance(hidden_units, (list, tuple)):
+    raise validation.invalid("hidden_units",
+                             "a list or tuple of positive integers",
+                             hidden_units)
   hidden_units = [validation.check_int(u, "hidden_units", 1)
                   for u in hidden_units]
   units = _output_units(model)

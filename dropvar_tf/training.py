@@ -170,7 +170,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
               1e-6)
     out_layer.eps.assign(eps)
   out_layer.scale.assign(1.0)
-  out_layer.max_value.assign(_MAX_VALUE_FACTOR * float(t.max()) + 1e-12)
+  out_layer.max_value.assign(np.finfo("float32").max)
   raw = out_layer.to_raw(t).astype("float32")
   if units == 1:
     raw = raw[:, None]
@@ -215,6 +215,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     denom = float(np.sum(est * est))
     if denom > 0:
       out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
+  out_layer.max_value.assign(_MAX_VALUE_FACTOR * float(t.max()) + 1e-12)
   out_layer.metadata.update({
       "num_samples": None if num_samples is None else int(num_samples),
       "seed": int(seed),

@@ -52,7 +52,8 @@ _ERR_STATISTIC = (_PREFIX + "`statistic`. Expected one of ('auto', 'std', "
                   "statistic='var'")
 _ERR_HIDDEN_ZERO = (_PREFIX + "`hidden_units`. Expected an integer >= 1. "
                     "Received: hidden_units=0")
-_ERR_HIDDEN_PREFIX = _PREFIX + "`hidden_units`."
+_ERR_HIDDEN_TYPE = (_PREFIX + "`hidden_units`. Expected a list or tuple of "
+                    "positive integers. Received: hidden_units={}")
 _ERR_LAYERS_UNKNOWN = (
     _PREFIX + "`layers`. Expected names of layers of the model; candidates "
     "are ['dense_a', 'dense_b']. Received: layers=['nope']")
@@ -69,7 +70,6 @@ _ERR_STRIP_BASE = (_PREFIX + "`dual`. Expected a dual model made by "
                    "'mlp_softmax' without a variation head\"")
 _ERR_STRIP_NONE = (_PREFIX + "`dual`. Expected a dual model made by "
                    "`add_variation_head`. Received: dual=None")
-_ERR_CANDIDATES_PREFIX = _PREFIX + "`model`."
 _ERR_DELTA_NESTED = (
     _PREFIX + "`include_delta`. Expected a model whose output is a Dense "
     "layer right after a Dropout layer. Received: include_delta=\"the input "
@@ -381,8 +381,15 @@ class LayerSelectionTest(tf.test.TestCase):
         self.assertEqual(str(cm.exception), message)
 
   def test_candidate_layers_validates_model(self):
-    with self.assertRaisesRegex(ValueError, _ERR_CANDIDATES_PREFIX):
-      heads.candidate_layers(None)
+    for model, message in [(None, _ERR_MODEL_NONE),
+                           (tm.subclassed(), _ERR_SUBCLASSED)]:
+      with self.subTest(message=message):
+        with self.assertRaises(ValueError) as cm:
+          heads.candidate_layers(model)
+        self.assertEqual(str(cm.exception), message)
+    # Listing candidates needs no Dropout.
+    self.assertEqual([l.name for l in heads.candidate_layers(tm.no_dropout())],
+                     ["dense_a"])
 
 
 class InvalidArgumentsTest(tf.test.TestCase):
@@ -419,11 +426,11 @@ class InvalidArgumentsTest(tf.test.TestCase):
       with self.subTest(**kwargs):
         self._assert_error(message, model, **kwargs)
 
-  def test_hidden_units_not_a_sequence_raises_value_error(self):
-    for bad in (8, None):
+  def test_hidden_units_not_a_sequence(self):
+    for bad in (8, None, "8"):
       with self.subTest(hidden_units=bad):
-        with self.assertRaisesRegex(ValueError, _ERR_HIDDEN_PREFIX):
-          heads.add_variation_head(tm.mlp_softmax(), hidden_units=bad)
+        self._assert_error(_ERR_HIDDEN_TYPE.format(repr(bad)),
+                           tm.mlp_softmax(), hidden_units=bad)
 
   def test_input_model_unchanged_after_refusal(self):
     model = tm.mlp_softmax()
