@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -157,6 +158,34 @@ class FitTest(tf.test.TestCase):
       self.assertAllEqual(a, b)
     self.assertAllEqual(outs[0][1], outs[1][1])
     self.assertNotAllClose(outs[0][1], outs[2][1])
+
+  def test_refit_starts_afresh(self):
+    model = tm.regression()
+    x = tm.sample_inputs("regression", 48)
+    fresh = heads.add_variation_head(model, **_SMALL_HEAD)
+    training.fit_variation_head(fresh, x, _targets(48), epochs=2, seed=3)
+    refitted = heads.add_variation_head(model, **_SMALL_HEAD)
+    training.fit_variation_head(refitted, x, _targets(48, seed=9), epochs=2,
+                                seed=0)
+    training.fit_variation_head(refitted, x, _targets(48), epochs=2, seed=3)
+    for a, b in zip(_head_weights(fresh), _head_weights(refitted)):
+      self.assertAllEqual(a, b)
+
+  def test_fit_a_dual_loaded_from_keras_file(self):
+    model = tm.binary_bn()
+    x = tm.sample_inputs("binary_bn", 48)
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    path = os.path.join(tempfile.mkdtemp(dir=self.get_temp_dir()),
+                        "dual.keras")
+    dual.save(path)
+    loaded = keras.saving.load_model(path)
+    training.fit_variation_head(loaded, x, _targets(48), epochs=2, seed=1,
+                                num_samples=3)
+    training.fit_variation_head(dual, x, _targets(48), epochs=2, seed=1,
+                                num_samples=3)
+    self.assertAllClose(_eager(loaded, x)["variation"],
+                        _eager(dual, x)["variation"], rtol=1e-5, atol=1e-7)
+    self.assertEqual(heads.variation_head_metadata(loaded)["num_samples"], 3)
 
   def test_metadata_records_fit(self):
     dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
