@@ -76,7 +76,6 @@ def main():
       "head, all layers, neurons (default)": heads.add_variation_head(base),
       "head, all layers, summary": heads.add_variation_head(
           base, features="summary"),
-      "head, all layers, neurons, h32": heads.add_variation_head(base, hidden_units=(32,)),
       "head + moment propagation": heads.add_variation_head(
           base, include_moments=True),
   }

@@ -353,7 +353,7 @@ def _moment_features(model, include_moments, statistic):
 
 
 def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
-                       hidden_units=(64,), statistic=contract.STAT_AUTO,
+                       hidden_units=(16, 64), statistic=contract.STAT_AUTO,
                        include_prediction=True, include_delta="auto",
                        include_moments=False,
                        transform=LOG, l2=1e-4, head_dropout=0.0, seed=0,
@@ -375,7 +375,9 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
       "last" (the candidate closest to the output), or a list of layer names.
     features: "neurons" (per-neuron activations, default) or "summary"
       (mean, RMS and fraction active per layer).
-    hidden_units: widths of the head's hidden ReLU layers.
+    hidden_units: widths of the head's hidden ReLU layers. The default
+      (16, 64) starts narrow: the first layer, the only one as wide as the
+      features, stays cheap (about 10% of a 3x256 MLP's multiply-adds).
     statistic: the DPV statistic the head estimates (see `contract`):
       "auto", "std", "predicted_class_std" or "per_class_std".
     include_prediction: also feed features of the base prediction.
