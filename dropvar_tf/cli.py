@@ -137,9 +137,9 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
       "head_metadata": heads.variation_head_metadata(dual),
   }
   report_path = os.path.join(output_dir, "results.json")
+  paths["results"] = report_path
   with open(report_path, "w") as f:
     json.dump(results, f, indent=2, default=float)
-  paths["results"] = report_path
   log(f"\nPlots: {paths['scatter']}, {paths['deciles']}; "
       f"results: {report_path}")
   return results

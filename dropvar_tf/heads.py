@@ -202,7 +202,9 @@ def candidate_layers(model):
   A layer is a candidate when a Dropout layer reads its output, or when it
   applies a nonlinearity (a Dense or Conv layer with a non-linear activation,
   an Activation-type layer, or a nested model). Input, Dropout and output
-  layers are never candidates. Order is topological (input to output).
+  layers are never candidates, nor are shared layers (called more than once
+  in the model: they have no single output to tap). Order is topological
+  (input to output).
 
   Args:
     model: a built Functional or Sequential Keras model.
@@ -224,7 +226,7 @@ def candidate_layers(model):
   found = []
   for layer in model.layers:
     if (isinstance(layer, _SKIPPED) or id(layer) in output_ops or
-        id(layer) not in nodes):
+        len(nodes.get(id(layer), ())) != 1):
       continue
     activation = getattr(layer, "activation", None)
     nonlinear = activation is not None and activation not in (
@@ -363,7 +365,9 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
   Like `tfmot.quantization.keras.quantize_model`, it takes an existing model
   and returns a transformed one. Side effects: none on `model`. The dual model
   reuses `model`'s layers, so weights are shared (not copied): training the
-  base afterwards changes both. The dual model is not compiled; train its head
+  base afterwards changes both; the one exception is the output-delta
+  feature (`include_delta`), which keeps a copy of the output layer's kernel
+  taken now, so add the head after the base is trained. The dual model is not compiled; train its head
   with `fit_variation_head`, which leaves the base weights untouched. Nested
   sub-models are tapped as a whole (their inner layers are not reachable).
 

@@ -205,7 +205,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     callbacks.append(keras.callbacks.EarlyStopping(
         patience=patience, restore_best_weights=True))
   history = trainer.fit(dataset(train_idx, shuffle=True), validation_data=val_ds,
-                     epochs=epochs, callbacks=callbacks, verbose=verbose)
+                     epochs=epochs, callbacks=callbacks, verbose=verbose,
+                         shuffle=False)  # the dataset shuffles, seeded
 
   _fold_standardisation(first, mean, std)
   if calibrate:
