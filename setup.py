@@ -28,7 +28,7 @@ REQUIRED = [
 EXTRAS = {
     "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=15"],
     "data": ["pyarrow>=15"],
-    "beam": ["apache-beam>=2.60,<3", "pyarrow>=15"],
+    "beam": ["apache-beam[tfrecord]>=2.60,<3", "pyarrow>=15"],
 }
 
 setuptools.setup(
