@@ -354,7 +354,7 @@ def _moment_features(model, include_moments, statistic):
     raise
 
 
-def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
+def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                        hidden_units=(16, 64), statistic=contract.STAT_AUTO,
                        include_prediction=True, include_delta="auto",
                        include_moments=False,
@@ -377,8 +377,10 @@ def add_variation_head(model, layers="all", features=probe_layers.NEURONS,
       refused (they have no symbolic graph to tap).
     layers: "all" (every candidate hidden layer, see `candidate_layers`),
       "last" (the candidate closest to the output), or a list of layer names.
-    features: "neurons" (per-neuron activations, default) or "summary"
-      (mean, RMS and fraction active per layer).
+    features: "summary" (mean, RMS and fraction active per layer; default:
+      as good as or better than per-neuron features on every task measured,
+      steadier from fit to fit, and the cheapest) or "neurons" (per-neuron
+      activations).
     hidden_units: widths of the head's hidden ReLU layers. The default
       (16, 64) starts narrow: the first layer, the only one as wide as the
       features, stays cheap (about 10% of a 3x256 MLP's multiply-adds).

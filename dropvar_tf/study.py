@@ -10,8 +10,10 @@ digits and MNIST-5k classification) and each dropout rate, `run_study`:
    two independent MC target sets on the test split (the second one gives the
    noise ceiling);
 3. fits variation heads with several feature sets on the calibration targets
-   (all layers + prediction + moments = the library default, all layers,
-   each single layer, the last layer, per-layer summaries) and the baselines
+   (the library default: per-layer summaries + prediction + output-dropout
+   delta; the same with per-neuron features; and the per-neuron layer-subset
+   ablation: all layers, each single layer, the last layer; per-layer
+   summaries alone) and the baselines
    (a head on prediction features only, a closed form of the prediction, a
    small regressor on the raw inputs, moment propagation);
 4. scores every estimator against the test split's MC DPV
@@ -61,10 +63,11 @@ DROPOUT_RATES = (0.1, 0.3, 0.5)
 
 # Bumped when a change in this module changes result rows, so that cached rows
 # of an older version are not reused.
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 
 # Estimator names (one row each in the report).
-RECOMMENDED = "head: all layers + prediction (default)"
+RECOMMENDED = "head: summaries + prediction + output delta (default)"
+NEURONS_RECIPE = "head: neurons + prediction + output delta"
 ALL_LAYERS = "head: all layers"
 LAST_LAYER = "head: last layer"
 SUMMARY = "head: per-layer summaries"
@@ -118,7 +121,7 @@ class StudyConfig:
   dropout_rates: tuple = DROPOUT_RATES
   sweep_rates: tuple = (TARGET_RATE,)
   num_samples: int = 100
-  num_perturbed: int = 8000
+  num_perturbed: int = 16000
   perturb_noise: float = 0.5
   perturb_swap: float = 0.3
   head_epochs: int = 60
@@ -565,12 +568,15 @@ def head_specs(model, sweep):
   specs = [(RECOMMENDED, {})]
   if not sweep:
     return specs
-  plain = {"include_prediction": False, "include_moments": False}
+  # The layer-subset ablation uses per-neuron activations alone.
+  plain = {"include_prediction": False, "include_delta": False,
+           "include_moments": False, "features": "neurons"}
   specs.append((ALL_LAYERS, dict(plain, layers="all")))
   names = [l.name for l in heads.candidate_layers(model)]
   for name in names:
     specs.append((SINGLE_PREFIX + name, dict(plain, layers=[name])))
   specs.append((SUMMARY, dict(plain, layers="all", features="summary")))
+  specs.append((NEURONS_RECIPE, dict(features="neurons")))
   return specs
 
 

@@ -87,7 +87,7 @@ class StudySmallRunTest(tf.test.TestCase):
       text = f.read()
     self.assertIn("## Targets (dropout rate 0.3)", text)
     table_lines = [l for l in text.splitlines()
-                   if l.startswith("| head: all layers + prediction")]
+                   if l.startswith("| " + study.RECOMMENDED)]
     self.assertLen(table_lines, 2)
     for line in table_lines:
       cells = [c.strip() for c in line.strip("|").split("|")]
