@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 
 from dropvar_tf._keras import keras
+from dropvar_tf._keras import tf
 from dropvar_tf import contract
 from dropvar_tf import layers as probe_layers
 from dropvar_tf import validation
@@ -49,12 +50,14 @@ class PredictionFeatures(keras.layers.Layer):
   """
 
   def call(self, inputs):
-    y = _ops.cast(inputs, self.compute_dtype)
+    y = inputs
+    if y.dtype != self.compute_dtype:
+      y = _ops.cast(y, self.compute_dtype)
     if len(y.shape) == 1:
       y = _ops.expand_dims(y, -1)
     if y.shape[-1] == 1:
       return _ops.concatenate([y, _ops.square(y)], axis=-1)
-    ranked = _ops.flip(_ops.sort(y, axis=-1), axis=-1)
+    ranked = tf.math.top_k(y, k=y.shape[-1]).values  # one op: sorted, desc
     margin = ranked[:, :1] - ranked[:, 1:2]
     p = _ops.clip(y, 1e-7, 1.0)
     entropy = -_ops.sum(p * _ops.log(p), axis=-1, keepdims=True)
@@ -130,9 +133,12 @@ class VariationOutput(keras.layers.Layer):
         initializer=keras.initializers.Constant(3.4e38))
 
   def call(self, inputs):
-    z = _ops.cast(inputs, "float32")
+    z = inputs
+    if z.dtype != "float32":
+      z = _ops.cast(z, "float32")
     if self.transform == LOG:
-      v = _ops.exp(_ops.minimum(z, 30.0)) - self.eps
+      # exp may overflow to inf: the cap below turns it into max_value.
+      v = _ops.exp(z) - self.eps
     else:
       v = z
     v = _ops.minimum(self.scale * _ops.relu(v), self.max_value)

@@ -13,6 +13,7 @@ pass and turns them into features for the variation head:
 """
 
 from dropvar_tf._keras import keras
+from dropvar_tf._keras import tf
 from dropvar_tf import validation
 
 NEURONS = "neurons"
@@ -51,7 +52,11 @@ class ActivationStrength(keras.layers.Layer):
     self.features = _check_features(features)
 
   def call(self, inputs):
-    x = _ops.cast(inputs, self.compute_dtype)
+    # Every op here runs on each served request: keep them few (no cast or
+    # reshape when the input is already float and of rank 2).
+    x = inputs
+    if x.dtype != self.compute_dtype:
+      x = _ops.cast(x, self.compute_dtype)
     rank = len(x.shape)
     if rank < 2:
       x = _ops.expand_dims(x, -1)
@@ -59,7 +64,7 @@ class ActivationStrength(keras.layers.Layer):
       if rank > 2:
         return _ops.mean(x, axis=tuple(range(1, rank - 1)))
       return x
-    flat = _ops.reshape(x, (_ops.shape(x)[0], -1))
+    flat = x if rank <= 2 else _ops.reshape(x, (_ops.shape(x)[0], -1))
     mean = _ops.mean(flat, axis=-1, keepdims=True)
     rms = _ops.sqrt(_ops.mean(_ops.square(flat), axis=-1, keepdims=True))
     active = _ops.mean(_ops.cast(flat > 0, self.compute_dtype), axis=-1,
@@ -147,17 +152,17 @@ class OutputDropoutDelta(keras.layers.Layer):
 
   def call(self, inputs):
     h, y = inputs
-    h = _ops.cast(h, "float32")
-    y = _ops.cast(y, "float32")
+    h = tf.cast(h, "float32")
+    y = tf.cast(y, "float32")
     noise = _ops.square(h) * (self.rate / (1.0 - self.rate))
-    w = _ops.cast(self.kernel, "float32")
+    w = self.kernel
     if self.activation == "softmax":
       if self.statistic == "predicted_class_std":
-        k = _ops.argmax(y, axis=-1)
-        onehot = _ops.one_hot(k, self.units, dtype="float32")
-        p_c = _ops.sum(y * onehot, axis=-1, keepdims=True)
+        # tf ops, not keras.ops: keras' argmax adds six ops per call.
+        onehot = tf.one_hot(tf.math.argmax(y, axis=-1), self.units)
+        p_c = tf.reduce_max(y, axis=-1, keepdims=True)
         g = p_c * (onehot - y)                             # (batch, k)
-        wg = _ops.matmul(g, _ops.transpose(w))             # (batch, d)
+        wg = tf.matmul(g, w, transpose_b=True)             # (batch, d)
         var = _ops.sum(_ops.square(wg) * noise, axis=-1, keepdims=True)
       else:
         eye = _ops.eye(self.units, dtype="float32")
@@ -168,7 +173,7 @@ class OutputDropoutDelta(keras.layers.Layer):
       var = _ops.matmul(noise, _ops.square(w))            # (batch, k)
       if self.activation == "sigmoid":
         var = var * _ops.square(y * (1.0 - y))
-    return _ops.sqrt(_ops.relu(var))
+    return _ops.sqrt(var)  # var is a sum of non-negative terms
 
   def compute_output_shape(self, input_shape):
     batch = input_shape[0][0]

@@ -343,7 +343,8 @@ class LayerSelectionTest(tf.test.TestCase):
 
   def test_probe_sees_the_tapped_layer_output(self):
     model = tm.cnn()
-    dual = heads.add_variation_head(model, layers=["conv"], **_SMALL_HEAD)
+    dual = heads.add_variation_head(model, layers=["conv"], features="neurons",
+                                    **_SMALL_HEAD)
     x = tm.sample_inputs("cnn", 6)
     probe = keras.Model(dual.input,
                         dual.get_layer(heads.PROBE_PREFIX + "conv").output)
@@ -353,7 +354,7 @@ class LayerSelectionTest(tf.test.TestCase):
 
   def test_nested_model_is_tapped_as_a_whole(self):
     dual = heads.add_variation_head(tm.nested(), layers="last",
-                                    **_SMALL_HEAD)
+                                    features="neurons", **_SMALL_HEAD)
     self.assertEqual(heads.variation_head_metadata(dual)["layers"], ["block"])
     self.assertEqual(
         tuple(dual.get_layer(heads.PROBE_PREFIX + "block").output.shape),

@@ -279,7 +279,8 @@ class FitTest(tf.test.TestCase):
     self.assertTrue(np.all(variation >= 0))
 
   def test_head_features(self):
-    dual = heads.add_variation_head(tm.mlp_softmax(), **_SMALL_HEAD)
+    dual = heads.add_variation_head(tm.mlp_softmax(), features="neurons",
+                                    **_SMALL_HEAD)
     x = tm.sample_inputs("softmax", 10)
     feats = training.head_features(dual, x, batch_size=4)
     # Probes of dense_a (16) and dense_b (12), then the prediction's
