@@ -2,9 +2,11 @@
 
 Prints, at batch 1 and 256, on a 3x256 ReLU MLP with dropout 0.3:
   (a) dual model / base model forward time, for the default head (all layers,
-      per-neuron features) and for the per-layer-summary head
-      (goals: <= 1.25x and <= 1.10x);
-  (b) MC dropout with T=100 passes / dual model (goal: >= 50x).
+      per-layer summaries), the per-neuron head and the head with moment
+      propagation (goals: <= 1.25x with the all-layers per-neuron head,
+      <= 1.10x with the summary head), in graph mode and with XLA;
+  (b) MC dropout with T=100 passes / dual model (goal: >= 50x), with the T
+      passes as one tiled batch and as T calls in one tf.function.
 Every timed function is a compiled tf.function; repeats are interleaved and
 medians reported, since these machines are noisy.
 
@@ -31,22 +33,25 @@ def base_model(num_features=64, width=256, depth=3, classes=10, rate=0.3):
   return keras.Model(inputs, outputs)
 
 
-def compiled(model):
-  fn = tf.function(lambda x: model(x, training=False), jit_compile=False)
-  return fn
+def compiled(model, xla=False):
+  return tf.function(lambda x: model(x, training=False), jit_compile=xla)
 
 
-def mc_compiled(model, num_samples):
-  """T stochastic passes (seeded dropout masks) as one tiled batch."""
+def mc_compiled(model, num_samples, tiled=True):
+  """T stochastic passes (seeded dropout masks): one tiled batch, or T calls."""
   mc = targets.mc_dropout_model(model)
 
   @tf.function
-  def fn(x):
-    tiled = tf.tile(x, [num_samples, 1])
-    p = mc(tiled, training=False)
+  def tiled_fn(x):
+    p = mc(tf.tile(x, [num_samples, 1]), training=False)
     p = tf.reshape(p, [num_samples, -1, p.shape[-1]])
     return tf.math.reduce_std(p, axis=0)
-  return fn
+
+  @tf.function
+  def looped_fn(x):
+    p = tf.stack([mc(x, training=False) for _ in range(num_samples)])
+    return tf.math.reduce_std(p, axis=0)
+  return tiled_fn if tiled else looped_fn
 
 
 def time_interleaved(fns, x, repeats, inner):
@@ -73,9 +78,9 @@ def main():
   keras.utils.set_random_seed(0)
   base = base_model()
   variants = {
-      "head, all layers, neurons (default)": heads.add_variation_head(base),
-      "head, all layers, summary": heads.add_variation_head(
-          base, features="summary"),
+      "head, all layers, summary (default)": heads.add_variation_head(base),
+      "head, all layers, neurons": heads.add_variation_head(
+          base, features="neurons"),
       "head + moment propagation": heads.add_variation_head(
           base, include_moments=True),
   }
@@ -83,17 +88,25 @@ def main():
   for batch in (1, 256):
     x = tf.constant(np.random.default_rng(0).normal(
         size=(batch, 64)).astype("float32"))
+    default = next(iter(variants))
     fns = {"base": compiled(base)}
     fns.update({name: compiled(m) for name, m in variants.items()})
-    fns["mc"] = mc_compiled(base, args.num_samples)
+    fns["base, XLA"] = compiled(base, xla=True)
+    fns["default, XLA"] = compiled(variants[default], xla=True)
+    fns["mc tiled"] = mc_compiled(base, args.num_samples)
+    fns["mc looped"] = mc_compiled(base, args.num_samples, tiled=False)
     t = time_interleaved(fns, x, repeats, inner)
     print(f"\nbatch {batch}: base {t['base'] * 1e3:.3f} ms")
     for name in variants:
       print(f"  (a) {name}: {t[name] * 1e3:.3f} ms = "
             f"{t[name] / t['base']:.2f}x base")
-    default = next(iter(variants))
-    print(f"  (b) MC dropout T={args.num_samples}: {t['mc'] * 1e3:.3f} ms = "
-          f"{t['mc'] / t[default]:.1f}x the default dual model")
+    print(f"  (a) XLA: default dual {t['default, XLA'] * 1e3:.3f} ms / base "
+          f"{t['base, XLA'] * 1e3:.3f} ms = "
+          f"{t['default, XLA'] / t['base, XLA']:.2f}x")
+    for kind in ("tiled", "looped"):
+      mc = t[f"mc {kind}"]
+      print(f"  (b) MC dropout T={args.num_samples}, {kind}: "
+            f"{mc * 1e3:.3f} ms = {mc / t[default]:.1f}x the default dual")
 
 
 if __name__ == "__main__":
