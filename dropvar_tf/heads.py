@@ -297,16 +297,6 @@ def _output_units(model):
   return 1 if len(shape) < 2 else int(shape[-1])
 
 
-def _resolve_statistic(statistic, units):
-  if statistic not in contract.STATISTICS:
-    raise validation.invalid("statistic", f"one of {contract.STATISTICS}",
-                             statistic)
-  if statistic == contract.STAT_AUTO:
-    return (contract.STAT_STD if units == 1
-            else contract.STAT_PREDICTED_CLASS_STD)
-  return statistic
-
-
 def _statistic_units(statistic, units):
   if statistic == contract.STAT_PREDICTED_CLASS_STD:
     return 1
@@ -438,7 +428,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   hidden_units = [validation.check_int(u, "hidden_units", 1)
                   for u in hidden_units]
   units = _output_units(model)
-  statistic = _resolve_statistic(statistic, units)
+  statistic = validation.resolve_statistic(statistic, units)
   taps = _resolve_taps(model, layers)
 
   prediction = model.outputs[0]

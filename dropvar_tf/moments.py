@@ -902,16 +902,6 @@ class _GraphWalker:
         keras.tree.flatten(inputs), call_fn=self.call)
 
 
-def _resolve_statistic(statistic, units):
-  if statistic not in contract.STATISTICS:
-    raise validation.invalid("statistic", f"one of {contract.STATISTICS}",
-                             statistic)
-  if statistic == contract.STAT_AUTO:
-    return contract.STAT_STD if units == 1 else (
-        contract.STAT_PREDICTED_CLASS_STD)
-  return statistic
-
-
 def moment_model(model, statistic="auto"):
   """Builds a Keras model that estimates DPV analytically in one pass.
 
@@ -960,7 +950,7 @@ def moment_model(model, statistic="auto"):
     raise validation.invalid(
         "model", "a model with one output of shape (batch, k)",
         f"outputs of shapes {[tuple(o.shape) for o in outputs]}")
-  statistic = _resolve_statistic(statistic, outputs[0].shape[-1])
+  statistic = validation.resolve_statistic(statistic, outputs[0].shape[-1])
   if isinstance(model, keras.Sequential):
     structure = model.inputs[0]
   else:

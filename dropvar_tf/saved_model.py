@@ -208,13 +208,6 @@ def _check_warmup(warmup_examples, specs):
 # MC-dropout signature.
 
 
-def _resolve_statistic(statistic, units):
-  if statistic == contract.STAT_AUTO:
-    return (contract.STAT_STD if units == 1
-            else contract.STAT_PREDICTED_CLASS_STD)
-  return statistic
-
-
 def _mc_statistic(samples, deterministic, statistic):
   """DPV of `samples` (T, N, ...) as the head's statistic defines it.
 
@@ -574,7 +567,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
           "mc_num_samples", "None for a model without Dropout layers "
           "before its prediction", mc_num_samples)
     units = int(np.prod(prediction.shape[1:])) if prediction.shape[1:] else 1
-    statistic = _resolve_statistic(
+    statistic = validation.resolve_statistic(
         head_metadata.get("statistic", contract.STAT_AUTO), units)
     variation_shape = [int(d) for d in
                        dual.output[contract.VARIATION_KEY].shape[1:]]

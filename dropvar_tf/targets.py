@@ -685,17 +685,13 @@ def _check_common(model, num_samples, seed, batch_size, statistic):
   if seed > _U32:
     raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
-  if not isinstance(statistic, str) or statistic not in contract.STATISTICS:
-    raise validation.invalid("statistic", f"one of {contract.STATISTICS}",
-                             statistic)
+  validation.resolve_statistic(statistic, 1)  # validate before the model
   out_shape = tuple(model.outputs[0].shape[1:])
   if any(d is None for d in out_shape):
     raise validation.invalid("model", "a model with a static output shape",
                              f"output shape {model.outputs[0].shape}")
   units = int(np.prod(out_shape, dtype=np.int64))
-  if statistic == contract.STAT_AUTO:
-    statistic = (contract.STAT_STD if units == 1 else
-                 contract.STAT_PREDICTED_CLASS_STD)
+  statistic = validation.resolve_statistic(statistic, units)
   return num_samples, seed, batch_size, statistic, out_shape
 
 

@@ -6,6 +6,7 @@ Received: num_samples=1".
 """
 
 from dropvar_tf._keras import keras
+from dropvar_tf import contract
 
 try:
   from keras.src.models.functional import Functional as _Functional
@@ -105,3 +106,26 @@ def check_int(value, arg, minimum):
   if value < minimum:
     raise invalid(arg, f"an integer >= {minimum}", value)
   return value
+
+
+def resolve_statistic(statistic, units):
+  """Validates a DPV statistic name and resolves "auto".
+
+  Args:
+    statistic: one of `contract.STATISTICS`.
+    units: number of output units of the model (product of the output shape
+      after the batch axis).
+
+  Returns:
+    The concrete statistic: "auto" becomes "std" for one output unit and
+    "predicted_class_std" otherwise.
+
+  Raises:
+    ValueError: unknown statistic.
+  """
+  if not isinstance(statistic, str) or statistic not in contract.STATISTICS:
+    raise invalid("statistic", f"one of {contract.STATISTICS}", statistic)
+  if statistic == contract.STAT_AUTO:
+    return (contract.STAT_STD if units == 1
+            else contract.STAT_PREDICTED_CLASS_STD)
+  return statistic

@@ -283,9 +283,7 @@ def resolve_statistic(model, statistic):
                              f"{len(model.outputs)} outputs")
   out_shape = tuple(model.outputs[0].shape[1:])
   units = int(np.prod(out_shape, dtype=np.int64))
-  if statistic == contract.STAT_AUTO:
-    statistic = (contract.STAT_STD if units == 1 else
-                 contract.STAT_PREDICTED_CLASS_STD)
+  statistic = validation.resolve_statistic(statistic, units)
   if statistic == contract.STAT_PREDICTED_CLASS_STD or units == 1:
     return statistic, []
   return statistic, [int(d) for d in out_shape]
