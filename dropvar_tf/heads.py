@@ -276,13 +276,6 @@ def _resolve_taps(model, layers):
   return tapped
 
 
-def model_input(model):
-  """Returns `model`'s symbolic input structure (Sequential models included)."""
-  if isinstance(model, keras.Sequential):
-    return model.inputs[0]
-  return model.input
-
-
 def has_variation_head(model):
   """True when `model` is a dual model made by `add_variation_head`."""
   try:
@@ -446,7 +439,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   moment_net = _moment_features(model, include_moments, statistic)
   if moment_net is not None:
     head_inputs.append(
-        LogFeature(name=MOMENTS_NAME)(moment_net(model_input(model))))
+        LogFeature(name=MOMENTS_NAME)(moment_net(validation.model_input(model))))
 
   metadata = {
       "dropvar_tf_version": __version__,
@@ -467,7 +460,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                      head_dropout, seed, metadata)
   variation = head(head_inputs)
   return keras.Model(
-      inputs=model_input(model),
+      inputs=validation.model_input(model),
       outputs={contract.PREDICTION_KEY: prediction,
                contract.VARIATION_KEY: variation},
       name=name or f"{model.name}_dual")

@@ -951,10 +951,7 @@ def moment_model(model, statistic="auto"):
         "model", "a model with one output of shape (batch, k)",
         f"outputs of shapes {[tuple(o.shape) for o in outputs]}")
   statistic = validation.resolve_statistic(statistic, outputs[0].shape[-1])
-  if isinstance(model, keras.Sequential):
-    structure = model.inputs[0]
-  else:
-    structure = model.input
+  structure = validation.model_input(model)
   inputs = keras.tree.map_structure(
       lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name),
       structure)

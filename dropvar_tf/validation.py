@@ -38,6 +38,17 @@ def is_graph_model(model):
   return hasattr(model, "_run_through_graph")  # pragma: no cover
 
 
+def model_input(model):
+  """Returns `model`'s symbolic input structure (Sequential models included).
+
+  A Sequential model never called on a tensor has no `input` attribute; its
+  graph input is `model.inputs[0]`.
+  """
+  if isinstance(model, keras.Sequential):
+    return model.inputs[0]
+  return model.input
+
+
 def iter_layers(model):
   """Yields every layer of `model`, descending into nested models."""
   for layer in model.layers:

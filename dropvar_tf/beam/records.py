@@ -40,7 +40,6 @@ import tempfile
 import numpy as np
 
 from dropvar_tf import validation
-from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 KEY_FEATURE = "key"
@@ -103,9 +102,7 @@ def check_format(fmt, allowed, arg="output_format"):
 
 def _tensor_entries(model):
   """[(name, keras tensor)] and the structure kind of `model`'s inputs."""
-  # A Sequential model that was never called has no `input` attribute.
-  struct = model.inputs[0] if isinstance(model, keras.Sequential) else (
-      model.input)
+  struct = validation.model_input(model)
   if isinstance(struct, dict):
     return list(struct.items()), "dict"
   if isinstance(struct, (list, tuple)):
