@@ -7,9 +7,12 @@ pass and turns them into features for the variation head:
   are kept as they are; feature maps of higher rank (batch, ..., channels) are
   averaged over their spatial axes, one strength per channel, so a conv layer
   gives as many features as it has filters.
-- "summary": three numbers per layer: mean activation, root-mean-square
-  (the L2 norm divided by sqrt(units), so widths compare), and the fraction of
-  active (> 0) neurons.
+- "summary": three numbers per layer: the mean activation, the L2 norm and
+  the fraction of active (> 0) neurons.
+
+Probes run on every served request, so each is written in as few TF ops as
+possible (3-4 per summary, none for rank-2 "neurons"): `bench/dual_bench.py`
+measures what they cost.
 """
 
 from dropvar_tf._keras import keras
@@ -39,6 +42,9 @@ class ActivationStrength(keras.layers.Layer):
 
   Args:
     features: "neurons" or "summary" (see the module docstring).
+    nonnegative: promise that the input is never negative (a ReLU output):
+      the fraction active is then `mean(sign(x))`, one op fewer. With a
+      negative input the promise is broken and that feature is wrong.
     **kwargs: passed to `keras.layers.Layer`.
 
   Example:
@@ -47,9 +53,10 @@ class ActivationStrength(keras.layers.Layer):
   TensorShape([2, 3])
   """
 
-  def __init__(self, features=NEURONS, **kwargs):
+  def __init__(self, features=NEURONS, nonnegative=False, **kwargs):
     super().__init__(**kwargs)
     self.features = _check_features(features)
+    self.nonnegative = bool(nonnegative)
 
   def call(self, inputs):
     # Every op here runs on each served request: keep them few (no cast or
@@ -64,12 +71,15 @@ class ActivationStrength(keras.layers.Layer):
       if rank > 2:
         return _ops.mean(x, axis=tuple(range(1, rank - 1)))
       return x
-    flat = x if rank <= 2 else _ops.reshape(x, (_ops.shape(x)[0], -1))
-    mean = _ops.mean(flat, axis=-1, keepdims=True)
-    rms = _ops.sqrt(_ops.mean(_ops.square(flat), axis=-1, keepdims=True))
-    active = _ops.mean(_ops.cast(flat > 0, self.compute_dtype), axis=-1,
-                       keepdims=True)
-    return _ops.concatenate([mean, rms, active], axis=-1)
+    # Reductions over all non-batch axes, so feature maps need no reshape.
+    axes = tuple(range(1, max(rank, 2)))
+    mean = tf.reduce_mean(x, axis=axes)
+    # Not tf.math.reduce_euclidean_norm: XLA has no kernel for it (_l2_norm).
+    norm = tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes))
+    # sign() is ~5x faster than a bool compare + cast on CPU (measured).
+    positive = x if self.nonnegative else tf.nn.relu(x)
+    active = tf.reduce_mean(tf.math.sign(positive), axis=axes)
+    return tf.stack([mean, norm, active], axis=-1)
 
   def compute_output_shape(self, input_shape):
     if self.features == SUMMARY:
@@ -80,7 +90,8 @@ class ActivationStrength(keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update({"features": self.features})
+    config.update({"features": self.features,
+                   "nonnegative": self.nonnegative})
     return config
 
 
@@ -108,6 +119,12 @@ class ActivationProbe(ActivationStrength):
 
 
 _OUTPUT_ACTIVATIONS = ("linear", "sigmoid", "softmax")
+
+
+def _l2_norm(x):
+  """L2 norm over the last axis, kept. Not tf.math.reduce_euclidean_norm:
+  XLA has no kernel for it, and Keras compiles with XLA on GPUs."""
+  return tf.sqrt(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True))
 
 
 @keras.saving.register_keras_serializable(package="dropvar_tf")
@@ -154,7 +171,9 @@ class OutputDropoutDelta(keras.layers.Layer):
     h, y = inputs
     h = tf.cast(h, "float32")
     y = tf.cast(y, "float32")
-    noise = _ops.square(h) * (self.rate / (1.0 - self.rate))
+    # std = sqrt(p / (1 - p)) * ||(kernel @ g) * h||: the square root of
+    # the noise factor is applied last, to a (batch, 1) or (batch, k) tensor.
+    c = (self.rate / (1.0 - self.rate)) ** 0.5
     w = self.kernel
     if self.activation == "softmax":
       if self.statistic == "predicted_class_std":
@@ -163,17 +182,19 @@ class OutputDropoutDelta(keras.layers.Layer):
         p_c = tf.reduce_max(y, axis=-1, keepdims=True)
         g = p_c * (onehot - y)                             # (batch, k)
         wg = tf.matmul(g, w, transpose_b=True)             # (batch, d)
-        var = _ops.sum(_ops.square(wg) * noise, axis=-1, keepdims=True)
-      else:
-        eye = _ops.eye(self.units, dtype="float32")
-        jac = y[:, :, None] * (eye[None] - y[:, None, :])  # (batch, k, k)
-        wg = _ops.einsum("nck,dk->ncd", jac, w)
-        var = _ops.einsum("ncd,nd->nc", _ops.square(wg), noise)
+        return _l2_norm(wg * h) * c
+      noise = tf.square(h) * (c * c)
+      eye = _ops.eye(self.units, dtype="float32")
+      jac = y[:, :, None] * (eye[None] - y[:, None, :])    # (batch, k, k)
+      wg = _ops.einsum("nck,dk->ncd", jac, w)
+      return tf.sqrt(_ops.einsum("ncd,nd->nc", _ops.square(wg), noise))
+    if self.units == 1:
+      std = _l2_norm(h * w[:, 0])
     else:
-      var = _ops.matmul(noise, _ops.square(w))            # (batch, k)
-      if self.activation == "sigmoid":
-        var = var * _ops.square(y * (1.0 - y))
-    return _ops.sqrt(var)  # var is a sum of non-negative terms
+      std = tf.sqrt(tf.matmul(tf.square(h), tf.square(w)))  # (batch, k)
+    if self.activation == "sigmoid":
+      std = std * (y * (1.0 - y))   # |d sigmoid / d logit|, y in [0, 1]
+    return std * c
 
   def compute_output_shape(self, input_shape):
     batch = input_shape[0][0]

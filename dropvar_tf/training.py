@@ -79,25 +79,28 @@ def _check_targets(targets, n, units):
 _MAX_VALUE_FACTOR = 1.5
 
 
-def _reset_dense_layers(layers, seed):
-  """Re-initialises the head's Dense layers, so refitting starts afresh."""
+def _reset_head_layers(layers, seed):
+  """Re-initialises the head's layers, so refitting starts afresh."""
   for i, layer in enumerate(layers):
-    if isinstance(layer, keras.layers.Dense):
-      init = keras.initializers.GlorotUniform(seed=seed + i)
+    init = keras.initializers.GlorotUniform(seed=seed + i)
+    if isinstance(layer, heads.HeadInputDense):
+      layer.set_full_kernel(init(layer.full_kernel().shape))
+      layer.bias.assign(np.zeros(layer.bias.shape, "float32"))
+    elif isinstance(layer, keras.layers.Dense):
       layer.kernel.assign(init(layer.kernel.shape))
       if layer.use_bias:
         layer.bias.assign(np.zeros(layer.bias.shape, "float32"))
 
 
-def _fold_standardisation(dense, mean, std):
-  """Makes `dense` act on raw features as it was trained on standardised ones.
+def _fold_standardisation(first, mean, std):
+  """Makes `first` act on raw features as it was trained on standardised ones.
 
-  dense((x - mean) / std) = x @ (W / std[:, None]) + (b - (mean / std) @ W).
+  f((x - mean) / std) = x @ (W / std[:, None]) + (b - (mean / std) @ W).
   """
-  w = dense.kernel.numpy().astype("float64")
-  b = dense.bias.numpy().astype("float64")
-  dense.kernel.assign((w / std[:, None]).astype("float32"))
-  dense.bias.assign((b - (mean / std) @ w).astype("float32"))
+  w = first.full_kernel().astype("float64")
+  b = first.bias.numpy().astype("float64")
+  first.set_full_kernel((w / std[:, None]).astype("float32"))
+  first.bias.assign((b - (mean / std) @ w).astype("float32"))
 
 
 def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
@@ -180,9 +183,10 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   std = np.where(std > 1e-6, std, 1.0)
   features = ((features - mean) / std).astype("float32")
   trainable = [l for l in head.layers
-               if isinstance(l, (keras.layers.Dense, keras.layers.Dropout))]
+               if isinstance(l, (heads.HeadInputDense, keras.layers.Dense,
+                                 keras.layers.Dropout))]
   first = trainable[0]
-  _reset_dense_layers(trainable, seed)
+  _reset_head_layers(trainable, seed)
 
   def dataset(idx, shuffle):
     ds = tf.data.Dataset.from_tensor_slices((features[idx], raw[idx]))
@@ -193,7 +197,9 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   # Train the head's layers (below the output transform) on standardised
   # features and transformed targets, then fold the standardisation in.
   trainer_in = keras.Input((features.shape[1],), name="standardised_features")
-  z = trainer_in
+  # The first layer takes the head's inputs as a list: split them back.
+  cuts = [int(i) for i in np.cumsum([f.shape[1] for f in feats])[:-1]]
+  z = keras.ops.split(trainer_in, cuts, axis=-1) if cuts else [trainer_in]
   for layer in trainable:
     z = layer(z)
   trainer = keras.Model(trainer_in, z)

@@ -556,6 +556,22 @@ class SaveLoadTest(tf.test.TestCase):
     self._round_trip(dual, tm.sample_inputs("softmax", 16))
 
 
+class XlaTest(tf.test.TestCase):
+  """Keras compiles with XLA by default on GPUs: every head op needs a kernel."""
+
+  def test_dual_model_compiles_with_xla_and_matches_graph_mode(self):
+    for kind in tm.BUILDERS:
+      for features in ("summary", "neurons"):
+        with self.subTest(kind=kind, features=features):
+          dual = heads.add_variation_head(tm.build(kind), features=features)
+          x = tm.sample_inputs(kind, 8)
+          xla = tf.function(lambda x, m=dual: m(x, training=False),
+                            jit_compile=True)(x)
+          eager = _predict(dual, x)
+          for key in contract.OUTPUT_KEYS:
+            self.assertAllClose(xla[key], eager[key], rtol=1e-4, atol=1e-6)
+
+
 class HeadLayersTest(tf.test.TestCase):
 
   def test_prediction_features_one_unit(self):
@@ -565,16 +581,53 @@ class HeadLayersTest(tf.test.TestCase):
     self.assertAllClose(heads.PredictionFeatures()(y[:, 0]), out)
 
   def test_prediction_features_several_units(self):
-    y = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], "float32")
+    y = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25], [0.0, 1.0, 0.0]],
+                 "float32")
     out = np.asarray(heads.PredictionFeatures()(y))
-    ranked = -np.sort(-y, axis=-1)
-    entropy = -np.sum(y * np.log(y), axis=-1)
-    self.assertEqual(out.shape, (2, 5))
-    self.assertAllClose(out[:, :3], ranked)
-    self.assertAllClose(out[:, 3], ranked[:, 0] - ranked[:, 1])
-    self.assertAllClose(out[:, 4], entropy, atol=1e-6)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      neg_entropy = np.nansum(y * np.log(y), axis=-1)  # 0 log 0 = 0
+    self.assertEqual(out.shape, (3, 2))
+    self.assertAllClose(out[:, 0], [0.7, 0.5, 1.0])
+    self.assertAllClose(out[:, 1], neg_entropy, atol=1e-6)
+    self.assertEqual(out[2, 1], 0.0)  # saturated: finite, exactly 0
     self.assertEqual(heads.PredictionFeatures().compute_output_shape(
-        (None, 3)), (None, 5))
+        (None, 3)), (None, 2))
+
+  def test_head_input_dense_equals_dense_on_concatenated_inputs(self):
+    rng = np.random.default_rng(0)
+    widths = [40, 3, 64, 2]   # two wide inputs split off, two narrow joined
+    xs = [rng.normal(size=(5, d)).astype("float32") for d in widths]
+    layer = heads.HeadInputDense(
+        6, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    out = np.asarray(layer(xs))
+    self.assertEqual([tuple(k.shape) for k in layer.kernels],
+                     [(40, 6), (64, 6), (5, 6)])
+    bias = rng.normal(size=6).astype("float32")
+    layer.bias.assign(bias)
+    full = layer.full_kernel()
+    self.assertEqual(full.shape, (109, 6))
+    expected = np.maximum(np.concatenate(xs, axis=1) @ full + bias, 0.0)
+    self.assertAllClose(layer(xs), expected, rtol=1e-5, atol=1e-5)
+    self.assertGreater(float(np.mean(out > 0)), 0.2)  # the relu is not all 0
+    # set_full_kernel puts every row back where full_kernel found it.
+    layer.set_full_kernel(full[::-1])
+    self.assertAllEqual(layer.full_kernel(), full[::-1])
+    with self.assertRaisesRegex(ValueError, "a list of 4 feature tensors"):
+      layer(xs[:3])
+
+  def test_head_input_dense_config_round_trips(self):
+    layer = heads.HeadInputDense(3, activation="linear", split_width=8,
+                                 kernel_regularizer=keras.regularizers.L2(0.1))
+    xs = [np.ones((2, 9), "float32"), np.ones((2, 2), "float32")]
+    layer(xs)
+    clone = heads.HeadInputDense.from_config(layer.get_config())
+    clone(xs)
+    clone.set_full_kernel(layer.full_kernel())
+    self.assertAllClose(clone(xs), layer(xs))
+    self.assertEqual(clone.split_width, 8)
+    self.assertEqual(len(clone.losses), 2)  # one L2 term per kernel block
+    with self.assertRaisesRegex(ValueError, "activation"):
+      heads.HeadInputDense(3, activation="tanh")
 
   def test_log_feature(self):
     layer = heads.LogFeature(offset=0.5)

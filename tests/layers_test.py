@@ -17,9 +17,9 @@ _ERR_FEATURES = ("Invalid value received for argument `features`. Expected "
 
 
 def _summary(x):
-  """Numpy reference: mean, RMS, fraction > 0 over all non-batch axes."""
+  """Numpy reference: mean, L2 norm, fraction > 0 over non-batch axes."""
   flat = x.reshape(len(x), -1).astype("float64")
-  return np.stack([flat.mean(-1), np.sqrt(np.mean(flat**2, -1)),
+  return np.stack([flat.mean(-1), np.sqrt(np.sum(flat**2, -1)),
                    np.mean(flat > 0, -1)], axis=-1)
 
 
@@ -59,8 +59,23 @@ class ActivationStrengthTest(tf.test.TestCase):
   def test_summary_known_values(self):
     x = np.array([[3.0, -1.0, 0.0, 2.0]], "float32")
     out = layers.ActivationStrength(features="summary")(x)
-    # mean 1, rms sqrt((9 + 1 + 0 + 4) / 4), two of four units > 0.
-    self.assertAllClose(out, [[1.0, np.sqrt(14.0 / 4.0), 0.5]], atol=1e-6)
+    # mean 1, L2 norm sqrt(9 + 1 + 0 + 4), two of four units > 0.
+    self.assertAllClose(out, [[1.0, np.sqrt(14.0), 0.5]], atol=1e-6)
+
+  def test_summary_rank1_gives_one_row_per_example(self):
+    out = layers.ActivationStrength(features="summary")(self.x2[:, 0])
+    self.assertAllClose(out, _summary(self.x2[:, :1]), atol=1e-6)
+
+  def test_nonnegative_summary_matches_general_on_relu_outputs(self):
+    relu = np.maximum(self.x4, 0.0)
+    fast = layers.ActivationStrength(features="summary", nonnegative=True)
+    self.assertAllClose(fast(relu), _summary(relu), atol=1e-6)
+    # The promise matters: on negative inputs only the general form counts
+    # positives (sign() there gives -1 for negatives).
+    general = layers.ActivationStrength(features="summary")
+    self.assertAllClose(general(self.x4), _summary(self.x4), atol=1e-6)
+    self.assertLess(float(np.max(np.asarray(fast(self.x4))[:, 2] -
+                                 _summary(self.x4)[:, 2])), -0.05)
 
   def test_output_is_compute_dtype(self):
     out = layers.ActivationStrength()(self.x2.astype("float64"))
@@ -83,13 +98,15 @@ class ActivationStrengthTest(tf.test.TestCase):
     self.assertEqual(str(cm.exception), _ERR_FEATURES)
 
   def test_config_has_exactly_init_args_and_round_trips(self):
-    layer = layers.ActivationStrength(features="summary", name="strength")
+    layer = layers.ActivationStrength(features="summary", nonnegative=True,
+                                      name="strength")
     config = layer.get_config()
     parent = keras.layers.Layer.get_config(layer)
-    self.assertEqual(config, {**parent, "features": "summary"})
-    self.assertEqual(config["features"], "summary")
+    self.assertEqual(config, {**parent, "features": "summary",
+                              "nonnegative": True})
     clone = layers.ActivationStrength.from_config(config)
     self.assertEqual(clone.features, "summary")
+    self.assertTrue(clone.nonnegative)
     self.assertEqual(clone.name, "strength")
     self.assertAllClose(clone(self.x4), layer(self.x4))
 
@@ -144,7 +161,7 @@ class ActivationProbeTest(tf.test.TestCase):
     probe = layers.ActivationProbe(features="summary", name="p")
     config = probe.get_config()
     self.assertEqual(config, {**keras.layers.Layer.get_config(probe),
-                              "features": "summary"})
+                              "features": "summary", "nonnegative": False})
     clone = layers.ActivationProbe.from_config(config)
     self.assertEqual(clone.features, "summary")
     self.assertEqual(keras.saving.get_registered_name(layers.ActivationProbe),

@@ -155,6 +155,25 @@ class TargetChecksTest(tf.test.TestCase):
     gap = checks[2]
     self.assertAllClose(gap["value"], 0.04)
 
+  def test_noise_ceiling_gives_the_attainable_bound(self):
+    rows = self._rows((0.95, 0.8), (0.94, 0.7), (0.93, 0.7), (0.9, 0.5),
+                      (0.9, 0.6))
+    rows.append({"task": "digits", "rate": _RATE,
+                 "estimator": study.NOISE_CEILING, "group": study.CEILING,
+                 "spearman": 0.81, "pearson": 0.85, "r2": 0.7})
+    checks = study.target_checks(rows)
+    self.assertLen(checks, 6)
+    bound = checks[2]
+    self.assertIn("bound for any estimator", bound["check"])
+    self.assertAllClose(bound["value"], (0.9, 0.85))
+    self.assertIsNone(bound["passed"])
+    # Against the less noisy reference run the bound does not apply.
+    ref_rows = [dict(r, ref_spearman=r["spearman"], ref_r2=r["r2"])
+                for r in rows]
+    ref_checks = study.target_checks(ref_rows, against="ref")
+    self.assertLen(ref_checks, 5)
+    self.assertFalse(any("bound" in c["check"] for c in ref_checks))
+
   def test_unsupported_baseline_is_not_applicable(self):
     rows = self._rows((0.95, 0.8), (0.94, 0.7), (0.93, 0.7), (0.9, 0.5),
                       (0.9, 0.6))

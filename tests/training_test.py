@@ -284,9 +284,9 @@ class FitTest(tf.test.TestCase):
     x = tm.sample_inputs("softmax", 10)
     feats = training.head_features(dual, x, batch_size=4)
     # Probes of dense_a (16) and dense_b (12), then the prediction's
-    # features: 3 sorted probabilities, margin, entropy.
+    # features: max probability and sum(p log p).
     self.assertEqual([f.shape for f in feats][:3],
-                     [(10, 16), (10, 12), (10, 5)])
+                     [(10, 16), (10, 12), (10, 2)])
     self.assertTrue(all(f.dtype == np.float32 for f in feats))
     hidden = keras.Model(dual.input, dual.get_layer("dense_a").output)
     self.assertAllClose(feats[0], _eager(hidden, x), atol=1e-6)
