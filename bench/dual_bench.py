@@ -7,8 +7,10 @@ Prints, at batch 1 and 256, on a 3x256 ReLU MLP with dropout 0.3:
       <= 1.10x with the summary head), in graph mode and with XLA;
   (b) MC dropout with T=100 passes / dual model (goal: >= 50x), with the T
       passes as one tiled batch and as T calls in one tf.function.
-Every timed function is a compiled tf.function; repeats are interleaved and
-medians reported, since these machines are noisy.
+Every timed function is a compiled tf.function. The functions take turns in
+rounds and each ratio is the median over rounds of the two times measured
+side by side in that round (with its interquartile range), since these
+machines are noisy.
 
   python bench/dual_bench.py [--quick]
 """
@@ -55,9 +57,14 @@ def mc_compiled(model, num_samples, tiled=True):
 
 
 def time_interleaved(fns, x, repeats, inner):
-  """Returns {name: median seconds per call}, repeats interleaved."""
+  """Times every fn in rounds; returns ({name: median s/call}, ratios).
+
+  `ratios[name]` holds, per round, the fn's time over the first fn's time in
+  the same round: adjacent in time, so the machine's drift cancels out.
+  """
   for fn in fns.values():
-    fn(x)  # trace and warm up
+    for _ in range(3):
+      fn(x)  # trace and warm up
   samples = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
@@ -66,7 +73,15 @@ def time_interleaved(fns, x, repeats, inner):
         out = fn(x)
       tf.nest.map_structure(lambda t: t.numpy(), out)
       samples[name].append((time.perf_counter() - start) / inner)
-  return {name: float(np.median(v)) for name, v in samples.items()}
+  first = np.asarray(samples[next(iter(fns))])
+  ratios = {name: np.asarray(v) / first for name, v in samples.items()}
+  return {name: float(np.median(v)) for name, v in samples.items()}, ratios
+
+
+def ratio_text(ratios):
+  """Median paired ratio with its interquartile range."""
+  q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+  return f"{med:.2f}x base (IQR {q1:.2f}-{q3:.2f})"
 
 
 def main():
@@ -95,18 +110,19 @@ def main():
     fns["default, XLA"] = compiled(variants[default], xla=True)
     fns["mc tiled"] = mc_compiled(base, args.num_samples)
     fns["mc looped"] = mc_compiled(base, args.num_samples, tiled=False)
-    t = time_interleaved(fns, x, repeats, inner)
+    t, ratios = time_interleaved(fns, x, repeats, inner)
     print(f"\nbatch {batch}: base {t['base'] * 1e3:.3f} ms")
     for name in variants:
       print(f"  (a) {name}: {t[name] * 1e3:.3f} ms = "
-            f"{t[name] / t['base']:.2f}x base")
+            f"{ratio_text(ratios[name])}")
+    xla = ratios["default, XLA"] / ratios["base, XLA"]
     print(f"  (a) XLA: default dual {t['default, XLA'] * 1e3:.3f} ms / base "
-          f"{t['base, XLA'] * 1e3:.3f} ms = "
-          f"{t['default, XLA'] / t['base, XLA']:.2f}x")
+          f"{t['base, XLA'] * 1e3:.3f} ms = {ratio_text(xla)}")
     for kind in ("tiled", "looped"):
       mc = t[f"mc {kind}"]
+      paired = np.median(ratios[f"mc {kind}"] / ratios[default])
       print(f"  (b) MC dropout T={args.num_samples}, {kind}: "
-            f"{mc * 1e3:.3f} ms = {mc / t[default]:.1f}x the default dual")
+            f"{mc * 1e3:.3f} ms = {paired:.1f}x the default dual")
 
 
 if __name__ == "__main__":
