@@ -12,7 +12,7 @@ rounds and each ratio is the median over rounds of the two times measured
 side by side in that round (with its interquartile range), since these
 machines are noisy.
 
-  python bench/dual_bench.py [--quick]
+  python bench/dual_bench.py [--quick] [--inter_op_parallelism=1]
 """
 
 import argparse
@@ -88,7 +88,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--num_samples", type=int, default=100)
+  parser.add_argument(
+      "--inter_op_parallelism", type=int, default=0,
+      help="TF inter-op threads (0: TF's choice). 1 runs independent ops one "
+      "at a time, as `dropvar_model_server "
+      "--tensorflow_inter_op_parallelism=1` does.")
   args = parser.parse_args()
+  tf.config.threading.set_inter_op_parallelism_threads(
+      args.inter_op_parallelism)
   repeats, inner = (5, 20) if args.quick else (15, 50)
   keras.utils.set_random_seed(0)
   base = base_model()
@@ -99,7 +106,10 @@ def main():
       "head + moment propagation": heads.add_variation_head(
           base, include_moments=True),
   }
-  print(f"base: 3x256 MLP; T={args.num_samples}; repeats={repeats}x{inner}")
+  print(f"base: 3x256 MLP; T={args.num_samples}; repeats={repeats}x{inner}; "
+        "inter-op threads "
+        f"{tf.config.threading.get_inter_op_parallelism_threads()} "
+        "(0: TF's choice)")
   for batch in (1, 256):
     x = tf.constant(np.random.default_rng(0).normal(
         size=(batch, 64)).astype("float32"))

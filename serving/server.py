@@ -909,6 +909,13 @@ def define_flags():
           "Answer INVALID_ARGUMENT for NaN/Inf in float inputs instead of "
           "passing them to the model.")
   _define(flags.DEFINE_integer, "num_workers", 4, "Request handler threads.")
+  _define(flags.DEFINE_integer, "tensorflow_intra_op_parallelism", 0,
+          "Threads one TF op may use; 0 lets TF choose (as in "
+          "tensorflow_model_server).")
+  _define(flags.DEFINE_integer, "tensorflow_inter_op_parallelism", 0,
+          "Threads running independent TF ops at once; 0 lets TF choose. "
+          "On a small CPU machine 1 keeps the variation head's ops from "
+          "competing with the base model's matmuls (bench/dual_bench.py).")
   _define(flags.DEFINE_integer, "rest_api_port", 0,
           "Accepted for compatibility with tensorflow_model_server; this "
           "server has no REST API.")
@@ -932,6 +939,19 @@ def main(argv):
   for name in ("max_batch_size", "max_request_bytes", "num_workers"):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f"--{name} must be >= 1.")
+  for name in ("tensorflow_intra_op_parallelism",
+               "tensorflow_inter_op_parallelism"):
+    if getattr(FLAGS, name) < 0:
+      raise app.UsageError(f"--{name} must be >= 0.")
+  # Before any model is loaded: TF fixes its thread pools on first use.
+  tf.config.threading.set_intra_op_parallelism_threads(
+      FLAGS.tensorflow_intra_op_parallelism)
+  tf.config.threading.set_inter_op_parallelism_threads(
+      FLAGS.tensorflow_inter_op_parallelism)
+  print("TensorFlow threads: intra-op "
+        f"{tf.config.threading.get_intra_op_parallelism_threads()}, inter-op "
+        f"{tf.config.threading.get_inter_op_parallelism_threads()} "
+        "(0: TF's choice)", flush=True)
   try:
     configs = _configs_from_flags()
     server = ModelServer(

@@ -465,14 +465,33 @@ class EndToEndTest(tf.test.TestCase):
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.server", "--port=0",
          "--model_name=dual", f"--model_base_path={base}",
-         "--file_system_poll_wait_seconds=0.1", "--rest_api_port=8501"],
+         "--file_system_poll_wait_seconds=0.1", "--rest_api_port=8501",
+         "--tensorflow_inter_op_parallelism=1",
+         "--tensorflow_intra_op_parallelism=2"],
         cwd=_REPO_ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, text=True)
     self.addCleanup(lambda: proc.poll() is None and proc.kill())
+    lines = []
     for line in proc.stdout:
+      lines.append(line.strip())
       if line.startswith("Running gRPC ModelServer at "):
+        self.assertIn("TensorFlow threads: intra-op 2, inter-op 1 "
+                      "(0: TF's choice)", lines)
         return proc, line.split()[-2]  # "... at 127.0.0.1:PORT ..."
     self.fail("the server exited before reporting its port")
+
+  def test_bad_thread_flag_is_a_usage_error(self):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.server", "--port=0",
+         f"--model_base_path={self.get_temp_dir()}",
+         "--tensorflow_inter_op_parallelism=-1"],
+        cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        check=False)
+    self.assertNotEqual(done.returncode, 0)
+    self.assertIn("--tensorflow_inter_op_parallelism must be >= 0.",
+                  done.stderr)
+    self.assertNotIn("Running gRPC ModelServer", done.stdout)
 
   def test_train_export_serve_and_pick_up_a_new_version(self):
     try:
