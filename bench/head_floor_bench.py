@@ -3,7 +3,8 @@
 The same 3x256 MLP as `dual_bench.py`, with random weights, and the head
 computations written directly as TF ops (no Keras layers): per-neuron
 features (concatenated, or one matmul per layer summed), per-layer summaries
-(mean, RMS, fraction active) and a two-statistic summary. Prints each
+(mean, L2 norm, fraction active, with the library's ops) and a
+two-statistic summary. Prints each
 variant's forward time as a ratio of the plain MLP's, side by side in one run,
 at batch 1 and 256: how close any implementation of these features can get
 to the goals that `dual_bench.py` measures for the library's dual model.
@@ -79,18 +80,18 @@ def summary(x):
   p, hidden = _mlp(x)
   feats = []
   for h in hidden:
-    feats += [_mean(h), tf.sqrt(_mean(tf.square(h))),
-              _mean(tf.cast(h > 0, tf.float32))]
+    feats += [_mean(h), tf.sqrt(tf.reduce_sum(tf.square(h), -1, True)),
+              _mean(tf.sign(h))]  # h >= 0: sign(h) is 1 where active
   return p, _head(tf.concat(feats, -1), _HEAD_SUMMARY)
 
 
 @tf.function
 def summary2(x):
-  """Mean and RMS only: no fraction-active pass."""
+  """Mean and L2 norm only: no fraction-active pass."""
   p, hidden = _mlp(x)
   feats = []
   for h in hidden:
-    feats += [_mean(h), tf.sqrt(_mean(h * h))]
+    feats += [_mean(h), tf.sqrt(tf.reduce_sum(tf.square(h), -1, True))]
   return p, _head(tf.concat(feats, -1), _HEAD_SUMMARY2)
 
 

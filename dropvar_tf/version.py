@@ -1,3 +1,3 @@
 """dropvar_tf version."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
