@@ -199,6 +199,32 @@ class HeadInputDense(keras.layers.Layer):
     return config
 
 
+# The oldest version whose heads compute their features as this one does
+# (0.2.0: L2 norm instead of RMS in summaries, [max p, sum p log p] as the
+# prediction features, the first layer split per input).
+HEAD_FORMAT_VERSION = "0.2.0"
+
+
+def _version_tuple(text):
+  return tuple(int(part) for part in str(text).split(".")[:3])
+
+
+def _check_head_format(saved_version):
+  """Refuses a head saved by a version that computed other features."""
+  if saved_version is None:
+    return
+  try:
+    old = _version_tuple(saved_version) < _version_tuple(HEAD_FORMAT_VERSION)
+  except ValueError:
+    old = False  # a development version string: trust it
+  if old:
+    raise validation.invalid(
+        "metadata", f"a head made by dropvar_tf >= {HEAD_FORMAT_VERSION} "
+        "(earlier heads computed their input features differently; refit "
+        "the head, e.g. with `train_variation_head`, on this version)",
+        f"dropvar_tf_version={saved_version!r}")
+
+
 @keras.saving.register_keras_serializable(package="dropvar_tf")
 class VariationOutput(keras.layers.Layer):
   """Maps the head's raw output to a non-negative variation estimate.
@@ -224,6 +250,7 @@ class VariationOutput(keras.layers.Layer):
     self.units = validation.check_int(units, "units", 1)
     self.transform = transform
     self.metadata = dict(metadata or {})
+    _check_head_format(self.metadata.get("dropvar_tf_version"))
     self.eps = self.add_weight(name="eps", shape=(), trainable=False,
                                initializer=keras.initializers.Constant(1e-3))
     self.scale = self.add_weight(name="scale", shape=(), trainable=False,

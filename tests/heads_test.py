@@ -629,6 +629,13 @@ class HeadLayersTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "activation"):
       heads.HeadInputDense(3, activation="tanh")
 
+  def test_head_from_an_older_feature_format_is_refused(self):
+    with self.assertRaisesRegex(ValueError, "dropvar_tf_version='0.1.0'"):
+      heads.VariationOutput(metadata={"dropvar_tf_version": "0.1.0"})
+    for version in (heads.HEAD_FORMAT_VERSION, "0.10.0", "1.0.0"):
+      layer = heads.VariationOutput(metadata={"dropvar_tf_version": version})
+      self.assertEqual(layer.metadata["dropvar_tf_version"], version)
+
   def test_log_feature(self):
     layer = heads.LogFeature(offset=0.5)
     out = layer(np.array([0.0, 1.5, -2.0], "float32"))
