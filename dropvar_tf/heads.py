@@ -174,12 +174,13 @@ class HeadInputDense(keras.layers.Layer):
     if len(inputs) != self._num_inputs:
       raise validation.invalid("inputs", f"a list of {self._num_inputs} "
                                "feature tensors", f"{len(inputs)} tensors")
-    out = None
+    products = []
     for block, kernel in zip(self._blocks, self.kernels):
       parts = [inputs[i] for i in block]
       x = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
-      y = tf.matmul(tf.cast(x, kernel.dtype), kernel)
-      out = y if out is None else out + y
+      products.append(tf.matmul(tf.cast(x, kernel.dtype), kernel))
+    # One AddN op however many blocks.
+    out = products[0] if len(products) == 1 else tf.add_n(products)
     out = tf.nn.bias_add(out, self.bias)
     return tf.nn.relu(out) if self.activation == "relu" else out
 
