@@ -43,14 +43,23 @@ class PredictionFeatures(keras.layers.Layer):
   """Features of the base model's prediction for the head.
 
   One output unit (regression, binary probability): `[y, y**2]`. Several
-  (class probabilities): `[max p, sum(p * log p)]`, the top probability and
-  minus the entropy. The full sorted probability vector (plus the top-two
-  margin) fitted no better on digits (Spearman 0.946 against 0.947, R^2 0.934
-  against 0.940, one run each) and its sort costs 5% of a 3x256 MLP's
-  batch-256 pass on CPU; these two cost three ops.
+  class probabilities (`probabilities=True`): `[max p, sum(p * log p)]`, the
+  top probability and minus the entropy. Several other outputs: `[max y,
+  sum(y**2)]`. The full sorted probability vector (plus the top-two margin)
+  fitted no better on digits (Spearman 0.946 against 0.947, R^2 0.934 against
+  0.940, one run each) and its sort costs 5% of a 3x256 MLP's batch-256 pass
+  on CPU; these two cost three ops.
 
   Input shape: (batch,) or (batch, k). Output shape: (batch, 2).
+
+  Args:
+    probabilities: the k > 1 inputs are probabilities (a softmax output).
+    **kwargs: passed to `keras.layers.Layer`.
   """
+
+  def __init__(self, probabilities=False, **kwargs):
+    super().__init__(**kwargs)
+    self.probabilities = bool(probabilities)
 
   def call(self, inputs):
     y = inputs
@@ -61,12 +70,17 @@ class PredictionFeatures(keras.layers.Layer):
     if y.shape[-1] == 1:
       return tf.concat([y, tf.square(y)], axis=-1)
     # xlogy(0, 0) = 0: no clipping needed for saturated probabilities.
+    spread = tf.math.xlogy(y, y) if self.probabilities else tf.square(y)
     return tf.concat([tf.reduce_max(y, axis=-1, keepdims=True),
-                      tf.reduce_sum(tf.math.xlogy(y, y), axis=-1,
-                                    keepdims=True)], axis=-1)
+                      tf.reduce_sum(spread, axis=-1, keepdims=True)], axis=-1)
 
   def compute_output_shape(self, input_shape):
     return (input_shape[0], 2)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"probabilities": self.probabilities})
+    return config
 
 
 @keras.saving.register_keras_serializable(package="dropvar_tf")
@@ -373,13 +387,37 @@ def candidate_layers(model):
   return found
 
 
+# Layers whose output is `activation(...)`, nothing added after it.
+_ENDS_IN_ACTIVATION = (
+    keras.layers.Activation, keras.layers.Dense, keras.layers.EinsumDense,
+    keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose, keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D, keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D)
+
+
+def _is_softmax(layer):
+  """True when `layer` outputs class probabilities (a softmax)."""
+  if isinstance(layer, keras.layers.Softmax):
+    return True
+  activation = getattr(layer, "activation", None)
+  return getattr(activation, "__name__", None) == "softmax"
+
+
 def _is_relu(layer):
-  """True when `layer`'s output is a plain ReLU's (never negative)."""
-  if isinstance(layer, keras.layers.ReLU):
+  """True when `layer`'s output is a plain ReLU's (never negative).
+
+  Only for layer types known to end in their activation: a custom layer
+  with an `activation` attribute may add something after it (a residual).
+  """
+  if type(layer) is keras.layers.ReLU:  # pylint: disable=unidiomatic-typecheck
     return (not layer.negative_slope and float(layer.threshold) >= 0 and
             (layer.max_value is None or float(layer.max_value) >= 0))
-  activation = getattr(layer, "activation", None)
-  return activation in (keras.activations.relu, keras.activations.relu6)
+  if type(layer) not in _ENDS_IN_ACTIVATION:  # subclasses may differ
+    return False
+  return layer.activation in (keras.activations.relu,
+                              keras.activations.relu6)
 
 
 def _resolve_taps(model, layers):
@@ -462,10 +500,11 @@ def _output_delta(model, include_delta, statistic, units):
   h = nodes[id(dropout)][0][0][0]
   delta = probe_layers.OutputDropoutDelta(
       rate=dropout.rate, activation=activation, statistic=statistic,
-      input_dim=int(h.shape[-1]), units=units, name=DELTA_NAME)
+      input_dim=int(h.shape[-1]), units=units, dtype="float32",
+      name=DELTA_NAME)
   value = delta([h, out])
   delta.kernel.assign(layer.kernel.numpy())
-  return LogFeature(name=DELTA_NAME + "_log")(value)
+  return LogFeature(dtype="float32", name=DELTA_NAME + "_log")(value)
 
 
 def _moment_features(model, include_moments, statistic):
@@ -565,21 +604,26 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
 
   prediction = model.outputs[0]
   head_inputs = []
+  # Feature layers compute in float32 whatever the dtype policy: float16
+  # sums of squares overflow on wide layers.
   for layer, tensor in taps:
     probe = probe_layers.ActivationStrength(
-        features=features, nonnegative=_is_relu(layer),
+        features=features, nonnegative=_is_relu(layer), dtype="float32",
         name=PROBE_PREFIX + layer.name)
     head_inputs.append(probe(tensor))
   if include_prediction:
     head_inputs.append(
-        PredictionFeatures(name=PREDICTION_FEATURES_NAME)(prediction))
+        PredictionFeatures(probabilities=_is_softmax(_source_layer(prediction)),
+                           dtype="float32",
+                           name=PREDICTION_FEATURES_NAME)(prediction))
   delta = _output_delta(model, include_delta, statistic, units)
   if delta is not None:
     head_inputs.append(delta)
   moment_net = _moment_features(model, include_moments, statistic)
   if moment_net is not None:
     head_inputs.append(
-        LogFeature(name=MOMENTS_NAME)(moment_net(validation.model_input(model))))
+        LogFeature(dtype="float32", name=MOMENTS_NAME)(
+            moment_net(validation.model_input(model))))
 
   metadata = {
       "dropvar_tf_version": __version__,

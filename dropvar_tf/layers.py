@@ -174,7 +174,7 @@ class OutputDropoutDelta(keras.layers.Layer):
     # std = sqrt(p / (1 - p)) * ||(kernel @ g) * h||: the square root of
     # the noise factor is applied last, to a (batch, 1) or (batch, k) tensor.
     c = (self.rate / (1.0 - self.rate)) ** 0.5
-    w = self.kernel
+    w = tf.cast(self.kernel, "float32")  # autocast under a float16 policy
     if self.activation == "softmax":
       if self.statistic == "predicted_class_std":
         # tf ops, not keras.ops: keras' argmax adds six ops per call.

@@ -583,7 +583,7 @@ class HeadLayersTest(tf.test.TestCase):
   def test_prediction_features_several_units(self):
     y = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25], [0.0, 1.0, 0.0]],
                  "float32")
-    out = np.asarray(heads.PredictionFeatures()(y))
+    out = np.asarray(heads.PredictionFeatures(probabilities=True)(y))
     with np.errstate(divide="ignore", invalid="ignore"):
       neg_entropy = np.nansum(y * np.log(y), axis=-1)  # 0 log 0 = 0
     self.assertEqual(out.shape, (3, 2))
@@ -592,6 +592,72 @@ class HeadLayersTest(tf.test.TestCase):
     self.assertEqual(out[2, 1], 0.0)  # saturated: finite, exactly 0
     self.assertEqual(heads.PredictionFeatures().compute_output_shape(
         (None, 3)), (None, 2))
+
+  def test_prediction_features_of_other_outputs_stay_finite(self):
+    y = np.array([[-0.5, 1.2], [3.0, -2.0]], "float32")
+    layer = heads.PredictionFeatures()   # not probabilities: no log
+    self.assertAllClose(layer(y), [[1.2, 0.25 + 1.44], [3.0, 13.0]])
+    clone = heads.PredictionFeatures.from_config(
+        heads.PredictionFeatures(probabilities=True).get_config())
+    self.assertTrue(clone.probabilities)
+
+  def test_dual_of_a_linear_multi_output_model_has_finite_features(self):
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu")(inputs)
+    h = keras.layers.Dropout(0.3)(h)
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    dual = heads.add_variation_head(model, include_delta=False)
+    self.assertFalse(dual.get_layer(
+        heads.PREDICTION_FEATURES_NAME).probabilities)
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32") * 5
+    feats = training.head_features(dual, x)
+    self.assertTrue(all(np.all(np.isfinite(f)) for f in feats))
+    self.assertTrue(heads.add_variation_head(tm.mlp_softmax()).get_layer(
+        heads.PREDICTION_FEATURES_NAME).probabilities)
+
+  def test_only_layers_that_end_in_relu_count_as_nonnegative(self):
+
+    class Residual(keras.layers.Layer):
+      """Has an `activation` but adds its input after it."""
+
+      def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.activation = keras.activations.relu
+        self.dense = keras.layers.Dense(4)
+
+      def call(self, x):
+        return x + self.activation(self.dense(x))
+
+    cases = [(keras.layers.Dense(4, activation="relu"), True),
+             (keras.layers.Conv2D(2, 3, activation="relu6"), True),
+             (keras.layers.Activation("relu"), True),
+             (keras.layers.ReLU(max_value=6.0), True),
+             (keras.layers.ReLU(negative_slope=0.1), False),
+             (keras.layers.LeakyReLU(), False),
+             (keras.layers.Dense(4, activation="tanh"), False),
+             (Residual(), False)]
+    for layer, expected in cases:
+      with self.subTest(layer=type(layer).__name__):
+        self.assertEqual(heads._is_relu(layer), expected)  # pylint: disable=protected-access
+
+  def test_mixed_float16_policy_gives_finite_features(self):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    self.addCleanup(keras.mixed_precision.set_global_policy, "float32")
+    inputs = keras.Input((8,))
+    # 2048 units of value 8: a float16 sum of squares (131072) overflows.
+    h = keras.layers.Dense(2048, activation="relu", kernel_initializer="ones",
+                           name="wide")(inputs)
+    h = keras.layers.Dropout(0.3)(h)
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32",
+                                 kernel_initializer="zeros")(h)
+    dual = heads.add_variation_head(keras.Model(inputs, outputs))
+    x = np.ones((3, 8), "float32")
+    feats = training.head_features(dual, x)
+    self.assertTrue(all(np.all(np.isfinite(f)) for f in feats))
+    self.assertAllClose(feats[0][0], [8.0, 8.0 * np.sqrt(2048.0), 1.0],
+                        rtol=1e-3)
+    out = _predict(dual, x)
+    self.assertTrue(np.all(np.isfinite(out["variation"])))
 
   def test_head_input_dense_equals_dense_on_concatenated_inputs(self):
     rng = np.random.default_rng(0)
