@@ -6,8 +6,11 @@ Prints, at batch 1 and 256, on a 3x256 ReLU MLP with dropout 0.3:
       propagation (goals: <= 1.25x with the all-layers per-neuron head,
       <= 1.10x with the summary head), in graph mode and with XLA;
   (b) MC dropout with T=100 passes / dual model (goal: >= 50x), with the T
-      passes as one tiled batch and as T calls in one tf.function.
-Every timed function is a compiled tf.function. The functions take turns in
+      passes as one tiled batch and as T calls in one tf.function;
+  (c) `mc_dropout_targets` on the batch / T plain compiled passes with Keras
+      dropout on (goal: <= 1.3x); `targets_bench.py` measures it at larger N.
+Every timed function but `mc_dropout_targets` (called as a user calls it)
+is a compiled tf.function. The functions take turns in
 rounds and each ratio is the median over rounds of the two times measured
 side by side in that round (with its interquartile range), since these
 machines are noisy.
@@ -39,21 +42,32 @@ def compiled(model, xla=False):
   return tf.function(lambda x: model(x, training=False), jit_compile=xla)
 
 
-def mc_compiled(model, num_samples, tiled=True):
-  """T stochastic passes (seeded dropout masks): one tiled batch, or T calls."""
-  mc = targets.mc_dropout_model(model)
+def mc_compiled(model, num_samples, tiled=True, plain=False):
+  """T stochastic passes: one tiled batch, or T calls in one tf.function.
+
+  With seeded dropout masks (`targets.mc_dropout_model`), or with `plain`
+  Keras dropout (`model(x, training=True)`).
+  """
+  mc = model if plain else targets.mc_dropout_model(model)
 
   @tf.function
   def tiled_fn(x):
-    p = mc(tf.tile(x, [num_samples, 1]), training=False)
+    p = mc(tf.tile(x, [num_samples, 1]), training=plain)
     p = tf.reshape(p, [num_samples, -1, p.shape[-1]])
     return tf.math.reduce_std(p, axis=0)
 
   @tf.function
   def looped_fn(x):
-    p = tf.stack([mc(x, training=False) for _ in range(num_samples)])
+    p = tf.stack([mc(x, training=plain) for _ in range(num_samples)])
     return tf.math.reduce_std(p, axis=0)
   return tiled_fn if tiled else looped_fn
+
+
+def targets_call(model, num_samples, batch):
+  """`mc_dropout_targets` on the batch, as a user calls it."""
+  return lambda x: targets.mc_dropout_targets(
+      model, x.numpy(), num_samples=num_samples, batch_size=batch,
+      progress=False)
 
 
 def time_interleaved(fns, x, repeats, inner):
@@ -71,7 +85,7 @@ def time_interleaved(fns, x, repeats, inner):
       start = time.perf_counter()
       for _ in range(inner):
         out = fn(x)
-      tf.nest.map_structure(lambda t: t.numpy(), out)
+      tf.nest.map_structure(np.asarray, out)
       samples[name].append((time.perf_counter() - start) / inner)
   first = np.asarray(samples[next(iter(fns))])
   ratios = {name: np.asarray(v) / first for name, v in samples.items()}
@@ -120,6 +134,9 @@ def main():
     fns["default, XLA"] = compiled(variants[default], xla=True)
     fns["mc tiled"] = mc_compiled(base, args.num_samples)
     fns["mc looped"] = mc_compiled(base, args.num_samples, tiled=False)
+    fns["plain passes"] = mc_compiled(base, args.num_samples, tiled=False,
+                                      plain=True)
+    fns["targets"] = targets_call(base, args.num_samples, batch)
     t, ratios = time_interleaved(fns, x, repeats, inner)
     print(f"\nbatch {batch}: base {t['base'] * 1e3:.3f} ms")
     for name in variants:
@@ -133,6 +150,12 @@ def main():
       paired = np.median(ratios[f"mc {kind}"] / ratios[default])
       print(f"  (b) MC dropout T={args.num_samples}, {kind}: "
             f"{mc * 1e3:.3f} ms = {paired:.1f}x the default dual")
+    paired = ratios["targets"] / ratios["plain passes"]
+    q1, med, q3 = np.percentile(paired, [25, 50, 75])
+    print(f"  (c) mc_dropout_targets {t['targets'] * 1e3:.3f} ms / "
+          f"{args.num_samples} plain compiled passes "
+          f"{t['plain passes'] * 1e3:.3f} ms = {med:.2f}x "
+          f"(IQR {q1:.2f}-{q3:.2f})")
 
 
 if __name__ == "__main__":
