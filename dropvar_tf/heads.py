@@ -397,14 +397,6 @@ _ENDS_IN_ACTIVATION = (
     keras.layers.DepthwiseConv2D)
 
 
-def _is_softmax(layer):
-  """True when `layer` outputs class probabilities (a softmax)."""
-  if isinstance(layer, keras.layers.Softmax):
-    return True
-  activation = getattr(layer, "activation", None)
-  return getattr(activation, "__name__", None) == "softmax"
-
-
 def _is_relu(layer):
   """True when `layer`'s output is a plain ReLU's (never negative).
 
@@ -599,7 +591,8 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   hidden_units = [validation.check_int(u, "hidden_units", 1)
                   for u in hidden_units]
   units = _output_units(model)
-  statistic = validation.resolve_statistic(statistic, units)
+  probabilities = validation.output_is_probabilities(model)
+  statistic = validation.resolve_statistic(statistic, units, probabilities)
   taps = _resolve_taps(model, layers)
 
   prediction = model.outputs[0]
@@ -613,7 +606,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
     head_inputs.append(probe(tensor))
   if include_prediction:
     head_inputs.append(
-        PredictionFeatures(probabilities=_is_softmax(_source_layer(prediction)),
+        PredictionFeatures(probabilities=probabilities,
                            dtype="float32",
                            name=PREDICTION_FEATURES_NAME)(prediction))
   delta = _output_delta(model, include_delta, statistic, units)

@@ -950,7 +950,9 @@ def moment_model(model, statistic="auto"):
     raise validation.invalid(
         "model", "a model with one output of shape (batch, k)",
         f"outputs of shapes {[tuple(o.shape) for o in outputs]}")
-  statistic = validation.resolve_statistic(statistic, outputs[0].shape[-1])
+  statistic = validation.resolve_statistic(
+      statistic, outputs[0].shape[-1],
+      validation.output_is_probabilities(model))
   structure = validation.model_input(model)
   inputs = keras.tree.map_structure(
       lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name),

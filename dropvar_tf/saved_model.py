@@ -562,16 +562,18 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   mc, mc_model, statistic, variation_shape = None, None, None, None
   if mc_num_samples is not None:
     prediction = dual.output[contract.PREDICTION_KEY]
-    if not validation.dropout_layers(keras.Model(dual.input, prediction)):
+    base = keras.Model(dual.input, prediction)
+    if not validation.dropout_layers(base):
       raise validation.invalid(
           "mc_num_samples", "None for a model without Dropout layers "
           "before its prediction", mc_num_samples)
     units = int(np.prod(prediction.shape[1:])) if prediction.shape[1:] else 1
     statistic = validation.resolve_statistic(
-        head_metadata.get("statistic", contract.STAT_AUTO), units)
+        head_metadata.get("statistic", contract.STAT_AUTO), units,
+        validation.output_is_probabilities(base))
     variation_shape = [int(d) for d in
                        dual.output[contract.VARIATION_KEY].shape[1:]]
-    mc_model = targets.mc_dropout_model(keras.Model(dual.input, prediction))
+    mc_model = targets.mc_dropout_model(base)
     mc = {"num_samples": mc_num_samples, "seed": seed,
           "statistic": statistic, "std": "population (divide by T)",
           "masks": "dropvar_tf.targets mask function, example key = row "

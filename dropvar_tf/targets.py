@@ -691,7 +691,8 @@ def _check_common(model, num_samples, seed, batch_size, statistic):
     raise validation.invalid("model", "a model with a static output shape",
                              f"output shape {model.outputs[0].shape}")
   units = int(np.prod(out_shape, dtype=np.int64))
-  statistic = validation.resolve_statistic(statistic, units)
+  statistic = validation.resolve_statistic(
+      statistic, units, validation.output_is_probabilities(model))
   return num_samples, seed, batch_size, statistic, out_shape
 
 

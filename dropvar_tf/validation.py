@@ -119,17 +119,36 @@ def check_int(value, arg, minimum):
   return value
 
 
-def resolve_statistic(statistic, units):
+def output_is_probabilities(model):
+  """False when `model`'s output layer visibly is not a softmax.
+
+  A Dense/Conv/Activation output with another activation (linear, sigmoid)
+  gives False; a softmax, a `Softmax` layer, or a layer whose activation
+  cannot be seen (a nested model) gives True.
+  """
+  layer = model.outputs[0]._keras_history.operation  # pylint: disable=protected-access
+  if isinstance(layer, keras.layers.Softmax):
+    return True
+  activation = getattr(layer, "activation", None)
+  if activation is None:
+    return True
+  return getattr(activation, "__name__", None) == "softmax"
+
+
+def resolve_statistic(statistic, units, probabilities=True):
   """Validates a DPV statistic name and resolves "auto".
 
   Args:
     statistic: one of `contract.STATISTICS`.
     units: number of output units of the model (product of the output shape
       after the batch axis).
+    probabilities: the units are class probabilities (see
+      `output_is_probabilities`).
 
   Returns:
-    The concrete statistic: "auto" becomes "std" for one output unit and
-    "predicted_class_std" otherwise.
+    The concrete statistic: "auto" becomes "std" for one output unit,
+    "predicted_class_std" for several class probabilities, and
+    "per_class_std" (the std of each unit) for several other outputs.
 
   Raises:
     ValueError: unknown statistic.
@@ -137,6 +156,8 @@ def resolve_statistic(statistic, units):
   if not isinstance(statistic, str) or statistic not in contract.STATISTICS:
     raise invalid("statistic", f"one of {contract.STATISTICS}", statistic)
   if statistic == contract.STAT_AUTO:
-    return (contract.STAT_STD if units == 1
-            else contract.STAT_PREDICTED_CLASS_STD)
+    if units == 1:
+      return contract.STAT_STD
+    return (contract.STAT_PREDICTED_CLASS_STD if probabilities
+            else contract.STAT_PER_CLASS_STD)
   return statistic

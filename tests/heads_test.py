@@ -10,6 +10,7 @@ from dropvar_tf import contract
 from dropvar_tf import heads
 from dropvar_tf import targets
 from dropvar_tf import training
+from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
@@ -601,17 +602,44 @@ class HeadLayersTest(tf.test.TestCase):
         heads.PredictionFeatures(probabilities=True).get_config())
     self.assertTrue(clone.probabilities)
 
-  def test_dual_of_a_linear_multi_output_model_has_finite_features(self):
+  def test_auto_statistic_follows_the_output_kind(self):
+    resolve = validation.resolve_statistic
+    self.assertEqual(resolve("auto", 1), "std")
+    self.assertEqual(resolve("auto", 1, probabilities=False), "std")
+    self.assertEqual(resolve("auto", 3), "predicted_class_std")
+    self.assertEqual(resolve("auto", 3, probabilities=False), "per_class_std")
+    self.assertEqual(resolve("std", 3, probabilities=False), "std")
+    inputs = keras.Input((4,))
+    for output, expected in [
+        (keras.layers.Dense(3, activation="softmax"), True),
+        (keras.layers.Softmax(), True),
+        (keras.layers.Dense(3), False),
+        (keras.layers.Dense(3, activation="sigmoid"), False),
+        (keras.Sequential([keras.layers.Dense(3)]), True)]:  # unseen: classes
+      with self.subTest(output=output.name):
+        model = keras.Model(inputs, output(inputs))
+        self.assertEqual(validation.output_is_probabilities(model), expected)
+
+  def test_linear_multi_output_model_gets_a_std_per_output(self):
     inputs = keras.Input((4,))
     h = keras.layers.Dense(8, activation="relu")(inputs)
     h = keras.layers.Dropout(0.3)(h)
     model = keras.Model(inputs, keras.layers.Dense(2)(h))
-    dual = heads.add_variation_head(model, include_delta=False)
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
     self.assertFalse(dual.get_layer(
         heads.PREDICTION_FEATURES_NAME).probabilities)
-    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32") * 5
+    self.assertEqual(heads.variation_head_metadata(dual)["statistic"],
+                     contract.STAT_PER_CLASS_STD)
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32") * 5
     feats = training.head_features(dual, x)
     self.assertTrue(all(np.all(np.isfinite(f)) for f in feats))
+    # "auto" resolves the same way for the targets, so they fit the head.
+    t = targets.mc_dropout_targets(model, x, num_samples=8, progress=False)
+    self.assertEqual(t.shape, (32, 2))
+    training.fit_variation_head(dual, x, t, epochs=2)
+    out = _predict(dual, x)["variation"]
+    self.assertEqual(out.shape, (32, 2))
+    self.assertTrue(np.all(np.isfinite(out)) and np.all(out >= 0))
     self.assertTrue(heads.add_variation_head(tm.mlp_softmax()).get_layer(
         heads.PREDICTION_FEATURES_NAME).probabilities)
 

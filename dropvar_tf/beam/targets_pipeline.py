@@ -283,7 +283,8 @@ def resolve_statistic(model, statistic):
                              f"{len(model.outputs)} outputs")
   out_shape = tuple(model.outputs[0].shape[1:])
   units = int(np.prod(out_shape, dtype=np.int64))
-  statistic = validation.resolve_statistic(statistic, units)
+  statistic = validation.resolve_statistic(
+      statistic, units, validation.output_is_probabilities(model))
   if statistic == contract.STAT_PREDICTED_CLASS_STD or units == 1:
     return statistic, []
   return statistic, [int(d) for d in out_shape]
