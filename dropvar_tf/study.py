@@ -287,6 +287,15 @@ def _digest(settings):
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _cache_path(config, task, rate, settings, suffix):
+  """Path of a cached stage (its folder made), or None without a cache."""
+  if not config.cache_dir:
+    return None
+  os.makedirs(config.cache_dir, exist_ok=True)
+  return os.path.join(config.cache_dir,
+                      f"{task}_r{rate}_{_digest(settings)}{suffix}")
+
+
 def _base_settings(task, rate, config):
   return {"task": task, "rate": rate, "seed": config.seed,
           "epochs": config.base_epochs[task], "max_train": config.max_train,
@@ -308,16 +317,12 @@ def trained_base_model(task, split, rate, config, log=print):
     (model, training seconds; 0.0 when loaded from the cache).
   """
   model = build_base_model(task, split, rate, config.seed)
-  path = None
-  if config.cache_dir:
-    path = os.path.join(
-        config.cache_dir,
-        f"{task}_r{rate}_{_digest(_base_settings(task, rate, config))}"
-        ".weights.h5")
-    if os.path.exists(path):
-      reference.compile_for_task(model, split.info["kind"])
-      model.load_weights(path)
-      return model, 0.0
+  path = _cache_path(config, task, rate, _base_settings(task, rate, config),
+                     ".weights.h5")
+  if path and os.path.exists(path):
+    reference.compile_for_task(model, split.info["kind"])
+    model.load_weights(path)
+    return model, 0.0
   t0 = time.time()
   reference.train_base_model(model, split, epochs=config.base_epochs[task],
                              batch_size=256 if task in (MOVIELENS, CRITEO)
@@ -325,7 +330,6 @@ def trained_base_model(task, split, rate, config, log=print):
   seconds = time.time() - t0
   log(f"  trained base model in {seconds:.0f} s")
   if path:
-    os.makedirs(config.cache_dir, exist_ok=True)
     tmp = path + ".tmp.weights.h5"
     model.save_weights(tmp)
     os.replace(tmp, path)
@@ -348,15 +352,11 @@ def mc_targets(task, model, fit_x, split, rate, config, log=print):
   Returns:
     dict with "fit", "test", "test2" float32 arrays.
   """
-  path = None
-  if config.cache_dir:
-    path = os.path.join(
-        config.cache_dir,
-        f"{task}_r{rate}_{_digest(_target_settings(task, rate, config))}"
-        "_targets.npz")
-    if os.path.exists(path):
-      with np.load(path) as stored:
-        return {k: stored[k] for k in ("fit", "test", "test2")}
+  path = _cache_path(config, task, rate, _target_settings(task, rate, config),
+                     "_targets.npz")
+  if path and os.path.exists(path):
+    with np.load(path) as stored:
+      return {k: stored[k] for k in ("fit", "test", "test2")}
   t0 = time.time()
   mc = dict(num_samples=config.num_samples, progress=False)
   out = {
@@ -384,14 +384,11 @@ def reference_targets(task, model, split, rate, config, log=print):
   """
   if not config.reference_samples:
     return None
-  path = None
-  if config.cache_dir:
-    settings = dict(_target_settings(task, rate, config),
-                    reference_samples=config.reference_samples)
-    path = os.path.join(config.cache_dir,
-                        f"{task}_r{rate}_{_digest(settings)}_reference.npy")
-    if os.path.exists(path):
-      return np.load(path)
+  settings = dict(_target_settings(task, rate, config),
+                  reference_samples=config.reference_samples)
+  path = _cache_path(config, task, rate, settings, "_reference.npy")
+  if path and os.path.exists(path):
+    return np.load(path)
   t0 = time.time()
   ref = targets_lib.mc_dropout_targets(
       model, split.x_test, num_samples=config.reference_samples,
@@ -686,14 +683,14 @@ def run_config(task, rate, config, split, data, log=print):
   return rows, info
 
 
-def _config_key(task, rate, config):
+def _rows_path(task, rate, config):
   settings = dict(_target_settings(task, rate, config),
                   version=RESULTS_VERSION, head_epochs=config.head_epochs,
                   head_batch_size=config.head_batch_size,
                   sweep=rate in config.sweep_rates,
                   timing_rows=config.timing_rows,
                   reference_samples=config.reference_samples)
-  return f"{task}_r{rate}_{_digest(settings)}_rows.json"
+  return _cache_path(config, task, rate, settings, "_rows.json")
 
 
 def run_study(config, output_dir, log=print):
@@ -718,17 +715,14 @@ def run_study(config, output_dir, log=print):
   for task in config.tasks:
     split, data, data_full = load_task(task, config)
     for rate in config.dropout_rates:
-      cached = None
-      if config.cache_dir:
-        cached = os.path.join(config.cache_dir,
-                              _config_key(task, rate, config))
-        if os.path.exists(cached):
-          with open(cached) as f:
-            stored = json.load(f)
-          all_rows.extend(stored["rows"])
-          infos.append(stored["info"])
-          log(f"{task} rate {rate}: reused {cached}")
-          continue
+      cached = _rows_path(task, rate, config)
+      if cached and os.path.exists(cached):
+        with open(cached) as f:
+          stored = json.load(f)
+        all_rows.extend(stored["rows"])
+        infos.append(stored["info"])
+        log(f"{task} rate {rate}: reused {cached}")
+        continue
       log(f"{task} rate {rate}: {data_full}")
       t0 = time.time()
       rows, info = run_config(task, rate, config, split, data, log)
@@ -737,7 +731,6 @@ def run_study(config, output_dir, log=print):
       all_rows.extend(rows)
       infos.append(info)
       if cached:
-        os.makedirs(config.cache_dir, exist_ok=True)
         with open(cached + ".tmp", "w") as f:
           json.dump({"rows": rows, "info": info}, f)
         os.replace(cached + ".tmp", cached)
