@@ -87,19 +87,25 @@ class PredictionFeatures(keras.layers.Layer):
 class LogFeature(keras.layers.Layer):
   """`log(x + offset)` of a non-negative feature, e.g. an analytic DPV.
 
+  Negative inputs count as 0 (one relu op), unless `nonnegative` promises
+  there are none (the delta feature is a norm), which saves that op.
+
   Input shape: (batch,) or (batch, d). Output shape: (batch, d) (d = 1 for
   rank-1 inputs).
   """
 
-  def __init__(self, offset=1e-6, **kwargs):
+  def __init__(self, offset=1e-6, nonnegative=False, **kwargs):
     super().__init__(**kwargs)
     self.offset = float(offset)
+    self.nonnegative = bool(nonnegative)
 
   def call(self, inputs):
     x = _ops.cast(inputs, self.compute_dtype)
     if len(x.shape) == 1:
       x = _ops.expand_dims(x, -1)
-    return _ops.log(_ops.relu(x) + self.offset)
+    if not self.nonnegative:
+      x = _ops.relu(x)
+    return _ops.log(x + self.offset)
 
   def compute_output_shape(self, input_shape):
     if len(input_shape) == 1:
@@ -108,7 +114,7 @@ class LogFeature(keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update({"offset": self.offset})
+    config.update({"offset": self.offset, "nonnegative": self.nonnegative})
     return config
 
 
@@ -496,7 +502,8 @@ def _output_delta(model, include_delta, statistic, units):
       name=DELTA_NAME)
   value = delta([h, out])
   delta.kernel.assign(layer.kernel.numpy())
-  return LogFeature(dtype="float32", name=DELTA_NAME + "_log")(value)
+  return LogFeature(nonnegative=True, dtype="float32",
+                    name=DELTA_NAME + "_log")(value)
 
 
 def _moment_features(model, include_moments, statistic):

@@ -736,8 +736,16 @@ class HeadLayersTest(tf.test.TestCase):
     self.assertAllClose(out, np.log([[0.5], [2.0], [0.5]]), atol=1e-6)
     config = layer.get_config()
     self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
-                              "offset": 0.5})
+                              "offset": 0.5, "nonnegative": False})
     self.assertEqual(heads.LogFeature.from_config(config).offset, 0.5)
+    # A config saved before the flag existed keeps the relu.
+    del config["nonnegative"]
+    self.assertFalse(heads.LogFeature.from_config(config).nonnegative)
+    trusting = heads.LogFeature(offset=0.5, nonnegative=True)
+    self.assertAllClose(trusting(np.array([0.0, 1.5], "float32")),
+                        np.log([[0.5], [2.0]]), atol=1e-6)
+    self.assertTrue(heads.LogFeature.from_config(
+        trusting.get_config()).nonnegative)
 
   def test_variation_output_log_and_identity(self):
     z = np.array([[np.log(0.3)], [np.log(0.001)], [1.0]], "float32")

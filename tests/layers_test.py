@@ -66,6 +66,23 @@ class ActivationStrengthTest(tf.test.TestCase):
     out = layers.ActivationStrength(features="summary")(self.x2[:, 0])
     self.assertAllClose(out, _summary(self.x2[:, :1]), atol=1e-6)
 
+  def test_l2_norm_is_one_op_in_graphs_and_xla_safe_under_xla(self):
+    spec = tf.TensorSpec((None, 3, 4, 6), tf.float32)
+    probe = layers.ActivationStrength(features="summary")
+
+    def op_types(jit_compile):
+      fn = tf.function(probe, jit_compile=jit_compile)
+      return {op.type
+              for op in fn.get_concrete_function(spec).graph.get_operations()}
+    self.assertIn("EuclideanNorm", op_types(False))
+    xla_ops = op_types(True)
+    self.assertNotIn("EuclideanNorm", xla_ops)  # XLA has no kernel for it
+    self.assertIn("Sqrt", xla_ops)
+    graph = tf.function(probe)(self.x4)
+    xla = tf.function(probe, jit_compile=True)(self.x4)
+    self.assertAllClose(graph, xla, rtol=1e-5)
+    self.assertAllClose(graph, _summary(self.x4), atol=1e-5)
+
   def test_nonnegative_summary_matches_general_on_relu_outputs(self):
     relu = np.maximum(self.x4, 0.0)
     fast = layers.ActivationStrength(features="summary", nonnegative=True)
