@@ -1,21 +1,27 @@
 """Forward-time cost of the variation head, measured side by side.
 
-Prints, at batch 1 and 256, on a 3x256 ReLU MLP with dropout 0.3:
+Prints, at batch 1 and 256, for a 3x256 ReLU MLP with dropout 0.3 (or, with
+`--model`, one of the reference models of the paper's three task kinds):
   (a) dual model / base model forward time, for the default head (all layers,
       per-layer summaries), the per-neuron head and the head with moment
       propagation (goals: <= 1.25x with the all-layers per-neuron head,
-      <= 1.10x with the summary head), in graph mode and with XLA;
+      <= 1.10x with the summary head), timed two ways:
+        call:  one compiled tf.function call per pass, as a Python caller
+               sees it (about 0.25 ms of call overhead on both sides);
+        graph: 200 passes in one tf.while_loop, so the time is the graph's
+               own execution (what a C++ server such as TF Serving runs),
+               in graph mode and with XLA (`jit_compile=True`);
   (b) MC dropout with T=100 passes / dual model (goal: >= 50x), with the T
-      passes as one tiled batch and as T calls in one tf.function;
+      passes as one tiled batch and as T calls in one tf.function; and the
+      bound no one-pass method can pass: tiled MC / the base model alone;
   (c) `mc_dropout_targets` on the batch / T plain compiled passes with Keras
       dropout on (goal: <= 1.3x); `targets_bench.py` measures it at larger N.
-Every timed function but `mc_dropout_targets` (called as a user calls it)
-is a compiled tf.function. The functions take turns in
-rounds and each ratio is the median over rounds of the two times measured
-side by side in that round (with its interquartile range), since these
-machines are noisy.
+The functions take turns in rounds and each ratio is the median over rounds
+of the two times measured side by side in that round (with its interquartile
+range), since these machines are noisy.
 
   python bench/dual_bench.py [--quick] [--inter_op_parallelism=1]
+      [--model=mlp|movielens|criteo|cnn]
 """
 
 import argparse
@@ -26,6 +32,10 @@ import numpy as np
 from dropvar_tf._keras import keras, tf
 from dropvar_tf import heads
 from dropvar_tf import targets
+from dropvar_tf.models import reference
+
+# Passes per timed graph call, by batch size.
+GRAPH_PASSES = {1: 200, 256: 10}
 
 
 def base_model(num_features=64, width=256, depth=3, classes=10, rate=0.3):
@@ -38,8 +48,53 @@ def base_model(num_features=64, width=256, depth=3, classes=10, rate=0.3):
   return keras.Model(inputs, outputs)
 
 
+# name: (description, model builder, input maker(batch, rng)). Weights are
+# random: the time of a forward pass does not depend on them.
+MODELS = {
+    "mlp": ("3x256 MLP, 64 features, softmax over 10", base_model,
+            lambda n, rng: rng.normal(size=(n, 64)).astype("float32")),
+    "movielens": (
+        "MovieLens-100k reference: 2 embeddings of 32, MLP 128-64, rating",
+        lambda: reference.movielens_model(944, 1683, seed=0),
+        lambda n, rng: {"user_id": rng.integers(0, 944, n),
+                        "movie_id": rng.integers(0, 1683, n)}),
+    "criteo": (
+        "Criteo reference: 13 dense + 26 embedded ids, MLP 256-128, sigmoid",
+        lambda: reference.criteo_model(1000, seed=0),
+        lambda n, rng: {"dense": rng.normal(size=(n, 13)).astype("float32"),
+                        "cat": rng.integers(0, 1000, (n, 26))}),
+    "cnn": (
+        "EMNIST reference CNN: 28x28 conv 32-64, dense 128, softmax over 47",
+        lambda: reference.image_cnn((28, 28, 1), 47, seed=0),
+        lambda n, rng: rng.random((n, 28, 28, 1)).astype("float32")),
+}
+
+
 def compiled(model, xla=False):
   return tf.function(lambda x: model(x, training=False), jit_compile=xla)
+
+
+def in_graph(forward, passes, xla=False):
+  """`passes` calls of `forward(x)` in one tf.while_loop: no call overhead.
+
+  Each pass reads the input through `minimum(i, 0)` (zero, unknown to the
+  graph optimizer), so no pass can be hoisted out of the loop or merged.
+  """
+
+  def fn(x):
+    def body(i, acc):
+      zero = tf.minimum(i, 0)
+      xi = tf.nest.map_structure(lambda t: t + tf.cast(zero, t.dtype), x)
+      out = tf.nest.flatten(forward(xi))
+      return i + 1, acc + tf.add_n([tf.reduce_sum(o[:1]) for o in out])
+    return tf.while_loop(lambda i, _: i < passes, body, (0, 0.0),
+                         parallel_iterations=1)[1]
+  return tf.function(fn, jit_compile=xla)
+
+
+def tile(x, num_samples):
+  return tf.nest.map_structure(
+      lambda t: tf.tile(t, [num_samples] + [1] * (len(t.shape) - 1)), x)
 
 
 def mc_compiled(model, num_samples, tiled=True, plain=False):
@@ -52,7 +107,7 @@ def mc_compiled(model, num_samples, tiled=True, plain=False):
 
   @tf.function
   def tiled_fn(x):
-    p = mc(tf.tile(x, [num_samples, 1]), training=plain)
+    p = mc(tile(x, num_samples), training=plain)
     p = tf.reshape(p, [num_samples, -1, p.shape[-1]])
     return tf.math.reduce_std(p, axis=0)
 
@@ -66,7 +121,8 @@ def mc_compiled(model, num_samples, tiled=True, plain=False):
 def targets_call(model, num_samples, batch):
   """`mc_dropout_targets` on the batch, as a user calls it."""
   return lambda x: targets.mc_dropout_targets(
-      model, x.numpy(), num_samples=num_samples, batch_size=batch,
+      model, tf.nest.map_structure(np.asarray, x), num_samples=num_samples,
+      batch_size=batch,
       progress=False)
 
 
@@ -102,6 +158,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--num_samples", type=int, default=100)
+  parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
   parser.add_argument(
       "--inter_op_parallelism", type=int, default=0,
       help="TF inter-op threads (0: TF's choice). 1 runs independent ops one "
@@ -111,45 +168,72 @@ def main():
   tf.config.threading.set_inter_op_parallelism_threads(
       args.inter_op_parallelism)
   repeats, inner = (5, 20) if args.quick else (15, 50)
+  graph_repeats = 5 if args.quick else 11
   keras.utils.set_random_seed(0)
-  base = base_model()
+  description, build, make_input = MODELS[args.model]
+  base = build()
+  default = "head, all layers, summary (default)"
   variants = {
-      "head, all layers, summary (default)": heads.add_variation_head(base),
+      default: heads.add_variation_head(base),
       "head, all layers, neurons": heads.add_variation_head(
           base, features="neurons"),
-      "head + moment propagation": heads.add_variation_head(
-          base, include_moments=True),
   }
-  print(f"base: 3x256 MLP; T={args.num_samples}; repeats={repeats}x{inner}; "
-        "inter-op threads "
+  try:
+    variants["head + moment propagation"] = heads.add_variation_head(
+        base, include_moments=True)
+  except ValueError as e:
+    print(f"(no moment-propagation variant: {e})")
+  print(f"base: {description}; T={args.num_samples}; call repeats="
+        f"{repeats}x{inner}, graph repeats={graph_repeats}; inter-op threads "
         f"{tf.config.threading.get_inter_op_parallelism_threads()} "
         "(0: TF's choice)")
+  forward = lambda m: (lambda x: m(x, training=False))  # pylint: disable=unnecessary-lambda-assignment
   for batch in (1, 256):
-    x = tf.constant(np.random.default_rng(0).normal(
-        size=(batch, 64)).astype("float32"))
-    default = next(iter(variants))
+    x = tf.nest.map_structure(
+        tf.constant, make_input(batch, np.random.default_rng(0)))
     fns = {"base": compiled(base)}
     fns.update({name: compiled(m) for name, m in variants.items()})
-    fns["base, XLA"] = compiled(base, xla=True)
-    fns["default, XLA"] = compiled(variants[default], xla=True)
     fns["mc tiled"] = mc_compiled(base, args.num_samples)
     fns["mc looped"] = mc_compiled(base, args.num_samples, tiled=False)
     fns["plain passes"] = mc_compiled(base, args.num_samples, tiled=False,
                                       plain=True)
     fns["targets"] = targets_call(base, args.num_samples, batch)
     t, ratios = time_interleaved(fns, x, repeats, inner)
-    print(f"\nbatch {batch}: base {t['base'] * 1e3:.3f} ms")
+    passes = GRAPH_PASSES[batch]
+    graph = {"base": in_graph(forward(base), passes)}
+    graph.update({name: in_graph(forward(m), passes)
+                  for name, m in variants.items()})
+    graph["base, XLA"] = in_graph(forward(base), passes, xla=True)
+    graph["default, XLA"] = in_graph(forward(variants[default]), passes,
+                                     xla=True)
+    if batch == 1:
+      graph["mc tiled"] = in_graph(mc_compiled(base, args.num_samples),
+                                   passes)
+    gt, gratios = time_interleaved(graph, x, graph_repeats, 1)
+    gt = {name: v / passes for name, v in gt.items()}
+    print(f"\nbatch {batch}: base: call {t['base'] * 1e3:.3f} ms, graph "
+          f"{gt['base'] * 1e3:.3f} ms")
     for name in variants:
-      print(f"  (a) {name}: {t[name] * 1e3:.3f} ms = "
-            f"{ratio_text(ratios[name])}")
-    xla = ratios["default, XLA"] / ratios["base, XLA"]
-    print(f"  (a) XLA: default dual {t['default, XLA'] * 1e3:.3f} ms / base "
-          f"{t['base, XLA'] * 1e3:.3f} ms = {ratio_text(xla)}")
+      print(f"  (a) {name}: call {ratio_text(ratios[name])}; graph "
+            f"{gt[name] * 1e3:.3f} ms = {ratio_text(gratios[name])}")
+    xla = gratios["default, XLA"] / gratios["base, XLA"]
+    print(f"  (a) graph, XLA: default dual {gt['default, XLA'] * 1e3:.3f} ms "
+          f"/ base {gt['base, XLA'] * 1e3:.3f} ms = {ratio_text(xla)}; the "
+          f"XLA dual / the base in graph mode = "
+          f"{np.median(gratios['default, XLA']):.2f}x")
     for kind in ("tiled", "looped"):
-      mc = t[f"mc {kind}"]
       paired = np.median(ratios[f"mc {kind}"] / ratios[default])
-      print(f"  (b) MC dropout T={args.num_samples}, {kind}: "
-            f"{mc * 1e3:.3f} ms = {paired:.1f}x the default dual")
+      print(f"  (b) MC dropout T={args.num_samples}, {kind}: call "
+            f"{t[f'mc {kind}'] * 1e3:.3f} ms = {paired:.1f}x the default "
+            "dual")
+    if "mc tiled" in graph:
+      paired = np.median(gratios["mc tiled"] / gratios[default])
+      print(f"  (b) graph: MC dropout T={args.num_samples}, tiled "
+            f"{gt['mc tiled'] * 1e3:.3f} ms = {paired:.1f}x the default "
+            f"dual; bound (tiled MC / the base alone, which no one-pass "
+            f"method can pass): {np.median(gratios['mc tiled']):.1f}x")
+    print(f"  (b) call bound: tiled MC / the base alone = "
+          f"{np.median(ratios['mc tiled']):.1f}x")
     paired = ratios["targets"] / ratios["plain passes"]
     q1, med, q3 = np.percentile(paired, [25, 50, 75])
     print(f"  (c) mc_dropout_targets {t['targets'] * 1e3:.3f} ms / "
