@@ -126,23 +126,29 @@ def targets_call(model, num_samples, batch):
       progress=False)
 
 
-def time_interleaved(fns, x, repeats, inner):
+def time_interleaved(fns, x, repeats, inner, budget_s=0.05):
   """Times every fn in rounds; returns ({name: median s/call}, ratios).
 
-  `ratios[name]` holds, per round, the fn's time over the first fn's time in
-  the same round: adjacent in time, so the machine's drift cancels out.
+  Each round times each fn over up to `inner` calls (fewer for slow fns:
+  about `budget_s` of calls). `ratios[name]` holds, per round, the fn's time
+  over the first fn's time in the same round: adjacent in time, so the
+  machine's drift cancels out.
   """
-  for fn in fns.values():
+  calls = {}
+  for name, fn in fns.items():
     for _ in range(3):
-      fn(x)  # trace and warm up
+      start = time.perf_counter()
+      tf.nest.map_structure(np.asarray, fn(x))  # trace and warm up
+      once = time.perf_counter() - start
+    calls[name] = int(np.clip(round(budget_s / max(once, 1e-9)), 1, inner))
   samples = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       start = time.perf_counter()
-      for _ in range(inner):
+      for _ in range(calls[name]):
         out = fn(x)
       tf.nest.map_structure(np.asarray, out)
-      samples[name].append((time.perf_counter() - start) / inner)
+      samples[name].append((time.perf_counter() - start) / calls[name])
   first = np.asarray(samples[next(iter(fns))])
   ratios = {name: np.asarray(v) / first for name, v in samples.items()}
   return {name: float(np.median(v)) for name, v in samples.items()}, ratios
