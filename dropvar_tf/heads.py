@@ -544,9 +544,10 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
     layers: "all" (every candidate hidden layer, see `candidate_layers`),
       "last" (the candidate closest to the output), or a list of layer names.
     features: "summary" (mean, L2 norm and fraction active per layer; default:
-      as good as or better than per-neuron features on every task measured,
-      steadier from fit to fit, and the cheapest) or "neurons" (per-neuron
-      activations).
+      as good as or better than per-neuron features on every task measured
+      and steadier from fit to fit) or "neurons" (per-neuron activations;
+      the cheaper of the two on conv feature maps, which summaries read
+      four times: `bench/dual_bench.py --model=cnn`).
     hidden_units: widths of the head's hidden ReLU layers. The default
       (16, 64) starts narrow: the first layer, the only one as wide as the
       features, stays cheap (about 10% of a 3x256 MLP's multiply-adds).

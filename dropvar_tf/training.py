@@ -90,6 +90,11 @@ def _reset_head_layers(layers, seed):
       layer.kernel.assign(init(layer.kernel.shape))
       if layer.use_bias:
         layer.bias.assign(np.zeros(layer.bias.shape, "float32"))
+    elif isinstance(layer, keras.layers.Dropout):
+      # Its mask stream moves on with every training step: restart it from
+      # the fit's seed, so that a refit with the same seed is identical.
+      state = layer.seed_generator.state
+      state.assign(np.array([seed + i, 0], state.dtype))
 
 
 def _fold_standardisation(first, mean, std):

@@ -171,6 +171,22 @@ class FitTest(tf.test.TestCase):
     for a, b in zip(_head_weights(fresh), _head_weights(refitted)):
       self.assertAllEqual(a, b)
 
+  def test_refit_with_head_dropout_is_identical(self):
+    # The head's Dropout draws new masks every step: a refit with the same
+    # seed must restart its mask stream, not continue it.
+    model = tm.regression()
+    x = tm.sample_inputs("regression", 48)
+    dual = heads.add_variation_head(model, head_dropout=0.3, **_SMALL_HEAD)
+    runs = []
+    for seed in (3, 3, 4):
+      training.fit_variation_head(dual, x, _targets(48), epochs=2,
+                                  batch_size=16, seed=seed)
+      runs.append(_head_weights(dual))
+    for a, b in zip(runs[0], runs[1]):
+      self.assertAllEqual(a, b)
+    self.assertFalse(all(np.array_equal(a, b)
+                         for a, b in zip(runs[0], runs[2])))
+
   def test_fit_a_dual_loaded_from_keras_file(self):
     model = tm.binary_bn()
     x = tm.sample_inputs("binary_bn", 48)
