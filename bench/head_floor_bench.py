@@ -12,10 +12,10 @@ to the goals that `dual_bench.py` measures for the library's dual model.
   python bench/head_floor_bench.py
 """
 
-import time
-
 import numpy as np
 import tensorflow as tf
+
+import dual_bench
 
 _RNG = np.random.default_rng(0)
 _SHAPES = [(64, 256), (256, 256), (256, 256), (256, 10)]
@@ -80,7 +80,7 @@ def summary(x):
   p, hidden = _mlp(x)
   feats = []
   for h in hidden:
-    feats += [_mean(h), tf.sqrt(tf.reduce_sum(tf.square(h), -1, True)),
+    feats += [_mean(h), tf.math.reduce_euclidean_norm(h, -1, True),
               _mean(tf.sign(h))]  # h >= 0: sign(h) is 1 where active
   return p, _head(tf.concat(feats, -1), _HEAD_SUMMARY)
 
@@ -91,7 +91,7 @@ def summary2(x):
   p, hidden = _mlp(x)
   feats = []
   for h in hidden:
-    feats += [_mean(h), tf.sqrt(tf.reduce_sum(tf.square(h), -1, True))]
+    feats += [_mean(h), tf.math.reduce_euclidean_norm(h, -1, True)]
   return p, _head(tf.concat(feats, -1), _HEAD_SUMMARY2)
 
 
@@ -100,22 +100,20 @@ _FUNCTIONS = dict(base=base, neurons=neurons, neurons_split=neurons_split,
 
 
 def run(batch, repeats=15, inner=50):
-  """Prints each variant's median time over `repeats` interleaved rounds."""
+  """Prints each variant's time as a ratio of the base model's, timed per
+  call and as graph execution (`dual_bench.in_graph`): medians of per-round
+  paired ratios."""
   x = tf.constant(_RNG.normal(size=(batch, 64)).astype("float32"))
-  for fn in _FUNCTIONS.values():
-    fn(x)
-  samples = {name: [] for name in _FUNCTIONS}
-  for _ in range(repeats):
-    for name, fn in _FUNCTIONS.items():
-      start = time.perf_counter()
-      for _ in range(inner):
-        out = fn(x)
-      tf.nest.map_structure(lambda t: t.numpy(), out)
-      samples[name].append((time.perf_counter() - start) / inner)
-  med = {name: float(np.median(v)) for name, v in samples.items()}
-  print(f"batch {batch}: base {med['base'] * 1e3:.3f} ms; " + ", ".join(
-      f"{name} {t / med['base']:.2f}x" for name, t in med.items()
-      if name != "base"))
+  _, ratios = dual_bench.time_interleaved(_FUNCTIONS, x, repeats, inner)
+  passes = dual_bench.GRAPH_PASSES[batch]
+  graph = {name: dual_bench.in_graph(fn.python_function, passes)
+           for name, fn in _FUNCTIONS.items()}
+  graph_times, graph_ratios = dual_bench.time_interleaved(graph, x, 11, 1)
+  for label, r in (("call", ratios), ("graph", graph_ratios)):
+    print(f"batch {batch}, {label}: " + ", ".join(
+        f"{name} {np.median(v):.2f}x" for name, v in r.items()
+        if name != "base") + (f" (base {graph_times['base'] / passes * 1e3:.3f}"
+                              " ms)" if label == "graph" else ""))
 
 
 def main():

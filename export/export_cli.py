@@ -49,6 +49,11 @@ def define_flags(flag_values=FLAGS):
                        "this many stochastic passes.", flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "Seed of the `mc_dropout` masks.",
                        flag_values=flag_values)
+  flags.DEFINE_bool("jit_compile", False,
+                    "Compile serving_default with XLA (see "
+                    "`export_saved_model`; tensorflow_model_server then needs "
+                    "--xla_cpu_compilation_enabled=true).",
+                    flag_values=flag_values)
   flags.DEFINE_bool("safe_mode", True,
                     "Load the model in Keras safe mode (refuses Lambda layers "
                     "with Python code; turn off only for files you trust).",
@@ -97,7 +102,7 @@ def export_from_flags(flag_values=FLAGS):
   return saved_model.export_saved_model(
       dual, flag_values.export_base, version=flag_values.version,
       warmup_examples=warmup, mc_num_samples=flag_values.mc_num_samples,
-      seed=flag_values.seed)
+      seed=flag_values.seed, jit_compile=flag_values.jit_compile)
 
 
 def main(argv):

@@ -49,6 +49,10 @@ Where this server is stricter than TF Serving (each answer names the input):
   itself with RESOURCE_EXHAUSTED.
 Any other exception inside a handler is answered as INTERNAL with its message;
 the server keeps running.
+
+Where it is more lenient: a SavedModel exported with
+`export_saved_model(..., jit_compile=True)` (XLA) runs here as it is;
+`tensorflow_model_server` needs `--xla_cpu_compilation_enabled=true` for it.
 """
 
 import dataclasses

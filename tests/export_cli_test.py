@@ -82,6 +82,19 @@ class ExportCliTest(tf.test.TestCase):
                      heads.variation_head_metadata(self.dual))
     self.assertEqual(meta["warmup_requests"], 4)
 
+  def test_jit_compile_flag_exports_an_xla_signature(self):
+    base = os.path.join(self.fresh_dir(), "dual")
+    path = export_cli.export_from_flags(self.flag_values(
+        f"--model={self.model_path}", f"--export_base={base}",
+        "--jit_compile"))
+    self.assertTrue(saved_model.read_export_metadata(path)["jit_compile"])
+    x = examples(3, seed=2)
+    got = tf.saved_model.load(path).signatures[contract.SERVING_SIGNATURE](
+        features=tf.constant(x))
+    want = self.dual.predict(x, verbose=0)
+    for key in contract.OUTPUT_KEYS:
+      self.assertAllClose(got[key], want[key], rtol=1e-5, atol=1e-6)
+
   def test_npy_and_positional_npz_warmup_give_an_array(self):
     folder = self.fresh_dir()
     x = examples(3)

@@ -36,7 +36,8 @@ def make_dual(kind="float", rate=0.3, seed=0, dropout=True):
   kind: "float" (one float input "features", shape (N, 4)), "ids" (dict
   int64 inputs "user_id", "movie_id", shape (N,)), "list" (two float inputs
   given as a list), "linear" (Dropout on the 16 inputs then one Dense unit,
-  for analytic checks), "py_function" (a layer that calls tf.py_function).
+  for analytic checks), "py_function" (a layer that calls tf.py_function),
+  "no_xla" (a layer with an op XLA has no kernel for).
   """
   keras.utils.set_random_seed(seed)
   layers = keras.layers
@@ -59,6 +60,8 @@ def make_dual(kind="float", rate=0.3, seed=0, dropout=True):
     h = inputs
     if kind == "py_function":
       h = PyFunctionLayer()(h)
+    elif kind == "no_xla":
+      h = NormalizeLayer()(h)
   if kind != "linear":
     h = layers.Dense(8, activation="relu")(h)
   if dropout:
@@ -80,6 +83,14 @@ class PyFunctionLayer(keras.layers.Layer):
 
   def compute_output_shape(self, input_shape):
     return input_shape
+
+
+class NormalizeLayer(keras.layers.Layer):
+  """Divides rows by 1 + their L2 norm via EuclideanNorm: no XLA kernel."""
+
+  def call(self, inputs):
+    return inputs / (1.0 + tf.math.reduce_euclidean_norm(
+        inputs, axis=-1, keepdims=True))
 
 
 def float_examples(n, seed=0, width=4):
@@ -508,3 +519,65 @@ class AtomicityAndOpCheckTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class JitCompileExportTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.base = fresh_dir(self)
+
+  def test_bucket_sizes_are_the_next_power_of_two(self):
+    rows = [0, 1, 2, 3, 4, 5, 255, 256, 257, 1000, 4096]
+    got = [int(saved_model._bucket_size(tf.constant(r, tf.int32)))  # pylint: disable=protected-access
+           for r in rows]
+    self.assertEqual(got, [0, 1, 2, 4, 4, 8, 256, 256, 512, 1024, 4096])
+
+  def test_xla_export_serves_the_same_outputs_at_any_batch_size(self):
+    for kind, examples in (("float", float_examples), ("ids", id_examples)):
+      with self.subTest(kind=kind):
+        dual = make_dual(kind)
+        path = saved_model.export_saved_model(
+            dual, os.path.join(self.base, kind), jit_compile=True,
+            warmup_examples=examples(3))
+        self.assertTrue(saved_model.read_export_metadata(path)["jit_compile"])
+        proto = saved_model_pb2.SavedModel()
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+          proto.ParseFromString(f.read())
+        compiled = [f for f in proto.meta_graphs[0].graph_def.library.function
+                    if f.attr["_XlaMustCompile"].b]
+        self.assertLen(compiled, 1)
+        serve = tf.saved_model.load(path).signatures[
+            contract.SERVING_SIGNATURE]
+        for n in (1, 3, 5):  # 3 and 5 are padded to 4 and 8 rows
+          x = examples(n, seed=n)
+          served = serve(**tf.nest.map_structure(
+              tf.constant, x if isinstance(x, dict) else {"features": x}))
+          expected = dual(x, training=False)
+          for key in contract.OUTPUT_KEYS:
+            self.assertEqual(served[key].shape[0], n)
+            self.assertAllClose(served[key], expected[key], rtol=1e-5,
+                                atol=1e-6)
+
+  def test_default_export_is_not_compiled(self):
+    path = saved_model.export_saved_model(make_dual("float"), self.base)
+    self.assertFalse(saved_model.read_export_metadata(path)["jit_compile"])
+
+  def test_model_xla_cannot_compile_is_refused_and_nothing_written(self):
+    dual = make_dual("no_xla")
+    with self.assertRaisesRegex(
+        ValueError, r"Invalid value received for argument `jit_compile`\. "
+        r"Expected False for a model that XLA cannot compile \(XLA said: "):
+      saved_model.export_saved_model(dual, self.base, jit_compile=True)
+    self.assertEqual(os.listdir(self.base), [])
+    # Without XLA the same model exports.
+    self.assertEqual(saved_model.export_saved_model(dual, self.base),
+                     os.path.join(self.base, "1"))
+
+  def test_non_bool_jit_compile_is_refused(self):
+    with self.assertRaisesRegex(
+        ValueError, re.escape("Invalid value received for argument "
+                              "`jit_compile`. Expected True or False. "
+                              "Received: jit_compile='yes'")):
+      saved_model.export_saved_model(make_dual("float"), self.base,
+                                     jit_compile="yes")

@@ -396,6 +396,28 @@ class ServerOptionsTest(_TestCase):
     self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
     stub.Predict(_predict_request("m", {"x": x[:16]}), timeout=_TIMEOUT)
 
+  def test_xla_compiled_export_is_served(self):
+    # `export_saved_model(..., jit_compile=True)`: this server runs it as it
+    # is (tensorflow_model_server needs --xla_cpu_compilation_enabled).
+    from dropvar_tf import saved_model  # pylint: disable=import-outside-toplevel
+    xla_base = self._new_dir()
+    saved_model.export_saved_model(self.model, xla_base, jit_compile=True)
+    server = server_lib.ModelServer(
+        [server_lib.model_config("xla", xla_base)], poll_seconds=0)
+    server.start()
+    self.addCleanup(server.stop)
+    channel = grpc.insecure_channel(server.target)
+    self.addCleanup(channel.close)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    for n in (1, 3):
+      x = testing.dense_inputs(n, seed=n)
+      response = stub.Predict(_predict_request("xla", {"x": x}),
+                              timeout=_TIMEOUT)
+      expected = self.model(x, training=False)
+      for key in contract.OUTPUT_KEYS:
+        self.assertAllClose(tf.make_ndarray(response.outputs[key]),
+                            expected[key], rtol=1e-5, atol=1e-6)
+
   def test_new_version_is_picked_up_and_junk_is_ignored(self):
     stub, model_stub = self._start(poll_seconds=0.1)
     x = testing.dense_inputs(3, seed=4)

@@ -255,11 +255,17 @@ def generate(root):
         ("size", f'"{TEST_SIZES.get(stem, "medium")}"'),
         ("srcs", [rel, RUNNER]), ("main", f'"{RUNNER}"'),
         ("args", [rel]), ("data", [":test_data"]), ("deps", deps)]))
-  for rel in _files(root, BENCH_DIR):
-    stem = os.path.basename(rel)[:-3]
-    deps = _deps(os.path.join(root, rel), stem, known)
-    rules.append(_rule("py_binary", stem, [("srcs", [rel]),
-                                           ("deps", deps)]))
+  benches = {os.path.basename(rel)[:-3]: rel
+              for rel in _files(root, BENCH_DIR)}
+  for stem, rel in benches.items():
+    # A benchmark may import another one (`import dual_bench`): its file
+    # joins the srcs, its deps the deps.
+    siblings = sorted(_imported_modules(
+        os.path.join(root, rel), stem, {b: b for b in benches}))
+    srcs = [rel] + [benches[b] for b in siblings]
+    deps = sorted({d for src in srcs for d in _deps(
+        os.path.join(root, src), os.path.basename(src)[:-3], known)})
+    rules.append(_rule("py_binary", stem, [("srcs", srcs), ("deps", deps)]))
   cycles = _find_cycles(graph)
   if cycles:
     raise ValueError(f"Import cycles between modules (Bazel refuses cyclic "
