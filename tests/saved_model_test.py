@@ -517,9 +517,6 @@ class AtomicityAndOpCheckTest(tf.test.TestCase):
       self.assertEqual(f.read(), b"theirs")
 
 
-if __name__ == "__main__":
-  tf.test.main()
-
 
 class JitCompileExportTest(tf.test.TestCase):
 
@@ -528,10 +525,52 @@ class JitCompileExportTest(tf.test.TestCase):
     self.base = fresh_dir(self)
 
   def test_bucket_sizes_are_the_next_power_of_two(self):
-    rows = [0, 1, 2, 3, 4, 5, 255, 256, 257, 1000, 4096]
+    rows = [0, 1, 2, 3, 4, 5, 255, 256, 257, 1000, 4096, 16385, 32769,
+            2**20 + 1, 2**30]
     got = [int(saved_model._bucket_size(tf.constant(r, tf.int32)))  # pylint: disable=protected-access
            for r in rows]
-    self.assertEqual(got, [0, 1, 2, 4, 4, 8, 256, 256, 512, 1024, 4096])
+    self.assertEqual(got, [0, 1, 2, 4, 4, 8, 256, 256, 512, 1024, 4096,
+                           32768, 65536, 2**21, 2**30])
+    for r in range(1, 5000):
+      bucket = int(saved_model._bucket_size(tf.constant(r, tf.int32)))  # pylint: disable=protected-access
+      self.assertTrue(bucket >= r > bucket // 2, (r, bucket))
+
+  def test_requests_are_padded_to_the_bucket_and_cut_back(self):
+    dual = make_dual("float")
+    seen = []
+
+    def spy(inputs):
+      seen.append(tuple(inputs.shape))  # at trace time: the padded shape
+      return inputs
+
+    _, rebuild = saved_model._input_entries(dual)  # pylint: disable=protected-access
+    compiled, forward = saved_model._xla_forward(  # pylint: disable=protected-access
+        dual, lambda named: spy(rebuild(named)))
+    for n in (3, 5):
+      x = float_examples(n, seed=n)
+      out = forward({"features": tf.constant(x)})
+      for key in contract.OUTPUT_KEYS:
+        self.assertAllClose(out[key], dual(x, training=False)[key],
+                            rtol=1e-5, atol=1e-6)
+    self.assertEqual(seen, [(4, 4), (8, 4)])
+    self.assertIsNotNone(compiled)
+
+  def test_variable_length_inputs_export_with_xla(self):
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
+    h = keras.layers.GlobalAveragePooling1D()(
+        keras.layers.Embedding(50, 8)(tokens))
+    h = keras.layers.Dropout(0.3)(keras.layers.Dense(8, "relu")(h))
+    base = keras.Model(tokens, keras.layers.Dense(1)(h))
+    dual = heads.add_variation_head(base, hidden_units=(4,))
+    path = saved_model.export_saved_model(dual, self.base, jit_compile=True)
+    serve = tf.saved_model.load(path).signatures[contract.SERVING_SIGNATURE]
+    for length in (3, 7):
+      x = np.random.RandomState(length).randint(0, 50, (2, length))
+      served = serve(tokens=tf.constant(x, tf.int32))
+      expected = dual(x, training=False)
+      for key in contract.OUTPUT_KEYS:
+        self.assertAllClose(served[key], expected[key], rtol=1e-5, atol=1e-6)
 
   def test_xla_export_serves_the_same_outputs_at_any_batch_size(self):
     for kind, examples in (("float", float_examples), ("ids", id_examples)):
@@ -581,3 +620,7 @@ class JitCompileExportTest(tf.test.TestCase):
                               "Received: jit_compile='yes'")):
       saved_model.export_saved_model(make_dual("float"), self.base,
                                      jit_compile="yes")
+
+
+if __name__ == "__main__":
+  tf.test.main()
