@@ -100,6 +100,24 @@ def in_graph(forward, passes):
   return tf.function(fn)
 
 
+def time_in_graph(forwards, x, passes, repeats):
+  """Times each of `forwards` (one named "base") as `passes` passes in one
+  graph loop (`in_graph`), in interleaved rounds, net of the empty loop.
+
+  Returns:
+    ({name: median s per pass}, {name: per-round ratios (t - t_loop) /
+    (t_base - t_loop)}, the empty loop's s per pass).
+  """
+  loops = {"loop": in_graph(lambda t: t, passes)}
+  loops.update({name: in_graph(f, passes) for name, f in forwards.items()})
+  times, ratios = time_interleaved(loops, x, repeats, 1)
+  loop = times["loop"] / passes
+  net = {name: (ratios[name] - 1.0) / (ratios["base"] - 1.0)
+         for name in forwards}
+  return ({name: times[name] / passes - loop for name in forwards}, net,
+          loop)
+
+
 def tile(x, num_samples):
   return tf.nest.map_structure(
       lambda t: tf.tile(t, [num_samples] + [1] * (len(t.shape) - 1)), x)
@@ -214,22 +232,13 @@ def main():
     fns["targets"] = targets_call(base, args.num_samples, batch)
     t, ratios = time_interleaved(fns, x, repeats, inner)
     passes = GRAPH_PASSES[batch]
-    xla = lambda m: tf.function(forward(m), jit_compile=True)  # pylint: disable=unnecessary-lambda-assignment
-    graph = {"loop": in_graph(lambda x: x, passes),
-             "base": in_graph(forward(base), passes)}
-    graph.update({name: in_graph(forward(m), passes)
-                  for name, m in variants.items()})
-    graph["base, XLA"] = in_graph(xla(base), passes)
-    graph["default, XLA"] = in_graph(xla(variants[default]), passes)
+    graph = {"base": forward(base)}
+    graph.update({name: forward(m) for name, m in variants.items()})
+    graph["base, XLA"] = compiled(base, xla=True)
+    graph["default, XLA"] = compiled(variants[default], xla=True)
     if batch == 1:
-      graph["mc tiled"] = in_graph(mc_compiled(base, args.num_samples),
-                                   passes)
-    gt, loop_ratios = time_interleaved(graph, x, graph_repeats, 1)
-    # Net of the empty loop, per round: (t - t_loop) / (t_base - t_loop).
-    net = {name: (loop_ratios[name] - 1.0) / (loop_ratios["base"] - 1.0)
-           for name in graph}
-    loop = gt["loop"] / passes
-    gt = {name: v / passes - loop for name, v in gt.items()}
+      graph["mc tiled"] = mc_compiled(base, args.num_samples)
+    gt, net, loop = time_in_graph(graph, x, passes, graph_repeats)
     print(f"\nbatch {batch}: base: call {t['base'] * 1e3:.3f} ms, graph "
           f"{gt['base'] * 1e3:.3f} ms ({passes} passes in one loop, net of "
           f"the empty loop's {loop * 1e3:.3f} ms a pass)")

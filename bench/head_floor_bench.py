@@ -106,13 +106,10 @@ def run(batch, repeats=15, inner=50):
   x = tf.constant(_RNG.normal(size=(batch, 64)).astype("float32"))
   _, ratios = dual_bench.time_interleaved(_FUNCTIONS, x, repeats, inner)
   passes = dual_bench.GRAPH_PASSES[batch]
-  graph = {"loop": dual_bench.in_graph(lambda t: t, passes)}
-  graph.update({name: dual_bench.in_graph(fn.python_function, passes)
-                for name, fn in _FUNCTIONS.items()})
-  times, loop_ratios = dual_bench.time_interleaved(graph, x, 11, 1)
-  net = {name: (r - 1.0) / (loop_ratios["base"] - 1.0)
-         for name, r in loop_ratios.items() if name != "loop"}
-  base_ms = (times["base"] - times["loop"]) / passes * 1e3
+  times, net, _ = dual_bench.time_in_graph(
+      {name: fn.python_function for name, fn in _FUNCTIONS.items()}, x,
+      passes, 11)
+  base_ms = times["base"] * 1e3
   for label, r in (("call", ratios), ("graph", net)):
     print(f"batch {batch}, {label}: " + ", ".join(
         f"{name} {np.median(v):.2f}x" for name, v in r.items()

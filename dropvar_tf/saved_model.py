@@ -453,19 +453,14 @@ def _bucket_size(rows):
   return tf.cast(bucket, tf.int32)
 
 
-def _xla_forward(dual, rebuild):
-  """serving_default's computation, compiled by XLA once per bucket size.
+def _padded_to_bucket(compiled):
+  """Runs `compiled` (an XLA function of an input dict) on requests padded
+  to the next power of two rows (copies of their last row), and drops the
+  padded rows from its outputs.
 
-  XLA compiles one program per input shape. Requests are padded (with
-  copies of their last row) to the next power of two rows, so a server
-  compiles at most ~log2(max batch) programs instead of one per batch size;
-  the padded rows are dropped from the outputs.
+  XLA compiles one program per input shape: with the padding a server
+  compiles at most ~log2(max batch) programs instead of one per batch size.
   """
-
-  @tf.function(jit_compile=True)
-  def compiled(inputs):
-    outputs = dual(rebuild(inputs), training=False)
-    return {key: outputs[key] for key in contract.OUTPUT_KEYS}
 
   def forward(inputs):
     rows = tf.shape(next(iter(inputs.values())), out_type=tf.int32)[0]
@@ -473,7 +468,7 @@ def _xla_forward(dual, rebuild):
     padded = {name: tf.gather(x, take) for name, x in inputs.items()}
     outputs = compiled(padded)
     return {key: value[:rows] for key, value in outputs.items()}
-  return compiled, forward
+  return forward
 
 
 def _check_jit_compiles(compiled, specs):
@@ -496,13 +491,14 @@ def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
   archive = keras.export.ExportArchive()
   archive.track(dual)
 
+  def serve(inputs):
+    outputs = dual(rebuild(inputs), training=False)
+    return {key: outputs[key] for key in contract.OUTPUT_KEYS}
+
   if jit_compile:
-    compiled, serve = _xla_forward(dual, rebuild)
+    compiled = tf.function(serve, jit_compile=True)
     _check_jit_compiles(compiled, specs)
-  else:
-    def serve(inputs):
-      outputs = dual(rebuild(inputs), training=False)
-      return {key: outputs[key] for key in contract.OUTPUT_KEYS}
+    serve = _padded_to_bucket(compiled)
 
   archive.add_endpoint(contract.SERVING_SIGNATURE, serve,
                        input_signature=[specs])
@@ -621,6 +617,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   seed = validation.check_int(seed, "seed", 0)
   if not isinstance(jit_compile, (bool, np.bool_)):
     raise validation.invalid("jit_compile", "True or False", jit_compile)
+  jit_compile = bool(jit_compile)
   if seed >= 2**32:
     raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   head_metadata = _head_metadata(dual)
@@ -653,7 +650,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
 
   num_warmup = 0 if warmup is None else len(_warmup_chunks(warmup))
   metadata_dict = _build_metadata(dual, specs, head_metadata, mc, num_warmup)
-  metadata_dict["jit_compile"] = bool(jit_compile)
+  metadata_dict["jit_compile"] = jit_compile
   metadata_json = json.dumps(metadata_dict, sort_keys=True)
 
   os.makedirs(export_base, exist_ok=True)
@@ -663,7 +660,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   try:
     archive = _build_archive(dual, specs, rebuild, metadata_json, mc_model,
                              mc_num_samples, seed, statistic, variation_shape,
-                             jit_compile=bool(jit_compile))
+                             jit_compile=jit_compile)
     archive.write_out(tmp, verbose=False)
     _write_json(os.path.join(tmp, "assets", contract.METADATA_FILENAME),
                 metadata_dict)
