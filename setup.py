@@ -38,18 +38,21 @@ setuptools.setup(
                  "Keras models, exported and served with TF Serving."),
     long_description=open(os.path.join(_HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["dropvar_tf", "dropvar_tf.*",
-                                               "serving", "serving.*",
-                                               "export", "export.*"]),
+    # `serving/` and `export/` sit at the top of the repository but install
+    # inside the one package, as `dropvar_tf.serving` and `dropvar_tf.export`.
+    packages=(setuptools.find_packages(include=["dropvar_tf", "dropvar_tf.*"])
+              + ["dropvar_tf.serving", "dropvar_tf.export"]),
+    package_dir={"dropvar_tf.serving": "serving",
+                 "dropvar_tf.export": "export"},
     python_requires=">=3.10",
     install_requires=REQUIRED,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "dropvar=dropvar_tf.cli:run_main",
-            "dropvar_model_server=serving.server:run_main",
-            "dropvar_client=serving.client_cli:run_main",
-            "dropvar_export=export.export_cli:run_main",
+            "dropvar=dropvar_tf.study.demo:run_main",
+            "dropvar_model_server=dropvar_tf.serving.server:run_main",
+            "dropvar_client=dropvar_tf.serving.client_cli:run_main",
+            "dropvar_export=dropvar_tf.export.export_cli:run_main",
         ],
     },
     license="Apache-2.0",

@@ -35,7 +35,7 @@ import numpy as np
 from dropvar_tf._keras import keras, tf
 from dropvar_tf import heads
 from dropvar_tf import targets
-from dropvar_tf.models import reference
+from dropvar_tf.study.models import reference
 
 # Passes per timed graph call, by batch size.
 GRAPH_PASSES = {1: 200, 256: 10}

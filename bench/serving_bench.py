@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dropvar_tf import contract  # pylint: disable=g-import-not-at-top
 from dropvar_tf._keras import keras, tf  # pylint: disable=g-import-not-at-top
-from serving import client as client_lib  # pylint: disable=g-import-not-at-top
-from serving import server as server_lib  # pylint: disable=g-import-not-at-top
-from serving import testing  # pylint: disable=g-import-not-at-top
+from dropvar_tf.serving import client as client_lib  # pylint: disable=g-import-not-at-top
+from dropvar_tf.serving import server as server_lib  # pylint: disable=g-import-not-at-top
+import serving_testing as testing  # pylint: disable=g-import-not-at-top
 from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS

@@ -6,7 +6,7 @@ against a real TF Serving (>= 2.21) and against the local development server.
 Example:
 
 ```python
-from serving.client import VariationClient
+from dropvar_tf.serving.client import VariationClient
 
 with VariationClient("localhost:8500", "movies") as client:
   result = client.predict({"user_id": np.array([3, 7]),

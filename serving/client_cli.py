@@ -21,7 +21,7 @@ from absl import flags
 import numpy as np
 
 from dropvar_tf import contract
-from serving import client as client_lib
+from dropvar_tf.serving import client as client_lib
 
 FLAGS = flags.FLAGS
 

@@ -16,7 +16,7 @@ from dropvar_tf import contract
 from dropvar_tf import heads
 from dropvar_tf import saved_model
 from dropvar_tf._keras import keras, tf
-from export import export_cli
+from dropvar_tf.export import export_cli
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,7 +147,7 @@ class ExportCliTest(tf.test.TestCase):
     base = os.path.join(self.fresh_dir(), "dual")
     env = dict(os.environ, PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, "-c",
-               "from export.export_cli import run_main; run_main()",
+               "from dropvar_tf.export.export_cli import run_main; run_main()",
                f"--model={self.model_path}", f"--export_base={base}"]
     first = subprocess.run(command, env=env, capture_output=True, text=True,
                            timeout=300, check=False)

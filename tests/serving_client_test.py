@@ -33,10 +33,10 @@ import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf._keras import keras, tf
-from serving import client as client_lib
-from serving import client_cli
-from serving import server as server_lib
-from serving import testing
+from dropvar_tf.serving import client as client_lib
+from dropvar_tf.serving import client_cli
+from dropvar_tf.serving import server as server_lib
+import serving_testing as testing
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -463,7 +463,7 @@ class EndToEndTest(tf.test.TestCase):
   def _start_server(self, base):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--port=0",
+        [sys.executable, "-m", "dropvar_tf.serving.server", "--port=0",
          "--model_name=dual", f"--model_base_path={base}",
          "--file_system_poll_wait_seconds=0.1", "--rest_api_port=8501",
          "--tensorflow_inter_op_parallelism=1",
@@ -483,7 +483,7 @@ class EndToEndTest(tf.test.TestCase):
   def test_bad_thread_flag_is_a_usage_error(self):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
-        [sys.executable, "-m", "serving.server", "--port=0",
+        [sys.executable, "-m", "dropvar_tf.serving.server", "--port=0",
          f"--model_base_path={self.get_temp_dir()}",
          "--tensorflow_inter_op_parallelism=-1"],
         cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,

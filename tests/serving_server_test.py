@@ -11,8 +11,8 @@ import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf._keras import tf
-from serving import server as server_lib
-from serving import testing
+from dropvar_tf.serving import server as server_lib
+import serving_testing as testing
 from tensorflow.core.framework import tensor_pb2
 from tensorflow.core.framework import tensor_shape_pb2
 from tensorflow.core.framework import types_pb2

@@ -9,8 +9,8 @@ import tempfile
 import numpy as np
 
 from dropvar_tf._keras import tf
-from dropvar_tf import study
-from dropvar_tf import study_cli
+from dropvar_tf.study import study
+from dropvar_tf.study import cli as study_cli
 
 _RATE = study.TARGET_RATE
 

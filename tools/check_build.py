@@ -1,7 +1,8 @@
 """Generates the top-level Bazel BUILD from the Python sources, or checks it.
 
-BUILD mirrors the modules: one `py_library` per module of the packages
-(`dropvar_tf`, its subpackages, `serving`, `export`), one sized `py_test` per
+BUILD mirrors the modules: one `py_library` per module of the package
+(`dropvar_tf` and its subpackages, `serving/` and `export/` included), one
+sized `py_test` per
 `tests/*_test.py` (run through pytest, as the project runs them), one
 `py_binary` per benchmark. Dependencies between targets come from the
 `import` statements (third-party packages come from the venv interpreter of
@@ -21,7 +22,12 @@ import difflib
 import os
 import sys
 
-PACKAGES = ("dropvar_tf", "serving", "export")
+# {installed package: its folder in the repository}, as setup.py's
+# package_dir has it: `serving/` installs as `dropvar_tf.serving`. Bazel gets
+# the same layout by copying those files to their installed paths (a genrule
+# per file), so `import dropvar_tf.serving.client` works in runfiles too.
+PACKAGES = {"dropvar_tf": "dropvar_tf", "dropvar_tf.serving": "serving",
+            "dropvar_tf.export": "export"}
 TESTS_DIR = "tests"
 BENCH_DIR = "bench"
 RUNNER = "tools/pytest_runner.py"
@@ -75,8 +81,8 @@ def _rel(path, root):
 def find_modules(root):
   """{dotted module name: relative path} of the packages' Python files."""
   modules = {}
-  for package in PACKAGES:
-    base = os.path.join(root, package)
+  for package, folder in PACKAGES.items():
+    base = os.path.join(root, folder)
     for dirpath, dirnames, filenames in os.walk(base):
       dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and
                            os.path.exists(os.path.join(dirpath, d,
@@ -85,11 +91,18 @@ def find_modules(root):
         if not name.endswith(".py"):
           continue
         rel = _rel(os.path.join(dirpath, name), root)
-        dotted = rel[:-3].replace("/", ".")
+        dotted = package + rel[len(folder):-3].replace("/", ".")
         if dotted.endswith(".__init__"):
           dotted = dotted[:-len(".__init__")]
         modules[dotted] = rel
   return modules
+
+
+def _installed_path(dotted, rel):
+  """Where the module at `rel` lands once installed (`package_dir`)."""
+  if rel.endswith("/__init__.py"):
+    return dotted.replace(".", "/") + "/__init__.py"
+  return dotted.replace(".", "/") + ".py"
 
 
 def _files(root, directory):
@@ -131,7 +144,7 @@ def _imported_modules(path, dotted, known, strings_are_modules=False):
   for node in ast.walk(tree):
     if (strings_are_modules and isinstance(node, ast.Constant) and
         isinstance(node.value, str) and node.value in known):
-      # `python -m serving.server` run by a test in a subprocess.
+      # `python -m dropvar_tf.serving.server` run by a test in a subprocess.
       found.add(node.value)
       continue
     if isinstance(node, ast.Import):
@@ -236,8 +249,12 @@ def generate(root):
   for dotted, rel in sorted(modules.items()):
     deps = _deps(os.path.join(root, rel), dotted, known)
     graph[known[dotted]] = deps
+    installed = _installed_path(dotted, rel)
+    if installed != rel:
+      rules.append(_rule("genrule", known[dotted] + "_src", [
+          ("srcs", [rel]), ("outs", [installed]), ("cmd", '"cp $< $@"')]))
     rules.append(_rule("py_library", known[dotted],
-                       [("srcs", [rel]), ("deps", deps)]))
+                       [("srcs", [installed]), ("deps", deps)]))
   for rel in tests:
     stem = os.path.basename(rel)[:-3]
     if stem in test_helpers:
@@ -270,7 +287,7 @@ def generate(root):
   if cycles:
     raise ValueError(f"Import cycles between modules (Bazel refuses cyclic "
                      f"deps; break them or merge the modules): {cycles}")
-  patterns = [f"{p}/**/*.py" for p in PACKAGES] + [
+  patterns = [f"{p}/**/*.py" for p in PACKAGES.values()] + [
       f"{d}/*.py" for d in (TESTS_DIR, BENCH_DIR)]
   check = "\n".join(
       ["py_test(", '    name = "check_build_test",', '    size = "small",',

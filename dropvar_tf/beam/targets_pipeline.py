@@ -70,7 +70,7 @@ METRICS_NAMESPACE = "dropvar_tf"
 NPZ_RANGE_ROWS = 4096
 # Modules that register dropvar_tf's Keras layers; imported before loading.
 _REGISTERING_MODULES = ("dropvar_tf.targets", "dropvar_tf.layers",
-                        "dropvar_tf.heads", "dropvar_tf.models.reference")
+                        "dropvar_tf.heads", "dropvar_tf.study.models.reference")
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for dropvar_tf.cli (the main job on digits), with tiny settings."""
+"""Tests for dropvar_tf.study.demo (the main job on digits), with tiny settings."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from unittest import mock
 from absl import flags
 import numpy as np
 
-from dropvar_tf import cli
+from dropvar_tf.study import demo
 from dropvar_tf import contract
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
@@ -29,9 +29,9 @@ class RunTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.output_dir = tempfile.mkdtemp(prefix="dropvar_cli_test_")
+    cls.output_dir = tempfile.mkdtemp(prefix="dropvar_demo_test_")
     cls.lines = []
-    cls.results = cli.run(cls.output_dir, num_samples=_NUM_SAMPLES,
+    cls.results = demo.run(cls.output_dir, num_samples=_NUM_SAMPLES,
                           num_perturbed=300, base_epochs=3, head_epochs=3,
                           seed=0, export=True, log=cls.lines.append)
 
@@ -106,11 +106,11 @@ class MainTest(tf.test.TestCase):
 
   def _main_kwargs(self, argv):
     fv = flags.FlagValues()
-    with mock.patch.dict(cli._FLAGS, clear=True):  # pylint: disable=protected-access
-      cli.define_flags(fv)
+    with mock.patch.dict(demo._FLAGS, clear=True):  # pylint: disable=protected-access
+      demo.define_flags(fv)
       fv(["dropvar"] + argv)
-      with mock.patch.object(cli, "run") as run:
-        cli.main(["dropvar"])
+      with mock.patch.object(demo, "run") as run:
+        demo.main(["dropvar"])
     run.assert_called_once()
     return run.call_args.kwargs
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dropvar_tf._keras import tf
-from dropvar_tf.data import common
+from dropvar_tf.study.data import common
 from dropvar_tf.validation import check_int, invalid
 
 NUM_DENSE = 13

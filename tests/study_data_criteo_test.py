@@ -1,4 +1,4 @@
-"""Tests for dropvar_tf.data.criteo."""
+"""Tests for dropvar_tf.study.data.criteo."""
 
 import gzip
 import os
@@ -6,8 +6,8 @@ import os
 import numpy as np
 
 from dropvar_tf._keras import tf
-from dropvar_tf.data import common
-from dropvar_tf.data import criteo
+from dropvar_tf.study.data import common
+from dropvar_tf.study.data import criteo
 
 # A hand-written labelled line: I1 and I12 missing, I2 = -1; C2, C22 and C26
 # missing.

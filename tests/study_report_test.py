@@ -6,7 +6,7 @@ import tempfile
 import numpy as np
 
 from dropvar_tf import metrics
-from dropvar_tf import report
+from dropvar_tf.study import report
 from dropvar_tf._keras import tf
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ import gzip
 
 import numpy as np
 
-from dropvar_tf.data import common
+from dropvar_tf.study.data import common
 from dropvar_tf.validation import check_int, invalid
 
 EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits",

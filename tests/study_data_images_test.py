@@ -1,4 +1,4 @@
-"""Tests for dropvar_tf.data.images."""
+"""Tests for dropvar_tf.study.data.images."""
 
 import importlib.util
 import os
@@ -9,8 +9,8 @@ import time
 import numpy as np
 
 from dropvar_tf._keras import tf
-from dropvar_tf.data import common
-from dropvar_tf.data import images
+from dropvar_tf.study.data import common
+from dropvar_tf.study.data import images
 
 
 def _fake_emnist(data_dir, split, num_classes, num_train, num_test, seed=0):

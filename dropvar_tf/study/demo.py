@@ -57,8 +57,8 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
   # pylint: disable=import-outside-toplevel
   from dropvar_tf._keras import keras
   from dropvar_tf import heads, metrics, moments, report, targets, training
-  from dropvar_tf.data import images
-  from dropvar_tf.models import reference
+  from dropvar_tf.study.data import images
+  from dropvar_tf.study.models import reference
 
   os.makedirs(output_dir, exist_ok=True)
   keras.utils.set_random_seed(seed)

@@ -17,7 +17,7 @@ Dropout layers are seeded, so two builds with one seed are identical.
 import numpy as np
 
 from dropvar_tf._keras import keras
-from dropvar_tf.data import common
+from dropvar_tf.study.data import common
 from dropvar_tf.validation import check_int, invalid
 
 OUTPUT_NAME = "output"
@@ -185,7 +185,7 @@ def criteo_model(num_buckets, num_dense=13, embedding_dim=16,
 
   Returns:
     An uncompiled Functional model. Inputs: {"dense": float32 (B, num_dense),
-    "cat": int64 (B, num_columns)} (the `dropvar_tf.data.criteo` layout);
+    "cat": int64 (B, num_columns)} (the `dropvar_tf.study.data.criteo` layout);
     output: click probability, float32 (B, 1), sigmoid.
 
   Raises:
@@ -315,7 +315,7 @@ def compile_for_task(model, kind, learning_rate=1e-3):
 
   Args:
     model: a Keras model.
-    kind: one of `dropvar_tf.data.TASK_KINDS`.
+    kind: one of `dropvar_tf.study.data.TASK_KINDS`.
     learning_rate: Adam learning rate.
 
   Returns:
@@ -353,7 +353,7 @@ def train_base_model(model, split, epochs=5, batch_size=256, seed=0,
 
   Args:
     model: a model whose inputs match `split.x_train`.
-    split: a `dropvar_tf.data.Split`.
+    split: a `dropvar_tf.study.data.Split`.
     epochs: training epochs, >= 1.
     batch_size: batch size, >= 1.
     seed: global seed set before fitting.
@@ -365,7 +365,7 @@ def train_base_model(model, split, epochs=5, batch_size=256, seed=0,
     The Keras `History` of the fit.
   """
   if not isinstance(split, common.Split):
-    raise invalid("split", "a `dropvar_tf.data.Split`", type(split).__name__)
+    raise invalid("split", "a `dropvar_tf.study.data.Split`", type(split).__name__)
   epochs = check_int(epochs, "epochs", 1)
   batch_size = check_int(batch_size, "batch_size", 1)
   keras.utils.set_random_seed(check_int(seed, "seed", 0))

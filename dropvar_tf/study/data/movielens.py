@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from dropvar_tf.data import common
+from dropvar_tf.study.data import common
 from dropvar_tf.validation import check_int, invalid
 
 USER_KEY = "user_id"

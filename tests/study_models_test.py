@@ -6,9 +6,9 @@ import numpy as np
 
 from dropvar_tf import validation
 from dropvar_tf._keras import keras, tf
-from dropvar_tf.data import common
-from dropvar_tf.data import criteo
-from dropvar_tf.models import reference
+from dropvar_tf.study.data import common
+from dropvar_tf.study.data import criteo
+from dropvar_tf.study.models import reference
 
 
 def _rates(model):
