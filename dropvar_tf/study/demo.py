@@ -56,7 +56,8 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
   """
   # pylint: disable=import-outside-toplevel
   from dropvar_tf._keras import keras
-  from dropvar_tf import heads, metrics, moments, report, targets, training
+  from dropvar_tf import heads, metrics, moments, targets, training
+  from dropvar_tf.study import report
   from dropvar_tf.study.data import images
   from dropvar_tf.study.models import reference
 
