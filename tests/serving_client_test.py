@@ -36,6 +36,7 @@ from dropvar_tf._keras import keras, tf
 from dropvar_tf.serving import client as client_lib
 from dropvar_tf.serving import client_cli
 from dropvar_tf.serving import server as server_lib
+from dropvar_tf.serving import versions
 import serving_testing as testing
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -505,7 +506,7 @@ class EndToEndTest(tf.test.TestCase):
     else:  # Before the exporter exists: the contract-shaped test model.
       dual = testing.dense_model()
       export = lambda model: testing.write_export(
-          model, base, 1 + len(server_lib.list_versions(base)))
+          model, base, 1 + len(versions.list_versions(base)))
     self.assertEqual(os.path.basename(export(dual)), "1")
     proc, target = self._start_server(base)
     with client_lib.VariationClient(target, "dual") as client:
