@@ -22,7 +22,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository (a checkout that is not installed) and the test fixtures.
+sys.path.insert(0, _REPO)
+sys.path.insert(0, os.path.join(_REPO, "tests"))
 
 from dropvar_tf import contract  # pylint: disable=g-import-not-at-top
 from dropvar_tf._keras import keras, tf  # pylint: disable=g-import-not-at-top
@@ -32,9 +35,17 @@ import serving_testing as testing  # pylint: disable=g-import-not-at-top
 from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "Fewer iterations (a smoke run).")
-flags.DEFINE_list("batch_sizes", ["1", "256"], "Batch sizes to time.")
-flags.DEFINE_integer("iterations", 1000, "Timed iterations per batch size.")
+
+
+def define_flags(flag_values=FLAGS):
+  """Defines the benchmark's flags on `flag_values`."""
+  flags.DEFINE_bool("quick", False, "Fewer iterations (a smoke run).",
+                    flag_values=flag_values)
+  flags.DEFINE_list("batch_sizes", ["1", "256"], "Batch sizes to time.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("iterations", 1000,
+                       "Timed iterations per batch size.",
+                       flag_values=flag_values)
 
 
 def _mlp(features=32, width=256, seed=0):
@@ -61,8 +72,8 @@ def bench(batch_size, iterations, client, signature, features):
   """Times one batch size; returns {name: list of seconds}."""
   rng = np.random.default_rng(batch_size)
   x = rng.normal(size=(batch_size, features)).astype(np.float32)
-  response_bytes = client._predict_stub.Predict(  # pylint: disable=protected-access
-      client.build_request({"x": x}), timeout=10).SerializeToString()
+  response_bytes = client.predict_response(
+      {"x": x}, timeout=10).SerializeToString()
   for _ in range(max(20, iterations // 20)):  # Warm up both paths.
     signature(x=x)
     client.predict({"x": x})
@@ -78,7 +89,7 @@ def bench(batch_size, iterations, client, signature, features):
     client.build_request({"x": x})
     t3 = clock()
     response = predict_pb2.PredictResponse.FromString(response_bytes)
-    _ = {k: client_lib.decode(v) for k, v in response.outputs.items()}
+    _ = client_lib.decode_outputs(response)
     t4 = clock()
     times["in-process"].append(t1 - t0)
     times["grpc"].append(t2 - t1)
@@ -119,5 +130,11 @@ def main(argv):
       server.stop()
 
 
-if __name__ == "__main__":
+def run_main():
+  """Parses the flags and runs the benchmark."""
+  define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run_main()

@@ -18,8 +18,7 @@ with VariationClient("localhost:8500", "movies") as client:
 """
 
 import dataclasses
-import random
-import time
+import json
 
 import grpc
 import numpy as np
@@ -27,8 +26,8 @@ import numpy as np
 from dropvar_tf import contract
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
-from tensorflow.core.framework import tensor_pb2
-from tensorflow.core.framework import tensor_shape_pb2
+from dropvar_tf.serving import codec
+from dropvar_tf.serving import errors
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
@@ -38,21 +37,14 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 _SIGNATURE_DEF_FIELD = "signature_def"
 _STATE_NAMES = get_model_status_pb2.ModelVersionStatus.State
 
-
-class ServingError(Exception):
-  """A failed RPC: carries the gRPC status code and the server's message.
-
-  Attributes:
-    code: a `grpc.StatusCode`.
-    details: the server's message.
-    method: the RPC name ("Predict", "GetModelMetadata", "GetModelStatus").
-  """
-
-  def __init__(self, code, details, method):
-    self.code = code
-    self.details = details
-    self.method = method
-    super().__init__(f"{method} failed with {code.name}: {details}")
+# The services the client calls; the retry policy covers all their methods.
+_SERVICES = ("tensorflow.serving.PredictionService",
+             "tensorflow.serving.ModelService")
+# gRPC clamps a retry policy's maxAttempts to 5.
+_MAX_RETRIES = 4
+# gRPC retries only requests it still holds; its default per-call buffer is
+# 256 KiB. This covers requests up to the local server's default size limit.
+_RETRY_BUFFER_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,62 +122,50 @@ def _specs(tensor_infos):
   return specs
 
 
-def encode(array):
-  """Encodes an array-like as a TensorProto with `tensor_content`.
-
-  One bytes copy of the array instead of one protobuf value per element (what
-  `tf.make_tensor_proto` does for small arrays is the same; doing it here
-  skips its per-call dtype inference and checks).
+def decode_outputs(response):
+  """Decodes the outputs of a PredictResponse.
 
   Args:
-    array: a numpy array or array-like. Strings go through
-      `tf.make_tensor_proto`.
+    response: a `PredictResponse`.
 
   Returns:
-    A `tensorflow.TensorProto`.
+    {alias: numpy array}; arrays decoded from tensor_content are read-only.
+
+  Raises:
+    ServingError: INVALID_ARGUMENT naming an output that cannot be decoded.
   """
-  array = np.asarray(array)
-  if array.dtype.kind in "OUS":
-    return tf.make_tensor_proto(array)
-  if array.dtype.byteorder == ">":
-    array = array.astype(array.dtype.newbyteorder("<"))
-  return tensor_pb2.TensorProto(
-      dtype=tf.dtypes.as_dtype(array.dtype).as_datatype_enum,
-      tensor_shape=tensor_shape_pb2.TensorShapeProto(
-          dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d)
-               for d in array.shape]),
-      tensor_content=np.ascontiguousarray(array).tobytes())
+  return {alias: codec.decode(proto, alias, role="Output")
+          for alias, proto in response.outputs.items()}
 
 
-def decode(proto):
-  """Decodes a TensorProto into a numpy array.
+def _duration(seconds):
+  """A service config duration: "0.050000000s"."""
+  return f"{seconds:.9f}s"
 
-  `tensor_content` (what dropvar_model_server sends) is read without a copy;
-  per-element value fields (what TF Serving sends by default) go through
-  `tf.make_ndarray`.
 
-  Args:
-    proto: a `tensorflow.TensorProto`.
-
-  Returns:
-    A numpy array; read-only when decoded from tensor_content.
-  """
-  if proto.tensor_content:
-    dtype = tf.dtypes.as_dtype(proto.dtype)
-    if dtype != tf.string:
-      shape = [d.size for d in proto.tensor_shape.dim]
-      np_dtype = np.dtype(dtype.as_numpy_dtype).newbyteorder("<")
-      return np.frombuffer(proto.tensor_content, np_dtype).reshape(shape)
-  return tf.make_ndarray(proto)
+def _service_config(max_retries, backoff_seconds, max_backoff_seconds):
+  """The channel's service config: retry UNAVAILABLE on every method."""
+  method_config = {"name": [{"service": s} for s in _SERVICES]}
+  if max_retries:
+    method_config["retryPolicy"] = {
+        "maxAttempts": max_retries + 1,
+        "initialBackoff": _duration(backoff_seconds),
+        "maxBackoff": _duration(max_backoff_seconds),
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+  return {"methodConfig": [method_config]}
 
 
 class VariationClient:
   """Queries a served dual model: prediction and variation in one call.
 
-  Every RPC gets an explicit deadline (`timeout`). Only UNAVAILABLE (server
-  not reachable yet, or restarting) is retried, with exponential backoff:
-  all three RPCs are read-only, so retrying them is safe. Every other failure
-  is raised at once as `ServingError` carrying the gRPC code and message.
+  Every RPC gets an explicit deadline (`timeout`). Retries are left to gRPC:
+  the channel's service config holds a `retryPolicy` that retries only
+  UNAVAILABLE (server not reachable yet, or restarting), up to `max_retries`
+  times with exponential backoff. All three RPCs are read-only, so retrying
+  them is safe. Every other failure is raised at once as `ServingError`
+  carrying the gRPC code and the server's message.
   """
 
   def __init__(self, target, model_name,
@@ -201,17 +181,24 @@ class VariationClient:
       signature: the signature to call.
       version: a specific version to ask for (None: the latest).
       version_label: a version label instead of `version`.
-      timeout: deadline of each RPC attempt, in seconds.
-      max_retries: retries after UNAVAILABLE (0: none).
-      backoff_seconds: first backoff; doubles each retry, randomised by up to
-        half so clients do not retry in lock step.
-      max_backoff_seconds: longest backoff.
+      timeout: deadline of each call, in seconds; it covers the call's
+        retries too.
+      max_retries: retries after UNAVAILABLE, 0 to 4 (gRPC makes at most 5
+        attempts). Set as the channel's `retryPolicy`: maxAttempts
+        `max_retries + 1`, retryableStatusCodes ["UNAVAILABLE"]. gRPC retries
+        a request only while it holds a copy of it; the created channel
+        keeps up to 64 MiB per call for that.
+      backoff_seconds: the retryPolicy's initialBackoff, > 0. The n-th retry
+        waits min(backoff_seconds * 2**(n-1), max_backoff_seconds),
+        randomised by gRPC so that clients do not retry in lock step.
+      max_backoff_seconds: the retryPolicy's maxBackoff, > 0.
       cast_inputs: cast inputs whose dtype differs from the signature's to
         the signature's dtype when numpy "same_kind" casting allows it
         (float64 -> float32, int32 -> int64). Costs one GetModelMetadata call,
         made once and cached.
       channel: a `grpc.Channel` to use instead of creating one (not closed by
-        `close`).
+        `close`). Its own service config decides retries: `max_retries` and
+        the backoffs apply to a created channel only.
       channel_options: extra options for the created channel.
 
     Raises:
@@ -237,6 +224,15 @@ class VariationClient:
         timeout, (int, float)) or not timeout > 0:
       raise validation.invalid("timeout", "a number of seconds > 0", timeout)
     self.max_retries = validation.check_int(max_retries, "max_retries", 0)
+    if self.max_retries > _MAX_RETRIES:
+      raise validation.invalid(
+          "max_retries", f"an integer in [0, {_MAX_RETRIES}] (gRPC makes at "
+          f"most {_MAX_RETRIES + 1} attempts)", max_retries)
+    for arg, value in (("backoff_seconds", backoff_seconds),
+                       ("max_backoff_seconds", max_backoff_seconds)):
+      if isinstance(value, bool) or not isinstance(
+          value, (int, float)) or not value > 0:
+        raise validation.invalid(arg, "a number of seconds > 0", value)
     self.target = target
     self.model_name = model_name
     self.signature = signature
@@ -248,7 +244,14 @@ class VariationClient:
     self.cast_inputs = cast_inputs
     self._own_channel = channel is None
     if channel is None:
-      channel = grpc.insecure_channel(target, options=channel_options or [])
+      service_config = _service_config(self.max_retries,
+                                       self.backoff_seconds,
+                                       self.max_backoff_seconds)
+      options = [("grpc.enable_retries", 1),
+                 ("grpc.service_config", json.dumps(service_config)),
+                 ("grpc.per_rpc_retry_buffer_size", _RETRY_BUFFER_BYTES)]
+      channel = grpc.insecure_channel(
+          target, options=options + list(channel_options or []))
     self._channel = channel
     self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(
         channel)
@@ -267,24 +270,12 @@ class VariationClient:
       spec.version_label = self.version_label
 
   def _call(self, method, rpc, request, timeout):
-    """Calls `rpc` with a deadline, retrying UNAVAILABLE with backoff."""
+    """Calls `rpc` with a deadline; a failure becomes a `ServingError`."""
     timeout = self.timeout if timeout is None else timeout
-    attempt = 0
-    while True:
-      try:
-        return rpc(request, timeout=timeout)
-      except grpc.RpcError as e:
-        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-        details = e.details() if hasattr(e, "details") else str(e)
-        if code == grpc.StatusCode.UNAVAILABLE and attempt < self.max_retries:
-          delay = min(self.max_backoff_seconds,
-                      self.backoff_seconds * 2**attempt)
-          time.sleep(delay * random.uniform(0.5, 1.0))
-          attempt += 1
-          continue
-        if attempt:
-          details = f"{details} (after {attempt + 1} attempts)"
-        raise ServingError(code, details, method) from None
+    try:
+      return rpc(request, timeout=timeout)
+    except grpc.RpcError as e:
+      raise errors.ServingError.from_rpc_error(e, method) from None
 
   # -- Public API.
 
@@ -301,12 +292,31 @@ class VariationClient:
     request = predict_pb2.PredictRequest()
     self._fill_model_spec(request.model_spec)
     for alias, array in self._named_inputs(inputs).items():
-      request.inputs[alias].CopyFrom(encode(array))
+      request.inputs[alias].CopyFrom(codec.encode(array))
     if output_filter is not None:
       if isinstance(output_filter, str):
         output_filter = [output_filter]
       request.output_filter.extend(output_filter)
     return request
+
+  def predict_response(self, inputs, output_filter=None, timeout=None):
+    """Calls Predict and returns the response as it came.
+
+    Args:
+      inputs: see `predict`.
+      output_filter: see `predict`.
+      timeout: see `predict`.
+
+    Returns:
+      The `PredictResponse` (see `decode_outputs`).
+
+    Raises:
+      ServingError: the server refused the request or could not be reached.
+      ValueError: see `predict`.
+    """
+    request = self.build_request(inputs, output_filter)
+    return self._call("Predict", self._predict_stub.Predict, request,
+                      timeout)
 
   def predict(self, inputs, output_filter=None, timeout=None):
     """Calls Predict.
@@ -323,14 +333,13 @@ class VariationClient:
       A `Result`.
 
     Raises:
-      ServingError: the server refused the request or could not be reached.
+      ServingError: the server refused the request or could not be reached,
+        or an output could not be decoded (INVALID_ARGUMENT naming it).
       ValueError: `inputs` is empty, or a single array was given for a
         signature with several inputs.
     """
-    request = self.build_request(inputs, output_filter)
-    response = self._call("Predict", self._predict_stub.Predict, request,
-                          timeout)
-    outputs = {alias: decode(t) for alias, t in response.outputs.items()}
+    response = self.predict_response(inputs, output_filter, timeout)
+    outputs = decode_outputs(response)
     return Result(prediction=outputs.get(contract.PREDICTION_KEY),
                   variation=outputs.get(contract.VARIATION_KEY),
                   model_version=int(response.model_spec.version.value),
@@ -383,7 +392,7 @@ class VariationClient:
     if self._input_specs is None:
       metadata = self.get_model_metadata()
       if self.signature not in metadata.signature_defs:
-        raise ServingError(
+        raise errors.ServingError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"Serving signature key \"{self.signature}\" not found.",
             "GetModelMetadata")

@@ -22,36 +22,39 @@ import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf.serving import client as client_lib
+from dropvar_tf.serving import errors
 
 FLAGS = flags.FLAGS
 
-def _define(define, name, *args, **kwargs):
-  # Another module may already define a flag of the same name and meaning
-  # (--model_name); defining it twice is an error in absl.
-  if name not in FLAGS:
-    define(name, *args, **kwargs)
 
+def define_flags(flag_values=FLAGS):
+  """Defines the client's flags on `flag_values`.
 
-def define_flags():
-  """Defines this command's flags; called by `run_main`, not at import.
+  Called by `run_main`, not at import, so that other absl tools (the server
+  defines `--model_name` too) can be imported into the same process.
 
-  Defining them at import would clash with other modules' flags whenever
-  both are imported (tests, notebooks).
+  Args:
+    flag_values: the `flags.FlagValues` to define them on.
   """
-  _define(flags.DEFINE_string, "target", "localhost:8500",
-          "host:port of the server.")
-  _define(flags.DEFINE_string, "model_name", None, "Served model name.")
-  _define(flags.DEFINE_string, "signature", contract.SERVING_SIGNATURE,
-          "Signature to call.")
-  _define(flags.DEFINE_integer, "version", None,
-          "Model version (default: latest).")
-  _define(flags.DEFINE_string, "version_label", None,
-          "Version label instead of --version.")
-  _define(flags.DEFINE_string, "input", None,
-          "Request inputs: .json, .npy or .npz file.")
-  _define(flags.DEFINE_list, "output_filter", None,
-          "Output aliases to return, e.g. variation (default: all).")
-  _define(flags.DEFINE_float, "timeout", 10.0, "Deadline per RPC, seconds.")
+  flags.DEFINE_string("target", "localhost:8500", "host:port of the server.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("model_name", None, "Served model name.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("signature", contract.SERVING_SIGNATURE,
+                      "Signature to call.", flag_values=flag_values)
+  flags.DEFINE_integer("version", None, "Model version (default: latest).",
+                       flag_values=flag_values)
+  flags.DEFINE_string("version_label", None,
+                      "Version label instead of --version.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("input", None,
+                      "Request inputs: .json, .npy or .npz file.",
+                      flag_values=flag_values)
+  flags.DEFINE_list("output_filter", None,
+                    "Output aliases to return, e.g. variation (default: all).",
+                    flag_values=flag_values)
+  flags.DEFINE_float("timeout", 10.0, "Deadline per RPC, seconds.",
+                     flag_values=flag_values)
 
 
 COMMANDS = ("predict", "metadata", "status")
@@ -126,6 +129,19 @@ def run_command(command, client, inputs=None, output_filter=None):
 
 
 def main(argv):
+  """Runs the command in `argv` with the client FLAGS describe.
+
+  Args:
+    argv: the arguments left after flag parsing: at most one command
+      (default "predict").
+
+  Returns:
+    The exit code: 0, or 1 when the server refused the request (the error
+    is written to stderr).
+
+  Raises:
+    app.UsageError: an unknown command, or a missing flag.
+  """
   command = argv[1] if len(argv) > 1 else "predict"
   if command not in COMMANDS or len(argv) > 2:
     raise app.UsageError(f"Usage: dropvar_client [{'|'.join(COMMANDS)}] "
@@ -143,7 +159,7 @@ def main(argv):
         version=FLAGS.version, version_label=FLAGS.version_label,
         timeout=FLAGS.timeout) as client:
       out = run_command(command, client, inputs, FLAGS.output_filter)
-  except client_lib.ServingError as e:
+  except errors.ServingError as e:
     print(str(e), file=sys.stderr)
     return 1
   print(json.dumps(out))
@@ -153,7 +169,7 @@ def main(argv):
 def run_main():
   """Console entry point `dropvar_client`."""
   define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(main)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests of serving/client.py and serving/client_cli.py, and end to end.
+"""Tests of serving/client.py, and end to end.
 
 `ClientTest` runs against a local in-process server by default. Point it at a
 real TF Serving (or any server speaking its gRPC API) with
@@ -12,8 +12,6 @@ compared with the same version loaded in process. Tests of behaviour that only
 the local server has are skipped against a real server.
 """
 
-import io
-import json
 import os
 import shutil
 import signal
@@ -23,19 +21,18 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import redirect_stderr
-from contextlib import redirect_stdout
-from unittest import mock
+from concurrent import futures
 
-from absl import flags
 import grpc
 import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.serving import client as client_lib
-from dropvar_tf.serving import client_cli
+from dropvar_tf.serving import codec
+from dropvar_tf.serving import errors
 from dropvar_tf.serving import server as server_lib
+from dropvar_tf.serving import versions
 import serving_testing as testing
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -61,19 +58,6 @@ def _inputs_for(specs, batch_size, seed=0):
   return inputs
 
 
-def _run_cli(args):
-  """Parses `args` as `dropvar_client` would and runs it; (code, stdout)."""
-  client_cli.define_flags()
-  buffer = io.StringIO()
-  try:
-    remaining = flags.FLAGS(["dropvar_client"] + args)
-    with redirect_stdout(buffer), redirect_stderr(io.StringIO()):
-      code = client_cli.main(remaining)
-  finally:
-    flags.FLAGS.unparse_flags()
-  return code, buffer.getvalue()
-
-
 def _port_is_free(port):
   with socket.socket() as s:
     try:
@@ -87,6 +71,47 @@ def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+class _FlakyServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+  """Refuses the first `failures` Predict calls with `code`, then answers.
+
+  Attributes:
+    calls: Predict calls received (attempts, retries included).
+    time_left: the seconds left before the deadline at each call.
+  """
+
+  def __init__(self, failures, code=grpc.StatusCode.UNAVAILABLE):
+    self.failures = failures
+    self.code = code
+    self.calls = 0
+    self.time_left = []
+    self._lock = threading.Lock()
+
+  def Predict(self, request, context):  # pylint: disable=invalid-name
+    with self._lock:
+      self.calls += 1
+      call = self.calls
+      self.time_left.append(context.time_remaining())
+    if call <= self.failures:
+      context.abort(self.code, f"attempt {call} refused")
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = request.model_spec.name
+    response.model_spec.version.value = 1
+    response.outputs[contract.VARIATION_KEY].CopyFrom(
+        codec.encode(np.full((1, 1), 0.5, np.float32)))
+    return response
+
+
+def _serve(test, servicer):
+  """Serves `servicer` on 127.0.0.1 until the test ends; returns the target."""
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+  prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+      servicer, server)
+  port = server.add_insecure_port("127.0.0.1:0")
+  server.start()
+  test.addCleanup(server.stop, None)
+  return f"127.0.0.1:{port}"
 
 
 class ClientTest(tf.test.TestCase):
@@ -195,20 +220,20 @@ class ClientTest(tf.test.TestCase):
     inputs = _inputs_for(self.specs, 1)
     with client_lib.VariationClient(self.target, self.model_name,
                                     version=987654, cast_inputs=False) as c:
-      with self.assertRaises(client_lib.ServingError) as cm:
+      with self.assertRaises(errors.ServingError) as cm:
         c.predict(inputs)
     self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND)
     self.assertEqual(cm.exception.method, "Predict")
     with client_lib.VariationClient(self.target, "no_such_model_xyz",
                                     cast_inputs=False) as c:
-      with self.assertRaises(client_lib.ServingError) as cm:
+      with self.assertRaises(errors.ServingError) as cm:
         c.predict(inputs)
     self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND)
     self.assertIn("no_such_model_xyz", str(cm.exception))
     with client_lib.VariationClient(self.target, self.model_name,
                                     signature="no_such_signature",
                                     cast_inputs=False) as c:
-      with self.assertRaises(client_lib.ServingError) as cm:
+      with self.assertRaises(errors.ServingError) as cm:
         c.predict(inputs)
     self.assertEqual(cm.exception.code, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -219,11 +244,11 @@ class ClientTest(tf.test.TestCase):
     inputs["context"] = inputs["context"].astype(np.int32)
     with client_lib.VariationClient(self.target, self.model_name,
                                     cast_inputs=False) as c:
-      with self.assertRaises(client_lib.ServingError) as cm:
+      with self.assertRaises(errors.ServingError) as cm:
         c.predict(inputs)
     self.assertEqual(cm.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
     self.assertIn("Input \"context\" expects dtype float32 but int32",
-                  cm.exception.details)
+                  cm.exception.message)
 
   def test_inputs_are_cast_to_the_signature_dtypes(self):
     inputs = _inputs_for(self.specs, 3, seed=4)
@@ -234,21 +259,6 @@ class ClientTest(tf.test.TestCase):
     lists = {k: v.tolist() for k, v in inputs.items()}
     self.assertAllClose(self.client.predict(lists).variation,
                         self.client.predict(inputs).variation)
-
-  def test_encode_uses_tensor_content(self):
-    array = np.arange(12, dtype=np.float32).reshape(3, 4)
-    proto = client_lib.encode(array)
-    self.assertLen(proto.tensor_content, array.nbytes)
-    self.assertEmpty(proto.float_val)
-    self.assertAllEqual(tf.make_ndarray(proto), array)
-    self.assertAllEqual(client_lib.decode(proto), array)
-    typed = client_lib.encode(array)
-    typed.ClearField("tensor_content")
-    typed.float_val.extend(array.ravel().tolist())
-    self.assertAllEqual(client_lib.decode(typed), tf.make_ndarray(typed))
-    big_endian = array.astype(">f4")
-    self.assertAllEqual(client_lib.decode(client_lib.encode(big_endian)),
-                        array)
 
 
 class LocalClientTest(tf.test.TestCase):
@@ -285,59 +295,16 @@ class LocalClientTest(tf.test.TestCase):
                         rtol=1e-6, atol=1e-6)
     self.assertEqual(result.model_version, 1)
 
-  def test_unavailable_is_retried_until_the_server_is_up(self):
-    port = _free_port()
-    server = self._server(port)
-    starter = threading.Timer(0.6, server.start)
-    starter.start()
-    self.addCleanup(server.stop)
-    self.addCleanup(starter.cancel)
-    with client_lib.VariationClient(f"127.0.0.1:{port}", "dense",
-                                    max_retries=8, backoff_seconds=0.1,
-                                    timeout=5.0) as client:
-      result = client.predict({"x": testing.dense_inputs(1)})
-    self.assertEqual(result.model_version, 1)
-
-  def test_retries_give_up_with_unavailable(self):
-    port = _free_port()
-    with client_lib.VariationClient(f"127.0.0.1:{port}", "dense",
-                                    max_retries=2, backoff_seconds=0.01,
-                                    timeout=2.0, cast_inputs=False) as client:
-      with mock.patch.object(time, "sleep", wraps=time.sleep) as sleep:
-        with self.assertRaises(client_lib.ServingError) as cm:
-          client.predict({"x": testing.dense_inputs(1)})
-    self.assertEqual(cm.exception.code, grpc.StatusCode.UNAVAILABLE)
-    self.assertIn("(after 3 attempts)", str(cm.exception))
-    self.assertEqual(sleep.call_count, 2)
-
-  def test_other_errors_are_not_retried(self):
+  def test_server_refusal_carries_code_and_message(self):
     with self._server() as server:
       with client_lib.VariationClient(server.target, "dense",
                                       cast_inputs=False) as client:
-        with mock.patch.object(time, "sleep") as sleep:
-          with self.assertRaises(client_lib.ServingError) as cm:
-            client.predict({"x": np.zeros((1, 3), np.float32)})
+        with self.assertRaises(errors.ServingError) as cm:
+          client.predict({"x": np.zeros((1, 3), np.float32)})
     self.assertEqual(cm.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+    self.assertEqual(cm.exception.method, "Predict")
     self.assertIn("Input \"x\" expects shape [-1,4] but got [1,3]",
                   str(cm.exception))
-    sleep.assert_not_called()
-
-  def test_deadline_is_sent_with_every_rpc(self):
-    with self._server() as server:
-      with client_lib.VariationClient(server.target, "dense",
-                                      timeout=0.25) as client:
-        calls = []
-        stub = client._predict_stub  # pylint: disable=protected-access
-        real = stub.Predict
-
-        def spy(request, timeout=None):
-          calls.append(timeout)
-          return real(request, timeout=timeout)
-
-        with mock.patch.object(stub, "Predict", spy):
-          client.predict({"x": testing.dense_inputs(1)})
-          client.predict({"x": testing.dense_inputs(1)}, timeout=1.5)
-    self.assertEqual(calls, [0.25, 1.5])
 
   def test_argument_validation(self):
     cases = [
@@ -350,6 +317,12 @@ class LocalClientTest(tf.test.TestCase):
         (dict(target="h:1", model_name="m", timeout=0), "argument `timeout`"),
         (dict(target="h:1", model_name="m", max_retries=-1),
          "argument `max_retries`"),
+        (dict(target="h:1", model_name="m", max_retries=5),
+         "argument `max_retries`. Expected an integer in \\[0, 4\\]"),
+        (dict(target="h:1", model_name="m", backoff_seconds=0),
+         "argument `backoff_seconds`"),
+        (dict(target="h:1", model_name="m", max_backoff_seconds=-1.0),
+         "argument `max_backoff_seconds`"),
     ]
     for kwargs, message in cases:
       with self.subTest(message):
@@ -369,63 +342,73 @@ class LocalClientTest(tf.test.TestCase):
                                     "'user_id'\\]"):
           client.predict(np.zeros((1, 2), np.float32))
 
-  def test_cli_predict_metadata_status(self):
-    tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
-    x = testing.dense_inputs(2, seed=6)
-    json_path = os.path.join(tmp, "req.json")
-    with open(json_path, "w") as f:
-      json.dump({"inputs": {"x": x.tolist()}}, f)
-    npy_path = os.path.join(tmp, "req.npy")
-    np.save(npy_path, x)
-    expected = self.model(x)
-    with self._server() as server:
-      common = [f"--target={server.target}", "--model_name=dense"]
-      outputs = {}
-      for name, args in [
-          ("json", ["predict", f"--input={json_path}"]),
-          ("npy", [f"--input={npy_path}", "--output_filter=variation"]),
-          ("metadata", ["metadata"]),
-          ("status", ["status"]),
-      ]:
-        code, stdout = _run_cli(args + common)
-        self.assertEqual(code, 0, name)
-        outputs[name] = json.loads(stdout)
-      code, stdout = _run_cli([f"--input={npy_path}",
-                               f"--target={server.target}",
-                               "--model_name=nope"])
-      self.assertEqual((code, stdout), (1, ""))
-    self.assertAllClose(outputs["json"]["prediction"], expected["prediction"],
-                        rtol=1e-6, atol=1e-6)
-    self.assertAllClose(outputs["json"]["variation"], expected["variation"],
-                        rtol=1e-6, atol=1e-6)
-    self.assertEqual(outputs["json"]["model_version"], 1)
-    self.assertIsNone(outputs["npy"]["prediction"])
-    self.assertAllClose(outputs["npy"]["variation"], expected["variation"],
-                        rtol=1e-6, atol=1e-6)
-    self.assertEqual(
-        outputs["metadata"]["signatures"]["serving_default"]["inputs"]["x"],
-        {"dtype": "float32", "shape": [-1, 4]})
-    self.assertEqual(outputs["status"]["model_version_status"],
-                     [{"version": 1, "state": "AVAILABLE", "error_code": 0,
-                       "error_message": ""}])
 
-  def test_cli_reads_npz_and_list_json(self):
-    tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
-    npz_path = os.path.join(tmp, "req.npz")
-    inputs = testing.ratings_inputs(2)
-    np.savez(npz_path, **inputs)
-    loaded = client_cli.load_inputs(npz_path)
-    self.assertEqual(sorted(loaded), sorted(inputs))
-    self.assertAllEqual(loaded["user_id"], inputs["user_id"])
-    list_path = os.path.join(tmp, "req.json")
-    with open(list_path, "w") as f:
-      json.dump([[1.0, 2.0, 3.0, 4.0]], f)
-    self.assertAllEqual(client_cli.load_inputs(list_path),
-                        [[1.0, 2.0, 3.0, 4.0]])
-    with open(list_path, "w") as f:
-      json.dump({"instances": []}, f)
-    with self.assertRaisesRegex(ValueError, "expected {\"inputs\": ...}"):
-      client_cli.load_inputs(list_path)
+class RetryTest(tf.test.TestCase):
+  """gRPC's retryPolicy, against a server that refuses the first calls."""
+
+  def _predict(self, servicer, **kwargs):
+    target = _serve(self, servicer)
+    with client_lib.VariationClient(target, "m", cast_inputs=False,
+                                    **kwargs) as client:
+      return client.predict({"x": testing.dense_inputs(1)})
+
+  def test_unavailable_is_retried_until_it_succeeds(self):
+    servicer = _FlakyServicer(failures=3)
+    result = self._predict(servicer)  # The default: 3 retries.
+    self.assertEqual(servicer.calls, 4)
+    self.assertEqual(result.model_version, 1)
+    self.assertAllEqual(result.variation, [[0.5]])
+
+  def test_retries_give_up_with_unavailable(self):
+    for max_retries in (0, 2, 3):
+      with self.subTest(max_retries=max_retries):
+        servicer = _FlakyServicer(failures=10)
+        with self.assertRaises(errors.ServingError) as cm:
+          self._predict(servicer, max_retries=max_retries)
+        attempts = max_retries + 1
+        self.assertEqual(servicer.calls, attempts)
+        self.assertEqual(cm.exception.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(str(cm.exception), "Predict failed with UNAVAILABLE: "
+                         f"attempt {attempts} refused")
+
+  def test_other_errors_are_not_retried(self):
+    servicer = _FlakyServicer(failures=1,
+                              code=grpc.StatusCode.INVALID_ARGUMENT)
+    with self.assertRaises(errors.ServingError) as cm:
+      self._predict(servicer)
+    self.assertEqual(servicer.calls, 1)
+    self.assertEqual(cm.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+    self.assertEqual(cm.exception.message, "attempt 1 refused")
+
+  def test_unreachable_server_is_unavailable(self):
+    with client_lib.VariationClient(f"127.0.0.1:{_free_port()}", "m",
+                                    max_retries=1, timeout=5.0,
+                                    cast_inputs=False) as client:
+      with self.assertRaises(errors.ServingError) as cm:
+        client.predict({"x": testing.dense_inputs(1)})
+    self.assertEqual(cm.exception.code, grpc.StatusCode.UNAVAILABLE)
+    self.assertEqual(cm.exception.method, "Predict")
+
+  def test_deadline_is_sent_with_every_rpc(self):
+    servicer = _FlakyServicer(failures=0)
+    target = _serve(self, servicer)
+    with client_lib.VariationClient(target, "m", timeout=0.25,
+                                    cast_inputs=False) as client:
+      client.predict({"x": testing.dense_inputs(1)})
+      client.predict({"x": testing.dense_inputs(1)}, timeout=1.5)
+    first, second = servicer.time_left
+    # gRPC rounds the deadline it sends up a little (grpc-timeout units).
+    self.assertBetween(first, 0.0, 0.25 + 0.05)
+    self.assertBetween(second, 0.25 + 0.05, 1.5 + 0.05)
+
+  def test_retries_share_the_call_deadline(self):
+    servicer = _FlakyServicer(failures=2)
+    self._predict(servicer, timeout=5.0)
+    first, _, last = servicer.time_left
+    self.assertBetween(first, 0.0, 5.0 + 0.05)
+    # The third attempt comes after two backoffs (about 0.05 s and 0.1 s),
+    # with the time already spent taken off its deadline.
+    self.assertLess(last, first - 0.05)
 
 
 def _small_dual_model(seed=0):
@@ -505,7 +488,7 @@ class EndToEndTest(tf.test.TestCase):
     else:  # Before the exporter exists: the contract-shaped test model.
       dual = testing.dense_model()
       export = lambda model: testing.write_export(
-          model, base, 1 + len(server_lib.list_versions(base)))
+          model, base, 1 + len(versions.list_versions(base)))
     self.assertEqual(os.path.basename(export(dual)), "1")
     proc, target = self._start_server(base)
     with client_lib.VariationClient(target, "dual") as client:

@@ -3,7 +3,9 @@
 The models follow the serving contract (`serving_default` returning
 {"prediction", "variation"}) without needing a trained variation head, so the
 server and client can be tested on their own. `write_export` lays a model out
-the way TF Serving expects: `<export_base>/<version>/saved_model.pb`.
+the way TF Serving expects: `<export_base>/<version>/saved_model.pb`;
+`predict_request` builds the PredictRequest a test sends with the official
+stubs.
 """
 
 import os
@@ -12,6 +14,9 @@ import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf._keras import keras, tf
+from dropvar_tf.serving import codec
+from tensorflow.core.framework import tensor_pb2
+from tensorflow_serving.apis import predict_pb2
 
 # Feature sizes of the test models (kept tiny so tests stay fast).
 DENSE_FEATURES = 4
@@ -133,3 +138,35 @@ def ratings_inputs(batch_size, seed=0):
       "context": rng.normal(size=(batch_size, CONTEXT_FEATURES)).astype(
           np.float32),
   }
+
+
+def predict_request(model, inputs, version=None, label=None, signature=None,
+                    output_filter=()):
+  """A PredictRequest, built without the client so any request can be sent.
+
+  Args:
+    model: the model name.
+    inputs: {alias: array-like or TensorProto}; arrays are encoded with
+      `codec.encode`, TensorProtos (malformed ones too) are sent as they are.
+    version: a specific version, or None.
+    label: a version label, or None.
+    signature: the signature name; None leaves it empty (the default one).
+    output_filter: output aliases to ask for.
+
+  Returns:
+    A `PredictRequest`.
+  """
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = model
+  if version is not None:
+    request.model_spec.version.value = version
+  if label is not None:
+    request.model_spec.version_label = label
+  if signature is not None:
+    request.model_spec.signature_name = signature
+  for name, value in inputs.items():
+    proto = value if isinstance(value, tensor_pb2.TensorProto) else (
+        codec.encode(value))
+    request.inputs[name].CopyFrom(proto)
+  request.output_filter.extend(output_filter)
+  return request

@@ -1,0 +1,261 @@
+"""The gRPC servicers: TF Serving's PredictionService and ModelService.
+
+`PredictionServicer` answers Predict and GetModelMetadata, `ModelServicer`
+answers GetModelStatus, with the official `tensorflow_serving.apis` messages
+and TF Serving's status codes and messages (see `dropvar_tf.serving.server`
+for the list, and where this server is stricter). Request inputs are checked
+against the signature before the model runs. A handler answers a
+`ServingError` with its code and message, a TF `OpError` with its own code,
+and any other exception as INTERNAL; the server keeps running.
+"""
+
+from absl import logging
+import grpc
+import numpy as np
+
+from dropvar_tf import contract
+from dropvar_tf._keras import tf
+from dropvar_tf.serving import codec
+from dropvar_tf.serving import errors
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+_SIGNATURE_DEF_FIELD = "signature_def"
+
+# gRPC codes for the codes of `tf.errors.OpError` (same numbering).
+_TF_TO_GRPC = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _check_inputs(request_inputs, specs, options):
+  """Decodes and validates the request inputs against a signature.
+
+  Args:
+    request_inputs: the request's {alias: TensorProto}.
+    specs: the signature's {alias: `versions.InputSpec`}.
+    options: the server's `ServerOptions` (limits).
+
+  Returns:
+    {alias: numpy array}.
+
+  Raises:
+    ServingError: INVALID_ARGUMENT naming the offending input.
+  """
+  if set(request_inputs) != set(specs):
+    sent = sorted(request_inputs)
+    expected = sorted(specs)
+    extra = sorted(set(sent) - set(expected))
+    missing = sorted(set(expected) - set(sent))
+    # TF Serving's wording, so clients can match either server.
+    raise errors.invalid_argument(
+        f"input size does not match signature: {len(sent)}!={len(expected)} "
+        f"len({{{','.join(sent)}}}) != len({{{','.join(expected)}}}). "
+        f"Sent extra: {{{','.join(extra)}}}. Missing but required: "
+        f"{{{','.join(missing)}}}.")
+  arrays = {}
+  batch = None
+  for alias in sorted(specs):
+    spec = specs[alias]
+    proto = request_inputs[alias]
+    if proto.dtype != spec.dtype:
+      raise errors.invalid_argument(
+          f"Input \"{alias}\" expects dtype {codec.dtype_name(spec.dtype)} "
+          f"but {codec.dtype_name(proto.dtype)} was sent.")
+    array = codec.decode(proto, alias, options.max_request_bytes)
+    if spec.dims is not None:
+      if array.ndim != len(spec.dims):
+        raise errors.invalid_argument(
+            f"Input \"{alias}\" expects rank {len(spec.dims)} (shape "
+            f"{codec.shape_string(spec.dims)}) but got rank {array.ndim} "
+            f"(shape {codec.shape_string(array.shape)}).")
+      for axis, (want, got) in enumerate(zip(spec.dims, array.shape)):
+        if want >= 0 and want != got:
+          raise errors.invalid_argument(
+              f"Input \"{alias}\" expects shape "
+              f"{codec.shape_string(spec.dims)} but got "
+              f"{codec.shape_string(array.shape)} (dimension {axis} is "
+              f"{got}, expected {want}).")
+      if spec.dims and spec.dims[0] < 0:
+        size = array.shape[0]
+        if size == 0:
+          raise errors.invalid_argument(
+              f"Input \"{alias}\" has an empty batch (batch size 0); send at "
+              "least one example.")
+        if size > options.max_batch_size:
+          raise errors.invalid_argument(
+              f"Input \"{alias}\" has batch size {size}, larger than the "
+              f"maximum batch size {options.max_batch_size} "
+              "(--max_batch_size).")
+        if batch is None:
+          batch = (alias, size)
+        elif size != batch[1]:
+          raise errors.invalid_argument(
+              f"Input \"{alias}\" has batch size {size} but input "
+              f"\"{batch[0]}\" has {batch[1]}; all inputs must have the same "
+              "0th-dimension size.")
+    if (options.reject_non_finite and array.dtype.kind in "fc" and
+        not np.all(np.isfinite(array))):
+      raise errors.invalid_argument(
+          f"Input \"{alias}\" contains NaN or Inf values "
+          "(--reject_non_finite).")
+    arrays[alias] = array
+  return arrays
+
+
+def _output_aliases(output_filter, signature_def):
+  """The output aliases to return, validated like TF Serving.
+
+  Args:
+    output_filter: the request's output_filter (empty: every output).
+    signature_def: the signature's `SignatureDef`.
+
+  Returns:
+    A list of output aliases.
+
+  Raises:
+    ServingError: INVALID_ARGUMENT for an unknown or repeated alias.
+  """
+  if not output_filter:
+    return list(signature_def.outputs)
+  seen = set()
+  for alias in output_filter:
+    if alias not in signature_def.outputs:
+      raise errors.invalid_argument(
+          f"output tensor alias not found in signature: {alias} Outputs "
+          "expected to be in the set "
+          f"{{{','.join(sorted(signature_def.outputs))}}}.")
+    if alias in seen:
+      raise errors.invalid_argument(f"duplicate output tensor alias: {alias}")
+    seen.add(alias)
+  return list(output_filter)
+
+
+def _abort(context, code, message):
+  # Raises; called from `except` clauses so it is not caught again.
+  context.abort(code, message)
+
+
+def _handle(method_name):
+  """Wraps a servicer method: ServingError -> its status, others INTERNAL."""
+
+  def decorator(fn):
+
+    def wrapper(self, request, context):
+      try:
+        return fn(self, request, context)
+      except errors.ServingError as e:
+        _abort(context, e.code, e.message)
+      except tf.errors.OpError as e:
+        code = _TF_TO_GRPC.get(e.error_code, grpc.StatusCode.INTERNAL)
+        _abort(context, code, e.message)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.exception("%s failed", method_name)
+        _abort(context, grpc.StatusCode.INTERNAL,
+               f"{method_name} failed: {type(e).__name__}: {e}")
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+  return decorator
+
+
+def _require_model_spec(request):
+  """The request's ModelSpec; INVALID_ARGUMENT when it has none."""
+  if not request.HasField("model_spec"):
+    raise errors.invalid_argument("Missing ModelSpec")
+  return request.model_spec
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer
+                        ):
+  """PredictionService: Predict and GetModelMetadata.
+
+  Classify, Regress and MultiInference answer UNIMPLEMENTED (the base
+  class does that): the dual model is served through Predict only.
+  """
+
+  def __init__(self, manager, options):
+    """Creates the servicer.
+
+    Args:
+      manager: the `versions.ModelManager` whose models are served.
+      options: the server's `ServerOptions` (request limits).
+    """
+    self._manager = manager
+    self._options = options
+
+  @_handle("Predict")
+  def Predict(self, request, context):  # pylint: disable=invalid-name
+    model_spec = _require_model_spec(request)
+    version = self._manager.get(model_spec).resolve(model_spec)
+    signature_name = model_spec.signature_name or contract.SERVING_SIGNATURE
+    fn, specs, signature_def = version.signature(signature_name)
+    arrays = _check_inputs(request.inputs, specs, self._options)
+    aliases = _output_aliases(request.output_filter, signature_def)
+    outputs = fn(**arrays)
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = model_spec.name
+    response.model_spec.version.value = version.version
+    response.model_spec.signature_name = signature_name
+    for alias in aliases:
+      response.outputs[alias].CopyFrom(codec.encode(outputs[alias].numpy()))
+    return response
+
+  @_handle("GetModelMetadata")
+  def GetModelMetadata(self, request, context):  # pylint: disable=invalid-name
+    model_spec = _require_model_spec(request)
+    if not request.metadata_field:
+      raise errors.invalid_argument(
+          "GetModelMetadataRequest must specify at least one metadata_field")
+    for field in request.metadata_field:
+      if field != _SIGNATURE_DEF_FIELD:
+        raise errors.invalid_argument(
+            f"Metadata field {field} is not supported")
+    version = self._manager.get(model_spec).resolve(model_spec)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for name, sig in version.signature_defs.items():
+      signature_map.signature_def[name].CopyFrom(sig)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = model_spec.name
+    response.model_spec.version.value = version.version
+    response.metadata[_SIGNATURE_DEF_FIELD].Pack(signature_map)
+    return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+  """ModelService: GetModelStatus (HandleReloadConfigRequest: UNIMPLEMENTED)."""
+
+  def __init__(self, manager):
+    """Creates the servicer for the models of a `versions.ModelManager`."""
+    self._manager = manager
+
+  @_handle("GetModelStatus")
+  def GetModelStatus(self, request, context):  # pylint: disable=invalid-name
+    model_spec = _require_model_spec(request)
+    model = self._manager.models.get(model_spec.name)
+    if model is None:
+      raise errors.ServingError(
+          grpc.StatusCode.NOT_FOUND,
+          f"Could not find any versions of model {model_spec.name}")
+    choice = model_spec.WhichOneof("version_choice")
+    version = None
+    if choice == "version":
+      version = model_spec.version.value
+    elif choice == "version_label":
+      if model_spec.version_label not in model.labels:
+        raise errors.invalid_argument(
+            "Unrecognized servable version label: "
+            f"{model_spec.version_label}")
+      version = model.labels[model_spec.version_label]
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for v, state, code, message in model.status(version):
+      entry = response.model_version_status.add()
+      entry.version = v
+      entry.state = state
+      entry.status.error_code = code
+      entry.status.error_message = message
+    return response
+

@@ -1,0 +1,144 @@
+"""Tests of serving/client_cli.py (the `dropvar_client` tool)."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from unittest import mock
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from dropvar_tf._keras import tf
+from dropvar_tf.serving import client_cli
+from dropvar_tf.serving import server as server_lib
+import serving_testing as testing
+
+# The client asks for the signature's dtypes first (cast_inputs).
+_NOT_FOUND = ("GetModelMetadata failed with NOT_FOUND: Servable not found "
+              "for request: Latest(nope)")
+
+
+def _flag_values(args):
+  """Flags parsed from `args` as `dropvar_client` would; (values, argv)."""
+  values = flags.FlagValues()
+  client_cli.define_flags(values)
+  remaining = values(["dropvar_client"] + list(args))
+  return values, remaining
+
+
+def _run_cli(args):
+  """Runs `dropvar_client` with `args`; (exit code, stdout, stderr)."""
+  values, remaining = _flag_values(args)
+  stdout, stderr = io.StringIO(), io.StringIO()
+  with mock.patch.object(client_cli, "FLAGS", values), \
+       contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    code = client_cli.main(remaining)
+  return code, stdout.getvalue(), stderr.getvalue()
+
+
+class ClientCliTest(tf.test.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.base = os.path.join(cls.tmp, "dense")
+    cls.model = testing.dense_model(seed=0)
+    testing.write_export(cls.model, cls.base, 1)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  def _server(self):
+    return server_lib.ModelServer(
+        [server_lib.model_config("dense", self.base)], poll_seconds=0)
+
+  def test_cli_predict_metadata_status(self):
+    tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
+    x = testing.dense_inputs(2, seed=6)
+    json_path = os.path.join(tmp, "req.json")
+    with open(json_path, "w") as f:
+      json.dump({"inputs": {"x": x.tolist()}}, f)
+    npy_path = os.path.join(tmp, "req.npy")
+    np.save(npy_path, x)
+    expected = self.model(x)
+    with self._server() as server:
+      common = [f"--target={server.target}", "--model_name=dense"]
+      outputs = {}
+      for name, args in [
+          ("json", ["predict", f"--input={json_path}"]),
+          ("npy", [f"--input={npy_path}", "--output_filter=variation"]),
+          ("metadata", ["metadata"]),
+          ("status", ["status"]),
+      ]:
+        code, stdout, _ = _run_cli(args + common)
+        self.assertEqual(code, 0, name)
+        outputs[name] = json.loads(stdout)
+      code, stdout, stderr = _run_cli([f"--input={npy_path}",
+                                       f"--target={server.target}",
+                                       "--model_name=nope"])
+      self.assertEqual((code, stdout, stderr), (1, "", _NOT_FOUND + "\n"))
+    self.assertAllClose(outputs["json"]["prediction"], expected["prediction"],
+                        rtol=1e-6, atol=1e-6)
+    self.assertAllClose(outputs["json"]["variation"], expected["variation"],
+                        rtol=1e-6, atol=1e-6)
+    self.assertEqual(outputs["json"]["model_version"], 1)
+    self.assertIsNone(outputs["npy"]["prediction"])
+    self.assertAllClose(outputs["npy"]["variation"], expected["variation"],
+                        rtol=1e-6, atol=1e-6)
+    self.assertEqual(
+        outputs["metadata"]["signatures"]["serving_default"]["inputs"]["x"],
+        {"dtype": "float32", "shape": [-1, 4]})
+    self.assertEqual(outputs["status"]["model_version_status"],
+                     [{"version": 1, "state": "AVAILABLE", "error_code": 0,
+                       "error_message": ""}])
+
+  def test_cli_reads_npz_and_list_json(self):
+    tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
+    npz_path = os.path.join(tmp, "req.npz")
+    inputs = testing.ratings_inputs(2)
+    np.savez(npz_path, **inputs)
+    loaded = client_cli.load_inputs(npz_path)
+    self.assertEqual(sorted(loaded), sorted(inputs))
+    self.assertAllEqual(loaded["user_id"], inputs["user_id"])
+    list_path = os.path.join(tmp, "req.json")
+    with open(list_path, "w") as f:
+      json.dump([[1.0, 2.0, 3.0, 4.0]], f)
+    self.assertAllEqual(client_cli.load_inputs(list_path),
+                        [[1.0, 2.0, 3.0, 4.0]])
+    with open(list_path, "w") as f:
+      json.dump({"instances": []}, f)
+    with self.assertRaisesRegex(ValueError, "expected {\"inputs\": ...}"):
+      client_cli.load_inputs(list_path)
+
+  def test_usage_errors(self):
+    cases = [
+        (["bogus", "--model_name=m"],
+         "Usage: dropvar_client [predict|metadata|status] --model_name=... "
+         "[flags]"),
+        (["status"], "--model_name is required."),
+        (["predict", "--model_name=m"],
+         "predict needs --input (.json, .npy or .npz)."),
+    ]
+    for args, message in cases:
+      with self.subTest(message):
+        with self.assertRaises(app.UsageError) as cm:
+          _run_cli(args)
+        self.assertEqual(str(cm.exception), message)
+
+  def test_flags_keep_their_defaults(self):
+    values, _ = _flag_values([])
+    self.assertEqual(values.target, "localhost:8500")
+    self.assertEqual(values.signature, "serving_default")
+    self.assertEqual(values.timeout, 10.0)
+    self.assertIsNone(values.model_name)
+
+
+if __name__ == "__main__":
+  tf.test.main()
