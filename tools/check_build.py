@@ -40,6 +40,7 @@ TEST_SIZES = {
     "beam_scoring_test": "large",
     "serving_fuzz_test": "large",
     "serving_server_test": "large",
+    "serving_servicers_test": "large",
     "serving_client_test": "large",
     "study_test": "large",
 }
