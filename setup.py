@@ -26,7 +26,8 @@ REQUIRED = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=15"],
+    # mmh3: the reference MurmurHash3 the mask hash is tested against.
+    "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=15", "mmh3>=4"],
     "data": ["pyarrow>=15"],
     "beam": ["apache-beam[tfrecord]>=2.60,<3", "pyarrow>=15"],
 }
