@@ -1,5 +1,7 @@
 """Tests for dropvar_tf.targets."""
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -206,13 +208,27 @@ class TargetsTest(tf.test.TestCase):
         targets.mc_dropout_targets(dict_model, dx, num_samples=5),
         rtol=1e-6)
 
-  def test_progress_bar(self):
-    model = tt.build_model("regression")
-    with mock.patch("sys.stderr") as stderr:
-      out = targets.mc_dropout_targets(model, tt.features(), num_samples=4,
-                                       progress=True)
-    self.assertTrue(stderr.write.called)
+  def _progress_text(self, **kwargs):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      out = targets.mc_dropout_targets(tt.build_model("regression"),
+                                       tt.features(), num_samples=4, **kwargs)
     self.assertEqual(out.shape, (12,))
+    return stderr.getvalue()
+
+  def test_progress_bar(self):
+    # The bar counts examples: the last update shows all 12 of 12.
+    text = self._progress_text(progress=True)
+    self.assertIn("MC dropout: 100%", text)
+    self.assertIn("12/12", text)
+    self.assertEmpty(self._progress_text(progress=False))
+
+  def test_progress_bar_only_for_long_runs_by_default(self):
+    # 12 examples x 4 samples = 48 rows.
+    with mock.patch.object(targets, "PROGRESS_MIN_ROWS", 49):
+      self.assertEmpty(self._progress_text())
+    with mock.patch.object(targets, "PROGRESS_MIN_ROWS", 48):
+      self.assertIn("12/12", self._progress_text())
 
   def test_invalid_arguments(self):
     model = tt.build_model("regression")
