@@ -23,20 +23,20 @@ it for a whole data set, fast and reproducibly:
 * With `output_path`, finished chunks of examples are kept as resumable files
   (`dropvar_tf.target_store`).
 
-How many samples are enough: `mc_convergence` (split-half reliability) and
-`noise_ceiling`.
+How many samples are enough: `metrics.mc_convergence` (split-half
+reliability) and `metrics.noise_ceiling`, built on `split_half_targets` and
+`mc_dropout_targets`.
 
 Example:
 
 ```python
 targets = mc_dropout_targets(model, x, num_samples=100, seed=0)
-stats = mc_convergence(model, x, num_samples=100)   # is T=100 enough?
+half_a, half_b, full = split_half_targets(model, x, num_samples=100)
 ```
 """
 
 import collections
 import hashlib
-import math
 import os
 import sys
 
@@ -555,44 +555,25 @@ def _concat(parts, out_shape, statistic):
 
 
 
+def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,
+                       statistic="auto", keys=None):
+  """DPV targets from each half of the samples, and from all of them.
 
-def _ranks(values):
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  return stats.rankdata(values)
-
-
-def _pearson(a, b):
-  a = a - a.mean()
-  b = b - b.mean()
-  denom = math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b)))
-  return float(np.dot(a, b) / denom) if denom > 0 else float("nan")
-
-
-def mc_convergence(model, x, num_samples=100, seed=0, batch_size=256,
-                   statistic="auto", keys=None):
-  """How stable the DPV estimate is at `num_samples` (split-half reliability).
-
-  The T samples are split into two independent halves (samples [0, T//2) and
-  [T//2, T)); each gives a DPV estimate. Their agreement measures sampling
-  noise; the full-T estimate (identical to `mc_dropout_targets` with the same
-  arguments) is more reliable than either half by the Spearman-Brown formula.
-
-  For the "noise ceiling" of a head trained on these targets, compare two
-  independent full-T runs with different seeds: `noise_ceiling(...)`. No
-  predictor of the targets can correlate with them better than they
-  correlate with themselves.
+  The T samples are split into two independent halves, samples [0, T//2)
+  and [T//2, T); each gives its own DPV estimate. All three come from one
+  run over `x`: the halves share the deterministic pass and the passes of
+  the full estimate, which is identical to `mc_dropout_targets` with the
+  same arguments. `metrics.mc_convergence` turns them into split-half
+  reliability.
 
   Args:
     model, x, num_samples, seed, batch_size, statistic, keys: as in
-      `mc_dropout_targets` (`num_samples` >= 4 so that halves have 2 samples).
+      `mc_dropout_targets` (`num_samples` >= 4 so that halves have 2
+      samples).
 
   Returns:
-    dict with "pearson" and "spearman" (between the halves' DPVs, all values
-    flattened), "reliability" (Spearman-Brown corrected Pearson of the full-T
-    estimate: 2r / (1 + r)), "mean_relative_std_error" (root-mean-square over
-    values with positive DPV of |half_a - half_b| / (2 * dpv_full), an
-    estimate of the relative standard error of the full-T DPV),
-    "num_samples" and "num_examples".
+    (half_a, half_b, full): three float32 arrays, each shaped as
+    `mc_dropout_targets` returns it.
 
   Raises:
     ValueError: an invalid argument, named in the message.
@@ -615,44 +596,6 @@ def mc_convergence(model, x, num_samples=100, seed=0, batch_size=256,
     full = (sa[0] + sb[0], sa[1] + sb[1])
     full_parts.append(_finalize(det, full, num_samples, statistic, out_shape))
   _check_keys_used(keys, stop)
-  a = _concat(a_parts, out_shape, statistic).astype(np.float64).ravel()
-  b = _concat(b_parts, out_shape, statistic).astype(np.float64).ravel()
-  full = _concat(full_parts, out_shape, statistic).astype(np.float64).ravel()
-  r = _pearson(a, b)
-  rho = _pearson(_ranks(a), _ranks(b)) if a.size else float("nan")
-  positive = full > 0
-  rel = (np.abs(a - b)[positive] / (2.0 * full[positive]))
-  return {
-      "pearson": r,
-      "spearman": rho,
-      "reliability": 2.0 * r / (1.0 + r) if r > -1 else float("nan"),
-      "mean_relative_std_error": float(np.sqrt(np.mean(rel * rel)))
-                                 if rel.size else float("nan"),
-      "num_samples": num_samples,
-      "num_examples": int(stop),
-  }
-
-
-def noise_ceiling(model, x, num_samples=100, seeds=(0, 1), **kwargs):
-  """Two independent full-T target arrays (different seeds).
-
-  Their correlation is the noise ceiling of any predictor of the targets:
-  `np.corrcoef(a.ravel(), b.ravel())[0, 1]`.
-
-  Args:
-    model, x, num_samples: as in `mc_dropout_targets`.
-    seeds: two different seeds.
-    **kwargs: other `mc_dropout_targets` arguments (not `seed`).
-
-  Returns:
-    (targets_a, targets_b), each as returned by `mc_dropout_targets`.
-
-  Raises:
-    ValueError: `seeds` is not two different integers, or another invalid
-      argument.
-  """
-  if (not isinstance(seeds, (list, tuple)) or len(seeds) != 2 or
-      seeds[0] == seeds[1]):
-    raise validation.invalid("seeds", "two different integer seeds", seeds)
-  return tuple(mc_dropout_targets(model, x, num_samples=num_samples, seed=s,
-                                  **kwargs) for s in seeds)
+  return (_concat(a_parts, out_shape, statistic),
+          _concat(b_parts, out_shape, statistic),
+          _concat(full_parts, out_shape, statistic))

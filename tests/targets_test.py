@@ -1,4 +1,4 @@
-"""Tests for dropvar_tf.targets."""
+"""Tests for dropvar_tf.targets (mc_dropout_targets, split_half_targets)."""
 
 import contextlib
 import io
@@ -43,8 +43,6 @@ _ERR_NO_DROPOUT = "model 'no_dropout' without Dropout layers"
 _ERR_X_NONE = ("Invalid value received for argument `x`. Expected a numpy "
                "array, a list or dict of arrays, or a tf.data.Dataset. "
                "Received: x=None")
-_ERR_SEEDS = ("Invalid value received for argument `seeds`. Expected two "
-              "different integer seeds. Received: seeds=(3, 3)")
 _ERR_RESUME = ("Invalid value received for argument `output_path`. Expected "
                "a resume directory written with the same settings; its "
                "`{name}` is")
@@ -374,38 +372,34 @@ class ResumeTest(tf.test.TestCase):
                                  **self.kwargs)
 
 
-class ConvergenceTest(tf.test.TestCase):
+class SplitHalfTest(tf.test.TestCase):
 
-  def test_halves_agree_more_with_more_samples(self):
-    model = tt.build_model("regression")
-    x = tt.features(60)
-    few = targets.mc_convergence(model, x, num_samples=6)
-    many = targets.mc_convergence(model, x, num_samples=200)
-    self.assertEqual(set(many), {"pearson", "spearman", "reliability",
-                                 "mean_relative_std_error", "num_samples",
-                                 "num_examples"})
-    self.assertEqual(many["num_samples"], 200)
-    self.assertEqual(many["num_examples"], 60)
-    self.assertGreater(many["pearson"], few["pearson"])
-    self.assertGreater(many["reliability"], 0.9)
-    self.assertAllClose(many["reliability"],
-                        2 * many["pearson"] / (1 + many["pearson"]))
-    self.assertLess(many["mean_relative_std_error"],
-                    few["mean_relative_std_error"])
-    self.assertBetween(many["spearman"], 0.5, 1.0)
-
-  def test_noise_ceiling_returns_two_independent_runs(self):
-    model = tt.build_model("binary")
+  def test_full_estimate_is_mc_dropout_targets(self):
+    model = tt.build_model("softmax")
     x = tt.features(30)
-    a, b = targets.noise_ceiling(model, x, num_samples=20, seeds=(3, 8))
-    self.assertAllEqual(
-        a, targets.mc_dropout_targets(model, x, num_samples=20, seed=3))
-    self.assertAllEqual(
-        b, targets.mc_dropout_targets(model, x, num_samples=20, seed=8))
-    self.assertNotAllClose(a, b)
-    with self.assertRaises(ValueError) as e:
-      targets.noise_ceiling(model, x, seeds=(3, 3))
-    self.assertEqual(str(e.exception), _ERR_SEEDS)
+    kwargs = dict(num_samples=9, seed=3, batch_size=8, keys=np.arange(30) + 5)
+    half_a, half_b, full = targets.split_half_targets(model, x, **kwargs)
+    self.assertAllEqual(full, targets.mc_dropout_targets(model, x, **kwargs))
+    for half in (half_a, half_b):
+      self.assertEqual(half.shape, (30,))
+      self.assertEqual(half.dtype, np.float32)
+    self.assertNotAllClose(half_a, half_b)
+
+  def test_halves_are_the_first_and_last_samples(self):
+    # The identity model's samples are known: x * keep / (1 - rate).
+    model = tt.build_model("identity", rate=0.5)
+    x = np.random.RandomState(2).rand(5, 4).astype(np.float32) + 0.5
+    keys = np.arange(5)
+    samples = np.stack([
+        np.where(mask_hash.keep_mask(1, keys[:, None], t, 0,
+                                     np.arange(4)[None, :], 0.5), 2 * x, 0.0)
+        for t in range(7)])
+    half_a, half_b, _ = targets.split_half_targets(
+        model, x, num_samples=7, seed=1, statistic="per_class_std")
+    self.assertAllClose(half_a, np.std(samples[:3], axis=0), rtol=1e-6,
+                        atol=1e-7)
+    self.assertAllClose(half_b, np.std(samples[3:], axis=0), rtol=1e-6,
+                        atol=1e-7)
 
 
 if __name__ == "__main__":
