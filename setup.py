@@ -26,7 +26,10 @@ REQUIRED = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=15"],
+    # mmh3 is the reference the mask hash is tested against; scikit-learn
+    # the one the R^2 and ROC AUC of `metrics` are.
+    "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=15", "mmh3>=4",
+             "scikit-learn>=1.4"],
     "data": ["pyarrow>=15"],
     "beam": ["apache-beam[tfrecord]>=2.60,<3", "pyarrow>=15"],
 }

@@ -34,6 +34,7 @@ import numpy as np
 
 from dropvar_tf._keras import keras, tf
 from dropvar_tf import heads
+from dropvar_tf import seeded_dropout
 from dropvar_tf import targets
 from dropvar_tf.study.models import reference
 
@@ -126,10 +127,10 @@ def tile(x, num_samples):
 def mc_compiled(model, num_samples, tiled=True, plain=False):
   """T stochastic passes: one tiled batch, or T calls in one tf.function.
 
-  With seeded dropout masks (`targets.mc_dropout_model`), or with `plain`
+  With seeded dropout masks (`seeded_dropout.mc_dropout_model`), or with `plain`
   Keras dropout (`model(x, training=True)`).
   """
-  mc = model if plain else targets.mc_dropout_model(model)
+  mc = model if plain else seeded_dropout.mc_dropout_model(model)
 
   @tf.function
   def tiled_fn(x):

@@ -23,14 +23,14 @@ from dropvar_tf.layers import ActivationProbe
 from dropvar_tf.layers import ActivationStrength
 from dropvar_tf.metrics import decile_table
 from dropvar_tf.metrics import fidelity
+from dropvar_tf.metrics import mc_convergence
+from dropvar_tf.metrics import noise_ceiling
 from dropvar_tf.moments import moment_model
 from dropvar_tf.moments import moment_propagation_variation
 from dropvar_tf.saved_model import check_serving_ops
 from dropvar_tf.saved_model import export_saved_model
 from dropvar_tf.saved_model import read_export_metadata
-from dropvar_tf.targets import mc_convergence
-from dropvar_tf.targets import mc_dropout_model
+from dropvar_tf.seeded_dropout import mc_dropout_model
 from dropvar_tf.targets import mc_dropout_targets
-from dropvar_tf.targets import noise_ceiling
 from dropvar_tf.training import fit_variation_head
 from dropvar_tf.training import train_variation_head

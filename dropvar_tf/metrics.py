@@ -1,9 +1,28 @@
-"""How well a one-pass variation estimate matches MC-dropout DPV."""
+"""How good a DPV estimate is: against MC targets, and the targets themselves.
+
+* `fidelity`, `decile_auc`, `decile_table`: how well a one-pass variation
+  estimate matches MC-dropout DPV targets.
+* `mc_convergence`, `noise_ceiling`: how reliable the MC targets are at a
+  given number of samples (`targets.split_half_targets`,
+  `targets.mc_dropout_targets`), hence the best agreement any estimate can
+  reach.
+
+Correlations come from `scipy.stats`; R^2 and ROC AUC are computed here with
+numpy and `scipy.stats.rankdata` (the same values as scikit-learn's, which
+the core library does not depend on).
+
+Example:
+
+```python
+scores = fidelity(dual.predict(x)["variation"], mc_targets)
+convergence = mc_convergence(model, x, num_samples=100)  # is T=100 enough?
+```
+"""
 
 import numpy as np
 from scipy import stats
-from sklearn import metrics as sk_metrics
 
+from dropvar_tf import targets
 from dropvar_tf import validation
 
 
@@ -23,6 +42,33 @@ def _as_vector(values, arg):
   return v
 
 
+def _r2(target, estimate):
+  """Coefficient of determination of `estimate` as a prediction of `target`.
+
+  As `sklearn.metrics.r2_score`: 1.0 for a perfect estimate, and 0.0 (not
+  -inf or NaN) for an imperfect estimate of constant targets.
+  """
+  residual = np.sum((target - estimate)**2)
+  total = np.sum((target - np.mean(target))**2)
+  if residual == 0:
+    return 1.0
+  if total == 0:
+    return 0.0
+  return float(1.0 - residual / total)
+
+
+def _roc_auc(labels, scores):
+  """ROC AUC: the chance a positive outscores a negative (ties count 1/2).
+
+  The Mann-Whitney U of the positives over n_pos * n_neg, from midranks.
+  """
+  ranks = stats.rankdata(scores)
+  num_pos = int(np.sum(labels))
+  num_neg = labels.size - num_pos
+  u = np.sum(ranks[labels]) - num_pos * (num_pos + 1) / 2.0
+  return float(u / (num_pos * num_neg))
+
+
 def decile_auc(estimate, target, top=True, fraction=0.1):
   """AUC of `estimate` for telling the top (or bottom) `fraction` of `target`.
 
@@ -37,7 +83,7 @@ def decile_auc(estimate, target, top=True, fraction=0.1):
   labels[order[-k:] if top else order[:k]] = True
   if labels.all():
     return float("nan")
-  return float(sk_metrics.roc_auc_score(labels, e if top else -e))
+  return _roc_auc(labels, e if top else -e)
 
 
 def decile_table(estimate, target, bins=10):
@@ -87,10 +133,93 @@ def fidelity(estimate, mc_targets):
                    float(stats.spearmanr(e, t)[0])),
       "kendall": (float("nan") if constant else
                   float(stats.kendalltau(e, t)[0])),
-      "r2": float(sk_metrics.r2_score(t, e)),
-      "r2_log": float(sk_metrics.r2_score(log_t, log_e)),
+      "r2": _r2(t, e),
+      "r2_log": _r2(log_t, log_e),
       "mae": float(np.mean(np.abs(e - t))),
       "auc_top10": decile_auc(e, t, top=True),
       "auc_bottom10": decile_auc(e, t, top=False),
       "n": int(len(t)),
   }
+
+
+def _correlation(function, a, b):
+  """`function(a, b)`'s statistic; NaN for fewer than 2 or constant values."""
+  if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    return float("nan")
+  return float(function(a, b)[0])
+
+
+def mc_convergence(model, x, num_samples=100, seed=0, batch_size=256,
+                   statistic="auto", keys=None):
+  """How stable the DPV estimate is at `num_samples` (split-half reliability).
+
+  The T samples are split into two independent halves (samples [0, T//2) and
+  [T//2, T)); each gives a DPV estimate (`targets.split_half_targets`). Their
+  agreement measures sampling noise; the full-T estimate (identical to
+  `mc_dropout_targets` with the same arguments) is more reliable than either
+  half by the Spearman-Brown formula.
+
+  For the "noise ceiling" of a head trained on these targets, compare two
+  independent full-T runs with different seeds: `noise_ceiling(...)`. No
+  predictor of the targets can correlate with them better than they
+  correlate with themselves.
+
+  Args:
+    model, x, num_samples, seed, batch_size, statistic, keys: as in
+      `targets.mc_dropout_targets` (`num_samples` >= 4 so that halves have 2
+      samples).
+
+  Returns:
+    dict with "pearson" and "spearman" (between the halves' DPVs, all values
+    flattened; NaN for fewer than 2 values or constant DPVs), "reliability"
+    (Spearman-Brown corrected Pearson of the full-T estimate: 2r / (1 + r)),
+    "mean_relative_std_error" (root-mean-square over values with positive
+    DPV of |half_a - half_b| / (2 * dpv_full), an estimate of the relative
+    standard error of the full-T DPV), "num_samples" and "num_examples".
+
+  Raises:
+    ValueError: an invalid argument, named in the message.
+  """
+  a, b, full = targets.split_half_targets(
+      model, x, num_samples=num_samples, seed=seed, batch_size=batch_size,
+      statistic=statistic, keys=keys)
+  num_examples = full.shape[0]
+  a, b, full = (v.astype(np.float64).ravel() for v in (a, b, full))
+  r = _correlation(stats.pearsonr, a, b)
+  rho = _correlation(stats.spearmanr, a, b)
+  positive = full > 0
+  rel = (np.abs(a - b)[positive] / (2.0 * full[positive]))
+  return {
+      "pearson": r,
+      "spearman": rho,
+      "reliability": 2.0 * r / (1.0 + r) if r > -1 else float("nan"),
+      "mean_relative_std_error": float(np.sqrt(np.mean(rel * rel)))
+                                 if rel.size else float("nan"),
+      "num_samples": int(num_samples),
+      "num_examples": int(num_examples),
+  }
+
+
+def noise_ceiling(model, x, num_samples=100, seeds=(0, 1), **kwargs):
+  """Two independent full-T target arrays (different seeds).
+
+  Their correlation is the noise ceiling of any predictor of the targets:
+  `np.corrcoef(a.ravel(), b.ravel())[0, 1]`.
+
+  Args:
+    model, x, num_samples: as in `targets.mc_dropout_targets`.
+    seeds: two different seeds.
+    **kwargs: other `targets.mc_dropout_targets` arguments (not `seed`).
+
+  Returns:
+    (targets_a, targets_b), each as returned by `mc_dropout_targets`.
+
+  Raises:
+    ValueError: `seeds` is not two different integers, or another invalid
+      argument.
+  """
+  if (not isinstance(seeds, (list, tuple)) or len(seeds) != 2 or
+      seeds[0] == seeds[1]):
+    raise validation.invalid("seeds", "two different integer seeds", seeds)
+  return tuple(targets.mc_dropout_targets(model, x, num_samples=num_samples,
+                                          seed=s, **kwargs) for s in seeds)

@@ -32,7 +32,8 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from dropvar_tf import contract
 from dropvar_tf import heads
-from dropvar_tf import targets
+from dropvar_tf import mask_hash
+from dropvar_tf import seeded_dropout
 from dropvar_tf import validation
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.version import __version__
@@ -521,8 +522,8 @@ def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
                for name, x in inputs.items()}
       keys = tf.tile(tf.range(rows), [num_samples])
       sample = tf.repeat(tf.range(num_samples, dtype=tf.int64), rows)
-      states = targets.example_seeds(seed, keys, sample)
-      with targets._row_context(states):  # pylint: disable=protected-access
+      states = mask_hash.example_seeds(seed, keys, sample)
+      with seeded_dropout.row_context(states):
         samples = mc_model(rebuild(tiled), training=False)
       samples = tf.reshape(
           samples, tf.concat([[num_samples, -1], tf.shape(samples)[1:]], 0))
@@ -551,13 +552,13 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       also written to `assets/dropvar_tf_metadata.json`.
     - "mc_dropout" (when `mc_num_samples` is given): same inputs;
       `mc_num_samples` stochastic passes with dropout on and everything else
-      in inference mode (`targets.mc_dropout_model`); returns {"prediction":
-      mean over passes, "variation": MC DPV with the head's statistic, shaped
-      like "variation" of serving_default}. Row i of a request gets the masks
-      `targets.mc_dropout_targets(..., seed=seed)` draws for example key i,
-      so the answer equals the offline target of that request and is the
-      same on every call. For auditing the one-pass estimate in place; it
-      costs `mc_num_samples` forward passes.
+      in inference mode (`seeded_dropout.mc_dropout_model`); returns
+      {"prediction": mean over passes, "variation": MC DPV with the head's
+      statistic, shaped like "variation" of serving_default}. Row i of a
+      request gets the masks `targets.mc_dropout_targets(..., seed=seed)`
+      draws for example key i, so the answer equals the offline target of
+      that request and is the same on every call. For auditing the one-pass
+      estimate in place; it costs `mc_num_samples` forward passes.
 
   Side effects: `dual` is not changed. The export is written into a temporary
   folder `<export_base>/.tmp-<version>-<hex>`, checked (ops), flushed to disk,
@@ -642,7 +643,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
         validation.output_is_probabilities(base))
     variation_shape = [int(d) for d in
                        dual.output[contract.VARIATION_KEY].shape[1:]]
-    mc_model = targets.mc_dropout_model(base)
+    mc_model = seeded_dropout.mc_dropout_model(base)
     mc = {"num_samples": mc_num_samples, "seed": seed,
           "statistic": statistic, "std": "population (divide by T)",
           "masks": "dropvar_tf.targets mask function, example key = row "

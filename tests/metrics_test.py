@@ -1,9 +1,18 @@
-"""Tests for dropvar_tf.metrics (fidelity, decile_auc, decile_table)."""
+"""Tests for dropvar_tf.metrics (fidelity, deciles, MC convergence)."""
+
+import os
+import sys
 
 import numpy as np
+from sklearn import metrics as sk_metrics
 
 from dropvar_tf import metrics
+from dropvar_tf import targets
+from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import targets_testing as tt  # pylint: disable=g-import-not-at-top
 
 _PREFIX = "Invalid value received for argument "
 _ERR_SHAPE = (_PREFIX + "`estimate`. Expected shape (10,) like `mc_targets`. "
@@ -20,6 +29,12 @@ _ERR_NONE = (_PREFIX + "`estimate`. Expected an array of per-example values. "
              "Received: estimate=None")
 _ERR_TABLE_TARGET = (_PREFIX + "`target`. Expected a 1-D array of at least 2 "
                      "values. Received: target='array of shape (1, 3)'")
+_ERR_SEEDS = (_PREFIX + "`seeds`. Expected two different integer seeds. "
+              "Received: seeds=(3, 3)")
+_ERR_HALVES = (_PREFIX + "`num_samples`. Expected an integer >= 4. "
+               "Received: num_samples=3")
+_ERR_NUM_SAMPLES = (_PREFIX + "`num_samples`. Expected an integer >= 2. "
+                    "Received: num_samples=1")
 
 _KEYS = {"pearson", "spearman", "kendall", "r2", "r2_log", "mae",
          "auc_top10", "auc_bottom10", "n"}
@@ -164,6 +179,129 @@ class DecileTest(tf.test.TestCase):
     with self.assertRaises(ValueError) as cm:
       metrics.decile_table(np.ones(3), np.ones((1, 3)))
     self.assertEqual(str(cm.exception), _ERR_TABLE_TARGET)
+
+
+class SklearnAgreementTest(tf.test.TestCase):
+  """R^2 and ROC AUC equal scikit-learn's (the core does not import it)."""
+
+  def test_r2_matches_sklearn(self):
+    rng = np.random.default_rng(3)
+    for trial in range(50):
+      n = int(rng.integers(2, 500))
+      t = rng.gamma(2.0, 0.05, n)
+      e = t + rng.normal(0.0, 0.1 * rng.random(), n) + 0.05 * rng.normal()
+      if trial % 5 == 0:
+        e = np.round(e, 1)
+      got = metrics.fidelity(e, t)
+      self.assertAllClose(got["r2"], sk_metrics.r2_score(t, e), rtol=0,
+                          atol=1e-12)
+      self.assertAllClose(
+          got["r2_log"],
+          sk_metrics.r2_score(np.log(1e-6 + t),
+                              np.log(1e-6 + np.maximum(e, 0))),
+          rtol=0, atol=1e-12)
+
+  def test_r2_of_constant_targets_matches_sklearn(self):
+    t = np.full(10, 0.2)
+    for e in (t.copy(), _targets(10)):
+      self.assertEqual(metrics.fidelity(e, t)["r2"],
+                       sk_metrics.r2_score(t, e))
+
+  def test_auc_matches_sklearn(self):
+    rng = np.random.default_rng(4)
+    for trial in range(50):
+      n = int(rng.integers(12, 500))
+      t = rng.gamma(2.0, 0.05, n)
+      e = t + rng.normal(0.0, 0.2 * rng.random(), n)
+      if trial % 3 == 0:
+        e = np.round(e, 1)  # Ties between positives and negatives.
+      for top in (True, False):
+        for fraction in (0.1, 0.3):
+          k = max(1, int(round(fraction * n)))
+          order = np.argsort(t, kind="stable")
+          labels = np.zeros(n, bool)
+          labels[order[-k:] if top else order[:k]] = True
+          want = sk_metrics.roc_auc_score(labels, e if top else -e)
+          self.assertAllClose(
+              metrics.decile_auc(e, t, top=top, fraction=fraction), want,
+              rtol=0, atol=1e-12, msg=(trial, top, fraction))
+
+
+class ConvergenceTest(tf.test.TestCase):
+
+  def test_halves_agree_more_with_more_samples(self):
+    model = tt.build_model("regression")
+    x = tt.features(60)
+    few = metrics.mc_convergence(model, x, num_samples=6)
+    many = metrics.mc_convergence(model, x, num_samples=200)
+    self.assertEqual(set(many), {"pearson", "spearman", "reliability",
+                                 "mean_relative_std_error", "num_samples",
+                                 "num_examples"})
+    self.assertEqual(many["num_samples"], 200)
+    self.assertEqual(many["num_examples"], 60)
+    self.assertGreater(many["pearson"], few["pearson"])
+    self.assertGreater(many["reliability"], 0.9)
+    self.assertAllClose(many["reliability"],
+                        2 * many["pearson"] / (1 + many["pearson"]))
+    self.assertLess(many["mean_relative_std_error"],
+                    few["mean_relative_std_error"])
+    self.assertBetween(many["spearman"], 0.5, 1.0)
+
+  def test_statistics_of_the_split_halves(self):
+    model = tt.build_model("softmax")
+    x = tt.features(40)
+    got = metrics.mc_convergence(model, x, num_samples=8, seed=2,
+                                 statistic="per_class_std")
+    a, b, full = (v.astype(np.float64).ravel() for v in
+                  targets.split_half_targets(model, x, num_samples=8, seed=2,
+                                             statistic="per_class_std"))
+    self.assertEqual(got["num_examples"], 40)
+    self.assertAllClose(got["pearson"], np.corrcoef(a, b)[0, 1], atol=1e-12)
+    ranks = [np.argsort(np.argsort(v)) for v in (a, b)]  # No ties here.
+    self.assertAllClose(got["spearman"], np.corrcoef(*ranks)[0, 1],
+                        atol=1e-12)
+    positive = full > 0
+    rel = np.abs(a - b)[positive] / (2 * full[positive])
+    self.assertAllClose(got["mean_relative_std_error"],
+                        np.sqrt(np.mean(rel**2)))
+
+  def test_constant_or_too_few_values_give_nan(self):
+    # Rate 0: every DPV is 0, so the halves are constant.
+    inputs = keras.Input((4,))
+    zero = keras.Model(inputs, keras.layers.Dropout(0.0)(inputs))
+    nan_keys = ("pearson", "spearman", "reliability",
+                "mean_relative_std_error")
+    for n in (5, 0):
+      got = metrics.mc_convergence(zero, np.ones((n, 4), np.float32),
+                                   num_samples=4)
+      for key in nan_keys:
+        self.assertTrue(np.isnan(got[key]), msg=(n, key))
+      self.assertEqual(got["num_examples"], n)
+    one = metrics.mc_convergence(tt.build_model("regression"), tt.features(1),
+                                 num_samples=4)
+    for key in ("pearson", "spearman", "reliability"):
+      self.assertTrue(np.isnan(one[key]), msg=key)
+    self.assertGreater(one["mean_relative_std_error"], 0.0)
+
+  def test_invalid_num_samples(self):
+    model = tt.build_model("regression")
+    for num_samples, message in [(1, _ERR_NUM_SAMPLES), (3, _ERR_HALVES)]:
+      with self.assertRaises(ValueError) as e:
+        metrics.mc_convergence(model, tt.features(), num_samples=num_samples)
+      self.assertEqual(str(e.exception), message)
+
+  def test_noise_ceiling_returns_two_independent_runs(self):
+    model = tt.build_model("binary")
+    x = tt.features(30)
+    a, b = metrics.noise_ceiling(model, x, num_samples=20, seeds=(3, 8))
+    self.assertAllEqual(
+        a, targets.mc_dropout_targets(model, x, num_samples=20, seed=3))
+    self.assertAllEqual(
+        b, targets.mc_dropout_targets(model, x, num_samples=20, seed=8))
+    self.assertNotAllClose(a, b)
+    with self.assertRaises(ValueError) as e:
+      metrics.noise_ceiling(model, x, seeds=(3, 3))
+    self.assertEqual(str(e.exception), _ERR_SEEDS)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ statistic, same seed semantics), spread over the workers of any Beam runner
 Why the result does not depend on the runner, sharding or retries:
 
 * Dropout masks are a pure function of (seed, example key, sample index,
-  layer, unit) (see `dropvar_tf.targets`): each example's key is passed as
+  layer, unit) (see `dropvar_tf.mask_hash`): each example's key is passed as
   `keys=`, so which worker computes which example, and in which batch, does
   not change its masks.
 * Every compiled call sees the same shapes as in `mc_dropout_targets(...,
@@ -69,7 +69,7 @@ METRICS_NAMESPACE = "dropvar_tf"
 # Rows of an .npz file read per work item (spread over workers).
 NPZ_RANGE_ROWS = 4096
 # Modules that register dropvar_tf's Keras layers; imported before loading.
-_REGISTERING_MODULES = ("dropvar_tf.targets", "dropvar_tf.layers",
+_REGISTERING_MODULES = ("dropvar_tf.seeded_dropout", "dropvar_tf.layers",
                         "dropvar_tf.heads", "dropvar_tf.study.models.reference")
 
 

@@ -1,0 +1,142 @@
+"""Tests for dropvar_tf.seeded_dropout."""
+
+import os
+import sys
+
+import numpy as np
+
+from dropvar_tf import mask_hash
+from dropvar_tf import seeded_dropout
+from dropvar_tf import validation
+from dropvar_tf._keras import keras
+from dropvar_tf._keras import tf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import targets_testing as tt  # pylint: disable=g-import-not-at-top
+
+_ERR_RATE = ("Invalid value received for argument `rate`. Expected a float "
+             "in [0, 1]. Received: rate=1.5")
+
+
+def _identity_clone(rate=0.5):
+  return seeded_dropout.mc_dropout_model(tt.build_model("identity", rate))
+
+
+def _reference(x, seed, keys, t, rate=0.5):
+  """What the identity model's one Dropout gives with the documented masks."""
+  keep = mask_hash.keep_mask(seed, keys[:, None], t, 0,
+                             np.arange(x.shape[1])[None, :], rate)
+  return np.where(keep, x / (1.0 - rate), 0.0)
+
+
+class MCDropoutModelTest(tf.test.TestCase):
+
+  def test_replaces_every_dropout_and_shares_weights(self):
+    for kind in ("nested", "sequential", "conv", "dict"):
+      model = tt.build_model(kind)
+      clone = seeded_dropout.mc_dropout_model(model)
+      self.assertEmpty(validation.dropout_layers(clone), msg=kind)
+      seeded = [l for l in validation.iter_layers(clone)
+                if isinstance(l, seeded_dropout.SeededDropout)]
+      self.assertLen(seeded, len(validation.dropout_layers(model)), msg=kind)
+      self.assertEqual([l.layer_index for l in seeded],
+                       list(range(len(seeded))))
+      base_ids = {id(v) for v in model.weights}
+      for v in clone.weights:
+        if "seed_generator" not in v.path:
+          self.assertIn(id(v), base_ids, msg=f"{kind}: {v.path} copied")
+
+  def test_standalone_calls_are_stochastic_and_seeded(self):
+    model = tt.build_model("regression")
+    x = tt.features()
+    clone = seeded_dropout.mc_dropout_model(model)
+    a, b = clone(x).numpy(), clone(x).numpy()
+    self.assertNotAllClose(a, b)
+    again = seeded_dropout.mc_dropout_model(model)
+    self.assertAllClose(again(x).numpy(), a)
+
+  def test_noise_shape_and_spatial_dropout_share_masks(self):
+    inputs = keras.Input((5, 3))
+    out = keras.layers.Dropout(0.5, noise_shape=(None, 1, 3))(inputs)
+    out = keras.layers.SpatialDropout1D(0.5)(out)
+    clone = seeded_dropout.mc_dropout_model(keras.Model(inputs, out))
+    y = clone(np.ones((64, 5, 3), np.float32)).numpy()
+    # Each (example, channel) mask is shared over the 5 time steps.
+    self.assertAllEqual(y, np.repeat(y[:, :1, :], 5, axis=1))
+    self.assertGreater((y == 0).mean(), 0.5)
+    self.assertLess((y == 0).mean(), 0.95)
+
+  def test_batch_norm_in_inference_mode(self):
+    # With rate 0 the MC model equals the deterministic inference pass.
+    model = tt.build_model("bn", rate=0.0)
+    x = tt.features(20)
+    model.compile("sgd", "mse")
+    model.fit(x, np.ones((20, 1)), epochs=1, verbose=0)
+    clone = seeded_dropout.mc_dropout_model(model)
+    self.assertAllClose(clone(x), model.predict(x, verbose=0), atol=1e-6)
+
+  def test_layer_config_round_trip(self):
+    layer = seeded_dropout.SeededDropout(0.25, noise_shape=(None, 1), seed=3,
+                                         layer_index=2, name="d")
+    config = layer.get_config()
+    self.assertEqual({k: config[k] for k in
+                      ("rate", "noise_shape", "seed", "layer_index")},
+                     {"rate": 0.25, "noise_shape": (None, 1), "seed": 3,
+                      "layer_index": 2})
+    self.assertEqual(
+        seeded_dropout.SeededDropout.from_config(config).get_config(), config)
+
+  def test_invalid_rate(self):
+    with self.assertRaises(ValueError) as e:
+      seeded_dropout.SeededDropout(1.5)
+    self.assertEqual(str(e.exception), _ERR_RATE)
+
+  def test_keras_file_round_trip(self):
+    clone = seeded_dropout.mc_dropout_model(tt.build_model("regression"))
+    path = os.path.join(self.get_temp_dir(), "mc.keras")
+    clone.save(path)
+    loaded = keras.models.load_model(path)
+    self.assertLen([l for l in loaded.layers
+                    if isinstance(l, seeded_dropout.SeededDropout)], 2)
+
+
+class RowContextTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.clone = _identity_clone()
+    self.x = np.random.RandomState(1).rand(6, 4).astype(np.float32) + 0.5
+    self.keys = np.array([3, 9, -2, 2**35, 0, 11], np.int64)
+
+  def _states(self, seed, t):
+    return mask_hash.example_seeds(
+        seed, tf.constant(self.keys), tf.fill([len(self.keys)], t))
+
+  def test_masks_are_the_documented_function_of_the_row_states(self):
+    for seed, t in [(0, 0), (7, 3)]:
+      with seeded_dropout.row_context(self._states(seed, t)):
+        got = self.clone(self.x).numpy()
+      self.assertAllClose(got, _reference(self.x, seed, self.keys, t),
+                          rtol=1e-6, msg=(seed, t))
+
+  def test_same_states_same_masks(self):
+    states = self._states(5, 2)
+    with seeded_dropout.row_context(states):
+      a = self.clone(self.x).numpy()
+      b = self.clone(self.x).numpy()
+    self.assertAllEqual(a, b)
+
+  def test_nested_and_raising_blocks_restore_the_outer_states(self):
+    outer = _reference(self.x, 1, self.keys, 0)
+    with seeded_dropout.row_context(self._states(1, 0)):
+      with self.assertRaises(KeyError):
+        with seeded_dropout.row_context(self._states(2, 0)):
+          raise KeyError("inside")
+      self.assertAllClose(self.clone(self.x).numpy(), outer, rtol=1e-6)
+    # Outside every block the layer draws stand-alone masks again.
+    a, b = self.clone(self.x).numpy(), self.clone(self.x).numpy()
+    self.assertNotAllClose(a, b)
+
+
+if __name__ == "__main__":
+  tf.test.main()
