@@ -1,4 +1,4 @@
-"""Tests for dropvar_tf.report (fidelity table and plots)."""
+"""Tests for dropvar_tf.study.report (tables, plots, the study report)."""
 
 import os
 import tempfile

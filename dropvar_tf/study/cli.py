@@ -16,6 +16,11 @@ import warnings
 from absl import app
 from absl import flags
 
+from dropvar_tf import validation
+from dropvar_tf.study import config as config_lib
+from dropvar_tf.study import report
+from dropvar_tf.study import runner
+
 _FLAGS = {}
 
 
@@ -53,10 +58,8 @@ def define_flags(fv=flags.FLAGS):
 def make_config(small=False, tasks=None, rates=None, num_samples=None,
                 num_perturbed=None, head_epochs=None, seed=0, cache_dir=None):
   """Builds a `StudyConfig` from flag values (None keeps the default)."""
-  # pylint: disable=import-outside-toplevel
-  from dropvar_tf.study import study
-  config = (study.small_config(cache_dir=cache_dir) if small
-            else study.StudyConfig(cache_dir=cache_dir))
+  config = (config_lib.small_config(cache_dir=cache_dir) if small
+            else config_lib.StudyConfig(cache_dir=cache_dir))
   changes = {"seed": seed}
   if tasks:
     changes["tasks"] = tuple(tasks)
@@ -64,7 +67,6 @@ def make_config(small=False, tasks=None, rates=None, num_samples=None,
     try:
       changes["dropout_rates"] = tuple(float(r) for r in rates)
     except ValueError:
-      from dropvar_tf import validation
       raise validation.invalid("rates", "comma-separated floats in (0, 1)",
                                ",".join(rates)) from None
   for key, value in (("num_samples", num_samples),
@@ -72,13 +74,11 @@ def make_config(small=False, tasks=None, rates=None, num_samples=None,
                      ("head_epochs", head_epochs)):
     if value is not None:
       changes[key] = value
-  return study.check_config(dataclasses.replace(config, **changes))
+  return config_lib.check_config(dataclasses.replace(config, **changes))
 
 
 def main(argv):
   del argv
-  # pylint: disable=import-outside-toplevel
-  from dropvar_tf.study import study
   f = {k: v.value for k, v in _FLAGS.items()}
   config = make_config(f["small"], f["tasks"], f["rates"], f["num_samples"],
                        f["num_perturbed"], f["head_epochs"], f["seed"],
@@ -86,9 +86,9 @@ def main(argv):
   # Keras warns on every head fit that a pre-shuffled dataset is not
   # shuffled again; that is intended and would drown the progress lines.
   warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-  results = study.run_study(config, f["output_dir"],
-                            log=lambda m: print(m, flush=True))
-  print(study.checks_table(results["checks"]))
+  results = runner.run_study(config, f["output_dir"],
+                             log=lambda m: print(m, flush=True))
+  print(report.checks_table(results["checks"]))
   print(f"Report: {results['paths']['report']}")
   return 0
 
