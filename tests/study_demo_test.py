@@ -105,12 +105,12 @@ class RunTest(tf.test.TestCase):
 class MainTest(tf.test.TestCase):
 
   def _main_kwargs(self, argv):
-    fv = flags.FlagValues()
-    with mock.patch.dict(demo._FLAGS, clear=True):  # pylint: disable=protected-access
-      demo.define_flags(fv)
-      fv(["dropvar"] + argv)
-      with mock.patch.object(demo, "run") as run:
-        demo.main(["dropvar"])
+    values = flags.FlagValues()
+    demo.define_flags(values)
+    values(["dropvar"] + argv)
+    with mock.patch.object(demo, "FLAGS", values), \
+         mock.patch.object(demo, "run") as run:
+      demo.main(["dropvar"])
     run.assert_called_once()
     return run.call_args.kwargs
 
