@@ -1,5 +1,6 @@
 """Tests for dropvar_tf.study.runner: one study run in its small mode."""
 
+import glob
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import tempfile
 
 import numpy as np
 
+from dropvar_tf import metrics
 from dropvar_tf._keras import tf
 from dropvar_tf.study import config as config_lib
 from dropvar_tf.study import estimators
@@ -58,21 +60,37 @@ class StudySmallRunTest(tf.test.TestCase):
       self.assertTrue(any(n.startswith(estimators.PREDICTION_CLOSED_FORM)
                           for n in names))
 
-  def test_numbers_finite_and_in_range(self):
+  def _reference_targets(self, task):
+    paths = glob.glob(os.path.join(self.cache,
+                                   f"{task}_r{_RATE}_*_reference.npy"))
+    self.assertLen(paths, 1)
+    return np.load(paths[0])
+
+  def test_rows_scored_against_test_and_reference_targets(self):
+    # Recomputed from the stored estimates: a row scored against the wrong
+    # targets (the noise-ceiling run, another task's) fails here.
     scored = [r for r in self.results["rows"] if "spearman" in r]
     self.assertGreaterEqual(len(scored), 2 * 10)
-    for r in scored:
-      for key in ("spearman", "pearson", "auc_top10", "auc_bottom10"):
-        self.assertTrue(math.isfinite(r[key]), (r["estimator"], key))
-        self.assertBetween(r[key], -1.0, 1.0)
-      for key in ("r2", "ref_r2"):
-        self.assertTrue(math.isfinite(r[key]))
-        self.assertLessEqual(r[key], 1.0)
-      self.assertBetween(r["ref_spearman"], -1.0, 1.0)
-      self.assertEqual(r["n"], 200)
-      if r["group"] == estimators.HEAD:
-        self.assertGreater(r["head_params"], 0)
-        self.assertGreater(r["us_per_example"], 0.0)
+    for info in self.results["configs"]:
+      task = info["task"]
+      ref = self._reference_targets(task)
+      for r in (r for r in scored if r["task"] == task):
+        expected = metrics.fidelity(np.asarray(r["estimate"]),
+                                    np.asarray(info["test_targets"]))
+        expected_ref = metrics.fidelity(np.asarray(r["estimate"]), ref)
+        for key in ("spearman", "pearson", "r2", "auc_top10",
+                    "auc_bottom10"):
+          self.assertTrue(math.isfinite(r[key]), (r["estimator"], key))
+          self.assertTrue(math.isfinite(r["ref_" + key]),
+                          (r["estimator"], key))
+          self.assertAllClose(r[key], expected[key],
+                              msg=f"{r['estimator']}/{key}")
+          self.assertAllClose(r["ref_" + key], expected_ref[key],
+                              msg=f"{r['estimator']}/ref_{key}")
+        self.assertEqual(r["n"], 200)
+        if r["group"] == estimators.HEAD:
+          self.assertGreater(r["head_params"], 0)
+          self.assertGreater(r["us_per_example"], 0.0)
 
   def test_every_row_names_its_data(self):
     for r in self.results["rows"]:
