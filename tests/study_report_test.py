@@ -1,4 +1,4 @@
-"""Tests for dropvar_tf.report (fidelity table and plots)."""
+"""Tests for dropvar_tf.study.report (tables, plots, the study report)."""
 
 import os
 import tempfile
@@ -53,6 +53,48 @@ class FidelityTableTest(tf.test.TestCase):
   def test_no_rows_gives_header_only(self):
     self.assertEqual(report.fidelity_table([]),
                      _HEADER + "\n" + _SEPARATOR)
+
+
+class StudyTablesTest(tf.test.TestCase):
+
+  def test_checks_table(self):
+    checks = [
+        {"task": "digits", "check": "recommended head Spearman",
+         "against": "mc", "value": 0.9512, "goal": ">= 0.93",
+         "passed": True},
+        {"task": "digits", "check": "bound", "against": "mc",
+         "value": (0.5, 0.25), "goal": "(bound, not a goal)", "passed": None},
+        {"task": "criteo", "check": "recommended above x", "against": "ref",
+         "value": None, "goal": "n/a", "passed": False},
+    ]
+    self.assertEqual(report.checks_table(checks).split("\n"), [
+        "| task | check (test split) | scored against | measured | goal | "
+        "result |",
+        "|---|---|---:|---:|---:|---:|",
+        "| digits | recommended head Spearman | mc | 0.951 | >= 0.93 | pass |",
+        "| digits | bound | mc | 0.500 / 0.250 | (bound, not a goal) | n/a |",
+        "| criteo | recommended above x | ref | n/a | n/a | MISS |",
+    ])
+
+  def test_fidelity_rows_table_with_reference_and_unsupported(self):
+    scores = {"spearman": 0.5, "pearson": 0.25, "r2": -1.0, "r2_log": 0.0,
+              "auc_top10": 1.0, "auc_bottom10": 0.75, "ref_spearman": 0.6,
+              "ref_r2": float("nan")}
+    rows = [
+        dict(scores, estimator="head", data="d", rate=0.3, head_params=1234,
+             us_per_example=5.04),
+        {"estimator": "mp", "data": "d", "rate": 0.3, "head_params": None,
+         "us_per_example": None, "unsupported": "layer x"},
+    ]
+    lines = report.fidelity_rows_table(rows, reference_samples=20).split("\n")
+    self.assertEqual(lines[0], (
+        "| estimator | data | rate | spearman | pearson | r2 | r2_log | "
+        "auc_top10 | auc_bottom10 | spearman (T=20) | r2 (T=20) | "
+        "head params | µs/example |"))
+    self.assertEqual(lines[2], "| head | d | 0.3 | 0.500 | 0.250 | -1.000 | "
+                     "0.000 | 1.000 | 0.750 | 0.600 | n/a | 1,234 | 5.0 |")
+    self.assertEqual(lines[3], "| mp | d | 0.3 | unsupported: layer x | n/a "
+                     "| n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
 
 
 class PlotTest(tf.test.TestCase):

@@ -17,33 +17,37 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_FLAGS = {}
+FLAGS = flags.FLAGS
 
 
-def define_flags(fv=flags.FLAGS):
-  """Defines the job's flags on `fv` (kept out of import time)."""
-  _FLAGS["output_dir"] = flags.DEFINE_string(
+def define_flags(flag_values=FLAGS):
+  """Defines the job's flags on `flag_values` (kept out of import time so
+  that other absl tools can be imported into the same process)."""
+  flags.DEFINE_string(
       "output_dir", "runs/digits", "Where plots, report and export go.",
-      flag_values=fv)
-  _FLAGS["num_samples"] = flags.DEFINE_integer(
+      flag_values=flag_values)
+  flags.DEFINE_integer(
       "num_samples", 100, "T: stochastic passes per MC target.",
-      flag_values=fv)
-  _FLAGS["dropout_rate"] = flags.DEFINE_float(
-      "dropout_rate", 0.3, "Dropout rate of the base model.", flag_values=fv)
-  _FLAGS["num_perturbed"] = flags.DEFINE_integer(
+      flag_values=flag_values)
+  flags.DEFINE_float(
+      "dropout_rate", 0.3, "Dropout rate of the base model.",
+      flag_values=flag_values)
+  flags.DEFINE_integer(
       "num_perturbed", 16000, "Perturbed calibration inputs for the head.",
-      flag_values=fv)
-  _FLAGS["base_epochs"] = flags.DEFINE_integer(
-      "base_epochs", 60, "Epochs of base-model training.", flag_values=fv)
-  _FLAGS["head_epochs"] = flags.DEFINE_integer(
-      "head_epochs", 60, "Maximum epochs of head training.", flag_values=fv)
-  _FLAGS["seed"] = flags.DEFINE_integer("seed", 0, "Global seed.",
-                                        flag_values=fv)
-  _FLAGS["quick"] = flags.DEFINE_bool(
-      "quick", False, "Small settings for a smoke run (CI).", flag_values=fv)
-  _FLAGS["export"] = flags.DEFINE_bool(
+      flag_values=flag_values)
+  flags.DEFINE_integer(
+      "base_epochs", 60, "Epochs of base-model training.",
+      flag_values=flag_values)
+  flags.DEFINE_integer(
+      "head_epochs", 60, "Maximum epochs of head training.",
+      flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "Global seed.", flag_values=flag_values)
+  flags.DEFINE_bool(
+      "quick", False, "Small settings for a smoke run (CI).",
+      flag_values=flag_values)
+  flags.DEFINE_bool(
       "export", True, "Export the dual SavedModel at the end.",
-      flag_values=fv)
+      flag_values=flag_values)
 
 
 def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
@@ -56,7 +60,7 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
   """
   # pylint: disable=import-outside-toplevel
   from dropvar_tf._keras import keras
-  from dropvar_tf import heads, metrics, moments, targets, training
+  from dropvar_tf import contract, heads, metrics, moments, targets, training
   from dropvar_tf.study import report
   from dropvar_tf.study.data import images
   from dropvar_tf.study.models import reference
@@ -95,8 +99,8 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
   timings["head_s"] = time.time() - t0
 
   out = dual.predict(split.x_test, verbose=0)
-  estimate = out["variation"]
-  prob = out["prediction"]
+  estimate = out[contract.VARIATION_KEY]
+  prob = out[contract.PREDICTION_KEY]
   rows = [
       ("variation head (one pass)", metrics.fidelity(estimate, t_test)),
       ("moment propagation (one pass)", metrics.fidelity(
@@ -148,14 +152,18 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
 
 def main(argv):
   del argv
-  f = {k: v.value for k, v in _FLAGS.items()}
-  if f.pop("quick"):
-    f.update(num_samples=20, num_perturbed=1500, base_epochs=15,
-             head_epochs=15)
-  run(**f)
+  sizes = dict(num_samples=FLAGS.num_samples,
+               num_perturbed=FLAGS.num_perturbed,
+               base_epochs=FLAGS.base_epochs, head_epochs=FLAGS.head_epochs)
+  if FLAGS.quick:
+    sizes.update(num_samples=20, num_perturbed=1500, base_epochs=15,
+                 head_epochs=15)
+  run(output_dir=FLAGS.output_dir, dropout_rate=FLAGS.dropout_rate,
+      seed=FLAGS.seed, export=FLAGS.export, **sizes)
 
 
 def run_main():
+  """Console entry point `dropvar`."""
   define_flags()
   app.run(main)
 
