@@ -13,6 +13,8 @@ import contextlib
 import os
 import uuid
 
+_WEIGHTS_SUFFIX = ".weights.h5"
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -30,8 +32,10 @@ def atomic_path(path):
     The temporary path to write.
   """
   head, tail = os.path.split(path)
-  stem, dot, ext = tail.partition(".")
-  tmp = os.path.join(head, f".{stem}.tmp-{uuid.uuid4().hex}{dot}{ext}")
+  # Keras saves weights only to names ending in ".weights.h5".
+  suffix = (_WEIGHTS_SUFFIX if tail.endswith(_WEIGHTS_SUFFIX)
+            else os.path.splitext(tail)[1])
+  tmp = os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex}{suffix}")
   try:
     yield tmp
     with open(tmp, "rb+") as f:

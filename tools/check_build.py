@@ -42,7 +42,7 @@ TEST_SIZES = {
     "serving_server_test": "large",
     "serving_servicers_test": "large",
     "serving_client_test": "large",
-    "study_test": "large",
+    "study_runner_test": "large",
 }
 
 HEADER = """\
