@@ -1,6 +1,7 @@
 """Tests of dropvar_tf.atomic."""
 
 import os
+import tempfile
 
 import numpy as np
 
@@ -11,15 +12,16 @@ from dropvar_tf._keras import tf
 class AtomicTest(tf.test.TestCase):
 
   def test_write_replaces_file(self):
-    path = os.path.join(self.get_temp_dir(), "a.json")
+    folder = tempfile.mkdtemp(dir=self.get_temp_dir())
+    path = os.path.join(folder, "a.json")
     atomic.atomic_write(path, "old")
     atomic.atomic_write(path, b"new")
     with open(path, "rb") as f:
       self.assertEqual(f.read(), b"new")
-    self.assertEqual(os.listdir(self.get_temp_dir()), ["a.json"])
+    self.assertEqual(os.listdir(folder), ["a.json"])
 
   def test_failed_block_keeps_old_file_and_leaves_no_temporary(self):
-    folder = self.create_tempdir().full_path
+    folder = tempfile.mkdtemp(dir=self.get_temp_dir())
     path = os.path.join(folder, "values.npz")
     atomic.atomic_write(path, b"old")
     with self.assertRaisesRegex(RuntimeError, "disk full"):
@@ -31,7 +33,7 @@ class AtomicTest(tf.test.TestCase):
     self.assertEqual(os.listdir(folder), ["values.npz"])
 
   def test_temporary_path_keeps_the_extension(self):
-    folder = self.create_tempdir().full_path
+    folder = tempfile.mkdtemp(dir=self.get_temp_dir())
     for name, suffix in (("digits_r0.3_ab.npz", ".npz"),
                          ("base_r0.1.weights.h5", ".weights.h5"),
                          ("rows", "")):
