@@ -25,13 +25,13 @@ import uuid
 
 import numpy as np
 from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow.python.framework import op_def_registry
 from tensorflow_serving.apis import model_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from dropvar_tf import contract
 from dropvar_tf import heads
+from dropvar_tf import keras_graph
 from dropvar_tf import targets
 from dropvar_tf import validation
 from dropvar_tf._keras import keras, tf
@@ -234,7 +234,7 @@ def _head_metadata(dual):
     return dict(heads.variation_head_metadata(dual))
   # Not made by `add_variation_head`: derive what the graph tells.
   return {"dropout_rates": {l.name: float(l.rate)
-                            for l in validation.dropout_layers(dual)}}
+                            for l in keras_graph.dropout_layers(dual)}}
 
 
 def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
@@ -359,7 +359,7 @@ def check_serving_ops(saved_model_dir):
   ops = _graph_ops(saved_model_dir)
   public = set(dir(tf.raw_ops))
   denied = sorted(ops & DENIED_OPS)
-  unregistered = sorted(o for o in ops if op_def_registry.get(o) is None)
+  unregistered = sorted(o for o in ops if not keras_graph.is_registered_op(o))
   custom = sorted(o for o in ops - DENIED_OPS - set(unregistered)
                   if o not in public and not o.startswith("_"))
   problems = []
@@ -632,14 +632,14 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   if mc_num_samples is not None:
     prediction = dual.output[contract.PREDICTION_KEY]
     base = keras.Model(dual.input, prediction)
-    if not validation.dropout_layers(base):
+    if not keras_graph.dropout_layers(base):
       raise validation.invalid(
           "mc_num_samples", "None for a model without Dropout layers "
           "before its prediction", mc_num_samples)
     units = int(np.prod(prediction.shape[1:])) if prediction.shape[1:] else 1
     statistic = validation.resolve_statistic(
         head_metadata.get("statistic", contract.STAT_AUTO), units,
-        validation.output_is_probabilities(base))
+        keras_graph.output_is_probabilities(base))
     variation_shape = [int(d) for d in
                        dual.output[contract.VARIATION_KEY].shape[1:]]
     mc_model = targets.mc_dropout_model(base)

@@ -26,7 +26,7 @@ it for a whole data set, fast and reproducibly:
 Mask function
 -------------
 For the dropout layer with index `layer_index` (its position in
-`validation.dropout_layers(model)`), example key `key` (int64), sample index
+`keras_graph.dropout_layers(model)`), example key `key` (int64), sample index
 `t` in [0, num_samples) and unit index `unit` (the row-major flat index of the
 unit in the per-example noise shape), with global `seed` in [0, 2**32):
 
@@ -61,6 +61,7 @@ import sys
 import numpy as np
 
 from dropvar_tf import contract
+from dropvar_tf import keras_graph
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
@@ -221,7 +222,7 @@ def mask_hash(seed, keys, sample_index, layer_index, unit_index):
     keys: int64 array of example keys.
     sample_index: integer array (sample index t), broadcastable with `keys`.
     layer_index: integer, position of the layer in
-      `validation.dropout_layers(model)`.
+      `keras_graph.dropout_layers(model)`.
     unit_index: integer array of flat unit indices, broadcastable.
 
   Returns:
@@ -310,7 +311,7 @@ class SeededDropout(keras.layers.Layer):
       size.
     seed: integer seed of the stand-alone mode.
     layer_index: integer, position of the replaced layer in
-      `validation.dropout_layers(model)`; part of the mask hash.
+      `keras_graph.dropout_layers(model)`; part of the mask hash.
     **kwargs: base `keras.layers.Layer` arguments.
 
   Input shape: (batch, ...). Output shape: same as input.
@@ -419,7 +420,7 @@ def mc_dropout_model(model):
     ValueError: `model` is invalid (see `validation.check_model`).
   """
   validation.check_model(model)
-  index = {id(l): i for i, l in enumerate(validation.dropout_layers(model))}
+  index = {id(l): i for i, l in enumerate(keras_graph.dropout_layers(model))}
 
   def clone_function(layer):
     if isinstance(layer, keras.layers.Dropout):
@@ -692,7 +693,7 @@ def _check_common(model, num_samples, seed, batch_size, statistic):
                              f"output shape {model.outputs[0].shape}")
   units = int(np.prod(out_shape, dtype=np.int64))
   statistic = validation.resolve_statistic(
-      statistic, units, validation.output_is_probabilities(model))
+      statistic, units, keras_graph.output_is_probabilities(model))
   return num_samples, seed, batch_size, statistic, out_shape
 
 

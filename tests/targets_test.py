@@ -7,8 +7,8 @@ from unittest import mock
 
 import numpy as np
 
+from dropvar_tf import keras_graph
 from dropvar_tf import targets
-from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
@@ -183,10 +183,10 @@ class MCDropoutModelTest(tf.test.TestCase):
     for kind in ("nested", "sequential", "conv", "dict"):
       model = build_model(kind)
       clone = targets.mc_dropout_model(model)
-      self.assertEmpty(validation.dropout_layers(clone), msg=kind)
-      seeded = [l for l in validation.iter_layers(clone)
+      self.assertEmpty(keras_graph.dropout_layers(clone), msg=kind)
+      seeded = [l for l in keras_graph.iter_layers(clone)
                 if isinstance(l, targets.SeededDropout)]
-      self.assertLen(seeded, len(validation.dropout_layers(model)), msg=kind)
+      self.assertLen(seeded, len(keras_graph.dropout_layers(model)), msg=kind)
       self.assertEqual([l.layer_index for l in seeded],
                        list(range(len(seeded))))
       base_ids = {id(v) for v in model.weights}
