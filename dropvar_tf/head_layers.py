@@ -13,6 +13,7 @@ with `keras.saving.load_model` once `dropvar_tf` is imported.
 """
 
 import numpy as np
+from packaging import version
 
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
@@ -214,19 +215,27 @@ class HeadInputDense(keras.layers.Layer):
 HEAD_FORMAT_VERSION = "0.2.0"
 
 
-def _version_tuple(text):
-  return tuple(int(part) for part in str(text).split(".")[:3])
-
-
 def _check_head_format(saved_version):
-  """Refuses a head saved by a version that computed other features."""
+  """Refuses a head saved by a version that computed other features.
+
+  Versions compare by their first three release numbers: pre-release,
+  development and local segments are ignored ("0.2.0.dev1" computes the
+  features of 0.2.0).
+
+  Raises:
+    ValueError: `saved_version` is older than `HEAD_FORMAT_VERSION`, or is
+      not a PEP 440 version string.
+  """
   if saved_version is None:
     return
   try:
-    old = _version_tuple(saved_version) < _version_tuple(HEAD_FORMAT_VERSION)
-  except ValueError:
-    old = False  # a development version string: trust it
-  if old:
+    saved = version.Version(str(saved_version))
+  except version.InvalidVersion as e:
+    raise validation.invalid(
+        "metadata", "a `dropvar_tf_version` that is a PEP 440 version "
+        "string such as '0.2.0'", f"dropvar_tf_version={saved_version!r}"
+    ) from e
+  if saved.release[:3] < version.Version(HEAD_FORMAT_VERSION).release[:3]:
     raise validation.invalid(
         "metadata", f"a head made by dropvar_tf >= {HEAD_FORMAT_VERSION} "
         "(earlier heads computed their input features differently; refit "
@@ -254,7 +263,7 @@ class VariationOutput(keras.layers.Layer):
 
   Raises:
     ValueError: unknown `transform`, `units` < 1, or metadata of a head
-      made by a version that computed other features.
+      made by a version that computed other features (or not a version).
   """
 
   def __init__(self, units=1, transform=LOG, metadata=None, **kwargs):

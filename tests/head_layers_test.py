@@ -9,6 +9,15 @@ from dropvar_tf._keras import tf
 _PREFIX = "Invalid value received for argument "
 _ERR_TRANSFORM = (_PREFIX + "`transform`. Expected one of ('log', "
                   "'identity'). Received: transform='sqrt'")
+_ERR_OLD_FORMAT = (
+    _PREFIX + "`metadata`. Expected a head made by dropvar_tf >= 0.2.0 "
+    "(earlier heads computed their input features differently; refit the "
+    "head, e.g. with `train_variation_head`, on this version). Received: "
+    "metadata=\"dropvar_tf_version='{}'\"")
+_ERR_BAD_VERSION = (
+    _PREFIX + "`metadata`. Expected a `dropvar_tf_version` that is a PEP 440 "
+    "version string such as '0.2.0'. Received: "
+    "metadata=\"dropvar_tf_version='unknown'\"")
 
 
 class HeadLayersTest(tf.test.TestCase):
@@ -77,12 +86,23 @@ class HeadLayersTest(tf.test.TestCase):
       head_layers.HeadInputDense(3, activation="tanh")
 
   def test_head_from_an_older_feature_format_is_refused(self):
-    with self.assertRaisesRegex(ValueError, "dropvar_tf_version='0.1.0'"):
-      head_layers.VariationOutput(metadata={"dropvar_tf_version": "0.1.0"})
-    for version in (head_layers.HEAD_FORMAT_VERSION, "0.10.0", "1.0.0"):
-      layer = head_layers.VariationOutput(
-          metadata={"dropvar_tf_version": version})
-      self.assertEqual(layer.metadata["dropvar_tf_version"], version)
+    for version in ("0.1.0", "0.1.9", "0.1.0.dev3"):
+      with self.subTest(version=version):
+        with self.assertRaises(ValueError) as cm:
+          head_layers.VariationOutput(
+              metadata={"dropvar_tf_version": version})
+        self.assertEqual(str(cm.exception), _ERR_OLD_FORMAT.format(version))
+    for version in (head_layers.HEAD_FORMAT_VERSION, "0.10.0", "1.0.0",
+                    "0.2.0.dev1", "0.2.0rc1", "0.2.0+local", "0.2.0.1"):
+      with self.subTest(version=version):
+        layer = head_layers.VariationOutput(
+            metadata={"dropvar_tf_version": version})
+        self.assertEqual(layer.metadata["dropvar_tf_version"], version)
+
+  def test_head_with_an_invalid_version_is_refused(self):
+    with self.assertRaises(ValueError) as cm:
+      head_layers.VariationOutput(metadata={"dropvar_tf_version": "unknown"})
+    self.assertEqual(str(cm.exception), _ERR_BAD_VERSION)
 
   def test_log_feature(self):
     layer = head_layers.LogFeature(offset=0.5)
