@@ -241,7 +241,8 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       four times: `bench/dual_bench.py --model=cnn`).
     hidden_units: widths of the head's hidden ReLU layers. The default
       (16, 64) starts narrow: the first layer, the only one as wide as the
-      features, stays cheap (about 10% of a 3x256 MLP's multiply-adds).
+      features, stays cheap next to the base model's layers
+      (docs/measurements.md).
     statistic: the DPV statistic the head estimates (see `contract`):
       "auto", "std", "predicted_class_std" or "per_class_std".
     include_prediction: also feed features of the base prediction.

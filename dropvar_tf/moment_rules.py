@@ -65,8 +65,8 @@ def sigmoid_moments(mean, var):
   Mean: the probit approximation sigmoid(mean / sqrt(1 + pi var / 8)).
   Variance: Gauss-Hermite quadrature (`quadrature_moments`). The variance of
   the probit surrogate Phi(sqrt(pi / 8) z) is not used: its tails are too
-  thin, so it underestimates the std of confident units (|mean| >= 4) by 40%
-  and more.
+  thin, so it underestimates the std of confident units (large |mean|, small
+  variance) by far (docs/measurements.md).
   """
   out_mean = tf.sigmoid(mean / tf.sqrt(1.0 + _PROBIT_SCALE_SQ * var))
   _, out_var = quadrature_moments(tf.sigmoid, mean, var)

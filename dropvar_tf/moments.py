@@ -26,11 +26,11 @@ Approximations (all standard for moment propagation; say them in reports):
   Clark's (1961) moment matching (the max of two Gaussians is treated as a
   Gaussian). Average pooling is exact under independence.
 - Dropout masks must be independent per unit: SpatialDropout and Dropout with
-  a `noise_shape` are refused (dropping the correlation they create gave
-  Spearman 0.34 against MC on a small digits CNN).
+  a `noise_shape` are refused (with the correlation they create dropped, the
+  estimate ranks examples poorly against MC dropout; docs/measurements.md).
 - Overlapping pooling windows (stride < pool size) share inputs; the dropped
-  correlation makes a later average underestimate the std (ratio 0.6-0.8
-  measured with stride 1).
+  correlation makes a later average underestimate the std
+  (docs/measurements.md).
 - BatchNormalization runs in inference mode (an affine map with the moving
   statistics), as in a dropout-only MC pass.
 
@@ -128,8 +128,9 @@ def _make_moment_layer(layer, name):
   kind = type(layer)
   if kind in _SPATIAL_DROPOUT or (kind is keras.layers.Dropout and
                                   layer.noise_shape is not None):
-    # A shared mask correlates whole feature maps; dropping that correlation
-    # gave Spearman 0.34 against MC on a digits CNN: refuse, do not mislead.
+    # A shared mask correlates whole feature maps; with that correlation
+    # dropped the estimate ranks examples poorly (docs/measurements.md):
+    # refuse, do not mislead.
     raise _unsupported(
         layer, " (dropout masks shared across units, as SpatialDropout or "
         "noise_shape make them, break the independence assumption)")

@@ -584,16 +584,15 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
     seed: integer in [0, 2**32), seed of the "mc_dropout" masks.
     jit_compile: compile "serving_default" with XLA: one program instead
       of one TF op after another, at the price of one XLA launch per
-      request. On a 2-core CPU (`bench/dual_bench.py`) it cut a 3x256 MLP
-      dual's batch-1 graph time to 0.60-0.82x and raised its batch-256 time
-      to 1.07-1.12x; a CNN took 1.84x at batch 256. Measure your model
-      before you choose it. Requests are padded to the next power of two
-      rows and XLA compiles once per such size (about 0.35 s each on 2 CPU
-      cores; warmup requests compile theirs at load), and once more per
-      length of any inner dimension the model leaves variable (e.g. a
-      sequence length). `tensorflow_model_server` runs it only with
-      `--xla_cpu_compilation_enabled=true`. The export compiles a batch of
-      1 first and refuses a model XLA cannot compile.
+      request. That tends to help small batches of small models and to
+      hurt large batches, convolutions most (docs/measurements.md):
+      measure your model (`bench/dual_bench.py`) before you choose it.
+      Requests are padded to the next power of two rows and XLA compiles
+      once per such size (warmup requests compile theirs at load), and
+      once more per length of any inner dimension the model leaves
+      variable (e.g. a sequence length). `tensorflow_model_server` runs it
+      only with `--xla_cpu_compilation_enabled=true`. The export compiles
+      a batch of 1 first and refuses a model XLA cannot compile.
 
   Returns:
     The path of the new version folder.
