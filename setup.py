@@ -17,6 +17,7 @@ REQUIRED = [
     # tfds 4.9.10 imports it on Python 3.11 but does not declare it.
     "importlib_resources",
     "absl-py>=2.1",
+    "packaging>=23",
     "numpy>=1.26,<3",
     "scipy>=1.11",
     "scikit-learn>=1.4",

@@ -10,20 +10,13 @@ input model; the input model itself is not modified.
 
 import warnings
 
-import numpy as np
-
 from dropvar_tf._keras import keras
-from dropvar_tf._keras import tf
 from dropvar_tf import contract
+from dropvar_tf import head_layers
+from dropvar_tf import keras_graph
 from dropvar_tf import layers as probe_layers
 from dropvar_tf import validation
 from dropvar_tf.version import __version__
-
-_ops = keras.ops
-
-LOG = "log"
-IDENTITY = "identity"
-TRANSFORMS = (LOG, IDENTITY)
 
 PROBE_PREFIX = "dropvar_probe_"
 PREDICTION_FEATURES_NAME = "dropvar_prediction_features"
@@ -38,283 +31,6 @@ _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU,
 _SKIPPED = (keras.layers.InputLayer, keras.layers.Dropout)
 
 
-@keras.saving.register_keras_serializable(package="dropvar_tf")
-class PredictionFeatures(keras.layers.Layer):
-  """Features of the base model's prediction for the head.
-
-  One output unit (regression, binary probability): `[y, y**2]`. Several
-  class probabilities (`probabilities=True`): `[max p, sum(p * log p)]`, the
-  top probability and minus the entropy. Several other outputs: `[max y,
-  sum(y**2)]`. The full sorted probability vector (plus the top-two margin)
-  fitted no better on digits (Spearman 0.946 against 0.947, R^2 0.934 against
-  0.940, one run each) and its sort costs 5% of a 3x256 MLP's batch-256 pass
-  on CPU; these two cost three ops.
-
-  Input shape: (batch,) or (batch, k). Output shape: (batch, 2).
-
-  Args:
-    probabilities: the k > 1 inputs are probabilities (a softmax output).
-    **kwargs: passed to `keras.layers.Layer`.
-  """
-
-  def __init__(self, probabilities=False, **kwargs):
-    super().__init__(**kwargs)
-    self.probabilities = bool(probabilities)
-
-  def call(self, inputs):
-    y = inputs
-    if y.dtype != self.compute_dtype:
-      y = _ops.cast(y, self.compute_dtype)
-    if len(y.shape) == 1:
-      y = _ops.expand_dims(y, -1)
-    if y.shape[-1] == 1:
-      return tf.concat([y, tf.square(y)], axis=-1)
-    # xlogy(0, 0) = 0: no clipping needed for saturated probabilities.
-    spread = tf.math.xlogy(y, y) if self.probabilities else tf.square(y)
-    return tf.concat([tf.reduce_max(y, axis=-1, keepdims=True),
-                      tf.reduce_sum(spread, axis=-1, keepdims=True)], axis=-1)
-
-  def compute_output_shape(self, input_shape):
-    return (input_shape[0], 2)
-
-  def get_config(self):
-    config = super().get_config()
-    config.update({"probabilities": self.probabilities})
-    return config
-
-
-@keras.saving.register_keras_serializable(package="dropvar_tf")
-class LogFeature(keras.layers.Layer):
-  """`log(x + offset)` of a non-negative feature, e.g. an analytic DPV.
-
-  Negative inputs count as 0 (one relu op), unless `nonnegative` promises
-  there are none (the delta feature is a norm), which saves that op.
-
-  Input shape: (batch,) or (batch, d). Output shape: (batch, d) (d = 1 for
-  rank-1 inputs).
-  """
-
-  def __init__(self, offset=1e-6, nonnegative=False, **kwargs):
-    super().__init__(**kwargs)
-    self.offset = float(offset)
-    self.nonnegative = bool(nonnegative)
-
-  def call(self, inputs):
-    x = _ops.cast(inputs, self.compute_dtype)
-    if len(x.shape) == 1:
-      x = _ops.expand_dims(x, -1)
-    if not self.nonnegative:
-      x = _ops.relu(x)
-    return _ops.log(x + self.offset)
-
-  def compute_output_shape(self, input_shape):
-    if len(input_shape) == 1:
-      return (input_shape[0], 1)
-    return tuple(input_shape)
-
-  def get_config(self):
-    config = super().get_config()
-    config.update({"offset": self.offset, "nonnegative": self.nonnegative})
-    return config
-
-
-@keras.saving.register_keras_serializable(package="dropvar_tf")
-class HeadInputDense(keras.layers.Layer):
-  """The head's first layer: `act(concat(inputs) @ kernel + bias)`.
-
-  Computed without concatenating wide inputs: each input at least
-  `split_width` wide gets its own kernel block and matmul, the narrow ones
-  are concatenated (cheap) and share one block, and the partial products are
-  summed. On CPU this saves copying every tapped activation into one buffer
-  on each request (`bench/dual_bench.py` measures the head's cost).
-
-  Input: a list of (batch, d_i) tensors. Output: (batch, units).
-
-  Args:
-    units: output width.
-    activation: "relu" or "linear".
-    kernel_initializer, kernel_regularizer: as for `keras.layers.Dense`,
-      applied to the whole (sum d_i, units) kernel.
-    split_width: inputs at least this wide get their own matmul.
-    **kwargs: passed to `keras.layers.Layer`.
-  """
-
-  def __init__(self, units, activation="relu",
-               kernel_initializer="glorot_uniform", kernel_regularizer=None,
-               split_width=32, **kwargs):
-    super().__init__(**kwargs)
-    self.units = validation.check_int(units, "units", 1)
-    if activation not in ("relu", "linear"):
-      raise validation.invalid("activation", "'relu' or 'linear'", activation)
-    self.activation = activation
-    self.kernel_initializer = keras.initializers.get(kernel_initializer)
-    self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-    self.split_width = validation.check_int(split_width, "split_width", 1)
-
-  def build(self, input_shape):
-    if not (isinstance(input_shape, (list, tuple)) and input_shape and
-            isinstance(input_shape[0], (list, tuple))):
-      input_shape = [input_shape]
-    widths = [int(shape[-1]) for shape in input_shape]
-    wide = [i for i, d in enumerate(widths) if d >= self.split_width]
-    narrow = [i for i, d in enumerate(widths) if d < self.split_width]
-    # Blocks: (input indices, rows of the full kernel), wide inputs first.
-    offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int)
-    self._blocks = [[i] for i in wide] + ([narrow] if narrow else [])
-    self._block_rows = [np.concatenate([np.arange(offsets[i], offsets[i + 1])
-                                        for i in block])
-                        for block in self._blocks]
-    self._num_inputs = len(widths)
-    self.kernels = [
-        self.add_weight(name=f"kernel_{b}", shape=(len(rows), self.units),
-                        initializer="zeros",
-                        regularizer=self.kernel_regularizer)
-        for b, rows in enumerate(self._block_rows)]
-    self.bias = self.add_weight(name="bias", shape=(self.units,),
-                                initializer="zeros")
-    self.set_full_kernel(
-        self.kernel_initializer((int(offsets[-1]), self.units)))
-
-  def full_kernel(self):
-    """The (sum d_i, units) kernel as one numpy array, rows in input order."""
-    rows = np.concatenate(self._block_rows)
-    full = np.zeros((len(rows), self.units), "float32")
-    full[rows] = np.concatenate([k.numpy() for k in self.kernels])
-    return full
-
-  def set_full_kernel(self, kernel):
-    """Sets the kernel blocks from a (sum d_i, units) array."""
-    kernel = np.asarray(kernel, "float32")
-    for var, rows in zip(self.kernels, self._block_rows):
-      var.assign(kernel[rows])
-
-  def call(self, inputs):
-    if not isinstance(inputs, (list, tuple)):
-      inputs = [inputs]
-    if len(inputs) != self._num_inputs:
-      raise validation.invalid("inputs", f"a list of {self._num_inputs} "
-                               "feature tensors", f"{len(inputs)} tensors")
-    products = []
-    for block, kernel in zip(self._blocks, self.kernels):
-      parts = [inputs[i] for i in block]
-      x = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
-      products.append(tf.matmul(tf.cast(x, kernel.dtype), kernel))
-    # One AddN op however many blocks.
-    out = products[0] if len(products) == 1 else tf.add_n(products)
-    out = tf.nn.bias_add(out, self.bias)
-    return tf.nn.relu(out) if self.activation == "relu" else out
-
-  def compute_output_shape(self, input_shape):
-    first = input_shape[0] if isinstance(input_shape, list) else input_shape
-    return (first[0], self.units)
-
-  def get_config(self):
-    config = super().get_config()
-    config.update({
-        "units": self.units, "activation": self.activation,
-        "kernel_initializer": keras.initializers.serialize(
-            self.kernel_initializer),
-        "kernel_regularizer": keras.regularizers.serialize(
-            self.kernel_regularizer),
-        "split_width": self.split_width})
-    return config
-
-
-# The oldest version whose heads compute their features as this one does
-# (0.2.0: L2 norm instead of RMS in summaries, [max p, sum p log p] as the
-# prediction features, the first layer split per input).
-HEAD_FORMAT_VERSION = "0.2.0"
-
-
-def _version_tuple(text):
-  return tuple(int(part) for part in str(text).split(".")[:3])
-
-
-def _check_head_format(saved_version):
-  """Refuses a head saved by a version that computed other features."""
-  if saved_version is None:
-    return
-  try:
-    old = _version_tuple(saved_version) < _version_tuple(HEAD_FORMAT_VERSION)
-  except ValueError:
-    old = False  # a development version string: trust it
-  if old:
-    raise validation.invalid(
-        "metadata", f"a head made by dropvar_tf >= {HEAD_FORMAT_VERSION} "
-        "(earlier heads computed their input features differently; refit "
-        "the head, e.g. with `train_variation_head`, on this version)",
-        f"dropvar_tf_version={saved_version!r}")
-
-
-@keras.saving.register_keras_serializable(package="dropvar_tf")
-class VariationOutput(keras.layers.Layer):
-  """Maps the head's raw output to a non-negative variation estimate.
-
-  With `transform="log"` the head is trained on `log(dpv + eps)` and this
-  layer returns `min(scale * max(exp(z) - eps, 0), max_value)`; with
-  "identity", `min(scale * max(z, 0), max_value)`. `eps`, `scale` and
-  `max_value` are non-trainable weights set by `fit_variation_head` (so they
-  are saved with the model and never baked into a traced graph).
-
-  Args:
-    units: number of estimated statistics (1 gives output shape (batch,)).
-    transform: "log" or "identity".
-    metadata: JSON-able dict describing what the head estimates; kept in the
-      config so it survives saving (see `variation_head_metadata`).
-    **kwargs: passed to `keras.layers.Layer`.
-  """
-
-  def __init__(self, units=1, transform=LOG, metadata=None, **kwargs):
-    super().__init__(**kwargs)
-    if transform not in TRANSFORMS:
-      raise validation.invalid("transform", f"one of {TRANSFORMS}", transform)
-    self.units = validation.check_int(units, "units", 1)
-    self.transform = transform
-    self.metadata = dict(metadata or {})
-    _check_head_format(self.metadata.get("dropvar_tf_version"))
-    self.eps = self.add_weight(name="eps", shape=(), trainable=False,
-                               initializer=keras.initializers.Constant(1e-3))
-    self.scale = self.add_weight(name="scale", shape=(), trainable=False,
-                                 initializer="ones")
-    # Upper bound on the estimate: a head meeting inputs unlike any it was
-    # fitted on must not extrapolate exp() to absurd values.
-    self.max_value = self.add_weight(
-        name="max_value", shape=(), trainable=False,
-        initializer=keras.initializers.Constant(3.4e38))
-
-  def call(self, inputs):
-    z = inputs
-    if z.dtype != "float32":
-      z = _ops.cast(z, "float32")
-    if self.transform == LOG:
-      # exp may overflow to inf: the cap below turns it into max_value.
-      v = _ops.exp(z) - self.eps
-    else:
-      v = z
-    v = _ops.minimum(self.scale * _ops.relu(v), self.max_value)
-    if self.units == 1:
-      v = _ops.squeeze(v, axis=-1)
-    return v
-
-  def compute_output_shape(self, input_shape):
-    if self.units == 1:
-      return tuple(input_shape[:-1])
-    return tuple(input_shape)
-
-  def to_raw(self, variation):
-    """Numpy inverse of the output transform, for building training targets."""
-    v = np.asarray(variation, "float64") / float(self.scale.numpy())
-    if self.transform == LOG:
-      return np.log(v + float(self.eps.numpy()))
-    return v
-
-  def get_config(self):
-    config = super().get_config()
-    config.update({"units": self.units, "transform": self.transform,
-                   "metadata": self.metadata})
-    return config
-
-
 def _check_layers_arg(layers):
   if isinstance(layers, str):
     if layers in ("all", "last"):
@@ -325,31 +41,6 @@ def _check_layers_arg(layers):
     return list(layers)
   raise validation.invalid(
       "layers", '"all", "last", or a non-empty list of layer names', layers)
-
-
-def _source_layer(tensor):
-  return tensor._keras_history.operation  # pylint: disable=protected-access
-
-
-def _graph_nodes(model):
-  """Maps id(layer) -> list of (input_tensors, output_tensors) in `model`.
-
-  Walks back from the model's outputs, so calls of the same layer objects in
-  other graphs (e.g. clones that reuse them) are not counted.
-  """
-  nodes, seen, stack = {}, set(), list(model.outputs)
-  while stack:
-    tensor = stack.pop()
-    history = tensor._keras_history  # pylint: disable=protected-access
-    key = (id(history.operation), history.node_index)
-    if key in seen:
-      continue
-    seen.add(key)
-    node = history.operation._inbound_nodes[history.node_index]  # pylint: disable=protected-access
-    nodes.setdefault(id(history.operation), []).append(
-        (list(node.input_tensors), list(node.output_tensors)))
-    stack.extend(node.input_tensors)
-  return nodes
 
 
 def candidate_layers(model):
@@ -372,13 +63,13 @@ def candidate_layers(model):
     ValueError: `model` is not a built Functional or Sequential model.
   """
   validation.check_model(model, require_dropout=False)
-  nodes = _graph_nodes(model)
-  output_ops = {id(_source_layer(t)) for t in model.outputs}
+  nodes = keras_graph.graph_nodes(model)
+  output_ops = {id(keras_graph.source_layer(t)) for t in model.outputs}
   feeds_dropout = set()
   for layer in model.layers:
     if isinstance(layer, keras.layers.Dropout):
       for inputs, _ in nodes.get(id(layer), []):
-        feeds_dropout.update(id(_source_layer(t)) for t in inputs)
+        feeds_dropout.update(id(keras_graph.source_layer(t)) for t in inputs)
   found = []
   for layer in model.layers:
     if (isinstance(layer, _SKIPPED) or id(layer) in output_ops or
@@ -438,7 +129,7 @@ def _resolve_taps(model, layers):
     raise validation.invalid(
         "layers", "a selection with at least one hidden layer to tap",
         f"{layers!r} (model {model.name!r} has no hidden candidate layers)")
-  nodes = _graph_nodes(model)
+  nodes = keras_graph.graph_nodes(model)
   tapped = []
   for layer in taps:
     calls = nodes.get(id(layer), [])
@@ -476,17 +167,17 @@ def _output_delta(model, include_delta, statistic, units):
   if not include_delta:
     return None
   out = model.outputs[0]
-  layer = _source_layer(out)
-  nodes = _graph_nodes(model)
+  layer = keras_graph.source_layer(out)
+  nodes = keras_graph.graph_nodes(model)
   why = None
   activation = getattr(getattr(layer, "activation", None), "__name__", None)
   if not isinstance(layer, keras.layers.Dense):
     why = f"the output layer {layer.name!r} is not Dense"
-  elif activation not in probe_layers._OUTPUT_ACTIVATIONS:  # pylint: disable=protected-access
+  elif activation not in probe_layers.OUTPUT_ACTIVATIONS:
     why = f"output activation {activation!r} is not linear/sigmoid/softmax"
   else:
     dropped = nodes[id(layer)][0][0][0]
-    dropout = _source_layer(dropped)
+    dropout = keras_graph.source_layer(dropped)
     if (not isinstance(dropout, keras.layers.Dropout) or
         dropout.noise_shape is not None or len(dropped.shape) != 2):
       why = f"the input of {layer.name!r} does not come from a plain Dropout"
@@ -502,8 +193,8 @@ def _output_delta(model, include_delta, statistic, units):
       name=DELTA_NAME)
   value = delta([h, out])
   delta.kernel.assign(layer.kernel.numpy())
-  return LogFeature(nonnegative=True, dtype="float32",
-                    name=DELTA_NAME + "_log")(value)
+  return head_layers.LogFeature(nonnegative=True, dtype="float32",
+                                name=DELTA_NAME + "_log")(value)
 
 
 def _moment_features(model, include_moments, statistic):
@@ -523,9 +214,8 @@ def _moment_features(model, include_moments, statistic):
 def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                        hidden_units=(16, 64), statistic=contract.STAT_AUTO,
                        include_prediction=True, include_delta="auto",
-                       include_moments=False,
-                       transform=LOG, l2=1e-4, head_dropout=0.0, seed=0,
-                       name=None):
+                       include_moments=False, transform=head_layers.LOG,
+                       l2=1e-4, head_dropout=0.0, seed=0, name=None):
   """Returns a dual model with outputs {"prediction", "variation"}.
 
   Like `tfmot.quantization.keras.quantize_model`, it takes an existing model
@@ -533,9 +223,10 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   reuses `model`'s layers, so weights are shared (not copied): training the
   base afterwards changes both; the one exception is the output-delta
   feature (`include_delta`), which keeps a copy of the output layer's kernel
-  taken now, so add the head after the base is trained. The dual model is not compiled; train its head
-  with `fit_variation_head`, which leaves the base weights untouched. Nested
-  sub-models are tapped as a whole (their inner layers are not reachable).
+  taken now, so add the head after the base is trained. The dual model is
+  not compiled; train its head with `fit_variation_head`, which leaves the
+  base weights untouched. Nested sub-models are tapped as a whole (their
+  inner layers are not reachable).
 
   Args:
     model: a built, trained Functional or Sequential `keras.Model` with at
@@ -550,7 +241,8 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       four times: `bench/dual_bench.py --model=cnn`).
     hidden_units: widths of the head's hidden ReLU layers. The default
       (16, 64) starts narrow: the first layer, the only one as wide as the
-      features, stays cheap (about 10% of a 3x256 MLP's multiply-adds).
+      features, stays cheap next to the base model's layers
+      (docs/measurements.md).
     statistic: the DPV statistic the head estimates (see `contract`):
       "auto", "std", "predicted_class_std" or "per_class_std".
     include_prediction: also feed features of the base prediction.
@@ -591,7 +283,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                              f"model {model.name!r} with "
                              f"{len(model.outputs)} outputs")
   layers = _check_layers_arg(layers)
-  probe_layers._check_features(features)  # pylint: disable=protected-access
+  probe_layers.check_features(features)
   if not isinstance(hidden_units, (list, tuple)):
     raise validation.invalid("hidden_units",
                              "a list or tuple of positive integers",
@@ -599,7 +291,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   hidden_units = [validation.check_int(u, "hidden_units", 1)
                   for u in hidden_units]
   units = _output_units(model)
-  probabilities = validation.output_is_probabilities(model)
+  probabilities = keras_graph.output_is_probabilities(model)
   statistic = validation.resolve_statistic(statistic, units, probabilities)
   taps = _resolve_taps(model, layers)
 
@@ -614,24 +306,25 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
     head_inputs.append(probe(tensor))
   if include_prediction:
     head_inputs.append(
-        PredictionFeatures(probabilities=probabilities,
-                           dtype="float32",
-                           name=PREDICTION_FEATURES_NAME)(prediction))
+        head_layers.PredictionFeatures(probabilities=probabilities,
+                                       dtype="float32",
+                                       name=PREDICTION_FEATURES_NAME)(
+                                           prediction))
   delta = _output_delta(model, include_delta, statistic, units)
   if delta is not None:
     head_inputs.append(delta)
   moment_net = _moment_features(model, include_moments, statistic)
   if moment_net is not None:
     head_inputs.append(
-        LogFeature(dtype="float32", name=MOMENTS_NAME)(
-            moment_net(validation.model_input(model))))
+        head_layers.LogFeature(dtype="float32", name=MOMENTS_NAME)(
+            moment_net(keras_graph.model_input(model))))
 
   metadata = {
       "dropvar_tf_version": __version__,
       "statistic": statistic,
       "num_samples": None,
       "dropout_rates": {l.name: float(l.rate)
-                        for l in validation.dropout_layers(model)},
+                        for l in keras_graph.dropout_layers(model)},
       "layers": [l.name for l, _ in taps],
       "features": features,
       "include_prediction": bool(include_prediction),
@@ -645,7 +338,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                      head_dropout, seed, metadata)
   variation = head(head_inputs)
   return keras.Model(
-      inputs=validation.model_input(model),
+      inputs=keras_graph.model_input(model),
       outputs={contract.PREDICTION_KEY: prediction,
                contract.VARIATION_KEY: variation},
       name=name or f"{model.name}_dual")
@@ -660,7 +353,7 @@ def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
   # features and folds the standardisation into the first layer, which
   # saves its element-wise ops on every served request.
   reg = keras.regularizers.L2(l2) if l2 else None
-  x = HeadInputDense(
+  x = head_layers.HeadInputDense(
       (list(hidden_units) + [out_units])[0],
       activation="relu" if hidden_units else "linear",
       kernel_regularizer=reg,
@@ -680,8 +373,9 @@ def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
         out_units, kernel_regularizer=reg,
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 100),
         name="head_out")(x)
-  v = VariationOutput(out_units, transform=transform, metadata=metadata,
-                      name="variation_output")(x)
+  v = head_layers.VariationOutput(out_units, transform=transform,
+                                 metadata=metadata,
+                                 name="variation_output")(x)
   return keras.Model(inputs, v, name=contract.HEAD_NAME)
 
 
@@ -718,7 +412,7 @@ def variation_head_metadata(dual):
 def head_feature_tensors(dual):
   """Returns the symbolic tensors that feed the head, in head-input order."""
   head = variation_head(dual)
-  calls = _graph_nodes(dual).get(id(head), [])
+  calls = keras_graph.graph_nodes(dual).get(id(head), [])
   if len(calls) != 1:
     raise validation.invalid("dual", "a dual model whose head is called once",
                              f"{len(calls)} calls in model {dual.name!r}")

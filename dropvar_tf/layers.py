@@ -17,12 +17,9 @@ measures what they cost.
 
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
+from dropvar_tf import contract
+from dropvar_tf import keras_graph
 from dropvar_tf import validation
-
-try:  # Tells whether a graph is being built for XLA (no public API).
-  from tensorflow.python.ops import control_flow_util as _control_flow_util  # pylint: disable=g-direct-tensorflow-import
-except ImportError:  # pragma: no cover - moved in another TF version
-  _control_flow_util = None
 
 NEURONS = "neurons"
 SUMMARY = "summary"
@@ -31,7 +28,15 @@ FEATURE_SETS = (NEURONS, SUMMARY)
 _ops = keras.ops
 
 
-def _check_features(features):
+def check_features(features):
+  """Validates a feature-set name.
+
+  Returns:
+    `features`, unchanged.
+
+  Raises:
+    ValueError: `features` is not one of `FEATURE_SETS`.
+  """
   if features not in FEATURE_SETS:
     raise validation.invalid("features", f"one of {FEATURE_SETS}", features)
   return features
@@ -60,7 +65,7 @@ class ActivationStrength(keras.layers.Layer):
 
   def __init__(self, features=NEURONS, nonnegative=False, **kwargs):
     super().__init__(**kwargs)
-    self.features = _check_features(features)
+    self.features = check_features(features)
     self.nonnegative = bool(nonnegative)
 
   def call(self, inputs):
@@ -80,7 +85,8 @@ class ActivationStrength(keras.layers.Layer):
     axes = tuple(range(1, max(rank, 2)))
     mean = tf.reduce_mean(x, axis=axes)
     norm = l2_norm(x, axis=axes)
-    # sign() is ~5x faster than a bool compare + cast on CPU (measured).
+    # sign(), not a bool compare + cast: it measured faster on CPU
+    # (docs/measurements.md).
     positive = x if self.nonnegative else tf.nn.relu(x)
     active = tf.reduce_mean(tf.math.sign(positive), axis=axes)
     return tf.stack([mean, norm, active], axis=-1)
@@ -122,27 +128,19 @@ class ActivationProbe(ActivationStrength):
     return input_shape, super().compute_output_shape(input_shape)
 
 
-_OUTPUT_ACTIVATIONS = ("linear", "sigmoid", "softmax")
-
-
-def _in_xla_context():
-  """True while tracing a graph that XLA compiles (`jit_compile=True`, and
-  Keras' default on GPUs); True too when that cannot be told."""
-  if _control_flow_util is None:
-    return True
-  return _control_flow_util.GraphOrParentsInXlaContext(
-      tf.compat.v1.get_default_graph())
+# Output activations `OutputDropoutDelta` has a gradient rule for.
+OUTPUT_ACTIVATIONS = ("linear", "sigmoid", "softmax")
 
 
 def l2_norm(x, axis=-1, keepdims=False):
   """`sqrt(sum(x**2, axis))` in as few ops as the context allows.
 
-  One fused `EuclideanNorm` op (one pass, no squared copy of `x`; 30% less
-  time than square + sum + sqrt on a (256, 28, 28, 32) feature map on CPU)
-  in graph and eager mode; the three ops under XLA, which has no kernel for
-  `EuclideanNorm`. Both give the same value up to float rounding.
+  One fused `EuclideanNorm` op in graph and eager mode: one pass over `x`,
+  no squared copy of it, so less time than square + sum + sqrt on large
+  feature maps (docs/measurements.md). The three ops under XLA, which has no
+  kernel for `EuclideanNorm`. Both give the same value up to float rounding.
   """
-  if _in_xla_context():
+  if keras_graph.in_xla_context():
     return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axis, keepdims=keepdims))
   return tf.math.reduce_euclidean_norm(x, axis=axis, keepdims=keepdims)
 
@@ -175,8 +173,8 @@ class OutputDropoutDelta(keras.layers.Layer):
   def __init__(self, rate, activation, statistic, input_dim, units,
                **kwargs):
     super().__init__(**kwargs)
-    if activation not in _OUTPUT_ACTIVATIONS:
-      raise validation.invalid("activation", f"one of {_OUTPUT_ACTIVATIONS}",
+    if activation not in OUTPUT_ACTIVATIONS:
+      raise validation.invalid("activation", f"one of {OUTPUT_ACTIVATIONS}",
                                activation)
     self.rate = float(rate)
     self.activation = activation
@@ -196,7 +194,7 @@ class OutputDropoutDelta(keras.layers.Layer):
     c = (self.rate / (1.0 - self.rate)) ** 0.5
     w = tf.cast(self.kernel, "float32")  # autocast under a float16 policy
     if self.activation == "softmax":
-      if self.statistic == "predicted_class_std":
+      if self.statistic == contract.STAT_PREDICTED_CLASS_STD:
         # tf ops, not keras.ops: keras' argmax adds six ops per call.
         onehot = tf.one_hot(tf.math.argmax(y, axis=-1), self.units)
         p_c = tf.reduce_max(y, axis=-1, keepdims=True)
@@ -218,7 +216,7 @@ class OutputDropoutDelta(keras.layers.Layer):
 
   def compute_output_shape(self, input_shape):
     batch = input_shape[0][0]
-    if self.statistic == "predicted_class_std":
+    if self.statistic == contract.STAT_PREDICTED_CLASS_STD:
       return (batch, 1)
     return (batch, self.units)
 

@@ -14,7 +14,7 @@ a pipeline can recompute) and TensorFlow (what the layers run).
 Mask function
 -------------
 For the dropout layer with index `layer_index` (its position in
-`validation.dropout_layers(model)`), example key `key` (int64), sample index
+`keras_graph.dropout_layers(model)`), example key `key` (int64), sample index
 `t` in [0, num_samples) and unit index `unit` (the row-major flat index of the
 unit in the per-example noise shape), with global `seed` in [0, 2**32):
 
@@ -187,7 +187,7 @@ def mask_hash(seed, keys, sample_index, layer_index, unit_index):
     keys: int64 array of example keys.
     sample_index: integer array (sample index t), broadcastable with `keys`.
     layer_index: integer, position of the layer in
-      `validation.dropout_layers(model)`.
+      `keras_graph.dropout_layers(model)`.
     unit_index: integer array of flat unit indices, broadcastable.
 
   Returns:

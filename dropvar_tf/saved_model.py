@@ -25,13 +25,13 @@ import uuid
 
 import numpy as np
 from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow.python.framework import op_def_registry
 from tensorflow_serving.apis import model_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from dropvar_tf import contract
 from dropvar_tf import heads
+from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
 from dropvar_tf import validation
@@ -235,7 +235,7 @@ def _head_metadata(dual):
     return dict(heads.variation_head_metadata(dual))
   # Not made by `add_variation_head`: derive what the graph tells.
   return {"dropout_rates": {l.name: float(l.rate)
-                            for l in validation.dropout_layers(dual)}}
+                            for l in keras_graph.dropout_layers(dual)}}
 
 
 def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
@@ -360,7 +360,7 @@ def check_serving_ops(saved_model_dir):
   ops = _graph_ops(saved_model_dir)
   public = set(dir(tf.raw_ops))
   denied = sorted(ops & DENIED_OPS)
-  unregistered = sorted(o for o in ops if op_def_registry.get(o) is None)
+  unregistered = sorted(o for o in ops if not keras_graph.is_registered_op(o))
   custom = sorted(o for o in ops - DENIED_OPS - set(unregistered)
                   if o not in public and not o.startswith("_"))
   problems = []
@@ -585,16 +585,15 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
     seed: integer in [0, 2**32), seed of the "mc_dropout" masks.
     jit_compile: compile "serving_default" with XLA: one program instead
       of one TF op after another, at the price of one XLA launch per
-      request. On a 2-core CPU (`bench/dual_bench.py`) it cut a 3x256 MLP
-      dual's batch-1 graph time to 0.60-0.82x and raised its batch-256 time
-      to 1.07-1.12x; a CNN took 1.84x at batch 256. Measure your model
-      before you choose it. Requests are padded to the next power of two
-      rows and XLA compiles once per such size (about 0.35 s each on 2 CPU
-      cores; warmup requests compile theirs at load), and once more per
-      length of any inner dimension the model leaves variable (e.g. a
-      sequence length). `tensorflow_model_server` runs it only with
-      `--xla_cpu_compilation_enabled=true`. The export compiles a batch of
-      1 first and refuses a model XLA cannot compile.
+      request. That tends to help small batches of small models and to
+      hurt large batches, convolutions most (docs/measurements.md):
+      measure your model (`bench/dual_bench.py`) before you choose it.
+      Requests are padded to the next power of two rows and XLA compiles
+      once per such size (warmup requests compile theirs at load), and
+      once more per length of any inner dimension the model leaves
+      variable (e.g. a sequence length). `tensorflow_model_server` runs it
+      only with `--xla_cpu_compilation_enabled=true`. The export compiles
+      a batch of 1 first and refuses a model XLA cannot compile.
 
   Returns:
     The path of the new version folder.
@@ -633,20 +632,20 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   if mc_num_samples is not None:
     prediction = dual.output[contract.PREDICTION_KEY]
     base = keras.Model(dual.input, prediction)
-    if not validation.dropout_layers(base):
+    if not keras_graph.dropout_layers(base):
       raise validation.invalid(
           "mc_num_samples", "None for a model without Dropout layers "
           "before its prediction", mc_num_samples)
     units = int(np.prod(prediction.shape[1:])) if prediction.shape[1:] else 1
     statistic = validation.resolve_statistic(
         head_metadata.get("statistic", contract.STAT_AUTO), units,
-        validation.output_is_probabilities(base))
+        keras_graph.output_is_probabilities(base))
     variation_shape = [int(d) for d in
                        dual.output[contract.VARIATION_KEY].shape[1:]]
     mc_model = seeded_dropout.mc_dropout_model(base)
     mc = {"num_samples": mc_num_samples, "seed": seed,
           "statistic": statistic, "std": "population (divide by T)",
-          "masks": "dropvar_tf.targets mask function, example key = row "
+          "masks": "dropvar_tf.mask_hash mask function, example key = row "
                    "index in the request"}
 
   num_warmup = 0 if warmup is None else len(_warmup_chunks(warmup))

@@ -27,6 +27,7 @@ import contextlib
 
 import numpy as np
 
+from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
@@ -96,7 +97,7 @@ class SeededDropout(keras.layers.Layer):
       size.
     seed: integer seed of the stand-alone mode.
     layer_index: integer, position of the replaced layer in
-      `validation.dropout_layers(model)`; part of the mask hash.
+      `keras_graph.dropout_layers(model)`; part of the mask hash.
     **kwargs: base `keras.layers.Layer` arguments.
 
   Input shape: (batch, ...). Output shape: same as input.
@@ -206,7 +207,7 @@ def mc_dropout_model(model):
     ValueError: `model` is invalid (see `validation.check_model`).
   """
   validation.check_model(model)
-  index = {id(l): i for i, l in enumerate(validation.dropout_layers(model))}
+  index = {id(l): i for i, l in enumerate(keras_graph.dropout_layers(model))}
 
   def clone_function(layer):
     if isinstance(layer, keras.layers.Dropout):

@@ -43,6 +43,7 @@ import sys
 import numpy as np
 
 from dropvar_tf import contract
+from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
 from dropvar_tf import target_store
@@ -299,7 +300,7 @@ def _check_common(model, num_samples, seed, batch_size, statistic):
                              f"output shape {model.outputs[0].shape}")
   units = int(np.prod(out_shape, dtype=np.int64))
   statistic = validation.resolve_statistic(
-      statistic, units, validation.output_is_probabilities(model))
+      statistic, units, keras_graph.output_is_probabilities(model))
   return num_samples, seed, batch_size, statistic, out_shape
 
 

@@ -9,7 +9,7 @@ Calling `dual.fit` directly would instead run the base with dropout on.
 import numpy as np
 
 from dropvar_tf._keras import keras, tf
-from dropvar_tf import contract
+from dropvar_tf import head_layers
 from dropvar_tf import heads
 from dropvar_tf import validation
 
@@ -83,7 +83,7 @@ def _reset_head_layers(layers, seed):
   """Re-initialises the head's layers, so refitting starts afresh."""
   for i, layer in enumerate(layers):
     init = keras.initializers.GlorotUniform(seed=seed + i)
-    if isinstance(layer, heads.HeadInputDense):
+    if isinstance(layer, head_layers.HeadInputDense):
       layer.set_full_kernel(init(layer.full_kernel().shape))
       layer.bias.assign(np.zeros(layer.bias.shape, "float32"))
     elif isinstance(layer, keras.layers.Dense):
@@ -172,7 +172,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                              validation_split)
   val_idx, train_idx = order[:n_val], order[n_val:]
 
-  if out_layer.transform == heads.LOG:
+  if out_layer.transform == head_layers.LOG:
     positive = t[t > 0]
     eps = max(0.05 * float(np.median(positive)) if positive.size else 1e-3,
               1e-6)
@@ -188,8 +188,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   std = np.where(std > 1e-6, std, 1.0)
   features = ((features - mean) / std).astype("float32")
   trainable = [l for l in head.layers
-               if isinstance(l, (heads.HeadInputDense, keras.layers.Dense,
-                                 keras.layers.Dropout))]
+               if isinstance(l, (head_layers.HeadInputDense,
+                                 keras.layers.Dense, keras.layers.Dropout))]
   first = trainable[0]
   _reset_head_layers(trainable, seed)
 
@@ -215,9 +215,10 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     val_ds = dataset(val_idx, shuffle=False)
     callbacks.append(keras.callbacks.EarlyStopping(
         patience=patience, restore_best_weights=True))
-  history = trainer.fit(dataset(train_idx, shuffle=True), validation_data=val_ds,
-                     epochs=epochs, callbacks=callbacks, verbose=verbose,
-                         shuffle=False)  # the dataset shuffles, seeded
+  history = trainer.fit(dataset(train_idx, shuffle=True),
+                        validation_data=val_ds, epochs=epochs,
+                        callbacks=callbacks, verbose=verbose,
+                        shuffle=False)  # the dataset shuffles, seeded
 
   _fold_standardisation(first, mean, std)
   if calibrate:

@@ -7,11 +7,7 @@ Received: num_samples=1".
 
 from dropvar_tf._keras import keras
 from dropvar_tf import contract
-
-try:
-  from keras.src.models.functional import Functional as _Functional
-except ImportError:  # pragma: no cover - depends on the Keras layout.
-  _Functional = None
+from dropvar_tf import keras_graph
 
 
 def invalid(arg, expected, received):
@@ -27,40 +23,6 @@ def invalid(arg, expected, received):
     text = text[:200] + "..."
   return ValueError(f"Invalid value received for argument `{arg}`. "
                     f"Expected {expected}. Received: {arg}={text}")
-
-
-def is_graph_model(model):
-  """True for Functional and Sequential Keras models (they have a graph)."""
-  if isinstance(model, keras.Sequential):
-    return True
-  if _Functional is not None:
-    return isinstance(model, _Functional)
-  return hasattr(model, "_run_through_graph")  # pragma: no cover
-
-
-def model_input(model):
-  """Returns `model`'s symbolic input structure (Sequential models included).
-
-  A Sequential model never called on a tensor has no `input` attribute; its
-  graph input is `model.inputs[0]`.
-  """
-  if isinstance(model, keras.Sequential):
-    return model.inputs[0]
-  return model.input
-
-
-def iter_layers(model):
-  """Yields every layer of `model`, descending into nested models."""
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      yield from iter_layers(layer)
-    else:
-      yield layer
-
-
-def dropout_layers(model):
-  """Returns the Dropout layers (and subclasses) of `model`, nested included."""
-  return [l for l in iter_layers(model) if isinstance(l, keras.layers.Dropout)]
 
 
 def check_model(model, arg="model", require_dropout=True):
@@ -82,7 +44,7 @@ def check_model(model, arg="model", require_dropout=True):
   if model is None or not isinstance(model, keras.Model):
     raise invalid(arg, "a built Functional or Sequential `keras.Model`",
                   model if model is None else type(model).__name__)
-  if not is_graph_model(model):
+  if not keras_graph.is_graph_model(model):
     raise invalid(
         arg,
         "a Functional or Sequential `keras.Model`; subclassed models have no "
@@ -99,7 +61,7 @@ def check_model(model, arg="model", require_dropout=True):
         "a built model with defined inputs (start a Sequential model with "
         "`keras.Input(shape)` or call `model.build(input_shape)`)",
         f"unbuilt model {model.name!r}")
-  if require_dropout and not dropout_layers(model):
+  if require_dropout and not keras_graph.dropout_layers(model):
     raise invalid(
         arg,
         "a model with at least one `keras.layers.Dropout` layer (dropout "
@@ -119,22 +81,6 @@ def check_int(value, arg, minimum):
   return value
 
 
-def output_is_probabilities(model):
-  """False when `model`'s output layer visibly is not a softmax.
-
-  A Dense/Conv/Activation output with another activation (linear, sigmoid)
-  gives False; a softmax, a `Softmax` layer, or a layer whose activation
-  cannot be seen (a nested model) gives True.
-  """
-  layer = model.outputs[0]._keras_history.operation  # pylint: disable=protected-access
-  if isinstance(layer, keras.layers.Softmax):
-    return True
-  activation = getattr(layer, "activation", None)
-  if activation is None:
-    return True
-  return getattr(activation, "__name__", None) == "softmax"
-
-
 def resolve_statistic(statistic, units, probabilities=True):
   """Validates a DPV statistic name and resolves "auto".
 
@@ -143,7 +89,7 @@ def resolve_statistic(statistic, units, probabilities=True):
     units: number of output units of the model (product of the output shape
       after the batch axis).
     probabilities: the units are class probabilities (see
-      `output_is_probabilities`).
+      `keras_graph.output_is_probabilities`).
 
   Returns:
     The concrete statistic: "auto" becomes "std" for one output unit,

@@ -1,4 +1,4 @@
-"""Tests for dropvar_tf.heads (add/strip_variation_head and head layers)."""
+"""Tests for dropvar_tf.heads (add/strip_variation_head)."""
 
 import os
 import sys
@@ -573,34 +573,7 @@ class XlaTest(tf.test.TestCase):
             self.assertAllClose(xla[key], eager[key], rtol=1e-4, atol=1e-6)
 
 
-class HeadLayersTest(tf.test.TestCase):
-
-  def test_prediction_features_one_unit(self):
-    y = np.array([[0.2], [0.9]], "float32")
-    out = heads.PredictionFeatures()(y)
-    self.assertAllClose(out, [[0.2, 0.04], [0.9, 0.81]], atol=1e-6)
-    self.assertAllClose(heads.PredictionFeatures()(y[:, 0]), out)
-
-  def test_prediction_features_several_units(self):
-    y = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25], [0.0, 1.0, 0.0]],
-                 "float32")
-    out = np.asarray(heads.PredictionFeatures(probabilities=True)(y))
-    with np.errstate(divide="ignore", invalid="ignore"):
-      neg_entropy = np.nansum(y * np.log(y), axis=-1)  # 0 log 0 = 0
-    self.assertEqual(out.shape, (3, 2))
-    self.assertAllClose(out[:, 0], [0.7, 0.5, 1.0])
-    self.assertAllClose(out[:, 1], neg_entropy, atol=1e-6)
-    self.assertEqual(out[2, 1], 0.0)  # saturated: finite, exactly 0
-    self.assertEqual(heads.PredictionFeatures().compute_output_shape(
-        (None, 3)), (None, 2))
-
-  def test_prediction_features_of_other_outputs_stay_finite(self):
-    y = np.array([[-0.5, 1.2], [3.0, -2.0]], "float32")
-    layer = heads.PredictionFeatures()   # not probabilities: no log
-    self.assertAllClose(layer(y), [[1.2, 0.25 + 1.44], [3.0, 13.0]])
-    clone = heads.PredictionFeatures.from_config(
-        heads.PredictionFeatures(probabilities=True).get_config())
-    self.assertTrue(clone.probabilities)
+class HeadFeaturesTest(tf.test.TestCase):
 
   def test_auto_statistic_follows_the_output_kind(self):
     resolve = validation.resolve_statistic
@@ -609,16 +582,6 @@ class HeadLayersTest(tf.test.TestCase):
     self.assertEqual(resolve("auto", 3), "predicted_class_std")
     self.assertEqual(resolve("auto", 3, probabilities=False), "per_class_std")
     self.assertEqual(resolve("std", 3, probabilities=False), "std")
-    inputs = keras.Input((4,))
-    for output, expected in [
-        (keras.layers.Dense(3, activation="softmax"), True),
-        (keras.layers.Softmax(), True),
-        (keras.layers.Dense(3), False),
-        (keras.layers.Dense(3, activation="sigmoid"), False),
-        (keras.Sequential([keras.layers.Dense(3)]), True)]:  # unseen: classes
-      with self.subTest(output=output.name):
-        model = keras.Model(inputs, output(inputs))
-        self.assertEqual(validation.output_is_probabilities(model), expected)
 
   def test_linear_multi_output_model_gets_a_std_per_output(self):
     inputs = keras.Input((4,))
@@ -687,112 +650,6 @@ class HeadLayersTest(tf.test.TestCase):
     out = _predict(dual, x)
     self.assertTrue(np.all(np.isfinite(out["variation"])))
 
-  def test_head_input_dense_equals_dense_on_concatenated_inputs(self):
-    rng = np.random.default_rng(0)
-    widths = [40, 3, 64, 2]   # two wide inputs split off, two narrow joined
-    xs = [rng.normal(size=(5, d)).astype("float32") for d in widths]
-    layer = heads.HeadInputDense(
-        6, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
-    out = np.asarray(layer(xs))
-    self.assertEqual([tuple(k.shape) for k in layer.kernels],
-                     [(40, 6), (64, 6), (5, 6)])
-    bias = rng.normal(size=6).astype("float32")
-    layer.bias.assign(bias)
-    full = layer.full_kernel()
-    self.assertEqual(full.shape, (109, 6))
-    expected = np.maximum(np.concatenate(xs, axis=1) @ full + bias, 0.0)
-    self.assertAllClose(layer(xs), expected, rtol=1e-5, atol=1e-5)
-    self.assertGreater(float(np.mean(out > 0)), 0.2)  # the relu is not all 0
-    # set_full_kernel puts every row back where full_kernel found it.
-    layer.set_full_kernel(full[::-1])
-    self.assertAllEqual(layer.full_kernel(), full[::-1])
-    with self.assertRaisesRegex(ValueError, "a list of 4 feature tensors"):
-      layer(xs[:3])
-
-  def test_head_input_dense_config_round_trips(self):
-    layer = heads.HeadInputDense(3, activation="linear", split_width=8,
-                                 kernel_regularizer=keras.regularizers.L2(0.1))
-    xs = [np.ones((2, 9), "float32"), np.ones((2, 2), "float32")]
-    layer(xs)
-    clone = heads.HeadInputDense.from_config(layer.get_config())
-    clone(xs)
-    clone.set_full_kernel(layer.full_kernel())
-    self.assertAllClose(clone(xs), layer(xs))
-    self.assertEqual(clone.split_width, 8)
-    self.assertEqual(len(clone.losses), 2)  # one L2 term per kernel block
-    with self.assertRaisesRegex(ValueError, "activation"):
-      heads.HeadInputDense(3, activation="tanh")
-
-  def test_head_from_an_older_feature_format_is_refused(self):
-    with self.assertRaisesRegex(ValueError, "dropvar_tf_version='0.1.0'"):
-      heads.VariationOutput(metadata={"dropvar_tf_version": "0.1.0"})
-    for version in (heads.HEAD_FORMAT_VERSION, "0.10.0", "1.0.0"):
-      layer = heads.VariationOutput(metadata={"dropvar_tf_version": version})
-      self.assertEqual(layer.metadata["dropvar_tf_version"], version)
-
-  def test_log_feature(self):
-    layer = heads.LogFeature(offset=0.5)
-    out = layer(np.array([0.0, 1.5, -2.0], "float32"))
-    self.assertAllClose(out, np.log([[0.5], [2.0], [0.5]]), atol=1e-6)
-    config = layer.get_config()
-    self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
-                              "offset": 0.5, "nonnegative": False})
-    self.assertEqual(heads.LogFeature.from_config(config).offset, 0.5)
-    # A config saved before the flag existed keeps the relu.
-    del config["nonnegative"]
-    self.assertFalse(heads.LogFeature.from_config(config).nonnegative)
-    trusting = heads.LogFeature(offset=0.5, nonnegative=True)
-    self.assertAllClose(trusting(np.array([0.0, 1.5], "float32")),
-                        np.log([[0.5], [2.0]]), atol=1e-6)
-    self.assertTrue(heads.LogFeature.from_config(
-        trusting.get_config()).nonnegative)
-
-  def test_variation_output_log_and_identity(self):
-    z = np.array([[np.log(0.3)], [np.log(0.001)], [1.0]], "float32")
-    log_layer = heads.VariationOutput(transform="log")
-    log_layer.eps.assign(0.01)
-    log_layer.scale.assign(2.0)
-    out = np.asarray(log_layer(z))
-    self.assertEqual(out.shape, (3,))
-    expected = 2.0 * np.maximum(np.exp(z[:, 0]) - 0.01, 0.0)
-    self.assertAllClose(out, expected, rtol=1e-6)
-    self.assertEqual(out[1], 0.0)  # exp(z) < eps clips to zero.
-    identity = heads.VariationOutput(transform="identity")
-    self.assertAllClose(identity(np.array([[-1.0], [0.25]], "float32")),
-                        [0.0, 0.25])
-
-  def test_variation_output_to_raw_inverts_call(self):
-    layer = heads.VariationOutput(units=2, transform="log")
-    layer.eps.assign(0.02)
-    layer.scale.assign(0.5)
-    v = np.array([[0.1, 0.3], [0.05, 1.0]])
-    raw = layer.to_raw(v).astype("float32")
-    self.assertAllClose(layer(raw), v, rtol=1e-5)
-    self.assertEqual(tuple(layer(raw).shape), (2, 2))
-
-  def test_variation_output_config_and_errors(self):
-    layer = heads.VariationOutput(units=2, transform="identity",
-                                  metadata={"statistic": "std"}, name="vo")
-    config = layer.get_config()
-    self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
-                              "units": 2, "transform": "identity",
-                              "metadata": {"statistic": "std"}})
-    clone = heads.VariationOutput.from_config(config)
-    self.assertEqual(clone.metadata, {"statistic": "std"})
-    with self.assertRaises(ValueError) as cm:
-      heads.VariationOutput(transform="sqrt")
-    self.assertEqual(str(cm.exception), _ERR_TRANSFORM)
-    with self.assertRaises(ValueError) as cm:
-      heads.VariationOutput(units=0)
-    self.assertEqual(str(cm.exception), _PREFIX + "`units`. Expected an "
-                     "integer >= 1. Received: units=0")
-
-  def test_head_layers_are_registered(self):
-    for cls in (heads.PredictionFeatures, heads.LogFeature,
-                heads.VariationOutput):
-      with self.subTest(cls=cls.__name__):
-        self.assertEqual(keras.saving.get_registered_name(cls),
-                         "dropvar_tf>" + cls.__name__)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 
+from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
-from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
@@ -35,10 +35,10 @@ class MCDropoutModelTest(tf.test.TestCase):
     for kind in ("nested", "sequential", "conv", "dict"):
       model = tt.build_model(kind)
       clone = seeded_dropout.mc_dropout_model(model)
-      self.assertEmpty(validation.dropout_layers(clone), msg=kind)
-      seeded = [l for l in validation.iter_layers(clone)
+      self.assertEmpty(keras_graph.dropout_layers(clone), msg=kind)
+      seeded = [l for l in keras_graph.iter_layers(clone)
                 if isinstance(l, seeded_dropout.SeededDropout)]
-      self.assertLen(seeded, len(validation.dropout_layers(model)), msg=kind)
+      self.assertLen(seeded, len(keras_graph.dropout_layers(model)), msg=kind)
       self.assertEqual([l.layer_index for l in seeded],
                        list(range(len(seeded))))
       base_ids = {id(v) for v in model.weights}

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from dropvar_tf import keras_graph
 from dropvar_tf import validation
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.study.data import common
@@ -12,7 +13,7 @@ from dropvar_tf.study.models import reference
 
 
 def _rates(model):
-  return {l.name: l.rate for l in validation.dropout_layers(model)}
+  return {l.name: l.rate for l in keras_graph.dropout_layers(model)}
 
 
 def _movielens_split(n=400, seed=0):

@@ -39,6 +39,7 @@ import tempfile
 
 import numpy as np
 
+from dropvar_tf import keras_graph
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
 
@@ -102,7 +103,7 @@ def check_format(fmt, allowed, arg="output_format"):
 
 def _tensor_entries(model):
   """[(name, keras tensor)] and the structure kind of `model`'s inputs."""
-  struct = validation.model_input(model)
+  struct = keras_graph.model_input(model)
   if isinstance(struct, dict):
     return list(struct.items()), "dict"
   if isinstance(struct, (list, tuple)):

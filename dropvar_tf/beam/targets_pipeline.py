@@ -59,6 +59,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
 from dropvar_tf import contract
+from dropvar_tf import keras_graph
 from dropvar_tf import targets
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
@@ -284,7 +285,7 @@ def resolve_statistic(model, statistic):
   out_shape = tuple(model.outputs[0].shape[1:])
   units = int(np.prod(out_shape, dtype=np.int64))
   statistic = validation.resolve_statistic(
-      statistic, units, validation.output_is_probabilities(model))
+      statistic, units, keras_graph.output_is_probabilities(model))
   if statistic == contract.STAT_PREDICTED_CLASS_STD or units == 1:
     return statistic, []
   return statistic, [int(d) for d in out_shape]

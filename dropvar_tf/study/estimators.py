@@ -9,6 +9,7 @@ targets as the heads.
 import numpy as np
 
 from dropvar_tf._keras import keras
+from dropvar_tf import head_layers
 from dropvar_tf import heads
 from dropvar_tf.study.data import common
 
@@ -107,9 +108,9 @@ def _mlp_on(inputs, x, seed, hidden=(64, 64)):
 
 
 def prediction_features(model, x):
-  """`heads.PredictionFeatures` of the base prediction, as a numpy array."""
+  """`head_layers.PredictionFeatures` of the base prediction, as a numpy array."""
   pred = np.asarray(model.predict(x, batch_size=1024, verbose=0))
-  return np.asarray(heads.PredictionFeatures()(pred), "float32")
+  return np.asarray(head_layers.PredictionFeatures()(pred), "float32")
 
 
 def prediction_head_estimate(model, fit_x, t_fit, x_test, config):

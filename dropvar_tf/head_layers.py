@@ -1,0 +1,316 @@
+"""The layers of a variation head, registered for `.keras` saving.
+
+`heads.add_variation_head` builds the head from these, after the probe layers
+of `dropvar_tf.layers`:
+- `PredictionFeatures`: features of the base model's prediction.
+- `LogFeature`: log of a non-negative feature (the delta and moment DPVs).
+- `HeadInputDense`: the head's first layer, one matmul per wide input.
+- `VariationOutput`: the non-negative variation estimate; it keeps the head's
+  metadata and refuses heads of an older feature format.
+
+They are registered as "dropvar_tf>ClassName", so a saved dual model loads
+with `keras.saving.load_model` once `dropvar_tf` is imported.
+"""
+
+import numpy as np
+from packaging import version
+
+from dropvar_tf._keras import keras
+from dropvar_tf._keras import tf
+from dropvar_tf import validation
+
+_ops = keras.ops
+
+# Output transforms of `VariationOutput`.
+LOG = "log"
+IDENTITY = "identity"
+TRANSFORMS = (LOG, IDENTITY)
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class PredictionFeatures(keras.layers.Layer):
+  """Features of the base model's prediction for the head.
+
+  One output unit (regression, binary probability): `[y, y**2]`. Several
+  class probabilities (`probabilities=True`): `[max p, sum(p * log p)]`, the
+  top probability and minus the entropy. Several other outputs: `[max y,
+  sum(y**2)]`. These two cost three ops. The full sorted probability vector
+  (plus the top-two margin) fitted no better and its sort costs a visible
+  part of a small model's pass on CPU (docs/measurements.md).
+
+  Input shape: (batch,) or (batch, k). Output shape: (batch, 2).
+
+  Args:
+    probabilities: the k > 1 inputs are probabilities (a softmax output).
+    **kwargs: passed to `keras.layers.Layer`.
+  """
+
+  def __init__(self, probabilities=False, **kwargs):
+    super().__init__(**kwargs)
+    self.probabilities = bool(probabilities)
+
+  def call(self, inputs):
+    y = inputs
+    if y.dtype != self.compute_dtype:
+      y = _ops.cast(y, self.compute_dtype)
+    if len(y.shape) == 1:
+      y = _ops.expand_dims(y, -1)
+    if y.shape[-1] == 1:
+      return tf.concat([y, tf.square(y)], axis=-1)
+    # xlogy(0, 0) = 0: no clipping needed for saturated probabilities.
+    spread = tf.math.xlogy(y, y) if self.probabilities else tf.square(y)
+    return tf.concat([tf.reduce_max(y, axis=-1, keepdims=True),
+                      tf.reduce_sum(spread, axis=-1, keepdims=True)], axis=-1)
+
+  def compute_output_shape(self, input_shape):
+    return (input_shape[0], 2)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"probabilities": self.probabilities})
+    return config
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class LogFeature(keras.layers.Layer):
+  """`log(x + offset)` of a non-negative feature, e.g. an analytic DPV.
+
+  Negative inputs count as 0 (one relu op), unless `nonnegative` promises
+  there are none (the delta feature is a norm), which saves that op.
+
+  Input shape: (batch,) or (batch, d). Output shape: (batch, d) (d = 1 for
+  rank-1 inputs).
+  """
+
+  def __init__(self, offset=1e-6, nonnegative=False, **kwargs):
+    super().__init__(**kwargs)
+    self.offset = float(offset)
+    self.nonnegative = bool(nonnegative)
+
+  def call(self, inputs):
+    x = _ops.cast(inputs, self.compute_dtype)
+    if len(x.shape) == 1:
+      x = _ops.expand_dims(x, -1)
+    if not self.nonnegative:
+      x = _ops.relu(x)
+    return _ops.log(x + self.offset)
+
+  def compute_output_shape(self, input_shape):
+    if len(input_shape) == 1:
+      return (input_shape[0], 1)
+    return tuple(input_shape)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"offset": self.offset, "nonnegative": self.nonnegative})
+    return config
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class HeadInputDense(keras.layers.Layer):
+  """The head's first layer: `act(concat(inputs) @ kernel + bias)`.
+
+  Computed without concatenating wide inputs: each input at least
+  `split_width` wide gets its own kernel block and matmul, the narrow ones
+  are concatenated (cheap) and share one block, and the partial products are
+  summed. On CPU this saves copying every tapped activation into one buffer
+  on each request (`bench/dual_bench.py` measures the head's cost).
+
+  Input: a list of (batch, d_i) tensors. Output: (batch, units).
+
+  Args:
+    units: output width.
+    activation: "relu" or "linear".
+    kernel_initializer, kernel_regularizer: as for `keras.layers.Dense`,
+      applied to the whole (sum d_i, units) kernel.
+    split_width: inputs at least this wide get their own matmul.
+    **kwargs: passed to `keras.layers.Layer`.
+  """
+
+  def __init__(self, units, activation="relu",
+               kernel_initializer="glorot_uniform", kernel_regularizer=None,
+               split_width=32, **kwargs):
+    super().__init__(**kwargs)
+    self.units = validation.check_int(units, "units", 1)
+    if activation not in ("relu", "linear"):
+      raise validation.invalid("activation", "'relu' or 'linear'", activation)
+    self.activation = activation
+    self.kernel_initializer = keras.initializers.get(kernel_initializer)
+    self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+    self.split_width = validation.check_int(split_width, "split_width", 1)
+
+  def build(self, input_shape):
+    if not (isinstance(input_shape, (list, tuple)) and input_shape and
+            isinstance(input_shape[0], (list, tuple))):
+      input_shape = [input_shape]
+    widths = [int(shape[-1]) for shape in input_shape]
+    wide = [i for i, d in enumerate(widths) if d >= self.split_width]
+    narrow = [i for i, d in enumerate(widths) if d < self.split_width]
+    # Blocks: (input indices, rows of the full kernel), wide inputs first.
+    offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    self._blocks = [[i] for i in wide] + ([narrow] if narrow else [])
+    self._block_rows = [np.concatenate([np.arange(offsets[i], offsets[i + 1])
+                                        for i in block])
+                        for block in self._blocks]
+    self._num_inputs = len(widths)
+    self.kernels = [
+        self.add_weight(name=f"kernel_{b}", shape=(len(rows), self.units),
+                        initializer="zeros",
+                        regularizer=self.kernel_regularizer)
+        for b, rows in enumerate(self._block_rows)]
+    self.bias = self.add_weight(name="bias", shape=(self.units,),
+                                initializer="zeros")
+    self.set_full_kernel(
+        self.kernel_initializer((int(offsets[-1]), self.units)))
+
+  def full_kernel(self):
+    """The (sum d_i, units) kernel as one numpy array, rows in input order."""
+    rows = np.concatenate(self._block_rows)
+    full = np.zeros((len(rows), self.units), "float32")
+    full[rows] = np.concatenate([k.numpy() for k in self.kernels])
+    return full
+
+  def set_full_kernel(self, kernel):
+    """Sets the kernel blocks from a (sum d_i, units) array."""
+    kernel = np.asarray(kernel, "float32")
+    for var, rows in zip(self.kernels, self._block_rows):
+      var.assign(kernel[rows])
+
+  def call(self, inputs):
+    if not isinstance(inputs, (list, tuple)):
+      inputs = [inputs]
+    if len(inputs) != self._num_inputs:
+      raise validation.invalid("inputs", f"a list of {self._num_inputs} "
+                               "feature tensors", f"{len(inputs)} tensors")
+    products = []
+    for block, kernel in zip(self._blocks, self.kernels):
+      parts = [inputs[i] for i in block]
+      x = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+      products.append(tf.matmul(tf.cast(x, kernel.dtype), kernel))
+    # One AddN op however many blocks.
+    out = products[0] if len(products) == 1 else tf.add_n(products)
+    out = tf.nn.bias_add(out, self.bias)
+    return tf.nn.relu(out) if self.activation == "relu" else out
+
+  def compute_output_shape(self, input_shape):
+    first = input_shape[0] if isinstance(input_shape, list) else input_shape
+    return (first[0], self.units)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        "units": self.units, "activation": self.activation,
+        "kernel_initializer": keras.initializers.serialize(
+            self.kernel_initializer),
+        "kernel_regularizer": keras.regularizers.serialize(
+            self.kernel_regularizer),
+        "split_width": self.split_width})
+    return config
+
+
+# The oldest version whose heads compute their features as this one does
+# (0.2.0: L2 norm instead of RMS in summaries, [max p, sum p log p] as the
+# prediction features, the first layer split per input).
+HEAD_FORMAT_VERSION = "0.2.0"
+
+
+def _check_head_format(saved_version):
+  """Refuses a head saved by a version that computed other features.
+
+  Versions compare by their first three release numbers: pre-release,
+  development and local segments are ignored ("0.2.0.dev1" computes the
+  features of 0.2.0).
+
+  Raises:
+    ValueError: `saved_version` is older than `HEAD_FORMAT_VERSION`, or is
+      not a PEP 440 version string.
+  """
+  if saved_version is None:
+    return
+  try:
+    saved = version.Version(str(saved_version))
+  except version.InvalidVersion as e:
+    raise validation.invalid(
+        "metadata", "a `dropvar_tf_version` that is a PEP 440 version "
+        "string such as '0.2.0'", f"dropvar_tf_version={saved_version!r}"
+    ) from e
+  if saved.release[:3] < version.Version(HEAD_FORMAT_VERSION).release[:3]:
+    raise validation.invalid(
+        "metadata", f"a head made by dropvar_tf >= {HEAD_FORMAT_VERSION} "
+        "(earlier heads computed their input features differently; refit "
+        "the head, e.g. with `train_variation_head`, on this version)",
+        f"dropvar_tf_version={saved_version!r}")
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class VariationOutput(keras.layers.Layer):
+  """Maps the head's raw output to a non-negative variation estimate.
+
+  With `transform="log"` the head is trained on `log(dpv + eps)` and this
+  layer returns `min(scale * max(exp(z) - eps, 0), max_value)`; with
+  "identity", `min(scale * max(z, 0), max_value)`. `eps`, `scale` and
+  `max_value` are non-trainable weights set by `fit_variation_head` (so they
+  are saved with the model and never baked into a traced graph).
+
+  Args:
+    units: number of estimated statistics (1 gives output shape (batch,)).
+    transform: "log" or "identity".
+    metadata: JSON-able dict describing what the head estimates; kept in the
+      config so it survives saving (see `heads.variation_head_metadata`).
+      Its "dropvar_tf_version" must be at least `HEAD_FORMAT_VERSION`.
+    **kwargs: passed to `keras.layers.Layer`.
+
+  Raises:
+    ValueError: unknown `transform`, `units` < 1, or metadata of a head
+      made by a version that computed other features (or not a version).
+  """
+
+  def __init__(self, units=1, transform=LOG, metadata=None, **kwargs):
+    super().__init__(**kwargs)
+    if transform not in TRANSFORMS:
+      raise validation.invalid("transform", f"one of {TRANSFORMS}", transform)
+    self.units = validation.check_int(units, "units", 1)
+    self.transform = transform
+    self.metadata = dict(metadata or {})
+    _check_head_format(self.metadata.get("dropvar_tf_version"))
+    self.eps = self.add_weight(name="eps", shape=(), trainable=False,
+                               initializer=keras.initializers.Constant(1e-3))
+    self.scale = self.add_weight(name="scale", shape=(), trainable=False,
+                                 initializer="ones")
+    # Upper bound on the estimate: a head meeting inputs unlike any it was
+    # fitted on must not extrapolate exp() to absurd values.
+    self.max_value = self.add_weight(
+        name="max_value", shape=(), trainable=False,
+        initializer=keras.initializers.Constant(3.4e38))
+
+  def call(self, inputs):
+    z = inputs
+    if z.dtype != "float32":
+      z = _ops.cast(z, "float32")
+    if self.transform == LOG:
+      # exp may overflow to inf: the cap below turns it into max_value.
+      v = _ops.exp(z) - self.eps
+    else:
+      v = z
+    v = _ops.minimum(self.scale * _ops.relu(v), self.max_value)
+    if self.units == 1:
+      v = _ops.squeeze(v, axis=-1)
+    return v
+
+  def compute_output_shape(self, input_shape):
+    if self.units == 1:
+      return tuple(input_shape[:-1])
+    return tuple(input_shape)
+
+  def to_raw(self, variation):
+    """Numpy inverse of the output transform, for building training targets."""
+    v = np.asarray(variation, "float64") / float(self.scale.numpy())
+    if self.transform == LOG:
+      return np.log(v + float(self.eps.numpy()))
+    return v
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"units": self.units, "transform": self.transform,
+                   "metadata": self.metadata})
+    return config

@@ -1,0 +1,191 @@
+"""Keras graph introspection: the one module that reads Keras and TF internals.
+
+Tapping a trained model, re-running its graph with other layers and checking
+an exported graph need what Keras and TensorFlow keep private: the history of
+a symbolic tensor (`_keras_history`), the nodes of a layer
+(`_inbound_nodes`), a Functional model's graph walk (`_run_through_graph`),
+a layer's variable lists, TF's XLA-context flag and its op registry. Every
+such use is here, behind a public function, so that a Keras or TensorFlow
+upgrade that moves one of them breaks one module, and the rest of the package
+uses only public names.
+
+Functions that take a model expect a built Functional or Sequential
+`keras.Model` (see `validation.check_model`).
+"""
+
+# This module is where the private uses live (see above).
+# pylint: disable=protected-access,g-direct-tensorflow-import
+
+from tensorflow.python.framework import op_def_registry
+
+from dropvar_tf._keras import keras
+from dropvar_tf._keras import tf
+
+try:
+  from keras.src.models.functional import Functional as _Functional
+except ImportError:  # pragma: no cover - depends on the Keras layout.
+  _Functional = None
+
+try:  # Tells whether a graph is being built for XLA (no public API).
+  from tensorflow.python.ops import control_flow_util as _control_flow_util
+except ImportError:  # pragma: no cover - moved in another TF version
+  _control_flow_util = None
+
+
+# ---------------------------------------------------------------------------
+# Models and their layers.
+
+
+def is_graph_model(model):
+  """True for Functional and Sequential Keras models (they have a graph)."""
+  if isinstance(model, keras.Sequential):
+    return True
+  if _Functional is not None:
+    return isinstance(model, _Functional)
+  return hasattr(model, "_run_through_graph")  # pragma: no cover
+
+
+def model_input(model):
+  """Returns `model`'s symbolic input structure (Sequential models included).
+
+  A Sequential model never called on a tensor has no `input` attribute; its
+  graph input is `model.inputs[0]`.
+  """
+  if isinstance(model, keras.Sequential):
+    return model.inputs[0]
+  return model.input
+
+
+def iter_layers(model):
+  """Yields every layer of `model`, descending into nested models."""
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      yield from iter_layers(layer)
+    else:
+      yield layer
+
+
+def dropout_layers(model):
+  """Returns the Dropout layers (and subclasses) of `model`, nested included."""
+  return [l for l in iter_layers(model) if isinstance(l, keras.layers.Dropout)]
+
+
+# ---------------------------------------------------------------------------
+# The symbolic graph.
+
+
+def source_layer(tensor):
+  """Returns the layer (or nested model) whose call produced `tensor`.
+
+  Args:
+    tensor: a symbolic `KerasTensor` of a Functional graph.
+  """
+  return tensor._keras_history.operation
+
+
+def graph_nodes(model):
+  """Maps id(layer) -> list of (input_tensors, output_tensors) in `model`.
+
+  Walks back from the model's outputs, so calls of the same layer objects in
+  other graphs (e.g. clones that reuse them) are not counted. A layer called
+  n times in `model` has n entries; a nested model counts as one layer.
+
+  Args:
+    model: a built Functional or Sequential model.
+
+  Returns:
+    A dict keyed by `id(layer)`; each value lists that layer's calls as
+    `(list of input KerasTensors, list of output KerasTensors)`.
+  """
+  nodes, seen, stack = {}, set(), list(model.outputs)
+  while stack:
+    tensor = stack.pop()
+    history = tensor._keras_history
+    key = (id(history.operation), history.node_index)
+    if key in seen:
+      continue
+    seen.add(key)
+    node = history.operation._inbound_nodes[history.node_index]
+    nodes.setdefault(id(history.operation), []).append(
+        (list(node.input_tensors), list(node.output_tensors)))
+    stack.extend(node.input_tensors)
+  return nodes
+
+
+def output_is_probabilities(model):
+  """False when `model`'s output layer visibly is not a softmax.
+
+  A Dense/Conv/Activation output with another activation (linear, sigmoid)
+  gives False; a softmax, a `Softmax` layer, or a layer whose activation
+  cannot be seen (a nested model) gives True.
+  """
+  layer = source_layer(model.outputs[0])
+  if isinstance(layer, keras.layers.Softmax):
+    return True
+  activation = getattr(layer, "activation", None)
+  if activation is None:
+    return True
+  return getattr(activation, "__name__", None) == "softmax"
+
+
+def run_through_graph(model, inputs, call_fn):
+  """Re-runs a Functional model's graph with `call_fn` in place of its layers.
+
+  Args:
+    model: a Functional model (not Sequential).
+    inputs: a flat list of values, one per model input, in `model.inputs`
+      order.
+    call_fn: called as `call_fn(layer, *args, **kwargs)` for each graph node
+      in topological order, with the node's arguments mapped to the values
+      computed so far; returns the node's outputs.
+
+  Returns:
+    The values of the model's outputs, in its output structure.
+  """
+  return model._run_through_graph(inputs, call_fn=call_fn)
+
+
+# ---------------------------------------------------------------------------
+# Layer state that Keras tracks.
+
+
+def set_untracked_attribute(layer, name, value):
+  """Sets `layer.<name> = value` without Keras' attribute tracking.
+
+  Tracking would collect the variables in `value` as the layer's own, and
+  flip their `trainable` flags to the layer's; use this to hold variables
+  owned by another layer, or containers of them.
+  """
+  object.__setattr__(layer, name, value)
+
+
+def add_shared_weight(layer, variable):
+  """Lists `variable`, owned by another layer, in `layer.non_trainable_weights`.
+
+  The variable itself is not changed (its `trainable` flag included): the
+  layer only reports it, so that saving `layer` writes its value and
+  `load_own_variables` restores it.
+  """
+  layer._non_trainable_variables.append(variable)
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow.
+
+
+def in_xla_context():
+  """True while tracing a graph that XLA compiles.
+
+  That is `tf.function(jit_compile=True)`, and Keras' default on GPUs. True
+  too when this TensorFlow cannot tell, so that callers choose the ops that
+  run everywhere.
+  """
+  if _control_flow_util is None:
+    return True
+  return _control_flow_util.GraphOrParentsInXlaContext(
+      tf.compat.v1.get_default_graph())
+
+
+def is_registered_op(op_type):
+  """True when the op type `op_type` is registered in this TensorFlow."""
+  return op_def_registry.get(op_type) is not None
