@@ -23,15 +23,10 @@ from dropvar_tf import saved_model
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 from dropvar_tf.beam import records
+import beam_testing
 
-try:
-  import apache_beam  # pylint: disable=unused-import
+if beam_testing.HAVE_BEAM:
   from dropvar_tf.beam import scoring_pipeline
-except ImportError:
-  scoring_pipeline = None
-
-_SKIP_REASON = ("apache_beam is not installed: install dropvar_tf[beam] "
-                "(e.g. in .venv-beam) to run the Beam pipeline tests")
 
 
 def build_dict_model(seed=0):
@@ -55,13 +50,7 @@ def build_regression_model(seed=0):
   return keras.Model(x, keras.layers.Dense(1)(h))
 
 
-def dict_inputs(n, seed=0):
-  rng = np.random.default_rng(seed)
-  return {"user_id": rng.integers(0, 20, size=n).astype(np.int64),
-          "dense": rng.normal(size=(n, 3)).astype(np.float32)}
-
-
-@unittest.skipIf(scoring_pipeline is None, _SKIP_REASON)
+@unittest.skipIf(not beam_testing.HAVE_BEAM, beam_testing.SKIP_REASON)
 class ScoringPipelineTest(tf.test.TestCase):
 
   @classmethod
@@ -123,7 +112,7 @@ class ScoringPipelineTest(tf.test.TestCase):
     dual = heads.add_variation_head(build_dict_model())
     export = saved_model.export_saved_model(
         dual, os.path.join(self.root, "dict"), version=3)
-    x = dict_inputs(400, seed=1)
+    x = beam_testing.dict_inputs(400, seed=1)
     keys = np.arange(400, dtype=np.int64) * 10 + 7
     npz = os.path.join(self.root, "dict.npz")
     np.savez(npz, key=keys, **x)
