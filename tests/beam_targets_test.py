@@ -24,6 +24,7 @@ from dropvar_tf.beam import records
 import beam_testing
 
 if beam_testing.HAVE_BEAM:
+  from dropvar_tf.beam import filesystems
   from dropvar_tf.beam import targets_pipeline
 
 _NUM_SAMPLES = 8
@@ -162,19 +163,22 @@ class TargetsPipelineTest(tf.test.TestCase):
 
   def test_rerun_after_dying_write_reuses_finished_shards(self):
     output = self.new_dir()
-    original = targets_pipeline.atomic_write
+    original = filesystems.atomic_write
     dead = []
 
     def die_on_shard_2(path, data):
       if "targets-00002-" in path and not dead:
-        # A process killed mid-write leaves a partial temporary file.
-        with open(path + ".tmp-killed", "wb") as f:
+        # A process killed mid-write leaves a partial temporary file, named
+        # as `dropvar_tf.atomic` names them.
+        head, tail = os.path.split(path)
+        stem, _, ext = tail.partition(".")
+        with open(os.path.join(head, f".{stem}.tmp-killed.{ext}"), "wb") as f:
           f.write(data[:len(data) // 3])
         dead.append(path)
         raise RuntimeError("simulated write failure")
       original(path, data)
 
-    with mock.patch.object(targets_pipeline, "atomic_write", die_on_shard_2):
+    with mock.patch.object(filesystems, "atomic_write", die_on_shard_2):
       with self.assertRaisesRegex(Exception, "simulated write failure"):
         self.run_pipeline(output)
     self.assertFalse(os.path.exists(dead[0]))

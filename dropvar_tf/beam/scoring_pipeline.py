@@ -33,15 +33,16 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
+from dropvar_tf.beam import counters
+from dropvar_tf.beam import filesystems
 from dropvar_tf.beam import records
-from dropvar_tf.beam import targets_pipeline
+from dropvar_tf.beam import sources
 
 SCORING_FILENAME = "scoring.json"
 SCORES_PREFIX = "scores"
@@ -86,8 +87,7 @@ class ScoreFn(beam.DoFn):
     self._config = dict(config)
     self._loaded = None
     self._fn = None
-    self._scored = Metrics.counter(targets_pipeline.METRICS_NAMESPACE,
-                                   "examples_scored")
+    self._scored = counters.counter("examples_scored")
 
   def setup(self):
     self._loaded, self._fn = load_signature(self._saved_model_dir,
@@ -95,9 +95,8 @@ class ScoreFn(beam.DoFn):
 
   def process(self, batch):
     c = self._config
-    keys, x = targets_pipeline.decode_batch(batch, c["input_format"],
-                                            c["input_specs"],
-                                            c["key_feature"])
+    keys, x = sources.decode_batch(batch, c["input_format"],
+                                   c["input_specs"], c["key_feature"])
     out = self._fn(**{k: tf.constant(v) for k, v in x.items()})
     n = len(keys)
     values = {}
@@ -168,8 +167,8 @@ def prepare_scoring(saved_model_dir, inputs, output,
   batch_size = validation.check_int(batch_size, "batch_size", 1)
   if isinstance(inputs, str):
     inputs = [inputs]
-  files = targets_pipeline.match_inputs(inputs)
-  input_format = targets_pipeline.resolve_input_format(input_format, files)
+  files = sources.match_inputs(inputs)
+  input_format = sources.resolve_input_format(input_format, files)
   _, fn = load_signature(saved_model_dir, signature)
   shapes = output_shapes(fn)
   config = {
@@ -185,7 +184,7 @@ def prepare_scoring(saved_model_dir, inputs, output,
   info = {"saved_model": saved_model_dir, "signature": signature,
           "output_format": output_format, "output_shapes": shapes,
           "input_files": [[p, s] for p, s in files]}
-  targets_pipeline.atomic_write(
+  filesystems.atomic_write(
       FileSystems.join(output, SCORING_FILENAME),
       json.dumps(info, indent=2, sort_keys=True).encode())
   return config, files
@@ -194,7 +193,7 @@ def prepare_scoring(saved_model_dir, inputs, output,
 def build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
                            config, files, num_shards=0):
   """Adds the scoring transforms to `pipeline`."""
-  examples = targets_pipeline.read_examples(
+  examples = sources.read_examples(
       pipeline, files, config["input_format"], config["input_specs"],
       config["key_feature"])
   scores = (examples
@@ -245,8 +244,8 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
   result = pipeline.run()
   result.wait_until_finish()
   summary = {"examples_scored": 0, "seconds": time.perf_counter() - start}
-  counters = targets_pipeline.counters(result)
-  summary["examples_scored"] = counters.get("examples_scored", 0)
+  summary["examples_scored"] = counters.totals(result).get(
+      "examples_scored", 0)
   return summary
 
 
@@ -279,7 +278,7 @@ def _parser():
   p.add_argument("--output_format", default=records.PARQUET,
                  choices=records.SCORE_FORMATS)
   p.add_argument("--input_format", default="auto",
-                 choices=targets_pipeline.INPUT_FORMATS)
+                 choices=sources.INPUT_FORMATS)
   p.add_argument("--key_feature", default=records.KEY_FEATURE)
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--num_shards", type=int, default=0)
