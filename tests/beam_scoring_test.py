@@ -26,6 +26,7 @@ from dropvar_tf.beam import records
 import beam_testing
 
 if beam_testing.HAVE_BEAM:
+  from dropvar_tf.beam import model_handler
   from dropvar_tf.beam import scoring_pipeline
 
 
@@ -60,7 +61,7 @@ class ScoringPipelineTest(tf.test.TestCase):
     cls.dual = heads.add_variation_head(build_regression_model())
     cls.export = saved_model.export_saved_model(
         cls.dual, os.path.join(cls.root, "regression"), version=1)
-    cls.loaded, cls.fn = scoring_pipeline.load_signature(cls.export)
+    cls.loaded, cls.fn = model_handler.load_signature(cls.export)
     cls.specs = records.signature_input_specs(cls.fn)
     cls.n = 1500
     cls.x = np.random.default_rng(0).normal(size=(cls.n, 5)).astype(
@@ -122,7 +123,7 @@ class ScoringPipelineTest(tf.test.TestCase):
         "--output_format", "parquet", "--batch_size", "64",
         "--runner", "DirectRunner", "--direct_num_workers", "1"])
     got = scoring_pipeline.read_scores(output)
-    _, fn = scoring_pipeline.load_signature(export)
+    _, fn = model_handler.load_signature(export)
     expected = fn(**{k: tf.constant(v) for k, v in x.items()})
     self.assertAllEqual(got["key"], keys)
     self.assertEqual(got[contract.PREDICTION_KEY].shape, (400, 3))

@@ -16,6 +16,8 @@ from dropvar_tf.beam import records
 import beam_testing
 
 if beam_testing.HAVE_BEAM:
+  import apache_beam as beam
+  from apache_beam.testing.util import assert_that
   from dropvar_tf.beam import sources
 
 _ERR_MIXED = ("Invalid value received for argument `input`. Expected files "
@@ -75,6 +77,26 @@ class SourcesTest(tf.test.TestCase):
       for name in self.x:
         self.assertAllEqual(x[name], self.x[name], msg=(fmt, name))
         self.assertEqual(x[name].dtype, self.x[name].dtype, msg=(fmt, name))
+
+  def test_keyed_examples(self):
+    npz = self.write_npz(key=self.keys)
+    tfrecords = records.write_examples(os.path.join(self.root, "ex"), self.x,
+                                       self.specs, keys=self.keys,
+                                       num_shards=3)
+    expected = {int(k): {n: v[i].tolist() for n, v in self.x.items()}
+                for i, k in enumerate(self.keys)}
+
+    def check(got):
+      got = {k: {n: v.tolist() for n, v in row.items()} for k, row in got}
+      if got != expected:
+        raise AssertionError(f"{got} != {expected}")
+
+    for fmt, paths in [("npz", [npz]), ("tfrecord", tfrecords)]:
+      with beam.Pipeline() as pipeline:
+        keyed = sources.keyed_examples(
+            pipeline, sources.match_inputs(paths), fmt, self.specs, "key",
+            batch_size=4)
+        assert_that(keyed, check)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ For offline analysis and monitoring (e.g. the share of traffic whose
 variation exceeds a threshold, day over day), without a serving cluster.
 
     examples (TFRecord of tf.Example with an int64 key, or .npz)
-      -> BatchElements
-      -> serving_default (SavedModel loaded once per worker in `setup`)
+      -> (key, {input name: array}) per example
+      -> RunInference(KeyedModelHandler(model_handler.SignatureHandler)):
+         BatchElements, then serving_default (SavedModel loaded once per
+         worker process)
       -> scores-SSSSS-of-NNNNN.{parquet,tfrecord,jsonl} (Beam's file sinks:
          written to temporary files and renamed when the pipeline commits)
 
@@ -33,6 +35,8 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler
+from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
@@ -41,6 +45,7 @@ from dropvar_tf import validation
 from dropvar_tf._keras import tf
 from dropvar_tf.beam import counters
 from dropvar_tf.beam import filesystems
+from dropvar_tf.beam import model_handler
 from dropvar_tf.beam import records
 from dropvar_tf.beam import sources
 
@@ -52,16 +57,6 @@ def _per_example_shape(spec):
   """Stored shape of one example's output: () when it has one value."""
   shape = [int(d) for d in spec.shape[1:]]
   return [] if int(np.prod(shape, dtype=np.int64)) == 1 else shape
-
-
-def load_signature(saved_model_dir, signature=contract.SERVING_SIGNATURE):
-  """(loaded SavedModel, signature function), the SavedModel kept alive."""
-  loaded = tf.saved_model.load(saved_model_dir)
-  if signature not in loaded.signatures:
-    raise validation.invalid(
-        "signature", f"one of the SavedModel's signatures "
-        f"{sorted(loaded.signatures)}", signature)
-  return loaded, loaded.signatures[signature]
 
 
 def output_shapes(fn):
@@ -79,34 +74,25 @@ def output_shapes(fn):
   return {k: _per_example_shape(outputs[k]) for k in contract.OUTPUT_KEYS}
 
 
-class ScoreFn(beam.DoFn):
-  """Batch of raw examples -> score dicts {key, prediction, variation}."""
+class ScoreRecordFn(beam.DoFn):
+  """(key, PredictionResult) -> score record {key, prediction, variation}.
 
-  def __init__(self, saved_model_dir, config):
-    self._saved_model_dir = saved_model_dir
-    self._config = dict(config)
-    self._loaded = None
-    self._fn = None
+  Outputs are float32, reshaped to the per-example `output_shapes` (a
+  one-value output becomes a scalar).
+  """
+
+  def __init__(self, output_shapes):
+    self._output_shapes = dict(output_shapes)
     self._scored = counters.counter("examples_scored")
 
-  def setup(self):
-    self._loaded, self._fn = load_signature(self._saved_model_dir,
-                                            self._config["signature"])
-
-  def process(self, batch):
-    c = self._config
-    keys, x = sources.decode_batch(batch, c["input_format"],
-                                   c["input_specs"], c["key_feature"])
-    out = self._fn(**{k: tf.constant(v) for k, v in x.items()})
-    n = len(keys)
-    values = {}
+  def process(self, element):
+    key, result = element
+    self._scored.inc()
+    row = {records.KEY_FEATURE: int(key)}
     for name in contract.OUTPUT_KEYS:
-      v = out[name].numpy().astype(np.float32)
-      values[name] = v.reshape((n,) + tuple(c["output_shapes"][name]))
-    self._scored.inc(n)
-    for i in range(n):
-      yield {records.KEY_FEATURE: int(keys[i]),
-             **{name: values[name][i].tolist() for name in values}}
+      value = np.asarray(result.inference[name], np.float32)
+      row[name] = value.reshape(self._output_shapes[name]).tolist()
+    yield row
 
 
 def _to_example(row):
@@ -169,7 +155,7 @@ def prepare_scoring(saved_model_dir, inputs, output,
     inputs = [inputs]
   files = sources.match_inputs(inputs)
   input_format = sources.resolve_input_format(input_format, files)
-  _, fn = load_signature(saved_model_dir, signature)
+  _, fn = model_handler.load_signature(saved_model_dir, signature)
   shapes = output_shapes(fn)
   config = {
       "signature": signature,
@@ -193,13 +179,15 @@ def prepare_scoring(saved_model_dir, inputs, output,
 def build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
                            config, files, num_shards=0):
   """Adds the scoring transforms to `pipeline`."""
-  examples = sources.read_examples(
+  examples = sources.keyed_examples(
       pipeline, files, config["input_format"], config["input_specs"],
-      config["key_feature"])
+      config["key_feature"], config["batch_size"])
+  handler = KeyedModelHandler(model_handler.SignatureHandler(
+      saved_model_dir, config["signature"],
+      max_batch_size=config["batch_size"]))
   scores = (examples
-            | "Batch" >> beam.BatchElements(
-                min_batch_size=1, max_batch_size=config["batch_size"])
-            | "Score" >> beam.ParDo(ScoreFn(saved_model_dir, config)))
+            | "Score" >> RunInference(handler)
+            | "ToRecord" >> beam.ParDo(ScoreRecordFn(config["output_shapes"])))
   return write_scores(scores, output, output_format,
                       config["output_shapes"], num_shards)
 

@@ -4,7 +4,9 @@ Examples are TFRecord files of keyed `tf.train.Example`s (see
 `records.write_examples`) or `.npz` files of arrays named after the model's
 inputs, plus an optional int64 key array. Both pipelines read them with
 `read_examples` into raw elements (serialized Examples, or `(key, row)` pairs
-for `.npz`) and decode batches of them with `decode_batch`.
+for `.npz`) and decode batches of them with `decode_batch`; the scoring
+pipeline feeds `RunInference` with `keyed_examples`, one `(key, {input name:
+array})` pair per example.
 """
 
 import zipfile
@@ -177,3 +179,36 @@ def read_examples(pipeline, files, input_format, input_specs, key_feature,
           | f"{label}Ranges" >> beam.Create(items)
           | f"{label}Spread" >> beam.Reshuffle()
           | f"{label}Rows" >> beam.ParDo(ReadNpzRowsFn(names, key_feature)))
+
+
+class KeyedExamplesFn(beam.DoFn):
+  """Batch of raw elements -> (key, {input name: array}) per example."""
+
+  def __init__(self, input_format, input_specs, key_feature):
+    self._input_format = input_format
+    # Decoded by name whatever the model's input structure.
+    self._input_specs = dict(input_specs, kind="dict")
+    self._key_feature = key_feature
+
+  def process(self, batch):
+    keys, named = decode_batch(batch, self._input_format, self._input_specs,
+                               self._key_feature)
+    for i, key in enumerate(keys):
+      yield int(key), {name: values[i] for name, values in named.items()}
+
+
+def keyed_examples(pipeline, files, input_format, input_specs, key_feature,
+                   batch_size, label="Read"):
+  """PCollection of (key, {input name: array}), one per input example.
+
+  Raw elements are decoded in batches of at most `batch_size` (one
+  `tf.io.parse_example` call per batch for TFRecord input); the arrays have
+  the dtypes and per-example shapes of `input_specs`.
+  """
+  raw = read_examples(pipeline, files, input_format, input_specs,
+                      key_feature, label)
+  return (raw
+          | f"{label}Batch" >> beam.BatchElements(min_batch_size=1,
+                                                  max_batch_size=batch_size)
+          | f"{label}Decode" >> beam.ParDo(KeyedExamplesFn(
+              input_format, input_specs, key_feature)))
