@@ -28,7 +28,6 @@ Example:
       --output scores/ --output_format parquet
 """
 
-import argparse
 import json
 import sys
 import time
@@ -46,6 +45,7 @@ from dropvar_tf._keras import tf
 from dropvar_tf.beam import counters
 from dropvar_tf.beam import filesystems
 from dropvar_tf.beam import model_handler
+from dropvar_tf.beam import options
 from dropvar_tf.beam import records
 from dropvar_tf.beam import sources
 
@@ -211,7 +211,9 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
     num_shards: output files; 0 lets the runner choose.
     signature: the signature to call.
     pipeline_args: Beam flags (runner and its options); DirectRunner
-      default.
+      default. Flags of `options.ScoringOptions` may be among them (`main`
+      passes its whole argv); the arguments above, not those flags, say
+      what to score.
 
   Returns:
     dict with "examples_scored" and "seconds".
@@ -254,34 +256,24 @@ def read_scores(output):
       info["output_shapes"][contract.VARIATION_KEY])
 
 
-def _parser():
-  p = argparse.ArgumentParser(
-      description="Score a dual SavedModel over a data set with Apache Beam. "
-      "Unknown flags (--runner, --direct_num_workers, ...) go to Beam.")
-  p.add_argument("--saved_model", required=True,
-                 help="SavedModel version folder")
-  p.add_argument("--input", required=True, action="append",
-                 help="TFRecord or .npz file pattern (repeatable)")
-  p.add_argument("--output", required=True, help="output directory")
-  p.add_argument("--output_format", default=records.PARQUET,
-                 choices=records.SCORE_FORMATS)
-  p.add_argument("--input_format", default="auto",
-                 choices=sources.INPUT_FORMATS)
-  p.add_argument("--key_feature", default=records.KEY_FEATURE)
-  p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--num_shards", type=int, default=0)
-  p.add_argument("--signature", default=contract.SERVING_SIGNATURE)
-  return p
-
-
 def main(argv=None):
-  args, beam_args = _parser().parse_known_args(argv)
+  """Runs the pipeline on the flags in `argv` (default: sys.argv[1:]).
+
+  Our flags are `options.ScoringOptions`; the others (--runner, ...) are
+  Beam's. Prints the summary as JSON.
+
+  Returns:
+    0 (the exit status).
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = options.ScoringOptions(argv)
+  options.require(args, options.ScoringOptions.REQUIRED)
   summary = run_scoring_pipeline(
       args.saved_model, args.input, args.output,
       output_format=args.output_format, input_format=args.input_format,
       key_feature=args.key_feature, batch_size=args.batch_size,
       num_shards=args.num_shards, signature=args.signature,
-      pipeline_args=beam_args)
+      pipeline_args=argv)
   print(json.dumps(summary, sort_keys=True))
   return 0
 

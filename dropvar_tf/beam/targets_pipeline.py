@@ -40,7 +40,6 @@ Example (DirectRunner, two local processes):
 Then `keys, dpv = read_targets("targets/")`.
 """
 
-import argparse
 import importlib
 import json
 import math
@@ -60,6 +59,7 @@ from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf.beam import counters
 from dropvar_tf.beam import filesystems
+from dropvar_tf.beam import options
 from dropvar_tf.beam import records
 from dropvar_tf.beam import sources
 
@@ -422,7 +422,9 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
       layers).
     pipeline_args: Beam flags, e.g. ["--runner=DataflowRunner", ...] or
       ["--direct_num_workers=2", "--direct_running_mode=multi_processing"];
-      the DirectRunner is the default.
+      the DirectRunner is the default. Flags of `options.TargetsOptions`
+      may be among them (`main` passes its whole argv); the arguments
+      above, not those flags, say what to compute.
 
   Returns:
     dict: "manifest" (the written manifest), "seconds", and the counters
@@ -457,36 +459,18 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
   return summary
 
 
-def _parser():
-  p = argparse.ArgumentParser(
-      description="MC-dropout DPV targets with Apache Beam. Unknown flags "
-      "(--runner, --direct_num_workers, --project, ...) go to Beam.")
-  p.add_argument("--model", required=True, help="base model .keras file")
-  p.add_argument("--input", required=True, action="append",
-                 help="TFRecord or .npz file pattern (repeatable)")
-  p.add_argument("--output", required=True, help="output directory")
-  p.add_argument("--num_samples", type=int, default=100)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--statistic", default="auto",
-                 choices=contract.STATISTICS)
-  p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--beam_batch_size", type=int, default=None)
-  p.add_argument("--num_shards", type=int, default=8)
-  p.add_argument("--output_format", default=records.TFRECORD,
-                 choices=records.TARGET_FORMATS)
-  p.add_argument("--input_format", default="auto",
-                 choices=sources.INPUT_FORMATS)
-  p.add_argument("--key_feature", default=records.KEY_FEATURE)
-  p.add_argument("--input_feature", default=None)
-  p.add_argument("--no_resume", action="store_true",
-                 help="clear earlier shards instead of reusing them")
-  p.add_argument("--import_module", action="append", default=[],
-                 help="module to import first (custom layers; repeatable)")
-  return p
-
-
 def main(argv=None):
-  args, beam_args = _parser().parse_known_args(argv)
+  """Runs the pipeline on the flags in `argv` (default: sys.argv[1:]).
+
+  Our flags are `options.TargetsOptions`; the others (--runner, ...) are
+  Beam's. Prints the summary as JSON.
+
+  Returns:
+    0 (the exit status).
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = options.TargetsOptions(argv)
+  options.require(args, options.TargetsOptions.REQUIRED)
   summary = run_targets_pipeline(
       args.model, args.input, args.output, num_samples=args.num_samples,
       seed=args.seed, statistic=args.statistic, batch_size=args.batch_size,
@@ -494,7 +478,7 @@ def main(argv=None):
       input_format=args.input_format, key_feature=args.key_feature,
       input_feature=args.input_feature, beam_batch_size=args.beam_batch_size,
       resume=not args.no_resume, extra_modules=args.import_module,
-      pipeline_args=beam_args)
+      pipeline_args=argv)
   manifest = summary.pop("manifest")
   if manifest is not None:
     summary["num_keys"] = manifest["num_keys"]
