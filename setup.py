@@ -32,7 +32,10 @@ EXTRAS = {
     "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=15", "mmh3>=4",
              "scikit-learn>=1.4"],
     "data": ["pyarrow>=15"],
-    "beam": ["apache-beam[tfrecord]>=2.60,<3", "pyarrow>=15"],
+    # Beam's TensorFlow model handler imports tensorflow_hub; 0.16 is the
+    # first that imports with TensorFlow 2.16+ (Beam's own extra pins older).
+    "beam": ["apache-beam[tfrecord]>=2.60,<3", "tensorflow-hub>=0.16,<1",
+             "pyarrow>=15"],
 }
 
 setuptools.setup(

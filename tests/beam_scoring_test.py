@@ -23,15 +23,11 @@ from dropvar_tf import saved_model
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 from dropvar_tf.beam import records
+import beam_testing
 
-try:
-  import apache_beam  # pylint: disable=unused-import
+if beam_testing.HAVE_BEAM:
+  from dropvar_tf.beam import model_handler
   from dropvar_tf.beam import scoring_pipeline
-except ImportError:
-  scoring_pipeline = None
-
-_SKIP_REASON = ("apache_beam is not installed: install dropvar_tf[beam] "
-                "(e.g. in .venv-beam) to run the Beam pipeline tests")
 
 
 def build_dict_model(seed=0):
@@ -55,13 +51,7 @@ def build_regression_model(seed=0):
   return keras.Model(x, keras.layers.Dense(1)(h))
 
 
-def dict_inputs(n, seed=0):
-  rng = np.random.default_rng(seed)
-  return {"user_id": rng.integers(0, 20, size=n).astype(np.int64),
-          "dense": rng.normal(size=(n, 3)).astype(np.float32)}
-
-
-@unittest.skipIf(scoring_pipeline is None, _SKIP_REASON)
+@unittest.skipIf(not beam_testing.HAVE_BEAM, beam_testing.SKIP_REASON)
 class ScoringPipelineTest(tf.test.TestCase):
 
   @classmethod
@@ -71,7 +61,7 @@ class ScoringPipelineTest(tf.test.TestCase):
     cls.dual = heads.add_variation_head(build_regression_model())
     cls.export = saved_model.export_saved_model(
         cls.dual, os.path.join(cls.root, "regression"), version=1)
-    cls.loaded, cls.fn = scoring_pipeline.load_signature(cls.export)
+    cls.loaded, cls.fn = model_handler.load_signature(cls.export)
     cls.specs = records.signature_input_specs(cls.fn)
     cls.n = 1500
     cls.x = np.random.default_rng(0).normal(size=(cls.n, 5)).astype(
@@ -123,7 +113,7 @@ class ScoringPipelineTest(tf.test.TestCase):
     dual = heads.add_variation_head(build_dict_model())
     export = saved_model.export_saved_model(
         dual, os.path.join(self.root, "dict"), version=3)
-    x = dict_inputs(400, seed=1)
+    x = beam_testing.dict_inputs(400, seed=1)
     keys = np.arange(400, dtype=np.int64) * 10 + 7
     npz = os.path.join(self.root, "dict.npz")
     np.savez(npz, key=keys, **x)
@@ -133,7 +123,7 @@ class ScoringPipelineTest(tf.test.TestCase):
         "--output_format", "parquet", "--batch_size", "64",
         "--runner", "DirectRunner", "--direct_num_workers", "1"])
     got = scoring_pipeline.read_scores(output)
-    _, fn = scoring_pipeline.load_signature(export)
+    _, fn = model_handler.load_signature(export)
     expected = fn(**{k: tf.constant(v) for k, v in x.items()})
     self.assertAllEqual(got["key"], keys)
     self.assertEqual(got[contract.PREDICTION_KEY].shape, (400, 3))

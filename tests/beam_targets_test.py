@@ -1,9 +1,8 @@
-"""Tests for dropvar_tf.beam.targets_pipeline and dropvar_tf.beam.records.
+"""Tests for dropvar_tf.beam.targets_pipeline.
 
-The pipeline tests need `apache_beam` (run them in a venv with
-`dropvar_tf[beam]`, e.g. `.venv-beam/bin/python -m pytest -q
-tests/beam_targets_test.py`); they are skipped, with the reason, elsewhere.
-The reader and format tests need only dropvar_tf and always run.
+They need `apache_beam` (run them in a venv with `dropvar_tf[beam]`, e.g.
+`.venv-beam/bin/python -m pytest -q tests/beam_targets_test.py`); they are
+skipped, with the reason, elsewhere.
 
 Exactness: the pipeline pads every compute batch to `batch_size` rows, as
 `mc_dropout_targets` pads its own last batch, and passes each example's key,
@@ -11,7 +10,6 @@ so each example meets the same masks in compiled calls of the same shapes:
 the targets are compared for bitwise equality, not to a tolerance.
 """
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,18 +19,13 @@ from unittest import mock
 import numpy as np
 
 from dropvar_tf import targets
-from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 from dropvar_tf.beam import records
+import beam_testing
 
-try:
-  import apache_beam  # pylint: disable=unused-import
+if beam_testing.HAVE_BEAM:
+  from dropvar_tf.beam import filesystems
   from dropvar_tf.beam import targets_pipeline
-except ImportError:
-  targets_pipeline = None
-
-_SKIP_REASON = ("apache_beam is not installed: install dropvar_tf[beam] "
-                "(e.g. in .venv-beam) to run the Beam pipeline tests")
 
 _NUM_SAMPLES = 8
 _SEED = 7
@@ -43,224 +36,18 @@ _ERR_OTHER_SETTINGS = (
     "run's is 8")
 
 
-def build_model(kind="regression", seed=0):
-  """Tiny seeded models: MLP with two Dropouts; or a dict-input softmax."""
-  keras.utils.set_random_seed(seed)
-  if kind == "regression":
-    x = keras.Input((6,), name="features")
-    h = keras.layers.Dense(32, activation="relu")(x)
-    h = keras.layers.Dropout(0.3)(h)
-    h = keras.layers.Dense(16, activation="relu")(h)
-    h = keras.layers.Dropout(0.2)(h)
-    return keras.Model(x, keras.layers.Dense(1)(h))
-  user = keras.Input((), dtype="int64", name="user_id")
-  dense = keras.Input((3,), name="dense")
-  e = keras.layers.Flatten()(keras.layers.Embedding(20, 4)(user))
-  h = keras.layers.Concatenate()([e, dense])
-  h = keras.layers.Dense(16, activation="relu")(h)
-  h = keras.layers.Dropout(0.4)(h)
-  out = keras.layers.Dense(3, activation="softmax")(h)
-  return keras.Model({"user_id": user, "dense": dense}, out)
-
-
-def regression_inputs(n, seed=0):
-  return np.random.default_rng(seed).normal(size=(n, 6)).astype(np.float32)
-
-
-def dict_inputs(n, seed=0):
-  rng = np.random.default_rng(seed)
-  return {"user_id": rng.integers(0, 20, size=n).astype(np.int64),
-          "dense": rng.normal(size=(n, 3)).astype(np.float32)}
-
-
-def write_targets_dir(path, keys, values, num_shards=3,
-                      fmt=records.TFRECORD, shard_rows=None):
-  """Lays out a targets directory as the pipeline does (no Beam needed).
-
-  `shard_rows` optionally maps a shard index to the rows it holds, to build
-  corrupted layouts.
-  """
-  os.makedirs(path, exist_ok=True)
-  keys = np.asarray(keys, np.int64)
-  values = np.asarray(values, np.float32)
-  shard = records.shard_of(keys, num_shards)
-  entries = []
-  for i in range(num_shards):
-    rows = (shard_rows or {}).get(i, np.flatnonzero(shard == i))
-    rows = np.asarray(rows, np.int64)
-    rows = rows[np.argsort(keys[rows], kind="stable")]
-    data = records.encode_shard(keys[rows], values[rows], fmt)
-    name = records.shard_filename(i, num_shards, fmt)
-    with open(os.path.join(path, name), "wb") as f:
-      f.write(data)
-    entries.append({"index": i, "file": name, "count": len(rows),
-                    "sha256": records.sha256(data)})
-  manifest = {"output_format": fmt, "num_shards": num_shards,
-              "target_shape": list(values.shape[1:]), "shards": entries,
-              "num_keys": sum(e["count"] for e in entries)}
-  with open(os.path.join(path, records.MANIFEST_FILENAME), "w") as f:
-    json.dump(manifest, f)
-  return manifest
-
-
-class RecordsTest(tf.test.TestCase):
-  """Formats and the reader's checks: no Beam needed."""
-
-  def setUp(self):
-    super().setUp()
-    rng = np.random.default_rng(0)
-    self.keys = rng.permutation(np.arange(-50, 250, 3, dtype=np.int64))
-    self.values = rng.uniform(size=self.keys.shape).astype(np.float32)
-
-  def test_shard_of_is_deterministic_and_balanced(self):
-    keys = np.arange(0, 64000, 8, dtype=np.int64)  # a common stride
-    shards = records.shard_of(keys, 8)
-    self.assertAllEqual(shards, records.shard_of(keys[::-1], 8)[::-1])
-    counts = np.bincount(shards, minlength=8)
-    self.assertEqual(counts.sum(), keys.size)
-    self.assertLess(counts.max() / counts.min(), 1.1)
-    self.assertAllInRange(records.shard_of([-2**63, 2**63 - 1, 0], 5), 0, 4)
-
-  def test_read_targets_round_trip_ordered_by_key(self):
-    for fmt in records.TARGET_FORMATS:
-      path = os.path.join(self.get_temp_dir(), f"ok_{fmt}")
-      write_targets_dir(path, self.keys, self.values, fmt=fmt)
-      keys, values = records.read_targets(path)
-      order = np.argsort(self.keys)
-      self.assertAllEqual(keys, self.keys[order])
-      self.assertAllEqual(values, self.values[order])
-      wanted = self.keys[[5, 0, 7]]
-      got_keys, got = records.read_targets(path, keys=wanted)
-      self.assertAllEqual(got_keys, wanted)
-      self.assertAllEqual(got, self.values[[5, 0, 7]])
-
-  def test_vector_targets_in_both_formats(self):
-    values = np.arange(self.keys.size * 3, dtype=np.float32).reshape(-1, 3)
-    for fmt in records.TARGET_FORMATS:
-      path = os.path.join(self.get_temp_dir(), f"vec_{fmt}")
-      write_targets_dir(path, self.keys, values, fmt=fmt)
-      keys, got = records.read_targets(path)
-      self.assertAllEqual(got, values[np.argsort(self.keys)])
-      self.assertEqual(keys.shape, (self.keys.size,))
-
-  def test_no_manifest_means_unfinished(self):
-    path = os.path.join(self.get_temp_dir(), "unfinished")
-    write_targets_dir(path, self.keys, self.values)
-    os.remove(os.path.join(path, records.MANIFEST_FILENAME))
-    with self.assertRaisesRegex(ValueError, "did not finish"):
-      records.read_targets(path)
-
-  def test_missing_shard_file(self):
-    path = os.path.join(self.get_temp_dir(), "missing_shard")
-    manifest = write_targets_dir(path, self.keys, self.values)
-    os.remove(os.path.join(path, manifest["shards"][1]["file"]))
-    with self.assertRaisesRegex(ValueError, "is missing"):
-      records.read_targets(path)
-
-  def test_altered_shard_file(self):
-    path = os.path.join(self.get_temp_dir(), "altered")
-    manifest = write_targets_dir(path, self.keys, self.values)
-    shard = os.path.join(path, manifest["shards"][0]["file"])
-    with open(shard, "rb") as f:
-      data = f.read()
-    with open(shard, "wb") as f:
-      f.write(data[:len(data) // 2])  # A torn write.
-    with self.assertRaisesRegex(ValueError, "does not match its manifest"):
-      records.read_targets(path)
-
-  def test_duplicate_key_in_a_shard(self):
-    path = os.path.join(self.get_temp_dir(), "duplicate")
-    shard0 = np.flatnonzero(records.shard_of(self.keys, 3) == 0)
-    write_targets_dir(path, self.keys, self.values,
-                      shard_rows={0: np.concatenate([shard0, shard0[:1]])})
-    with self.assertRaisesRegex(
-        ValueError, rf"Duplicate example keys .*\[{self.keys[shard0[0]]}\]"):
-      records.read_targets(path)
-
-  def test_key_in_the_wrong_shard(self):
-    path = os.path.join(self.get_temp_dir(), "stray")
-    shard = records.shard_of(self.keys, 3)
-    stray = np.flatnonzero(shard == 2)[:1]
-    write_targets_dir(path, self.keys, self.values, shard_rows={
-        0: np.concatenate([np.flatnonzero(shard == 0), stray])})
-    with self.assertRaisesRegex(ValueError, "holds keys of other shards"):
-      records.read_targets(path)
-
-  def test_missing_keys(self):
-    path = os.path.join(self.get_temp_dir(), "lost")
-    write_targets_dir(path, self.keys, self.values)
-    manifest_path = os.path.join(path, records.MANIFEST_FILENAME)
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-    manifest["num_keys"] += 1
-    with open(manifest_path, "w") as f:
-      json.dump(manifest, f)
-    with self.assertRaisesRegex(ValueError, "keys are missing"):
-      records.read_targets(path)
-    manifest["num_keys"] -= 1
-    with open(manifest_path, "w") as f:
-      json.dump(manifest, f)
-    with self.assertRaisesRegex(ValueError, r"1 requested keys are missing"):
-      records.read_targets(path, keys=[self.keys[0], 10**12])
-
-  def test_merge_duplicates(self):
-    keys = np.array([5, 3, 5, 9, 3], np.int64)
-    values = np.array([1.0, 2.0, 1.0 + 1e-7, 4.0, 2.0], np.float32)
-    got_keys, got, dropped = records.merge_duplicates(keys, values)
-    self.assertAllEqual(got_keys, [3, 5, 9])
-    self.assertAllEqual(got, [2.0, 1.0, 4.0])
-    self.assertEqual(dropped, 2)
-    # Arrival order does not change the pick.
-    again = records.merge_duplicates(keys[::-1], values[::-1])
-    self.assertAllEqual(again[1], got)
-    with self.assertRaisesRegex(ValueError, r"keys \[5\] occur with "
-                                "different targets"):
-      records.merge_duplicates(keys, np.array([1, 2, 3, 4, 2], np.float32))
-
-  def test_write_and_parse_examples_dict_inputs(self):
-    model = build_model("dict")
-    specs = records.model_input_specs(model)
-    self.assertEqual(specs["kind"], "dict")
-    self.assertCountEqual([n for n, _, _ in specs["inputs"]],
-                          ["user_id", "dense"])
-    x = dict_inputs(10)
-    keys = np.arange(100, 110, dtype=np.int64)
-    (path,) = records.write_examples(
-        os.path.join(self.get_temp_dir(), "ex"), x, specs, keys=keys)
-    serialized = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
-    got_keys, got = records.parse_examples(serialized, specs)
-    self.assertAllEqual(got_keys, keys)
-    self.assertAllEqual(got["user_id"], x["user_id"])
-    self.assertAllEqual(got["dense"], x["dense"])
-    self.assertEqual(got["user_id"].dtype, np.int64)
-    with self.assertRaisesRegex(ValueError, "Cannot parse input examples"):
-      records.parse_examples(serialized, specs, key_feature="id")
-    with self.assertRaisesRegex(ValueError, "unique example keys"):
-      records.write_examples(os.path.join(self.get_temp_dir(), "dup"), x,
-                             specs, keys=np.zeros(10, np.int64))
-
-  def test_single_input_feature_rename(self):
-    model = build_model()
-    self.assertEqual(records.model_input_specs(model)["inputs"],
-                     [["features", "float32", [6]]])
-    self.assertEqual(records.model_input_specs(model, "x")["inputs"],
-                     [["x", "float32", [6]]])
-    with self.assertRaisesRegex(ValueError, "`input_feature`"):
-      records.model_input_specs(build_model("dict"), "x")
-
-
-@unittest.skipIf(targets_pipeline is None, _SKIP_REASON)
+@unittest.skipIf(not beam_testing.HAVE_BEAM, beam_testing.SKIP_REASON)
 class TargetsPipelineTest(tf.test.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.root = tempfile.mkdtemp(prefix="beam_targets_test_")
-    cls.model = build_model()
+    cls.model = beam_testing.build_model()
     cls.model_path = os.path.join(cls.root, "model.keras")
     cls.model.save(cls.model_path)
     cls.n = 2000
-    cls.x = regression_inputs(cls.n)
+    cls.x = beam_testing.regression_inputs(cls.n)
     cls.specs = records.model_input_specs(cls.model)
     cls.files = records.write_examples(os.path.join(cls.root, "ex", "ex"),
                                        cls.x, cls.specs, num_shards=3)
@@ -325,10 +112,10 @@ class TargetsPipelineTest(tf.test.TestCase):
     self.assertAllEqual(records.read_targets(output)[1], self.reference)
 
   def test_npz_input_dict_model_and_class_statistics(self):
-    model = build_model("dict", seed=3)
+    model = beam_testing.build_model("dict", seed=3)
     path = os.path.join(self.root, "dict.keras")
     model.save(path)
-    x = dict_inputs(700, seed=2)
+    x = beam_testing.dict_inputs(700, seed=2)
     npz = os.path.join(self.root, "dict.npz")
     np.savez(npz, **x)  # No key array: keys are row indices.
     for statistic, shape in [("predicted_class_std", (700,)),
@@ -376,19 +163,22 @@ class TargetsPipelineTest(tf.test.TestCase):
 
   def test_rerun_after_dying_write_reuses_finished_shards(self):
     output = self.new_dir()
-    original = targets_pipeline.atomic_write
+    original = filesystems.atomic_write
     dead = []
 
     def die_on_shard_2(path, data):
       if "targets-00002-" in path and not dead:
-        # A process killed mid-write leaves a partial temporary file.
-        with open(path + ".tmp-killed", "wb") as f:
+        # A process killed mid-write leaves a partial temporary file, named
+        # as `dropvar_tf.atomic` names them.
+        head, tail = os.path.split(path)
+        stem, _, ext = tail.partition(".")
+        with open(os.path.join(head, f".{stem}.tmp-killed.{ext}"), "wb") as f:
           f.write(data[:len(data) // 3])
         dead.append(path)
         raise RuntimeError("simulated write failure")
       original(path, data)
 
-    with mock.patch.object(targets_pipeline, "atomic_write", die_on_shard_2):
+    with mock.patch.object(filesystems, "atomic_write", die_on_shard_2):
       with self.assertRaisesRegex(Exception, "simulated write failure"):
         self.run_pipeline(output)
     self.assertFalse(os.path.exists(dead[0]))

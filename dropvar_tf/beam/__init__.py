@@ -7,7 +7,14 @@
   `python -m dropvar_tf.beam.scoring_pipeline --help`.
 * `records`: the file formats, the input adapter `write_examples` and the
   readers `read_targets` / `read_scores`. It does not need `apache_beam`;
-  the pipeline modules do, so import them explicitly.
+  the modules below do, so import them explicitly.
+* `model_handler`: Beam's TensorFlow model handler for a SavedModel
+  signature (`SignatureHandler`), what the scoring pipeline runs through
+  `RunInference`.
+* `options`: the pipelines' flags as Beam `PipelineOptions` subclasses.
+* `sources`: matching, reading and decoding input examples in a pipeline.
+* `filesystems`: reads and atomic writes on any Beam file system.
+* `counters`: the pipelines' Beam metrics counters.
 """
 
 from dropvar_tf.beam.records import model_input_specs

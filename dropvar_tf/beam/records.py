@@ -39,14 +39,13 @@ import tempfile
 
 import numpy as np
 
+from dropvar_tf import contract
 from dropvar_tf import keras_graph
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
 
 KEY_FEATURE = "key"
 TARGET_FEATURE = "target"
-PREDICTION_FEATURE = "prediction"
-VARIATION_FEATURE = "variation"
 
 SETTINGS_FILENAME = "settings.json"
 MANIFEST_FILENAME = "manifest.json"
@@ -628,8 +627,8 @@ def read_scores(path_or_pattern, fmt, prediction_shape=(), variation_shape=()):
   files = sorted(tf.io.gfile.glob(path_or_pattern))
   if not files:
     raise ValueError(f"No score files match {path_or_pattern!r}.")
-  shapes = {PREDICTION_FEATURE: tuple(prediction_shape),
-            VARIATION_FEATURE: tuple(variation_shape)}
+  shapes = {contract.PREDICTION_KEY: tuple(prediction_shape),
+            contract.VARIATION_KEY: tuple(variation_shape)}
   keys, values = [], {k: [] for k in shapes}
   for f in files:
     k, v = decode_shard(_read_bytes(f), fmt, shapes)

@@ -8,8 +8,10 @@ For offline analysis and monitoring (e.g. the share of traffic whose
 variation exceeds a threshold, day over day), without a serving cluster.
 
     examples (TFRecord of tf.Example with an int64 key, or .npz)
-      -> BatchElements
-      -> serving_default (SavedModel loaded once per worker in `setup`)
+      -> (key, {input name: array}) per example
+      -> RunInference(KeyedModelHandler(model_handler.SignatureHandler)):
+         BatchElements, then serving_default (SavedModel loaded once per
+         worker process)
       -> scores-SSSSS-of-NNNNN.{parquet,tfrecord,jsonl} (Beam's file sinks:
          written to temporary files and renamed when the pipeline commits)
 
@@ -26,22 +28,26 @@ Example:
       --output scores/ --output_format parquet
 """
 
-import argparse
 import json
 import sys
 import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler
+from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
+from dropvar_tf.beam import counters
+from dropvar_tf.beam import filesystems
+from dropvar_tf.beam import model_handler
+from dropvar_tf.beam import options
 from dropvar_tf.beam import records
-from dropvar_tf.beam import targets_pipeline
+from dropvar_tf.beam import sources
 
 SCORING_FILENAME = "scoring.json"
 SCORES_PREFIX = "scores"
@@ -51,16 +57,6 @@ def _per_example_shape(spec):
   """Stored shape of one example's output: () when it has one value."""
   shape = [int(d) for d in spec.shape[1:]]
   return [] if int(np.prod(shape, dtype=np.int64)) == 1 else shape
-
-
-def load_signature(saved_model_dir, signature=contract.SERVING_SIGNATURE):
-  """(loaded SavedModel, signature function), the SavedModel kept alive."""
-  loaded = tf.saved_model.load(saved_model_dir)
-  if signature not in loaded.signatures:
-    raise validation.invalid(
-        "signature", f"one of the SavedModel's signatures "
-        f"{sorted(loaded.signatures)}", signature)
-  return loaded, loaded.signatures[signature]
 
 
 def output_shapes(fn):
@@ -78,36 +74,25 @@ def output_shapes(fn):
   return {k: _per_example_shape(outputs[k]) for k in contract.OUTPUT_KEYS}
 
 
-class ScoreFn(beam.DoFn):
-  """Batch of raw examples -> score dicts {key, prediction, variation}."""
+class ScoreRecordFn(beam.DoFn):
+  """(key, PredictionResult) -> score record {key, prediction, variation}.
 
-  def __init__(self, saved_model_dir, config):
-    self._saved_model_dir = saved_model_dir
-    self._config = dict(config)
-    self._loaded = None
-    self._fn = None
-    self._scored = Metrics.counter(targets_pipeline.METRICS_NAMESPACE,
-                                   "examples_scored")
+  Outputs are float32, reshaped to the per-example `output_shapes` (a
+  one-value output becomes a scalar).
+  """
 
-  def setup(self):
-    self._loaded, self._fn = load_signature(self._saved_model_dir,
-                                            self._config["signature"])
+  def __init__(self, output_shapes):
+    self._output_shapes = dict(output_shapes)
+    self._scored = counters.counter("examples_scored")
 
-  def process(self, batch):
-    c = self._config
-    keys, x = targets_pipeline.decode_batch(batch, c["input_format"],
-                                            c["input_specs"],
-                                            c["key_feature"])
-    out = self._fn(**{k: tf.constant(v) for k, v in x.items()})
-    n = len(keys)
-    values = {}
+  def process(self, element):
+    key, result = element
+    self._scored.inc()
+    row = {records.KEY_FEATURE: int(key)}
     for name in contract.OUTPUT_KEYS:
-      v = out[name].numpy().astype(np.float32)
-      values[name] = v.reshape((n,) + tuple(c["output_shapes"][name]))
-    self._scored.inc(n)
-    for i in range(n):
-      yield {records.KEY_FEATURE: int(keys[i]),
-             **{name: values[name][i].tolist() for name in values}}
+      value = np.asarray(result.inference[name], np.float32)
+      row[name] = value.reshape(self._output_shapes[name]).tolist()
+    yield row
 
 
 def _to_example(row):
@@ -168,9 +153,9 @@ def prepare_scoring(saved_model_dir, inputs, output,
   batch_size = validation.check_int(batch_size, "batch_size", 1)
   if isinstance(inputs, str):
     inputs = [inputs]
-  files = targets_pipeline.match_inputs(inputs)
-  input_format = targets_pipeline.resolve_input_format(input_format, files)
-  _, fn = load_signature(saved_model_dir, signature)
+  files = sources.match_inputs(inputs)
+  input_format = sources.resolve_input_format(input_format, files)
+  _, fn = model_handler.load_signature(saved_model_dir, signature)
   shapes = output_shapes(fn)
   config = {
       "signature": signature,
@@ -185,7 +170,7 @@ def prepare_scoring(saved_model_dir, inputs, output,
   info = {"saved_model": saved_model_dir, "signature": signature,
           "output_format": output_format, "output_shapes": shapes,
           "input_files": [[p, s] for p, s in files]}
-  targets_pipeline.atomic_write(
+  filesystems.atomic_write(
       FileSystems.join(output, SCORING_FILENAME),
       json.dumps(info, indent=2, sort_keys=True).encode())
   return config, files
@@ -194,13 +179,15 @@ def prepare_scoring(saved_model_dir, inputs, output,
 def build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
                            config, files, num_shards=0):
   """Adds the scoring transforms to `pipeline`."""
-  examples = targets_pipeline.read_examples(
+  examples = sources.keyed_examples(
       pipeline, files, config["input_format"], config["input_specs"],
-      config["key_feature"])
+      config["key_feature"], config["batch_size"])
+  handler = KeyedModelHandler(model_handler.SignatureHandler(
+      saved_model_dir, config["signature"],
+      max_batch_size=config["batch_size"]))
   scores = (examples
-            | "Batch" >> beam.BatchElements(
-                min_batch_size=1, max_batch_size=config["batch_size"])
-            | "Score" >> beam.ParDo(ScoreFn(saved_model_dir, config)))
+            | "Score" >> RunInference(handler)
+            | "ToRecord" >> beam.ParDo(ScoreRecordFn(config["output_shapes"])))
   return write_scores(scores, output, output_format,
                       config["output_shapes"], num_shards)
 
@@ -224,7 +211,9 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
     num_shards: output files; 0 lets the runner choose.
     signature: the signature to call.
     pipeline_args: Beam flags (runner and its options); DirectRunner
-      default.
+      default. Flags of `options.ScoringOptions` may be among them (`main`
+      passes its whole argv); the arguments above, not those flags, say
+      what to score.
 
   Returns:
     dict with "examples_scored" and "seconds".
@@ -245,8 +234,8 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
   result = pipeline.run()
   result.wait_until_finish()
   summary = {"examples_scored": 0, "seconds": time.perf_counter() - start}
-  counters = targets_pipeline.counters(result)
-  summary["examples_scored"] = counters.get("examples_scored", 0)
+  summary["examples_scored"] = counters.totals(result).get(
+      "examples_scored", 0)
   return summary
 
 
@@ -267,34 +256,24 @@ def read_scores(output):
       info["output_shapes"][contract.VARIATION_KEY])
 
 
-def _parser():
-  p = argparse.ArgumentParser(
-      description="Score a dual SavedModel over a data set with Apache Beam. "
-      "Unknown flags (--runner, --direct_num_workers, ...) go to Beam.")
-  p.add_argument("--saved_model", required=True,
-                 help="SavedModel version folder")
-  p.add_argument("--input", required=True, action="append",
-                 help="TFRecord or .npz file pattern (repeatable)")
-  p.add_argument("--output", required=True, help="output directory")
-  p.add_argument("--output_format", default=records.PARQUET,
-                 choices=records.SCORE_FORMATS)
-  p.add_argument("--input_format", default="auto",
-                 choices=targets_pipeline.INPUT_FORMATS)
-  p.add_argument("--key_feature", default=records.KEY_FEATURE)
-  p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--num_shards", type=int, default=0)
-  p.add_argument("--signature", default=contract.SERVING_SIGNATURE)
-  return p
-
-
 def main(argv=None):
-  args, beam_args = _parser().parse_known_args(argv)
+  """Runs the pipeline on the flags in `argv` (default: sys.argv[1:]).
+
+  Our flags are `options.ScoringOptions`; the others (--runner, ...) are
+  Beam's. Prints the summary as JSON.
+
+  Returns:
+    0 (the exit status).
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = options.ScoringOptions(argv)
+  options.require(args, options.ScoringOptions.REQUIRED)
   summary = run_scoring_pipeline(
       args.saved_model, args.input, args.output,
       output_format=args.output_format, input_format=args.input_format,
       key_feature=args.key_feature, batch_size=args.batch_size,
       num_shards=args.num_shards, signature=args.signature,
-      pipeline_args=beam_args)
+      pipeline_args=argv)
   print(json.dumps(summary, sort_keys=True))
   return 0
 

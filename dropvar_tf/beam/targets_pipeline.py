@@ -40,7 +40,6 @@ Example (DirectRunner, two local processes):
 Then `keys, dpv = read_targets("targets/")`.
 """
 
-import argparse
 import importlib
 import json
 import math
@@ -48,13 +47,9 @@ import os
 import sys
 import tempfile
 import time
-import uuid
-import zipfile
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
@@ -63,52 +58,23 @@ from dropvar_tf import keras_graph
 from dropvar_tf import targets
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
+from dropvar_tf.beam import counters
+from dropvar_tf.beam import filesystems
+from dropvar_tf.beam import options
 from dropvar_tf.beam import records
+from dropvar_tf.beam import sources
 
-INPUT_FORMATS = ("auto", "tfrecord", "npz")
-METRICS_NAMESPACE = "dropvar_tf"
-# Rows of an .npz file read per work item (spread over workers).
-NPZ_RANGE_ROWS = 4096
 # Modules that register dropvar_tf's Keras layers; imported before loading.
 _REGISTERING_MODULES = ("dropvar_tf.seeded_dropout", "dropvar_tf.layers",
                         "dropvar_tf.heads", "dropvar_tf.study.models.reference")
 
 
 # ---------------------------------------------------------------------------
-# Files and models (shared with the scoring pipeline).
-
-
-def is_local(path):
-  return FileSystems.get_scheme(path) in (None, "file")
-
-
-def read_file_bytes(path):
-  with FileSystems.open(path) as f:
-    return f.read()
-
-
-def atomic_write(path, data):
-  """Writes `data` to `path` via a unique temporary name and a rename.
-
-  A reader never sees a partial file: it sees the old file, none, or the new
-  one. Rewriting the same bytes (a retried shard) is harmless.
-  """
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  try:
-    with FileSystems.create(tmp) as f:
-      f.write(data)
-    if is_local(path):
-      os.replace(tmp, path)
-    else:
-      if FileSystems.exists(path):
-        FileSystems.delete([path])
-      FileSystems.rename([tmp], [path])
-  finally:
-    if FileSystems.exists(tmp):
-      FileSystems.delete([tmp])
+# The base model.
 
 
 def import_modules(names):
+  """Imports the modules that register custom layers, then `names`."""
   for name in _REGISTERING_MODULES + tuple(names or ()):
     importlib.import_module(name)
 
@@ -124,150 +90,13 @@ def load_keras_model(path, extra_modules=()):
     The `keras.Model`.
   """
   import_modules(extra_modules)
-  if is_local(path):
+  if filesystems.is_local(path):
     return keras.saving.load_model(path, compile=False)
   with tempfile.TemporaryDirectory() as tmp:
     local = os.path.join(tmp, "model.keras")
     with open(local, "wb") as f:
-      f.write(read_file_bytes(path))
+      f.write(filesystems.read_file_bytes(path))
     return keras.saving.load_model(local, compile=False)
-
-
-def match_inputs(patterns):
-  """[(path, size)] of every file matching `patterns`, sorted by path.
-
-  Raises:
-    FileNotFoundError: a pattern matches nothing.
-  """
-  files = []
-  for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
-    if not result.metadata_list:
-      raise FileNotFoundError(f"No input file matches {pattern!r}.")
-    files += [(m.path, m.size_in_bytes) for m in result.metadata_list]
-  return sorted(set(files))
-
-
-def resolve_input_format(input_format, files):
-  if input_format not in INPUT_FORMATS:
-    raise validation.invalid("input_format", f"one of {INPUT_FORMATS}",
-                             input_format)
-  if input_format != "auto":
-    return input_format
-  kinds = {"npz" if p.endswith(".npz") else "tfrecord" for p, _ in files}
-  if len(kinds) != 1:
-    raise validation.invalid("input", "files of one format (.npz or "
-                             "TFRecord)", [p for p, _ in files][:4])
-  return kinds.pop()
-
-
-def _npz_header(path, name):
-  """Shape of array `name` of an .npz file, read from its header only."""
-  with FileSystems.open(path) as f, zipfile.ZipFile(f) as z:
-    with z.open(f"{name}.npy") as member:
-      version = np.lib.format.read_magic(member)
-      if version == (1, 0):
-        shape, _, _ = np.lib.format.read_array_header_1_0(member)
-      else:
-        shape, _, _ = np.lib.format.read_array_header_2_0(member)
-  return shape
-
-
-def _npz_names(path):
-  with FileSystems.open(path) as f, zipfile.ZipFile(f) as z:
-    return [n[:-len(".npy")] for n in z.namelist() if n.endswith(".npy")]
-
-
-def npz_ranges(files, input_specs, key_feature, range_rows=NPZ_RANGE_ROWS):
-  """Work items (path, start, stop, has_keys) covering every .npz row.
-
-  Raises:
-    ValueError: a file lacks an input array, arrays disagree on rows, or
-      several files have no key array (row indices would repeat).
-  """
-  items = []
-  needed = [n for n, _, _ in input_specs["inputs"]]
-  keyless = []
-  for path, _ in files:
-    names = _npz_names(path)
-    missing = [n for n in needed if n not in names]
-    if missing:
-      raise validation.invalid(
-          "input", f".npz files with the arrays {needed} (and optionally "
-          f"{key_feature!r})", f"{path!r} without {missing}")
-    has_keys = key_feature in names
-    if not has_keys:
-      keyless.append(path)
-    rows = {_npz_header(path, n)[0] for n in needed + (
-        [key_feature] if has_keys else [])}
-    if len(rows) != 1:
-      raise validation.invalid("input", "arrays with one number of rows",
-                               f"{path!r} with row counts {sorted(rows)}")
-    n = rows.pop()
-    items += [(path, s, min(s + range_rows, n), has_keys)
-              for s in range(0, n, range_rows)]
-  if keyless and len(files) > 1:
-    raise validation.invalid(
-        "input", f"a {key_feature!r} array in every .npz file when there are "
-        f"several (row indices would repeat)", keyless[:4])
-  return items
-
-
-class ReadNpzRowsFn(beam.DoFn):
-  """(path, start, stop, has_keys) -> (key, {input name: row}) per row."""
-
-  def __init__(self, input_names, key_feature):
-    self._names = list(input_names)
-    self._key_feature = key_feature
-    self._cache = None
-
-  def setup(self):
-    self._cache = {}
-
-  def _arrays(self, path):
-    if path not in self._cache:
-      # One file at a time per worker: the ranges of a file are usually
-      # processed together.
-      self._cache.clear()
-      with FileSystems.open(path) as f:
-        with np.load(f, allow_pickle=False) as data:
-          self._cache[path] = {n: data[n] for n in data.files}
-    return self._cache[path]
-
-  def process(self, item):
-    path, start, stop, has_keys = item
-    arrays = self._arrays(path)
-    for i in range(start, stop):
-      key = int(arrays[self._key_feature][i]) if has_keys else i
-      yield key, {n: arrays[n][i] for n in self._names}
-
-
-def decode_batch(batch, input_format, input_specs, key_feature):
-  """A BatchElements batch -> (keys (B,) int64, model inputs)."""
-  if input_format == "tfrecord":
-    return records.parse_examples(list(batch), input_specs, key_feature)
-  keys = np.array([k for k, _ in batch], np.int64)
-  named = {}
-  for name, dtype, _ in input_specs["inputs"]:
-    named[name] = np.stack([row[name] for _, row in batch]).astype(
-        np.dtype(dtype))
-  return keys, records.structure_inputs(named, input_specs)
-
-
-def read_examples(pipeline, files, input_format, input_specs, key_feature,
-                  label="Read"):
-  """PCollection of raw examples: serialized Examples or (key, row) pairs."""
-  if input_format == "tfrecord":
-    reads = [pipeline | f"{label}{i}" >> beam.io.ReadFromTFRecord(path)
-             for i, (path, _) in enumerate(files)]
-    if len(reads) == 1:
-      return reads[0]
-    return tuple(reads) | f"{label}Flatten" >> beam.Flatten()
-  items = npz_ranges(files, input_specs, key_feature)
-  names = [n for n, _, _ in input_specs["inputs"]]
-  return (pipeline
-          | f"{label}Ranges" >> beam.Create(items)
-          | f"{label}Spread" >> beam.Reshuffle()
-          | f"{label}Rows" >> beam.ParDo(ReadNpzRowsFn(names, key_feature)))
 
 
 # ---------------------------------------------------------------------------
@@ -302,8 +131,8 @@ class TargetsFn(beam.DoFn):
     self._model_path = model_path
     self._config = dict(config)
     self._model = None
-    self._computed = Metrics.counter(METRICS_NAMESPACE, "examples_computed")
-    self._skipped = Metrics.counter(METRICS_NAMESPACE, "examples_skipped")
+    self._computed = counters.counter("examples_computed")
+    self._skipped = counters.counter("examples_skipped")
 
   def setup(self):
     c = self._config
@@ -314,8 +143,8 @@ class TargetsFn(beam.DoFn):
 
   def process(self, batch):
     c = self._config
-    keys, x = decode_batch(batch, c["input_format"], c["input_specs"],
-                           c["key_feature"])
+    keys, x = sources.decode_batch(batch, c["input_format"],
+                                   c["input_specs"], c["key_feature"])
     shards = records.shard_of(keys, c["num_shards"])
     todo = ~np.isin(shards, c["done_shards"])
     self._skipped.inc(int((~todo).sum()))
@@ -354,8 +183,7 @@ class WriteShardFn(beam.DoFn):
     self._output_dir = output_dir
     self._num_shards = num_shards
     self._format = output_format
-    self._duplicates = Metrics.counter(METRICS_NAMESPACE,
-                                       "duplicates_dropped")
+    self._duplicates = counters.counter("duplicates_dropped")
 
   def process(self, item):
     shard, parts = item
@@ -372,7 +200,7 @@ def write_shard(output_dir, index, num_shards, fmt, keys, values):
   """Writes one shard file atomically; returns its manifest entry."""
   name = records.shard_filename(index, num_shards, fmt)
   data = records.encode_shard(keys, values, fmt)
-  atomic_write(FileSystems.join(output_dir, name), data)
+  filesystems.atomic_write(FileSystems.join(output_dir, name), data)
   return {"index": int(index), "file": name, "count": int(len(keys)),
           "sha256": records.sha256(data)}
 
@@ -407,7 +235,7 @@ def finalize(entries, num_input_records, output_dir, settings):
     name = records.shard_filename(index, num_shards, fmt)
     path = FileSystems.join(output_dir, name)
     if FileSystems.exists(path):  # Written by an earlier (resumed) run.
-      data = read_file_bytes(path)
+      data = filesystems.read_file_bytes(path)
       keys, _ = records.decode_shard(data, fmt,
                                      {records.TARGET_FEATURE: shape})
       by_index[index] = {"index": index, "file": name, "count": len(keys),
@@ -423,8 +251,9 @@ def finalize(entries, num_input_records, output_dir, settings):
       "num_keys": int(sum(e["count"] for e in shards)),
       "num_input_records": int(num_input_records),
   })
-  atomic_write(FileSystems.join(output_dir, records.MANIFEST_FILENAME),
-               json.dumps(manifest, indent=2, sort_keys=True).encode())
+  filesystems.atomic_write(
+      FileSystems.join(output_dir, records.MANIFEST_FILENAME),
+      json.dumps(manifest, indent=2, sort_keys=True).encode())
   return manifest
 
 
@@ -432,7 +261,7 @@ def _check_settings(output_dir, settings, resume):
   """Writes settings.json, or checks it against an earlier run's."""
   path = FileSystems.join(output_dir, records.SETTINGS_FILENAME)
   if FileSystems.exists(path):
-    stored = json.loads(read_file_bytes(path).decode())
+    stored = json.loads(filesystems.read_file_bytes(path).decode())
     if resume:
       for name, value in settings.items():
         if stored.get(name) != value:
@@ -441,7 +270,8 @@ def _check_settings(output_dir, settings, resume):
               f"resume=False; its `{name}` is {stored.get(name)!r}, this "
               f"run's is {value!r}", output_dir)
       return
-  atomic_write(path, json.dumps(settings, indent=2, sort_keys=True).encode())
+  filesystems.atomic_write(
+      path, json.dumps(settings, indent=2, sort_keys=True).encode())
 
 
 def _clear_output(output_dir):
@@ -491,8 +321,8 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
       beam_batch_size)
   if isinstance(inputs, str):
     inputs = [inputs]
-  files = match_inputs(inputs)
-  input_format = resolve_input_format(input_format, files)
+  files = sources.match_inputs(inputs)
+  input_format = sources.resolve_input_format(input_format, files)
   model = load_keras_model(model_path, extra_modules)
   validation.check_model(model)
   statistic, target_shape = resolve_statistic(model, statistic)
@@ -540,8 +370,9 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
 def build_targets_pipeline(pipeline, model_path, output, settings, config,
                            files):
   """Adds the targets transforms to `pipeline`; returns the manifest PColl."""
-  examples = read_examples(pipeline, files, config["input_format"],
-                           config["input_specs"], config["key_feature"])
+  examples = sources.read_examples(pipeline, files, config["input_format"],
+                                   config["input_specs"],
+                                   config["key_feature"])
   count = examples | "CountInputs" >> beam.combiners.Count.Globally()
   entries = (
       examples
@@ -556,20 +387,6 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
           | "CollectShards" >> beam.combiners.ToList()
           | "WriteManifest" >> beam.Map(
               finalize, beam.pvalue.AsSingleton(count), output, settings))
-
-
-def counters(result):
-  """Sums of the pipeline's dropvar_tf counters, by name."""
-  out = {}
-  query = result.metrics().query(
-      MetricsFilter().with_namespace(METRICS_NAMESPACE))
-  for counter in query["counters"]:
-    value = counter.committed
-    if value is None:
-      value = counter.attempted
-    out[counter.key.metric.name] = out.get(counter.key.metric.name, 0) + (
-        value or 0)
-  return out
 
 
 def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
@@ -606,7 +423,9 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
       layers).
     pipeline_args: Beam flags, e.g. ["--runner=DataflowRunner", ...] or
       ["--direct_num_workers=2", "--direct_running_mode=multi_processing"];
-      the DirectRunner is the default.
+      the DirectRunner is the default. Flags of `options.TargetsOptions`
+      may be among them (`main` passes its whole argv); the arguments
+      above, not those flags, say what to compute.
 
   Returns:
     dict: "manifest" (the written manifest), "seconds", and the counters
@@ -625,51 +444,34 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
       key_feature=key_feature, input_feature=input_feature,
       beam_batch_size=beam_batch_size, resume=resume,
       extra_modules=extra_modules)
-  options = PipelineOptions(list(pipeline_args or []))
-  pipeline = beam.Pipeline(options=options)
+  pipeline = beam.Pipeline(
+      options=PipelineOptions(list(pipeline_args or [])))
   build_targets_pipeline(pipeline, model_path, output, settings, config, files)
   result = pipeline.run()
   result.wait_until_finish()
   manifest = records.read_json(
-      FileSystems.join(output, records.MANIFEST_FILENAME)) if is_local(
-          output) else None
+      FileSystems.join(output, records.MANIFEST_FILENAME)) if (
+          filesystems.is_local(output)) else None
   summary = {"manifest": manifest,
              "seconds": time.perf_counter() - start,
              "examples_computed": 0, "examples_skipped": 0,
              "duplicates_dropped": 0}
-  summary.update(counters(result))
+  summary.update(counters.totals(result))
   return summary
 
 
-def _parser():
-  p = argparse.ArgumentParser(
-      description="MC-dropout DPV targets with Apache Beam. Unknown flags "
-      "(--runner, --direct_num_workers, --project, ...) go to Beam.")
-  p.add_argument("--model", required=True, help="base model .keras file")
-  p.add_argument("--input", required=True, action="append",
-                 help="TFRecord or .npz file pattern (repeatable)")
-  p.add_argument("--output", required=True, help="output directory")
-  p.add_argument("--num_samples", type=int, default=100)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--statistic", default="auto",
-                 choices=contract.STATISTICS)
-  p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--beam_batch_size", type=int, default=None)
-  p.add_argument("--num_shards", type=int, default=8)
-  p.add_argument("--output_format", default=records.TFRECORD,
-                 choices=records.TARGET_FORMATS)
-  p.add_argument("--input_format", default="auto", choices=INPUT_FORMATS)
-  p.add_argument("--key_feature", default=records.KEY_FEATURE)
-  p.add_argument("--input_feature", default=None)
-  p.add_argument("--no_resume", action="store_true",
-                 help="clear earlier shards instead of reusing them")
-  p.add_argument("--import_module", action="append", default=[],
-                 help="module to import first (custom layers; repeatable)")
-  return p
-
-
 def main(argv=None):
-  args, beam_args = _parser().parse_known_args(argv)
+  """Runs the pipeline on the flags in `argv` (default: sys.argv[1:]).
+
+  Our flags are `options.TargetsOptions`; the others (--runner, ...) are
+  Beam's. Prints the summary as JSON.
+
+  Returns:
+    0 (the exit status).
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = options.TargetsOptions(argv)
+  options.require(args, options.TargetsOptions.REQUIRED)
   summary = run_targets_pipeline(
       args.model, args.input, args.output, num_samples=args.num_samples,
       seed=args.seed, statistic=args.statistic, batch_size=args.batch_size,
@@ -677,7 +479,7 @@ def main(argv=None):
       input_format=args.input_format, key_feature=args.key_feature,
       input_feature=args.input_feature, beam_batch_size=args.beam_batch_size,
       resume=not args.no_resume, extra_modules=args.import_module,
-      pipeline_args=beam_args)
+      pipeline_args=argv)
   manifest = summary.pop("manifest")
   if manifest is not None:
     summary["num_keys"] = manifest["num_keys"]

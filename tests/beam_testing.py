@@ -1,0 +1,62 @@
+"""Tiny seeded models and inputs shared by the Beam tests.
+
+The pipeline tests need `apache_beam` (a venv with `dropvar_tf[beam]`, e.g.
+`.venv-beam/bin/python -m pytest -q tests/beam_*_test.py`); elsewhere they
+are skipped with `SKIP_REASON`.
+"""
+
+import numpy as np
+
+from dropvar_tf._keras import keras
+
+try:
+  import apache_beam  # pylint: disable=unused-import
+  HAVE_BEAM = True
+except ImportError:
+  HAVE_BEAM = False
+
+SKIP_REASON = ("apache_beam is not installed: install dropvar_tf[beam] "
+               "(e.g. in .venv-beam) to run the Beam pipeline tests")
+
+
+def build_model(kind="regression", seed=0):
+  """Tiny seeded base models.
+
+  Args:
+    kind: "regression" (input "features" (6,), MLP with two Dropouts, one
+      output unit) or "dict" (inputs "user_id" () int64 and "dense" (3,),
+      3-class softmax).
+    seed: seed of the weights.
+
+  Returns:
+    A Functional `keras.Model`.
+  """
+  keras.utils.set_random_seed(seed)
+  if kind == "regression":
+    x = keras.Input((6,), name="features")
+    h = keras.layers.Dense(32, activation="relu")(x)
+    h = keras.layers.Dropout(0.3)(h)
+    h = keras.layers.Dense(16, activation="relu")(h)
+    h = keras.layers.Dropout(0.2)(h)
+    return keras.Model(x, keras.layers.Dense(1)(h))
+  user = keras.Input((), dtype="int64", name="user_id")
+  dense = keras.Input((3,), name="dense")
+  e = keras.layers.Flatten()(keras.layers.Embedding(20, 4)(user))
+  h = keras.layers.Concatenate()([e, dense])
+  # Named: Keras would call the first Dense layer "dense", the input's name.
+  h = keras.layers.Dense(16, activation="relu", name="hidden")(h)
+  h = keras.layers.Dropout(0.4)(h)
+  out = keras.layers.Dense(3, activation="softmax", name="probabilities")(h)
+  return keras.Model({"user_id": user, "dense": dense}, out)
+
+
+def regression_inputs(n, seed=0):
+  """(n, 6) float32 inputs of the "regression" model."""
+  return np.random.default_rng(seed).normal(size=(n, 6)).astype(np.float32)
+
+
+def dict_inputs(n, seed=0):
+  """n inputs of the "dict" model: {"user_id": (n,) int64, "dense": (n, 3)}."""
+  rng = np.random.default_rng(seed)
+  return {"user_id": rng.integers(0, 20, size=n).astype(np.int64),
+          "dense": rng.normal(size=(n, 3)).astype(np.float32)}
