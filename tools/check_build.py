@@ -36,8 +36,8 @@ RUNNER = "tools/pytest_runner.py"
 # for test files measured to need more than "medium" on a loaded 2-core
 # machine; every other test file is "medium".
 TEST_SIZES = {
-    "beam_targets_test": "large",
-    "beam_scoring_test": "large",
+    "beam_targets_pipeline_test": "large",
+    "beam_scoring_pipeline_test": "large",
     "serving_fuzz_test": "large",
     "serving_server_test": "large",
     "serving_servicers_test": "large",

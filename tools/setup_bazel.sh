@@ -12,7 +12,7 @@
 # Usage:
 #   tools/setup_bazel.sh                      # then: bazel test //...
 #   tools/setup_bazel.sh --python /path/to/venv/bin/python
-#   DROPVAR_PYTHON=$PWD/.venv-beam/bin/python bazel test //:beam_targets_test
+#   DROPVAR_PYTHON=$PWD/.venv-beam/bin/python bazel test //:beam_targets_pipeline_test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

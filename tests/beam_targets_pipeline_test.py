@@ -1,7 +1,7 @@
 """Tests for dropvar_tf.beam.targets_pipeline.
 
 They need `apache_beam` (run them in a venv with `dropvar_tf[beam]`, e.g.
-`.venv-beam/bin/python -m pytest -q tests/beam_targets_test.py`); they are
+`.venv-beam/bin/python -m pytest -q tests/beam_targets_pipeline_test.py`); they are
 skipped, with the reason, elsewhere.
 
 Exactness: the pipeline pads every compute batch to `batch_size` rows, as

@@ -1,7 +1,7 @@
 """Tests for dropvar_tf.beam.scoring_pipeline.
 
 They need `apache_beam` (run them in a venv with `dropvar_tf[beam]`, e.g.
-`.venv-beam/bin/python -m pytest -q tests/beam_scoring_test.py`) and are
+`.venv-beam/bin/python -m pytest -q tests/beam_scoring_pipeline_test.py`) and are
 skipped, with the reason, elsewhere.
 
 Beam scores are compared with the same `serving_default` signature called
