@@ -38,12 +38,15 @@ EXTRAS = {
              "pyarrow>=15"],
 }
 
+with open(os.path.join(_HERE, "README.md"), encoding="utf-8") as f:
+  _README = f.read()
+
 setuptools.setup(
     name="dropvar_tf",
     version=_VERSION["__version__"],
     description=("One-pass estimates of dropout prediction variation for "
                  "Keras models, exported and served with TF Serving."),
-    long_description=open(os.path.join(_HERE, "README.md")).read(),
+    long_description=_README,
     long_description_content_type="text/markdown",
     # `serving/` and `export/` sit at the top of the repository but install
     # inside the one package, as `dropvar_tf.serving` and `dropvar_tf.export`.

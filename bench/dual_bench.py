@@ -220,7 +220,9 @@ def main():
         f"{repeats}x{inner}, graph repeats={graph_repeats}; inter-op threads "
         f"{tf.config.threading.get_inter_op_parallelism_threads()} "
         "(0: TF's choice)")
-  forward = lambda m: (lambda x: m(x, training=False))  # pylint: disable=unnecessary-lambda-assignment
+  def forward(m):
+    return lambda x: m(x, training=False)
+
   for batch in (1, 256):
     x = tf.nest.map_structure(
         tf.constant, make_input(batch, np.random.default_rng(0)))

@@ -98,7 +98,7 @@ def bench(n, num_samples, repeats, batch_size):
   # case each one can reach.
   med = {name: statistics.median(t) for name, t in times.items()}
   ref = min(med["compiled"], med["tiled"])
-  ref_min = min(min(times["compiled"]), min(times["tiled"]))
+  ref_min = min(*times["compiled"], *times["tiled"])
   print(f"N={n} T={num_samples} batch_size={batch_size} repeats={repeats}")
   for name in runs:
     print(f"  {name:9s} median {1e3 * med[name]:8.1f} ms  "

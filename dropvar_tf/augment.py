@@ -74,4 +74,4 @@ def perturb_inputs(x, num, noise=0.3, swap=0.3, seed=0):
       out[key] = _perturb_int(base, strength, swap, rng, values)
     else:
       out[key] = base
-  return out[None] if None in out else out
+  return out.get(None, out)

@@ -266,8 +266,8 @@ class MomentPooling(_TemplateLayer):
     else:
       (out_mean, _), (out_var, ok) = mean_slices[0], var_slices[0]
       ok = tf.constant(ok)
-      for (m, _), (v, valid) in zip(mean_slices[1:], var_slices[1:]):
-        valid = tf.constant(valid)
+      for (m, _), (v, valid_np) in zip(mean_slices[1:], var_slices[1:]):
+        valid = tf.constant(valid_np)
         c_mean, c_var = moment_rules.clark_max_moments(out_mean, out_var, m, v)
         out_mean = tf.where(valid, tf.where(ok, c_mean, m), out_mean)
         out_var = tf.where(valid, tf.where(ok, c_var, v), out_var)

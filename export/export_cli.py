@@ -19,9 +19,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
-# Importing the modules registers dropvar_tf's Keras layers, so that
-# `keras.saving.load_model` can rebuild a dual model without custom_objects.
-from dropvar_tf import heads  # pylint: disable=unused-import
+# Importing any dropvar_tf module runs the package's __init__, which registers
+# its Keras layers: `keras.saving.load_model` rebuilds a dual model without
+# custom_objects.
 from dropvar_tf import saved_model
 from dropvar_tf._keras import keras
 

@@ -1,8 +1,8 @@
 """Tests for dropvar_tf.beam.scoring_pipeline.
 
 They need `apache_beam` (run them in a venv with `dropvar_tf[beam]`, e.g.
-`.venv-beam/bin/python -m pytest -q tests/beam_scoring_pipeline_test.py`) and are
-skipped, with the reason, elsewhere.
+`.venv-beam/bin/python -m pytest -q tests/beam_scoring_pipeline_test.py`)
+and are skipped, with the reason, elsewhere.
 
 Beam scores are compared with the same `serving_default` signature called
 in-process on all examples at once, to float32 tolerance: the pipeline calls

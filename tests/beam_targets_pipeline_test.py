@@ -1,8 +1,8 @@
 """Tests for dropvar_tf.beam.targets_pipeline.
 
 They need `apache_beam` (run them in a venv with `dropvar_tf[beam]`, e.g.
-`.venv-beam/bin/python -m pytest -q tests/beam_targets_pipeline_test.py`); they are
-skipped, with the reason, elsewhere.
+`.venv-beam/bin/python -m pytest -q tests/beam_targets_pipeline_test.py`);
+they are skipped, with the reason, elsewhere.
 
 Exactness: the pipeline pads every compute batch to `batch_size` rows, as
 `mc_dropout_targets` pads its own last batch, and passes each example's key,
@@ -186,8 +186,11 @@ class TargetsPipelineTest(tf.test.TestCase):
       records.read_targets(output)
     written = targets_pipeline.existing_shards(output, 4, records.TFRECORD)
     self.assertNotIn(2, written)
-    before = {i: open(os.path.join(output, records.shard_filename(
-        i, 4, records.TFRECORD)), "rb").read() for i in written}
+    before = {}
+    for i in written:
+      with open(os.path.join(output, records.shard_filename(
+          i, 4, records.TFRECORD)), "rb") as f:
+        before[i] = f.read()
     summary = self.run_pipeline(output)
     shard = records.shard_of(np.arange(self.n), 4)
     skipped = int(np.isin(shard, written).sum())

@@ -10,7 +10,7 @@ import numpy as np
 from dropvar_tf._keras import keras
 
 try:
-  import apache_beam  # pylint: disable=unused-import
+  import apache_beam  # noqa: F401  (only whether it imports)
   HAVE_BEAM = True
 except ImportError:
   HAVE_BEAM = False

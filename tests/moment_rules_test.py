@@ -42,7 +42,9 @@ class MomentRulesTest(tf.test.TestCase):
 
   def test_sigmoid_and_tanh_moments_are_close(self):
     mean, var = self._grid()
-    sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+    def sig(z):
+      return 1.0 / (1.0 + np.exp(-z))
+
     for rule, fn in ((moment_rules.sigmoid_moments, sig),
                      (moment_rules.tanh_moments, np.tanh)):
       got_mean, got_var = rule(tf.constant(mean), tf.constant(var))

@@ -1,4 +1,4 @@
-"""Tests of the distribution: what a wheel holds, what `import dropvar_tf` loads."""
+"""Tests of the distribution: what a wheel holds, what the library imports."""
 
 import os
 import shutil

@@ -242,7 +242,7 @@ def generate(root):
   """
   modules = find_modules(root)
   known = {dotted: target_name(dotted) for dotted in modules}
-  tests = [p for p in _files(root, TESTS_DIR)]
+  tests = _files(root, TESTS_DIR)
   test_helpers = {os.path.basename(p)[:-3]: "tests_" + os.path.basename(
       p)[:-3] for p in tests if not p.endswith("_test.py")}
   rules = []
@@ -317,7 +317,10 @@ def main(argv=None):
       f.write(expected)
     print(f"Wrote {path}")
     return 0
-  current = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+  current = ""
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      current = f.read()
   if current == expected:
     print("BUILD is up to date.")
     return 0

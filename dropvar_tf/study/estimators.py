@@ -108,7 +108,7 @@ def _mlp_on(inputs, x, seed, hidden=(64, 64)):
 
 
 def prediction_features(model, x):
-  """`head_layers.PredictionFeatures` of the base prediction, as a numpy array."""
+  """`head_layers.PredictionFeatures` of the base prediction, as numpy."""
   pred = np.asarray(model.predict(x, batch_size=1024, verbose=0))
   return np.asarray(head_layers.PredictionFeatures()(pred), "float32")
 
@@ -186,8 +186,9 @@ def _clip_ids(x_test, x_fit):
   out = {}
   for key, values in x_test.items():
     if np.issubdtype(values.dtype, np.integer):
-      values = np.where(values > x_fit[key].max(), 0, values)
-    out[key] = values
+      out[key] = np.where(values > x_fit[key].max(), 0, values)
+    else:
+      out[key] = values
   return out
 
 

@@ -47,7 +47,8 @@ def check_kind(kind, arg="kind"):
 
 def check_fraction(value, arg="test_fraction"):
   """Validates a fraction strictly between 0 and 1 and returns it as float."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+  if (isinstance(value, bool) or
+      not isinstance(value, (int, float, np.floating))):
     raise invalid(arg, "a float strictly between 0 and 1", value)
   value = float(value)
   if not 0.0 < value < 1.0:

@@ -67,8 +67,8 @@ def load_digits(test_fraction=0.2, seed=0, flat=False):
   # Pixel values are integers 0..16 in this data set.
   images = bunch.images.astype(np.float32) / 16.0
   return _finish(images, bunch.target, test_fraction, seed, flat,
-                 {"source": "load_digits", "data": "sklearn.datasets.load_digits",
-                  "num_classes": 10})
+                 {"source": "load_digits",
+                  "data": "sklearn.datasets.load_digits", "num_classes": 10})
 
 
 def load_mnist_5k(test_fraction=0.2, seed=0, flat=False):

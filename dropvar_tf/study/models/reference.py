@@ -57,7 +57,8 @@ def _check_widths(hidden, arg="hidden"):
   try:
     widths = tuple(check_int(h, arg, 1) for h in hidden)
   except (TypeError, ValueError):
-    raise invalid(arg, "a non-empty sequence of integers >= 1", hidden) from None
+    raise invalid(arg, "a non-empty sequence of integers >= 1",
+                  hidden) from None
   if not widths:
     raise invalid(arg, "a non-empty sequence of integers >= 1", hidden)
   return widths
@@ -365,7 +366,8 @@ def train_base_model(model, split, epochs=5, batch_size=256, seed=0,
     The Keras `History` of the fit.
   """
   if not isinstance(split, common.Split):
-    raise invalid("split", "a `dropvar_tf.study.data.Split`", type(split).__name__)
+    raise invalid("split", "a `dropvar_tf.study.data.Split`",
+                  type(split).__name__)
   epochs = check_int(epochs, "epochs", 1)
   batch_size = check_int(batch_size, "batch_size", 1)
   keras.utils.set_random_seed(check_int(seed, "seed", 0))
