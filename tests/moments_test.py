@@ -422,7 +422,7 @@ class ErrorsTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "Received: model=None"):
       moments.moment_model(None)
     no_dropout = keras.Sequential([keras.Input((3,)), L.Dense(1)])
-    with self.assertRaisesRegex(ValueError, "without Dropout layers"):
+    with self.assertRaisesRegex(ValueError, "without dropout sources"):
       moments.moment_model(no_dropout)
     x_in = keras.Input((3,))
     h = L.Dropout(0.1)(x_in)

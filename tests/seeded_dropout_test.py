@@ -31,20 +31,30 @@ def _reference(x, seed, keys, t, rate=0.5):
 
 class MCDropoutModelTest(tf.test.TestCase):
 
-  def test_replaces_every_dropout_and_shares_weights(self):
+  def test_samples_every_dropout_and_shares_weights(self):
     for kind in ("nested", "sequential", "conv", "dict"):
       model = tt.build_model(kind)
       clone = seeded_dropout.mc_dropout_model(model)
-      self.assertEmpty(keras_graph.dropout_layers(clone), msg=kind)
-      seeded = [l for l in keras_graph.iter_layers(clone)
-                if isinstance(l, seeded_dropout.SeededDropout)]
-      self.assertLen(seeded, len(keras_graph.dropout_layers(model)), msg=kind)
-      self.assertEqual([l.layer_index for l in seeded],
-                       list(range(len(seeded))))
+      self.assertIs(clone.base_model, model, msg=kind)
+      self.assertEqual([n.layer_index for n in clone.noise_layers],
+                       list(range(len(keras_graph.dropout_layers(model)))))
       base_ids = {id(v) for v in model.weights}
       for v in clone.weights:
         if "seed_generator" not in v.path:
           self.assertIn(id(v), base_ids, msg=f"{kind}: {v.path} copied")
+
+  def test_base_model_unchanged_after_sampling(self):
+    model = tt.build_model("regression")
+    x = tt.features()
+    before = model(x, training=False).numpy()
+    clone = seeded_dropout.mc_dropout_model(model)
+    with self.assertRaises(KeyError):
+      with seeded_dropout.sampling(clone.sources, clone.noise_layers):
+        raise KeyError("inside")
+    clone(x)
+    for layer in model.layers:
+      self.assertNotIn("call", vars(layer), msg=layer.name)
+    self.assertAllEqual(model(x, training=False).numpy(), before)
 
   def test_standalone_calls_are_stochastic_and_seeded(self):
     model = tt.build_model("regression")
@@ -96,8 +106,12 @@ class MCDropoutModelTest(tf.test.TestCase):
     path = os.path.join(self.get_temp_dir(), "mc.keras")
     clone.save(path)
     loaded = keras.models.load_model(path)
-    self.assertLen([l for l in loaded.layers
-                    if isinstance(l, seeded_dropout.SeededDropout)], 2)
+    self.assertIsInstance(loaded, seeded_dropout.MCDropoutModel)
+    self.assertLen(loaded.noise_layers, 2)
+    x = tt.features()
+    with seeded_dropout.row_context(mask_hash.example_seeds(
+        0, tf.range(len(x), dtype=tf.int64), tf.zeros([len(x)], tf.int32))):
+      self.assertAllClose(loaded(x), clone(x))
 
 
 class RowContextTest(tf.test.TestCase):
