@@ -39,7 +39,7 @@ _ERR_KEYS = ("Invalid value received for argument `keys`. Expected a 1-D "
 _ERR_MODEL_NONE = ("Invalid value received for argument `model`. Expected a "
                    "built Functional or Sequential `keras.Model`. Received: "
                    "model=None")
-_ERR_NO_DROPOUT = "model 'no_dropout' without Dropout layers"
+_ERR_NO_DROPOUT = "model 'no_dropout' without dropout sources"
 _ERR_X_NONE = ("Invalid value received for argument `x`. Expected a numpy "
                "array, a list or dict of arrays, or a tf.data.Dataset. "
                "Received: x=None")
