@@ -256,6 +256,20 @@ def find_sources(model):
   return walk.found
 
 
+def layer_sources(layer):
+  """The dropout sources that `layer` is or holds (same records as above).
+
+  Args:
+    layer: a Keras layer (a model included).
+
+  Raises:
+    ValueError: as `find_sources`.
+  """
+  walk = _Walk()
+  walk.visit(layer, layer.name, ("", None))
+  return walk.found
+
+
 def dropout_sources(model):
   """Lists what MC dropout samples in `model`: path, kind and rate.
 
