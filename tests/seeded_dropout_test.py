@@ -4,15 +4,19 @@ import os
 import sys
 
 import numpy as np
+from scipy import stats
 
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
+from dropvar_tf import sources
+from dropvar_tf import targets
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import targets_testing as tt  # pylint: disable=g-import-not-at-top
+import testing_models as tm  # pylint: disable=g-import-not-at-top
 
 _ERR_RATE = ("Invalid value received for argument `rate`. Expected a float "
              "in [0, 1]. Received: rate=1.5")
@@ -150,6 +154,101 @@ class RowContextTest(tf.test.TestCase):
     # Outside every block the layer draws stand-alone masks again.
     a, b = self.clone(self.x).numpy(), self.clone(self.x).numpy()
     self.assertNotAllClose(a, b)
+
+
+# Keras' own MC dropout as the reference: T passes with training=True and
+# every BatchNormalization frozen (trainable=False keeps it in inference).
+_T = 500
+_EXAMPLES = 48
+
+
+def _keras_mc_std(model, x, seed):
+  """Per-example std of T Keras training-mode passes, in one tiled call."""
+  for layer in keras_graph.iter_layers(model):
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.trainable = False
+  keras.utils.set_random_seed(seed)
+  tiled = np.tile(x, (_T,) + (1,) * (x.ndim - 1))
+  y = tf.function(lambda v: model(v, training=True))(tiled).numpy()
+  return y.reshape(_T, len(x)).std(axis=0)
+
+
+class KerasReferenceTest(tf.test.TestCase):
+  """Every source kind samples what Keras' own MC dropout samples."""
+
+  def setUp(self):
+    super().setUp()
+    sources.register_dropout_source(tm.NoisyMask, tm.noisy_mask_noise,
+                                    kind="noisy_mask")
+
+  def tearDown(self):
+    sources.unregister_dropout_source(tm.NoisyMask)
+    super().tearDown()
+
+  def test_mean_and_ranking_match_keras_mc(self):
+    for kind in tm.SOURCE_KINDS:
+      with self.subTest(kind=kind):
+        model = tm.source_model(kind)
+        x = tm.source_inputs(kind, _EXAMPLES)
+        ours = targets.mc_dropout_targets(model, x, num_samples=_T, seed=3,
+                                          progress=False)
+        first = _keras_mc_std(model, x, seed=1)
+        second = _keras_mc_std(model, x, seed=2)
+        for reference in (first, second):
+          self.assertAllClose(ours.mean() / reference.mean(), 1.0, atol=0.05)
+        bound = stats.spearmanr(first, second)[0]
+        spearman = np.mean([stats.spearmanr(ours, r)[0]
+                            for r in (first, second)])
+        self.assertGreater(spearman, bound - 0.03)
+
+
+class EverySourceTest(tf.test.TestCase):
+
+  def test_dynamic_sequence_length(self):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, 3))
+    h = keras.layers.Dense(4)(inputs)
+    h = keras.layers.MultiHeadAttention(2, 2, dropout=0.5)(h, h)
+    outputs = keras.layers.GaussianDropout(0.3)(h)
+    clone = seeded_dropout.mc_dropout_model(keras.Model(inputs, outputs))
+    x = np.ones((3, 7, 3), np.float32)
+    out = []
+    for rows in (3, 2):
+      with seeded_dropout.row_context(mask_hash.example_seeds(
+          0, tf.range(rows, dtype=tf.int64), tf.zeros([rows], tf.int32))):
+        out.append(clone(x[:rows]).numpy())
+    self.assertEqual(out[0].shape, (3, 7, 4))
+    # The same keys get the same noise, whatever the batch.
+    self.assertAllClose(out[0][:2], out[1], rtol=1e-5)
+    self.assertNotAllClose(out[0][0], out[0][1])
+
+  def test_xla_compiled_pass_equals_the_plain_one(self):
+    for kind in ("transformer", "lstm", "gaussian"):
+      clone = seeded_dropout.mc_dropout_model(tm.source_model(kind))
+      x = tm.source_inputs(kind, 4)
+      states = mask_hash.example_seeds(5, tf.range(4, dtype=tf.int64),
+                                       tf.fill([4], 2))
+
+      def run(v, clone=clone, states=states):
+        with seeded_dropout.row_context(states):
+          return clone(v)
+
+      plain = tf.function(run)(x).numpy()
+      compiled = tf.function(run, jit_compile=True)(x).numpy()
+      self.assertAllClose(compiled, plain, rtol=1e-4, atol=1e-5, msg=kind)
+
+  def test_rnn_masks_are_per_sequence_and_restored(self):
+    model = tm.source_model("lstm")
+    cell = model.get_layer("lstm").cell
+    clone = seeded_dropout.mc_dropout_model(model)
+    x = tm.source_inputs("lstm", 6)
+    a, b = clone(x).numpy(), clone(x).numpy()
+    self.assertNotAllClose(a, b)
+    for name in ("get_dropout_mask", "get_recurrent_dropout_mask",
+                 "reset_dropout_mask"):
+      self.assertNotIn(name, vars(cell))
+    self.assertNotIn("call", vars(model.get_layer("lstm")))
+    self.assertAllClose(model(x), model(x))
 
 
 if __name__ == "__main__":

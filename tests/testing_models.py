@@ -184,8 +184,8 @@ class DenseDropBlock(keras.layers.Layer):
 
   def __init__(self, units=12, rate=0.3, **kwargs):
     super().__init__(**kwargs)
-    self.dense = keras.layers.Dense(units, activation="tanh")
-    self.drop = keras.layers.Dropout(rate)
+    self.dense = keras.layers.Dense(units, activation="tanh", name="dense")
+    self.drop = keras.layers.Dropout(rate, name="dropout")
 
   def call(self, inputs, training=None):
     return self.drop(self.dense(inputs), training=training)
@@ -211,11 +211,11 @@ class SubclassedRegressor(keras.Model):
 
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
-    self.dense_a = keras.layers.Dense(16, activation="relu")
-    self.drop_a = keras.layers.Dropout(0.3)
-    self.dense_b = keras.layers.Dense(8, activation="tanh")
-    self.drop_b = keras.layers.Dropout(0.3)
-    self.out = keras.layers.Dense(1)
+    self.dense_a = keras.layers.Dense(16, activation="relu", name="dense_a")
+    self.drop_a = keras.layers.Dropout(0.3, name="drop_a")
+    self.dense_b = keras.layers.Dense(8, activation="tanh", name="dense_b")
+    self.drop_b = keras.layers.Dropout(0.3, name="drop_b")
+    self.out = keras.layers.Dense(1, name="value")
 
   def call(self, inputs, training=None):
     h = self.drop_a(self.dense_a(inputs), training=training)
@@ -242,8 +242,8 @@ def noisy_mask_noise(layer, inputs, uniform):
   return inputs * keep / (1.0 - layer.rate)
 
 
-def _dense_body(inputs, noise_layer):
-  h = keras.layers.Dense(16, activation="relu", name="dense_a")(inputs)
+def _dense_body(inputs, noise_layer, activation="relu"):
+  h = keras.layers.Dense(16, activation=activation, name="dense_a")(inputs)
   h = noise_layer(h)
   h = keras.layers.Dense(8, activation="tanh", name="dense_b")(h)
   return keras.layers.Dense(1, name="value")(h)
@@ -270,7 +270,11 @@ def source_model(kind, seed=0, rate=0.3):
              "custom_layer": lambda: DenseDropBlock(16, rate, name="block"),
              "registered": lambda: NoisyMask(rate, seed=1, name="noisy")}[
                  kind]()
-    return keras.Model(inputs, _dense_body(inputs, layer), name=kind)
+    # AlphaDropout is meant for SELU networks (dropped units take SELU's
+    # negative saturation value).
+    activation = "selu" if kind == "alpha" else "relu"
+    return keras.Model(inputs, _dense_body(inputs, layer, activation),
+                       name=kind)
   if kind == "spatial_dropout":
     inputs = keras.Input((SEQ_LEN, SEQ_FEATURES), name="sequence")
     h = keras.layers.Conv1D(6, 2, activation="relu", name="conv")(inputs)
@@ -298,7 +302,7 @@ def source_model(kind, seed=0, rate=0.3):
                                                    **rnn_args))
   if kind == "bidirectional":
     return _rnn_model(kind, keras.layers.Bidirectional(
-        keras.layers.LSTM(6, **rnn_args), name="bidir"))
+        keras.layers.LSTM(6, name="lstm", **rnn_args), name="bidir"))
   if kind == "conv_lstm":
     inputs = keras.Input((SEQ_LEN, 4, SEQ_FEATURES), name="sequence")
     h = keras.layers.ConvLSTM1D(4, 2, name="conv_lstm", **rnn_args)(inputs)
@@ -321,14 +325,21 @@ SOURCE_KINDS = ("dropout", "spatial_dropout", "transformer", "lstm", "gru",
 
 
 def source_inputs(kind, n, seed=0):
-  """`n` seeded inputs for `source_model(kind)`."""
+  """`n` seeded inputs for `source_model(kind)`.
+
+  Each example is scaled by its own factor in [0.2, 3], so that the examples'
+  DPVs spread widely and rank comparisons are not all noise.
+  """
   rng = np.random.default_rng(seed)
   if kind in ("spatial_dropout", "transformer", "lstm", "gru", "simple_rnn",
               "bidirectional"):
-    return rng.normal(size=(n, SEQ_LEN, SEQ_FEATURES)).astype("float32")
-  if kind == "conv_lstm":
-    return rng.normal(size=(n, SEQ_LEN, 4, SEQ_FEATURES)).astype("float32")
-  return rng.normal(size=(n, NUM_FEATURES)).astype("float32")
+    shape = (n, SEQ_LEN, SEQ_FEATURES)
+  elif kind == "conv_lstm":
+    shape = (n, SEQ_LEN, 4, SEQ_FEATURES)
+  else:
+    shape = (n, NUM_FEATURES)
+  scale = rng.uniform(0.2, 3.0, (n,) + (1,) * (len(shape) - 1))
+  return (rng.normal(size=shape) * scale).astype("float32")
 
 
 def subclassed_regressor(seed=0):
