@@ -261,6 +261,15 @@ class EverySourceTest(tf.test.TestCase):
       compiled = tf.function(run, jit_compile=True)(x).numpy()
       self.assertAllClose(compiled, plain, rtol=1e-4, atol=1e-5, msg=kind)
 
+  def test_bare_subclassed_model(self):
+    model = tm.subclassed_regressor()
+    x = tm.source_inputs("dropout", 8)
+    clone = seeded_dropout.mc_dropout_model(model)
+    self.assertEqual([n.layer_index for n in clone.noise_layers], [0, 1])
+    a, b = clone(x).numpy(), clone(x).numpy()
+    self.assertNotAllClose(a, b)
+    self.assertAllClose(model(x), model(x))
+
   def test_rnn_masks_are_per_sequence_and_restored(self):
     model = tm.source_model("lstm")
     cell = model.get_layer("lstm").cell

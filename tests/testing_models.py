@@ -20,7 +20,8 @@ Builders (all have Dropout unless the name says otherwise):
 Models with one kind of dropout source each, one linear output unit
 (`SOURCE_BUILDERS`, inputs from `source_inputs(kind, n)`): "dropout",
 "spatial_dropout", "transformer" (MultiHeadAttention dropout and a Dropout in
-a custom block, in a nested model), "lstm", "gru", "simple_rnn",
+a custom block, in a nested model), "lstm", "lstm_input_dropout" (no
+recurrent dropout: one mask for all gates), "gru", "simple_rnn",
 "bidirectional", "conv_lstm" (RNN `dropout` and `recurrent_dropout`),
 "gaussian", "alpha", "custom_layer" (a Dropout inside a custom layer),
 "wrapped_subclassed" (a subclassed model inside a Functional one),
@@ -295,6 +296,8 @@ def source_model(kind, seed=0, rate=0.3):
                        name=kind)
   if kind == "lstm":
     return _rnn_model(kind, keras.layers.LSTM(8, name="lstm", **rnn_args))
+  if kind == "lstm_input_dropout":  # One mask for all gates (cuDNN-able).
+    return _rnn_model(kind, keras.layers.LSTM(8, dropout=rate, name="lstm"))
   if kind == "gru":
     return _rnn_model(kind, keras.layers.GRU(8, name="gru", **rnn_args))
   if kind == "simple_rnn":
@@ -318,10 +321,10 @@ def source_model(kind, seed=0, rate=0.3):
   raise KeyError(kind)
 
 
-SOURCE_KINDS = ("dropout", "spatial_dropout", "transformer", "lstm", "gru",
-                "simple_rnn", "bidirectional", "conv_lstm", "gaussian",
-                "alpha", "custom_layer", "wrapped_subclassed", "registered",
-                "batch_norm")
+SOURCE_KINDS = ("dropout", "spatial_dropout", "transformer", "lstm",
+                "lstm_input_dropout", "gru", "simple_rnn", "bidirectional",
+                "conv_lstm", "gaussian", "alpha", "custom_layer",
+                "wrapped_subclassed", "registered", "batch_norm")
 
 
 def source_inputs(kind, n, seed=0):
@@ -331,8 +334,8 @@ def source_inputs(kind, n, seed=0):
   DPVs spread widely and rank comparisons are not all noise.
   """
   rng = np.random.default_rng(seed)
-  if kind in ("spatial_dropout", "transformer", "lstm", "gru", "simple_rnn",
-              "bidirectional"):
+  if kind in ("spatial_dropout", "transformer", "lstm", "lstm_input_dropout",
+              "gru", "simple_rnn", "bidirectional"):
     shape = (n, SEQ_LEN, SEQ_FEATURES)
   elif kind == "conv_lstm":
     shape = (n, SEQ_LEN, 4, SEQ_FEATURES)
