@@ -41,7 +41,7 @@ RNN's `dropout` and `recurrent_dropout` are two sources; their unit is the
 flat index into one step's input (respectively state), and the mask is the
 same at every step of a sequence. Sources other than Dropout turn `h` into
 
-    uniform = ((h >> 8) + 0.5) / 2**24          # in (0, 1), float32 exact
+    uniform = ((h >> 9) + 0.5) / 2**23          # in (0, 1), float32 exact
 
 - GaussianDropout: `inputs * (1 + sqrt(rate / (1 - rate)) * ndtri(uniform))`,
   the N(1, rate / (1 - rate)) noise of Keras by the inverse normal CDF;
@@ -279,7 +279,8 @@ def mixed_units_tf(unit_index):
 def uniform_from_hash(h):
   """float32 uniforms in (0, 1) from mask hashes (see the module docstring).
 
-  The top 24 bits of `h` are exact in float32, so no value is 0 or 1.
+  The top 23 bits of `h`, plus one half, are exact in float32 (24
+  significant bits), so no value is 0 or 1: they lie in [2**-24, 1 - 2**-24].
 
   Args:
     h: uint32 tensor of mask hashes.
@@ -287,9 +288,9 @@ def uniform_from_hash(h):
   Returns:
     float32 tensor of the shape of `h`.
   """
-  top = tf.cast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)),
+  top = tf.cast(tf.bitwise.right_shift(h, tf.constant(9, tf.uint32)),
                 tf.float32)
-  return (top + 0.5) * (1.0 / 2.0**24)
+  return (top + 0.5) * (1.0 / 2.0**23)
 
 
 def finish_hash(states, layer_index, mixed_unit_words):

@@ -119,6 +119,11 @@ class DropoutSourcesTest(tf.test.TestCase):
                      [("stack/c0", "rnn_dropout", 0.2),
                       ("stack/c1", "rnn_recurrent_dropout", 0.1)])
 
+  def test_models_with_only_other_sources_are_accepted(self):
+    for kind in ("gaussian", "alpha", "custom_layer", "lstm"):
+      model = tm.source_model(kind)
+      self.assertIs(validation.check_model(model), model, msg=kind)
+
   def test_augmentation_layers_are_left_alone(self):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 1))
