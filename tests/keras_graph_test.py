@@ -68,10 +68,9 @@ class GraphTest(tf.test.TestCase):
 
   def test_sublayers_of_models_and_custom_layers(self):
     model = tm.source_model("transformer")
-    self.assertEqual([l.name for l in keras_graph.sublayers(model)],
-                     [l.name for l in model.layers])
+    self.assertEqual(keras_graph.sublayers(model), model.layers)
     block = model.get_layer("encoder").get_layer("block_1")
-    self.assertEqual([l.name for l in keras_graph.sublayers(block)],
+    self.assertEqual([layer.name for layer in keras_graph.sublayers(block)],
                      ["attention", "drop", "ffn"])
     self.assertEqual(keras_graph.sublayers(keras.layers.Dense(2)), [])
 
