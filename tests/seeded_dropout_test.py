@@ -261,6 +261,16 @@ class EverySourceTest(tf.test.TestCase):
       compiled = tf.function(run, jit_compile=True)(x).numpy()
       self.assertAllClose(compiled, plain, rtol=1e-4, atol=1e-5, msg=kind)
 
+  def test_standalone_calls_are_stochastic_and_seeded_for_every_kind(self):
+    for kind in ("transformer", "gaussian", "alpha", "conv_lstm"):
+      model = tm.source_model(kind)
+      x = tm.source_inputs(kind, 4)
+      clone = seeded_dropout.mc_dropout_model(model)
+      first, second = clone(x).numpy(), clone(x).numpy()
+      self.assertNotAllClose(first, second, msg=kind)
+      again = seeded_dropout.mc_dropout_model(model)(x).numpy()
+      self.assertAllClose(again, first, msg=kind)
+
   def test_bare_subclassed_model(self):
     model = tm.subclassed_regressor()
     x = tm.source_inputs("dropout", 8)
