@@ -14,6 +14,9 @@ from dropvar_tf.contract import OUTPUT_KEYS
 from dropvar_tf.contract import PREDICTION_KEY
 from dropvar_tf.contract import SERVING_SIGNATURE
 from dropvar_tf.contract import VARIATION_KEY
+from dropvar_tf.sources import dropout_sources
+from dropvar_tf.sources import register_dropout_source
+from dropvar_tf.sources import unregister_dropout_source
 from dropvar_tf.heads import add_variation_head
 from dropvar_tf.heads import candidate_layers
 from dropvar_tf.heads import has_variation_head

@@ -26,6 +26,22 @@ try:
 except ImportError:  # pragma: no cover - depends on the Keras layout.
   _Functional = None
 
+try:
+  from keras.src.layers.preprocessing.data_layer import DataLayer as _DataLayer
+except ImportError:  # pragma: no cover - depends on the Keras layout.
+  _DataLayer = None
+
+try:
+  from keras.src.layers.rnn.dropout_rnn_cell import (
+      DropoutRNNCell as _DropoutRNNCell)
+except ImportError:  # pragma: no cover - depends on the Keras layout.
+  _DropoutRNNCell = None
+
+try:
+  from keras.src.layers.rnn.conv_lstm import ConvLSTMCell as _ConvLSTMCell
+except ImportError:  # pragma: no cover - depends on the Keras layout.
+  _ConvLSTMCell = None
+
 try:  # Tells whether a graph is being built for XLA (no public API).
   from tensorflow.python.ops import control_flow_util as _control_flow_util
 except ImportError:  # pragma: no cover - moved in another TF version
@@ -68,6 +84,67 @@ def iter_layers(model):
 def dropout_layers(model):
   """Returns the Dropout layers (and subclasses) of `model`, nested included."""
   return [l for l in iter_layers(model) if isinstance(l, keras.layers.Dropout)]
+
+
+def sublayers(layer):
+  """Returns the layers `layer` holds directly, in the order it set them.
+
+  For a model these are `model.layers`; for any other layer, the layers it
+  tracks as attributes (a custom layer's blocks, an RNN's cell, a
+  Bidirectional's two RNNs, MultiHeadAttention's inner Dropout).
+  """
+  if isinstance(layer, keras.Model):
+    return list(layer.layers)
+  return list(getattr(layer, "_layers", ()))
+
+
+def owns_seed_generator(layer):
+  """True when `layer` itself holds a `keras.random.SeedGenerator`.
+
+  Keras layers that draw random numbers in their call (dropout, noise,
+  augmentation) hold one; sublayers' generators are not counted.
+  """
+  return bool(getattr(layer, "_seed_generators", ()))
+
+
+def is_dropout_rnn_cell(cell):
+  """True for RNN cells with Keras' `dropout`/`recurrent_dropout` masks.
+
+  Those cells (SimpleRNN, LSTM, GRU and ConvLSTM cells) draw their masks with
+  `get_dropout_mask` and `get_recurrent_dropout_mask`, once per sequence.
+  """
+  if _DropoutRNNCell is None:  # pragma: no cover
+    return hasattr(cell, "get_recurrent_dropout_mask")
+  return isinstance(cell, _DropoutRNNCell)
+
+
+def rnn_mask_count(cell):
+  """How many dropout masks `cell` indexes per step (one per gate), or None.
+
+  LSTM and GRU cells with `implementation=1` (Keras sets it whenever
+  `recurrent_dropout` is on) and ConvLSTM cells index their masks as
+  `mask[gate]`, meaning one independent mask per gate; other cells multiply
+  by a single mask. Keras 3 draws a single (batch, ...) mask there, so that
+  `mask[gate]` takes the mask of batch row `gate` for every example: each
+  example still gets independent per-gate masks, which is the distribution
+  reproduced here with a (gates, batch, ...) mask.
+  """
+  if _ConvLSTMCell is not None and isinstance(cell, _ConvLSTMCell):
+    return 4
+  if getattr(cell, "implementation", None) == 1:
+    if isinstance(cell, keras.layers.LSTMCell):
+      return 4
+    if isinstance(cell, keras.layers.GRUCell):
+      return 3
+  return None
+
+
+def is_data_layer(layer):
+  """True for Keras preprocessing/augmentation layers (RandomFlip, ...).
+
+  Their randomness is augmentation, active only with `training=True`.
+  """
+  return _DataLayer is not None and isinstance(layer, _DataLayer)
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,23 @@ the layer's `noise_shape` without its batch entry (None entries take the
 input's size; spatial dropouts share a mask over their spatial axes), so
 every example and sample gets its own mask.
 
+Other dropout sources
+---------------------
+Every source of `sources.find_sources(model)` hashes with its own
+`layer_index` (its position in that list; for models whose only sources are
+Dropout layers that is their position in `keras_graph.dropout_layers`). An
+RNN's `dropout` and `recurrent_dropout` are two sources; their unit is the
+flat index into one step's input (respectively state), and the mask is the
+same at every step of a sequence. Sources other than Dropout turn `h` into
+
+    uniform = ((h >> 9) + 0.5) / 2**23          # in (0, 1), float32 exact
+
+- GaussianDropout: `inputs * (1 + sqrt(rate / (1 - rate)) * ndtri(uniform))`,
+  the N(1, rate / (1 - rate)) noise of Keras by the inverse normal CDF;
+- AlphaDropout: `keep = h >= floor(rate * 2**32)` in Keras' affine formula;
+- registered sources: `uniform` of the input's shape, given to their noise
+  function.
+
 Example:
 
 ```python
@@ -244,6 +261,36 @@ def mixed_units(unit_index):
   """
   units = np.asarray(unit_index, np.int64).astype(np.uint32)
   return _kmix(_NumpyOps, units)
+
+
+def mixed_units_tf(unit_index):
+  """`mixed_units` with TF ops, for unit shapes known only at run time.
+
+  Args:
+    unit_index: integer tensor of flat unit indices in [0, 2**32).
+
+  Returns:
+    uint32 tensor of the shape of `unit_index`, equal to
+    `mixed_units(unit_index)`.
+  """
+  return _kmix(_TfOps, _TfOps.u32(unit_index))
+
+
+def uniform_from_hash(h):
+  """float32 uniforms in (0, 1) from mask hashes (see the module docstring).
+
+  The top 23 bits of `h`, plus one half, are exact in float32 (24
+  significant bits), so no value is 0 or 1: they lie in [2**-24, 1 - 2**-24].
+
+  Args:
+    h: uint32 tensor of mask hashes.
+
+  Returns:
+    float32 tensor of the shape of `h`.
+  """
+  top = tf.cast(tf.bitwise.right_shift(h, tf.constant(9, tf.uint32)),
+                tf.float32)
+  return (top + 0.5) * (1.0 / 2.0**23)
 
 
 def finish_hash(states, layer_index, mixed_unit_words):

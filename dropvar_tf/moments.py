@@ -25,6 +25,9 @@ Approximations (all standard for moment propagation; say them in reports):
 - Max pooling: the max of the Gaussians in a window, folded pairwise with
   Clark's (1961) moment matching (the max of two Gaussians is treated as a
   Gaussian). Average pooling is exact under independence.
+- Of the dropout sources (`sources.dropout_sources`) only `Dropout` is
+  modelled; every other source (attention, RNN, Gaussian, Alpha, registered
+  dropout, Dropout subclasses) is refused by name, never ignored.
 - Dropout masks must be independent per unit: SpatialDropout and Dropout with
   a `noise_shape` are refused (with the correlation they create dropped, the
   estimate ranks examples poorly against MC dropout; docs/measurements.md).
@@ -56,6 +59,7 @@ import numpy as np
 from dropvar_tf import keras_graph
 from dropvar_tf import moment_layers
 from dropvar_tf import moment_rules
+from dropvar_tf import sources
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
 
@@ -105,6 +109,13 @@ _CONV = {keras.layers.Conv1D: 1, keras.layers.Conv2D: 2, keras.layers.Conv3D: 3}
 
 
 def _unsupported(layer, why=""):
+  held = sources.layer_sources(layer)
+  if held:
+    # MC dropout samples this source; moment propagation has no rule for it
+    # and must not treat it as deterministic: say so.
+    why += (" (of the dropout sources, moment propagation models only "
+            "`Dropout` without noise_shape; this layer is or holds "
+            f"{', '.join(sorted({f.kind for f in held}))})")
   return validation.invalid(
       "model",
       "a model made only of layers that moment propagation supports: "

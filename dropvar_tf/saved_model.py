@@ -34,6 +34,7 @@ from dropvar_tf import heads
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
+from dropvar_tf import sources
 from dropvar_tf import validation
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.version import __version__
@@ -632,9 +633,9 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   if mc_num_samples is not None:
     prediction = dual.output[contract.PREDICTION_KEY]
     base = keras.Model(dual.input, prediction)
-    if not keras_graph.dropout_layers(base):
+    if not sources.find_sources(base):
       raise validation.invalid(
-          "mc_num_samples", "None for a model without Dropout layers "
+          "mc_num_samples", "None for a model without dropout sources "
           "before its prediction", mc_num_samples)
     units = int(np.prod(prediction.shape[1:])) if prediction.shape[1:] else 1
     statistic = validation.resolve_statistic(

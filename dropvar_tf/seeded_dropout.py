@@ -1,17 +1,42 @@
-"""Seeded Monte Carlo dropout: `SeededDropout` and `mc_dropout_model`.
+"""Seeded Monte Carlo dropout: every dropout source on, the rest inference.
 
-Only dropout is sampled. `mc_dropout_model` clones the graph, reusing every
-non-Dropout layer instance (weights shared, nothing copied) and replacing each
-`keras.layers.Dropout` (subclasses included) by `SeededDropout`. The clone is
-called with `training=False`, so BatchNormalization stays in inference mode
-and nothing in the base model is updated.
+`mc_dropout_model(model)` returns an `MCDropoutModel` that calls `model`
+with `training=False` (BatchNormalization and every other layer in inference
+mode, nothing updated) while each dropout source of
+`sources.find_sources(model)` draws seeded noise: Dropout and its subclasses,
+MultiHeadAttention's attention dropout, RNN `dropout`/`recurrent_dropout`,
+GaussianDropout, AlphaDropout and registered layers, wherever they sit.
 
-A `SeededDropout` mask is the counter-based hash of `dropvar_tf.mask_hash`
-(its docstring specifies it): a pure function of (seed, example key, sample
-index, layer index, unit). Whoever runs the clone says which rows are which
-with `row_context(example_seeds(...))`: `targets.mc_dropout_targets` does,
-and so does the SavedModel's MC signature (`saved_model`). Outside a row
-context, each call draws fresh seed-reproducible masks, as Keras' Dropout.
+Design: the sources are switched on in place, for the duration of the call
+(`sampling`), rather than by cloning the graph. Cloning reaches only the
+layers of a Functional or Sequential graph; a Dropout inside a custom layer,
+a subclassed model or MultiHeadAttention, and the masks an RNN cell draws
+inside its step loop, are not graph nodes. Instead, while an `MCDropoutModel`
+runs (or a `tf.function`/XLA traces it), each source instance gets an
+instance attribute that shadows its class's method: Dropout-like layers a
+`call` that draws the seeded noise, RNN cells `get_dropout_mask` /
+`get_recurrent_dropout_mask` that return a seeded mask, cached for the
+sequence as Keras caches its own, and the RNN layer a `call` that runs its
+cells in training mode (the only training-dependent behaviour of Keras' RNN
+layers is their dropout). The context manager restores every attribute on
+exit, also on errors, so `model` itself is never changed; weights are shared,
+not copied. The traced graph keeps the noise ops, so exported signatures work
+as before.
+
+The noise of each source is drawn by a `SeededDropout` (one per source, held
+by the `MCDropoutModel`): the counter-based hash of `dropvar_tf.mask_hash`,
+a pure function of (seed, example key, sample index, source index, unit).
+For models whose only sources are Dropout layers, masks, indices and units
+are those of the earlier graph-cloning implementation, so targets, the Beam
+pipeline and exported `mc_dropout` signatures are bit-identical. Whoever runs
+the model says which rows are which with `row_context(example_seeds(...))`:
+`targets.mc_dropout_targets` does, and so does the SavedModel's MC signature
+(`saved_model`). Outside a row context, each call draws fresh
+seed-reproducible noise, as Keras' layers do.
+
+Limits: a Dropout layer called twice in one pass uses the same mask both
+times (its source index is the same); a source must see the model's rows as
+its batch (not, e.g., a `TimeDistributed` reshape of them).
 
 Example:
 
@@ -24,11 +49,13 @@ with row_context(mask_hash.example_seeds(0, keys, tf.zeros([8], tf.int32))):
 """
 
 import contextlib
+import math
 
 import numpy as np
 
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
+from dropvar_tf import sources
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
@@ -90,14 +117,18 @@ class SeededDropout(keras.layers.Layer):
   with the row position in the batch as key, so repeated calls give
   different, seed-reproducible masks, as Keras' Dropout.
 
+  Besides its own `call` (inverted dropout), it draws the noise of the other
+  source kinds for `MCDropoutModel`: `scaled_keep_mask` (RNN masks),
+  `gaussian`, `alpha` and `uniform` (registered sources).
+
   Args:
     rate: float in [0, 1], fraction of units dropped.
     noise_shape: optional tuple, the mask shape including the batch entry
       (ignored: every row gets its own mask); None entries take the input's
       size.
     seed: integer seed of the stand-alone mode.
-    layer_index: integer, position of the replaced layer in
-      `keras_graph.dropout_layers(model)`; part of the mask hash.
+    layer_index: integer, position of the source in
+      `sources.find_sources(model)`; part of the mask hash.
     **kwargs: base `keras.layers.Layer` arguments.
 
   Input shape: (batch, ...). Output shape: same as input.
@@ -121,7 +152,7 @@ class SeededDropout(keras.layers.Layer):
     return input_shape
 
   def _unit_shape(self, inputs):
-    """Per-example mask shape (static)."""
+    """Per-example noise shape: a static tuple, or a 1-D tensor if unknown."""
     shape = tuple(inputs.shape[1:])
     if self.noise_shape is not None:
       if len(self.noise_shape) != len(shape) + 1:
@@ -130,11 +161,54 @@ class SeededDropout(keras.layers.Layer):
             self.noise_shape)
       shape = tuple(s if n is None else n
                     for n, s in zip(self.noise_shape[1:], shape))
-    if any(s is None for s in shape):
-      raise ValueError(
-          f"SeededDropout {self.name!r} needs static non-batch input "
-          f"dimensions; received input shape {tuple(inputs.shape)}.")
-    return shape
+    if all(s is not None for s in shape):
+      return shape
+    dynamic = tf.shape(inputs)[1:]
+    return tf.stack([dynamic[i] if s is None else s
+                     for i, s in enumerate(shape)])
+
+  def _unit_words(self, unit_shape):
+    """Mixed unit words, (1, *unit_shape) uint32 (`mask_hash.mixed_units`)."""
+    if isinstance(unit_shape, tuple):
+      units = np.arange(int(np.prod(unit_shape, dtype=np.int64)),
+                        dtype=np.uint32).reshape(unit_shape)
+      return tf.constant(mask_hash.mixed_units(units)[None], tf.uint32)
+    units = tf.reshape(tf.range(tf.reduce_prod(unit_shape)), unit_shape)
+    return mask_hash.mixed_units_tf(units)[None]
+
+  def _row_states(self, inputs):
+    """(rows,) hash states and whether they come from a `row_context`."""
+    states = _CONTEXT.states
+    if states is not None:
+      return states, True
+    rows = tf.shape(inputs)[0]
+    salt = keras.random.randint((), 0, 2**31 - 1, dtype="int32",
+                                seed=self.seed_generator)
+    return mask_hash.example_seeds(
+        0 if self.seed is None else self.seed,
+        tf.range(rows, dtype=tf.int64),
+        tf.fill([rows], tf.cast(salt, tf.uint32))), False
+
+  def hash_bits(self, inputs, count=None):
+    """The mask hashes of `inputs`' rows: (rows, *per-example noise shape).
+
+    Side effect: outside a `row_context`, advances the seed generator.
+
+    Args:
+      inputs: (rows, ...) tensor.
+      count: optional integer: hash `count` masks per row, as the leading
+        entry of the per-example shape: (rows, count, ...).
+    """
+    unit_shape = self._unit_shape(inputs)
+    if count is not None:
+      unit_shape = ((count,) + unit_shape if isinstance(unit_shape, tuple)
+                    else tf.concat([[count], unit_shape], 0))
+    rank = len(inputs.shape) - 1 + (count is not None)
+    states, _ = self._row_states(inputs)
+    states = tf.reshape(states, [-1] + [1] * rank)
+    return mask_hash.finish_hash(states,
+                                 tf.constant(self.layer_index, tf.uint32),
+                                 self._unit_words(unit_shape))
 
   def call(self, inputs, training=None):
     del training  # Always on: this layer only exists to sample dropout.
@@ -143,27 +217,62 @@ class SeededDropout(keras.layers.Layer):
     if self.rate >= 1.0:
       return tf.zeros_like(inputs)
     unit_shape = self._unit_shape(inputs)
-    states = _CONTEXT.states
-    apply = _apply_mask_xla
-    if states is None:
-      rows = tf.shape(inputs)[0]
-      salt = keras.random.randint((), 0, 2**31 - 1, dtype="int32",
-                                  seed=self.seed_generator)
-      states = mask_hash.example_seeds(
-          0 if self.seed is None else self.seed,
-          tf.range(rows, dtype=tf.int64),
-          tf.fill([rows], tf.cast(salt, tf.uint32)))
-      # Plain ops here: a stand-alone model may be exported and served
-      # where XLA is not available.
-      apply = _apply_mask
-    units = np.arange(int(np.prod(unit_shape, dtype=np.int64)),
-                      dtype=np.uint32).reshape(unit_shape)
-    unit_kmixed = tf.constant(mask_hash.mixed_units(units)[None], tf.uint32)
-    states = tf.reshape(states, [-1] + [1] * len(unit_shape))
-    return apply(inputs, states, unit_kmixed,
+    states, in_context = self._row_states(inputs)
+    # Plain ops outside a row context: a stand-alone model may be exported
+    # and served where XLA is not available.
+    apply = _apply_mask_xla if in_context else _apply_mask
+    states = tf.reshape(states, [-1] + [1] * (len(inputs.shape) - 1))
+    return apply(inputs, states, self._unit_words(unit_shape),
                  tf.constant(self.layer_index, tf.uint32),
                  tf.constant(mask_hash.keep_threshold(self.rate), tf.uint32),
                  tf.constant(1.0 / (1.0 - self.rate), inputs.dtype))
+
+  def scaled_keep_mask(self, inputs, count=None):
+    """Keras' RNN dropout mask for `inputs`: 0 or 1 / (1 - rate) per unit.
+
+    Args:
+      inputs: (rows, ...) step input (or state) of an RNN cell.
+      count: optional integer, for cells that index their mask by gate
+        (`keras_graph.rnn_mask_count`): then `count` independent masks,
+        stacked as (count, rows, ...).
+
+    Returns:
+      A tensor of the dtype of `inputs`.
+    """
+    keep = self.hash_bits(inputs, count) >= tf.constant(
+        mask_hash.keep_threshold(self.rate), tf.uint32)
+    mask = tf.where(keep,
+                    tf.constant(1.0 / (1.0 - self.rate), inputs.dtype),
+                    tf.zeros((), inputs.dtype))
+    if count is None:
+      return mask
+    rank = len(mask.shape)
+    return tf.transpose(mask, [1, 0] + list(range(2, rank)))
+
+  def uniform(self, inputs):
+    """Seeded float32 uniforms in (0, 1), one per unit of the noise shape."""
+    return mask_hash.uniform_from_hash(self.hash_bits(inputs))
+
+  def gaussian(self, inputs):
+    """GaussianDropout: `inputs` times N(1, rate / (1 - rate)) noise."""
+    if self.rate <= 0.0:
+      return inputs
+    stddev = math.sqrt(self.rate / (1.0 - self.rate))
+    noise = 1.0 + stddev * tf.math.ndtri(self.uniform(inputs))
+    return inputs * tf.cast(noise, inputs.dtype)
+
+  def alpha(self, inputs):
+    """AlphaDropout: Keras' affine formula with the seeded keep mask."""
+    if self.rate <= 0.0:
+      return inputs
+    alpha = 1.6732632423543772848170429916717
+    scale = 1.0507009873554804934193349852946
+    alpha_p = -alpha * scale
+    kept = tf.cast(self.hash_bits(inputs) >= tf.constant(
+        mask_hash.keep_threshold(self.rate), tf.uint32), inputs.dtype)
+    a = ((1 - self.rate) * (1 + self.rate * alpha_p**2)) ** -0.5
+    b = -a * alpha_p * self.rate
+    return a * (inputs * kept + alpha_p * (1 - kept)) + b
 
   def get_config(self):
     config = super().get_config()
@@ -186,36 +295,173 @@ def _spatial_noise_shape(layer):
   return (None,) + (1,) * (rank - 2) + (None,)
 
 
-def mc_dropout_model(model):
-  """Returns `model` with every Dropout always on, seeded; the rest inference.
+def _noise_layer(found):
+  """The SeededDropout that draws the noise of one source."""
+  layer = found.layer
+  if found.kind in (sources.DROPOUT, sources.SPATIAL_DROPOUT,
+                    sources.ATTENTION_DROPOUT,
+                    sources.ALPHA_DROPOUT):
+    noise_shape = _spatial_noise_shape(layer)
+  else:
+    noise_shape = None
+  return SeededDropout(
+      rate=min(max(found.rate or 0.0, 0.0), 1.0), noise_shape=noise_shape,
+      seed=getattr(layer, "seed", None), layer_index=found.index,
+      name=f"source_{found.index}_seeded")
 
-  The graph is cloned with `keras.models.clone_model(..., recursive=True)`:
-  every non-Dropout layer instance is reused (weights shared, nothing copied,
-  `model` is not modified) and each `keras.layers.Dropout` (and subclass) is
-  replaced by a `SeededDropout` with the same `rate` and `noise_shape`.
-  Call the result with `training=False` (the default) so BatchNormalization
+
+def _replaced_call(found, noise):
+  """What `found.layer.call` becomes while sampling (Dropout-like kinds)."""
+  layer = found.layer
+  if found.noise_fn is not None:
+    noise_fn = found.noise_fn
+    return lambda inputs, *args, **kwargs: noise_fn(layer, inputs,
+                                                    noise.uniform(inputs))
+  if found.kind == sources.GAUSSIAN_DROPOUT:
+    return lambda inputs, *args, **kwargs: noise.gaussian(inputs)
+  if found.kind == sources.ALPHA_DROPOUT:
+    return lambda inputs, *args, **kwargs: noise.alpha(inputs)
+  return lambda inputs, *args, **kwargs: noise.call(inputs)
+
+
+def _cached_mask(noise, cache, key, count):
+  """RNN mask getter: one seeded mask per sequence (per RNN call)."""
+  def get_mask(step_input):
+    if key not in cache:
+      cache[key] = noise.scaled_keep_mask(step_input, count)
+    return cache[key]
+  return get_mask
+
+
+def _training_call(call):
+  """An RNN call that runs its cells in training mode (their dropout on)."""
+  def call_in_training(*args, **kwargs):
+    kwargs["training"] = True
+    return call(*args, **kwargs)
+  return call_in_training
+
+
+def _patches(found_sources, noise_layers):
+  """(object, attribute, value) to set while sampling, for every source."""
+  patches, owners, cache = [], set(), {}
+  for found, noise in zip(found_sources, noise_layers):
+    if found.owner is None:
+      patches.append((found.layer, "call", _replaced_call(found, noise)))
+      continue
+    cell = found.layer
+    getter, resetter = (
+        ("get_dropout_mask", "reset_dropout_mask")
+        if found.kind == sources.RNN_DROPOUT else
+        ("get_recurrent_dropout_mask", "reset_recurrent_dropout_mask"))
+    key = (found.index,)
+    patches.append((cell, getter, _cached_mask(
+        noise, cache, key, keras_graph.rnn_mask_count(cell))))
+    patches.append((cell, resetter, lambda key=key: cache.pop(key, None)))
+    if id(found.owner) not in owners:
+      owners.add(id(found.owner))
+      patches.append((found.owner, "call", _training_call(found.owner.call)))
+  return patches, cache
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def sampling(found_sources, noise_layers):
+  """Makes every source draw its seeded noise while the block runs.
+
+  Side effect: while the block runs (or a `tf.function` traces it), the
+  source layers of `found_sources` (shared with the base model) have their
+  `call` (Dropout-like kinds) or their RNN cell's mask getters replaced by
+  instance attributes, and RNN layers with dropout run their cells in
+  training mode; everything is restored on exit, also when the block raises.
+  A base model called by another thread during the block would sample too.
+
+  Args:
+    found_sources: `sources.find_sources(model)`.
+    noise_layers: one `SeededDropout` per source (`mc_dropout_model` makes
+      them), drawing its noise.
+
+  Yields:
+    None.
+  """
+  patches, cache = _patches(found_sources, noise_layers)
+  saved = []
+  try:
+    for obj, name, value in patches:
+      saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+      keras_graph.set_untracked_attribute(obj, name, value)
+    yield
+  finally:
+    for obj, name, previous in reversed(saved):
+      if previous is _MISSING:
+        object.__delattr__(obj, name)
+      else:
+        keras_graph.set_untracked_attribute(obj, name, previous)
+    cache.clear()
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class MCDropoutModel(keras.Model):
+  """`model` with every dropout source on and seeded, the rest in inference.
+
+  Made by `mc_dropout_model`. Calling it calls `model` with `training=False`
+  (BatchNormalization and everything else in inference mode, nothing
+  updated) inside `sampling`, so that each dropout source of
+  `sources.find_sources(model)` draws the seeded noise of its index.
+
+  Args:
+    model: a built `keras.Model` (shared, not copied, not modified).
+    **kwargs: base `keras.Model` arguments (e.g. `name`).
+  """
+
+  def __init__(self, model, **kwargs):
+    kwargs.setdefault("name", f"{model.name}_mc")
+    super().__init__(**kwargs)
+    self.base_model = model
+    found = sources.find_sources(model)
+    keras_graph.set_untracked_attribute(self, "sources", found)
+    self.noise_layers = [_noise_layer(f) for f in found]
+    self.built = True
+
+  def call(self, inputs, training=None):
+    del training  # Dropout sources always on, every other layer inference.
+    with sampling(self.sources, self.noise_layers):
+      return self.base_model(inputs, training=False)
+
+  def get_config(self):
+    return {"name": self.name,
+            "model": keras.saving.serialize_keras_object(self.base_model)}
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    config = dict(config)
+    model = keras.saving.deserialize_keras_object(
+        config.pop("model"), custom_objects=custom_objects)
+    return cls(model, **config)
+
+
+def mc_dropout_model(model):
+  """Returns `model` with every dropout source on, seeded; the rest inference.
+
+  The sources are those of `sources.dropout_sources(model)`: Dropout
+  (and subclasses), MultiHeadAttention dropout, RNN dropout and recurrent
+  dropout, GaussianDropout, AlphaDropout and registered layers, at any depth.
+  Each draws the noise of its index in that list (`mask_hash`). Every weight
+  is shared, nothing is copied, `model` is not modified; BatchNormalization
   and other training-dependent layers stay in inference mode.
 
   Args:
-    model: a built Functional or Sequential `keras.Model` with at least one
-      Dropout layer (nested models included) and the same inputs.
+    model: a built Functional, Sequential or subclassed `keras.Model` with at
+      least one dropout source.
 
   Returns:
-    A `keras.Model` with the same inputs and outputs as `model`.
+    An `MCDropoutModel` taking the inputs of `model` and returning its
+    outputs.
 
   Raises:
-    ValueError: `model` is invalid (see `validation.check_model`).
+    ValueError: `model` is invalid (see `validation.check_model`), or has a
+      random layer that cannot be reproduced (named in the message).
   """
-  validation.check_model(model)
-  index = {id(l): i for i, l in enumerate(keras_graph.dropout_layers(model))}
-
-  def clone_function(layer):
-    if isinstance(layer, keras.layers.Dropout):
-      return SeededDropout(
-          rate=layer.rate, noise_shape=_spatial_noise_shape(layer),
-          seed=getattr(layer, "seed", None), layer_index=index[id(layer)],
-          name=f"{layer.name}_seeded")
-    return layer
-
-  return keras.models.clone_model(model, clone_function=clone_function,
-                                  recursive=True)
+  validation.check_model(model, allow_subclassed=True)
+  return MCDropoutModel(model)

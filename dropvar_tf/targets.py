@@ -5,9 +5,13 @@ The dropout prediction variation (DPV) of an example is the std, over
 prediction (see `dropvar_tf.contract` for the statistics). This module computes
 it for a whole data set, fast and reproducibly:
 
-* Only dropout is sampled: the passes run `seeded_dropout.mc_dropout_model`,
-  a clone that shares every weight, keeps BatchNormalization in inference
-  mode and leaves the base model untouched.
+* Only dropout is sampled, every source of it (`sources.dropout_sources`:
+  Dropout, attention and RNN dropout, GaussianDropout, AlphaDropout and
+  registered layers, at any depth): the passes run
+  `seeded_dropout.mc_dropout_model`, which shares every weight, keeps
+  BatchNormalization in inference mode and leaves the base model untouched.
+* Targets that are all exactly 0 raise a `RuntimeWarning` naming the likely
+  cause (no active source, or sources that cannot change the output).
 * The passes are compiled and tiled: each batch is repeated `samples_per_pass`
   times inside one `tf.function` call, and only float64 sums and sums of
   squares are kept on the host, never all T outputs.
@@ -39,6 +43,7 @@ import collections
 import hashlib
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -46,6 +51,7 @@ from dropvar_tf import contract
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
+from dropvar_tf import sources
 from dropvar_tf import target_store
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
@@ -437,14 +443,16 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
                        progress=None, samples_per_pass=None):
   """Computes MC-dropout DPV targets for every example of `x`.
 
-  Runs `num_samples` stochastic passes (dropout on with the model's rates,
-  everything else in inference mode, `model` untouched) and returns the std
-  over passes per example. Passes are compiled and tiled; only float64 sums
-  are accumulated.
+  Runs `num_samples` stochastic passes (every dropout source on with the
+  model's rates, everything else in inference mode, `model` untouched) and
+  returns the std over passes per example. Passes are compiled and tiled;
+  only float64 sums are accumulated.
 
   Args:
-    model: built Functional or Sequential `keras.Model` with Dropout and one
-      output tensor of shape (batch, k) (or (batch,)).
+    model: built Functional or Sequential `keras.Model` with at least one
+      dropout source (`sources.dropout_sources`; nested and subclassed
+      models and custom layers inside it included) and one output tensor
+      of shape (batch, k) (or (batch,)).
     x: the inputs, no labels: a numpy array (N, ...), a list or dict of
       arrays (named inputs, e.g. int64 `user_id`/`movie_id`), or a
       `tf.data.Dataset` yielding single examples or batches (told apart by
@@ -469,8 +477,13 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
     Population std (ddof=0).
 
   Raises:
-    ValueError: an invalid argument (named in the message), or an
+    ValueError: an invalid argument (named in the message), a random layer
+      that cannot be reproduced (named, with how to register it), or an
       `output_path` written with other settings.
+
+  Warns:
+    RuntimeWarning: every target is exactly 0 (the message names the likely
+      cause).
   """
   num_samples, seed, batch_size, statistic, out_shape = _check_common(
       model, num_samples, seed, batch_size, statistic)
@@ -487,7 +500,7 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
         progress, ranges, "MC dropout"):
       parts.append(_finalize(det, sums[0], num_samples, statistic, out_shape))
     _check_keys_used(keys, stop)
-    return _concat(parts, out_shape, statistic)
+    return _warn_if_all_zero(model, _concat(parts, out_shape, statistic))
 
   output_path = os.fspath(output_path)
   n = source.num_examples
@@ -535,7 +548,7 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
                              stop, target_store.input_digest(xc, kc),
                              values)
     parts.append(values)
-  return _concat(parts, out_shape, statistic)
+  return _warn_if_all_zero(model, _concat(parts, out_shape, statistic))
 
 
 def _check_keys_used(keys, num_examples):
@@ -554,6 +567,29 @@ def _concat(parts, out_shape, statistic):
   return np.zeros(shape, np.float32)
 
 
+def _warn_if_all_zero(model, values):
+  """Warns, naming the likely cause, when every target is exactly 0.
+
+  Returns:
+    `values`, unchanged.
+  """
+  if values.size == 0 or np.any(values != 0):
+    return values
+  found = sources.find_sources(model)
+  listed = ", ".join(f"{f.path!r} ({f.kind}, rate {f.rate})" for f in found)
+  if all(f.rate is not None and f.rate <= 0 for f in found):
+    cause = f"every dropout source has rate 0: {listed}"
+  else:
+    cause = (f"the sampled dropout sources ({listed}) never change the "
+             "output: they sit where they cannot change it (e.g. on a path "
+             "that does not reach the output, or before a layer that ignores "
+             "its input), or the output saturates (e.g. a sigmoid or "
+             "softmax at 0 or 1)")
+  warnings.warn(
+      f"Every MC dropout target is exactly 0: {cause}. A variation head "
+      "fitted to them predicts 0, and its fidelity is undefined.",
+      RuntimeWarning, stacklevel=3)
+  return values
 
 
 def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,

@@ -8,6 +8,7 @@ Received: num_samples=1".
 from dropvar_tf._keras import keras
 from dropvar_tf import contract
 from dropvar_tf import keras_graph
+from dropvar_tf import sources
 
 
 def invalid(arg, expected, received):
@@ -25,48 +26,57 @@ def invalid(arg, expected, received):
                     f"Expected {expected}. Received: {arg}={text}")
 
 
-def check_model(model, arg="model", require_dropout=True):
+def check_model(model, arg="model", require_dropout=True,
+                allow_subclassed=False):
   """Validates a base model argument.
 
   Args:
     model: the value to check.
     arg: the argument name used in error messages.
-    require_dropout: also require at least one Dropout layer.
+    require_dropout: also require at least one dropout source (see
+      `sources`), and refuse random layers that are not one.
+    allow_subclassed: accept subclassed models (those without a symbolic
+      graph) too.
 
   Returns:
     `model`, unchanged.
 
   Raises:
     ValueError: `model` is None, not a Keras model, a subclassed model (no
-      symbolic graph to tap), unbuilt (no defined inputs), or has no Dropout
-      layer when `require_dropout`.
+      symbolic graph to tap) unless `allow_subclassed`, unbuilt (no defined
+      inputs), or, when `require_dropout`, has no dropout source or a random
+      layer that cannot be reproduced.
   """
   if model is None or not isinstance(model, keras.Model):
     raise invalid(arg, "a built Functional or Sequential `keras.Model`",
                   model if model is None else type(model).__name__)
-  if not keras_graph.is_graph_model(model):
+  graph = keras_graph.is_graph_model(model)
+  if not graph and not allow_subclassed:
     raise invalid(
         arg,
         "a Functional or Sequential `keras.Model`; subclassed models have no "
         "symbolic graph to tap. Rebuild it with the Functional API (or wrap "
         "its layers in `keras.Sequential`)",
         f"subclassed model of type {type(model).__name__}")
-  try:
-    inputs = model.inputs
-  except (AttributeError, ValueError):
-    inputs = None
+  if graph:
+    try:
+      inputs = model.inputs
+    except (AttributeError, ValueError):
+      inputs = None
+  else:
+    inputs = True  # A subclassed model defines its inputs when first built.
   if not model.built or not inputs:
     raise invalid(
         arg,
         "a built model with defined inputs (start a Sequential model with "
         "`keras.Input(shape)` or call `model.build(input_shape)`)",
         f"unbuilt model {model.name!r}")
-  if require_dropout and not keras_graph.dropout_layers(model):
+  if require_dropout and not sources.find_sources(model):
     raise invalid(
         arg,
-        "a model with at least one `keras.layers.Dropout` layer (dropout "
-        "prediction variation needs dropout)",
-        f"model {model.name!r} without Dropout layers")
+        "a model with at least one dropout source (dropout prediction "
+        f"variation needs dropout): {sources.SUPPORTED}",
+        f"model {model.name!r} without dropout sources")
   return model
 
 

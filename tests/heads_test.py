@@ -8,6 +8,7 @@ import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf import heads
+from dropvar_tf import sources
 from dropvar_tf import targets
 from dropvar_tf import training
 from dropvar_tf import validation
@@ -33,10 +34,9 @@ _ERR_UNBUILT = (
     "`model.build(input_shape)`). Received: model=\"unbuilt model "
     "'unbuilt'\"")
 _ERR_NO_DROPOUT = (
-    _PREFIX + "`model`. Expected a model with at least one "
-    "`keras.layers.Dropout` layer (dropout prediction variation needs "
-    "dropout). Received: model=\"model 'no_dropout' without Dropout "
-    "layers\"")
+    _PREFIX + "`model`. Expected a model with at least one dropout source "
+    f"(dropout prediction variation needs dropout): {sources.SUPPORTED}. "
+    "Received: model=\"model 'no_dropout' without dropout sources\"")
 _ERR_HAS_HEAD = (
     _PREFIX + "`model`. Expected a model without a variation head (call "
     "`strip_variation_head` first to replace its head). Received: "

@@ -66,6 +66,32 @@ class ModelsTest(tf.test.TestCase):
 
 class GraphTest(tf.test.TestCase):
 
+  def test_sublayers_of_models_and_custom_layers(self):
+    model = tm.source_model("transformer")
+    self.assertEqual(keras_graph.sublayers(model), model.layers)
+    block = model.get_layer("encoder").get_layer("block_1")
+    self.assertEqual([layer.name for layer in keras_graph.sublayers(block)],
+                     ["attention", "drop", "ffn"])
+    self.assertEqual(keras_graph.sublayers(keras.layers.Dense(2)), [])
+
+  def test_random_layers_and_rnn_cells(self):
+    self.assertTrue(keras_graph.owns_seed_generator(
+        keras.layers.GaussianNoise(0.1)))
+    self.assertFalse(keras_graph.owns_seed_generator(keras.layers.Dense(2)))
+    self.assertTrue(keras_graph.is_data_layer(keras.layers.RandomFlip()))
+    self.assertFalse(keras_graph.is_data_layer(keras.layers.Dropout(0.1)))
+    lstm = keras.layers.LSTMCell(3, recurrent_dropout=0.1)
+    self.assertTrue(keras_graph.is_dropout_rnn_cell(lstm))
+    self.assertFalse(keras_graph.is_dropout_rnn_cell(keras.layers.Dense(2)))
+    self.assertEqual(keras_graph.rnn_mask_count(lstm), 4)
+    self.assertIsNone(keras_graph.rnn_mask_count(keras.layers.LSTMCell(3)))
+    self.assertEqual(keras_graph.rnn_mask_count(
+        keras.layers.GRUCell(3, recurrent_dropout=0.1)), 3)
+    self.assertIsNone(keras_graph.rnn_mask_count(
+        keras.layers.SimpleRNNCell(3, recurrent_dropout=0.1)))
+    self.assertEqual(keras_graph.rnn_mask_count(
+        keras.layers.ConvLSTM1D(2, 2).cell), 4)
+
   def test_source_layer(self):
     model = tm.binary_bn()
     self.assertIs(keras_graph.source_layer(model.outputs[0]),

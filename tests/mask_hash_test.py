@@ -80,6 +80,20 @@ class MaskHashTest(tf.test.TestCase):
     self.assertAllEqual(mask_hash.example_seeds(11, keys, t).numpy(),
                         mask_hash.row_states(11, keys, t))
 
+  def test_tf_unit_words_match_numpy(self):
+    units = np.arange(50, dtype=np.int64).reshape(5, 10)
+    self.assertAllEqual(mask_hash.mixed_units_tf(tf.constant(units)),
+                        mask_hash.mixed_units(units))
+
+  def test_uniforms_are_inside_the_open_unit_interval(self):
+    h = tf.constant([0, 511, 512, 2**31, 2**32 - 1], tf.uint32)
+    u = mask_hash.uniform_from_hash(h).numpy()
+    self.assertEqual(u.dtype, np.float32)
+    expected = (np.array([0, 0, 1, 2**22, 2**23 - 1]) + 0.5) / 2.0**23
+    self.assertAllEqual(u, expected.astype(np.float32))
+    self.assertAllEqual(u.astype(np.float64), expected)  # exact
+    self.assertTrue(np.all((u > 0) & (u < 1)))
+
   def test_keep_threshold(self):
     self.assertEqual(mask_hash.keep_threshold(0.0), 0)
     self.assertEqual(mask_hash.keep_threshold(0.5), 2**31)

@@ -395,6 +395,22 @@ class ErrorsTest(tf.test.TestCase):
     self.assertIn(SUPPORTED_LIST_MSG, str(error.exception))
     self.assertIn("Conv2D", str(error.exception))
 
+  def test_other_dropout_sources_are_refused_by_name(self):
+    for layer, kind in [(L.GaussianDropout(0.2, name="noise"),
+                         "gaussian_dropout"),
+                        (L.AlphaDropout(0.2, name="noise"), "alpha_dropout"),
+                        (L.MultiHeadAttention(1, 2, dropout=0.1,
+                                              name="noise"),
+                         "attention_dropout")]:
+      inputs = keras.Input((3, 4))
+      h = (layer(inputs, inputs) if kind == "attention_dropout"
+           else layer(inputs))
+      h = L.Dense(1)(L.Flatten()(L.Dropout(0.1)(h)))
+      with self.assertRaisesRegex(
+          ValueError, f"layer 'noise' of class {type(layer).__name__}") as e:
+        moments.moment_model(keras.Model(inputs, h))
+      self.assertIn(f"this layer is or holds {kind}", str(e.exception))
+
   def test_shared_dropout_masks_are_refused(self):
     for layer in (L.SpatialDropout2D(0.2, name="drop"),
                   L.Dropout(0.2, noise_shape=(None, 1, 1, 2), name="drop")):
@@ -422,7 +438,7 @@ class ErrorsTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "Received: model=None"):
       moments.moment_model(None)
     no_dropout = keras.Sequential([keras.Input((3,)), L.Dense(1)])
-    with self.assertRaisesRegex(ValueError, "without Dropout layers"):
+    with self.assertRaisesRegex(ValueError, "without dropout sources"):
       moments.moment_model(no_dropout)
     x_in = keras.Input((3,))
     h = L.Dropout(0.1)(x_in)

@@ -241,7 +241,8 @@ class ExportSavedModelTest(tf.test.TestCase):
       saved_model.export_saved_model(dual, "")
     no_dropout = make_dual("float", dropout=False)
     with self.assertRaisesRegex(ValueError, "argument `mc_num_samples`. "
-                                "Expected None for a model without Dropout"):
+                                "Expected None for a model without dropout "
+                                "sources"):
       saved_model.export_saved_model(no_dropout, self.base, mc_num_samples=4)
     self.assertEqual(self.entries(), [])
 

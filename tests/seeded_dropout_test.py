@@ -4,15 +4,19 @@ import os
 import sys
 
 import numpy as np
+from scipy import stats
 
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
+from dropvar_tf import sources
+from dropvar_tf import targets
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import targets_testing as tt  # pylint: disable=g-import-not-at-top
+import testing_models as tm  # pylint: disable=g-import-not-at-top
 
 _ERR_RATE = ("Invalid value received for argument `rate`. Expected a float "
              "in [0, 1]. Received: rate=1.5")
@@ -31,20 +35,30 @@ def _reference(x, seed, keys, t, rate=0.5):
 
 class MCDropoutModelTest(tf.test.TestCase):
 
-  def test_replaces_every_dropout_and_shares_weights(self):
+  def test_samples_every_dropout_and_shares_weights(self):
     for kind in ("nested", "sequential", "conv", "dict"):
       model = tt.build_model(kind)
       clone = seeded_dropout.mc_dropout_model(model)
-      self.assertEmpty(keras_graph.dropout_layers(clone), msg=kind)
-      seeded = [l for l in keras_graph.iter_layers(clone)
-                if isinstance(l, seeded_dropout.SeededDropout)]
-      self.assertLen(seeded, len(keras_graph.dropout_layers(model)), msg=kind)
-      self.assertEqual([l.layer_index for l in seeded],
-                       list(range(len(seeded))))
+      self.assertIs(clone.base_model, model, msg=kind)
+      self.assertEqual([n.layer_index for n in clone.noise_layers],
+                       list(range(len(keras_graph.dropout_layers(model)))))
       base_ids = {id(v) for v in model.weights}
       for v in clone.weights:
         if "seed_generator" not in v.path:
           self.assertIn(id(v), base_ids, msg=f"{kind}: {v.path} copied")
+
+  def test_base_model_unchanged_after_sampling(self):
+    model = tt.build_model("regression")
+    x = tt.features()
+    before = model(x, training=False).numpy()
+    clone = seeded_dropout.mc_dropout_model(model)
+    with self.assertRaises(KeyError):
+      with seeded_dropout.sampling(clone.sources, clone.noise_layers):
+        raise KeyError("inside")
+    clone(x)
+    for layer in model.layers:
+      self.assertNotIn("call", vars(layer), msg=layer.name)
+    self.assertAllEqual(model(x, training=False).numpy(), before)
 
   def test_standalone_calls_are_stochastic_and_seeded(self):
     model = tt.build_model("regression")
@@ -96,8 +110,12 @@ class MCDropoutModelTest(tf.test.TestCase):
     path = os.path.join(self.get_temp_dir(), "mc.keras")
     clone.save(path)
     loaded = keras.models.load_model(path)
-    self.assertLen([l for l in loaded.layers
-                    if isinstance(l, seeded_dropout.SeededDropout)], 2)
+    self.assertIsInstance(loaded, seeded_dropout.MCDropoutModel)
+    self.assertLen(loaded.noise_layers, 2)
+    x = tt.features()
+    with seeded_dropout.row_context(mask_hash.example_seeds(
+        0, tf.range(len(x), dtype=tf.int64), tf.zeros([len(x)], tf.int32))):
+      self.assertAllClose(loaded(x), clone(x))
 
 
 class RowContextTest(tf.test.TestCase):
@@ -136,6 +154,144 @@ class RowContextTest(tf.test.TestCase):
     # Outside every block the layer draws stand-alone masks again.
     a, b = self.clone(self.x).numpy(), self.clone(self.x).numpy()
     self.assertNotAllClose(a, b)
+
+
+# Keras' own MC dropout as the reference: T passes with training=True and
+# every BatchNormalization frozen (trainable=False keeps it in inference).
+_T = 500
+_EXAMPLES = 48
+
+
+def _keras_mc_std(model, x, seed):
+  """Per-example std of T Keras training-mode passes, in one tiled call."""
+  for layer in keras_graph.iter_layers(model):
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.trainable = False
+  keras.utils.set_random_seed(seed)
+  tiled = np.tile(x, (_T,) + (1,) * (x.ndim - 1))
+  y = tf.function(lambda v: model(v, training=True))(tiled).numpy()
+  return y.reshape(_T, len(x)).std(axis=0)
+
+
+def keras_reference(kind):
+  """Compares MC targets of `tm.source_model(kind)` with Keras' own MC.
+
+  Returns:
+    (ratios, spearmans, bound): the ratio of mean DPV and the Spearman
+    correlation against each of two independent Keras runs, and the
+    Spearman between those two runs (the noise bound).
+  """
+  model = tm.source_model(kind)
+  x = tm.source_inputs(kind, _EXAMPLES)
+  ours = targets.mc_dropout_targets(model, x, num_samples=_T, seed=3,
+                                    progress=False)
+  runs = [_keras_mc_std(model, x, seed=s) for s in (1, 2)]
+  return ([ours.mean() / r.mean() for r in runs],
+          [stats.spearmanr(ours, r)[0] for r in runs],
+          stats.spearmanr(runs[0], runs[1])[0])
+
+
+def print_reference_table():
+  """Prints `keras_reference` of every kind as the rows of a Markdown table.
+
+  The table of docs/dropout_sources.md.
+  """
+  sources.register_dropout_source(tm.NoisyMask, tm.noisy_mask_noise)
+  try:
+    for kind in tm.SOURCE_KINDS:
+      ratios, spearmans, bound = keras_reference(kind)
+      print(f"| {kind} | {ratios[0]:.3f} / {ratios[1]:.3f} | "
+            f"{spearmans[0]:.3f} / {spearmans[1]:.3f} | {bound:.3f} |")
+  finally:
+    sources.unregister_dropout_source(tm.NoisyMask)
+
+
+class KerasReferenceTest(tf.test.TestCase):
+  """Every source kind samples what Keras' own MC dropout samples."""
+
+  def setUp(self):
+    super().setUp()
+    sources.register_dropout_source(tm.NoisyMask, tm.noisy_mask_noise,
+                                    kind="noisy_mask")
+
+  def tearDown(self):
+    sources.unregister_dropout_source(tm.NoisyMask)
+    super().tearDown()
+
+  def test_mean_and_ranking_match_keras_mc(self):
+    for kind in tm.SOURCE_KINDS:
+      with self.subTest(kind=kind):
+        ratios, spearmans, bound = keras_reference(kind)
+        self.assertAllClose(ratios, [1.0, 1.0], atol=0.05)
+        self.assertGreater(np.mean(spearmans), bound - 0.03)
+
+
+class EverySourceTest(tf.test.TestCase):
+
+  def test_dynamic_sequence_length(self):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, 3))
+    h = keras.layers.Dense(4)(inputs)
+    h = keras.layers.MultiHeadAttention(2, 2, dropout=0.5)(h, h)
+    outputs = keras.layers.GaussianDropout(0.3)(h)
+    clone = seeded_dropout.mc_dropout_model(keras.Model(inputs, outputs))
+    x = np.ones((3, 7, 3), np.float32)
+    out = []
+    for rows in (3, 2):
+      with seeded_dropout.row_context(mask_hash.example_seeds(
+          0, tf.range(rows, dtype=tf.int64), tf.zeros([rows], tf.int32))):
+        out.append(clone(x[:rows]).numpy())
+    self.assertEqual(out[0].shape, (3, 7, 4))
+    # The same keys get the same noise, whatever the batch.
+    self.assertAllClose(out[0][:2], out[1], rtol=1e-5)
+    self.assertNotAllClose(out[0][0], out[0][1])
+
+  def test_xla_compiled_pass_equals_the_plain_one(self):
+    for kind in ("transformer", "lstm", "gaussian"):
+      clone = seeded_dropout.mc_dropout_model(tm.source_model(kind))
+      x = tm.source_inputs(kind, 4)
+      states = mask_hash.example_seeds(5, tf.range(4, dtype=tf.int64),
+                                       tf.fill([4], 2))
+
+      def run(v, clone=clone, states=states):
+        with seeded_dropout.row_context(states):
+          return clone(v)
+
+      plain = tf.function(run)(x).numpy()
+      compiled = tf.function(run, jit_compile=True)(x).numpy()
+      self.assertAllClose(compiled, plain, rtol=1e-4, atol=1e-5, msg=kind)
+
+  def test_standalone_calls_are_stochastic_and_seeded_for_every_kind(self):
+    for kind in ("transformer", "gaussian", "alpha", "conv_lstm"):
+      model = tm.source_model(kind)
+      x = tm.source_inputs(kind, 4)
+      clone = seeded_dropout.mc_dropout_model(model)
+      first, second = clone(x).numpy(), clone(x).numpy()
+      self.assertNotAllClose(first, second, msg=kind)
+      again = seeded_dropout.mc_dropout_model(model)(x).numpy()
+      self.assertAllClose(again, first, msg=kind)
+
+  def test_bare_subclassed_model(self):
+    model = tm.subclassed_regressor()
+    x = tm.source_inputs("dropout", 8)
+    clone = seeded_dropout.mc_dropout_model(model)
+    self.assertEqual([n.layer_index for n in clone.noise_layers], [0, 1])
+    a, b = clone(x).numpy(), clone(x).numpy()
+    self.assertNotAllClose(a, b)
+    self.assertAllClose(model(x), model(x))
+
+  def test_rnn_masks_are_per_sequence_and_restored(self):
+    model = tm.source_model("lstm")
+    cell = model.get_layer("lstm").cell
+    clone = seeded_dropout.mc_dropout_model(model)
+    x = tm.source_inputs("lstm", 6)
+    a, b = clone(x).numpy(), clone(x).numpy()
+    self.assertNotAllClose(a, b)
+    for name in ("get_dropout_mask", "get_recurrent_dropout_mask",
+                 "reset_dropout_mask"):
+      self.assertNotIn(name, vars(cell))
+    self.assertNotIn("call", vars(model.get_layer("lstm")))
+    self.assertAllClose(model(x), model(x))
 
 
 if __name__ == "__main__":

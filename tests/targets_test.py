@@ -11,6 +11,7 @@ from unittest import mock
 import numpy as np
 
 from dropvar_tf import mask_hash
+from dropvar_tf import sources
 from dropvar_tf import target_store
 from dropvar_tf import targets
 from dropvar_tf._keras import keras
@@ -18,6 +19,7 @@ from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import targets_testing as tt  # pylint: disable=g-import-not-at-top
+import testing_models as tm  # pylint: disable=g-import-not-at-top
 
 # Expected error messages, stored once.
 _ERR_NUM_SAMPLES = ("Invalid value received for argument `num_samples`. "
@@ -39,7 +41,7 @@ _ERR_KEYS = ("Invalid value received for argument `keys`. Expected a 1-D "
 _ERR_MODEL_NONE = ("Invalid value received for argument `model`. Expected a "
                    "built Functional or Sequential `keras.Model`. Received: "
                    "model=None")
-_ERR_NO_DROPOUT = "model 'no_dropout' without Dropout layers"
+_ERR_NO_DROPOUT = "model 'no_dropout' without dropout sources"
 _ERR_X_NONE = ("Invalid value received for argument `x`. Expected a numpy "
                "array, a list or dict of arrays, or a tf.data.Dataset. "
                "Received: x=None")
@@ -165,8 +167,9 @@ class TargetsTest(tf.test.TestCase):
     x = tt.features(20)
     model.compile("sgd", "mse")
     model.fit(x, np.ones((20, 1)), epochs=1, verbose=0)
-    self.assertAllEqual(targets.mc_dropout_targets(model, x, num_samples=4),
-                        np.zeros(20, np.float32))
+    with self.assertWarnsRegex(RuntimeWarning, "has rate 0"):
+      out = targets.mc_dropout_targets(model, x, num_samples=4)
+    self.assertAllEqual(out, np.zeros(20, np.float32))
 
   def test_dict_inputs_with_embeddings(self):
     model = tt.build_model("dict")
@@ -400,6 +403,65 @@ class SplitHalfTest(tf.test.TestCase):
                         atol=1e-7)
     self.assertAllClose(half_b, np.std(samples[3:], axis=0), rtol=1e-6,
                         atol=1e-7)
+
+
+class EverySourceTest(tf.test.TestCase):
+  """Every kind of dropout source: seeded, batching-independent targets."""
+
+  def setUp(self):
+    super().setUp()
+    sources.register_dropout_source(tm.NoisyMask, tm.noisy_mask_noise)
+
+  def tearDown(self):
+    sources.unregister_dropout_source(tm.NoisyMask)
+    super().tearDown()
+
+  def test_seeded_and_independent_of_batching(self):
+    for kind in tm.SOURCE_KINDS:
+      with self.subTest(kind=kind):
+        model = tm.source_model(kind)
+        x = tm.source_inputs(kind, 10)
+
+        def run(seed, batch_size, m=model, x=x):
+          return targets.mc_dropout_targets(m, x, num_samples=6, seed=seed,
+                                            batch_size=batch_size,
+                                            progress=False)
+
+        first = run(0, 10)
+        self.assertTrue(np.all(first > 0))
+        self.assertAllEqual(run(0, 10), first)
+        self.assertNotAllClose(run(1, 10), first)
+        self.assertAllClose(run(0, 3), first, rtol=1e-5, atol=1e-7)
+
+  def test_part_of_the_data_with_its_keys(self):
+    # Resuming or sharding: a slice with its keys gets the same targets.
+    for kind in ("transformer", "bidirectional", "gaussian"):
+      model = tm.source_model(kind)
+      x = tm.source_inputs(kind, 8)
+      full = targets.mc_dropout_targets(model, x, num_samples=5,
+                                        progress=False)
+      part = targets.mc_dropout_targets(model, x[5:], num_samples=5,
+                                        keys=np.arange(5, 8), progress=False)
+      self.assertAllClose(part, full[5:], rtol=1e-5, msg=kind)
+
+  def test_all_zero_targets_warn_with_the_cause(self):
+    x = tt.features()
+    with self.assertWarnsRegex(RuntimeWarning,
+                               "every dropout source has rate 0"):
+      targets.mc_dropout_targets(tt.build_model("regression", rate=0.0), x,
+                                 num_samples=4, progress=False)
+    # A Dropout on a branch that the output ignores (multiplied by 0).
+    inputs = keras.Input((tm.NUM_FEATURES,))
+    dead = keras.layers.Dropout(0.5, name="dead")(inputs)
+    h = keras.layers.Add()([inputs, keras.layers.Lambda(
+        lambda v: v * 0.0)(dead)])
+    model = keras.Model(inputs, keras.layers.Dense(1)(h))
+    with self.assertWarnsRegex(
+        RuntimeWarning, r"Every MC dropout target is exactly 0: the sampled "
+        r"dropout sources \('dead' \(dropout, rate 0.5\)\) never change"):
+      out = targets.mc_dropout_targets(model, x, num_samples=4,
+                                       progress=False)
+    self.assertAllEqual(out, np.zeros(len(x), np.float32))
 
 
 if __name__ == "__main__":

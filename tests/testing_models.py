@@ -16,6 +16,18 @@ Builders (all have Dropout unless the name says otherwise):
 - `subclassed`, `no_dropout`, `unbuilt`: models the library must refuse.
 
 `sample_inputs(kind, n, seed)` gives matching inputs for each kind.
+
+Models with one kind of dropout source each, one linear output unit
+(`SOURCE_BUILDERS`, inputs from `source_inputs(kind, n)`): "dropout",
+"spatial_dropout", "transformer" (MultiHeadAttention dropout and a Dropout in
+a custom block, in a nested model), "lstm", "lstm_input_dropout" (no
+recurrent dropout: one mask for all gates), "gru", "simple_rnn",
+"bidirectional", "conv_lstm" (RNN `dropout` and `recurrent_dropout`),
+"gaussian", "alpha", "custom_layer" (a Dropout inside a custom layer),
+"wrapped_subclassed" (a subclassed model inside a Functional one),
+"registered" (`NoisyMask`, a dropout-like layer Keras does not know; call
+`register_noisy_mask()` first) and "batch_norm" (Dropout after a
+BatchNormalization with non-trivial statistics).
 """
 
 import numpy as np
@@ -159,6 +171,186 @@ def unbuilt():
       keras.layers.Dropout(0.3),
       keras.layers.Dense(1),
   ], name="unbuilt")
+
+
+# ---------------------------------------------------------------------------
+# One model per kind of dropout source.
+
+SEQ_LEN = 5
+SEQ_FEATURES = 3
+
+
+class DenseDropBlock(keras.layers.Layer):
+  """A custom layer whose Dropout is a sublayer (not in the model graph)."""
+
+  def __init__(self, units=12, rate=0.3, **kwargs):
+    super().__init__(**kwargs)
+    self.dense = keras.layers.Dense(units, activation="tanh", name="dense")
+    self.drop = keras.layers.Dropout(rate, name="dropout")
+
+  def call(self, inputs, training=None):
+    return self.drop(self.dense(inputs), training=training)
+
+
+class AttentionBlock(keras.layers.Layer):
+  """Transformer block: MultiHeadAttention(dropout) and a Dropout inside."""
+
+  def __init__(self, rate=0.2, **kwargs):
+    super().__init__(**kwargs)
+    self.attention = keras.layers.MultiHeadAttention(
+        num_heads=2, key_dim=4, dropout=rate, name="attention")
+    self.drop = keras.layers.Dropout(rate, name="drop")
+    self.dense = keras.layers.Dense(8, activation="relu", name="ffn")
+
+  def call(self, inputs, training=None):
+    h = inputs + self.attention(inputs, inputs, training=training)
+    return h + self.drop(self.dense(h), training=training)
+
+
+class SubclassedRegressor(keras.Model):
+  """A subclassed model with two Dropout layers."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.dense_a = keras.layers.Dense(16, activation="relu", name="dense_a")
+    self.drop_a = keras.layers.Dropout(0.3, name="drop_a")
+    self.dense_b = keras.layers.Dense(8, activation="tanh", name="dense_b")
+    self.drop_b = keras.layers.Dropout(0.3, name="drop_b")
+    self.out = keras.layers.Dense(1, name="value")
+
+  def call(self, inputs, training=None):
+    h = self.drop_a(self.dense_a(inputs), training=training)
+    return self.out(self.drop_b(self.dense_b(h), training=training))
+
+
+class NoisyMask(keras.layers.Layer):
+  """A dropout-like layer Keras does not know: inverted dropout of `rate`."""
+
+  def __init__(self, rate=0.3, seed=None, **kwargs):
+    super().__init__(**kwargs)
+    self.rate = rate
+    self.seed_generator = keras.random.SeedGenerator(seed)
+
+  def call(self, inputs, training=None):
+    if not training:
+      return inputs
+    return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+
+
+def noisy_mask_noise(layer, inputs, uniform):
+  """The registered noise function of `NoisyMask` (same distribution)."""
+  keep = keras.ops.cast(uniform >= layer.rate, inputs.dtype)
+  return inputs * keep / (1.0 - layer.rate)
+
+
+def _dense_body(inputs, noise_layer, activation="relu"):
+  h = keras.layers.Dense(16, activation=activation, name="dense_a")(inputs)
+  h = noise_layer(h)
+  h = keras.layers.Dense(8, activation="tanh", name="dense_b")(h)
+  return keras.layers.Dense(1, name="value")(h)
+
+
+def _rnn_model(kind, rnn):
+  inputs = keras.Input((SEQ_LEN, SEQ_FEATURES), name="sequence")
+  h = rnn(inputs)
+  h = keras.layers.Dense(8, activation="tanh", name="dense")(h)
+  return keras.Model(inputs, keras.layers.Dense(1, name="value")(h),
+                     name=kind)
+
+
+def source_model(kind, seed=0, rate=0.3):
+  """The model of `kind` (a key of `SOURCE_KINDS`), seeded weights."""
+  keras.utils.set_random_seed(seed)
+  rnn_args = {"dropout": rate, "recurrent_dropout": rate}
+  if kind in ("dropout", "gaussian", "alpha", "custom_layer", "registered"):
+    inputs = keras.Input((NUM_FEATURES,), name="features")
+    layer = {"dropout": lambda: keras.layers.Dropout(rate, name="drop"),
+             "gaussian": lambda: keras.layers.GaussianDropout(
+                 rate, name="gdrop"),
+             "alpha": lambda: keras.layers.AlphaDropout(rate, name="adrop"),
+             "custom_layer": lambda: DenseDropBlock(16, rate, name="block"),
+             "registered": lambda: NoisyMask(rate, seed=1, name="noisy")}[
+                 kind]()
+    # AlphaDropout is meant for SELU networks (dropped units take SELU's
+    # negative saturation value).
+    activation = "selu" if kind == "alpha" else "relu"
+    return keras.Model(inputs, _dense_body(inputs, layer, activation),
+                       name=kind)
+  if kind == "spatial_dropout":
+    inputs = keras.Input((SEQ_LEN, SEQ_FEATURES), name="sequence")
+    h = keras.layers.Conv1D(6, 2, activation="relu", name="conv")(inputs)
+    h = keras.layers.SpatialDropout1D(rate, name="sdrop")(h)
+    h = keras.layers.Flatten(name="flat")(h)
+    h = keras.layers.Dense(8, activation="tanh", name="dense")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="value")(h),
+                       name=kind)
+  if kind == "transformer":
+    inner = keras.Input((SEQ_LEN, 8))
+    encoder = keras.Model(inner, AttentionBlock(rate, name="block_1")(inner),
+                          name="encoder")
+    inputs = keras.Input((SEQ_LEN, SEQ_FEATURES), name="sequence")
+    h = keras.layers.Dense(8, name="embed")(inputs)
+    h = keras.layers.GlobalAveragePooling1D(name="pool")(encoder(h))
+    h = keras.layers.Dropout(0.1, name="top_drop")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="value")(h),
+                       name=kind)
+  if kind == "lstm":
+    return _rnn_model(kind, keras.layers.LSTM(8, name="lstm", **rnn_args))
+  if kind == "lstm_input_dropout":  # One mask for all gates (cuDNN-able).
+    return _rnn_model(kind, keras.layers.LSTM(8, dropout=rate, name="lstm"))
+  if kind == "gru":
+    return _rnn_model(kind, keras.layers.GRU(8, name="gru", **rnn_args))
+  if kind == "simple_rnn":
+    return _rnn_model(kind, keras.layers.SimpleRNN(8, name="rnn",
+                                                   **rnn_args))
+  if kind == "bidirectional":
+    return _rnn_model(kind, keras.layers.Bidirectional(
+        keras.layers.LSTM(6, name="lstm", **rnn_args), name="bidir"))
+  if kind == "conv_lstm":
+    inputs = keras.Input((SEQ_LEN, 4, SEQ_FEATURES), name="sequence")
+    h = keras.layers.ConvLSTM1D(4, 2, name="conv_lstm", **rnn_args)(inputs)
+    h = keras.layers.Flatten(name="flat")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="value")(h),
+                       name=kind)
+  if kind == "wrapped_subclassed":
+    inner = SubclassedRegressor(name="inner")
+    inputs = keras.Input((NUM_FEATURES,), name="features")
+    return keras.Model(inputs, inner(inputs), name=kind)
+  if kind == "batch_norm":
+    return binary_bn(seed, rate)
+  raise KeyError(kind)
+
+
+SOURCE_KINDS = ("dropout", "spatial_dropout", "transformer", "lstm",
+                "lstm_input_dropout", "gru", "simple_rnn", "bidirectional",
+                "conv_lstm", "gaussian", "alpha", "custom_layer",
+                "wrapped_subclassed", "registered", "batch_norm")
+
+
+def source_inputs(kind, n, seed=0):
+  """`n` seeded inputs for `source_model(kind)`.
+
+  Each example is scaled by its own factor in [0.2, 3], so that the examples'
+  DPVs spread widely and rank comparisons are not all noise.
+  """
+  rng = np.random.default_rng(seed)
+  if kind in ("spatial_dropout", "transformer", "lstm", "lstm_input_dropout",
+              "gru", "simple_rnn", "bidirectional"):
+    shape = (n, SEQ_LEN, SEQ_FEATURES)
+  elif kind == "conv_lstm":
+    shape = (n, SEQ_LEN, 4, SEQ_FEATURES)
+  else:
+    shape = (n, NUM_FEATURES)
+  scale = rng.uniform(0.2, 3.0, (n,) + (1,) * (len(shape) - 1))
+  return (rng.normal(size=shape) * scale).astype("float32")
+
+
+def subclassed_regressor(seed=0):
+  """A built bare subclassed model with two Dropout layers."""
+  keras.utils.set_random_seed(seed)
+  model = SubclassedRegressor(name="subclassed_regressor")
+  model(np.zeros((1, NUM_FEATURES), "float32"))
+  return model
 
 
 BUILDERS = {
