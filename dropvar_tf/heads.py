@@ -15,6 +15,7 @@ from dropvar_tf import contract
 from dropvar_tf import head_layers
 from dropvar_tf import keras_graph
 from dropvar_tf import layers as probe_layers
+from dropvar_tf import sources
 from dropvar_tf import validation
 from dropvar_tf.version import __version__
 
@@ -62,7 +63,7 @@ def candidate_layers(model):
   Raises:
     ValueError: `model` is not a built Functional or Sequential model.
   """
-  validation.check_model(model, require_dropout=False)
+  validation.check_model(model)
   nodes = keras_graph.graph_nodes(model)
   output_ops = {id(keras_graph.source_layer(t)) for t in model.outputs}
   feeds_dropout = set()
@@ -272,7 +273,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   >>> dual = add_variation_head(model, layers="all")
   >>> out = dual.predict(x)   # {"prediction": ..., "variation": ...}
   """
-  validation.check_model(model)
+  sources.check_dropout_model(model)
   if has_variation_head(model):
     raise validation.invalid(
         "model", "a model without a variation head (call "

@@ -305,7 +305,7 @@ def moment_model(model, statistic="auto"):
                                    "mp": mp(model.input)})
   ```
   """
-  validation.check_model(model)
+  sources.check_dropout_model(model)
   outputs = model.outputs
   if len(outputs) != 1 or len(outputs[0].shape) != 2:
     raise validation.invalid(

@@ -62,7 +62,7 @@ _MAX_WARMUP_REQUESTS = 4
 
 
 def _check_dual(dual):
-  validation.check_model(dual, arg="dual", require_dropout=False)
+  validation.check_model(dual, arg="dual")
   outputs = dual.output
   if not isinstance(outputs, dict) or set(outputs) != set(contract.OUTPUT_KEYS):
     received = (sorted(outputs) if isinstance(outputs, dict)

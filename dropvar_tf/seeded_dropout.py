@@ -281,6 +281,11 @@ class SeededDropout(keras.layers.Layer):
     return config
 
 
+# A model may hold SeededDropout layers (e.g. a saved MC clone): they are
+# dropout sources as Keras' Dropout is.
+sources.add_dropout_class(SeededDropout)
+
+
 def _spatial_noise_shape(layer):
   """noise_shape of Keras' spatial dropouts (mask shared over space)."""
   spatial = (keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
@@ -463,5 +468,5 @@ def mc_dropout_model(model):
     ValueError: `model` is invalid (see `validation.check_model`), or has a
       random layer that cannot be reproduced (named in the message).
   """
-  validation.check_model(model, allow_subclassed=True)
+  sources.check_dropout_model(model, allow_subclassed=True)
   return MCDropoutModel(model)

@@ -60,6 +60,50 @@ _SPATIAL = (keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
             keras.layers.SpatialDropout3D)
 # Stochastic in training without owning a SeedGenerator when inactive.
 _KNOWN_RANDOM = (keras.layers.GaussianNoise,)
+# Classes sampled as Keras' Dropout. Layers that are Dropout in all but
+# inheritance add themselves with `add_dropout_class` when their module is
+# imported, so no instance can exist before its class is here.
+_DROPOUT_CLASSES = [keras.layers.Dropout]
+
+
+def check_dropout_model(model, arg="model", allow_subclassed=False):
+  """Validates a base model whose dropout is to be sampled.
+
+  `validation.check_model`, and at least one dropout source.
+
+  Args:
+    model: the value to check.
+    arg: the argument name used in error messages.
+    allow_subclassed: accept subclassed models too.
+
+  Returns:
+    `model`, unchanged.
+
+  Raises:
+    ValueError: `validation.check_model` refuses `model`, it has no dropout
+      source, or it has a random layer that cannot be reproduced.
+  """
+  validation.check_model(model, arg=arg, allow_subclassed=allow_subclassed)
+  if not find_sources(model):
+    raise validation.invalid(
+        arg,
+        "a model with at least one dropout source (dropout prediction "
+        f"variation needs dropout): {SUPPORTED}",
+        f"model {model.name!r} without dropout sources")
+  return model
+
+
+def add_dropout_class(layer_class):
+  """Makes `find_sources` treat `layer_class` as a Keras `Dropout`.
+
+  For layer classes of this library that behave as Dropout without
+  subclassing it (`seeded_dropout.SeededDropout`, e.g. in a saved MC clone).
+
+  Args:
+    layer_class: a `keras.layers.Layer` subclass with a `rate` attribute.
+  """
+  if layer_class not in _DROPOUT_CLASSES:
+    _DROPOUT_CLASSES.append(layer_class)
 
 DropoutSource = collections.namedtuple("DropoutSource", ["path", "kind",
                                                           "rate"])
@@ -189,10 +233,7 @@ class _Walk:
       self.add(path, registered.kind, _rate(layer), layer,
                noise_fn=registered.noise_fn)
       return
-    # A model may already hold SeededDropout layers (e.g. a saved MC clone):
-    # they are Dropout too. Imported here: seeded_dropout imports this module.
-    from dropvar_tf import seeded_dropout  # pylint: disable=g-import-not-at-top
-    if isinstance(layer, (keras.layers.Dropout, seeded_dropout.SeededDropout)):
+    if isinstance(layer, tuple(_DROPOUT_CLASSES)):
       if isinstance(parent[1], keras.layers.MultiHeadAttention):
         if layer.rate > 0:
           self.add(parent[0], ATTENTION_DROPOUT, _rate(layer), layer)

@@ -289,7 +289,7 @@ def _reduce(std, det, statistic, out_shape):
 
 
 def _check_common(model, num_samples, seed, batch_size, statistic):
-  validation.check_model(model)
+  sources.check_dropout_model(model)
   if len(model.outputs) != 1:
     raise validation.invalid(
         "model", "a model with a single output tensor",

@@ -8,7 +8,6 @@ Received: num_samples=1".
 from dropvar_tf._keras import keras
 from dropvar_tf import contract
 from dropvar_tf import keras_graph
-from dropvar_tf import sources
 
 
 def invalid(arg, expected, received):
@@ -26,15 +25,13 @@ def invalid(arg, expected, received):
                     f"Expected {expected}. Received: {arg}={text}")
 
 
-def check_model(model, arg="model", require_dropout=True,
-                allow_subclassed=False):
-  """Validates a base model argument.
+def check_model(model, arg="model", allow_subclassed=False):
+  """Validates a model argument (`sources.check_dropout_model` also requires
+  dropout).
 
   Args:
     model: the value to check.
     arg: the argument name used in error messages.
-    require_dropout: also require at least one dropout source (see
-      `sources`), and refuse random layers that are not one.
     allow_subclassed: accept subclassed models (those without a symbolic
       graph) too.
 
@@ -43,9 +40,8 @@ def check_model(model, arg="model", require_dropout=True,
 
   Raises:
     ValueError: `model` is None, not a Keras model, a subclassed model (no
-      symbolic graph to tap) unless `allow_subclassed`, unbuilt (no defined
-      inputs), or, when `require_dropout`, has no dropout source or a random
-      layer that cannot be reproduced.
+      symbolic graph to tap) unless `allow_subclassed`, or unbuilt (no
+      defined inputs).
   """
   if model is None or not isinstance(model, keras.Model):
     raise invalid(arg, "a built Functional or Sequential `keras.Model`",
@@ -71,12 +67,6 @@ def check_model(model, arg="model", require_dropout=True,
         "a built model with defined inputs (start a Sequential model with "
         "`keras.Input(shape)` or call `model.build(input_shape)`)",
         f"unbuilt model {model.name!r}")
-  if require_dropout and not sources.find_sources(model):
-    raise invalid(
-        arg,
-        "a model with at least one dropout source (dropout prediction "
-        f"variation needs dropout): {sources.SUPPORTED}",
-        f"model {model.name!r} without dropout sources")
   return model
 
 

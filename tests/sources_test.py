@@ -6,7 +6,6 @@ import sys
 import dropvar_tf as dv
 from dropvar_tf import keras_graph
 from dropvar_tf import sources
-from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
@@ -122,7 +121,7 @@ class DropoutSourcesTest(tf.test.TestCase):
   def test_models_with_only_other_sources_are_accepted(self):
     for kind in ("gaussian", "alpha", "custom_layer", "lstm"):
       model = tm.source_model(kind)
-      self.assertIs(validation.check_model(model), model, msg=kind)
+      self.assertIs(sources.check_dropout_model(model), model, msg=kind)
 
   def test_augmentation_layers_are_left_alone(self):
     keras.utils.set_random_seed(0)
@@ -141,7 +140,7 @@ class RefusalTest(tf.test.TestCase):
       dv.dropout_sources(model)
     self.assertEqual(str(e.exception), _REFUSAL.format(path=path, cls=cls))
     with self.assertRaises(ValueError) as e:
-      validation.check_model(model)
+      sources.check_dropout_model(model)
     self.assertEqual(str(e.exception), _REFUSAL.format(path=path, cls=cls))
 
   def test_gaussian_noise(self):

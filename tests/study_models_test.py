@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from dropvar_tf import keras_graph
-from dropvar_tf import validation
+from dropvar_tf import sources
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.study.data import common
 from dropvar_tf.study.data import criteo
@@ -51,7 +51,7 @@ class MovieLensModelTest(tf.test.TestCase):
                      ["movie_id", "user_id"])
     self.assertEqual(model.get_layer("output").activation,
                      keras.activations.linear)
-    validation.check_model(model)
+    sources.check_dropout_model(model)
 
   def test_trains_one_epoch(self):
     split = _movielens_split()

@@ -55,6 +55,7 @@ import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf import keras_graph
+from dropvar_tf import sources as dropout_sources
 from dropvar_tf import targets
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
@@ -324,7 +325,7 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
   files = sources.match_inputs(inputs)
   input_format = sources.resolve_input_format(input_format, files)
   model = load_keras_model(model_path, extra_modules)
-  validation.check_model(model)
+  dropout_sources.check_dropout_model(model)
   statistic, target_shape = resolve_statistic(model, statistic)
   input_specs = records.model_input_specs(model, input_feature)
   settings = {
