@@ -484,11 +484,16 @@ class EndToEndTest(tf.test.TestCase):
     base = os.path.join(tempfile.mkdtemp(dir=self.get_temp_dir()), "dual")
     if saved_model is not None:
       dual = _small_dual_model()
-      export = lambda model: saved_model.export_saved_model(model, base)
+
+      def export(model):
+        return saved_model.export_saved_model(model, base)
     else:  # Before the exporter exists: the contract-shaped test model.
       dual = testing.dense_model()
-      export = lambda model: testing.write_export(
-          model, base, 1 + len(versions.list_versions(base)))
+
+      def export(model):
+        existing = (versions.list_versions(base) if os.path.isdir(base)
+                    else {})
+        return testing.write_export(model, base, 1 + len(existing))
     self.assertEqual(os.path.basename(export(dual)), "1")
     proc, target = self._start_server(base)
     with client_lib.VariationClient(target, "dual") as client:
