@@ -63,6 +63,7 @@ command line.
 import dataclasses
 import os
 import signal
+import sys
 import threading
 from concurrent import futures
 
@@ -290,6 +291,44 @@ def define_flags(flag_values=FLAGS):
                        "API.", flag_values=flag_values)
 
 
+# Inclusive bounds of the numeric flags. gRPC takes message sizes as a C int,
+# so 2 GiB and more cannot be passed on (TF Serving has the same limit).
+_MAX_PORT = 65535
+_MAX_GRPC_BYTES = 2**31 - 1
+_FLAG_BOUNDS = {
+    "port": (0, _MAX_PORT),
+    "max_batch_size": (1, None),
+    "max_request_bytes": (1, _MAX_GRPC_BYTES),
+    "num_workers": (1, None),
+    "tensorflow_intra_op_parallelism": (0, None),
+    "tensorflow_inter_op_parallelism": (0, None),
+    "file_system_poll_wait_seconds": (0, None),
+}
+
+
+def check_flag_values(flag_values):
+  """Refuses flag values the server cannot run with, before anything starts.
+
+  Args:
+    flag_values: the parsed `flags.FlagValues`.
+
+  Raises:
+    app.UsageError: a value is out of range (or NaN), with a one-line
+      message naming the flag and the value received.
+  """
+  for name, (low, high) in _FLAG_BOUNDS.items():
+    value = getattr(flag_values, name)
+    if low is not None and high is not None:
+      expected = f"a value in [{low}, {high}]"
+    else:
+      expected = f"a value >= {low}"
+    # `not <=` also refuses NaN.
+    if not low <= value or (high is not None and value > high):
+      raise app.UsageError(
+          f"Invalid value received for flag `--{name}`. Expected {expected}. "
+          f"Received: --{name}={value}")
+
+
 def _configs_from_flags():
   """The ModelConfigs the flags ask for (config file, or name and path)."""
   if FLAGS.model_config_file:
@@ -315,16 +354,7 @@ def main(argv):
   """
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.rest_api_port:
-    logging.warning("--rest_api_port=%d ignored: dropvar_model_server only "
-                    "serves gRPC.", FLAGS.rest_api_port)
-  for name in ("max_batch_size", "max_request_bytes", "num_workers"):
-    if getattr(FLAGS, name) < 1:
-      raise app.UsageError(f"--{name} must be >= 1.")
-  for name in ("tensorflow_intra_op_parallelism",
-               "tensorflow_inter_op_parallelism"):
-    if getattr(FLAGS, name) < 0:
-      raise app.UsageError(f"--{name} must be >= 0.")
+  check_flag_values(FLAGS)
   # Before any model is loaded: TF fixes its thread pools on first use.
   tf.config.threading.set_intra_op_parallelism_threads(
       FLAGS.tensorflow_intra_op_parallelism)
@@ -370,10 +400,19 @@ def main(argv):
   return 0
 
 
+def _main_or_usage_error(argv):
+  """`main`, with a usage error printed as one line and exit code 2."""
+  try:
+    return main(argv)
+  except app.UsageError as e:
+    print(f"{os.path.basename(argv[0])}: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run_main():
   """Console entry point `dropvar_model_server`."""
   define_flags()
-  app.run(main)
+  app.run(_main_or_usage_error)
 
 
 if __name__ == "__main__":

@@ -63,22 +63,24 @@ def _check_inputs(request_inputs, specs, options):
       raise errors.invalid_argument(
           f"Input \"{alias}\" expects dtype {codec.dtype_name(spec.dtype)} "
           f"but {codec.dtype_name(proto.dtype)} was sent.")
-    array = codec.decode(proto, alias, options.max_request_bytes)
+    # The claimed shape is checked before decoding: a single typed value
+    # may claim a million rows, which decoding would expand in memory.
+    dims = codec.claimed_dims(proto, alias)
     if spec.dims is not None:
-      if array.ndim != len(spec.dims):
+      if len(dims) != len(spec.dims):
         raise errors.invalid_argument(
             f"Input \"{alias}\" expects rank {len(spec.dims)} (shape "
-            f"{codec.shape_string(spec.dims)}) but got rank {array.ndim} "
-            f"(shape {codec.shape_string(array.shape)}).")
-      for axis, (want, got) in enumerate(zip(spec.dims, array.shape)):
+            f"{codec.shape_string(spec.dims)}) but got rank {len(dims)} "
+            f"(shape {codec.shape_string(dims)}).")
+      for axis, (want, got) in enumerate(zip(spec.dims, dims)):
         if want >= 0 and want != got:
           raise errors.invalid_argument(
               f"Input \"{alias}\" expects shape "
               f"{codec.shape_string(spec.dims)} but got "
-              f"{codec.shape_string(array.shape)} (dimension {axis} is "
+              f"{codec.shape_string(dims)} (dimension {axis} is "
               f"{got}, expected {want}).")
       if spec.dims and spec.dims[0] < 0:
-        size = array.shape[0]
+        size = dims[0]
         if size == 0:
           raise errors.invalid_argument(
               f"Input \"{alias}\" has an empty batch (batch size 0); send at "
@@ -95,6 +97,7 @@ def _check_inputs(request_inputs, specs, options):
               f"Input \"{alias}\" has batch size {size} but input "
               f"\"{batch[0]}\" has {batch[1]}; all inputs must have the same "
               "0th-dimension size.")
+    array = codec.decode(proto, alias, options.max_request_bytes)
     if (options.reject_non_finite and array.dtype.kind in "fc" and
         not np.all(np.isfinite(array))):
       raise errors.invalid_argument(

@@ -472,8 +472,8 @@ class EndToEndTest(tf.test.TestCase):
         cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
         check=False)
     self.assertNotEqual(done.returncode, 0)
-    self.assertIn("--tensorflow_inter_op_parallelism must be >= 0.",
-                  done.stderr)
+    self.assertIn("Invalid value received for flag "
+                  "`--tensorflow_inter_op_parallelism`.", done.stderr)
     self.assertNotIn("Running gRPC ModelServer", done.stdout)
 
   def test_train_export_serve_and_pick_up_a_new_version(self):

@@ -1,6 +1,8 @@
 """Tests of serving/server.py: the server, its options, config files, CLI."""
 
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from unittest import mock
@@ -227,11 +229,30 @@ class FlagsTest(tf.test.TestCase):
         ((), ["dropvar_model_server", "extra"],
          "Unexpected arguments: ['extra']"),
         (("--max_batch_size=0",), ["dropvar_model_server"],
-         "--max_batch_size must be >= 1."),
+         "Invalid value received for flag `--max_batch_size`. Expected a "
+         "value >= 1. Received: --max_batch_size=0"),
         (("--num_workers=0",), ["dropvar_model_server"],
-         "--num_workers must be >= 1."),
+         "Invalid value received for flag `--num_workers`. Expected a value "
+         ">= 1. Received: --num_workers=0"),
         (("--tensorflow_intra_op_parallelism=-1",), ["dropvar_model_server"],
-         "--tensorflow_intra_op_parallelism must be >= 0."),
+         "Invalid value received for flag `--tensorflow_intra_op_parallelism`"
+         ". Expected a value >= 0. Received: "
+         "--tensorflow_intra_op_parallelism=-1"),
+        # gRPC takes sizes as a C int: 2 GiB used to crash with a traceback.
+        (("--max_request_bytes=2147483648",), ["dropvar_model_server"],
+         "Invalid value received for flag `--max_request_bytes`. Expected a "
+         "value in [1, 2147483647]. Received: "
+         "--max_request_bytes=2147483648"),
+        (("--max_request_bytes=-5",), ["dropvar_model_server"],
+         "Invalid value received for flag `--max_request_bytes`. Expected a "
+         "value in [1, 2147483647]. Received: --max_request_bytes=-5"),
+        (("--port=70000",), ["dropvar_model_server"],
+         "Invalid value received for flag `--port`. Expected a value in "
+         "[0, 65535]. Received: --port=70000"),
+        (("--file_system_poll_wait_seconds=nan",), ["dropvar_model_server"],
+         "Invalid value received for flag `--file_system_poll_wait_seconds`. "
+         "Expected a value >= 0. Received: "
+         "--file_system_poll_wait_seconds=nan"),
     ]
     for args, argv, message in cases:
       with self.subTest(message):
@@ -240,6 +261,22 @@ class FlagsTest(tf.test.TestCase):
           with self.assertRaises(app.UsageError) as cm:
             server_lib.main(argv)
         self.assertEqual(str(cm.exception), message)
+
+  def test_impossible_flag_value_is_one_line_without_traceback(self):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-m", "dropvar_tf.serving.server",
+         f"--model_base_path={self.get_temp_dir()}",
+         "--max_request_bytes=2147483648"],
+        cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        check=False)
+    self.assertEqual(done.returncode, 2, done.stderr)
+    self.assertNotIn("Traceback", done.stderr)
+    self.assertEqual(
+        done.stderr.strip().splitlines()[-1],
+        "server.py: Invalid value received for flag `--max_request_bytes`. "
+        "Expected a value in [1, 2147483647]. Received: "
+        "--max_request_bytes=2147483648")
 
 
 if __name__ == "__main__":
