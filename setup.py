@@ -23,6 +23,7 @@ REQUIRED = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "grpcio>=1.60",
+    "aiohttp>=3.9",
 ]
 
 EXTRAS = {

@@ -74,6 +74,7 @@ import grpc
 from google.protobuf import text_format
 
 from dropvar_tf._keras import tf
+from dropvar_tf.serving import rest
 from dropvar_tf.serving import servicers
 from dropvar_tf.serving import versions
 from tensorflow_serving.apis import model_service_pb2_grpc
@@ -158,7 +159,7 @@ class ModelServer:
 
   def __init__(self, model_configs, host="127.0.0.1", port=0,
                poll_seconds=versions.DEFAULT_POLL_SECONDS, options=None,
-               max_workers=4):
+               max_workers=4, rest_api_port=None):
     """Creates the server; nothing is loaded or bound until `start`.
 
     Args:
@@ -169,14 +170,19 @@ class ModelServer:
       poll_seconds: how often base paths are polled for new versions; 0
         loads once at start.
       options: `ServerOptions`.
-      max_workers: request handler threads.
+      max_workers: request handler threads (per API).
+      rest_api_port: TCP port of the REST API (`rest.py`); 0 picks a free
+        one, None serves no REST API.
     """
     self.host = host
     self.port = port
     self.options = options or ServerOptions()
     self.manager = versions.ModelManager(model_configs, poll_seconds)
+    self.core = servicers.ServingCore(self.manager, self.options)
     self._max_workers = max_workers
     self._server = None
+    self.rest_api_port = rest_api_port
+    self._rest = None
 
   def start(self):
     """Loads the models, binds and starts serving.
@@ -195,10 +201,9 @@ class ModelServer:
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.so_reuseport", 0)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        servicers.PredictionServicer(self.manager, self.options),
-        self._server)
+        servicers.PredictionServicer(self.core), self._server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        servicers.ModelServicer(self.manager), self._server)
+        servicers.ModelServicer(self.core), self._server)
     address = f"{self.host}:{self.port}"
     if ":" in self.host and not self.host.startswith("["):
       address = f"[{self.host}]:{self.port}"
@@ -212,6 +217,17 @@ class ModelServer:
       raise RuntimeError(f"Could not bind {address}.")
     self.port = bound
     self._server.start()
+    if self.rest_api_port is not None:
+      self._rest = rest.RestServer(
+          rest.RestApi(self.core), host=self.host, port=self.rest_api_port,
+          max_request_bytes=limit, max_workers=self._max_workers)
+      try:
+        self.rest_api_port = self._rest.start()
+      except OSError as e:
+        self._rest = None
+        self.stop()
+        raise RuntimeError(f"Could not bind the REST API to {self.host}:"
+                           f"{self.rest_api_port}: {e}") from e
     return bound
 
   @property
@@ -219,8 +235,16 @@ class ModelServer:
     """"host:port" to connect to (the bound port once started)."""
     return f"{self.host}:{self.port}"
 
+  @property
+  def rest_url(self):
+    """"http://host:port" of the REST API once started; None without it."""
+    return None if self._rest is None else self._rest.url
+
   def stop(self, grace=1.0):
     """Stops accepting requests, lets running ones finish, stops polling."""
+    if self._rest is not None:
+      self._rest.stop()
+      self._rest = None
     if self._server is not None:
       self._server.stop(grace).wait()
       self._server = None
@@ -286,9 +310,9 @@ def define_flags(flag_values=FLAGS):
                        "model's matmuls (bench/dual_bench.py).",
                        flag_values=flag_values)
   flags.DEFINE_integer("rest_api_port", 0,
-                       "Accepted for compatibility with "
-                       "tensorflow_model_server; this server has no REST "
-                       "API.", flag_values=flag_values)
+                       "Port of TF Serving's REST API (and of the "
+                       "Prometheus page); 0 serves no REST API, as in "
+                       "tensorflow_model_server.", flag_values=flag_values)
 
 
 # Inclusive bounds of the numeric flags. gRPC takes message sizes as a C int,
@@ -297,6 +321,7 @@ _MAX_PORT = 65535
 _MAX_GRPC_BYTES = 2**31 - 1
 _FLAG_BOUNDS = {
     "port": (0, _MAX_PORT),
+    "rest_api_port": (0, _MAX_PORT),
     "max_batch_size": (1, None),
     "max_request_bytes": (1, _MAX_GRPC_BYTES),
     "num_workers": (1, None),
@@ -372,7 +397,8 @@ def main(argv):
         options=ServerOptions(max_batch_size=FLAGS.max_batch_size,
                               max_request_bytes=FLAGS.max_request_bytes,
                               reject_non_finite=FLAGS.reject_non_finite),
-        max_workers=FLAGS.num_workers)
+        max_workers=FLAGS.num_workers,
+        rest_api_port=FLAGS.rest_api_port or None)
   except (ValueError, OSError) as e:
     logging.error("%s", e)
     return 1
@@ -393,6 +419,11 @@ def main(argv):
   message = f"Running gRPC ModelServer at {server.host}:{port} ..."
   logging.info("%s", message)
   print(message, flush=True)
+  if server.rest_url is not None:
+    message = (f"Exporting HTTP/REST API at:{server.host}:"
+               f"{server.rest_api_port} ...")
+    logging.info("%s", message)
+    print(message, flush=True)
   while not stop.wait(0.5):
     pass
   server.stop(grace=2.0)

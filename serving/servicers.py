@@ -135,28 +135,44 @@ def _output_aliases(output_filter, signature_def):
   return list(output_filter)
 
 
+def status_of(error):
+  """The gRPC status code and message an exception is answered with.
+
+  Args:
+    error: an exception raised while handling a request.
+
+  Returns:
+    (grpc.StatusCode, message): a `ServingError`'s own, a TF `OpError`'s
+    code and message, INTERNAL with the exception's type and text otherwise.
+  """
+  if isinstance(error, errors.ServingError):
+    return error.code, error.message
+  if isinstance(error, tf.errors.OpError):
+    return (_TF_TO_GRPC.get(error.error_code, grpc.StatusCode.INTERNAL),
+            error.message)
+  return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+
+
 def _abort(context, code, message):
   # Raises; called from `except` clauses so it is not caught again.
   context.abort(code, message)
 
 
 def _handle(method_name):
-  """Wraps a servicer method: ServingError -> its status, others INTERNAL."""
+  """Wraps a servicer method: a failure is answered with `status_of` it."""
 
   def decorator(fn):
 
     def wrapper(self, request, context):
       try:
         return fn(self, request, context)
-      except errors.ServingError as e:
-        _abort(context, e.code, e.message)
-      except tf.errors.OpError as e:
-        code = _TF_TO_GRPC.get(e.error_code, grpc.StatusCode.INTERNAL)
-        _abort(context, code, e.message)
       except Exception as e:  # pylint: disable=broad-except
-        logging.exception("%s failed", method_name)
-        _abort(context, grpc.StatusCode.INTERNAL,
-               f"{method_name} failed: {type(e).__name__}: {e}")
+        code, message = status_of(e)
+        if code == grpc.StatusCode.INTERNAL and not isinstance(
+            e, (errors.ServingError, tf.errors.OpError)):
+          logging.exception("%s failed", method_name)
+          message = f"{method_name} failed: {message}"
+        _abort(context, code, message)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -172,43 +188,96 @@ def _require_model_spec(request):
   return request.model_spec
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer
-                        ):
-  """PredictionService: Predict and GetModelMetadata.
+def _run_signature(version, signature_name, fn, arrays):
+  """Runs a signature on checked inputs: {alias: numpy array}."""
+  del version, signature_name  # Only a batcher needs them.
+  return {alias: tensor.numpy() for alias, tensor in fn(**arrays).items()}
 
-  Classify, Regress and MultiInference answer UNIMPLEMENTED (the base
-  class does that): the dual model is served through Predict only.
+
+class ServingCore:
+  """The request handlers behind every API: gRPC and REST answer alike.
+
+  Each method takes and returns the official `tensorflow_serving.apis`
+  messages and raises `ServingError` (or TF's `OpError`) for a refused
+  request; `status_of` says how a failure is answered.
   """
 
-  def __init__(self, manager, options):
-    """Creates the servicer.
+  def __init__(self, manager, options, run=None, metrics=None):
+    """Creates the handlers.
 
     Args:
       manager: the `versions.ModelManager` whose models are served.
       options: the server's `ServerOptions` (request limits).
+      run: `run(version, signature_name, fn, arrays)` returning {alias:
+        numpy array}; None runs each request on its own (a batcher merges
+        concurrent ones).
+      metrics: a `monitoring.Metrics` told about every Predict, or None.
     """
-    self._manager = manager
-    self._options = options
+    self.manager = manager
+    self.options = options
+    self._run = run or _run_signature
+    self._metrics = metrics
 
-  @_handle("Predict")
-  def Predict(self, request, context):  # pylint: disable=invalid-name
+  def signature_inputs(self, model_spec):
+    """The input specs of the signature a ModelSpec names.
+
+    Args:
+      model_spec: a `tensorflow.serving.ModelSpec`.
+
+    Returns:
+      {alias: `versions.InputSpec`}.
+
+    Raises:
+      ServingError: the model, version or signature is not served.
+    """
+    version = self.manager.get(model_spec).resolve(model_spec)
+    name = model_spec.signature_name or contract.SERVING_SIGNATURE
+    _, specs, _ = version.signature(name)
+    return specs
+
+  def predict(self, request):
+    """Answers a PredictRequest.
+
+    Args:
+      request: a `PredictRequest`.
+
+    Returns:
+      A `PredictResponse`.
+
+    Raises:
+      ServingError: the request is refused (see the module docstring).
+      tf.errors.OpError: the model failed on the inputs.
+    """
     model_spec = _require_model_spec(request)
-    version = self._manager.get(model_spec).resolve(model_spec)
+    version = self.manager.get(model_spec).resolve(model_spec)
     signature_name = model_spec.signature_name or contract.SERVING_SIGNATURE
     fn, specs, signature_def = version.signature(signature_name)
-    arrays = _check_inputs(request.inputs, specs, self._options)
+    arrays = _check_inputs(request.inputs, specs, self.options)
     aliases = _output_aliases(request.output_filter, signature_def)
-    outputs = fn(**arrays)
+    outputs = self._run(version, signature_name, fn, arrays)
+    if self._metrics is not None:
+      self._metrics.observe_outputs(model_spec.name, version.version,
+                                    outputs)
     response = predict_pb2.PredictResponse()
     response.model_spec.name = model_spec.name
     response.model_spec.version.value = version.version
     response.model_spec.signature_name = signature_name
     for alias in aliases:
-      response.outputs[alias].CopyFrom(codec.encode(outputs[alias].numpy()))
+      response.outputs[alias].CopyFrom(codec.encode(outputs[alias]))
     return response
 
-  @_handle("GetModelMetadata")
-  def GetModelMetadata(self, request, context):  # pylint: disable=invalid-name
+  def get_model_metadata(self, request):
+    """Answers a GetModelMetadataRequest (the signature_def field).
+
+    Args:
+      request: a `GetModelMetadataRequest`.
+
+    Returns:
+      A `GetModelMetadataResponse`.
+
+    Raises:
+      ServingError: the request is refused.
+    """
     model_spec = _require_model_spec(request)
     if not request.metadata_field:
       raise errors.invalid_argument(
@@ -217,7 +286,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer
       if field != _SIGNATURE_DEF_FIELD:
         raise errors.invalid_argument(
             f"Metadata field {field} is not supported")
-    version = self._manager.get(model_spec).resolve(model_spec)
+    version = self.manager.get(model_spec).resolve(model_spec)
     signature_map = get_model_metadata_pb2.SignatureDefMap()
     for name, sig in version.signature_defs.items():
       signature_map.signature_def[name].CopyFrom(sig)
@@ -227,18 +296,20 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer
     response.metadata[_SIGNATURE_DEF_FIELD].Pack(signature_map)
     return response
 
+  def get_model_status(self, request):
+    """Answers a GetModelStatusRequest.
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-  """ModelService: GetModelStatus (HandleReloadConfigRequest: UNIMPLEMENTED)."""
+    Args:
+      request: a `GetModelStatusRequest`.
 
-  def __init__(self, manager):
-    """Creates the servicer for the models of a `versions.ModelManager`."""
-    self._manager = manager
+    Returns:
+      A `GetModelStatusResponse`.
 
-  @_handle("GetModelStatus")
-  def GetModelStatus(self, request, context):  # pylint: disable=invalid-name
+    Raises:
+      ServingError: the model or version is unknown.
+    """
     model_spec = _require_model_spec(request)
-    model = self._manager.models.get(model_spec.name)
+    model = self.manager.models.get(model_spec.name)
     if model is None:
       raise errors.ServingError(
           grpc.StatusCode.NOT_FOUND,
@@ -262,3 +333,39 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
       entry.status.error_message = message
     return response
 
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer
+                        ):
+  """PredictionService: Predict and GetModelMetadata.
+
+  Classify, Regress and MultiInference answer UNIMPLEMENTED (the base
+  class does that): the dual model is served through Predict only.
+  """
+
+  def __init__(self, core):
+    """Creates the servicer.
+
+    Args:
+      core: the `ServingCore` answering the requests.
+    """
+    self._core = core
+
+  @_handle("Predict")
+  def Predict(self, request, context):  # pylint: disable=invalid-name
+    return self._core.predict(request)
+
+  @_handle("GetModelMetadata")
+  def GetModelMetadata(self, request, context):  # pylint: disable=invalid-name
+    return self._core.get_model_metadata(request)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+  """ModelService: GetModelStatus (HandleReloadConfigRequest: UNIMPLEMENTED)."""
+
+  def __init__(self, core):
+    """Creates the servicer; `core` is the `ServingCore` answering."""
+    self._core = core
+
+  @_handle("GetModelStatus")
+  def GetModelStatus(self, request, context):  # pylint: disable=invalid-name
+    return self._core.get_model_status(request)
