@@ -24,6 +24,7 @@ REQUIRED = [
     "tqdm>=4.66",
     "grpcio>=1.60",
     "aiohttp>=3.9",
+    "requests>=2.31",
 ]
 
 EXTRAS = {

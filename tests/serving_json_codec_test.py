@@ -80,7 +80,7 @@ class JsonCodecTest(tf.test.TestCase):
   def test_outputs_from_response_round_trip(self):
     outputs = {"prediction": np.array([[0.25], [1.5]], np.float32),
                "variation": np.array([[0.5], [2.0]], np.float32)}
-    dtypes = {k: types_pb2.DT_FLOAT for k in outputs}
+    dtypes = dict.fromkeys(outputs, types_pb2.DT_FLOAT)
     for request_format in (json_codec.ROW, json_codec.COLUMNAR):
       body = json_codec.predict_response(outputs, request_format)
       back = json_codec.outputs_from_response(body, request_format, dtypes)
