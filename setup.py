@@ -25,6 +25,7 @@ REQUIRED = [
     "grpcio>=1.60",
     "aiohttp>=3.9",
     "requests>=2.31",
+    "prometheus_client>=0.17",
 ]
 
 EXTRAS = {

@@ -128,9 +128,11 @@ class RestApi:
     if not _API_PATH.fullmatch(raw_path):
       return 404, "text/plain", f"Not found: {raw_path}\n"
     start = time.monotonic()
-    api, spec = "unknown", None
+    # What TF Serving's REST server records: the model and the URL's method
+    # ("predict"; "" for GETs), whatever the outcome.
+    seen = {"model": None, "version": None, "api": ""}
     try:
-      api, spec, text = self._dispatch(method, raw_path, body)
+      text = self._dispatch(method, raw_path, body, seen)
       code = grpc.StatusCode.OK
     except Exception as e:  # pylint: disable=broad-except
       code, message = servicers.status_of(e)
@@ -138,37 +140,42 @@ class RestApi:
           e, errors.ServingError):
         logging.exception("REST %s %s failed", method, raw_path)
       text = _error_body(message)
-    if self._metrics is not None and spec is not None:
-      self._metrics.observe_request(spec.name, api, code,
+    if self._metrics is not None and seen["model"] is not None:
+      self._metrics.observe_request(seen["model"], seen["version"],
+                                    seen["api"], "REST", code,
                                     time.monotonic() - start)
     return HTTP_STATUS.get(code, 500), _JSON, text
 
-  def _dispatch(self, method, raw_path, body):
-    """Routes a request; returns (API name, ModelSpec or None, JSON text)."""
+  def _dispatch(self, method, raw_path, body, seen):
+    """Routes a request; returns the JSON text, noting what it saw in `seen`.
+    """
     if method == "POST":
       match = _PREDICTION_PATH.fullmatch(raw_path)
       if match:
         name, version, label, verb = match.groups()
+        seen["model"] = urllib.parse.unquote(name)
+        seen["api"] = verb.lower()
         spec = _model_spec(name, version, label)
         if verb.lower() != "predict":
           raise errors.ServingError(
               grpc.StatusCode.UNIMPLEMENTED,
               f"{verb.capitalize()} is not served by dropvar_model_server; "
               "use :predict.")
-        return "Predict", spec, self._predict(spec, body)
+        return self._predict(spec, body, seen)
     elif method == "GET":
       match = _STATUS_PATH.fullmatch(raw_path)
       if match:
         name, version, label, metadata = match.groups()
         if not name:
           raise errors.invalid_argument("Missing model name in request.")
+        seen["model"] = urllib.parse.unquote(name)
         spec = _model_spec(name, version, label)
         if metadata:
-          return "GetModelMetadata", spec, self._metadata(spec)
-        return "GetModelStatus", spec, self._status(spec)
+          return self._metadata(spec)
+        return self._status(spec)
     raise errors.invalid_argument(f"Malformed request: {method} {raw_path}")
 
-  def _predict(self, spec, body):
+  def _predict(self, spec, body, seen):
     doc, signature = json_codec.parse_predict_request(body)
     spec.signature_name = signature
     try:
@@ -185,6 +192,7 @@ class RestApi:
     for alias, array in arrays.items():
       request.inputs[alias].CopyFrom(codec.encode(array))
     response = self._core.predict(request)
+    seen["version"] = response.model_spec.version.value
     outputs = {alias: codec.decode(proto, alias, role="Output")
                for alias, proto in response.outputs.items()}
     return json_codec.predict_response(outputs, request_format)

@@ -74,6 +74,7 @@ import grpc
 from google.protobuf import text_format
 
 from dropvar_tf._keras import tf
+from dropvar_tf.serving import monitoring
 from dropvar_tf.serving import rest
 from dropvar_tf.serving import servicers
 from dropvar_tf.serving import versions
@@ -159,7 +160,8 @@ class ModelServer:
 
   def __init__(self, model_configs, host="127.0.0.1", port=0,
                poll_seconds=versions.DEFAULT_POLL_SECONDS, options=None,
-               max_workers=4, rest_api_port=None):
+               max_workers=4, rest_api_port=None, metrics=None,
+               metrics_path=None):
     """Creates the server; nothing is loaded or bound until `start`.
 
     Args:
@@ -173,12 +175,28 @@ class ModelServer:
       max_workers: request handler threads (per API).
       rest_api_port: TCP port of the REST API (`rest.py`); 0 picks a free
         one, None serves no REST API.
+      metrics: a `monitoring.Metrics` to record requests and variations in,
+        or None.
+      metrics_path: where the REST port serves the Prometheus page of
+        `metrics` (needs `rest_api_port`).
+
+    Raises:
+      ValueError: `metrics_path` without `metrics` or `rest_api_port`.
     """
+    if metrics_path is not None and (metrics is None or
+                                     rest_api_port is None):
+      raise ValueError(
+          "Invalid value received for argument `metrics_path`. Expected None "
+          "unless `metrics` and `rest_api_port` are given (the page is "
+          f"served on the REST port). Received: metrics_path={metrics_path!r}")
     self.host = host
     self.port = port
     self.options = options or ServerOptions()
     self.manager = versions.ModelManager(model_configs, poll_seconds)
-    self.core = servicers.ServingCore(self.manager, self.options)
+    self.metrics = metrics
+    self.metrics_path = metrics_path
+    self.core = servicers.ServingCore(self.manager, self.options,
+                                      metrics=metrics)
     self._max_workers = max_workers
     self._server = None
     self.rest_api_port = rest_api_port
@@ -201,7 +219,7 @@ class ModelServer:
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.so_reuseport", 0)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        servicers.PredictionServicer(self.core), self._server)
+        servicers.PredictionServicer(self.core, self.metrics), self._server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
         servicers.ModelServicer(self.core), self._server)
     address = f"{self.host}:{self.port}"
@@ -219,7 +237,8 @@ class ModelServer:
     self._server.start()
     if self.rest_api_port is not None:
       self._rest = rest.RestServer(
-          rest.RestApi(self.core), host=self.host, port=self.rest_api_port,
+          rest.RestApi(self.core, self.metrics, self.metrics_path),
+          host=self.host, port=self.rest_api_port,
           max_request_bytes=limit, max_workers=self._max_workers)
       try:
         self.rest_api_port = self._rest.start()
@@ -309,6 +328,17 @@ def define_flags(flag_values=FLAGS):
                        "variation head's ops from competing with the base "
                        "model's matmuls (bench/dual_bench.py).",
                        flag_values=flag_values)
+  flags.DEFINE_string("monitoring_config_file", None,
+                      "Text-format MonitoringConfig (as "
+                      "tensorflow_model_server reads): "
+                      "prometheus_config { enable: true path: ... } serves "
+                      "Prometheus metrics on the REST port.",
+                      flag_values=flag_values)
+  flags.DEFINE_float("variation_threshold", None,
+                     "With monitoring: variation above which a served "
+                     "example counts in "
+                     ":dropvar:serving:variation_share_above_threshold.",
+                     flag_values=flag_values)
   flags.DEFINE_integer("rest_api_port", 0,
                        "Port of TF Serving's REST API (and of the "
                        "Prometheus page); 0 serves no REST API, as in "
@@ -328,6 +358,7 @@ _FLAG_BOUNDS = {
     "tensorflow_intra_op_parallelism": (0, None),
     "tensorflow_inter_op_parallelism": (0, None),
     "file_system_poll_wait_seconds": (0, None),
+    "variation_threshold": (0, None),
 }
 
 
@@ -343,6 +374,8 @@ def check_flag_values(flag_values):
   """
   for name, (low, high) in _FLAG_BOUNDS.items():
     value = getattr(flag_values, name)
+    if value is None:
+      continue
     if low is not None and high is not None:
       expected = f"a value in [{low}, {high}]"
     else:
@@ -380,6 +413,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   check_flag_values(FLAGS)
+  if FLAGS.monitoring_config_file and not FLAGS.rest_api_port:
+    raise app.UsageError(
+        "Invalid value received for flag `--rest_api_port`. Expected a port "
+        "when --monitoring_config_file is given (metrics are served on the "
+        "REST port). Received: --rest_api_port=0")
   # Before any model is loaded: TF fixes its thread pools on first use.
   tf.config.threading.set_intra_op_parallelism_threads(
       FLAGS.tensorflow_intra_op_parallelism)
@@ -391,6 +429,12 @@ def main(argv):
         "(0: TF's choice)", flush=True)
   try:
     configs = _configs_from_flags()
+    metrics = metrics_path = None
+    if FLAGS.monitoring_config_file:
+      metrics_path = monitoring.read_monitoring_config(
+          FLAGS.monitoring_config_file)
+      if metrics_path is not None:
+        metrics = monitoring.Metrics(FLAGS.variation_threshold)
     server = ModelServer(
         configs, host=FLAGS.host, port=FLAGS.port,
         poll_seconds=FLAGS.file_system_poll_wait_seconds,
@@ -398,7 +442,8 @@ def main(argv):
                               max_request_bytes=FLAGS.max_request_bytes,
                               reject_non_finite=FLAGS.reject_non_finite),
         max_workers=FLAGS.num_workers,
-        rest_api_port=FLAGS.rest_api_port or None)
+        rest_api_port=FLAGS.rest_api_port or None, metrics=metrics,
+        metrics_path=metrics_path)
   except (ValueError, OSError) as e:
     logging.error("%s", e)
     return 1

@@ -9,6 +9,8 @@ against the signature before the model runs. A handler answers a
 and any other exception as INTERNAL; the server keeps running.
 """
 
+import time
+
 from absl import logging
 import grpc
 import numpy as np
@@ -342,17 +344,33 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer
   class does that): the dual model is served through Predict only.
   """
 
-  def __init__(self, core):
+  def __init__(self, core, metrics=None):
     """Creates the servicer.
 
     Args:
       core: the `ServingCore` answering the requests.
+      metrics: a `monitoring.Metrics` counting Predict requests, or None.
     """
     self._core = core
+    self._metrics = metrics
 
   @_handle("Predict")
   def Predict(self, request, context):  # pylint: disable=invalid-name
-    return self._core.predict(request)
+    if self._metrics is None:
+      return self._core.predict(request)
+    start = time.monotonic()
+    version, code = None, grpc.StatusCode.OK
+    try:
+      response = self._core.predict(request)
+      version = response.model_spec.version.value
+      return response
+    except Exception as e:
+      code, _ = status_of(e)
+      raise
+    finally:
+      self._metrics.observe_request(request.model_spec.name, version,
+                                    "Predict", "GRPC", code,
+                                    time.monotonic() - start)
 
   @_handle("GetModelMetadata")
   def GetModelMetadata(self, request, context):  # pylint: disable=invalid-name

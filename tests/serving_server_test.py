@@ -249,6 +249,13 @@ class FlagsTest(tf.test.TestCase):
         (("--port=70000",), ["dropvar_model_server"],
          "Invalid value received for flag `--port`. Expected a value in "
          "[0, 65535]. Received: --port=70000"),
+        (("--monitoring_config_file=/m.config",), ["dropvar_model_server"],
+         "Invalid value received for flag `--rest_api_port`. Expected a port "
+         "when --monitoring_config_file is given (metrics are served on the "
+         "REST port). Received: --rest_api_port=0"),
+        (("--variation_threshold=-1",), ["dropvar_model_server"],
+         "Invalid value received for flag `--variation_threshold`. Expected a "
+         "value >= 0. Received: --variation_threshold=-1.0"),
         (("--file_system_poll_wait_seconds=nan",), ["dropvar_model_server"],
          "Invalid value received for flag `--file_system_poll_wait_seconds`. "
          "Expected a value >= 0. Received: "
