@@ -5,10 +5,8 @@ file `tensorflow_model_server` reads:
 
   prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }
 
-and the page is served on the REST port. tensorflow-serving-api does not
-ship `monitoring_config_pb2`, so `read_monitoring_config` parses the file
-with the two messages of `tensorflow_serving/config/monitoring_config.proto`
-declared here, in a descriptor pool of their own.
+and the page is served on the REST port (the message is declared in
+`protos.py`: tensorflow-serving-api does not ship it).
 
 Metrics, built on `prometheus_client` in a registry per server:
 
@@ -36,14 +34,12 @@ exporter writes them, so dashboards built for it work on this server too.
 
 import threading
 
-from google.protobuf import descriptor_pb2
-from google.protobuf import descriptor_pool
-from google.protobuf import message_factory
 from google.protobuf import text_format
 import numpy as np
 import prometheus_client
 
 from dropvar_tf import contract
+from dropvar_tf.serving import protos
 
 DEFAULT_PATH = "/monitoring/prometheus/metrics"
 _TF_SERVING = ":tensorflow:serving:"
@@ -55,28 +51,6 @@ DEFAULT_VARIATION_BUCKETS = tuple(1e-4 * 2**i for i in range(21)) + (
     float("inf"),)
 
 
-def _monitoring_config_class():
-  """The `tensorflow.serving.MonitoringConfig` message class."""
-  field = descriptor_pb2.FieldDescriptorProto
-  proto = descriptor_pb2.FileDescriptorProto(
-      name="dropvar_tf/serving/monitoring_config.proto",
-      package="tensorflow.serving", syntax="proto3")
-  prometheus = proto.message_type.add(name="PrometheusConfig")
-  prometheus.field.add(name="enable", number=1, type=field.TYPE_BOOL,
-                       label=field.LABEL_OPTIONAL)
-  prometheus.field.add(name="path", number=2, type=field.TYPE_STRING,
-                       label=field.LABEL_OPTIONAL)
-  config = proto.message_type.add(name="MonitoringConfig")
-  config.field.add(name="prometheus_config", number=1,
-                   type=field.TYPE_MESSAGE, label=field.LABEL_OPTIONAL,
-                   type_name=".tensorflow.serving.PrometheusConfig")
-  pool = descriptor_pool.DescriptorPool()
-  pool.Add(proto)
-  return message_factory.GetMessageClass(
-      pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
-
-
-MonitoringConfig = _monitoring_config_class()
 
 
 def read_monitoring_config(path):
@@ -93,7 +67,7 @@ def read_monitoring_config(path):
     ValueError: the file cannot be read or parsed, or the path does not
       start with "/".
   """
-  config = MonitoringConfig()
+  config = protos.MonitoringConfig()
   try:
     with open(path) as f:
       text_format.Parse(f.read(), config)

@@ -74,6 +74,7 @@ import grpc
 from google.protobuf import text_format
 
 from dropvar_tf._keras import tf
+from dropvar_tf.serving import batching as batching_lib
 from dropvar_tf.serving import monitoring
 from dropvar_tf.serving import rest
 from dropvar_tf.serving import servicers
@@ -161,7 +162,7 @@ class ModelServer:
   def __init__(self, model_configs, host="127.0.0.1", port=0,
                poll_seconds=versions.DEFAULT_POLL_SECONDS, options=None,
                max_workers=4, rest_api_port=None, metrics=None,
-               metrics_path=None):
+               metrics_path=None, batching=None):
     """Creates the server; nothing is loaded or bound until `start`.
 
     Args:
@@ -179,6 +180,10 @@ class ModelServer:
         or None.
       metrics_path: where the REST port serves the Prometheus page of
         `metrics` (needs `rest_api_port`).
+      batching: `batching.BatchingOptions` to merge concurrent Predicts
+        into batches (TF Serving's --enable_batching), or None. Merging
+        needs as many handler threads (`max_workers`) as concurrent
+        requests.
 
     Raises:
       ValueError: `metrics_path` without `metrics` or `rest_api_port`.
@@ -195,8 +200,12 @@ class ModelServer:
     self.manager = versions.ModelManager(model_configs, poll_seconds)
     self.metrics = metrics
     self.metrics_path = metrics_path
-    self.core = servicers.ServingCore(self.manager, self.options,
-                                      metrics=metrics)
+    self.batcher = None if batching is None else batching_lib.Batcher(
+        batching)
+    self.core = servicers.ServingCore(
+        self.manager, self.options,
+        run=None if self.batcher is None else self.batcher.run,
+        metrics=metrics)
     self._max_workers = max_workers
     self._server = None
     self.rest_api_port = rest_api_port
@@ -212,6 +221,8 @@ class ModelServer:
       RuntimeError: the address cannot be bound.
     """
     self.manager.start()
+    if self.batcher is not None:
+      self.batcher.start()
     limit = self.options.max_request_bytes
     self._server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=self._max_workers,
@@ -267,6 +278,8 @@ class ModelServer:
     if self._server is not None:
       self._server.stop(grace).wait()
       self._server = None
+    if self.batcher is not None:
+      self.batcher.stop()
     self.manager.stop()
 
   def __enter__(self):
@@ -339,6 +352,17 @@ def define_flags(flag_values=FLAGS):
                      "example counts in "
                      ":dropvar:serving:variation_share_above_threshold.",
                      flag_values=flag_values)
+  flags.DEFINE_bool("enable_batching", False,
+                    "Merge concurrent Predict requests into batches, as "
+                    "tensorflow_model_server does (see "
+                    "--batching_parameters_file). Pass --num_workers of at "
+                    "least the number of concurrent clients.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("batching_parameters_file", None,
+                      "Text-format BatchingParameters (as "
+                      "tensorflow_model_server reads), used with "
+                      "--enable_batching; TF Serving's defaults without it.",
+                      flag_values=flag_values)
   flags.DEFINE_integer("rest_api_port", 0,
                        "Port of TF Serving's REST API (and of the "
                        "Prometheus page); 0 serves no REST API, as in "
@@ -435,6 +459,12 @@ def main(argv):
           FLAGS.monitoring_config_file)
       if metrics_path is not None:
         metrics = monitoring.Metrics(FLAGS.variation_threshold)
+    batching = None
+    if FLAGS.enable_batching:
+      batching = (batching_lib.read_batching_parameters(
+          FLAGS.batching_parameters_file)
+                  if FLAGS.batching_parameters_file else
+                  batching_lib.BatchingOptions())
     server = ModelServer(
         configs, host=FLAGS.host, port=FLAGS.port,
         poll_seconds=FLAGS.file_system_poll_wait_seconds,
@@ -443,7 +473,7 @@ def main(argv):
                               reject_non_finite=FLAGS.reject_non_finite),
         max_workers=FLAGS.num_workers,
         rest_api_port=FLAGS.rest_api_port or None, metrics=metrics,
-        metrics_path=metrics_path)
+        metrics_path=metrics_path, batching=batching)
   except (ValueError, OSError) as e:
     logging.error("%s", e)
     return 1
