@@ -204,7 +204,7 @@ class Batcher:
     """Runs `fn` on `arrays` as part of a batch; blocks until done.
 
     Args:
-      version: the `versions.LoadedVersion` (queues are per version).
+      version: the `bundle.SavedModelBundle` (queues are per version).
       signature_name: the signature's key.
       fn: the signature's function, taking the inputs as keywords.
       arrays: {alias: numpy array}, batch first, already checked.
@@ -307,7 +307,8 @@ class Batcher:
                    if s >= total), total)
     if padded > total:
       merged = {a: _pad_rows(v, padded) for a, v in merged.items()}
-    outputs = {alias: tensor.numpy() for alias, tensor in fn(**merged).items()}
+    outputs = {alias: np.asarray(value)
+               for alias, value in fn(**merged).items()}
     for alias, value in outputs.items():
       if value.ndim == 0 or value.shape[0] != padded:
         raise errors.ServingError(

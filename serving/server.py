@@ -1,4 +1,4 @@
-"""A local server speaking the TF Serving gRPC API, for development and tests.
+"""A local server speaking TF Serving's APIs, for development and tests.
 
 `dropvar_model_server` is started like `tensorflow_model_server`:
 
@@ -9,7 +9,11 @@ or with `--model_config_file` holding a text-format `ModelServerConfig` (the
 same file a real TF Serving reads). It serves PredictionService.Predict,
 PredictionService.GetModelMetadata and ModelService.GetModelStatus with the
 official `tensorflow_serving.apis` messages, so a client written against it
-works unchanged against a real TF Serving (>= 2.21).
+works unchanged against a real TF Serving (>= 2.21). With `--rest_api_port`
+it serves TF Serving's REST API too (`rest.py`), with
+`--monitoring_config_file` Prometheus metrics (`monitoring.py`), and with
+`--enable_batching` it merges concurrent requests (`batching.py`). Versions
+load as TF Serving's SavedModelBundle does (`bundle.py`).
 
 Behaviour that matches TF Serving:
 - Version folders: numeric sub-folders of the base path that hold a

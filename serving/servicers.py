@@ -36,7 +36,7 @@ def _check_inputs(request_inputs, specs, options):
 
   Args:
     request_inputs: the request's {alias: TensorProto}.
-    specs: the signature's {alias: `versions.InputSpec`}.
+    specs: the signature's {alias: `bundle.InputSpec`}.
     options: the server's `ServerOptions` (limits).
 
   Returns:
@@ -193,7 +193,7 @@ def _require_model_spec(request):
 def _run_signature(version, signature_name, fn, arrays):
   """Runs a signature on checked inputs: {alias: numpy array}."""
   del version, signature_name  # Only a batcher needs them.
-  return {alias: tensor.numpy() for alias, tensor in fn(**arrays).items()}
+  return {alias: np.asarray(value) for alias, value in fn(**arrays).items()}
 
 
 class ServingCore:
@@ -227,7 +227,7 @@ class ServingCore:
       model_spec: a `tensorflow.serving.ModelSpec`.
 
     Returns:
-      {alias: `versions.InputSpec`}.
+      {alias: `bundle.InputSpec`}.
 
     Raises:
       ServingError: the model, version or signature is not served.

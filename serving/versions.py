@@ -15,11 +15,9 @@ import time
 
 from absl import logging
 import grpc
-from google.protobuf import text_format
 
-from dropvar_tf._keras import tf
+from dropvar_tf.serving import bundle
 from dropvar_tf.serving import errors
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
@@ -37,93 +35,6 @@ def _request_debug_string(name, version):
   if version is None:
     return f"Latest({name})"
   return f"Specific({name}, {version})"
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-  """A signature input as the request checks need it.
-
-  Attributes:
-    dtype: a `types_pb2.DataType` enum.
-    dims: tuple of sizes, -1 for unknown; None for unknown rank.
-  """
-  dtype: int
-  dims: tuple
-
-
-class LoadedVersion:
-  """One loaded SavedModel version and its runnable signatures.
-
-  Attributes:
-    version: the integer version.
-    path: the version folder.
-    signature_defs: {name: SignatureDef} read from saved_model.pb, as TF
-      Serving reports them in GetModelMetadata.
-  """
-
-  def __init__(self, version, path):
-    """Loads the SavedModel in `path`.
-
-    Args:
-      version: the integer version.
-      path: the version folder.
-
-    Raises:
-      ValueError: the SavedModel has no MetaGraph tagged "serve".
-      Exception: whatever `tf.saved_model.load` raises for a broken folder.
-    """
-    self.version = version
-    self.path = path
-    self.signature_defs = _read_signature_defs(path)
-    self._loaded = tf.saved_model.load(path)
-    self._functions = {}
-    self._inputs = {}
-    for name, fn in self._loaded.signatures.items():
-      sig = self.signature_defs.get(name)
-      if sig is None:
-        continue
-      self._functions[name] = fn
-      self._inputs[name] = {
-          alias: InputSpec(
-              info.dtype, None if info.tensor_shape.unknown_rank else tuple(
-                  d.size for d in info.tensor_shape.dim))
-          for alias, info in sig.inputs.items()
-      }
-
-  def signature(self, name):
-    """A signature of this version, ready to run.
-
-    Args:
-      name: the signature key.
-
-    Returns:
-      (concrete function, {alias: InputSpec}, SignatureDef).
-
-    Raises:
-      ServingError: FAILED_PRECONDITION for an unknown key, as TF Serving.
-    """
-    fn = self._functions.get(name)
-    if fn is None:
-      raise errors.ServingError(
-          grpc.StatusCode.FAILED_PRECONDITION,
-          f"Serving signature key \"{name}\" not found.")
-    return fn, self._inputs[name], self.signature_defs[name]
-
-
-def _read_signature_defs(path):
-  """Reads {name: SignatureDef} of the serving MetaGraph of a SavedModel."""
-  pb_path = os.path.join(path, "saved_model.pb")
-  saved_model = saved_model_pb2.SavedModel()
-  if os.path.exists(pb_path):
-    with open(pb_path, "rb") as f:
-      saved_model.ParseFromString(f.read())
-  else:
-    with open(os.path.join(path, "saved_model.pbtxt")) as f:
-      text_format.Parse(f.read(), saved_model)
-  for meta_graph in saved_model.meta_graphs:
-    if "serve" in meta_graph.meta_info_def.tags:
-      return dict(meta_graph.signature_def)
-  raise ValueError(f"No MetaGraph tagged 'serve' in {path}.")
 
 
 def list_versions(base_path):
@@ -225,7 +136,7 @@ class ServedModel:
     self.labels = dict(config.version_labels)
     self._max_load_attempts = max_load_attempts
     self._retry_backoff_seconds = retry_backoff_seconds
-    self._loaded = {}  # version -> LoadedVersion.
+    self._loaded = {}  # version -> bundle.SavedModelBundle.
     # version -> (state enum, grpc code value, message); what GetModelStatus
     # reports.
     self._states = {}
@@ -316,7 +227,7 @@ class ServedModel:
                  self.name, version, path)
     fingerprint = folder_fingerprint(path)
     try:
-      loaded = LoadedVersion(version, path)
+      loaded = bundle.SavedModelBundle(version, path)
     except Exception as e:  # pylint: disable=broad-except
       self._record_failure(version, path, fingerprint, e)
       return
@@ -353,7 +264,7 @@ class ServedModel:
       model_spec: a `tensorflow.serving.ModelSpec`.
 
     Returns:
-      A `LoadedVersion`.
+      A `bundle.SavedModelBundle`.
 
     Raises:
       ServingError: INVALID_ARGUMENT for an unknown version label, NOT_FOUND

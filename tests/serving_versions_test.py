@@ -9,6 +9,7 @@ import grpc
 
 from dropvar_tf import contract
 from dropvar_tf._keras import tf
+from dropvar_tf.serving import bundle
 from dropvar_tf.serving import errors
 from dropvar_tf.serving import server as server_lib
 from dropvar_tf.serving import versions
@@ -138,8 +139,8 @@ class VersionsTest(tf.test.TestCase):
     served = versions.ServedModel(server_lib.model_config("m", base),
                                   max_load_attempts=2,
                                   retry_backoff_seconds=0)
-    with mock.patch.object(versions, "LoadedVersion",
-                           wraps=versions.LoadedVersion) as load:
+    with mock.patch.object(bundle, "SavedModelBundle",
+                           wraps=bundle.SavedModelBundle) as load:
       for _ in range(4):
         served.poll()
     self.assertEqual(load.call_count, 2)
@@ -178,8 +179,8 @@ class VersionsTest(tf.test.TestCase):
                                   retry_backoff_seconds=10)
     now = [1000.0]
     with mock.patch.object(versions.time, "monotonic", lambda: now[0]):
-      with mock.patch.object(versions, "LoadedVersion",
-                             wraps=versions.LoadedVersion) as load:
+      with mock.patch.object(bundle, "SavedModelBundle",
+                             wraps=bundle.SavedModelBundle) as load:
         served.poll()
         served.poll()
         self.assertEqual(load.call_count, 1)
