@@ -1,6 +1,8 @@
 """Tests of serving/server.py: the server, its options, config files, CLI."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -11,6 +13,7 @@ from absl import app
 from absl import flags
 import grpc
 import numpy as np
+import requests
 
 from dropvar_tf import contract
 from dropvar_tf import saved_model
@@ -284,6 +287,53 @@ class FlagsTest(tf.test.TestCase):
         "server.py: Invalid value received for flag `--max_request_bytes`. "
         "Expected a value in [1, 2147483647]. Received: "
         "--max_request_bytes=2147483648")
+
+
+class CommandLineTest(_TestCase):
+
+  def test_rest_monitoring_and_batching_from_the_deploy_files(self):
+    base = self._new_dir()
+    model = testing.dense_model(seed=1)
+    testing.write_export(model, base, 1)
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      rest_port = s.getsockname()[1]
+    deploy = os.path.join(_REPO_ROOT, "serving", "deploy")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dropvar_tf.serving.server", "--port=0",
+         f"--rest_api_port={rest_port}", "--model_name=m",
+         f"--model_base_path={base}", "--num_workers=8",
+         "--monitoring_config_file=" + os.path.join(deploy,
+                                                    "monitoring.config"),
+         "--enable_batching", "--batching_parameters_file=" +
+         os.path.join(deploy, "batching_parameters.txt"),
+         "--variation_threshold=0.5"],
+        cwd=_REPO_ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    self.addCleanup(lambda: proc.poll() is None and proc.kill())
+    lines = []
+    for line in proc.stdout:
+      lines.append(line.strip())
+      if line.startswith("Exporting HTTP/REST API at:"):
+        break
+    self.assertIn(f"Exporting HTTP/REST API at:127.0.0.1:{rest_port} ...",
+                  lines)
+    url = f"http://127.0.0.1:{rest_port}"
+    x = testing.dense_inputs(3, seed=2)
+    response = requests.post(url + "/v1/models/m:predict",
+                             json={"instances": x.tolist()}, timeout=_TIMEOUT)
+    self.assertEqual(response.status_code, 200, response.text)
+    self.assertAllClose(
+        [row["variation"] for row in response.json()["predictions"]],
+        model(x)["variation"], rtol=1e-5, atol=1e-6)
+    page = requests.get(url + "/monitoring/prometheus/metrics",
+                        timeout=_TIMEOUT).text
+    self.assertIn(':tensorflow:serving:request_count{model_name="m",'
+                  'version="1",status="OK"} 1.0', page)
+    self.assertIn(':dropvar:serving:variation_examples{model_name="m",'
+                  'version="1"} 3.0', page)
+    proc.send_signal(signal.SIGTERM)
+    self.assertEqual(proc.wait(timeout=30), 0)
 
 
 if __name__ == "__main__":
