@@ -67,6 +67,10 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_float("max_seconds", 30.0,
                      "Longest a setting may run; it stops early then.",
                      flag_values=flag_values)
+  flags.DEFINE_list("server_flags", [],
+                    "Extra dropvar_model_server flags, e.g. "
+                    "--server_flags=--tensorflow_inter_op_parallelism=1.",
+                    flag_values=flag_values)
   flags.DEFINE_integer("latency_requests", 1000,
                        "Requests per model for the dual vs base latency.",
                        flag_values=flag_values)
@@ -256,7 +260,7 @@ def main(argv):
       extra = (["--enable_batching",
                 f"--batching_parameters_file={batching_file}"]
                if batching else [])
-      server = _Server(config, extra)
+      server = _Server(config, extra + FLAGS.server_flags)
       try:
         _load(server.target, 4, 200, FLAGS.max_seconds)  # Warm-up.
         for n in clients:
