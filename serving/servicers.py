@@ -1,12 +1,14 @@
-"""The gRPC servicers: TF Serving's PredictionService and ModelService.
+"""The request handlers, and the gRPC servicers over them.
 
-`PredictionServicer` answers Predict and GetModelMetadata, `ModelServicer`
-answers GetModelStatus, with the official `tensorflow_serving.apis` messages
-and TF Serving's status codes and messages (see `dropvar_tf.serving.server`
-for the list, and where this server is stricter). Request inputs are checked
-against the signature before the model runs. A handler answers a
+`ServingCore` answers Predict, GetModelMetadata and GetModelStatus with the
+official `tensorflow_serving.apis` messages and TF Serving's status codes
+and messages (see `dropvar_tf.serving.server` for the list, and where this
+server is stricter); the gRPC servicers (`PredictionServicer`,
+`ModelServicer`) and the REST API (`rest.py`) both call it. Request inputs
+are checked against the signature, their claimed shapes before any value is
+decoded, before the model runs. A failure is answered as `status_of` says: a
 `ServingError` with its code and message, a TF `OpError` with its own code,
-and any other exception as INTERNAL; the server keeps running.
+any other exception as INTERNAL; the server keeps running.
 """
 
 import time
