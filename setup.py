@@ -24,6 +24,9 @@ REQUIRED = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "grpcio>=1.60",
+    "aiohttp>=3.9",
+    "requests>=2.31",
+    "prometheus_client>=0.17",
 ]
 
 EXTRAS = {

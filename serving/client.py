@@ -1,7 +1,9 @@
-"""A gRPC client for dual models served by TF Serving (or dropvar_model_server).
+"""A client for dual models served by TF Serving (or dropvar_model_server).
 
 Uses only the official `tensorflow_serving.apis` stubs, so it works unchanged
 against a real TF Serving (>= 2.21) and against the local development server.
+With `protocol="rest"` it speaks TF Serving's REST API instead of gRPC
+(`rest_client.RestStub`), with the same messages and errors.
 
 Example:
 
@@ -28,6 +30,7 @@ from dropvar_tf import validation
 from dropvar_tf._keras import tf
 from dropvar_tf.serving import codec
 from dropvar_tf.serving import errors
+from dropvar_tf.serving import rest_client
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
@@ -56,12 +59,13 @@ class Result:
       when filtered out.
     variation: the "variation" output (the estimated dropout prediction
       variation), a numpy array (batch, ...), or None when filtered out.
-    model_version: the version that answered.
+    model_version: the version that answered (None over REST, whose answer
+      names no version, unless the request named one).
     outputs: every returned output, {alias: numpy array}.
   """
   prediction: object
   variation: object
-  model_version: int
+  model_version: int | None
   outputs: dict
 
 
@@ -172,11 +176,12 @@ class VariationClient:
                signature=contract.SERVING_SIGNATURE, version=None,
                version_label=None, timeout=10.0, max_retries=3,
                backoff_seconds=0.05, max_backoff_seconds=2.0,
-               cast_inputs=True, channel=None, channel_options=None):
+               cast_inputs=True, channel=None, channel_options=None,
+               protocol="grpc"):
     """Creates the client; opens an insecure channel to `target` lazily.
 
     Args:
-      target: "host:port" of the server.
+      target: "host:port" of the server (its REST port for "rest").
       model_name: the served model's name.
       signature: the signature to call.
       version: a specific version to ask for (None: the latest).
@@ -200,6 +205,11 @@ class VariationClient:
         `close`). Its own service config decides retries: `max_retries` and
         the backoffs apply to a created channel only.
       channel_options: extra options for the created channel.
+      protocol: "grpc", or "rest" for TF Serving's REST API. Over REST
+        `max_retries` and the backoffs retry refused connections, a Predict
+        result has `model_version` None unless `version` is set (TF
+        Serving's REST answer names no version), and `channel` cannot be
+        given.
 
     Raises:
       ValueError: an argument is invalid.
@@ -223,6 +233,11 @@ class VariationClient:
     if isinstance(timeout, bool) or not isinstance(
         timeout, (int, float)) or not timeout > 0:
       raise validation.invalid("timeout", "a number of seconds > 0", timeout)
+    if protocol not in ("grpc", "rest"):
+      raise validation.invalid("protocol", "'grpc' or 'rest'", protocol)
+    if protocol == "rest" and channel is not None:
+      raise validation.invalid("channel", "None with protocol='rest'",
+                               channel)
     self.max_retries = validation.check_int(max_retries, "max_retries", 0)
     if self.max_retries > _MAX_RETRIES:
       raise validation.invalid(
@@ -242,7 +257,15 @@ class VariationClient:
     self.backoff_seconds = float(backoff_seconds)
     self.max_backoff_seconds = float(max_backoff_seconds)
     self.cast_inputs = cast_inputs
+    self.protocol = protocol
+    self._input_specs = None
     self._own_channel = channel is None
+    if protocol == "rest":
+      self._channel = rest_client.RestStub(
+          target, self.max_retries, self.backoff_seconds,
+          self.max_backoff_seconds)
+      self._predict_stub = self._model_stub = self._channel
+      return
     if channel is None:
       service_config = _service_config(self.max_retries,
                                        self.backoff_seconds,
@@ -256,7 +279,6 @@ class VariationClient:
     self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(
         channel)
     self._model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
-    self._input_specs = None
 
   # -- RPC plumbing.
 
@@ -342,7 +364,9 @@ class VariationClient:
     outputs = decode_outputs(response)
     return Result(prediction=outputs.get(contract.PREDICTION_KEY),
                   variation=outputs.get(contract.VARIATION_KEY),
-                  model_version=int(response.model_spec.version.value),
+                  model_version=(int(response.model_spec.version.value)
+                                 if response.model_spec.HasField("version")
+                                 else None),
                   outputs=outputs)
 
   def get_model_metadata(self, timeout=None):
@@ -433,7 +457,7 @@ class VariationClient:
     return named
 
   def close(self):
-    """Closes the channel (if the client created it)."""
+    """Closes the channel or HTTP session (if the client created it)."""
     if self._own_channel:
       self._channel.close()
 

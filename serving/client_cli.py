@@ -55,6 +55,10 @@ def define_flags(flag_values=FLAGS):
                     flag_values=flag_values)
   flags.DEFINE_float("timeout", 10.0, "Deadline per RPC, seconds.",
                      flag_values=flag_values)
+  flags.DEFINE_enum("protocol", "grpc", ["grpc", "rest"],
+                    "gRPC, or TF Serving's REST API (then --target is the "
+                    "REST port, e.g. localhost:8501).",
+                    flag_values=flag_values)
 
 
 COMMANDS = ("predict", "metadata", "status")
@@ -157,7 +161,7 @@ def main(argv):
     with client_lib.VariationClient(
         FLAGS.target, FLAGS.model_name, signature=FLAGS.signature,
         version=FLAGS.version, version_label=FLAGS.version_label,
-        timeout=FLAGS.timeout) as client:
+        timeout=FLAGS.timeout, protocol=FLAGS.protocol) as client:
       out = run_command(command, client, inputs, FLAGS.output_filter)
   except errors.ServingError as e:
     print(str(e), file=sys.stderr)

@@ -103,13 +103,7 @@ def decode(proto, name, max_bytes=None, role="Input"):
       dtype == tf.variant):
     raise errors.invalid_argument(
         f"{label} has an unsupported dtype {dtype.name}.")
-  if proto.tensor_shape.unknown_rank:
-    raise errors.invalid_argument(f"{label} has an unknown rank; send a "
-                                  "shape.")
-  dims = [d.size for d in proto.tensor_shape.dim]
-  if any(d < 0 for d in dims):
-    raise errors.invalid_argument(
-        f"{label} has a negative dimension in shape {shape_string(dims)}.")
+  dims = claimed_dims(proto, name, role)
   num_elements = 1
   for d in dims:
     num_elements *= d
@@ -148,6 +142,35 @@ def decode(proto, name, max_bytes=None, role="Input"):
   except Exception as e:  # pylint: disable=broad-except
     raise errors.invalid_argument(
         f"{label} could not be decoded: {e}") from None
+
+
+def claimed_dims(proto, name, role="Input"):
+  """The shape a TensorProto claims, read without decoding any value.
+
+  A request can claim a huge shape with a single value (typed values are
+  repeated to fill it), so limits are checked on this before decoding.
+
+  Args:
+    proto: a `tensorflow.TensorProto`.
+    name: the tensor's alias, named in error messages.
+    role: how error messages name the tensor ("Input", "Output").
+
+  Returns:
+    The list of dimension sizes.
+
+  Raises:
+    ServingError: INVALID_ARGUMENT for an unknown rank or a negative
+      dimension.
+  """
+  label = f"{role} \"{name}\""
+  if proto.tensor_shape.unknown_rank:
+    raise errors.invalid_argument(f"{label} has an unknown rank; send a "
+                                  "shape.")
+  dims = [d.size for d in proto.tensor_shape.dim]
+  if any(d < 0 for d in dims):
+    raise errors.invalid_argument(
+        f"{label} has a negative dimension in shape {shape_string(dims)}.")
+  return dims
 
 
 def _num_typed_values(proto):

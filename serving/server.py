@@ -1,4 +1,4 @@
-"""A local server speaking the TF Serving gRPC API, for development and tests.
+"""A local server speaking TF Serving's APIs, for development and tests.
 
 `dropvar_model_server` is started like `tensorflow_model_server`:
 
@@ -9,7 +9,11 @@ or with `--model_config_file` holding a text-format `ModelServerConfig` (the
 same file a real TF Serving reads). It serves PredictionService.Predict,
 PredictionService.GetModelMetadata and ModelService.GetModelStatus with the
 official `tensorflow_serving.apis` messages, so a client written against it
-works unchanged against a real TF Serving (>= 2.21).
+works unchanged against a real TF Serving (>= 2.21). With `--rest_api_port`
+it serves TF Serving's REST API too (`rest.py`), with
+`--monitoring_config_file` Prometheus metrics (`monitoring.py`), and with
+`--enable_batching` it merges concurrent requests (`batching.py`). Versions
+load as TF Serving's SavedModelBundle does (`bundle.py`).
 
 Behaviour that matches TF Serving:
 - Version folders: numeric sub-folders of the base path that hold a
@@ -63,6 +67,7 @@ command line.
 import dataclasses
 import os
 import signal
+import sys
 import threading
 from concurrent import futures
 
@@ -73,6 +78,9 @@ import grpc
 from google.protobuf import text_format
 
 from dropvar_tf._keras import tf
+from dropvar_tf.serving import batching as batching_lib
+from dropvar_tf.serving import monitoring
+from dropvar_tf.serving import rest
 from dropvar_tf.serving import servicers
 from dropvar_tf.serving import versions
 from tensorflow_serving.apis import model_service_pb2_grpc
@@ -157,7 +165,8 @@ class ModelServer:
 
   def __init__(self, model_configs, host="127.0.0.1", port=0,
                poll_seconds=versions.DEFAULT_POLL_SECONDS, options=None,
-               max_workers=4):
+               max_workers=4, rest_api_port=None, metrics=None,
+               metrics_path=None, batching=None):
     """Creates the server; nothing is loaded or bound until `start`.
 
     Args:
@@ -168,14 +177,43 @@ class ModelServer:
       poll_seconds: how often base paths are polled for new versions; 0
         loads once at start.
       options: `ServerOptions`.
-      max_workers: request handler threads.
+      max_workers: request handler threads (per API).
+      rest_api_port: TCP port of the REST API (`rest.py`); 0 picks a free
+        one, None serves no REST API.
+      metrics: a `monitoring.Metrics` to record requests and variations in,
+        or None.
+      metrics_path: where the REST port serves the Prometheus page of
+        `metrics` (needs `rest_api_port`).
+      batching: `batching.BatchingOptions` to merge concurrent Predicts
+        into batches (TF Serving's --enable_batching), or None. Merging
+        needs as many handler threads (`max_workers`) as concurrent
+        requests.
+
+    Raises:
+      ValueError: `metrics_path` without `metrics` or `rest_api_port`.
     """
+    if metrics_path is not None and (metrics is None or
+                                     rest_api_port is None):
+      raise ValueError(
+          "Invalid value received for argument `metrics_path`. Expected None "
+          "unless `metrics` and `rest_api_port` are given (the page is "
+          f"served on the REST port). Received: metrics_path={metrics_path!r}")
     self.host = host
     self.port = port
     self.options = options or ServerOptions()
     self.manager = versions.ModelManager(model_configs, poll_seconds)
+    self.metrics = metrics
+    self.metrics_path = metrics_path
+    self.batcher = None if batching is None else batching_lib.Batcher(
+        batching)
+    self.core = servicers.ServingCore(
+        self.manager, self.options,
+        run=None if self.batcher is None else self.batcher.run,
+        metrics=metrics)
     self._max_workers = max_workers
     self._server = None
+    self.rest_api_port = rest_api_port
+    self._rest = None
 
   def start(self):
     """Loads the models, binds and starts serving.
@@ -187,6 +225,8 @@ class ModelServer:
       RuntimeError: the address cannot be bound.
     """
     self.manager.start()
+    if self.batcher is not None:
+      self.batcher.start()
     limit = self.options.max_request_bytes
     self._server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=self._max_workers,
@@ -194,10 +234,9 @@ class ModelServer:
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.so_reuseport", 0)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        servicers.PredictionServicer(self.manager, self.options),
-        self._server)
+        servicers.PredictionServicer(self.core, self.metrics), self._server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        servicers.ModelServicer(self.manager), self._server)
+        servicers.ModelServicer(self.core), self._server)
     address = f"{self.host}:{self.port}"
     if ":" in self.host and not self.host.startswith("["):
       address = f"[{self.host}]:{self.port}"
@@ -211,6 +250,18 @@ class ModelServer:
       raise RuntimeError(f"Could not bind {address}.")
     self.port = bound
     self._server.start()
+    if self.rest_api_port is not None:
+      self._rest = rest.RestServer(
+          rest.RestApi(self.core, self.metrics, self.metrics_path),
+          host=self.host, port=self.rest_api_port,
+          max_request_bytes=limit, max_workers=self._max_workers)
+      try:
+        self.rest_api_port = self._rest.start()
+      except OSError as e:
+        self._rest = None
+        self.stop()
+        raise RuntimeError(f"Could not bind the REST API to {self.host}:"
+                           f"{self.rest_api_port}: {e}") from e
     return bound
 
   @property
@@ -218,11 +269,21 @@ class ModelServer:
     """"host:port" to connect to (the bound port once started)."""
     return f"{self.host}:{self.port}"
 
+  @property
+  def rest_url(self):
+    """"http://host:port" of the REST API once started; None without it."""
+    return None if self._rest is None else self._rest.url
+
   def stop(self, grace=1.0):
     """Stops accepting requests, lets running ones finish, stops polling."""
+    if self._rest is not None:
+      self._rest.stop()
+      self._rest = None
     if self._server is not None:
       self._server.stop(grace).wait()
       self._server = None
+    if self.batcher is not None:
+      self.batcher.stop()
     self.manager.stop()
 
   def __enter__(self):
@@ -284,10 +345,74 @@ def define_flags(flag_values=FLAGS):
                        "variation head's ops from competing with the base "
                        "model's matmuls (bench/dual_bench.py).",
                        flag_values=flag_values)
+  flags.DEFINE_string("monitoring_config_file", None,
+                      "Text-format MonitoringConfig (as "
+                      "tensorflow_model_server reads): "
+                      "prometheus_config { enable: true path: ... } serves "
+                      "Prometheus metrics on the REST port.",
+                      flag_values=flag_values)
+  flags.DEFINE_float("variation_threshold", None,
+                     "With monitoring: variation above which a served "
+                     "example counts in "
+                     ":dropvar:serving:variation_share_above_threshold.",
+                     flag_values=flag_values)
+  flags.DEFINE_bool("enable_batching", False,
+                    "Merge concurrent Predict requests into batches, as "
+                    "tensorflow_model_server does (see "
+                    "--batching_parameters_file). Pass --num_workers of at "
+                    "least the number of concurrent clients.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("batching_parameters_file", None,
+                      "Text-format BatchingParameters (as "
+                      "tensorflow_model_server reads), used with "
+                      "--enable_batching; TF Serving's defaults without it.",
+                      flag_values=flag_values)
   flags.DEFINE_integer("rest_api_port", 0,
-                       "Accepted for compatibility with "
-                       "tensorflow_model_server; this server has no REST "
-                       "API.", flag_values=flag_values)
+                       "Port of TF Serving's REST API (and of the "
+                       "Prometheus page); 0 serves no REST API, as in "
+                       "tensorflow_model_server.", flag_values=flag_values)
+
+
+# Inclusive bounds of the numeric flags. gRPC takes message sizes as a C int,
+# so 2 GiB and more cannot be passed on (TF Serving has the same limit).
+_MAX_PORT = 65535
+_MAX_GRPC_BYTES = 2**31 - 1
+_FLAG_BOUNDS = {
+    "port": (0, _MAX_PORT),
+    "rest_api_port": (0, _MAX_PORT),
+    "max_batch_size": (1, None),
+    "max_request_bytes": (1, _MAX_GRPC_BYTES),
+    "num_workers": (1, None),
+    "tensorflow_intra_op_parallelism": (0, None),
+    "tensorflow_inter_op_parallelism": (0, None),
+    "file_system_poll_wait_seconds": (0, None),
+    "variation_threshold": (0, None),
+}
+
+
+def check_flag_values(flag_values):
+  """Refuses flag values the server cannot run with, before anything starts.
+
+  Args:
+    flag_values: the parsed `flags.FlagValues`.
+
+  Raises:
+    app.UsageError: a value is out of range (or NaN), with a one-line
+      message naming the flag and the value received.
+  """
+  for name, (low, high) in _FLAG_BOUNDS.items():
+    value = getattr(flag_values, name)
+    if value is None:
+      continue
+    if low is not None and high is not None:
+      expected = f"a value in [{low}, {high}]"
+    else:
+      expected = f"a value >= {low}"
+    # `not <=` also refuses NaN.
+    if not low <= value or (high is not None and value > high):
+      raise app.UsageError(
+          f"Invalid value received for flag `--{name}`. Expected {expected}. "
+          f"Received: --{name}={value}")
 
 
 def _configs_from_flags():
@@ -315,16 +440,12 @@ def main(argv):
   """
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.rest_api_port:
-    logging.warning("--rest_api_port=%d ignored: dropvar_model_server only "
-                    "serves gRPC.", FLAGS.rest_api_port)
-  for name in ("max_batch_size", "max_request_bytes", "num_workers"):
-    if getattr(FLAGS, name) < 1:
-      raise app.UsageError(f"--{name} must be >= 1.")
-  for name in ("tensorflow_intra_op_parallelism",
-               "tensorflow_inter_op_parallelism"):
-    if getattr(FLAGS, name) < 0:
-      raise app.UsageError(f"--{name} must be >= 0.")
+  check_flag_values(FLAGS)
+  if FLAGS.monitoring_config_file and not FLAGS.rest_api_port:
+    raise app.UsageError(
+        "Invalid value received for flag `--rest_api_port`. Expected a port "
+        "when --monitoring_config_file is given (metrics are served on the "
+        "REST port). Received: --rest_api_port=0")
   # Before any model is loaded: TF fixes its thread pools on first use.
   tf.config.threading.set_intra_op_parallelism_threads(
       FLAGS.tensorflow_intra_op_parallelism)
@@ -336,13 +457,27 @@ def main(argv):
         "(0: TF's choice)", flush=True)
   try:
     configs = _configs_from_flags()
+    metrics = metrics_path = None
+    if FLAGS.monitoring_config_file:
+      metrics_path = monitoring.read_monitoring_config(
+          FLAGS.monitoring_config_file)
+      if metrics_path is not None:
+        metrics = monitoring.Metrics(FLAGS.variation_threshold)
+    batching = None
+    if FLAGS.enable_batching:
+      batching = (batching_lib.read_batching_parameters(
+          FLAGS.batching_parameters_file)
+                  if FLAGS.batching_parameters_file else
+                  batching_lib.BatchingOptions())
     server = ModelServer(
         configs, host=FLAGS.host, port=FLAGS.port,
         poll_seconds=FLAGS.file_system_poll_wait_seconds,
         options=ServerOptions(max_batch_size=FLAGS.max_batch_size,
                               max_request_bytes=FLAGS.max_request_bytes,
                               reject_non_finite=FLAGS.reject_non_finite),
-        max_workers=FLAGS.num_workers)
+        max_workers=FLAGS.num_workers,
+        rest_api_port=FLAGS.rest_api_port or None, metrics=metrics,
+        metrics_path=metrics_path, batching=batching)
   except (ValueError, OSError) as e:
     logging.error("%s", e)
     return 1
@@ -363,6 +498,11 @@ def main(argv):
   message = f"Running gRPC ModelServer at {server.host}:{port} ..."
   logging.info("%s", message)
   print(message, flush=True)
+  if server.rest_url is not None:
+    message = (f"Exporting HTTP/REST API at:{server.host}:"
+               f"{server.rest_api_port} ...")
+    logging.info("%s", message)
+    print(message, flush=True)
   while not stop.wait(0.5):
     pass
   server.stop(grace=2.0)
@@ -370,10 +510,19 @@ def main(argv):
   return 0
 
 
+def _main_or_usage_error(argv):
+  """`main`, with a usage error printed as one line and exit code 2."""
+  try:
+    return main(argv)
+  except app.UsageError as e:
+    print(f"{os.path.basename(argv[0])}: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run_main():
   """Console entry point `dropvar_model_server`."""
   define_flags()
-  app.run(main)
+  app.run(_main_or_usage_error)
 
 
 if __name__ == "__main__":

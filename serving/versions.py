@@ -11,20 +11,23 @@ reports (`ServedModel.status`).
 import dataclasses
 import os
 import threading
+import time
 
 from absl import logging
 import grpc
-from google.protobuf import text_format
 
-from dropvar_tf._keras import tf
+from dropvar_tf.serving import bundle
 from dropvar_tf.serving import errors
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 _State = get_model_status_pb2.ModelVersionStatus.State
 
 DEFAULT_POLL_SECONDS = 1.0
+# Failed loads are retried after 1, 2, 4, ... seconds, at most a minute apart
+# (TF Serving retries after --load_retry_interval_micros, a minute).
+DEFAULT_RETRY_BACKOFF_SECONDS = 1.0
+MAX_RETRY_BACKOFF_SECONDS = 60.0
 
 
 def _request_debug_string(name, version):
@@ -32,93 +35,6 @@ def _request_debug_string(name, version):
   if version is None:
     return f"Latest({name})"
   return f"Specific({name}, {version})"
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-  """A signature input as the request checks need it.
-
-  Attributes:
-    dtype: a `types_pb2.DataType` enum.
-    dims: tuple of sizes, -1 for unknown; None for unknown rank.
-  """
-  dtype: int
-  dims: tuple
-
-
-class LoadedVersion:
-  """One loaded SavedModel version and its runnable signatures.
-
-  Attributes:
-    version: the integer version.
-    path: the version folder.
-    signature_defs: {name: SignatureDef} read from saved_model.pb, as TF
-      Serving reports them in GetModelMetadata.
-  """
-
-  def __init__(self, version, path):
-    """Loads the SavedModel in `path`.
-
-    Args:
-      version: the integer version.
-      path: the version folder.
-
-    Raises:
-      ValueError: the SavedModel has no MetaGraph tagged "serve".
-      Exception: whatever `tf.saved_model.load` raises for a broken folder.
-    """
-    self.version = version
-    self.path = path
-    self.signature_defs = _read_signature_defs(path)
-    self._loaded = tf.saved_model.load(path)
-    self._functions = {}
-    self._inputs = {}
-    for name, fn in self._loaded.signatures.items():
-      sig = self.signature_defs.get(name)
-      if sig is None:
-        continue
-      self._functions[name] = fn
-      self._inputs[name] = {
-          alias: InputSpec(
-              info.dtype, None if info.tensor_shape.unknown_rank else tuple(
-                  d.size for d in info.tensor_shape.dim))
-          for alias, info in sig.inputs.items()
-      }
-
-  def signature(self, name):
-    """A signature of this version, ready to run.
-
-    Args:
-      name: the signature key.
-
-    Returns:
-      (concrete function, {alias: InputSpec}, SignatureDef).
-
-    Raises:
-      ServingError: FAILED_PRECONDITION for an unknown key, as TF Serving.
-    """
-    fn = self._functions.get(name)
-    if fn is None:
-      raise errors.ServingError(
-          grpc.StatusCode.FAILED_PRECONDITION,
-          f"Serving signature key \"{name}\" not found.")
-    return fn, self._inputs[name], self.signature_defs[name]
-
-
-def _read_signature_defs(path):
-  """Reads {name: SignatureDef} of the serving MetaGraph of a SavedModel."""
-  pb_path = os.path.join(path, "saved_model.pb")
-  saved_model = saved_model_pb2.SavedModel()
-  if os.path.exists(pb_path):
-    with open(pb_path, "rb") as f:
-      saved_model.ParseFromString(f.read())
-  else:
-    with open(os.path.join(path, "saved_model.pbtxt")) as f:
-      text_format.Parse(f.read(), saved_model)
-  for meta_graph in saved_model.meta_graphs:
-    if "serve" in meta_graph.meta_info_def.tags:
-      return dict(meta_graph.signature_def)
-  raise ValueError(f"No MetaGraph tagged 'serve' in {path}.")
 
 
 def list_versions(base_path):
@@ -131,12 +47,14 @@ def list_versions(base_path):
     base_path: the model's base path.
 
   Returns:
-    {version: folder path}; empty when `base_path` does not exist.
+    {version: folder path}.
+
+  Raises:
+    OSError: `base_path` is missing or cannot be listed. The caller keeps
+      what it serves: a base path that is renamed or unmounted for a moment
+      must not unload every version (TF Serving keeps them too).
   """
-  try:
-    names = os.listdir(base_path)
-  except OSError:
-    return {}
+  names = os.listdir(base_path)
   versions = {}
   for name in names:
     if not name.isdigit() or not name.isascii():
@@ -151,6 +69,47 @@ def list_versions(base_path):
   return versions
 
 
+def folder_fingerprint(path):
+  """What changes when a version folder is written to: its files and times.
+
+  Args:
+    path: a version folder.
+
+  Returns:
+    A hashable tuple of (relative path, size, mtime in ns) for the folder and
+    every file and folder under it; None when it cannot be read.
+  """
+  entries = []
+  try:
+    for root, dirs, files in os.walk(path, onerror=_raise):
+      for name in [""] + sorted(dirs) + sorted(files):
+        full = os.path.join(root, name) if name else root
+        stat = os.stat(full)
+        entries.append((os.path.relpath(full, path), stat.st_size,
+                        stat.st_mtime_ns))
+  except OSError:
+    return None
+  return tuple(entries)
+
+
+def _raise(error):
+  raise error
+
+
+@dataclasses.dataclass
+class _Failure:
+  """The failed loads of one version, and when to try it again.
+
+  Attributes:
+    attempts: failed loads since the folder last changed.
+    retry_at: `time.monotonic()` before which it is not tried again.
+    fingerprint: `folder_fingerprint` of the folder at the last attempt.
+  """
+  attempts: int
+  retry_at: float
+  fingerprint: tuple
+
+
 class ServedModel:
   """One model name: its versions on disk, loaded versions and their states.
 
@@ -159,32 +118,41 @@ class ServedModel:
   never mutated in place, so readers need no lock.
   """
 
-  def __init__(self, config, max_load_attempts=3):
+  def __init__(self, config, max_load_attempts=3,
+               retry_backoff_seconds=DEFAULT_RETRY_BACKOFF_SECONDS):
     """Creates the model; nothing is loaded until `poll`.
 
     Args:
       config: its `ModelConfig` (name, base_path, model_version_policy,
         version_labels).
       max_load_attempts: loads of a version that may fail before it is given
-        up (reported as END with the error).
+        up (reported as END with the error) until its folder changes.
+      retry_backoff_seconds: wait before the first retry of a failed load;
+        it doubles with each failure, up to `MAX_RETRY_BACKOFF_SECONDS`.
     """
     self.name = config.name
     self.base_path = config.base_path
     self.policy = config.model_version_policy
     self.labels = dict(config.version_labels)
     self._max_load_attempts = max_load_attempts
-    self._loaded = {}  # version -> LoadedVersion.
+    self._retry_backoff_seconds = retry_backoff_seconds
+    self._loaded = {}  # version -> bundle.SavedModelBundle.
     # version -> (state enum, grpc code value, message); what GetModelStatus
     # reports.
     self._states = {}
-    self._failures = {}  # version -> failed load attempts.
+    self._failures = {}  # version -> _Failure.
     self._lock = threading.Lock()
+
+  @property
+  def loaded_versions(self):
+    """The loaded versions, sorted."""
+    return sorted(self._loaded)
 
   def _wanted(self, on_disk):
     """Versions the policy wants loaded, among those on disk."""
     candidates = sorted(
-        v for v in on_disk if self._failures.get(v, 0) <
-        self._max_load_attempts)
+        v for v in on_disk if v not in self._failures or
+        self._failures[v].attempts < self._max_load_attempts)
     which = self.policy.WhichOneof("policy_choice")
     if which == "all":
       return set(candidates)
@@ -193,16 +161,50 @@ class ServedModel:
     num = self.policy.latest.num_versions if which == "latest" else 1
     return set(candidates[-max(num, 1):])
 
+  def _forget_changed_failures(self, on_disk):
+    """Gives a failed version fresh attempts when its folder has changed.
+
+    A slow copy that was loaded half-written, or a folder deleted and
+    published again, is loaded again instead of staying failed until a
+    restart. A pending backoff is kept, so a copy still in progress is not
+    loaded on every poll.
+    """
+    for version in list(self._failures):
+      if version not in on_disk:
+        del self._failures[version]
+        continue
+      failure = self._failures[version]
+      fingerprint = folder_fingerprint(on_disk[version])
+      if fingerprint != failure.fingerprint:
+        logging.info("Folder of servable version {name: %s version: %d} "
+                     "changed; loading it again.", self.name, version)
+        self._failures[version] = _Failure(0, failure.retry_at, fingerprint)
+
   def poll(self):
-    """Loads versions the policy wants, then unloads those it dropped."""
-    on_disk = list_versions(self.base_path)
+    """Loads versions the policy wants, then unloads those it dropped.
+
+    When the base path cannot be listed (missing, renamed, unreadable), the
+    loaded versions stay served and an error naming the path is logged.
+    """
+    try:
+      on_disk = list_versions(self.base_path)
+    except OSError as e:
+      logging.log_every_n_seconds(
+          logging.ERROR, "Cannot list the base path %s of servable %s (%s); "
+          "still serving its loaded versions %s.", 10, self.base_path,
+          self.name, e, self.loaded_versions)
+      return
     if not on_disk and not self._loaded and not self._states:
       logging.log_every_n_seconds(
           logging.WARNING, "No versions of servable %s found under base path "
           "%s.", 60, self.name, self.base_path)
+    self._forget_changed_failures(on_disk)
     wanted = self._wanted(on_disk)
+    now = time.monotonic()
     for version in sorted(wanted - set(self._loaded)):
-      self._load(version, on_disk[version])
+      failure = self._failures.get(version)
+      if failure is None or now >= failure.retry_at:
+        self._load(version, on_disk[version])
     available = set(self._loaded) & wanted
     # Keep old versions until a wanted one is up (availability preserving);
     # a version whose folder was deleted goes regardless.
@@ -223,23 +225,37 @@ class ServedModel:
       self._states[version] = (_State.LOADING, 0, "")
     logging.info("Loading servable version {name: %s version: %d} from %s",
                  self.name, version, path)
+    fingerprint = folder_fingerprint(path)
     try:
-      loaded = LoadedVersion(version, path)
+      loaded = bundle.SavedModelBundle(version, path)
     except Exception as e:  # pylint: disable=broad-except
-      self._failures[version] = self._failures.get(version, 0) + 1
-      logging.error("Loading servable version {name: %s version: %d} failed "
-                    "(attempt %d): %s", self.name, version,
-                    self._failures[version], e)
-      with self._lock:
-        self._states[version] = (_State.END,
-                                 grpc.StatusCode.UNKNOWN.value[0],
-                                 f"Loading failed: {e}")
+      self._record_failure(version, path, fingerprint, e)
       return
+    self._failures.pop(version, None)
     with self._lock:
       self._loaded = {**self._loaded, version: loaded}
       self._states[version] = (_State.AVAILABLE, 0, "")
     logging.info("Successfully loaded servable version {name: %s version: "
                  "%d}", self.name, version)
+
+  def _record_failure(self, version, path, fingerprint, error):
+    """Logs a failed load and schedules its retry with backoff."""
+    previous = self._failures.get(version)
+    attempts = (previous.attempts if previous else 0) + 1
+    delay = min(self._retry_backoff_seconds * 2**(attempts - 1),
+                MAX_RETRY_BACKOFF_SECONDS)
+    self._failures[version] = _Failure(attempts, time.monotonic() + delay,
+                                       fingerprint)
+    if attempts < self._max_load_attempts:
+      then = f"retrying in {delay:g} s"
+    else:
+      then = "giving up until its folder changes"
+    logging.error("Loading servable version {name: %s version: %d} from %s "
+                  "failed (attempt %d of %d; %s): %s", self.name, version,
+                  path, attempts, self._max_load_attempts, then, error)
+    with self._lock:
+      self._states[version] = (_State.END, grpc.StatusCode.UNKNOWN.value[0],
+                               f"Loading failed: {error}")
 
   def resolve(self, model_spec):
     """The loaded version a ModelSpec asks for.
@@ -248,7 +264,7 @@ class ServedModel:
       model_spec: a `tensorflow.serving.ModelSpec`.
 
     Returns:
-      A `LoadedVersion`.
+      A `bundle.SavedModelBundle`.
 
     Raises:
       ServingError: INVALID_ARGUMENT for an unknown version label, NOT_FOUND

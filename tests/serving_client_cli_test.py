@@ -99,6 +99,32 @@ class ClientCliTest(tf.test.TestCase):
                      [{"version": 1, "state": "AVAILABLE", "error_code": 0,
                        "error_message": ""}])
 
+  def test_cli_over_rest(self):
+    tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
+    x = testing.dense_inputs(2, seed=7)
+    npy_path = os.path.join(tmp, "req.npy")
+    np.save(npy_path, x)
+    server = server_lib.ModelServer(
+        [server_lib.model_config("dense", self.base)], poll_seconds=0,
+        rest_api_port=0)
+    with server:
+      common = [f"--target=127.0.0.1:{server.rest_api_port}",
+                "--model_name=dense", "--protocol=rest"]
+      code, stdout, _ = _run_cli([f"--input={npy_path}"] + common)
+      self.assertEqual(code, 0)
+      code, status, _ = _run_cli(["status"] + common)
+      self.assertEqual(code, 0)
+      code, stdout_missing, stderr = _run_cli(
+          [f"--input={npy_path}", f"--target=127.0.0.1:{server.rest_api_port}",
+           "--model_name=nope", "--protocol=rest"])
+    out = json.loads(stdout)
+    self.assertAllClose(out["variation"], self.model(x)["variation"],
+                        rtol=1e-6, atol=1e-6)
+    self.assertIsNone(out["model_version"])
+    self.assertEqual(json.loads(status)["model_version_status"][0]["state"],
+                     "AVAILABLE")
+    self.assertEqual((code, stdout_missing, stderr), (1, "", _NOT_FOUND + "\n"))
+
   def test_cli_reads_npz_and_list_json(self):
     tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
     npz_path = os.path.join(tmp, "req.npz")

@@ -1,6 +1,10 @@
 """Tests of serving/server.py: the server, its options, config files, CLI."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from unittest import mock
@@ -9,6 +13,7 @@ from absl import app
 from absl import flags
 import grpc
 import numpy as np
+import requests
 
 from dropvar_tf import contract
 from dropvar_tf import saved_model
@@ -227,11 +232,37 @@ class FlagsTest(tf.test.TestCase):
         ((), ["dropvar_model_server", "extra"],
          "Unexpected arguments: ['extra']"),
         (("--max_batch_size=0",), ["dropvar_model_server"],
-         "--max_batch_size must be >= 1."),
+         "Invalid value received for flag `--max_batch_size`. Expected a "
+         "value >= 1. Received: --max_batch_size=0"),
         (("--num_workers=0",), ["dropvar_model_server"],
-         "--num_workers must be >= 1."),
+         "Invalid value received for flag `--num_workers`. Expected a value "
+         ">= 1. Received: --num_workers=0"),
         (("--tensorflow_intra_op_parallelism=-1",), ["dropvar_model_server"],
-         "--tensorflow_intra_op_parallelism must be >= 0."),
+         "Invalid value received for flag `--tensorflow_intra_op_parallelism`"
+         ". Expected a value >= 0. Received: "
+         "--tensorflow_intra_op_parallelism=-1"),
+        # gRPC takes sizes as a C int: 2 GiB used to crash with a traceback.
+        (("--max_request_bytes=2147483648",), ["dropvar_model_server"],
+         "Invalid value received for flag `--max_request_bytes`. Expected a "
+         "value in [1, 2147483647]. Received: "
+         "--max_request_bytes=2147483648"),
+        (("--max_request_bytes=-5",), ["dropvar_model_server"],
+         "Invalid value received for flag `--max_request_bytes`. Expected a "
+         "value in [1, 2147483647]. Received: --max_request_bytes=-5"),
+        (("--port=70000",), ["dropvar_model_server"],
+         "Invalid value received for flag `--port`. Expected a value in "
+         "[0, 65535]. Received: --port=70000"),
+        (("--monitoring_config_file=/m.config",), ["dropvar_model_server"],
+         "Invalid value received for flag `--rest_api_port`. Expected a port "
+         "when --monitoring_config_file is given (metrics are served on the "
+         "REST port). Received: --rest_api_port=0"),
+        (("--variation_threshold=-1",), ["dropvar_model_server"],
+         "Invalid value received for flag `--variation_threshold`. Expected a "
+         "value >= 0. Received: --variation_threshold=-1.0"),
+        (("--file_system_poll_wait_seconds=nan",), ["dropvar_model_server"],
+         "Invalid value received for flag `--file_system_poll_wait_seconds`. "
+         "Expected a value >= 0. Received: "
+         "--file_system_poll_wait_seconds=nan"),
     ]
     for args, argv, message in cases:
       with self.subTest(message):
@@ -240,6 +271,69 @@ class FlagsTest(tf.test.TestCase):
           with self.assertRaises(app.UsageError) as cm:
             server_lib.main(argv)
         self.assertEqual(str(cm.exception), message)
+
+  def test_impossible_flag_value_is_one_line_without_traceback(self):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-m", "dropvar_tf.serving.server",
+         f"--model_base_path={self.get_temp_dir()}",
+         "--max_request_bytes=2147483648"],
+        cwd=_REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        check=False)
+    self.assertEqual(done.returncode, 2, done.stderr)
+    self.assertNotIn("Traceback", done.stderr)
+    self.assertEqual(
+        done.stderr.strip().splitlines()[-1],
+        "server.py: Invalid value received for flag `--max_request_bytes`. "
+        "Expected a value in [1, 2147483647]. Received: "
+        "--max_request_bytes=2147483648")
+
+
+class CommandLineTest(_TestCase):
+
+  def test_rest_monitoring_and_batching_from_the_deploy_files(self):
+    base = self._new_dir()
+    model = testing.dense_model(seed=1)
+    testing.write_export(model, base, 1)
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      rest_port = s.getsockname()[1]
+    deploy = os.path.join(_REPO_ROOT, "serving", "deploy")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dropvar_tf.serving.server", "--port=0",
+         f"--rest_api_port={rest_port}", "--model_name=m",
+         f"--model_base_path={base}", "--num_workers=8",
+         "--monitoring_config_file=" + os.path.join(deploy,
+                                                    "monitoring.config"),
+         "--enable_batching", "--batching_parameters_file=" +
+         os.path.join(deploy, "batching_parameters.txt"),
+         "--variation_threshold=0.5"],
+        cwd=_REPO_ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    self.addCleanup(lambda: proc.poll() is None and proc.kill())
+    lines = []
+    for line in proc.stdout:
+      lines.append(line.strip())
+      if line.startswith("Exporting HTTP/REST API at:"):
+        break
+    self.assertIn(f"Exporting HTTP/REST API at:127.0.0.1:{rest_port} ...",
+                  lines)
+    url = f"http://127.0.0.1:{rest_port}"
+    x = testing.dense_inputs(3, seed=2)
+    response = requests.post(url + "/v1/models/m:predict",
+                             json={"instances": x.tolist()}, timeout=_TIMEOUT)
+    self.assertEqual(response.status_code, 200, response.text)
+    self.assertAllClose(
+        [row["variation"] for row in response.json()["predictions"]],
+        model(x)["variation"], rtol=1e-5, atol=1e-6)
+    page = requests.get(url + "/monitoring/prometheus/metrics",
+                        timeout=_TIMEOUT).text
+    self.assertIn(':tensorflow:serving:request_count{model_name="m",'
+                  'version="1",status="OK"} 1.0', page)
+    self.assertIn(':dropvar:serving:variation_examples{model_name="m",'
+                  'version="1"} 3.0', page)
+    proc.send_signal(signal.SIGTERM)
+    self.assertEqual(proc.wait(timeout=30), 0)
 
 
 if __name__ == "__main__":

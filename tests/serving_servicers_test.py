@@ -255,7 +255,8 @@ class ServicersTest(tf.test.TestCase):
         ("shape too large to decode", predict,
          _predict_request("dense", {"x": _tensor(types_pb2.DT_FLOAT,
                                                  [10**12, 4])}), invalid,
-         "Input \"x\" with shape [1000000000000,4] would take"),
+         "Input \"x\" has batch size 1000000000000, larger than the maximum "
+         "batch size"),
         ("bad output filter", predict,
          _predict_request("dense", {"x": x}, output_filter=["bogus"]),
          invalid, "output tensor alias not found in signature: bogus Outputs "
@@ -294,6 +295,22 @@ class ServicersTest(tf.test.TestCase):
                                  timeout=_TIMEOUT)
     self.assertAllClose(tf.make_ndarray(response.outputs["prediction"]),
                         self.dense(x)["prediction"], rtol=1e-6, atol=1e-6)
+
+  def test_claimed_huge_shape_is_refused_before_decoding(self):
+    # One typed value claiming a million rows: TF would repeat it to fill the
+    # shape, so the batch limit must be checked on the claimed shape.
+    claim = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, float_val=[1.0],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=10**6),
+                 tensor_shape_pb2.TensorShapeProto.Dim(size=4)]))
+    with mock.patch.object(codec, "decode", wraps=codec.decode) as decode:
+      self.assertRpcError(
+          self.stub.Predict, _predict_request("dense", {"x": claim}),
+          grpc.StatusCode.INVALID_ARGUMENT,
+          "Input \"x\" has batch size 1000000, larger than the maximum batch "
+          f"size {_MAX_BATCH}")
+    decode.assert_not_called()
 
   def test_nan_inputs_pass_through_by_default(self):
     x = testing.dense_inputs(3)

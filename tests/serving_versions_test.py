@@ -1,6 +1,7 @@
 """Tests of serving/versions.py: version folders, policies and resolution."""
 
 import os
+import shutil
 import tempfile
 from unittest import mock
 
@@ -8,6 +9,7 @@ import grpc
 
 from dropvar_tf import contract
 from dropvar_tf._keras import tf
+from dropvar_tf.serving import bundle
 from dropvar_tf.serving import errors
 from dropvar_tf.serving import server as server_lib
 from dropvar_tf.serving import versions
@@ -65,7 +67,8 @@ class VersionsTest(tf.test.TestCase):
       f.write("not a folder")
     self.assertEqual(versions.list_versions(base),
                      {4: os.path.join(base, "4")})
-    self.assertEqual(versions.list_versions(os.path.join(base, "nope")), {})
+    with self.assertRaises(OSError):
+      versions.list_versions(os.path.join(base, "nope"))
 
   def test_specific_and_all_version_policies(self):
     specific = server_lib.model_config("m", self.base)
@@ -134,9 +137,10 @@ class VersionsTest(tf.test.TestCase):
     with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
       f.write(b"this is not a SavedModel")
     served = versions.ServedModel(server_lib.model_config("m", base),
-                                  max_load_attempts=2)
-    with mock.patch.object(versions, "LoadedVersion",
-                           wraps=versions.LoadedVersion) as load:
+                                  max_load_attempts=2,
+                                  retry_backoff_seconds=0)
+    with mock.patch.object(bundle, "SavedModelBundle",
+                           wraps=bundle.SavedModelBundle) as load:
       for _ in range(4):
         served.poll()
     self.assertEqual(load.call_count, 2)
@@ -144,6 +148,74 @@ class VersionsTest(tf.test.TestCase):
     self.assertEqual((version, state, code),
                      (1, _END, grpc.StatusCode.UNKNOWN.value[0]))
     self.assertStartsWith(message, "Loading failed: ")
+
+  def _broken_export(self, base, version):
+    path = os.path.join(base, str(version))
+    os.makedirs(path)
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+      f.write(b"this is not a SavedModel")
+    return path
+
+  def test_base_path_gone_for_a_moment_keeps_serving(self):
+    base = os.path.join(self._new_dir(), "m")
+    testing.write_export(testing.dense_model(), base, 1)
+    served = versions.ServedModel(server_lib.model_config("m", base))
+    served.poll()
+    os.rename(base, base + ".moved")
+    with self.assertLogs(level="ERROR") as logs:
+      served.poll()
+    self.assertIn(base, logs.output[0])
+    self.assertEqual(served.resolve(_spec()).version, 1)
+    self.assertEqual(served.status(), [(1, _AVAILABLE, 0, "")])
+    os.rename(base + ".moved", base)
+    served.poll()
+    self.assertEqual(served.resolve(_spec()).version, 1)
+
+  def test_failed_load_is_retried_with_backoff(self):
+    base = self._new_dir()
+    self._broken_export(base, 1)
+    served = versions.ServedModel(server_lib.model_config("m", base),
+                                  max_load_attempts=3,
+                                  retry_backoff_seconds=10)
+    now = [1000.0]
+    with mock.patch.object(versions.time, "monotonic", lambda: now[0]):
+      with mock.patch.object(bundle, "SavedModelBundle",
+                             wraps=bundle.SavedModelBundle) as load:
+        served.poll()
+        served.poll()
+        self.assertEqual(load.call_count, 1)
+        now[0] += 10
+        served.poll()
+        served.poll()
+        self.assertEqual(load.call_count, 2)
+        now[0] += 19
+        served.poll()
+        self.assertEqual(load.call_count, 2)
+        now[0] += 1
+        served.poll()
+        self.assertEqual(load.call_count, 3)
+        now[0] += 1000
+        served.poll()
+        self.assertEqual(load.call_count, 3)
+
+  def test_failed_version_loads_once_its_folder_is_fixed(self):
+    # A slow `cp -r` is loaded half-written and fails every attempt; once
+    # the copy is complete (or published again) the version must load.
+    base = self._new_dir()
+    broken = self._broken_export(base, 1)
+    served = versions.ServedModel(server_lib.model_config("m", base),
+                                  max_load_attempts=1,
+                                  retry_backoff_seconds=0)
+    served.poll()
+    served.poll()
+    self.assertEqual(served.status()[0][1], _END)
+    shutil.rmtree(broken)
+    staging = self._new_dir()
+    testing.write_export(testing.dense_model(), staging, 1)
+    os.rename(os.path.join(staging, "1"), broken)
+    served.poll()
+    self.assertEqual(served.status(), [(1, _AVAILABLE, 0, "")])
+    self.assertEqual(served.resolve(_spec()).version, 1)
 
   def test_manager_refuses_bad_configs_and_unknown_models(self):
     config = server_lib.model_config("m", self.base)
