@@ -12,7 +12,7 @@ from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import targets_testing as tt  # pylint: disable=g-import-not-at-top
+import testing_models as tm  # pylint: disable=g-import-not-at-top
 
 _PREFIX = "Invalid value received for argument "
 _ERR_SHAPE = (_PREFIX + "`estimate`. Expected shape (10,) like `mc_targets`. "
@@ -230,8 +230,8 @@ class SklearnAgreementTest(tf.test.TestCase):
 class ConvergenceTest(tf.test.TestCase):
 
   def test_halves_agree_more_with_more_samples(self):
-    model = tt.build_model("regression")
-    x = tt.features(60)
+    model = tm.target_model("regression")
+    x = tm.target_features(60)
     few = metrics.mc_convergence(model, x, num_samples=6)
     many = metrics.mc_convergence(model, x, num_samples=200)
     self.assertEqual(set(many), {"pearson", "spearman", "reliability",
@@ -248,8 +248,8 @@ class ConvergenceTest(tf.test.TestCase):
     self.assertBetween(many["spearman"], 0.5, 1.0)
 
   def test_statistics_of_the_split_halves(self):
-    model = tt.build_model("softmax")
-    x = tt.features(40)
+    model = tm.target_model("softmax")
+    x = tm.target_features(40)
     got = metrics.mc_convergence(model, x, num_samples=8, seed=2,
                                  statistic="per_class_std")
     a, b, full = (v.astype(np.float64).ravel() for v in
@@ -277,22 +277,23 @@ class ConvergenceTest(tf.test.TestCase):
       for key in nan_keys:
         self.assertTrue(np.isnan(got[key]), msg=(n, key))
       self.assertEqual(got["num_examples"], n)
-    one = metrics.mc_convergence(tt.build_model("regression"), tt.features(1),
-                                 num_samples=4)
+    one = metrics.mc_convergence(tm.target_model("regression"),
+                                 tm.target_features(1), num_samples=4)
     for key in ("pearson", "spearman", "reliability"):
       self.assertTrue(np.isnan(one[key]), msg=key)
     self.assertGreater(one["mean_relative_std_error"], 0.0)
 
   def test_invalid_num_samples(self):
-    model = tt.build_model("regression")
+    model = tm.target_model("regression")
     for num_samples, message in [(1, _ERR_NUM_SAMPLES), (3, _ERR_HALVES)]:
       with self.assertRaises(ValueError) as e:
-        metrics.mc_convergence(model, tt.features(), num_samples=num_samples)
+        metrics.mc_convergence(model, tm.target_features(),
+                               num_samples=num_samples)
       self.assertEqual(str(e.exception), message)
 
   def test_noise_ceiling_returns_two_independent_runs(self):
-    model = tt.build_model("binary")
-    x = tt.features(30)
+    model = tm.target_model("binary")
+    x = tm.target_features(30)
     a, b = metrics.noise_ceiling(model, x, num_samples=20, seeds=(3, 8))
     self.assertAllEqual(
         a, targets.mc_dropout_targets(model, x, num_samples=20, seed=3))

@@ -15,7 +15,6 @@ from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import targets_testing as tt  # pylint: disable=g-import-not-at-top
 import testing_models as tm  # pylint: disable=g-import-not-at-top
 
 _ERR_RATE = ("Invalid value received for argument `rate`. Expected a float "
@@ -23,7 +22,7 @@ _ERR_RATE = ("Invalid value received for argument `rate`. Expected a float "
 
 
 def _identity_clone(rate=0.5):
-  return seeded_dropout.mc_dropout_model(tt.build_model("identity", rate))
+  return seeded_dropout.mc_dropout_model(tm.target_model("identity", rate))
 
 
 def _reference(x, seed, keys, t, rate=0.5):
@@ -37,7 +36,7 @@ class MCDropoutModelTest(tf.test.TestCase):
 
   def test_samples_every_dropout_and_shares_weights(self):
     for kind in ("nested", "sequential", "conv", "dict"):
-      model = tt.build_model(kind)
+      model = tm.target_model(kind)
       clone = seeded_dropout.mc_dropout_model(model)
       self.assertIs(clone.base_model, model, msg=kind)
       self.assertEqual([n.layer_index for n in clone.noise_layers],
@@ -48,8 +47,8 @@ class MCDropoutModelTest(tf.test.TestCase):
           self.assertIn(id(v), base_ids, msg=f"{kind}: {v.path} copied")
 
   def test_base_model_unchanged_after_sampling(self):
-    model = tt.build_model("regression")
-    x = tt.features()
+    model = tm.target_model("regression")
+    x = tm.target_features()
     before = model(x, training=False).numpy()
     clone = seeded_dropout.mc_dropout_model(model)
     with self.assertRaises(KeyError):
@@ -61,8 +60,8 @@ class MCDropoutModelTest(tf.test.TestCase):
     self.assertAllEqual(model(x, training=False).numpy(), before)
 
   def test_standalone_calls_are_stochastic_and_seeded(self):
-    model = tt.build_model("regression")
-    x = tt.features()
+    model = tm.target_model("regression")
+    x = tm.target_features()
     clone = seeded_dropout.mc_dropout_model(model)
     a, b = clone(x).numpy(), clone(x).numpy()
     self.assertNotAllClose(a, b)
@@ -82,8 +81,8 @@ class MCDropoutModelTest(tf.test.TestCase):
 
   def test_batch_norm_in_inference_mode(self):
     # With rate 0 the MC model equals the deterministic inference pass.
-    model = tt.build_model("bn", rate=0.0)
-    x = tt.features(20)
+    model = tm.target_model("bn", rate=0.0)
+    x = tm.target_features(20)
     model.compile("sgd", "mse")
     model.fit(x, np.ones((20, 1)), epochs=1, verbose=0)
     clone = seeded_dropout.mc_dropout_model(model)
@@ -106,13 +105,13 @@ class MCDropoutModelTest(tf.test.TestCase):
     self.assertEqual(str(e.exception), _ERR_RATE)
 
   def test_keras_file_round_trip(self):
-    clone = seeded_dropout.mc_dropout_model(tt.build_model("regression"))
+    clone = seeded_dropout.mc_dropout_model(tm.target_model("regression"))
     path = os.path.join(self.get_temp_dir(), "mc.keras")
     clone.save(path)
     loaded = keras.models.load_model(path)
     self.assertIsInstance(loaded, seeded_dropout.MCDropoutModel)
     self.assertLen(loaded.noise_layers, 2)
-    x = tt.features()
+    x = tm.target_features()
     with seeded_dropout.row_context(mask_hash.example_seeds(
         0, tf.range(len(x), dtype=tf.int64), tf.zeros([len(x)], tf.int32))):
       self.assertAllClose(loaded(x), clone(x))

@@ -18,7 +18,6 @@ from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import targets_testing as tt  # pylint: disable=g-import-not-at-top
 import testing_models as tm  # pylint: disable=g-import-not-at-top
 
 # Expected error messages, stored once.
@@ -54,7 +53,7 @@ class TargetsTest(tf.test.TestCase):
 
   def test_targets_equal_numpy_reference_masks(self):
     # End to end: what a Beam pipeline would recompute from the docs.
-    model = tt.build_model("identity", rate=0.5)
+    model = tm.target_model("identity", rate=0.5)
     x = np.random.RandomState(1).rand(5, 4).astype(np.float32) + 0.5
     keys = np.array([10, 11, 2**33, -4, 7], np.int64)
     num_samples, seed = 9, 123
@@ -71,14 +70,14 @@ class TargetsTest(tf.test.TestCase):
 
 
   def test_statistics_and_shapes(self):
-    x = tt.features()
+    x = tm.target_features()
     for kind, stat, shape in [("regression", "auto", (12,)),
                               ("binary", "auto", (12,)),
                               ("softmax", "auto", (12,)),
                               ("softmax", "std", (12, 3)),
                               ("softmax", "per_class_std", (12, 3)),
                               ("softmax", "predicted_class_std", (12,))]:
-      out = targets.mc_dropout_targets(tt.build_model(kind), x, num_samples=8,
+      out = targets.mc_dropout_targets(tm.target_model(kind), x, num_samples=8,
                                        statistic=stat)
       self.assertEqual(out.shape, shape, msg=(kind, stat))
       self.assertEqual(out.dtype, np.float32)
@@ -86,8 +85,8 @@ class TargetsTest(tf.test.TestCase):
       self.assertGreater(out.max(), 0.0, msg=(kind, stat))
 
   def test_predicted_class_std_uses_deterministic_argmax(self):
-    model = tt.build_model("softmax")
-    x = tt.features(40)
+    model = tm.target_model("softmax")
+    x = tm.target_features(40)
     per_class = targets.mc_dropout_targets(model, x, num_samples=10,
                                            statistic="per_class_std")
     picked = targets.mc_dropout_targets(model, x, num_samples=10)
@@ -97,7 +96,7 @@ class TargetsTest(tf.test.TestCase):
 
   def test_population_std_of_the_samples(self):
     # One Dropout on the input: each sample is x * keep / (1 - rate).
-    model = tt.build_model("identity", rate=0.25)
+    model = tm.target_model("identity", rate=0.25)
     x = np.full((3, 4), 2.0, np.float32)
     out = targets.mc_dropout_targets(model, x, num_samples=400,
                                      statistic="std")
@@ -105,8 +104,8 @@ class TargetsTest(tf.test.TestCase):
     self.assertAllClose(out, np.full((3, 4), 2 * np.sqrt(1 / 3)), atol=0.15)
 
   def test_same_seed_is_independent_of_batching_and_tiling(self):
-    model = tt.build_model("softmax")
-    x = tt.features(37)
+    model = tm.target_model("softmax")
+    x = tm.target_features(37)
     ref = targets.mc_dropout_targets(model, x, num_samples=11, seed=5,
                                      statistic="per_class_std")
     for batch_size, spp in [(1, None), (8, 3), (37, 11), (64, 2)]:
@@ -124,8 +123,8 @@ class TargetsTest(tf.test.TestCase):
     self.assertAllClose(got, ref, rtol=1e-5, atol=1e-7)
 
   def test_split_calls_with_matching_keys(self):
-    model = tt.build_model("regression")
-    x = tt.features(30)
+    model = tm.target_model("regression")
+    x = tm.target_features(30)
     keys = np.arange(30, dtype=np.int64) * 1000 + 7
     full = targets.mc_dropout_targets(model, x, num_samples=9, seed=2,
                                       keys=keys, batch_size=10)
@@ -139,8 +138,8 @@ class TargetsTest(tf.test.TestCase):
     self.assertNotAllClose(wrong, full[10:30])
 
   def test_other_seed_differs(self):
-    model = tt.build_model("regression")
-    x = tt.features(20)
+    model = tm.target_model("regression")
+    x = tm.target_features(20)
     a = targets.mc_dropout_targets(model, x, num_samples=10, seed=0)
     b = targets.mc_dropout_targets(model, x, num_samples=10, seed=0)
     c = targets.mc_dropout_targets(model, x, num_samples=10, seed=1)
@@ -148,8 +147,8 @@ class TargetsTest(tf.test.TestCase):
     self.assertGreater(np.abs(a - c).max(), 1e-3)
 
   def test_base_model_untouched_with_batch_norm(self):
-    model = tt.build_model("bn")
-    x = tt.features(50)
+    model = tm.target_model("bn")
+    x = tm.target_features(50)
     # Non-trivial moving statistics, so that training mode would show.
     model.compile("sgd", "mse")
     model.fit(x, np.ones((50, 1)), epochs=2, verbose=0)
@@ -163,8 +162,8 @@ class TargetsTest(tf.test.TestCase):
 
   def test_batch_norm_in_inference_mode(self):
     # With rate 0 every sample is the deterministic inference pass.
-    model = tt.build_model("bn", rate=0.0)
-    x = tt.features(20)
+    model = tm.target_model("bn", rate=0.0)
+    x = tm.target_features(20)
     model.compile("sgd", "mse")
     model.fit(x, np.ones((20, 1)), epochs=1, verbose=0)
     with self.assertWarnsRegex(RuntimeWarning, "has rate 0"):
@@ -172,8 +171,8 @@ class TargetsTest(tf.test.TestCase):
     self.assertAllEqual(out, np.zeros(20, np.float32))
 
   def test_dict_inputs_with_embeddings(self):
-    model = tt.build_model("dict")
-    x = tt.dict_features(25)
+    model = tm.target_model("dict")
+    x = tm.target_dict_features(25)
     out = targets.mc_dropout_targets(model, x, num_samples=8)
     self.assertEqual(out.shape, (25,))
     self.assertGreater(out.min(), 0.0)
@@ -182,17 +181,17 @@ class TargetsTest(tf.test.TestCase):
     self.assertAllClose(again, out, rtol=1e-5)
 
   def test_sequential_nested_sequential_and_conv(self):
-    for kind, x in [("sequential", tt.features(10)),
-                    ("nested", tt.features(10)),
+    for kind, x in [("sequential", tm.target_features(10)),
+                    ("nested", tm.target_features(10)),
                     ("conv", np.random.RandomState(0).randn(
                         10, 6, 6, 2).astype(np.float32))]:
-      out = targets.mc_dropout_targets(tt.build_model(kind), x, num_samples=6)
+      out = targets.mc_dropout_targets(tm.target_model(kind), x, num_samples=6)
       self.assertEqual(out.shape, (10,))
       self.assertGreater(out.max(), 0.0, msg=kind)
 
   def test_dataset_inputs_batched_and_unbatched(self):
-    model = tt.build_model("regression")
-    x = tt.features(21)
+    model = tm.target_model("regression")
+    x = tm.target_features(21)
     ref = targets.mc_dropout_targets(model, x, num_samples=6, batch_size=8)
     unbatched = tf.data.Dataset.from_tensor_slices(x)
     for ds in (unbatched, unbatched.batch(5),
@@ -200,8 +199,8 @@ class TargetsTest(tf.test.TestCase):
       got = targets.mc_dropout_targets(model, ds, num_samples=6,
                                        batch_size=8)
       self.assertAllClose(got, ref, rtol=1e-6)
-    dict_model = tt.build_model("dict")
-    dx = tt.dict_features(9)
+    dict_model = tm.target_model("dict")
+    dx = tm.target_dict_features(9)
     self.assertAllClose(
         targets.mc_dropout_targets(
             dict_model, tf.data.Dataset.from_tensor_slices(dx).batch(4),
@@ -212,8 +211,9 @@ class TargetsTest(tf.test.TestCase):
   def _progress_text(self, **kwargs):
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-      out = targets.mc_dropout_targets(tt.build_model("regression"),
-                                       tt.features(), num_samples=4, **kwargs)
+      out = targets.mc_dropout_targets(tm.target_model("regression"),
+                                       tm.target_features(), num_samples=4,
+                                       **kwargs)
     self.assertEqual(out.shape, (12,))
     return stderr.getvalue()
 
@@ -232,8 +232,8 @@ class TargetsTest(tf.test.TestCase):
       self.assertIn("12/12", self._progress_text())
 
   def test_invalid_arguments(self):
-    model = tt.build_model("regression")
-    x = tt.features()
+    model = tm.target_model("regression")
+    x = tm.target_features()
     cases = [
         (dict(num_samples=1), _ERR_NUM_SAMPLES),
         (dict(batch_size=0), _ERR_BATCH_SIZE),
@@ -269,8 +269,8 @@ class ResumeTest(tf.test.TestCase):
   def setUp(self):
     super().setUp()
     self.enter_context(mock.patch.object(targets, "CHUNK_EXAMPLES", 8))
-    self.model = tt.build_model("softmax")
-    self.x = tt.features(40)
+    self.model = tm.target_model("softmax")
+    self.x = tm.target_features(40)
     self.kwargs = dict(num_samples=6, seed=4, batch_size=4)
 
   def _chunks(self, path):
@@ -348,7 +348,7 @@ class ResumeTest(tf.test.TestCase):
                 self.x, self.model),
                ("data_fingerprint", self.kwargs, self.x + 1.0, self.model),
                ("model_fingerprint", self.kwargs, self.x,
-                tt.build_model("softmax", seed=9))]
+                tm.target_model("softmax", seed=9))]
     for name, kwargs, x, model in changes:
       with self.assertRaises(ValueError) as e:
         targets.mc_dropout_targets(model, x, output_path=path, **kwargs)
@@ -378,8 +378,8 @@ class ResumeTest(tf.test.TestCase):
 class SplitHalfTest(tf.test.TestCase):
 
   def test_full_estimate_is_mc_dropout_targets(self):
-    model = tt.build_model("softmax")
-    x = tt.features(30)
+    model = tm.target_model("softmax")
+    x = tm.target_features(30)
     kwargs = dict(num_samples=9, seed=3, batch_size=8, keys=np.arange(30) + 5)
     half_a, half_b, full = targets.split_half_targets(model, x, **kwargs)
     self.assertAllEqual(full, targets.mc_dropout_targets(model, x, **kwargs))
@@ -390,7 +390,7 @@ class SplitHalfTest(tf.test.TestCase):
 
   def test_halves_are_the_first_and_last_samples(self):
     # The identity model's samples are known: x * keep / (1 - rate).
-    model = tt.build_model("identity", rate=0.5)
+    model = tm.target_model("identity", rate=0.5)
     x = np.random.RandomState(2).rand(5, 4).astype(np.float32) + 0.5
     keys = np.arange(5)
     samples = np.stack([
@@ -445,10 +445,10 @@ class EverySourceTest(tf.test.TestCase):
       self.assertAllClose(part, full[5:], rtol=1e-5, msg=kind)
 
   def test_all_zero_targets_warn_with_the_cause(self):
-    x = tt.features()
+    x = tm.target_features()
     with self.assertWarnsRegex(RuntimeWarning,
                                "every dropout source has rate 0"):
-      targets.mc_dropout_targets(tt.build_model("regression", rate=0.0), x,
+      targets.mc_dropout_targets(tm.target_model("regression", rate=0.0), x,
                                  num_samples=4, progress=False)
     # A Dropout on a branch that the output ignores (multiplied by 0).
     inputs = keras.Input((tm.NUM_FEATURES,))
