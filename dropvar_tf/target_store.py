@@ -54,8 +54,8 @@ def hash_structure(digest, x):
     items = sorted(x.items())
   else:
     items = list(enumerate(tf.nest.flatten(x)))
-  for name, value in items:
-    value = np.ascontiguousarray(value)
+  for name, item in items:
+    value = np.ascontiguousarray(item)
     digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
     digest.update(value.tobytes())
 

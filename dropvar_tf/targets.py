@@ -119,8 +119,7 @@ class _ArraySource:
   def chunks(self, chunk_rows):
     for start in range(0, self.num_examples, chunk_rows):
       stop = min(start + chunk_rows, self.num_examples)
-      yield start, stop, tf.nest.map_structure(lambda v: v[start:stop],
-                                               self.x)
+      yield start, stop, _slice_rows(self.x, start, stop)
 
 
 class _DatasetSource:
@@ -360,6 +359,11 @@ def _progress_bar(progress, num_examples, num_samples, desc):
 # The engine: chunks of examples, batches inside, moments per sample range.
 
 
+def _slice_rows(x, start, stop):
+  """Rows [start, stop) of every array in the structure `x`."""
+  return tf.nest.map_structure(lambda v: v[start:stop], x)
+
+
 def _pad_rows(x, keys, rows):
   """Repeats the last row so the batch has `rows` rows (one trace only)."""
   n = keys.shape[0]
@@ -379,8 +383,7 @@ def _compute_chunk(sampler, x, keys, seed, batch_rows, sample_ranges):
   dets, sums = [], [([], []) for _ in sample_ranges]
   for b in range(0, n, batch_rows):
     stop = min(b + batch_rows, n)
-    xb, kb = _pad_rows(tf.nest.map_structure(lambda v: v[b:stop], x),
-                       keys[b:stop], batch_rows)
+    xb, kb = _pad_rows(_slice_rows(x, b, stop), keys[b:stop], batch_rows)
     for (start, end), (l1, l2) in zip(sample_ranges, sums):
       det, s1, s2 = sampler.moments(xb, kb, seed, start, end)
       l1.append(s1[:stop - b])
@@ -495,7 +498,7 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
   if output_path is None:
     parts = []
     stop = 0
-    for _, _, stop, _, _, (det, sums) in _run(
+    for _, _, stop, _, _, (det, sums) in _run(  # noqa: B007 (read after)
         model, source, num_samples, seed, batch_size, keys, samples_per_pass,
         progress, ranges, "MC dropout"):
       parts.append(_finalize(det, sums[0], num_samples, statistic, out_shape))
@@ -624,7 +627,7 @@ def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,
   ranges = [(0, half), (half, num_samples)]
   a_parts, b_parts, full_parts = [], [], []
   stop = 0
-  for _, _, stop, _, _, (det, (sa, sb)) in _run(
+  for _, _, stop, _, _, (det, (sa, sb)) in _run(  # noqa: B007 (read after)
       model, source, num_samples, seed, batch_size, keys, None, False, ranges,
       "MC convergence"):
     a_parts.append(_finalize(det, sa, half, statistic, out_shape))

@@ -558,7 +558,7 @@ class SaveLoadTest(tf.test.TestCase):
 
 
 class XlaTest(tf.test.TestCase):
-  """Keras compiles with XLA by default on GPUs: every head op needs a kernel."""
+  """Keras compiles with XLA by default on GPUs: each head op needs a kernel."""
 
   def test_dual_model_compiles_with_xla_and_matches_graph_mode(self):
     for kind in tm.BUILDERS:

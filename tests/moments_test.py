@@ -17,11 +17,13 @@ L = keras.layers
 # Expected error-message fragments, stored once.
 UNSUPPORTED_MSG = "layer 'norm' of class LayerNormalization"
 SUPPORTED_LIST_MSG = "moment propagation supports: InputLayer, Dropout"
-BAD_STATISTIC_MSG = re.escape("Invalid value received for argument `statistic`. "
-                     "Expected one of ('auto', 'std', 'predicted_class_std', "
-                     "'per_class_std'). Received: statistic='variance'")
-BAD_BATCH_MSG = re.escape("Invalid value received for argument `batch_size`. Expected "
-                 "an integer >= 1. Received: batch_size=0")
+BAD_STATISTIC_MSG = re.escape(
+    "Invalid value received for argument `statistic`. Expected one of "
+    "('auto', 'std', 'predicted_class_std', 'per_class_std'). Received: "
+    "statistic='variance'")
+BAD_BATCH_MSG = re.escape(
+    "Invalid value received for argument `batch_size`. Expected an integer "
+    ">= 1. Received: batch_size=0")
 
 
 def _mlp(units=1, activation="linear", batch_norm=False, seed=0, hidden=32,
@@ -41,7 +43,7 @@ def _mlp(units=1, activation="linear", batch_norm=False, seed=0, hidden=32,
 
 
 def _randomise_batch_norm(model, seed=0):
-  """Gives BN layers non-trivial moving statistics (a trained model has them)."""
+  """Gives BN layers non-trivial moving statistics, as training does."""
   rng = np.random.RandomState(seed)
   for layer in model.layers:
     if isinstance(layer, L.BatchNormalization):
@@ -416,8 +418,8 @@ class ErrorsTest(tf.test.TestCase):
                   L.Dropout(0.2, noise_shape=(None, 1, 1, 2), name="drop")):
       model = keras.Sequential([keras.Input((4, 4, 2)), layer, L.Flatten(),
                                 L.Dense(1)])
-      with self.assertRaisesRegex(ValueError,
-                                  f"layer 'drop' of class {type(layer).__name__}"):
+      with self.assertRaisesRegex(
+          ValueError, f"layer 'drop' of class {type(layer).__name__}"):
         moments.moment_model(model)
 
   def test_non_elementwise_activation_is_refused(self):
