@@ -33,7 +33,7 @@ EXTRAS = {
     # mmh3 is the reference the mask hash is tested against; scikit-learn
     # the one the R^2 and ROC AUC of `metrics` are.
     "test": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=15", "mmh3>=4",
-             "scikit-learn>=1.4"],
+             "scikit-learn>=1.4", "ruff>=0.17,<0.18"],
     "data": ["pyarrow>=15"],
     # Beam's TensorFlow model handler imports tensorflow_hub; 0.16 is the
     # first that imports with TensorFlow 2.16+ (Beam's own extra pins older).
