@@ -272,8 +272,7 @@ def write_examples(path_prefix, x, input_specs, keys=None, num_shards=1,
       feature = {name: _feature(arrays[name][i], dtypes[name])
                  for name in arrays}
       feature[key_feature] = _feature([keys[i]], tf.int64)
-      example = tf.train.Example(features=tf.train.Features(feature=feature))
-      writers[i % num_shards].write(example.SerializeToString())
+      writers[i % num_shards].write(serialize_example(feature))
   finally:
     for w in writers:
       w.close()
@@ -338,6 +337,23 @@ def _target_array(targets, target_shape):
   return targets.reshape((targets.shape[0],) + tuple(target_shape))
 
 
+def serialize_example(feature):
+  """Bytes of a `tf.train.Example` of `feature`, the same in every process.
+
+  The features are a protobuf map, whose default serialization order can
+  change from process to process; deterministic serialization sorts it, so
+  equal examples give equal bytes on every runner and `PYTHONHASHSEED`.
+
+  Args:
+    feature: dict {name: `tf.train.Feature`}.
+
+  Returns:
+    The serialized Example.
+  """
+  return tf.train.Example(features=tf.train.Features(
+      feature=feature)).SerializeToString(deterministic=True)
+
+
 def encode_shard(keys, values, fmt, value_feature=TARGET_FEATURE):
   """Serializes one shard (keys sorted by the caller) into file bytes.
 
@@ -349,7 +365,8 @@ def encode_shard(keys, values, fmt, value_feature=TARGET_FEATURE):
     value_feature: feature name when `values` is an array.
 
   Returns:
-    bytes of the whole file.
+    bytes of the whole file: a pure function of the arguments (the same
+    bytes in every process).
   """
   if not isinstance(values, dict):
     values = {value_feature: values}
@@ -365,8 +382,7 @@ def encode_shard(keys, values, fmt, value_feature=TARGET_FEATURE):
           feature = {KEY_FEATURE: _feature([key], tf.int64)}
           for name, v in values.items():
             feature[name] = _feature(v[i], tf.float32)
-          writer.write(tf.train.Example(features=tf.train.Features(
-              feature=feature)).SerializeToString())
+          writer.write(serialize_example(feature))
       with open(tmp, "rb") as f:
         return f.read()
     finally:
