@@ -5,9 +5,11 @@ They need `apache_beam` (run them in a venv with `dropvar_tf[beam]`, e.g.
 and are skipped, with the reason, elsewhere.
 
 Beam scores are compared with the same `serving_default` signature called
-in-process on all examples at once, to float32 tolerance: the pipeline calls
-it on batches of another size, and matmul kernels may round differently for
-different batch shapes (unlike the targets pipeline, nothing pads here).
+in-process on batches of the pipeline's `batch_size` (the last one padded, as
+the pipeline pads its batches): every call then has the same shape, and the
+scores are compared for bitwise equality. Against one call on all examples
+(another shape, whose kernels may round differently) they agree to float32
+tolerance.
 """
 
 import os
@@ -49,6 +51,17 @@ def build_regression_model(seed=0):
   h = keras.layers.Dense(16, activation="relu")(x)
   h = keras.layers.Dropout(0.2)(h)
   return keras.Model(x, keras.layers.Dense(1)(h))
+
+
+def signature_in_batches(fn, x, batch_size):
+  """{output: array} of `fn` called on padded batches of `batch_size` rows."""
+  parts = []
+  for start in range(0, len(x), batch_size):
+    rows = np.arange(start, start + batch_size).clip(max=len(x) - 1)
+    out = fn(x=tf.constant(x[rows]))
+    n = min(batch_size, len(x) - start)
+    parts.append({k: np.reshape(v.numpy()[:n], [n]) for k, v in out.items()})
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 @unittest.skipIf(not beam_testing.HAVE_BEAM, beam_testing.SKIP_REASON)
@@ -99,6 +112,21 @@ class ScoringPipelineTest(tf.test.TestCase):
                             atol=1e-6, msg=(fmt, name))
       self.assertGreaterEqual(got[contract.VARIATION_KEY].min(), 0.0)
       self.assertGreater(got[contract.VARIATION_KEY].std(), 0.0)
+
+  def test_runs_are_bitwise_equal_to_in_process_batches(self):
+    expected = signature_in_batches(self.fn, self.x, 64)
+    runs = []
+    for flags in ([], ["--direct_num_workers=2",
+                       "--direct_running_mode=multi_threading"]):
+      output = self.new_dir()
+      scoring_pipeline.run_scoring_pipeline(
+          self.export, self.files, output, batch_size=64,
+          pipeline_args=flags)
+      runs.append(scoring_pipeline.read_scores(output))
+    for got in runs:
+      self.assertAllEqual(got["key"], np.arange(self.n))
+      for name in contract.OUTPUT_KEYS:
+        self.assertAllEqual(got[name], expected[name], msg=name)
 
   def test_scores_match_the_keras_dual_model(self):
     output = self.new_dir()

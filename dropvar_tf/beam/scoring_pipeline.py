@@ -10,8 +10,8 @@ variation exceeds a threshold, day over day), without a serving cluster.
     examples (TFRecord of tf.Example with an int64 key, or .npz)
       -> (key, {input name: array}) per example
       -> RunInference(KeyedModelHandler(model_handler.SignatureHandler)):
-         BatchElements, then serving_default (SavedModel loaded once per
-         worker process)
+         BatchElements, then serving_default on batches padded to
+         `batch_size` rows (SavedModel loaded once per worker process)
       -> scores-SSSSS-of-NNNNN.{parquet,tfrecord,jsonl} (Beam's file sinks:
          written to temporary files and renamed when the pipeline commits)
 
@@ -36,7 +36,6 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
 from dropvar_tf import contract
@@ -102,8 +101,7 @@ def _to_example(row):
     value = np.asarray(row[name], np.float32).ravel()
     feature[name] = tf.train.Feature(float_list=tf.train.FloatList(
         value=value))
-  return tf.train.Example(features=tf.train.Features(
-      feature=feature)).SerializeToString()
+  return records.serialize_example(feature)
 
 
 def _parquet_schema(shapes):
@@ -184,7 +182,7 @@ def build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
       config["key_feature"], config["batch_size"])
   handler = KeyedModelHandler(model_handler.SignatureHandler(
       saved_model_dir, config["signature"],
-      max_batch_size=config["batch_size"]))
+      batch_size=config["batch_size"]))
   scores = (examples
             | "Score" >> RunInference(handler)
             | "ToRecord" >> beam.ParDo(ScoreRecordFn(config["output_shapes"])))
@@ -207,7 +205,8 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
     output_format: "parquet", "tfrecord" or "jsonl".
     input_format: "auto" (by extension), "tfrecord" or "npz".
     key_feature: name of the int64 example key feature / array.
-    batch_size: largest `BatchElements` batch (rows per signature call).
+    batch_size: rows of every signature call (smaller batches are padded):
+      scores equal the signature called in-process on batches of this size.
     num_shards: output files; 0 lets the runner choose.
     signature: the signature to call.
     pipeline_args: Beam flags (runner and its options); DirectRunner
@@ -219,16 +218,24 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
     dict with "examples_scored" and "seconds".
 
   Raises:
-    ValueError: an invalid argument or a signature without the contract's
-      outputs.
+    ValueError: an invalid argument, an unknown flag in `pipeline_args`, a
+      runner that cannot run this (see `options.check_runner`), or a
+      signature without the contract's outputs.
     FileNotFoundError: an input pattern matches nothing.
   """
   start = time.perf_counter()
+  inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+  saved_model_dir = options.normalize_path(saved_model_dir)
+  inputs = [options.normalize_path(p) for p in inputs]
+  output = options.normalize_path(output)
+  pipeline_options = options.launch_options(
+      pipeline_args, {"saved_model_dir": saved_model_dir, "inputs": inputs,
+                      "output": output})
   config, files = prepare_scoring(saved_model_dir, inputs, output,
                                   output_format, input_format, key_feature,
                                   batch_size, signature)
   num_shards = validation.check_int(num_shards, "num_shards", 0)
-  pipeline = beam.Pipeline(options=PipelineOptions(list(pipeline_args or [])))
+  pipeline = beam.Pipeline(options=pipeline_options)
   build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
                          config, files, num_shards)
   result = pipeline.run()
@@ -266,8 +273,7 @@ def main(argv=None):
     0 (the exit status).
   """
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = options.ScoringOptions(argv)
-  options.require(args, options.ScoringOptions.REQUIRED)
+  args = options.parse(options.ScoringOptions, argv)
   summary = run_scoring_pipeline(
       args.saved_model, args.input, args.output,
       output_format=args.output_format, input_format=args.input_format,
