@@ -4,10 +4,13 @@ Computes exactly what `dropvar_tf.targets.mc_dropout_targets` computes (same
 statistic, same seed semantics), spread over the workers of any Beam runner
 (DirectRunner by default; Dataflow, Flink, Spark with their usual flags):
 
-    examples (TFRecord of tf.Example with an int64 key, or .npz)
+    examples (TFRecord of tf.Example with an int64 key, or .npz; one read
+              step for any number of files)
+      -> [resumed run: drop the examples whose key a part file holds]
       -> BatchElements (fixed size: a multiple of `batch_size`)
-      -> MC targets per batch (model loaded once per worker in `setup`)
-      -> GroupByKey(shard_of(key))
+      -> MC targets per batch (model loaded once per worker in `setup`),
+         each batch saved as a part file `parts/part-<keys digest>` at once
+      -> with the earlier run's parts: GroupByKey(shard_of(key))
       -> one sorted shard file per shard, written atomically
       -> manifest.json (counts, sha256) once every shard is there
 
@@ -23,10 +26,14 @@ Why the result does not depend on the runner, sharding or retries:
   run and the targets are bitwise equal to the in-process ones on the same
   machine type.
 * A shard file is a pure function of its keys' targets (sorted by key;
-  duplicate deliveries of a key are merged), written to a temporary name and
-  renamed, so a retried or re-run shard writes the same bytes again and a
-  killed write leaves no partial shard. A rerun (`resume=True`, the default)
-  skips the examples of shards already written and computes the rest.
+  duplicate deliveries of a key are merged; records serialized
+  deterministically), written to a temporary name and renamed, so a retried
+  or re-run shard writes the same bytes again and a killed write leaves no
+  partial shard.
+* Work is saved at the grain it is done: each computed batch is written
+  (atomically, named by its keys) as soon as it is computed. A rerun
+  (`resume=True`, the default) reads those parts back, skips their examples
+  and computes only the rest, however far the killed run got.
 * `manifest.json` is written last; `records.read_targets` refuses a
   directory without it and checks digests, duplicates and missing keys.
 
@@ -50,7 +57,6 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
 from dropvar_tf import contract
@@ -65,6 +71,10 @@ from dropvar_tf.beam import records
 from dropvar_tf.beam import sources
 
 # Modules that register dropvar_tf's Keras layers; imported before loading.
+# Computed batches are saved under <output>/parts/ as they complete.
+PARTS_DIR = "parts"
+PART_PREFIX = "part"
+
 _REGISTERING_MODULES = ("dropvar_tf.seeded_dropout", "dropvar_tf.layers",
                         "dropvar_tf.heads", "dropvar_tf.study.models.reference")
 
@@ -121,18 +131,20 @@ def resolve_statistic(model, statistic):
 
 
 class TargetsFn(beam.DoFn):
-  """Batch of raw examples -> (shard, (keys, targets)) per shard in it.
+  """Batch of raw examples -> (keys, targets), saved as a part file first.
 
   The model is loaded once per worker in `setup` from its `.keras` file and
-  checked against the fingerprint the launcher saw.
+  checked against the fingerprint the launcher saw. Each batch's targets are
+  written to `<output>/parts/` as soon as they are computed (`write_part`),
+  so a run that dies keeps the work it finished.
   """
 
-  def __init__(self, model_path, config):
+  def __init__(self, model_path, config, output_dir):
     self._model_path = model_path
     self._config = dict(config)
+    self._output_dir = output_dir
     self._model = None
     self._computed = counters.counter("examples_computed")
-    self._skipped = counters.counter("examples_skipped")
 
   def setup(self):
     c = self._config
@@ -145,14 +157,6 @@ class TargetsFn(beam.DoFn):
     c = self._config
     keys, x = sources.decode_batch(batch, c["input_format"],
                                    c["input_specs"], c["key_feature"])
-    shards = records.shard_of(keys, c["num_shards"])
-    todo = ~np.isin(shards, c["done_shards"])
-    self._skipped.inc(int((~todo).sum()))
-    if not todo.any():
-      return
-    if not todo.all():
-      keys, shards = keys[todo], shards[todo]
-      x = _take_rows(x, np.flatnonzero(todo))
     n = len(keys)
     # Pad to a whole number of compute batches: every compiled call then has
     # the shapes of the in-process run, hence bitwise-equal targets.
@@ -162,10 +166,99 @@ class TargetsFn(beam.DoFn):
         self._model, _take_rows(x, idx), num_samples=c["num_samples"],
         seed=c["seed"], batch_size=c["batch_size"],
         statistic=c["statistic"], keys=keys[idx], progress=False)[:n]
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    write_part(self._output_dir, keys, values)
     self._computed.inc(n)
-    for shard in np.unique(shards):
-      sel = shards == shard
-      yield int(shard), (keys[sel], values[sel])
+    yield keys, values
+
+
+class SkipDoneFn(beam.DoFn):
+  """Batch of raw examples -> those whose key no part file holds yet."""
+
+  def __init__(self, config):
+    self._config = dict(config)
+    self._skipped = counters.counter("examples_skipped")
+
+  def process(self, batch, done_keys):
+    c = self._config
+    batch = list(batch)
+    if c["input_format"] == "tfrecord":
+      # Only the key feature: the inputs are parsed once, when computed.
+      keys, _ = records.parse_examples(batch, {"kind": "dict", "inputs": []},
+                                       c["key_feature"])
+    else:
+      keys = np.array([k for k, _ in batch], np.int64)
+    done = np.isin(keys, done_keys)
+    self._skipped.inc(int(done.sum()))
+    for element, is_done in zip(batch, done):
+      if not is_done:
+        yield element
+
+
+class ReadPartFn(beam.DoFn):
+  """Part file path -> its (keys, targets)."""
+
+  def __init__(self, target_shape):
+    self._shape = tuple(target_shape)
+
+  def process(self, path):
+    keys, values = records.decode_shard(
+        filesystems.read_file_bytes(path), records.TFRECORD,
+        {records.TARGET_FEATURE: self._shape})
+    yield keys, values[records.TARGET_FEATURE]
+
+
+class _ConcatKeysFn(beam.CombineFn):
+  """Key arrays -> one sorted int64 array (empty when there are none)."""
+
+  def create_accumulator(self):
+    return []
+
+  def add_input(self, accumulator, keys):
+    accumulator.append(np.asarray(keys, np.int64))
+    return accumulator
+
+  def merge_accumulators(self, accumulators):
+    return [k for acc in accumulators for k in acc]
+
+  def extract_output(self, accumulator):
+    if not accumulator:
+      return np.zeros((0,), np.int64)
+    return np.unique(np.concatenate(accumulator))
+
+
+def _by_shard(part, num_shards):
+  keys, values = part
+  shards = records.shard_of(keys, num_shards)
+  for shard in np.unique(shards):
+    sel = shards == shard
+    yield int(shard), (keys[sel], values[sel])
+
+
+def part_name(keys):
+  """File name of the part holding `keys` (sorted): named by its keys.
+
+  A retried or repeated batch has the same keys, hence the same name and,
+  the targets being a pure function of the keys, the same bytes: writing it
+  again is harmless.
+  """
+  digest = records.sha256(np.asarray(keys, "<i8").tobytes())[:24]
+  return f"{PART_PREFIX}-{digest}.{records.TFRECORD}"
+
+
+def write_part(output_dir, keys, values):
+  """Writes one computed batch's (keys, targets) atomically to `parts/`."""
+  path = FileSystems.join(output_dir, PARTS_DIR, part_name(keys))
+  filesystems.atomic_write(path, records.encode_shard(keys, values,
+                                                      records.TFRECORD))
+
+
+def existing_parts(output_dir):
+  """Paths of the part files in `output_dir` (complete by design)."""
+  pattern = FileSystems.join(output_dir, PARTS_DIR,
+                             f"{PART_PREFIX}-*.{records.TFRECORD}")
+  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
 def _take_rows(x, idx):
@@ -205,22 +298,8 @@ def write_shard(output_dir, index, num_shards, fmt, keys, values):
           "sha256": records.sha256(data)}
 
 
-def existing_shards(output_dir, num_shards, fmt):
-  """Indices of shard files already in `output_dir` (complete by design)."""
-  pattern = FileSystems.join(
-      output_dir, f"{records.SHARD_PREFIX}-*-of-{num_shards:05d}.{fmt}")
-  found = set()
-  for m in FileSystems.match([pattern])[0].metadata_list:
-    name = m.path.rsplit("/", 1)[-1]
-    try:
-      found.add(int(name.split("-")[1]))
-    except ValueError:
-      continue
-  return sorted(i for i in found if i < num_shards)
-
-
 def finalize(entries, num_input_records, output_dir, settings):
-  """Completes missing entries (skipped or empty shards); writes the manifest.
+  """Writes the empty shards and then the manifest, the run's last file.
 
   Returns:
     The manifest dict.
@@ -232,18 +311,10 @@ def finalize(entries, num_input_records, output_dir, settings):
   for index in range(num_shards):
     if index in by_index:
       continue
-    name = records.shard_filename(index, num_shards, fmt)
-    path = FileSystems.join(output_dir, name)
-    if FileSystems.exists(path):  # Written by an earlier (resumed) run.
-      data = filesystems.read_file_bytes(path)
-      keys, _ = records.decode_shard(data, fmt,
-                                     {records.TARGET_FEATURE: shape})
-      by_index[index] = {"index": index, "file": name, "count": len(keys),
-                         "sha256": records.sha256(data)}
-    else:  # No example hashed to this shard.
-      by_index[index] = write_shard(
-          output_dir, index, num_shards, fmt, np.zeros((0,), np.int64),
-          np.zeros((0,) + shape, np.float32))
+    # No example hashed to this shard.
+    by_index[index] = write_shard(
+        output_dir, index, num_shards, fmt, np.zeros((0,), np.int64),
+        np.zeros((0,) + shape, np.float32))
   shards = [by_index[i] for i in range(num_shards)]
   manifest = dict(settings)
   manifest.update({
@@ -257,27 +328,63 @@ def finalize(entries, num_input_records, output_dir, settings):
   return manifest
 
 
-def _check_settings(output_dir, settings, resume):
-  """Writes settings.json, or checks it against an earlier run's."""
+def check_settings(output_dir, settings, resume):
+  """Refuses to resume a directory that holds another run's results.
+
+  Reads only: nothing in `output_dir` changes (see `start_output`).
+
+  Args:
+    output_dir: the output directory.
+    settings: this run's settings (`prepare_targets`).
+    resume: whether this run reuses earlier results.
+
+  Raises:
+    ValueError: `resume` is True and the directory's `settings.json`
+      differs from `settings`.
+  """
   path = FileSystems.join(output_dir, records.SETTINGS_FILENAME)
-  if FileSystems.exists(path):
-    stored = json.loads(filesystems.read_file_bytes(path).decode())
-    if resume:
-      for name, value in settings.items():
-        if stored.get(name) != value:
-          raise validation.invalid(
-              "output", f"a directory written with the same settings, or "
-              f"resume=False; its `{name}` is {stored.get(name)!r}, this "
-              f"run's is {value!r}", output_dir)
-      return
+  if not resume or not FileSystems.exists(path):
+    return
+  stored = json.loads(filesystems.read_file_bytes(path).decode())
+  for name, value in settings.items():
+    if stored.get(name) != value:
+      raise validation.invalid(
+          "output", f"a directory written with the same settings, or "
+          f"resume=False; its `{name}` is {stored.get(name)!r}, this "
+          f"run's is {value!r}", output_dir)
+
+
+def start_output(output_dir, settings, resume):
+  """Makes `output_dir` this run's: called when the pipeline starts.
+
+  Until then a launch that fails (bad flags, a model that does not load, a
+  pipeline that cannot be built) leaves the directory as it was: a finished
+  one stays readable. A resumed run keeps the manifest too: its shards have
+  the same bytes as this run's, and `finalize` replaces it atomically.
+
+  Side effects: creates `parts/` and writes `settings.json`; with `resume`
+  False, deletes the earlier shards, parts and manifest first.
+
+  Args:
+    output_dir: the output directory (it exists).
+    settings: this run's settings.
+    resume: False to clear earlier results.
+  """
+  if not resume:
+    _clear_output(output_dir)
+  parts = FileSystems.join(output_dir, PARTS_DIR)
+  if not FileSystems.exists(parts):
+    FileSystems.mkdirs(parts)
   filesystems.atomic_write(
-      path, json.dumps(settings, indent=2, sort_keys=True).encode())
+      FileSystems.join(output_dir, records.SETTINGS_FILENAME),
+      json.dumps(settings, indent=2, sort_keys=True).encode())
 
 
 def _clear_output(output_dir):
-  """Removes earlier shards and manifest (resume=False)."""
+  """Removes earlier shards, parts and manifest (resume=False)."""
   pattern = FileSystems.join(output_dir, f"{records.SHARD_PREFIX}-*")
   paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+  paths += existing_parts(output_dir)
   manifest = FileSystems.join(output_dir, records.MANIFEST_FILENAME)
   if FileSystems.exists(manifest):
     paths.append(manifest)
@@ -343,13 +450,7 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
   }
   if not FileSystems.exists(output):
     FileSystems.mkdirs(output)
-  _check_settings(output, settings, resume)
-  manifest = FileSystems.join(output, records.MANIFEST_FILENAME)
-  if not resume:
-    _clear_output(output)
-  elif FileSystems.exists(manifest):
-    FileSystems.delete([manifest])  # Rewritten when this run completes.
-  done = existing_shards(output, num_shards, output_format) if resume else []
+  check_settings(output, settings, resume)
   config = {
       "model_fingerprint": settings["model_fingerprint"],
       "num_samples": num_samples,
@@ -358,7 +459,8 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
       "batch_size": batch_size,
       "beam_batch_size": beam_batch_size,
       "num_shards": num_shards,
-      "done_shards": done,
+      "parts": existing_parts(output) if resume else [],
+      "target_shape": target_shape,
       "input_format": input_format,
       "input_specs": input_specs,
       "key_feature": key_feature,
@@ -374,12 +476,30 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
                                    config["input_specs"],
                                    config["key_feature"])
   count = examples | "CountInputs" >> beam.combiners.Count.Globally()
+  batch = config["beam_batch_size"]
+  todo = examples
+  if config["parts"]:
+    done = (pipeline
+            | "Parts" >> beam.Create(config["parts"])
+            | "ReadParts" >> beam.ParDo(ReadPartFn(config["target_shape"])))
+    done_keys = (done
+                 | "PartKeys" >> beam.Map(lambda part: part[0])
+                 | "DoneKeys" >> beam.CombineGlobally(_ConcatKeysFn()))
+    todo = (examples
+            | "BatchToSkip" >> beam.BatchElements(min_batch_size=batch,
+                                                  max_batch_size=batch)
+            | "SkipDone" >> beam.ParDo(SkipDoneFn(config),
+                                       beam.pvalue.AsSingleton(done_keys)))
+  computed = (
+      todo
+      | "Batch" >> beam.BatchElements(min_batch_size=batch,
+                                      max_batch_size=batch)
+      | "MCTargets" >> beam.ParDo(TargetsFn(model_path, config, output)))
+  parts = (computed, done) | "AllParts" >> beam.Flatten() if (
+      config["parts"]) else computed
   entries = (
-      examples
-      | "Batch" >> beam.BatchElements(
-          min_batch_size=config["beam_batch_size"],
-          max_batch_size=config["beam_batch_size"])
-      | "MCTargets" >> beam.ParDo(TargetsFn(model_path, config))
+      parts
+      | "ByShard" >> beam.FlatMap(_by_shard, config["num_shards"])
       | "GroupByShard" >> beam.GroupByKey()
       | "WriteShards" >> beam.ParDo(WriteShardFn(
           output, config["num_shards"], settings["output_format"])))
@@ -387,6 +507,13 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
           | "CollectShards" >> beam.combiners.ToList()
           | "WriteManifest" >> beam.Map(
               finalize, beam.pvalue.AsSingleton(count), output, settings))
+
+
+def _normalize_paths(model, inputs, output):
+  inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+  return (options.normalize_path(model),
+          [options.normalize_path(p) for p in inputs],
+          options.normalize_path(output))
 
 
 def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
@@ -432,11 +559,16 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
     "examples_computed", "examples_skipped", "duplicates_dropped".
 
   Raises:
-    ValueError: an invalid argument, or `output` holds a run with other
-      settings (and `resume` is True).
+    ValueError: an invalid argument, an unknown flag in `pipeline_args`, a
+      runner that cannot run this (see `options.check_runner`), or `output`
+      holds a run with other settings (and `resume` is True).
     FileNotFoundError: an input pattern matches nothing.
   """
   start = time.perf_counter()
+  model_path, inputs, output = _normalize_paths(model_path, inputs, output)
+  pipeline_options = options.launch_options(
+      pipeline_args, {"model_path": model_path, "inputs": inputs,
+                      "output": output})
   settings, config, files = prepare_targets(
       model_path, inputs, output, num_samples=num_samples, seed=seed,
       statistic=statistic, batch_size=batch_size, num_shards=num_shards,
@@ -444,9 +576,9 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
       key_feature=key_feature, input_feature=input_feature,
       beam_batch_size=beam_batch_size, resume=resume,
       extra_modules=extra_modules)
-  pipeline = beam.Pipeline(
-      options=PipelineOptions(list(pipeline_args or [])))
+  pipeline = beam.Pipeline(options=pipeline_options)
   build_targets_pipeline(pipeline, model_path, output, settings, config, files)
+  start_output(output, settings, resume)
   result = pipeline.run()
   result.wait_until_finish()
   manifest = records.read_json(
@@ -470,8 +602,7 @@ def main(argv=None):
     0 (the exit status).
   """
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = options.TargetsOptions(argv)
-  options.require(args, options.TargetsOptions.REQUIRED)
+  args = options.parse(options.TargetsOptions, argv)
   summary = run_targets_pipeline(
       args.model, args.input, args.output, num_samples=args.num_samples,
       seed=args.seed, statistic=args.statistic, batch_size=args.batch_size,
