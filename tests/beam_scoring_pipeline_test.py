@@ -103,7 +103,7 @@ class ScoringPipelineTest(tf.test.TestCase):
       self.assertEqual(summary["examples_scored"], self.n)
       self.assertLen(tf.io.gfile.glob(os.path.join(output, f"scores-*.{fmt}")),
                      2)
-      got = scoring_pipeline.read_scores(output)
+      got = records.read_scores(output)
       self.assertAllEqual(got["key"], np.arange(self.n))
       for name in contract.OUTPUT_KEYS:
         self.assertEqual(got[name].shape, (self.n,), msg=(fmt, name))
@@ -115,14 +115,20 @@ class ScoringPipelineTest(tf.test.TestCase):
 
   def test_runs_are_bitwise_equal_to_in_process_batches(self):
     expected = signature_in_batches(self.fn, self.x, 64)
-    runs = []
-    for flags in ([], ["--direct_num_workers=2",
-                       "--direct_running_mode=multi_threading"]):
-      output = self.new_dir()
-      scoring_pipeline.run_scoring_pipeline(
-          self.export, self.files, output, batch_size=64,
-          pipeline_args=flags)
-      runs.append(scoring_pipeline.read_scores(output))
+    runs, outputs = [], []
+    with beam_testing.portable_runner_args() as portable:
+      for flags in ([], ["--direct_num_workers=2",
+                         "--direct_running_mode=multi_threading"], portable):
+        outputs.append(self.new_dir())
+        scoring_pipeline.run_scoring_pipeline(
+            self.export, self.files, outputs[-1], batch_size=64,
+            pipeline_args=flags)
+        runs.append(records.read_scores(outputs[-1]))
+    # Same bytes on every runner, portable workers in other processes too.
+    contents = [beam_testing.file_bytes(output) for output in outputs]
+    self.assertLen(contents[0], 9)  # 8 score files and scoring.json.
+    self.assertEqual(contents[1], contents[0])
+    self.assertEqual(contents[2], contents[0])
     for got in runs:
       self.assertAllEqual(got["key"], np.arange(self.n))
       for name in contract.OUTPUT_KEYS:
@@ -131,7 +137,7 @@ class ScoringPipelineTest(tf.test.TestCase):
   def test_scores_match_the_keras_dual_model(self):
     output = self.new_dir()
     scoring_pipeline.run_scoring_pipeline(self.export, self.files, output)
-    got = scoring_pipeline.read_scores(output)
+    got = records.read_scores(output)
     direct = self.dual.predict(self.x, verbose=0)
     for name in contract.OUTPUT_KEYS:
       self.assertAllClose(got[name], np.reshape(direct[name], [-1]),
@@ -150,7 +156,7 @@ class ScoringPipelineTest(tf.test.TestCase):
         "--saved_model", export, "--input", npz, "--output", output,
         "--output_format", "parquet", "--batch_size", "64",
         "--runner", "DirectRunner", "--direct_num_workers", "1"])
-    got = scoring_pipeline.read_scores(output)
+    got = records.read_scores(output)
     _, fn = model_handler.load_signature(export)
     expected = fn(**{k: tf.constant(v) for k, v in x.items()})
     self.assertAllEqual(got["key"], keys)
@@ -181,8 +187,8 @@ class ScoringPipelineTest(tf.test.TestCase):
                                 "the SavedModel's signatures"):
       scoring_pipeline.run_scoring_pipeline(self.export, self.files,
                                             self.new_dir(), signature="nope")
-    with self.assertRaisesRegex(ValueError, "not a scoring pipeline output"):
-      scoring_pipeline.read_scores(self.new_dir())
+    with self.assertRaisesRegex(ValueError, "not a finished scoring"):
+      records.read_scores(self.new_dir())
 
   def test_signature_without_contract_outputs_is_refused(self):
     model = build_regression_model()
