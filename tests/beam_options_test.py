@@ -27,7 +27,7 @@ _TARGETS_DEFAULTS = {
 _SCORING_DEFAULTS = {
     "saved_model": None, "input": None, "output": None,
     "output_format": "parquet", "input_format": "auto",
-    "key_feature": "key", "batch_size": 256, "num_shards": 0,
+    "key_feature": "key", "batch_size": 256, "num_shards": 8,
     "signature": "serving_default"}
 _ERR_REQUIRED = ("error: the following arguments are required: --model, "
                  "--output\n")

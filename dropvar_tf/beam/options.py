@@ -27,10 +27,12 @@ paths, or one whose extra is not installed.
 
 import difflib
 import importlib.util
+import logging
 import os
 import sys
 import urllib.parse
 
+from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import PortableOptions
 from apache_beam.options.pipeline_options import StandardOptions
@@ -191,6 +193,35 @@ def is_local_runner(pipeline_options):
   return False
 
 
+def runs_in_process(pipeline_options):
+  """Whether the workers run in this process (DirectRunner, not processes)."""
+  if runner_name(pipeline_options) not in ("direct", "bundlebaseddirect",
+                                           "switchingdirect"):
+    return False
+  mode = pipeline_options.view_as(DirectOptions).direct_running_mode
+  return mode != "multi_processing"
+
+
+def quiet_beam_logs(pipeline_args):
+  """Turns Beam's INFO logs off here and in the workers; returns the args.
+
+  Side effects: sets the "apache_beam" logger of this process to WARNING.
+
+  Args:
+    pipeline_args: Beam flags; a `--default_sdk_harness_log_level` among
+      them wins.
+
+  Returns:
+    `pipeline_args` with `--default_sdk_harness_log_level=WARNING` added
+    (the workers' level) unless given.
+  """
+  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  args = list(pipeline_args)
+  if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+    args.append("--default_sdk_harness_log_level=WARNING")
+  return args
+
+
 def _installed(module):
   try:
     return importlib.util.find_spec(module) is not None
@@ -318,6 +349,8 @@ class TargetsOptions(PipelineOptions):
     group.add_argument("--import_module", action="append", default=[],
                        help="module to import first (custom layers; "
                        "repeatable)")
+    group.add_argument("--verbose", action="store_true",
+                       help="show Beam's INFO logs (off by default)")
 
 
 class ScoringOptions(PipelineOptions):
@@ -344,5 +377,7 @@ class ScoringOptions(PipelineOptions):
                        choices=sources.INPUT_FORMATS)
     group.add_argument("--key_feature", default=records.KEY_FEATURE)
     group.add_argument("--batch_size", type=int, default=256)
-    group.add_argument("--num_shards", type=int, default=0)
+    group.add_argument("--num_shards", type=int, default=8)
     group.add_argument("--signature", default=contract.SERVING_SIGNATURE)
+    group.add_argument("--verbose", action="store_true",
+                       help="show Beam's INFO logs (off by default)")

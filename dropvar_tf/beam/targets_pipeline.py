@@ -67,6 +67,7 @@ from dropvar_tf._keras import keras
 from dropvar_tf.beam import counters
 from dropvar_tf.beam import filesystems
 from dropvar_tf.beam import options
+from dropvar_tf.beam import progress
 from dropvar_tf.beam import records
 from dropvar_tf.beam import sources
 
@@ -170,6 +171,7 @@ class TargetsFn(beam.DoFn):
     keys, values = keys[order], values[order]
     write_part(self._output_dir, keys, values)
     self._computed.inc(n)
+    progress.add("computed", n)
     yield keys, values
 
 
@@ -191,6 +193,7 @@ class SkipDoneFn(beam.DoFn):
       keys = np.array([k for k, _ in batch], np.int64)
     done = np.isin(keys, done_keys)
     self._skipped.inc(int(done.sum()))
+    progress.add("skipped", int(done.sum()))
     for element, is_done in zip(batch, done):
       if not is_done:
         yield element
@@ -521,7 +524,7 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
                          output_format=records.TFRECORD, input_format="auto",
                          key_feature=records.KEY_FEATURE, input_feature=None,
                          beam_batch_size=None, resume=True, extra_modules=(),
-                         pipeline_args=None):
+                         pipeline_args=None, show_progress=None):
   """Runs the targets pipeline and waits for it.
 
   Args:
@@ -553,6 +556,10 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
       the DirectRunner is the default. Flags of `options.TargetsOptions`
       may be among them (`main` passes its whole argv); the arguments
       above, not those flags, say what to compute.
+    show_progress: write a progress line (examples computed and skipped)
+      to stderr as batches finish; needs workers in this process (the
+      DirectRunner in memory or threads). None: when they are and stderr
+      is a terminal. Every runner has the Beam counters.
 
   Returns:
     dict: "manifest" (the written manifest), "seconds", and the counters
@@ -579,8 +586,16 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
   pipeline = beam.Pipeline(options=pipeline_options)
   build_targets_pipeline(pipeline, model_path, output, settings, config, files)
   start_output(output, settings, resume)
-  result = pipeline.run()
-  result.wait_until_finish()
+  if show_progress is None:
+    show_progress = options.runs_in_process(pipeline_options) and (
+        sys.stderr.isatty())
+  if show_progress:
+    progress.start("dropvar_tf targets")
+  try:
+    result = pipeline.run()
+    result.wait_until_finish()
+  finally:
+    progress.finish()
   manifest = records.read_json(
       FileSystems.join(output, records.MANIFEST_FILENAME)) if (
           filesystems.is_local(output)) else None
@@ -596,13 +611,20 @@ def main(argv=None):
   """Runs the pipeline on the flags in `argv` (default: sys.argv[1:]).
 
   Our flags are `options.TargetsOptions`; the others (--runner, ...) are
-  Beam's. Prints the summary as JSON.
+  Beam's. Prints the summary as JSON. Beam's INFO logs are off unless
+  `--verbose`.
 
   Returns:
     0 (the exit status).
+
+  Raises:
+    SystemExit: status 2 (a usage error, before any work) for an unknown
+      or mistyped flag or a missing required one.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
   args = options.parse(options.TargetsOptions, argv)
+  if not args.verbose:
+    argv = options.quiet_beam_logs(argv)
   summary = run_targets_pipeline(
       args.model, args.input, args.output, num_samples=args.num_samples,
       seed=args.seed, statistic=args.statistic, batch_size=args.batch_size,
