@@ -10,6 +10,8 @@ so each example meets the same masks in compiled calls of the same shapes:
 the targets are compared for bitwise equality, not to a tolerance.
 """
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -74,7 +76,10 @@ class TargetsPipelineTest(tf.test.TestCase):
 
   def test_equals_mc_dropout_targets_exactly(self):
     output = self.new_dir()
-    summary = self.run_pipeline(output)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      summary = self.run_pipeline(output, show_progress=True)
+    self.assertEndsWith(stderr.getvalue(), "2,000 computed\n")
     self.assertEqual(summary["examples_computed"], self.n)
     self.assertEqual(summary["manifest"]["num_keys"], self.n)
     self.assertEqual(summary["manifest"]["statistic"], "std")
@@ -111,6 +116,17 @@ class TargetsPipelineTest(tf.test.TestCase):
     self.run_pipeline(output, pipeline_args=[
         "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     self.assertAllEqual(records.read_targets(output)[1], self.reference)
+
+  def test_portable_runner_workers_in_other_processes_same_bytes(self):
+    direct = self.new_dir()
+    self.run_pipeline(direct)
+    portable = self.new_dir()
+    with beam_testing.portable_runner_args() as flags:
+      summary = self.run_pipeline(portable, pipeline_args=flags)
+    self.assertEqual(summary["examples_computed"], self.n)
+    self.assertEqual(beam_testing.file_bytes(portable),
+                     beam_testing.file_bytes(direct))
+    self.assertAllEqual(records.read_targets(portable)[1], self.reference)
 
   def test_npz_input_dict_model_and_class_statistics(self):
     model = beam_testing.build_model("dict", seed=3)
@@ -191,11 +207,11 @@ class TargetsPipelineTest(tf.test.TestCase):
     self.assertAllEqual(keys, np.arange(self.n))
     self.assertAllEqual(values, self.reference)
     # A rerun of a finished run computes nothing and changes no byte.
-    before = _file_bytes(output)
+    before = beam_testing.file_bytes(output)
     summary = self.run_pipeline(output)
     self.assertEqual(summary["examples_computed"], 0)
     self.assertEqual(summary["examples_skipped"], self.n)
-    self.assertEqual(_file_bytes(output), before)
+    self.assertEqual(beam_testing.file_bytes(output), before)
 
   def test_a_repeated_part_write_is_harmless(self):
     output = self.new_dir()
@@ -203,9 +219,10 @@ class TargetsPipelineTest(tf.test.TestCase):
     values = np.array([0.5, 0.25, 0.125], np.float32)
     os.makedirs(os.path.join(output, "parts"))
     targets_pipeline.write_part(output, keys, values)
-    first = _file_bytes(os.path.join(output, "parts"))
+    parts = os.path.join(output, "parts")
+    first = beam_testing.file_bytes(parts)
     targets_pipeline.write_part(output, keys, values)
-    self.assertEqual(_file_bytes(os.path.join(output, "parts")), first)
+    self.assertEqual(beam_testing.file_bytes(parts), first)
     self.assertLen(first, 1)
 
   def test_duplicated_input_is_merged_conflicting_keys_fail(self):
@@ -254,7 +271,7 @@ class TargetsPipelineTest(tf.test.TestCase):
       outputs.append(output)
     outputs.append(self.new_dir())
     self.run_pipeline(outputs[-1], num_shards=3)
-    contents = [_file_bytes(output) for output in outputs]
+    contents = [beam_testing.file_bytes(output) for output in outputs]
     self.assertLen(contents[0], 5)  # 3 shards, settings and manifest.
     self.assertEqual(contents[0], contents[1])
     self.assertEqual(contents[0], contents[2])
@@ -262,7 +279,7 @@ class TargetsPipelineTest(tf.test.TestCase):
   def test_failed_relaunch_keeps_a_finished_output_readable(self):
     output = self.new_dir()
     self.run_pipeline(output)
-    before = _file_bytes(output)
+    before = beam_testing.file_bytes(output)
 
     def fail(fn_self, item):
       raise RuntimeError("simulated worker failure")
@@ -276,7 +293,7 @@ class TargetsPipelineTest(tf.test.TestCase):
                         resume=False)
     with self.assertRaises(ValueError):
       self.run_pipeline(output, seed=_SEED + 1)
-    self.assertEqual(_file_bytes(output), before)
+    self.assertEqual(beam_testing.file_bytes(output), before)
     self.assertAllEqual(records.read_targets(output)[1], self.reference)
 
   def test_invalid_arguments(self):
@@ -295,6 +312,16 @@ class TargetsPipelineTest(tf.test.TestCase):
     with self.assertRaises(FileNotFoundError):
       self.run_pipeline(output, inputs=os.path.join(self.root, "none-*"))
 
+  def test_cli_refuses_a_mistyped_flag_before_any_work(self):
+    output = os.path.join(self.new_dir(), "out")
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      with self.assertRaises(SystemExit) as ctx:
+        targets_pipeline.main(self.cli_args(output) + ["--num-samples", "4"])
+    self.assertEqual(ctx.exception.code, 2)
+    self.assertIn("did you mean --num_samples?", stderr.getvalue())
+    self.assertFalse(os.path.exists(output))
+
   def test_cli(self):
     output = self.new_dir()
     code = targets_pipeline.main([
@@ -305,17 +332,6 @@ class TargetsPipelineTest(tf.test.TestCase):
         "--output_format", "parquet", "--runner", "DirectRunner"])
     self.assertEqual(code, 0)
     self.assertAllEqual(records.read_targets(output)[1], self.reference)
-
-
-def _file_bytes(directory):
-  """{file name: bytes} of the files in `directory` (not hidden ones)."""
-  out = {}
-  for name in sorted(os.listdir(directory)):
-    path = os.path.join(directory, name)
-    if os.path.isfile(path) and not name.startswith("."):
-      with open(path, "rb") as f:
-        out[name] = f.read()
-  return out
 
 
 if __name__ == "__main__":
