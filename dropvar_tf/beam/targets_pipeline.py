@@ -48,6 +48,7 @@ Then `keys, dpv = read_targets("targets/")`.
 """
 
 import importlib
+import io
 import json
 import math
 import os
@@ -75,6 +76,7 @@ from dropvar_tf.beam import sources
 # Computed batches are saved under <output>/parts/ as they complete.
 PARTS_DIR = "parts"
 PART_PREFIX = "part"
+PART_EXTENSION = "npys"
 
 _REGISTERING_MODULES = ("dropvar_tf.seeded_dropout", "dropvar_tf.layers",
                         "dropvar_tf.heads", "dropvar_tf.study.models.reference")
@@ -202,14 +204,8 @@ class SkipDoneFn(beam.DoFn):
 class ReadPartFn(beam.DoFn):
   """Part file path -> its (keys, targets)."""
 
-  def __init__(self, target_shape):
-    self._shape = tuple(target_shape)
-
   def process(self, path):
-    keys, values = records.decode_shard(
-        filesystems.read_file_bytes(path), records.TFRECORD,
-        {records.TARGET_FEATURE: self._shape})
-    yield keys, values[records.TARGET_FEATURE]
+    yield decode_part(filesystems.read_file_bytes(path))
 
 
 class _ConcatKeysFn(beam.CombineFn):
@@ -247,20 +243,39 @@ def part_name(keys):
   again is harmless.
   """
   digest = records.sha256(np.asarray(keys, "<i8").tobytes())[:24]
-  return f"{PART_PREFIX}-{digest}.{records.TFRECORD}"
+  return f"{PART_PREFIX}-{digest}.{PART_EXTENSION}"
+
+
+def encode_part(keys, values):
+  """Part file bytes: the keys, then the targets, as two `.npy` records.
+
+  Internal to a run (never the output), so the format is the fastest one to
+  write and read back, and deterministic: equal arrays, equal bytes.
+  """
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(keys, "<i8"), allow_pickle=False)
+  np.save(buffer, np.asarray(values, "<f4"), allow_pickle=False)
+  return buffer.getvalue()
+
+
+def decode_part(data):
+  """(keys int64, targets float32) of part file bytes (`encode_part`)."""
+  buffer = io.BytesIO(data)
+  keys = np.load(buffer, allow_pickle=False)
+  values = np.load(buffer, allow_pickle=False)
+  return keys.astype(np.int64), values.astype(np.float32)
 
 
 def write_part(output_dir, keys, values):
   """Writes one computed batch's (keys, targets) atomically to `parts/`."""
   path = FileSystems.join(output_dir, PARTS_DIR, part_name(keys))
-  filesystems.atomic_write(path, records.encode_shard(keys, values,
-                                                      records.TFRECORD))
+  filesystems.atomic_write(path, encode_part(keys, values))
 
 
 def existing_parts(output_dir):
   """Paths of the part files in `output_dir` (complete by design)."""
   pattern = FileSystems.join(output_dir, PARTS_DIR,
-                             f"{PART_PREFIX}-*.{records.TFRECORD}")
+                             f"{PART_PREFIX}-*.{PART_EXTENSION}")
   return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
@@ -463,7 +478,6 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
       "beam_batch_size": beam_batch_size,
       "num_shards": num_shards,
       "parts": existing_parts(output) if resume else [],
-      "target_shape": target_shape,
       "input_format": input_format,
       "input_specs": input_specs,
       "key_feature": key_feature,
@@ -484,7 +498,7 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
   if config["parts"]:
     done = (pipeline
             | "Parts" >> beam.Create(config["parts"])
-            | "ReadParts" >> beam.ParDo(ReadPartFn(config["target_shape"])))
+            | "ReadParts" >> beam.ParDo(ReadPartFn()))
     done_keys = (done
                  | "PartKeys" >> beam.Map(lambda part: part[0])
                  | "DoneKeys" >> beam.CombineGlobally(_ConcatKeysFn()))
