@@ -81,9 +81,9 @@ class OptionsTest(tf.test.TestCase):
     self.assertEqual(options.unknown_flags(
         ["--num_samples", "4", "--runner", "DirectRunner"]), [])
     self.assertEqual(
-        options.unknown_flags(["--num-samples", "10", "--bogus"]),
+        options.unknown_flags(["--num-samples", "10", "--qqq"]),
         [("--num-samples", "--num_samples"), ("10", None),
-         ("--bogus", None)])
+         ("--qqq", None)])
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
       with self.assertRaises(SystemExit) as ctx:

@@ -435,11 +435,20 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
                     output_format=records.TFRECORD, input_format="auto",
                     key_feature=records.KEY_FEATURE, input_feature=None,
                     beam_batch_size=None, resume=True, extra_modules=()):
-  """Validates everything on the launcher and prepares the output directory.
+  """Validates everything on the launcher; reads earlier results.
+
+  Changes nothing in `output` but creating it: `start_output` writes there
+  once the pipeline starts.
 
   Returns:
-    (settings, config, files): settings.json content, the worker config and
-    the matched input files.
+    (settings, config, files): settings.json content, the worker config
+    (with the part files of an earlier run to resume) and the matched input
+    files.
+
+  Raises:
+    ValueError: an invalid argument, or `output` holds a run with other
+      settings (and `resume` is True).
+    FileNotFoundError: an input pattern matches nothing.
   """
   num_samples, seed, batch_size, num_shards, beam_batch_size = _check_args(
       num_samples, seed, batch_size, num_shards, output_format,
@@ -577,7 +586,8 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
 
   Returns:
     dict: "manifest" (the written manifest), "seconds", and the counters
-    "examples_computed", "examples_skipped", "duplicates_dropped".
+    "examples_computed" (this run), "examples_skipped" (saved by an earlier
+    run, read back from its part files), "duplicates_dropped".
 
   Raises:
     ValueError: an invalid argument, an unknown flag in `pipeline_args`, a
