@@ -38,7 +38,7 @@ EXTRAS = {
     # Beam's TensorFlow model handler imports tensorflow_hub; 0.16 is the
     # first that imports with TensorFlow 2.16+ (Beam's own extra pins older).
     "beam": ["apache-beam[tfrecord]>=2.60,<3", "tensorflow-hub>=0.16,<1",
-             "pyarrow>=15"],
+             "pyarrow>=15", "google-crc32c>=1.5,<2"],
 }
 
 with open(os.path.join(_HERE, "README.md"), encoding="utf-8") as f:

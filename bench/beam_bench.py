@@ -9,7 +9,13 @@ seed and batch size, timed in one run:
     shard files, manifest), with the DirectRunner in-process and with
     `--direct_running_mode=multi_processing` workers.
 Prints seconds, examples/s and the ratio beam / in-process (warm), and checks
-that every Beam result equals the in-process targets bitwise.
+that every Beam result equals the in-process targets bitwise. Then, side by
+side in the same run:
+  * file-count scaling: the same rows in 4 files and in 256 files
+    (`--num_samples 2`, so reading dominates), in-process DirectRunner;
+  * resume: a full run, and the rerun of a run killed after 60% of its
+    batches (its computed batches are saved as part files and skipped), at
+    T and 2T.
 
 Usage (needs apache_beam, e.g. .venv-beam/bin/python):
   python bench/beam_bench.py            # N=16384, T=50
@@ -17,6 +23,7 @@ Usage (needs apache_beam, e.g. .venv-beam/bin/python):
 """
 
 import argparse
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +35,8 @@ from dropvar_tf import targets
 from dropvar_tf._keras import keras
 from dropvar_tf.beam import records
 from dropvar_tf.beam import targets_pipeline
+
+_KILLED = "bench: killed"
 
 
 def build_mlp(input_dim=64, width=256, depth=3, rate=0.2, seed=0):
@@ -43,6 +52,77 @@ def build_mlp(input_dim=64, width=256, depth=3, rate=0.2, seed=0):
 def _row(name, seconds, n, base):
   ratio = seconds / base if base else float("nan")
   return f"{name:<34} {seconds:8.2f} s {n / seconds:10.0f} ex/s {ratio:7.2f}x"
+
+
+def _timed_run(model_path, files, output, **kwargs):
+  start = time.perf_counter()
+  summary = targets_pipeline.run_targets_pipeline(model_path, files, output,
+                                                  num_shards=8, **kwargs)
+  return time.perf_counter() - start, summary
+
+
+def file_count_scaling(root, model, model_path, x, batch_size, repeats=2):
+  """Best seconds of the same rows in 4 and in 256 files (T=2).
+
+  The two layouts alternate, `repeats` times each, so neither one alone
+  pays for what the first run of a process pays.
+  """
+  files = {num_files: records.write_examples(
+      os.path.join(root, f"files{num_files}", "ex"), x,
+      records.model_input_specs(model), num_shards=num_files)
+           for num_files in (4, 256)}
+  best = {}
+  for i in range(repeats):
+    for num_files in (256, 4):
+      seconds, _ = _timed_run(
+          model_path, files[num_files],
+          os.path.join(root, f"scaling{num_files}_{i}"), num_samples=2,
+          seed=0, batch_size=batch_size)
+      best[num_files] = min(best.get(num_files, seconds), seconds)
+  return [(num_files, best[num_files]) for num_files in (4, 256)]
+
+
+def resume_saving(root, model_path, files, n, kwargs, fraction=0.6,
+                  repeats=2):
+  """Best full-run seconds, best rerun seconds after a kill at `fraction`.
+
+  Each of `repeats` rounds times a full run, then a run killed after
+  `fraction` of its batches and its rerun (the machine is shared: the best
+  of the rounds is the least disturbed one).
+
+  Returns:
+    (full s, rerun s, batches done before the kill, batches, rerun summary).
+  """
+  batches = math.ceil(n / (8 * kwargs["batch_size"]))
+  kill_at = math.ceil(fraction * batches)
+  original = targets_pipeline.TargetsFn.process
+  done = []
+
+  def killed(fn_self, batch):
+    if len(done) == kill_at:
+      raise RuntimeError(_KILLED)
+    done.append(len(batch))
+    yield from original(fn_self, batch)
+
+  full = rerun = float("inf")
+  for i in range(repeats):
+    tag = f"t{kwargs['num_samples']}_{i}"
+    seconds, _ = _timed_run(model_path, files,
+                            os.path.join(root, "full" + tag), **kwargs)
+    full = min(full, seconds)
+    output = os.path.join(root, "killed" + tag)
+    done.clear()
+    targets_pipeline.TargetsFn.process = killed
+    try:
+      _timed_run(model_path, files, output, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      if _KILLED not in str(e):
+        raise
+    finally:
+      targets_pipeline.TargetsFn.process = original
+    seconds, summary = _timed_run(model_path, files, output, **kwargs)
+    rerun = min(rerun, seconds)
+  return full, rerun, kill_at, batches, summary
 
 
 def main():
@@ -99,6 +179,25 @@ def main():
     for name, seconds, equal in results:
       print(_row(name, seconds, n, warm) + f"   bitwise equal: {equal}")
     print("ratio = seconds / in-process warm seconds (lower is better)")
+
+    print()
+    print(f"file-count scaling: the same N={n} rows, T=2, beam DirectRunner "
+          f"(in-process, best of 2)")
+    scaling = file_count_scaling(root, model, model_path, x, args.batch_size)
+    for num_files, seconds in scaling:
+      print(f"{num_files:>4} files {seconds:8.2f} s   "
+            f"{seconds / scaling[0][1]:5.2f}x of 4 files")
+
+    print()
+    print(f"resume: N={n}, beam DirectRunner (in-process), a run killed "
+          f"after 60% of its batches, then rerun (best of 2)")
+    for samples in (t, 2 * t):
+      full, rerun, kill_at, batches, summary = resume_saving(
+          root, model_path, files, n, dict(kwargs, num_samples=samples))
+      print(f"T={samples:<4} full run {full:6.2f} s   rerun after a kill at "
+            f"batch {kill_at}/{batches} {rerun:6.2f} s = {rerun / full:4.2f}x"
+            f"   computed {summary['examples_computed']}, skipped "
+            f"{summary['examples_skipped']}")
   finally:
     shutil.rmtree(root, ignore_errors=True)
 

@@ -55,9 +55,9 @@ class ModelHandlerTest(tf.test.TestCase):
       model_handler.load_signature(self.export, "nope")
 
   def test_run_inference_equals_the_signature_on_the_same_batch(self):
-    handler = model_handler.SignatureHandler(self.export, max_batch_size=64)
+    handler = model_handler.SignatureHandler(self.export, batch_size=12)
     self.assertEqual(handler.batch_elements_kwargs(),
-                     {"min_batch_size": 1, "max_batch_size": 64})
+                     {"min_batch_size": 12, "max_batch_size": 12})
     model = handler.load_model()
     results = list(handler.run_inference(self.examples, model))
     _, fn = model_handler.load_signature(self.export)
@@ -70,20 +70,34 @@ class ModelHandlerTest(tf.test.TestCase):
     self.assertIs(results[3].example, self.examples[3])
     self.assertEqual(results[0].model_id, self.export)
 
+  def test_small_batches_are_padded_to_batch_size(self):
+    handler = model_handler.SignatureHandler(self.export, batch_size=16)
+    results = list(handler.run_inference(self.examples[:5],
+                                         handler.load_model()))
+    self.assertLen(results, 5)
+    _, fn = model_handler.load_signature(self.export)
+    # The call the handler makes: 5 rows, then the 5th repeated to 16.
+    rows = list(range(5)) + [4] * 11
+    expected = fn(**{n: tf.constant(v[rows]) for n, v in self.x.items()})
+    for name in contract.OUTPUT_KEYS:
+      got = np.stack([r.inference[name] for r in results])
+      self.assertAllEqual(got, expected[name].numpy()[:5], msg=name)
+
   def test_keyed_run_inference_in_a_pipeline(self):
     _, fn = model_handler.load_signature(self.export)
     expected = fn(**{n: tf.constant(v) for n, v in self.x.items()})
     keys = list(range(500, 512))
-    handler = KeyedModelHandler(model_handler.SignatureHandler(self.export))
+    handler = KeyedModelHandler(model_handler.SignatureHandler(
+        self.export, batch_size=12))
 
     def check(got):
       got = dict(got)
       if sorted(got) != keys:
         raise AssertionError(f"keys {sorted(got)} != {keys}")
       for i, key in enumerate(keys):
-        np.testing.assert_allclose(
+        np.testing.assert_array_equal(
             got[key].inference[contract.VARIATION_KEY],
-            expected[contract.VARIATION_KEY][i], rtol=1e-5, atol=1e-6)
+            expected[contract.VARIATION_KEY][i])
 
     with beam.Pipeline() as pipeline:
       results = (pipeline

@@ -6,7 +6,9 @@ tests/beam_options_test.py`) and are skipped, with the reason, elsewhere.
 
 import contextlib
 import io
+import os
 import unittest
+from unittest import mock
 
 from dropvar_tf._keras import tf
 import beam_testing
@@ -25,7 +27,7 @@ _TARGETS_DEFAULTS = {
 _SCORING_DEFAULTS = {
     "saved_model": None, "input": None, "output": None,
     "output_format": "parquet", "input_format": "auto",
-    "key_feature": "key", "batch_size": 256, "num_shards": 0,
+    "key_feature": "key", "batch_size": 256, "num_shards": 8,
     "signature": "serving_default"}
 _ERR_REQUIRED = ("error: the following arguments are required: --model, "
                  "--output\n")
@@ -74,6 +76,68 @@ class OptionsTest(tf.test.TestCase):
     options.require(options.ScoringOptions(
         ["--saved_model", "s", "--input", "a", "--output", "o"]),
                     options.ScoringOptions.REQUIRED)
+
+  def test_unknown_and_mistyped_flags_are_a_usage_error(self):
+    self.assertEqual(options.unknown_flags(
+        ["--num_samples", "4", "--runner", "DirectRunner"]), [])
+    self.assertEqual(
+        options.unknown_flags(["--num-samples", "10", "--qqq"]),
+        [("--num-samples", "--num_samples"), ("10", None),
+         ("--qqq", None)])
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      with self.assertRaises(SystemExit) as ctx:
+        options.parse(options.TargetsOptions, [
+            "--model", "m", "--input", "i", "--output", "o",
+            "--num-samples", "10"])
+    self.assertEqual(ctx.exception.code, 2)
+    self.assertIn("error: unrecognized arguments: --num-samples (did you "
+                  "mean --num_samples?) 10", stderr.getvalue())
+    with self.assertRaisesRegex(ValueError, "`pipeline_args`"):
+      options.launch_options(["--num-samples=3"], {})
+
+  def test_runner_names_and_locality(self):
+    cases = [([], "direct", True),
+             (["--runner", "DirectRunner"], "direct", True),
+             (["--runner", "PrismRunner"], "prism", True),
+             (["--runner", "DataflowRunner"], "dataflow", False),
+             (["--runner", "PortableRunner", "--job_endpoint", "embed"],
+              "portable", True),
+             (["--runner", "PortableRunner", "--job_endpoint",
+               "localhost:8099"], "portable", True),
+             (["--runner", "PortableRunner", "--job_endpoint",
+               "jobs.example.com:8099"], "portable", False),
+             (["--runner", "FlinkRunner"], "flink", True),
+             (["--runner", "FlinkRunner", "--flink_master",
+               "flink.example.com:8081"], "flink", False)]
+    for argv, name, local in cases:
+      parsed = PipelineOptions(argv)
+      self.assertEqual(options.runner_name(parsed), name, msg=argv)
+      self.assertEqual(options.is_local_runner(parsed), local, msg=argv)
+
+  def test_check_runner_refuses_before_any_work(self):
+    remote = PipelineOptions(["--runner", "FlinkRunner", "--flink_master",
+                              "flink.example.com:8081"])
+    options.check_runner(remote, {"inputs": ["gs://b/x-*"],
+                                  "output": "hdfs://n/out"})
+    with self.assertRaisesRegex(ValueError, "Invalid value received for "
+                                "argument `output`. Expected a path every "
+                                "flink worker can read"):
+      options.check_runner(remote, {"inputs": ["gs://b/x-*"],
+                                    "output": "/tmp/out"})
+    options.check_runner(PipelineOptions([]), {"output": "/tmp/out"})
+    dataflow = PipelineOptions(["--runner", "DataflowRunner"])
+    with mock.patch.object(options, "_installed", return_value=False):
+      with self.assertRaisesRegex(ValueError, r"pip install "
+                                  r"'apache-beam\[gcp\]'"):
+        options.check_runner(dataflow, {"output": "gs://b/out"})
+
+  def test_normalize_path(self):
+    self.assertEqual(options.normalize_path("out"),
+                     os.path.join(os.getcwd(), "out"))
+    self.assertEqual(options.normalize_path("./a/../out"),
+                     os.path.join(os.getcwd(), "out"))
+    self.assertEqual(options.normalize_path("gs://b/out"), "gs://b/out")
 
   def test_help_lists_the_flags_and_their_help(self):
     stdout = io.StringIO()

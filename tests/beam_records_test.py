@@ -143,6 +143,36 @@ class RecordsTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, r"1 requested keys are missing"):
       records.read_targets(path, keys=[self.keys[0], 10**12])
 
+  def test_read_scores_takes_format_and_shapes_from_scoring_json(self):
+    path = self.get_temp_dir()
+    prediction = np.arange(12, dtype=np.float32).reshape(4, 3)
+    variation = np.array([0.5, 0.25, 0.125, 1.0], np.float32)
+    keys = np.array([7, 2, 9, 4], np.int64)
+    with self.assertRaisesRegex(ValueError, "not a finished scoring"):
+      records.read_scores(path)
+    for part, rows in enumerate([[0, 1], [2, 3]]):
+      data = records.encode_shard(
+          keys[rows], {"prediction": prediction[rows],
+                       "variation": variation[rows]}, records.JSONL)
+      with open(os.path.join(path, f"scores-{part:05d}-of-00002.jsonl"),
+                "wb") as f:
+        f.write(data)
+    with open(os.path.join(path, records.SCORING_FILENAME), "w") as f:
+      json.dump({"output_format": "jsonl", "num_shards": 2,
+                 "output_shapes": {"prediction": [3], "variation": []}}, f)
+    got = records.read_scores(path)
+    order = np.argsort(keys)
+    self.assertAllEqual(got["key"], keys[order])
+    self.assertAllEqual(got["prediction"], prediction[order])
+    self.assertAllEqual(got["variation"], variation[order])
+
+  def test_serialize_example_sorts_the_feature_map(self):
+    def feature(v):
+      return tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+    one = records.serialize_example({"b": feature(1.0), "a": feature(2.0)})
+    two = records.serialize_example({"a": feature(2.0), "b": feature(1.0)})
+    self.assertEqual(one, two)
+
   def test_merge_duplicates(self):
     keys = np.array([5, 3, 5, 9, 3], np.int64)
     values = np.array([1.0, 2.0, 1.0 + 1e-7, 4.0, 2.0], np.float32)

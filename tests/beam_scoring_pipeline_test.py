@@ -5,9 +5,11 @@ They need `apache_beam` (run them in a venv with `dropvar_tf[beam]`, e.g.
 and are skipped, with the reason, elsewhere.
 
 Beam scores are compared with the same `serving_default` signature called
-in-process on all examples at once, to float32 tolerance: the pipeline calls
-it on batches of another size, and matmul kernels may round differently for
-different batch shapes (unlike the targets pipeline, nothing pads here).
+in-process on batches of the pipeline's `batch_size` (the last one padded, as
+the pipeline pads its batches): every call then has the same shape, and the
+scores are compared for bitwise equality. Against one call on all examples
+(another shape, whose kernels may round differently) they agree to float32
+tolerance.
 """
 
 import os
@@ -51,6 +53,17 @@ def build_regression_model(seed=0):
   return keras.Model(x, keras.layers.Dense(1)(h))
 
 
+def signature_in_batches(fn, x, batch_size):
+  """{output: array} of `fn` called on padded batches of `batch_size` rows."""
+  parts = []
+  for start in range(0, len(x), batch_size):
+    rows = np.arange(start, start + batch_size).clip(max=len(x) - 1)
+    out = fn(x=tf.constant(x[rows]))
+    n = min(batch_size, len(x) - start)
+    parts.append({k: np.reshape(v.numpy()[:n], [n]) for k, v in out.items()})
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 @unittest.skipIf(not beam_testing.HAVE_BEAM, beam_testing.SKIP_REASON)
 class ScoringPipelineTest(tf.test.TestCase):
 
@@ -90,7 +103,7 @@ class ScoringPipelineTest(tf.test.TestCase):
       self.assertEqual(summary["examples_scored"], self.n)
       self.assertLen(tf.io.gfile.glob(os.path.join(output, f"scores-*.{fmt}")),
                      2)
-      got = scoring_pipeline.read_scores(output)
+      got = records.read_scores(output)
       self.assertAllEqual(got["key"], np.arange(self.n))
       for name in contract.OUTPUT_KEYS:
         self.assertEqual(got[name].shape, (self.n,), msg=(fmt, name))
@@ -100,10 +113,31 @@ class ScoringPipelineTest(tf.test.TestCase):
       self.assertGreaterEqual(got[contract.VARIATION_KEY].min(), 0.0)
       self.assertGreater(got[contract.VARIATION_KEY].std(), 0.0)
 
+  def test_runs_are_bitwise_equal_to_in_process_batches(self):
+    expected = signature_in_batches(self.fn, self.x, 64)
+    runs, outputs = [], []
+    with beam_testing.portable_runner_args() as portable:
+      for flags in ([], ["--direct_num_workers=2",
+                         "--direct_running_mode=multi_threading"], portable):
+        outputs.append(self.new_dir())
+        scoring_pipeline.run_scoring_pipeline(
+            self.export, self.files, outputs[-1], batch_size=64,
+            pipeline_args=flags)
+        runs.append(records.read_scores(outputs[-1]))
+    # Same bytes on every runner, portable workers in other processes too.
+    contents = [beam_testing.file_bytes(output) for output in outputs]
+    self.assertLen(contents[0], 9)  # 8 score files and scoring.json.
+    self.assertEqual(contents[1], contents[0])
+    self.assertEqual(contents[2], contents[0])
+    for got in runs:
+      self.assertAllEqual(got["key"], np.arange(self.n))
+      for name in contract.OUTPUT_KEYS:
+        self.assertAllEqual(got[name], expected[name], msg=name)
+
   def test_scores_match_the_keras_dual_model(self):
     output = self.new_dir()
     scoring_pipeline.run_scoring_pipeline(self.export, self.files, output)
-    got = scoring_pipeline.read_scores(output)
+    got = records.read_scores(output)
     direct = self.dual.predict(self.x, verbose=0)
     for name in contract.OUTPUT_KEYS:
       self.assertAllClose(got[name], np.reshape(direct[name], [-1]),
@@ -122,7 +156,7 @@ class ScoringPipelineTest(tf.test.TestCase):
         "--saved_model", export, "--input", npz, "--output", output,
         "--output_format", "parquet", "--batch_size", "64",
         "--runner", "DirectRunner", "--direct_num_workers", "1"])
-    got = scoring_pipeline.read_scores(output)
+    got = records.read_scores(output)
     _, fn = model_handler.load_signature(export)
     expected = fn(**{k: tf.constant(v) for k, v in x.items()})
     self.assertAllEqual(got["key"], keys)
@@ -153,8 +187,8 @@ class ScoringPipelineTest(tf.test.TestCase):
                                 "the SavedModel's signatures"):
       scoring_pipeline.run_scoring_pipeline(self.export, self.files,
                                             self.new_dir(), signature="nope")
-    with self.assertRaisesRegex(ValueError, "not a scoring pipeline output"):
-      scoring_pipeline.read_scores(self.new_dir())
+    with self.assertRaisesRegex(ValueError, "not a finished scoring"):
+      records.read_scores(self.new_dir())
 
   def test_signature_without_contract_outputs_is_refused(self):
     model = build_regression_model()

@@ -10,8 +10,12 @@ so each example meets the same masks in compiled calls of the same shapes:
 the targets are compared for bitwise equality, not to a tolerance.
 """
 
+import contextlib
+import io
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import unittest
 from unittest import mock
@@ -24,7 +28,6 @@ from dropvar_tf.beam import records
 import beam_testing
 
 if beam_testing.HAVE_BEAM:
-  from dropvar_tf.beam import filesystems
   from dropvar_tf.beam import targets_pipeline
 
 _NUM_SAMPLES = 8
@@ -73,7 +76,10 @@ class TargetsPipelineTest(tf.test.TestCase):
 
   def test_equals_mc_dropout_targets_exactly(self):
     output = self.new_dir()
-    summary = self.run_pipeline(output)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      summary = self.run_pipeline(output, show_progress=True)
+    self.assertEndsWith(stderr.getvalue(), "2,000 computed\n")
     self.assertEqual(summary["examples_computed"], self.n)
     self.assertEqual(summary["manifest"]["num_keys"], self.n)
     self.assertEqual(summary["manifest"]["statistic"], "std")
@@ -110,6 +116,17 @@ class TargetsPipelineTest(tf.test.TestCase):
     self.run_pipeline(output, pipeline_args=[
         "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     self.assertAllEqual(records.read_targets(output)[1], self.reference)
+
+  def test_portable_runner_workers_in_other_processes_same_bytes(self):
+    direct = self.new_dir()
+    self.run_pipeline(direct)
+    portable = self.new_dir()
+    with beam_testing.portable_runner_args() as flags:
+      summary = self.run_pipeline(portable, pipeline_args=flags)
+    self.assertEqual(summary["examples_computed"], self.n)
+    self.assertEqual(beam_testing.file_bytes(portable),
+                     beam_testing.file_bytes(direct))
+    self.assertAllEqual(records.read_targets(portable)[1], self.reference)
 
   def test_npz_input_dict_model_and_class_statistics(self):
     model = beam_testing.build_model("dict", seed=3)
@@ -161,48 +178,52 @@ class TargetsPipelineTest(tf.test.TestCase):
     self.assertAllEqual(keys, np.arange(self.n))
     self.assertAllEqual(values, self.reference)
 
-  def test_rerun_after_dying_write_reuses_finished_shards(self):
+  def test_rerun_after_a_kill_computes_only_what_is_missing(self):
     output = self.new_dir()
-    original = filesystems.atomic_write
-    dead = []
+    original = targets_pipeline.TargetsFn.process
+    calls = []
 
-    def die_on_shard_2(path, data):
-      if "targets-00002-" in path and not dead:
-        # A process killed mid-write leaves a partial temporary file, named
-        # as `dropvar_tf.atomic` names them.
-        head, tail = os.path.split(path)
-        stem, _, ext = tail.partition(".")
-        with open(os.path.join(head, f".{stem}.tmp-killed.{ext}"), "wb") as f:
-          f.write(data[:len(data) // 3])
-        dead.append(path)
-        raise RuntimeError("simulated write failure")
-      original(path, data)
+    def die_on_third_batch(fn_self, batch):
+      calls.append(len(batch))
+      if len(calls) == 3:
+        raise RuntimeError("simulated kill")
+      yield from original(fn_self, batch)
 
-    with mock.patch.object(filesystems, "atomic_write", die_on_shard_2):
-      with self.assertRaisesRegex(Exception, "simulated write failure"):
+    with mock.patch.object(targets_pipeline.TargetsFn, "process",
+                           die_on_third_batch):
+      with self.assertRaisesRegex(Exception, "simulated kill"):
         self.run_pipeline(output)
-    self.assertFalse(os.path.exists(dead[0]))
     with self.assertRaisesRegex(ValueError, "did not finish"):
       records.read_targets(output)
-    written = targets_pipeline.existing_shards(output, 4, records.TFRECORD)
-    self.assertNotIn(2, written)
-    before = {}
-    for i in written:
-      with open(os.path.join(output, records.shard_filename(
-          i, 4, records.TFRECORD)), "rb") as f:
-        before[i] = f.read()
+    parts = targets_pipeline.existing_parts(output)
+    self.assertLen(parts, 2)  # Saved as they were computed.
+    self.assertEmpty([n for n in os.listdir(os.path.join(output, "parts"))
+                      if n.startswith(".")])  # No temporary file left.
+    done = sum(calls[:2])
     summary = self.run_pipeline(output)
-    shard = records.shard_of(np.arange(self.n), 4)
-    skipped = int(np.isin(shard, written).sum())
-    self.assertEqual(summary["examples_skipped"], skipped)
-    self.assertEqual(summary["examples_computed"], self.n - skipped)
-    for i, data in before.items():  # Finished shards were left as they were.
-      with open(os.path.join(output, records.shard_filename(
-          i, 4, records.TFRECORD)), "rb") as f:
-        self.assertEqual(f.read(), data)
+    self.assertEqual(summary["examples_skipped"], done)
+    self.assertEqual(summary["examples_computed"], self.n - done)
     keys, values = records.read_targets(output)
     self.assertAllEqual(keys, np.arange(self.n))
     self.assertAllEqual(values, self.reference)
+    # A rerun of a finished run computes nothing and changes no byte.
+    before = beam_testing.file_bytes(output)
+    summary = self.run_pipeline(output)
+    self.assertEqual(summary["examples_computed"], 0)
+    self.assertEqual(summary["examples_skipped"], self.n)
+    self.assertEqual(beam_testing.file_bytes(output), before)
+
+  def test_a_repeated_part_write_is_harmless(self):
+    output = self.new_dir()
+    keys = np.array([3, 5, 8], np.int64)
+    values = np.array([0.5, 0.25, 0.125], np.float32)
+    os.makedirs(os.path.join(output, "parts"))
+    targets_pipeline.write_part(output, keys, values)
+    parts = os.path.join(output, "parts")
+    first = beam_testing.file_bytes(parts)
+    targets_pipeline.write_part(output, keys, values)
+    self.assertEqual(beam_testing.file_bytes(parts), first)
+    self.assertLen(first, 1)
 
   def test_duplicated_input_is_merged_conflicting_keys_fail(self):
     output = self.new_dir()
@@ -232,6 +253,49 @@ class TargetsPipelineTest(tf.test.TestCase):
                                           seed=8, batch_size=_BATCH)
     self.assertAllEqual(records.read_targets(output)[1], expected)
 
+  def cli_args(self, output, num_shards=3):
+    return ["--model", self.model_path, "--input",
+            os.path.join(self.root, "ex", "ex-*"), "--output", output,
+            "--num_samples", str(_NUM_SAMPLES), "--seed", str(_SEED),
+            "--batch_size", str(_BATCH), "--num_shards", str(num_shards)]
+
+  def test_same_bytes_in_every_process_and_hash_seed(self):
+    outputs = []
+    for hash_seed in ("1", "2"):
+      output = self.new_dir()
+      env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+      subprocess.run([sys.executable, "-m",
+                      "dropvar_tf.beam.targets_pipeline"] +
+                     self.cli_args(output), check=True, env=env,
+                     capture_output=True)
+      outputs.append(output)
+    outputs.append(self.new_dir())
+    self.run_pipeline(outputs[-1], num_shards=3)
+    contents = [beam_testing.file_bytes(output) for output in outputs]
+    self.assertLen(contents[0], 5)  # 3 shards, settings and manifest.
+    self.assertEqual(contents[0], contents[1])
+    self.assertEqual(contents[0], contents[2])
+
+  def test_failed_relaunch_keeps_a_finished_output_readable(self):
+    output = self.new_dir()
+    self.run_pipeline(output)
+    before = beam_testing.file_bytes(output)
+
+    def fail(fn_self, item):
+      raise RuntimeError("simulated worker failure")
+
+    # A resumed finished run computes nothing; it dies rewriting shards.
+    with mock.patch.object(targets_pipeline.WriteShardFn, "process", fail):
+      with self.assertRaisesRegex(Exception, "simulated worker failure"):
+        self.run_pipeline(output)
+    with self.assertRaises(FileNotFoundError):
+      self.run_pipeline(output, inputs=os.path.join(self.root, "none-*"),
+                        resume=False)
+    with self.assertRaises(ValueError):
+      self.run_pipeline(output, seed=_SEED + 1)
+    self.assertEqual(beam_testing.file_bytes(output), before)
+    self.assertAllEqual(records.read_targets(output)[1], self.reference)
+
   def test_invalid_arguments(self):
     output = self.new_dir()
     cases = [
@@ -247,6 +311,16 @@ class TargetsPipelineTest(tf.test.TestCase):
         self.run_pipeline(output, **kwargs)
     with self.assertRaises(FileNotFoundError):
       self.run_pipeline(output, inputs=os.path.join(self.root, "none-*"))
+
+  def test_cli_refuses_a_mistyped_flag_before_any_work(self):
+    output = os.path.join(self.new_dir(), "out")
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      with self.assertRaises(SystemExit) as ctx:
+        targets_pipeline.main(self.cli_args(output) + ["--num-samples", "4"])
+    self.assertEqual(ctx.exception.code, 2)
+    self.assertIn("did you mean --num_samples?", stderr.getvalue())
+    self.assertFalse(os.path.exists(output))
 
   def test_cli(self):
     output = self.new_dir()

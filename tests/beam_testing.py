@@ -5,6 +5,13 @@ The pipeline tests need `apache_beam` (a venv with `dropvar_tf[beam]`, e.g.
 are skipped with `SKIP_REASON`.
 """
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
 import numpy as np
 
 from dropvar_tf._keras import keras
@@ -60,3 +67,60 @@ def dict_inputs(n, seed=0):
   rng = np.random.default_rng(seed)
   return {"user_id": rng.integers(0, 20, size=n).astype(np.int64),
           "dense": rng.normal(size=(n, 3)).astype(np.float32)}
+
+
+def file_bytes(directory):
+  """{file name: bytes} of the files in `directory` (not hidden ones)."""
+  out = {}
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path) and not name.startswith("."):
+      with open(path, "rb") as f:
+        out[name] = f.read()
+  return out
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def portable_runner_args(timeout=60):
+  """Beam flags of a PortableRunner run whose workers are other processes.
+
+  Starts Beam's worker pool (`worker_pool_main`) in a subprocess; the job
+  service is Beam's embedded one, in this process. For each job, the pool
+  starts SDK harness processes, which get the pipeline through the
+  portability API (Fn API), as workers of Flink, Spark or Dataflow do.
+
+  Yields:
+    The flags: `--runner=PortableRunner --job_endpoint=embed
+    --environment_type=EXTERNAL --environment_config=localhost:<port>`.
+  """
+  port = _free_port()
+  env = dict(os.environ)
+  # The pool starts workers with `python` from PATH: this interpreter's.
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get(
+      "PATH", "")
+  pool = subprocess.Popen(
+      [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+       f"--service_port={port}"], env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + timeout
+    while True:
+      try:
+        socket.create_connection(("localhost", port), timeout=1).close()
+        break
+      except OSError:
+        if time.monotonic() > deadline or pool.poll() is not None:
+          raise RuntimeError("Beam's worker pool did not start.") from None
+        time.sleep(0.2)
+    yield ["--runner=PortableRunner", "--job_endpoint=embed",
+           "--environment_type=EXTERNAL",
+           f"--environment_config=localhost:{port}"]
+  finally:
+    pool.terminate()
+    pool.wait(timeout=30)

@@ -6,8 +6,9 @@
   (prediction and variation per example);
   `python -m dropvar_tf.beam.scoring_pipeline --help`.
 * `records`: the file formats, the input adapter `write_examples` and the
-  readers `read_targets` / `read_scores`. It does not need `apache_beam`;
-  the modules below do, so import them explicitly.
+  readers `read_targets(path)` / `read_scores(path)` (format and shapes from
+  the run's own JSON). It does not need `apache_beam`; the modules below
+  do, so import them explicitly (except `progress`, which does not either).
 * `model_handler`: Beam's TensorFlow model handler for a SavedModel
   signature (`SignatureHandler`), what the scoring pipeline runs through
   `RunInference`.
@@ -15,6 +16,7 @@
 * `sources`: matching, reading and decoding input examples in a pipeline.
 * `filesystems`: reads and atomic writes on any Beam file system.
 * `counters`: the pipelines' Beam metrics counters.
+* `progress`: the progress line of runs whose workers are in this process.
 """
 
 from dropvar_tf.beam.records import model_input_specs

@@ -11,7 +11,12 @@ inference metrics.
 
 Each example is a dict {signature input name: one example's array}; with
 `KeyedModelHandler` each element is a (key, example) pair and the key comes
-back with its prediction:
+back with its prediction. Every signature call has `batch_size` rows: Beam
+batches at most that many examples, and a smaller batch (the end of a bundle)
+is padded by repeating its last example, so every call runs the kernels of
+one input shape and a score does not depend on how the runner bundled it:
+
+
 
     handler = KeyedModelHandler(SignatureHandler("/models/criteo/3"))
     (keyed_examples
@@ -52,11 +57,15 @@ def load_signature(saved_model_dir, signature=contract.SERVING_SIGNATURE):
   return loaded, loaded.signatures[signature]
 
 
-def call_signature(signature, model, batch, inference_args, model_id=None):
-  """Beam inference function: one signature call on a batch of dicts.
+def call_signature(signature, batch_size, model, batch, inference_args,
+                   model_id=None):
+  """Beam inference function: one signature call on a padded batch of dicts.
 
   Args:
     signature: name of the signature to call.
+    batch_size: rows of every call: a smaller `batch` is padded to it by
+      repeating its last example (padded rows are dropped from the results);
+      a larger one is called as it is.
     model: the loaded SavedModel (`SignatureHandler.load_model`).
     batch: sequence of dicts {input name: one example's array}, all with the
       same names.
@@ -68,7 +77,11 @@ def call_signature(signature, model, batch, inference_args, model_id=None):
     One `PredictionResult` per example, in order: `inference` is a dict
     {output name: that example's numpy array} of every signature output.
   """
-  inputs = {name: tf.constant(np.stack([example[name] for example in batch]))
+  # Matmul kernels can round differently for different batch shapes; one
+  # shape for every call makes each score independent of its batch mates.
+  rows = list(range(len(batch))) + [len(batch) - 1] * max(
+      batch_size - len(batch), 0)
+  inputs = {name: tf.constant(np.stack([batch[i][name] for i in rows]))
             for name in batch[0]}
   outputs = model.signatures[signature](**inputs, **inference_args)
   outputs = {name: value.numpy() for name, value in outputs.items()}
@@ -84,23 +97,24 @@ class SignatureHandler(TFModelHandlerNumpy):
   Loads the SavedModel with `tf.saved_model.load` (once per worker process,
   by `RunInference`) and calls `signature` on each batch with one stacked
   array per input name (`call_signature`). Batching is Beam's
-  `BatchElements` with at most `max_batch_size` examples per call.
+  `BatchElements` with `batch_size` examples per batch; a smaller batch (the
+  end of a bundle) is padded to `batch_size` rows.
 
   Args:
     saved_model_dir: a SavedModel folder, on a file system TensorFlow reads.
     signature: name of the signature to call.
-    max_batch_size: most examples per signature call.
+    batch_size: rows of every signature call.
 
   Raises:
     ValueError: at `load_model`, the SavedModel has no signature `signature`.
   """
 
   def __init__(self, saved_model_dir, signature=contract.SERVING_SIGNATURE,
-               max_batch_size=256):
+               batch_size=256):
     super().__init__(
         saved_model_dir,
-        inference_fn=functools.partial(call_signature, signature),
-        min_batch_size=1, max_batch_size=max_batch_size)
+        inference_fn=functools.partial(call_signature, signature, batch_size),
+        min_batch_size=batch_size, max_batch_size=batch_size)
     self.saved_model_dir = saved_model_dir
     self.signature = signature
 

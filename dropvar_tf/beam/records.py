@@ -15,6 +15,8 @@ input adapters work in any environment that has dropvar_tf:
   each shard file is sorted by key and written atomically, so a shard's
   bytes depend only on the examples and the settings, never on the runner,
   the bundling or on how many times the shard was retried.
+* Scores output: `scores-*.{parquet,tfrecord,jsonl}` and `scoring.json`
+  (format and per-example shapes); `read_scores(path)` reads them back.
 * `read_targets(path)` checks the manifest, every shard's digest, that each
   key lives in its own shard, and that no key is duplicated or missing, then
   returns (keys, targets) ordered by key: what `fit_variation_head` takes.
@@ -50,6 +52,8 @@ TARGET_FEATURE = "target"
 SETTINGS_FILENAME = "settings.json"
 MANIFEST_FILENAME = "manifest.json"
 SHARD_PREFIX = "targets"
+SCORING_FILENAME = "scoring.json"
+SCORES_PREFIX = "scores"
 
 TFRECORD = "tfrecord"
 PARQUET = "parquet"
@@ -58,6 +62,9 @@ TARGET_FORMATS = (TFRECORD, PARQUET)
 SCORE_FORMATS = (TFRECORD, PARQUET, JSONL)
 
 FORMAT_VERSION = 1
+
+# Records read per step when decoding a TFRecord shard.
+_READ_BATCH = 65536
 
 # 64-bit golden-ratio multiplier (Fibonacci hashing): spreads keys that share
 # a stride (all even, all multiples of num_shards) evenly over the shards.
@@ -85,9 +92,9 @@ def shard_of(keys, num_shards):
   return (mixed % np.uint64(num_shards)).astype(np.int64)
 
 
-def shard_filename(index, num_shards, fmt):
+def shard_filename(index, num_shards, fmt, prefix=SHARD_PREFIX):
   """Name of shard `index`, e.g. "targets-00003-of-00008.tfrecord"."""
-  return f"{SHARD_PREFIX}-{index:05d}-of-{num_shards:05d}.{fmt}"
+  return f"{prefix}-{index:05d}-of-{num_shards:05d}.{fmt}"
 
 
 def check_format(fmt, allowed, arg="output_format"):
@@ -272,8 +279,7 @@ def write_examples(path_prefix, x, input_specs, keys=None, num_shards=1,
       feature = {name: _feature(arrays[name][i], dtypes[name])
                  for name in arrays}
       feature[key_feature] = _feature([keys[i]], tf.int64)
-      example = tf.train.Example(features=tf.train.Features(feature=feature))
-      writers[i % num_shards].write(example.SerializeToString())
+      writers[i % num_shards].write(serialize_example(feature))
   finally:
     for w in writers:
       w.close()
@@ -338,6 +344,23 @@ def _target_array(targets, target_shape):
   return targets.reshape((targets.shape[0],) + tuple(target_shape))
 
 
+def serialize_example(feature):
+  """Bytes of a `tf.train.Example` of `feature`, the same in every process.
+
+  The features are a protobuf map, whose default serialization order can
+  change from process to process; deterministic serialization sorts it, so
+  equal examples give equal bytes on every runner and `PYTHONHASHSEED`.
+
+  Args:
+    feature: dict {name: `tf.train.Feature`}.
+
+  Returns:
+    The serialized Example.
+  """
+  return tf.train.Example(features=tf.train.Features(
+      feature=feature)).SerializeToString(deterministic=True)
+
+
 def encode_shard(keys, values, fmt, value_feature=TARGET_FEATURE):
   """Serializes one shard (keys sorted by the caller) into file bytes.
 
@@ -349,7 +372,8 @@ def encode_shard(keys, values, fmt, value_feature=TARGET_FEATURE):
     value_feature: feature name when `values` is an array.
 
   Returns:
-    bytes of the whole file.
+    bytes of the whole file: a pure function of the arguments (the same
+    bytes in every process).
   """
   if not isinstance(values, dict):
     values = {value_feature: values}
@@ -365,8 +389,7 @@ def encode_shard(keys, values, fmt, value_feature=TARGET_FEATURE):
           feature = {KEY_FEATURE: _feature([key], tf.int64)}
           for name, v in values.items():
             feature[name] = _feature(v[i], tf.float32)
-          writer.write(tf.train.Example(features=tf.train.Features(
-              feature=feature)).SerializeToString())
+          writer.write(serialize_example(feature))
       with open(tmp, "rb") as f:
         return f.read()
     finally:
@@ -415,17 +438,21 @@ def decode_shard(data, fmt, value_shapes):
       with os.fdopen(fd, "wb") as f:
         f.write(data)
       try:
-        records = list(tf.data.TFRecordDataset(tmp).as_numpy_iterator())
+        # Whole batches of records: iterating record by record in Python
+        # costs more than parsing them.
+        batches = list(tf.data.TFRecordDataset(tmp).batch(_READ_BATCH))
       finally:
         os.remove(tmp)
-      if not records:
+      records = (tf.concat(batches, 0) if batches
+                 else tf.zeros((0,), tf.string))
+      if not records.shape[0]:
         return np.zeros((0,), np.int64), {
             k: np.zeros((0,) + tuple(s), np.float32)
             for k, s in value_shapes.items()}
       spec = {KEY_FEATURE: tf.io.FixedLenFeature([], tf.int64)}
       for name, shape in value_shapes.items():
         spec[name] = tf.io.FixedLenFeature(list(shape), tf.float32)
-      parsed = tf.io.parse_example(tf.constant(records), spec)
+      parsed = tf.io.parse_example(records, spec)
       return parsed[KEY_FEATURE].numpy(), {
           k: parsed[k].numpy() for k in value_shapes}
     if fmt == PARQUET:
@@ -605,30 +632,38 @@ def read_targets(path, keys=None):
   return wanted, targets[pos]
 
 
-def read_scores(path_or_pattern, fmt, prediction_shape=(), variation_shape=()):
-  """Reads scoring pipeline output files into arrays ordered by key.
+def read_scores(path):
+  """Reads a scoring pipeline output directory into arrays ordered by key.
+
+  The format and the per-example shapes come from the run's own
+  `scoring.json`.
 
   Args:
-    path_or_pattern: a file, a glob, or a directory (all its files whose
-      name starts with "scores").
-    fmt: "tfrecord", "parquet" or "jsonl".
-    prediction_shape, variation_shape: per-example shapes (() for scalars).
+    path: the scoring pipeline's `--output` directory.
 
   Returns:
     dict {"key": (N,) int64 ascending, "prediction": (N, ...) float32,
     "variation": (N, ...) float32}.
 
   Raises:
-    ValueError: no file matches, or a key occurs twice.
+    ValueError: `path` has no `scoring.json` (not a finished scoring
+      output), a score file is missing, or a key occurs twice.
   """
-  fmt = check_format(fmt, SCORE_FORMATS, "fmt")
-  if tf.io.gfile.isdir(path_or_pattern):
-    path_or_pattern = _join(path_or_pattern, "scores*")
-  files = sorted(tf.io.gfile.glob(path_or_pattern))
-  if not files:
-    raise ValueError(f"No score files match {path_or_pattern!r}.")
-  shapes = {contract.PREDICTION_KEY: tuple(prediction_shape),
-            contract.VARIATION_KEY: tuple(variation_shape)}
+  path = os.fspath(path)
+  info = read_json(_join(path, SCORING_FILENAME))
+  if info is None:
+    raise ValueError(f"No {SCORING_FILENAME} in {path!r}: not a finished "
+                     f"scoring pipeline output.")
+  fmt = check_format(info["output_format"], SCORE_FORMATS, "output_format")
+  files = [_join(path, shard_filename(i, info["num_shards"], fmt,
+                                      prefix=SCORES_PREFIX))
+           for i in range(info["num_shards"])]
+  for f in files:
+    if not tf.io.gfile.exists(f):
+      raise ValueError(f"Score file {f!r} is missing: rerun the scoring "
+                       f"pipeline.")
+  shapes = {name: tuple(info["output_shapes"][name])
+            for name in contract.OUTPUT_KEYS}
   keys, values = [], {k: [] for k in shapes}
   for f in files:
     k, v = decode_shard(_read_bytes(f), fmt, shapes)
@@ -639,7 +674,7 @@ def read_scores(path_or_pattern, fmt, prediction_shape=(), variation_shape=()):
   order = np.argsort(keys, kind="stable")
   keys = keys[order]
   if np.any(keys[1:] == keys[:-1]):
-    raise ValueError(f"Duplicate keys in {path_or_pattern!r}.")
+    raise ValueError(f"Duplicate keys in {path!r}.")
   out = {KEY_FEATURE: keys}
   for name in shapes:
     out[name] = np.concatenate(values[name])[order]

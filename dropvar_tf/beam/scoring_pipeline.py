@@ -10,16 +10,19 @@ variation exceeds a threshold, day over day), without a serving cluster.
     examples (TFRecord of tf.Example with an int64 key, or .npz)
       -> (key, {input name: array}) per example
       -> RunInference(KeyedModelHandler(model_handler.SignatureHandler)):
-         BatchElements, then serving_default (SavedModel loaded once per
-         worker process)
-      -> scores-SSSSS-of-NNNNN.{parquet,tfrecord,jsonl} (Beam's file sinks:
-         written to temporary files and renamed when the pipeline commits)
+         BatchElements, then serving_default on batches padded to
+         `batch_size` rows (SavedModel loaded once per worker process)
+      -> GroupByKey(shard_of(key)) -> scores-SSSSS-of-NNNNN.{parquet,
+         tfrecord,jsonl}, sorted by key, each written atomically
+      -> scoring.json (format, shapes, settings) last
 
 Input features are named after the signature's inputs (`saved_model_cli show
 --dir ... --signature_def serving_default`, or `records.signature_input_specs`).
 Per-example outputs of one value are written as scalars, others as lists.
-`scoring.json` beside the files records the shapes; `records.read_scores`
-reads everything back ordered by key.
+A score file's bytes depend only on its keys and the settings (the same on
+every runner). `scoring.json`, written once every file is there, records the
+format and shapes; `records.read_scores(output)` reads everything back
+ordered by key, without Beam.
 
 Example:
 
@@ -36,22 +39,16 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf import validation
-from dropvar_tf._keras import tf
 from dropvar_tf.beam import counters
 from dropvar_tf.beam import filesystems
 from dropvar_tf.beam import model_handler
 from dropvar_tf.beam import options
 from dropvar_tf.beam import records
 from dropvar_tf.beam import sources
-
-SCORING_FILENAME = "scoring.json"
-SCORES_PREFIX = "scores"
-
 
 def _per_example_shape(spec):
   """Stored shape of one example's output: () when it has one value."""
@@ -95,62 +92,113 @@ class ScoreRecordFn(beam.DoFn):
     yield row
 
 
-def _to_example(row):
-  feature = {records.KEY_FEATURE: tf.train.Feature(
-      int64_list=tf.train.Int64List(value=[row[records.KEY_FEATURE]]))}
-  for name in contract.OUTPUT_KEYS:
-    value = np.asarray(row[name], np.float32).ravel()
-    feature[name] = tf.train.Feature(float_list=tf.train.FloatList(
-        value=value))
-  return tf.train.Example(features=tf.train.Features(
-      feature=feature)).SerializeToString()
+def _by_shard(row, num_shards):
+  key = row[records.KEY_FEATURE]
+  return int(records.shard_of([key], num_shards)[0]), row
 
 
-def _parquet_schema(shapes):
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  fields = [(records.KEY_FEATURE, pa.int64())]
-  for name in contract.OUTPUT_KEYS:
-    if shapes[name]:
-      width = int(np.prod(shapes[name]))
-      fields.append((name, pa.list_(pa.float32(), width)))
-    else:
-      fields.append((name, pa.float32()))
-  return pa.schema(fields)
+class WriteScoresFn(beam.DoFn):
+  """(shard, rows) -> one score file, sorted by key; yields its index.
+
+  The file's bytes depend only on its rows (sorted; duplicates of a key,
+  e.g. from a retried bundle, merged; deterministic encoding), so a retried
+  write rewrites the same bytes, on any runner.
+  """
+
+  def __init__(self, output_dir, num_shards, output_format, output_shapes):
+    self._output_dir = output_dir
+    self._num_shards = num_shards
+    self._format = output_format
+    self._shapes = dict(output_shapes)
+    self._duplicates = counters.counter("duplicates_dropped")
+
+  def process(self, item):
+    shard, rows = item
+    rows = list(rows)
+    keys = np.array([r[records.KEY_FEATURE] for r in rows], np.int64)
+    values = {name: np.array([r[name] for r in rows], np.float32).reshape(
+        (len(rows),) + tuple(self._shapes[name]))
+              for name in contract.OUTPUT_KEYS}
+    yield write_score_shard(self._output_dir, shard, self._num_shards,
+                            self._format, keys, values, self._duplicates)
 
 
-def _flat(row):
-  return {k: (np.asarray(v, np.float32).ravel().tolist()
-              if isinstance(v, list) else v) for k, v in row.items()}
+def write_score_shard(output_dir, index, num_shards, fmt, keys, values,
+                      duplicates=None):
+  """Writes one score file atomically (rows sorted by key); returns index.
+
+  Args:
+    output_dir: the output directory.
+    index, num_shards: the shard, of how many.
+    fmt: "parquet", "tfrecord" or "jsonl".
+    keys: (n,) int64.
+    values: {output name: (n, ...) float32}.
+    duplicates: optional Beam counter of dropped duplicate rows.
+
+  Returns:
+    `index`.
+
+  Raises:
+    ValueError: one key with two different scores.
+  """
+  names = list(values)
+  n = len(keys)
+  flat = np.concatenate([values[k].reshape(n, -1) for k in names], axis=1)
+  keys, flat, dropped = records.merge_duplicates(keys, flat.reshape(n, -1))
+  if duplicates is not None:
+    duplicates.inc(dropped)
+  out, start = {}, 0
+  for name in names:
+    width = int(np.prod(values[name].shape[1:], dtype=np.int64))
+    out[name] = flat[:, start:start + width].reshape(
+        (len(keys),) + values[name].shape[1:])
+    start += width
+  name = records.shard_filename(index, num_shards, fmt,
+                                prefix=records.SCORES_PREFIX)
+  filesystems.atomic_write(FileSystems.join(output_dir, name),
+                           records.encode_shard(keys, out, fmt))
+  return int(index)
 
 
-def write_scores(scores, output, output_format, shapes, num_shards):
-  """Adds the file sink of `output_format` under `output`."""
-  prefix = FileSystems.join(output, SCORES_PREFIX)
-  suffix = f".{output_format}"
-  if output_format == records.PARQUET:
-    return (scores
-            | "Flatten" >> beam.Map(_flat)
-            | "WriteParquet" >> beam.io.WriteToParquet(
-                prefix, _parquet_schema(shapes), file_name_suffix=suffix,
-                num_shards=num_shards))
-  if output_format == records.TFRECORD:
-    return (scores
-            | "ToExample" >> beam.Map(_to_example)
-            | "WriteTFRecord" >> beam.io.WriteToTFRecord(
-                prefix, file_name_suffix=suffix, num_shards=num_shards))
+def finish_scores(written, output_dir, num_shards, fmt, shapes, info):
+  """Writes the empty score files, then `scoring.json`, the last file."""
+  for index in sorted(set(range(num_shards)) - set(written)):
+    write_score_shard(output_dir, index, num_shards, fmt,
+                      np.zeros((0,), np.int64),
+                      {name: np.zeros((0,) + tuple(shapes[name]), np.float32)
+                       for name in contract.OUTPUT_KEYS})
+  filesystems.atomic_write(
+      FileSystems.join(output_dir, records.SCORING_FILENAME),
+      json.dumps(info, indent=2, sort_keys=True).encode())
+  return info
+
+
+def write_scores(scores, output, output_format, shapes, num_shards, info):
+  """Adds the score files (by key shard) and `scoring.json` under `output`."""
   return (scores
-          | "ToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-          | "WriteJsonl" >> beam.io.WriteToText(
-              prefix, file_name_suffix=suffix, num_shards=num_shards))
+          | "ByShard" >> beam.Map(_by_shard, num_shards)
+          | "GroupByShard" >> beam.GroupByKey()
+          | "WriteShards" >> beam.ParDo(WriteScoresFn(
+              output, num_shards, output_format, shapes))
+          | "CollectShards" >> beam.combiners.ToList()
+          | "WriteScoringJson" >> beam.Map(
+              finish_scores, output, num_shards, output_format, shapes,
+              info))
 
 
 def prepare_scoring(saved_model_dir, inputs, output,
                     output_format=records.PARQUET, input_format="auto",
                     key_feature=records.KEY_FEATURE, batch_size=256,
-                    signature=contract.SERVING_SIGNATURE):
-  """Validates on the launcher; writes `scoring.json`; returns the config."""
+                    signature=contract.SERVING_SIGNATURE, num_shards=8):
+  """Validates on the launcher; changes nothing in `output` but creating it.
+
+  Returns:
+    (config, files, info): the worker config, the matched input files and
+    the `scoring.json` content the run writes last.
+  """
   records.check_format(output_format, records.SCORE_FORMATS)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
+  num_shards = validation.check_int(num_shards, "num_shards", 1)
   if isinstance(inputs, str):
     inputs = [inputs]
   files = sources.match_inputs(inputs)
@@ -163,39 +211,53 @@ def prepare_scoring(saved_model_dir, inputs, output,
       "input_specs": records.signature_input_specs(fn),
       "key_feature": key_feature,
       "batch_size": batch_size,
+      "num_shards": num_shards,
       "output_shapes": shapes,
   }
   if not FileSystems.exists(output):
     FileSystems.mkdirs(output)
-  info = {"saved_model": saved_model_dir, "signature": signature,
+  info = {"format_version": records.FORMAT_VERSION,
+          "saved_model": saved_model_dir, "signature": signature,
+          "batch_size": batch_size, "num_shards": num_shards,
           "output_format": output_format, "output_shapes": shapes,
           "input_files": [[p, s] for p, s in files]}
-  filesystems.atomic_write(
-      FileSystems.join(output, SCORING_FILENAME),
-      json.dumps(info, indent=2, sort_keys=True).encode())
-  return config, files
+  return config, files, info
+
+
+def start_scoring_output(output_dir, info):
+  """Called when the pipeline starts: an older `scoring.json` goes if stale.
+
+  A finished output scored with the same settings stays readable: this run
+  rewrites the same bytes. One with other settings stops being readable
+  now, as its files start to be replaced.
+  """
+  path = FileSystems.join(output_dir, records.SCORING_FILENAME)
+  if FileSystems.exists(path):
+    stored = json.loads(filesystems.read_file_bytes(path).decode())
+    if stored != json.loads(json.dumps(info)):
+      FileSystems.delete([path])
 
 
 def build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
-                           config, files, num_shards=0):
+                           config, files, info):
   """Adds the scoring transforms to `pipeline`."""
   examples = sources.keyed_examples(
       pipeline, files, config["input_format"], config["input_specs"],
       config["key_feature"], config["batch_size"])
   handler = KeyedModelHandler(model_handler.SignatureHandler(
       saved_model_dir, config["signature"],
-      max_batch_size=config["batch_size"]))
+      batch_size=config["batch_size"]))
   scores = (examples
             | "Score" >> RunInference(handler)
             | "ToRecord" >> beam.ParDo(ScoreRecordFn(config["output_shapes"])))
   return write_scores(scores, output, output_format,
-                      config["output_shapes"], num_shards)
+                      config["output_shapes"], config["num_shards"], info)
 
 
 def run_scoring_pipeline(saved_model_dir, inputs, output,
                          output_format=records.PARQUET, input_format="auto",
                          key_feature=records.KEY_FEATURE, batch_size=256,
-                         num_shards=0, signature=contract.SERVING_SIGNATURE,
+                         num_shards=8, signature=contract.SERVING_SIGNATURE,
                          pipeline_args=None):
   """Scores every example of `inputs` with a SavedModel; waits for the end.
 
@@ -207,8 +269,10 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
     output_format: "parquet", "tfrecord" or "jsonl".
     input_format: "auto" (by extension), "tfrecord" or "npz".
     key_feature: name of the int64 example key feature / array.
-    batch_size: largest `BatchElements` batch (rows per signature call).
-    num_shards: output files; 0 lets the runner choose.
+    batch_size: rows of every signature call (smaller batches are padded):
+      scores equal the signature called in-process on batches of this size.
+    num_shards: output files `scores-SSSSS-of-NNNNN.<format>`; key k goes
+      to file `records.shard_of(k, num_shards)`, sorted by key.
     signature: the signature to call.
     pipeline_args: Beam flags (runner and its options); DirectRunner
       default. Flags of `options.ScoringOptions` may be among them (`main`
@@ -219,18 +283,26 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
     dict with "examples_scored" and "seconds".
 
   Raises:
-    ValueError: an invalid argument or a signature without the contract's
-      outputs.
+    ValueError: an invalid argument, an unknown flag in `pipeline_args`, a
+      runner that cannot run this (see `options.check_runner`), or a
+      signature without the contract's outputs.
     FileNotFoundError: an input pattern matches nothing.
   """
   start = time.perf_counter()
-  config, files = prepare_scoring(saved_model_dir, inputs, output,
-                                  output_format, input_format, key_feature,
-                                  batch_size, signature)
-  num_shards = validation.check_int(num_shards, "num_shards", 0)
-  pipeline = beam.Pipeline(options=PipelineOptions(list(pipeline_args or [])))
+  inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+  saved_model_dir = options.normalize_path(saved_model_dir)
+  inputs = [options.normalize_path(p) for p in inputs]
+  output = options.normalize_path(output)
+  pipeline_options = options.launch_options(
+      pipeline_args, {"saved_model_dir": saved_model_dir, "inputs": inputs,
+                      "output": output})
+  config, files, info = prepare_scoring(
+      saved_model_dir, inputs, output, output_format, input_format,
+      key_feature, batch_size, signature, num_shards)
+  pipeline = beam.Pipeline(options=pipeline_options)
   build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
-                         config, files, num_shards)
+                         config, files, info)
+  start_scoring_output(output, info)
   result = pipeline.run()
   result.wait_until_finish()
   summary = {"examples_scored": 0, "seconds": time.perf_counter() - start}
@@ -239,35 +311,24 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
   return summary
 
 
-def read_scores(output):
-  """Reads a scoring output directory: dict of key-ordered arrays.
-
-  Returns:
-    {"key": (N,) int64 ascending, "prediction": (N, ...) float32,
-    "variation": (N, ...) float32}.
-  """
-  info = records.read_json(FileSystems.join(output, SCORING_FILENAME))
-  if info is None:
-    raise ValueError(f"No {SCORING_FILENAME} in {output!r}: not a scoring "
-                     f"pipeline output.")
-  return records.read_scores(
-      FileSystems.join(output, f"{SCORES_PREFIX}-*"), info["output_format"],
-      info["output_shapes"][contract.PREDICTION_KEY],
-      info["output_shapes"][contract.VARIATION_KEY])
-
-
 def main(argv=None):
   """Runs the pipeline on the flags in `argv` (default: sys.argv[1:]).
 
   Our flags are `options.ScoringOptions`; the others (--runner, ...) are
-  Beam's. Prints the summary as JSON.
+  Beam's. Prints the summary as JSON. Beam's INFO logs are off unless
+  `--verbose`.
 
   Returns:
     0 (the exit status).
+
+  Raises:
+    SystemExit: status 2 (a usage error, before any work) for an unknown
+      or mistyped flag or a missing required one.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = options.ScoringOptions(argv)
-  options.require(args, options.ScoringOptions.REQUIRED)
+  args = options.parse(options.ScoringOptions, argv)
+  if not args.verbose:
+    argv = options.quiet_beam_logs(argv)
   summary = run_scoring_pipeline(
       args.saved_model, args.input, args.output,
       output_format=args.output_format, input_format=args.input_format,

@@ -166,13 +166,17 @@ def decode_batch(batch, input_format, input_specs, key_feature):
 
 def read_examples(pipeline, files, input_format, input_specs, key_feature,
                   label="Read"):
-  """PCollection of raw examples: serialized Examples or (key, row) pairs."""
+  """PCollection of raw examples: serialized Examples or (key, row) pairs.
+
+  One read step for any number of files: the matched paths are one
+  PCollection, read by `ReadAllFromTFRecord` (split into byte ranges and
+  spread over workers) or by `.npz` row ranges, so the pipeline graph and its
+  fixed costs do not grow with the number of files.
+  """
   if input_format == "tfrecord":
-    reads = [pipeline | f"{label}{i}" >> beam.io.ReadFromTFRecord(path)
-             for i, (path, _) in enumerate(files)]
-    if len(reads) == 1:
-      return reads[0]
-    return tuple(reads) | f"{label}Flatten" >> beam.Flatten()
+    return (pipeline
+            | f"{label}Files" >> beam.Create([path for path, _ in files])
+            | f"{label}Records" >> beam.io.ReadAllFromTFRecord())
   items = npz_ranges(files, input_specs, key_feature)
   names = [n for n, _, _ in input_specs["inputs"]]
   return (pipeline

@@ -4,10 +4,13 @@ Computes exactly what `dropvar_tf.targets.mc_dropout_targets` computes (same
 statistic, same seed semantics), spread over the workers of any Beam runner
 (DirectRunner by default; Dataflow, Flink, Spark with their usual flags):
 
-    examples (TFRecord of tf.Example with an int64 key, or .npz)
+    examples (TFRecord of tf.Example with an int64 key, or .npz; one read
+              step for any number of files)
+      -> [resumed run: drop the examples whose key a part file holds]
       -> BatchElements (fixed size: a multiple of `batch_size`)
-      -> MC targets per batch (model loaded once per worker in `setup`)
-      -> GroupByKey(shard_of(key))
+      -> MC targets per batch (model loaded once per worker in `setup`),
+         each batch saved as a part file `parts/part-<keys digest>` at once
+      -> with the earlier run's parts: GroupByKey(shard_of(key))
       -> one sorted shard file per shard, written atomically
       -> manifest.json (counts, sha256) once every shard is there
 
@@ -23,10 +26,14 @@ Why the result does not depend on the runner, sharding or retries:
   run and the targets are bitwise equal to the in-process ones on the same
   machine type.
 * A shard file is a pure function of its keys' targets (sorted by key;
-  duplicate deliveries of a key are merged), written to a temporary name and
-  renamed, so a retried or re-run shard writes the same bytes again and a
-  killed write leaves no partial shard. A rerun (`resume=True`, the default)
-  skips the examples of shards already written and computes the rest.
+  duplicate deliveries of a key are merged; records serialized
+  deterministically), written to a temporary name and renamed, so a retried
+  or re-run shard writes the same bytes again and a killed write leaves no
+  partial shard.
+* Work is saved at the grain it is done: each computed batch is written
+  (atomically, named by its keys) as soon as it is computed. A rerun
+  (`resume=True`, the default) reads those parts back, skips their examples
+  and computes only the rest, however far the killed run got.
 * `manifest.json` is written last; `records.read_targets` refuses a
   directory without it and checks digests, duplicates and missing keys.
 
@@ -41,6 +48,7 @@ Then `keys, dpv = read_targets("targets/")`.
 """
 
 import importlib
+import io
 import json
 import math
 import os
@@ -50,7 +58,6 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 
 from dropvar_tf import contract
@@ -62,10 +69,16 @@ from dropvar_tf._keras import keras
 from dropvar_tf.beam import counters
 from dropvar_tf.beam import filesystems
 from dropvar_tf.beam import options
+from dropvar_tf.beam import progress
 from dropvar_tf.beam import records
 from dropvar_tf.beam import sources
 
 # Modules that register dropvar_tf's Keras layers; imported before loading.
+# Computed batches are saved under <output>/parts/ as they complete.
+PARTS_DIR = "parts"
+PART_PREFIX = "part"
+PART_EXTENSION = "npys"
+
 _REGISTERING_MODULES = ("dropvar_tf.seeded_dropout", "dropvar_tf.layers",
                         "dropvar_tf.heads", "dropvar_tf.study.models.reference")
 
@@ -122,18 +135,20 @@ def resolve_statistic(model, statistic):
 
 
 class TargetsFn(beam.DoFn):
-  """Batch of raw examples -> (shard, (keys, targets)) per shard in it.
+  """Batch of raw examples -> (keys, targets), saved as a part file first.
 
   The model is loaded once per worker in `setup` from its `.keras` file and
-  checked against the fingerprint the launcher saw.
+  checked against the fingerprint the launcher saw. Each batch's targets are
+  written to `<output>/parts/` as soon as they are computed (`write_part`),
+  so a run that dies keeps the work it finished.
   """
 
-  def __init__(self, model_path, config):
+  def __init__(self, model_path, config, output_dir):
     self._model_path = model_path
     self._config = dict(config)
+    self._output_dir = output_dir
     self._model = None
     self._computed = counters.counter("examples_computed")
-    self._skipped = counters.counter("examples_skipped")
 
   def setup(self):
     c = self._config
@@ -146,14 +161,6 @@ class TargetsFn(beam.DoFn):
     c = self._config
     keys, x = sources.decode_batch(batch, c["input_format"],
                                    c["input_specs"], c["key_feature"])
-    shards = records.shard_of(keys, c["num_shards"])
-    todo = ~np.isin(shards, c["done_shards"])
-    self._skipped.inc(int((~todo).sum()))
-    if not todo.any():
-      return
-    if not todo.all():
-      keys, shards = keys[todo], shards[todo]
-      x = _take_rows(x, np.flatnonzero(todo))
     n = len(keys)
     # Pad to a whole number of compute batches: every compiled call then has
     # the shapes of the in-process run, hence bitwise-equal targets.
@@ -163,10 +170,114 @@ class TargetsFn(beam.DoFn):
         self._model, _take_rows(x, idx), num_samples=c["num_samples"],
         seed=c["seed"], batch_size=c["batch_size"],
         statistic=c["statistic"], keys=keys[idx], progress=False)[:n]
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    write_part(self._output_dir, keys, values)
     self._computed.inc(n)
-    for shard in np.unique(shards):
-      sel = shards == shard
-      yield int(shard), (keys[sel], values[sel])
+    progress.add("computed", n)
+    yield keys, values
+
+
+class SkipDoneFn(beam.DoFn):
+  """Batch of raw examples -> those whose key no part file holds yet."""
+
+  def __init__(self, config):
+    self._config = dict(config)
+    self._skipped = counters.counter("examples_skipped")
+
+  def process(self, batch, done_keys):
+    c = self._config
+    batch = list(batch)
+    if c["input_format"] == "tfrecord":
+      # Only the key feature: the inputs are parsed once, when computed.
+      keys, _ = records.parse_examples(batch, {"kind": "dict", "inputs": []},
+                                       c["key_feature"])
+    else:
+      keys = np.array([k for k, _ in batch], np.int64)
+    done = np.isin(keys, done_keys)
+    self._skipped.inc(int(done.sum()))
+    progress.add("skipped", int(done.sum()))
+    for element, is_done in zip(batch, done):
+      if not is_done:
+        yield element
+
+
+class ReadPartFn(beam.DoFn):
+  """Part file path -> its (keys, targets)."""
+
+  def process(self, path):
+    yield decode_part(filesystems.read_file_bytes(path))
+
+
+class _ConcatKeysFn(beam.CombineFn):
+  """Key arrays -> one sorted int64 array (empty when there are none)."""
+
+  def create_accumulator(self):
+    return []
+
+  def add_input(self, accumulator, keys):
+    accumulator.append(np.asarray(keys, np.int64))
+    return accumulator
+
+  def merge_accumulators(self, accumulators):
+    return [k for acc in accumulators for k in acc]
+
+  def extract_output(self, accumulator):
+    if not accumulator:
+      return np.zeros((0,), np.int64)
+    return np.unique(np.concatenate(accumulator))
+
+
+def _by_shard(part, num_shards):
+  keys, values = part
+  shards = records.shard_of(keys, num_shards)
+  for shard in np.unique(shards):
+    sel = shards == shard
+    yield int(shard), (keys[sel], values[sel])
+
+
+def part_name(keys):
+  """File name of the part holding `keys` (sorted): named by its keys.
+
+  A retried or repeated batch has the same keys, hence the same name and,
+  the targets being a pure function of the keys, the same bytes: writing it
+  again is harmless.
+  """
+  digest = records.sha256(np.asarray(keys, "<i8").tobytes())[:24]
+  return f"{PART_PREFIX}-{digest}.{PART_EXTENSION}"
+
+
+def encode_part(keys, values):
+  """Part file bytes: the keys, then the targets, as two `.npy` records.
+
+  Internal to a run (never the output), so the format is the fastest one to
+  write and read back, and deterministic: equal arrays, equal bytes.
+  """
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(keys, "<i8"), allow_pickle=False)
+  np.save(buffer, np.asarray(values, "<f4"), allow_pickle=False)
+  return buffer.getvalue()
+
+
+def decode_part(data):
+  """(keys int64, targets float32) of part file bytes (`encode_part`)."""
+  buffer = io.BytesIO(data)
+  keys = np.load(buffer, allow_pickle=False)
+  values = np.load(buffer, allow_pickle=False)
+  return keys.astype(np.int64), values.astype(np.float32)
+
+
+def write_part(output_dir, keys, values):
+  """Writes one computed batch's (keys, targets) atomically to `parts/`."""
+  path = FileSystems.join(output_dir, PARTS_DIR, part_name(keys))
+  filesystems.atomic_write(path, encode_part(keys, values))
+
+
+def existing_parts(output_dir):
+  """Paths of the part files in `output_dir` (complete by design)."""
+  pattern = FileSystems.join(output_dir, PARTS_DIR,
+                             f"{PART_PREFIX}-*.{PART_EXTENSION}")
+  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
 def _take_rows(x, idx):
@@ -206,22 +317,8 @@ def write_shard(output_dir, index, num_shards, fmt, keys, values):
           "sha256": records.sha256(data)}
 
 
-def existing_shards(output_dir, num_shards, fmt):
-  """Indices of shard files already in `output_dir` (complete by design)."""
-  pattern = FileSystems.join(
-      output_dir, f"{records.SHARD_PREFIX}-*-of-{num_shards:05d}.{fmt}")
-  found = set()
-  for m in FileSystems.match([pattern])[0].metadata_list:
-    name = m.path.rsplit("/", 1)[-1]
-    try:
-      found.add(int(name.split("-")[1]))
-    except ValueError:
-      continue
-  return sorted(i for i in found if i < num_shards)
-
-
 def finalize(entries, num_input_records, output_dir, settings):
-  """Completes missing entries (skipped or empty shards); writes the manifest.
+  """Writes the empty shards and then the manifest, the run's last file.
 
   Returns:
     The manifest dict.
@@ -233,18 +330,10 @@ def finalize(entries, num_input_records, output_dir, settings):
   for index in range(num_shards):
     if index in by_index:
       continue
-    name = records.shard_filename(index, num_shards, fmt)
-    path = FileSystems.join(output_dir, name)
-    if FileSystems.exists(path):  # Written by an earlier (resumed) run.
-      data = filesystems.read_file_bytes(path)
-      keys, _ = records.decode_shard(data, fmt,
-                                     {records.TARGET_FEATURE: shape})
-      by_index[index] = {"index": index, "file": name, "count": len(keys),
-                         "sha256": records.sha256(data)}
-    else:  # No example hashed to this shard.
-      by_index[index] = write_shard(
-          output_dir, index, num_shards, fmt, np.zeros((0,), np.int64),
-          np.zeros((0,) + shape, np.float32))
+    # No example hashed to this shard.
+    by_index[index] = write_shard(
+        output_dir, index, num_shards, fmt, np.zeros((0,), np.int64),
+        np.zeros((0,) + shape, np.float32))
   shards = [by_index[i] for i in range(num_shards)]
   manifest = dict(settings)
   manifest.update({
@@ -258,27 +347,63 @@ def finalize(entries, num_input_records, output_dir, settings):
   return manifest
 
 
-def _check_settings(output_dir, settings, resume):
-  """Writes settings.json, or checks it against an earlier run's."""
+def check_settings(output_dir, settings, resume):
+  """Refuses to resume a directory that holds another run's results.
+
+  Reads only: nothing in `output_dir` changes (see `start_output`).
+
+  Args:
+    output_dir: the output directory.
+    settings: this run's settings (`prepare_targets`).
+    resume: whether this run reuses earlier results.
+
+  Raises:
+    ValueError: `resume` is True and the directory's `settings.json`
+      differs from `settings`.
+  """
   path = FileSystems.join(output_dir, records.SETTINGS_FILENAME)
-  if FileSystems.exists(path):
-    stored = json.loads(filesystems.read_file_bytes(path).decode())
-    if resume:
-      for name, value in settings.items():
-        if stored.get(name) != value:
-          raise validation.invalid(
-              "output", f"a directory written with the same settings, or "
-              f"resume=False; its `{name}` is {stored.get(name)!r}, this "
-              f"run's is {value!r}", output_dir)
-      return
+  if not resume or not FileSystems.exists(path):
+    return
+  stored = json.loads(filesystems.read_file_bytes(path).decode())
+  for name, value in settings.items():
+    if stored.get(name) != value:
+      raise validation.invalid(
+          "output", f"a directory written with the same settings, or "
+          f"resume=False; its `{name}` is {stored.get(name)!r}, this "
+          f"run's is {value!r}", output_dir)
+
+
+def start_output(output_dir, settings, resume):
+  """Makes `output_dir` this run's: called when the pipeline starts.
+
+  Until then a launch that fails (bad flags, a model that does not load, a
+  pipeline that cannot be built) leaves the directory as it was: a finished
+  one stays readable. A resumed run keeps the manifest too: its shards have
+  the same bytes as this run's, and `finalize` replaces it atomically.
+
+  Side effects: creates `parts/` and writes `settings.json`; with `resume`
+  False, deletes the earlier shards, parts and manifest first.
+
+  Args:
+    output_dir: the output directory (it exists).
+    settings: this run's settings.
+    resume: False to clear earlier results.
+  """
+  if not resume:
+    _clear_output(output_dir)
+  parts = FileSystems.join(output_dir, PARTS_DIR)
+  if not FileSystems.exists(parts):
+    FileSystems.mkdirs(parts)
   filesystems.atomic_write(
-      path, json.dumps(settings, indent=2, sort_keys=True).encode())
+      FileSystems.join(output_dir, records.SETTINGS_FILENAME),
+      json.dumps(settings, indent=2, sort_keys=True).encode())
 
 
 def _clear_output(output_dir):
-  """Removes earlier shards and manifest (resume=False)."""
+  """Removes earlier shards, parts and manifest (resume=False)."""
   pattern = FileSystems.join(output_dir, f"{records.SHARD_PREFIX}-*")
   paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+  paths += existing_parts(output_dir)
   manifest = FileSystems.join(output_dir, records.MANIFEST_FILENAME)
   if FileSystems.exists(manifest):
     paths.append(manifest)
@@ -311,11 +436,20 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
                     output_format=records.TFRECORD, input_format="auto",
                     key_feature=records.KEY_FEATURE, input_feature=None,
                     beam_batch_size=None, resume=True, extra_modules=()):
-  """Validates everything on the launcher and prepares the output directory.
+  """Validates everything on the launcher; reads earlier results.
+
+  Changes nothing in `output` but creating it: `start_output` writes there
+  once the pipeline starts.
 
   Returns:
-    (settings, config, files): settings.json content, the worker config and
-    the matched input files.
+    (settings, config, files): settings.json content, the worker config
+    (with the part files of an earlier run to resume) and the matched input
+    files.
+
+  Raises:
+    ValueError: an invalid argument, or `output` holds a run with other
+      settings (and `resume` is True).
+    FileNotFoundError: an input pattern matches nothing.
   """
   num_samples, seed, batch_size, num_shards, beam_batch_size = _check_args(
       num_samples, seed, batch_size, num_shards, output_format,
@@ -344,13 +478,7 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
   }
   if not FileSystems.exists(output):
     FileSystems.mkdirs(output)
-  _check_settings(output, settings, resume)
-  manifest = FileSystems.join(output, records.MANIFEST_FILENAME)
-  if not resume:
-    _clear_output(output)
-  elif FileSystems.exists(manifest):
-    FileSystems.delete([manifest])  # Rewritten when this run completes.
-  done = existing_shards(output, num_shards, output_format) if resume else []
+  check_settings(output, settings, resume)
   config = {
       "model_fingerprint": settings["model_fingerprint"],
       "num_samples": num_samples,
@@ -359,7 +487,7 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
       "batch_size": batch_size,
       "beam_batch_size": beam_batch_size,
       "num_shards": num_shards,
-      "done_shards": done,
+      "parts": existing_parts(output) if resume else [],
       "input_format": input_format,
       "input_specs": input_specs,
       "key_feature": key_feature,
@@ -375,12 +503,30 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
                                    config["input_specs"],
                                    config["key_feature"])
   count = examples | "CountInputs" >> beam.combiners.Count.Globally()
+  batch = config["beam_batch_size"]
+  todo = examples
+  if config["parts"]:
+    done = (pipeline
+            | "Parts" >> beam.Create(config["parts"])
+            | "ReadParts" >> beam.ParDo(ReadPartFn()))
+    done_keys = (done
+                 | "PartKeys" >> beam.Map(lambda part: part[0])
+                 | "DoneKeys" >> beam.CombineGlobally(_ConcatKeysFn()))
+    todo = (examples
+            | "BatchToSkip" >> beam.BatchElements(min_batch_size=batch,
+                                                  max_batch_size=batch)
+            | "SkipDone" >> beam.ParDo(SkipDoneFn(config),
+                                       beam.pvalue.AsSingleton(done_keys)))
+  computed = (
+      todo
+      | "Batch" >> beam.BatchElements(min_batch_size=batch,
+                                      max_batch_size=batch)
+      | "MCTargets" >> beam.ParDo(TargetsFn(model_path, config, output)))
+  parts = (computed, done) | "AllParts" >> beam.Flatten() if (
+      config["parts"]) else computed
   entries = (
-      examples
-      | "Batch" >> beam.BatchElements(
-          min_batch_size=config["beam_batch_size"],
-          max_batch_size=config["beam_batch_size"])
-      | "MCTargets" >> beam.ParDo(TargetsFn(model_path, config))
+      parts
+      | "ByShard" >> beam.FlatMap(_by_shard, config["num_shards"])
       | "GroupByShard" >> beam.GroupByKey()
       | "WriteShards" >> beam.ParDo(WriteShardFn(
           output, config["num_shards"], settings["output_format"])))
@@ -390,12 +536,19 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
               finalize, beam.pvalue.AsSingleton(count), output, settings))
 
 
+def _normalize_paths(model, inputs, output):
+  inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+  return (options.normalize_path(model),
+          [options.normalize_path(p) for p in inputs],
+          options.normalize_path(output))
+
+
 def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
                          statistic="auto", batch_size=256, num_shards=8,
                          output_format=records.TFRECORD, input_format="auto",
                          key_feature=records.KEY_FEATURE, input_feature=None,
                          beam_batch_size=None, resume=True, extra_modules=(),
-                         pipeline_args=None):
+                         pipeline_args=None, show_progress=None):
   """Runs the targets pipeline and waits for it.
 
   Args:
@@ -427,17 +580,27 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
       the DirectRunner is the default. Flags of `options.TargetsOptions`
       may be among them (`main` passes its whole argv); the arguments
       above, not those flags, say what to compute.
+    show_progress: write a progress line (examples computed and skipped)
+      to stderr as batches finish; needs workers in this process (the
+      DirectRunner in memory or threads). None: when they are and stderr
+      is a terminal. Every runner has the Beam counters.
 
   Returns:
     dict: "manifest" (the written manifest), "seconds", and the counters
-    "examples_computed", "examples_skipped", "duplicates_dropped".
+    "examples_computed" (this run), "examples_skipped" (saved by an earlier
+    run, read back from its part files), "duplicates_dropped".
 
   Raises:
-    ValueError: an invalid argument, or `output` holds a run with other
-      settings (and `resume` is True).
+    ValueError: an invalid argument, an unknown flag in `pipeline_args`, a
+      runner that cannot run this (see `options.check_runner`), or `output`
+      holds a run with other settings (and `resume` is True).
     FileNotFoundError: an input pattern matches nothing.
   """
   start = time.perf_counter()
+  model_path, inputs, output = _normalize_paths(model_path, inputs, output)
+  pipeline_options = options.launch_options(
+      pipeline_args, {"model_path": model_path, "inputs": inputs,
+                      "output": output})
   settings, config, files = prepare_targets(
       model_path, inputs, output, num_samples=num_samples, seed=seed,
       statistic=statistic, batch_size=batch_size, num_shards=num_shards,
@@ -445,11 +608,19 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
       key_feature=key_feature, input_feature=input_feature,
       beam_batch_size=beam_batch_size, resume=resume,
       extra_modules=extra_modules)
-  pipeline = beam.Pipeline(
-      options=PipelineOptions(list(pipeline_args or [])))
+  pipeline = beam.Pipeline(options=pipeline_options)
   build_targets_pipeline(pipeline, model_path, output, settings, config, files)
-  result = pipeline.run()
-  result.wait_until_finish()
+  start_output(output, settings, resume)
+  if show_progress is None:
+    show_progress = options.runs_in_process(pipeline_options) and (
+        sys.stderr.isatty())
+  if show_progress:
+    progress.start("dropvar_tf targets")
+  try:
+    result = pipeline.run()
+    result.wait_until_finish()
+  finally:
+    progress.finish()
   manifest = records.read_json(
       FileSystems.join(output, records.MANIFEST_FILENAME)) if (
           filesystems.is_local(output)) else None
@@ -465,14 +636,20 @@ def main(argv=None):
   """Runs the pipeline on the flags in `argv` (default: sys.argv[1:]).
 
   Our flags are `options.TargetsOptions`; the others (--runner, ...) are
-  Beam's. Prints the summary as JSON.
+  Beam's. Prints the summary as JSON. Beam's INFO logs are off unless
+  `--verbose`.
 
   Returns:
     0 (the exit status).
+
+  Raises:
+    SystemExit: status 2 (a usage error, before any work) for an unknown
+      or mistyped flag or a missing required one.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = options.TargetsOptions(argv)
-  options.require(args, options.TargetsOptions.REQUIRED)
+  args = options.parse(options.TargetsOptions, argv)
+  if not args.verbose:
+    argv = options.quiet_beam_logs(argv)
   summary = run_targets_pipeline(
       args.model, args.input, args.output, num_samples=args.num_samples,
       seed=args.seed, statistic=args.statistic, batch_size=args.batch_size,
