@@ -16,6 +16,7 @@ from dropvar_tf.serving import batching
 from dropvar_tf.serving import errors
 from dropvar_tf.serving import server as server_lib
 import serving_testing as testing
+import testing_models as tm
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +130,7 @@ class BatchingServerTest(tf.test.TestCase):
   def test_batched_outputs_equal_unbatched(self):
     base = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, base, ignore_errors=True)
-    model = testing.ratings_model(seed=4)
+    model = tm.dual_ratings_model(seed=4)
     testing.write_export(model, base, 1)
     servers = {}
     for name, options in (("plain", None), ("batched",

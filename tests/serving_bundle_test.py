@@ -13,6 +13,7 @@ from dropvar_tf.serving import bundle
 from dropvar_tf.serving import codec
 from dropvar_tf.serving import errors
 import serving_testing as testing
+import testing_models as tm
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
@@ -39,7 +40,7 @@ class SavedModelBundleTest(tf.test.TestCase):
   def setUp(self):
     super().setUp()
     self.base = tempfile.mkdtemp(dir=self.get_temp_dir())
-    self.model = testing.ratings_model(seed=2)
+    self.model = tm.dual_ratings_model(seed=2)
     self.path = testing.write_export(self.model, self.base, 1)
 
   def test_runs_signature_tensor_names_in_a_session(self):
@@ -48,7 +49,7 @@ class SavedModelBundleTest(tf.test.TestCase):
                            side_effect=AssertionError("TF2 load used")):
       loaded = bundle.SavedModelBundle(1, self.path)
     fn, specs, signature_def = loaded.signature(contract.SERVING_SIGNATURE)
-    self.assertEqual(specs["context"].dims, (-1, testing.CONTEXT_FEATURES))
+    self.assertEqual(specs["context"].dims, (-1, tm.DUAL_CONTEXT_FEATURES))
     self.assertEqual(set(signature_def.outputs), set(contract.OUTPUT_KEYS))
     x = testing.ratings_inputs(5, seed=3)
     outputs = fn(**x)

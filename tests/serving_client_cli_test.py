@@ -16,6 +16,7 @@ from dropvar_tf._keras import tf
 from dropvar_tf.serving import client_cli
 from dropvar_tf.serving import server as server_lib
 import serving_testing as testing
+import testing_models as tm
 
 # The client asks for the signature's dtypes first (cast_inputs).
 _NOT_FOUND = ("GetModelMetadata failed with NOT_FOUND: Servable not found "
@@ -47,7 +48,7 @@ class ClientCliTest(tf.test.TestCase):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
     cls.base = os.path.join(cls.tmp, "dense")
-    cls.model = testing.dense_model(seed=0)
+    cls.model = tm.dual_dense_model(seed=0)
     testing.write_export(cls.model, cls.base, 1)
 
   @classmethod

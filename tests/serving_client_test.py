@@ -34,6 +34,7 @@ from dropvar_tf.serving import errors
 from dropvar_tf.serving import server as server_lib
 from dropvar_tf.serving import versions
 import serving_testing as testing
+import testing_models as tm
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -130,7 +131,7 @@ class ClientTest(tf.test.TestCase):
       cls.tmp = tempfile.mkdtemp()
       cls.model_name = "ratings"
       cls.export_base = os.path.join(cls.tmp, "ratings")
-      testing.write_export(testing.ratings_model(seed=0), cls.export_base, 3)
+      testing.write_export(tm.dual_ratings_model(seed=0), cls.export_base, 3)
       cls.server = server_lib.ModelServer(
           [server_lib.model_config(cls.model_name, cls.export_base)],
           poll_seconds=0)
@@ -269,7 +270,7 @@ class LocalClientTest(tf.test.TestCase):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
     cls.base = os.path.join(cls.tmp, "dense")
-    cls.model = testing.dense_model(seed=0)
+    cls.model = tm.dual_dense_model(seed=0)
     testing.write_export(cls.model, cls.base, 1)
 
   @classmethod
@@ -332,7 +333,7 @@ class LocalClientTest(tf.test.TestCase):
   def test_single_array_needs_a_single_input_signature(self):
     base = os.path.join(self.tmp, "ratings")
     if not os.path.exists(base):
-      testing.write_export(testing.ratings_model(), base, 1)
+      testing.write_export(tm.dual_ratings_model(), base, 1)
     server = server_lib.ModelServer([server_lib.model_config("r", base)],
                                     poll_seconds=0)
     with server:
@@ -488,7 +489,7 @@ class EndToEndTest(tf.test.TestCase):
       def export(model):
         return saved_model.export_saved_model(model, base)
     else:  # Before the exporter exists: the contract-shaped test model.
-      dual = testing.dense_model()
+      dual = tm.dual_dense_model()
 
       def export(model):
         existing = (versions.list_versions(base) if os.path.isdir(base)

@@ -19,6 +19,7 @@ from dropvar_tf import contract
 from dropvar_tf._keras import tf
 from dropvar_tf.serving import server as server_lib
 import serving_testing as testing
+import testing_models as tm
 from tensorflow.core.framework import tensor_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import predict_pb2
@@ -148,9 +149,9 @@ class ServerFuzzTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.base = tempfile.mkdtemp()
-    cls.dense = testing.dense_model(seed=0)
+    cls.dense = tm.dual_dense_model(seed=0)
     testing.write_export(cls.dense, os.path.join(cls.base, "dense"), 1)
-    testing.write_export(testing.ratings_model(seed=0),
+    testing.write_export(tm.dual_ratings_model(seed=0),
                          os.path.join(cls.base, "ratings"), 1)
     ratings = server_lib.model_config("ratings",
                                       os.path.join(cls.base, "ratings"))

@@ -14,6 +14,7 @@ from dropvar_tf._keras import tf
 from dropvar_tf.serving import monitoring
 from dropvar_tf.serving import server as server_lib
 import serving_testing as testing
+import testing_models as tm
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +63,7 @@ class MetricsTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.base = tempfile.mkdtemp()
-    cls.model = testing.dense_model(seed=3)
+    cls.model = tm.dual_dense_model(seed=3)
     testing.write_export(cls.model, cls.base, 1)
     cls.inputs = [testing.dense_inputs(2, seed=s) for s in range(5)]
     variations = np.concatenate([

@@ -12,6 +12,7 @@ from dropvar_tf.serving import client as client_lib
 from dropvar_tf.serving import errors
 from dropvar_tf.serving import server as server_lib
 import serving_testing as testing
+import testing_models as tm
 
 
 class RestClientTest(tf.test.TestCase):
@@ -20,7 +21,7 @@ class RestClientTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.base = tempfile.mkdtemp()
-    cls.model = testing.ratings_model(seed=1)
+    cls.model = tm.dual_ratings_model(seed=1)
     testing.write_export(cls.model, os.path.join(cls.base, "ratings"), 3)
     config = server_lib.model_config("ratings",
                                      os.path.join(cls.base, "ratings"))

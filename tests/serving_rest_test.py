@@ -16,6 +16,7 @@ from dropvar_tf import contract
 from dropvar_tf._keras import tf
 from dropvar_tf.serving import server as server_lib
 import serving_testing as testing
+import testing_models as tm
 
 _TIMEOUT = 10.0
 _MAX_BATCH = 64
@@ -28,8 +29,8 @@ class RestTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.base = tempfile.mkdtemp()
-    cls.dense = testing.dense_model(seed=0)
-    cls.ratings = testing.ratings_model(seed=0)
+    cls.dense = tm.dual_dense_model(seed=0)
+    cls.ratings = tm.dual_ratings_model(seed=0)
     testing.write_export(cls.dense, os.path.join(cls.base, "dense"), 1)
     testing.write_export(cls.ratings, os.path.join(cls.base, "ratings"), 7)
     ratings_config = server_lib.model_config(

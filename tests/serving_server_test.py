@@ -20,6 +20,7 @@ from dropvar_tf import saved_model
 from dropvar_tf._keras import tf
 from dropvar_tf.serving import server as server_lib
 import serving_testing as testing
+import testing_models as tm
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -52,7 +53,7 @@ class ServerOptionsTest(_TestCase):
   def setUp(self):
     super().setUp()
     self.base = self._new_dir()
-    self.model = testing.dense_model(seed=0)
+    self.model = tm.dual_dense_model(seed=0)
     testing.write_export(self.model, self.base, 1)
 
   def _start(self, **kwargs):
@@ -128,7 +129,7 @@ class ServerOptionsTest(_TestCase):
     os.makedirs(os.path.join(self.base, "7.tmp"))
     with open(os.path.join(self.base, "6"), "w") as f:
       f.write("not a folder")
-    model2 = testing.dense_model(seed=5)
+    model2 = tm.dual_dense_model(seed=5)
     testing.write_export(model2, self.base, 2)
     self.assertTrue(_wait_for(
         lambda: self._status(model_stub).get(2, (None,))[0] == _AVAILABLE))
@@ -293,7 +294,7 @@ class CommandLineTest(_TestCase):
 
   def test_rest_monitoring_and_batching_from_the_deploy_files(self):
     base = self._new_dir()
-    model = testing.dense_model(seed=1)
+    model = tm.dual_dense_model(seed=1)
     testing.write_export(model, base, 1)
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))

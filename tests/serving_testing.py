@@ -18,63 +18,7 @@ from dropvar_tf.serving import codec
 from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import predict_pb2
 
-# Feature sizes of the test models (kept tiny so tests stay fast).
-DENSE_FEATURES = 4
-NUM_USERS = 50
-NUM_MOVIES = 40
-CONTEXT_FEATURES = 2
-
-
-def dense_model(seed=0):
-  """A Functional model with one float input `x` of shape (batch, 4).
-
-  Args:
-    seed: seed of the weight initialisers.
-
-  Returns:
-    A `keras.Model` whose outputs are a dict: "prediction" (batch, 1) and
-    "variation" (batch, 1), the latter >= 0.
-  """
-  init = keras.initializers.GlorotUniform(seed=seed)
-  x = keras.Input(shape=(DENSE_FEATURES,), dtype="float32", name="x")
-  h = keras.layers.Dense(8, activation="relu", kernel_initializer=init)(x)
-  h = keras.layers.Dropout(0.2, seed=seed)(h)
-  prediction = keras.layers.Dense(1, kernel_initializer=init,
-                                  name="pred")(h)
-  variation = keras.layers.Dense(1, activation="softplus",
-                                 kernel_initializer=init, name="var")(h)
-  return keras.Model(x, {contract.PREDICTION_KEY: prediction,
-                         contract.VARIATION_KEY: variation})
-
-
-def ratings_model(seed=0):
-  """A model with named int64 inputs `user_id`, `movie_id` and float `context`.
-
-  Args:
-    seed: seed of the weight initialisers.
-
-  Returns:
-    A `keras.Model` taking a dict {"user_id": (batch,) int64,
-    "movie_id": (batch,) int64, "context": (batch, 2) float32} and returning
-    {"prediction": (batch, 1), "variation": (batch, 1)}.
-  """
-  init = keras.initializers.GlorotUniform(seed=seed)
-  user = keras.Input(shape=(), dtype="int64", name="user_id")
-  movie = keras.Input(shape=(), dtype="int64", name="movie_id")
-  context = keras.Input(shape=(CONTEXT_FEATURES,), dtype="float32",
-                        name="context")
-  u = keras.layers.Embedding(NUM_USERS, 4, embeddings_initializer=init)(user)
-  m = keras.layers.Embedding(NUM_MOVIES, 4, embeddings_initializer=init)(movie)
-  h = keras.layers.Concatenate()([u, m, context])
-  h = keras.layers.Dense(8, activation="relu", kernel_initializer=init)(h)
-  h = keras.layers.Dropout(0.2, seed=seed)(h)
-  prediction = keras.layers.Dense(1, kernel_initializer=init, name="pred")(h)
-  variation = keras.layers.Dense(1, activation="softplus",
-                                 kernel_initializer=init, name="var")(h)
-  return keras.Model({"user_id": user, "movie_id": movie, "context": context},
-                     {contract.PREDICTION_KEY: prediction,
-                      contract.VARIATION_KEY: variation})
-
+import testing_models as tm  # pylint: disable=g-import-not-at-top
 
 def _input_specs(model):
   """TensorSpecs named after the model's inputs, batch dimension free."""
@@ -123,19 +67,21 @@ def write_export(model, export_base, version):
 
 
 def dense_inputs(batch_size, seed=0):
-  """Random float32 inputs for `dense_model`, shape (batch_size, 4)."""
+  """Random float32 inputs for `tm.dual_dense_model`, shape (batch_size, 4)."""
   rng = np.random.default_rng(seed)
-  return rng.normal(size=(batch_size, DENSE_FEATURES)).astype(np.float32)
+  return rng.normal(size=(batch_size, tm.DUAL_DENSE_FEATURES)).astype(
+      np.float32)
 
 
 def ratings_inputs(batch_size, seed=0):
-  """Random inputs for `ratings_model`, a dict of numpy arrays."""
+  """Random inputs for `tm.dual_ratings_model`, a dict of numpy arrays."""
   rng = np.random.default_rng(seed)
   return {
-      "user_id": rng.integers(0, NUM_USERS, size=batch_size, dtype=np.int64),
-      "movie_id": rng.integers(0, NUM_MOVIES, size=batch_size,
+      "user_id": rng.integers(0, tm.DUAL_NUM_USERS, size=batch_size,
+                              dtype=np.int64),
+      "movie_id": rng.integers(0, tm.DUAL_NUM_MOVIES, size=batch_size,
                                dtype=np.int64),
-      "context": rng.normal(size=(batch_size, CONTEXT_FEATURES)).astype(
+      "context": rng.normal(size=(batch_size, tm.DUAL_CONTEXT_FEATURES)).astype(
           np.float32),
   }
 

@@ -14,6 +14,7 @@ from dropvar_tf.serving import errors
 from dropvar_tf.serving import server as server_lib
 from dropvar_tf.serving import versions
 import serving_testing as testing
+import testing_models as tm
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_pb2
 
@@ -36,7 +37,7 @@ class VersionsTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.base = tempfile.mkdtemp()
-    model = testing.dense_model()
+    model = tm.dual_dense_model()
     for version in (1, 2, 3):
       testing.write_export(model, cls.base, version)
 
@@ -58,7 +59,7 @@ class VersionsTest(tf.test.TestCase):
 
   def test_list_versions_skips_what_is_not_a_version(self):
     base = self._new_dir()
-    testing.write_export(testing.dense_model(), base, 4)
+    testing.write_export(tm.dual_dense_model(), base, 4)
     os.makedirs(os.path.join(base, ".tmp-9-abc"))
     os.makedirs(os.path.join(base, "8", "variables"))
     os.makedirs(os.path.join(base, "7.tmp"))
@@ -94,7 +95,7 @@ class VersionsTest(tf.test.TestCase):
     fn, specs, signature_def = served.resolve(_spec()).signature(
         contract.SERVING_SIGNATURE)
     self.assertTrue(callable(fn))
-    self.assertEqual(specs["x"].dims, (-1, testing.DENSE_FEATURES))
+    self.assertEqual(specs["x"].dims, (-1, tm.DUAL_DENSE_FEATURES))
     self.assertEqual(set(signature_def.outputs), set(contract.OUTPUT_KEYS))
 
   def test_resolution_errors(self):
@@ -158,7 +159,7 @@ class VersionsTest(tf.test.TestCase):
 
   def test_base_path_gone_for_a_moment_keeps_serving(self):
     base = os.path.join(self._new_dir(), "m")
-    testing.write_export(testing.dense_model(), base, 1)
+    testing.write_export(tm.dual_dense_model(), base, 1)
     served = versions.ServedModel(server_lib.model_config("m", base))
     served.poll()
     os.rename(base, base + ".moved")
@@ -211,7 +212,7 @@ class VersionsTest(tf.test.TestCase):
     self.assertEqual(served.status()[0][1], _END)
     shutil.rmtree(broken)
     staging = self._new_dir()
-    testing.write_export(testing.dense_model(), staging, 1)
+    testing.write_export(tm.dual_dense_model(), staging, 1)
     os.rename(os.path.join(staging, "1"), broken)
     served.poll()
     self.assertEqual(served.status(), [(1, _AVAILABLE, 0, "")])

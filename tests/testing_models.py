@@ -43,10 +43,14 @@ of `targets`, `seeded_dropout` and `metrics`):
 
 `target_features(n)` gives inputs of the 6-feature models,
 `target_dict_features(n)` those of "dict".
+
+Dual-output models of the serving contract (`dual_dense_model`,
+`dual_ratings_model`; inputs and exports in `serving_testing`).
 """
 
 import numpy as np
 
+from dropvar_tf import contract
 from dropvar_tf._keras import keras
 
 NUM_FEATURES = 6
@@ -463,3 +467,65 @@ def target_dict_features(n=12, seed=0):
   rng = np.random.RandomState(seed)
   return {"user_id": rng.randint(0, 20, n).astype(np.int64),
           "movie_id": rng.randint(0, 30, n).astype(np.int64)}
+
+
+# Dual-output models of the serving contract, with no variation head to fit
+# (serving tests check the server and client on their own). Feature sizes
+# kept tiny so tests stay fast.
+DUAL_DENSE_FEATURES = 4
+DUAL_NUM_USERS = 50
+DUAL_NUM_MOVIES = 40
+DUAL_CONTEXT_FEATURES = 2
+
+
+def dual_dense_model(seed=0):
+  """A Functional model with one float input `x` of shape (batch, 4).
+
+  Args:
+    seed: seed of the weight initialisers.
+
+  Returns:
+    A `keras.Model` whose outputs are a dict: "prediction" (batch, 1) and
+    "variation" (batch, 1), the latter >= 0.
+  """
+  init = keras.initializers.GlorotUniform(seed=seed)
+  x = keras.Input(shape=(DUAL_DENSE_FEATURES,), dtype="float32", name="x")
+  h = keras.layers.Dense(8, activation="relu", kernel_initializer=init)(x)
+  h = keras.layers.Dropout(0.2, seed=seed)(h)
+  prediction = keras.layers.Dense(1, kernel_initializer=init,
+                                  name="pred")(h)
+  variation = keras.layers.Dense(1, activation="softplus",
+                                 kernel_initializer=init, name="var")(h)
+  return keras.Model(x, {contract.PREDICTION_KEY: prediction,
+                         contract.VARIATION_KEY: variation})
+
+
+def dual_ratings_model(seed=0):
+  """A model with named int64 inputs `user_id`, `movie_id` and float `context`.
+
+  Args:
+    seed: seed of the weight initialisers.
+
+  Returns:
+    A `keras.Model` taking a dict {"user_id": (batch,) int64,
+    "movie_id": (batch,) int64, "context": (batch, 2) float32} and returning
+    {"prediction": (batch, 1), "variation": (batch, 1)}.
+  """
+  init = keras.initializers.GlorotUniform(seed=seed)
+  user = keras.Input(shape=(), dtype="int64", name="user_id")
+  movie = keras.Input(shape=(), dtype="int64", name="movie_id")
+  context = keras.Input(shape=(DUAL_CONTEXT_FEATURES,), dtype="float32",
+                        name="context")
+  u = keras.layers.Embedding(DUAL_NUM_USERS, 4,
+                             embeddings_initializer=init)(user)
+  m = keras.layers.Embedding(DUAL_NUM_MOVIES, 4,
+                             embeddings_initializer=init)(movie)
+  h = keras.layers.Concatenate()([u, m, context])
+  h = keras.layers.Dense(8, activation="relu", kernel_initializer=init)(h)
+  h = keras.layers.Dropout(0.2, seed=seed)(h)
+  prediction = keras.layers.Dense(1, kernel_initializer=init, name="pred")(h)
+  variation = keras.layers.Dense(1, activation="softplus",
+                                 kernel_initializer=init, name="var")(h)
+  return keras.Model({"user_id": user, "movie_id": movie, "context": context},
+                     {contract.PREDICTION_KEY: prediction,
+                      contract.VARIATION_KEY: variation})
