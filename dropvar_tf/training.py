@@ -135,7 +135,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
       early stopping and the output scale calibration.
     learning_rate: Adam learning rate.
     seed: seed for the split and the shuffling.
-    num_samples: T of the MC targets, recorded in the head metadata.
+    num_samples: T of the MC targets (an integer >= 2, or None when
+      unknown), recorded in the head metadata.
     patience: early-stopping patience in epochs.
     calibrate: fit the output scale by least squares on the held-out part
       (on the training part when `validation_split` is 0).
@@ -145,21 +146,24 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     The `keras.callbacks.History` of the head's training.
 
   Raises:
-    ValueError: `dual` has no head, or `targets` do not match `x`
-      (length, shape), contain NaN/Inf or negative values, or an argument is
-      out of range.
+    ValueError: `dual` has no head; `x` does not match the model's input
+      spec, is empty or has NaN/Inf values (see `validation.check_inputs`);
+      `targets` do not match `x` (length, shape), contain NaN/Inf or
+      negative values; or an argument is out of range.
   """
   out_layer = heads.variation_output_layer(dual)
   head = heads.variation_head(dual)
-  n = num_examples(x)
+  num_examples(x)
+  n = validation.check_inputs(dual, x)
+  if num_samples is not None:
+    num_samples = validation.check_int(num_samples, "num_samples", 2)
   epochs = validation.check_int(epochs, "epochs", 1)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
   if not 0.0 <= validation_split < 1.0:
     raise validation.invalid("validation_split", "a float in [0, 1)",
                              validation_split)
   units = out_layer.units
-  if n is not None:
-    _check_targets(targets, n, units)
+  _check_targets(targets, n, units)
   feats = head_features(dual, x)
   t = _check_targets(targets, len(feats[0]), units)
   n = len(t)

@@ -47,6 +47,17 @@ _ERR_X_LENGTHS = (_PREFIX + "`x`. Expected arrays of one common length. "
 _ERR_NUM_PERTURBED = (_PREFIX + "`num_perturbed`. Expected an integer >= 0. "
                       "Received: num_perturbed=-1")
 
+_ERR_X_NON_FINITE = (_PREFIX + "`x`. Expected finite values (no NaN or "
+                     "Inf). Received: x='2 of 40 rows with NaN or Inf "
+                     "values'")
+_ERR_X_EMPTY = (_PREFIX + "`x`. Expected at least one example. Received: "
+                "x='float32 array of shape (0, 6)'")
+_ERR_X_WIDTH = (_PREFIX + "`x`. Expected input matching the model's input "
+                "spec (features: float32, shape (None, 6)). Received: "
+                "x='float32 array of shape (40, 5)'")
+_ERR_NUM_SAMPLES = (_PREFIX + "`num_samples`. Expected an integer >= 2. "
+                    "Received: num_samples=-5")
+
 _SMALL_HEAD = dict(hidden_units=(8,))
 _N = 40
 
@@ -115,6 +126,25 @@ class FitErrorsTest(tf.test.TestCase):
   def test_other_argument_errors(self):
     self._assert_error(_ERR_EPOCHS, self.dual, self.x, _targets(), epochs=0)
     self._assert_error(_ERR_NO_HEAD, self.model, self.x, _targets(), epochs=1)
+
+  def test_bad_inputs(self):
+    bad = self.x.copy()
+    bad[3, 0] = np.nan
+    bad[9] = -np.inf
+    before = _head_weights(self.dual)
+    for label, message, x, kwargs in [
+        ("nan", _ERR_X_NON_FINITE, bad, {}),
+        ("nan dataset", _ERR_X_NON_FINITE,
+         tf.data.Dataset.from_tensor_slices(bad).batch(16), {}),
+        ("empty", _ERR_X_EMPTY, self.x[:0], {}),
+        ("width", _ERR_X_WIDTH, self.x[:, :5], {}),
+        ("num_samples", _ERR_NUM_SAMPLES, self.x, dict(num_samples=-5)),
+    ]:
+      with self.subTest(label):
+        self._assert_error(message, self.dual, x, _targets(), epochs=1,
+                           **kwargs)
+    for a, b in zip(before, _head_weights(self.dual)):
+      self.assertAllEqual(a, b)
 
   def test_dict_inputs_of_different_lengths(self):
     dual = heads.add_variation_head(tm.recommender(), **_SMALL_HEAD)
