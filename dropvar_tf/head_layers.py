@@ -21,6 +21,14 @@ from dropvar_tf import validation
 
 _ops = keras.ops
 
+# `HeadInputDense` clips its inputs to [-FEATURE_BOUND, FEATURE_BOUND]. No
+# feature comes near it on inputs a model was trained for, so those outputs
+# are unchanged; on extreme inputs (activations of 1e19 and more, whose sums
+# of squares overflow float32 to inf) it keeps the head's sums finite: a
+# kernel entry would need to exceed 1e18 for one product to overflow, where
+# inf * w - inf * w' gave NaN.
+FEATURE_BOUND = 1e18
+
 # Output transforms of `VariationOutput`.
 LOG = "log"
 IDENTITY = "identity"
@@ -114,7 +122,9 @@ class HeadInputDense(keras.layers.Layer):
   `split_width` wide gets its own kernel block and matmul, the narrow ones
   are concatenated (cheap) and share one block, and the partial products are
   summed. On CPU this saves copying every tapped activation into one buffer
-  on each request (`bench/dual_bench.py` measures the head's cost).
+  on each request (`bench/dual_bench.py` measures the head's cost). Inputs
+  are clipped to +-`FEATURE_BOUND` first, so features that overflowed to inf
+  on extreme inputs give finite sums.
 
   Input: a list of (batch, d_i) tensors. Output: (batch, units).
 
@@ -186,7 +196,9 @@ class HeadInputDense(keras.layers.Layer):
     for block, kernel in zip(self._blocks, self.kernels):
       parts = [inputs[i] for i in block]
       x = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
-      products.append(tf.matmul(tf.cast(x, kernel.dtype), kernel))
+      x = tf.clip_by_value(tf.cast(x, kernel.dtype), -FEATURE_BOUND,
+                           FEATURE_BOUND)
+      products.append(tf.matmul(x, kernel))
     # One AddN op however many blocks.
     out = products[0] if len(products) == 1 else tf.add_n(products)
     out = tf.nn.bias_add(out, self.bias)
@@ -248,7 +260,10 @@ class VariationOutput(keras.layers.Layer):
 
   With `transform="log"` the head is trained on `log(dpv + eps)` and this
   layer returns `min(scale * max(exp(z) - eps, 0), max_value)`; with
-  "identity", `min(scale * max(z, 0), max_value)`. `eps`, `scale` and
+  "identity", `min(scale * max(z, 0), max_value)`; a NaN (features of an
+  input whose own activations are NaN or Inf, as extreme inputs make them)
+  becomes `max_value`: no estimate is finer than "as uncertain as the head
+  can say". `eps`, `scale` and
   `max_value` are non-trainable weights set by `fit_variation_head` (so they
   are saved with the model and never baked into a traced graph).
 
@@ -292,7 +307,9 @@ class VariationOutput(keras.layers.Layer):
       v = _ops.exp(z) - self.eps
     else:
       v = z
-    v = _ops.minimum(self.scale * _ops.relu(v), self.max_value)
+    v = self.scale * _ops.relu(v)
+    cap = _ops.cast(self.max_value, v.dtype)  # autocast under float16
+    v = tf.where(tf.math.is_nan(v), cap, _ops.minimum(v, cap))
     if self.units == 1:
       v = _ops.squeeze(v, axis=-1)
     return v

@@ -135,6 +135,24 @@ class HeadLayersTest(tf.test.TestCase):
     self.assertAllClose(identity(np.array([[-1.0], [0.25]], "float32")),
                         [0.0, 0.25])
 
+  def test_head_input_dense_keeps_overflowed_features_finite(self):
+    layer = head_layers.HeadInputDense(2, activation="linear")
+    layer.build([(None, 2)])
+    layer.set_full_kernel(np.array([[1.0, -2.0], [-1.0, 3.0]], "float32"))
+    x = np.array([[np.inf, np.inf], [-np.inf, 1.0], [1.0, 2.0]], "float32")
+    out = np.asarray(layer([x]))
+    self.assertTrue(np.all(np.isfinite(out)))
+    self.assertAllEqual(out[2], [-1.0, 4.0])  # within bounds: unchanged
+    bound = head_layers.FEATURE_BOUND
+    self.assertAllClose(out[1], [-bound - 1.0, 2 * bound + 3.0])
+
+  def test_variation_output_says_most_uncertain_on_nan(self):
+    layer = head_layers.VariationOutput(transform="log")
+    layer.max_value.assign(0.7)
+    z = np.array([[np.nan], [np.inf], [-np.inf], [np.log(0.5)]], "float32")
+    out = np.asarray(layer(z))
+    self.assertAllClose(out, [0.7, 0.7, 0.0, 0.5 - 1e-3])
+
   def test_variation_output_to_raw_inverts_call(self):
     layer = head_layers.VariationOutput(units=2, transform="log")
     layer.eps.assign(0.02)
