@@ -404,7 +404,9 @@ def variation_head_metadata(dual):
   Keys: dropvar_tf_version, statistic, num_samples (of the MC targets it was
   fitted on; None before fitting), dropout_rates, layers, features,
   include_prediction, include_moments, transform, base_model, and after
-  fitting seed and num_train_examples.
+  fitting seed, num_train_examples and fit_report (the held-out
+  self-assessment of `training.fit_variation_head`, see
+  `metrics.fit_report`; None when fitted with `report_split=0`).
   """
   return dict(variation_output_layer(dual).metadata)
 

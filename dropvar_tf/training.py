@@ -6,11 +6,14 @@ using its moving statistics), then only the head's weights are trained on them.
 Calling `dual.fit` directly would instead run the base with dropout on.
 """
 
+import warnings
+
 import numpy as np
 
 from dropvar_tf._keras import keras, tf
 from dropvar_tf import head_layers
 from dropvar_tf import heads
+from dropvar_tf import metrics
 from dropvar_tf import validation
 
 
@@ -72,12 +75,18 @@ def _check_targets(targets, n, units):
   if np.any(t < 0):
     raise validation.invalid("targets", "non-negative standard deviations",
                              f"array with minimum {t.min()}")
+  if t.size and not np.any(t > 0):
+    raise validation.invalid(
+        "targets", "some positive DPV (all are 0; likely causes: dropout "
+        "was not sampled (rate 0, or targets of another model), or the "
+        "predictions are saturated on these inputs, e.g. probabilities of "
+        "exactly 0 or 1 on inputs far from the training data)",
+        f"array of {t.size} zeros")
   return t
 
 
 # Estimates are capped at this multiple of the largest fitted target.
 _MAX_VALUE_FACTOR = 1.5
-
 
 def _reset_head_layers(layers, seed):
   """Re-initialises the head's layers, so refitting starts afresh."""
@@ -111,17 +120,25 @@ def _fold_standardisation(first, mean, std):
 def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                        validation_split=0.1, learning_rate=1e-3, seed=0,
                        num_samples=None, patience=10, calibrate=True,
-                       verbose=0):
+                       report_split=0.1, verbose=0):
   """Trains the head of `dual` on MC-dropout targets, base frozen.
 
   Fit on inputs the base model was NOT trained on (a held-out calibration
   split, unlabeled or perturbed inputs): on its own training inputs a model is
   overconfident and a head fitted there underestimates DPV on new data.
 
+  Self-assessment: a `report_split` part of the inputs is held out from both
+  training and calibration; the head's estimates there give a fit report
+  (`metrics.fit_report`: held-out Spearman, R^2, ratio of means and the
+  analytic `metrics.noise_bound` of targets with `num_samples`), stored
+  under "fit_report" in the head metadata (so exports carry it). When the
+  fit is far below the bound a `UserWarning` says why.
+
   Side effects: updates only the head's weights (with the feature
   standardisation folded into its first layer, and the output `eps`, `scale`
   and `max_value`) and its metadata; base weights and
   the dual model's compile state are unchanged. Deterministic for a `seed`.
+  May warn (see above).
 
   Args:
     dual: a dual model from `add_variation_head`.
@@ -140,6 +157,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     patience: early-stopping patience in epochs.
     calibrate: fit the output scale by least squares on the held-out part
       (on the training part when `validation_split` is 0).
+    report_split: fraction (0 <= f < 1) held out, chosen by `seed`, for the
+      fit report only; 0 stores no report.
     verbose: Keras verbosity.
 
   Returns:
@@ -149,7 +168,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     ValueError: `dual` has no head; `x` does not match the model's input
       spec, is empty or has NaN/Inf values (see `validation.check_inputs`);
       `targets` do not match `x` (length, shape), contain NaN/Inf or
-      negative values; or an argument is out of range.
+      negative values, or are all zero; or an argument is out of range.
   """
   out_layer = heads.variation_output_layer(dual)
   head = heads.variation_head(dual)
@@ -159,9 +178,10 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     num_samples = validation.check_int(num_samples, "num_samples", 2)
   epochs = validation.check_int(epochs, "epochs", 1)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
-  if not 0.0 <= validation_split < 1.0:
-    raise validation.invalid("validation_split", "a float in [0, 1)",
-                             validation_split)
+  for arg, value in (("validation_split", validation_split),
+                     ("report_split", report_split)):
+    if not 0.0 <= value < 1.0:
+      raise validation.invalid(arg, "a float in [0, 1)", value)
   units = out_layer.units
   _check_targets(targets, n, units)
   feats = head_features(dual, x)
@@ -170,11 +190,24 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   rng = np.random.default_rng(seed)
   order = rng.permutation(n)
   n_val = int(round(n * validation_split))
-  if validation_split and (n_val < 1 or n - n_val < 1):
+  n_report = int(round(n * report_split))
+  if report_split and n_report < 2:
+    raise validation.invalid("report_split",
+                             "a fraction holding out at least 2 examples",
+                             report_split)
+  if validation_split and (n_val < 1 or n - n_report - n_val < 1):
     raise validation.invalid("validation_split",
                              "a fraction leaving examples on both sides",
                              validation_split)
-  val_idx, train_idx = order[:n_val], order[n_val:]
+  if n - n_report - n_val < 1:
+    raise validation.invalid("report_split",
+                             "a fraction leaving examples to train on",
+                             report_split)
+  # Validation first, the report's part last: the validation split is the
+  # same whether a report is made or not.
+  val_idx = order[:n_val]
+  train_idx = order[n_val:n - n_report]
+  report_idx = order[n - n_report:]
 
   if out_layer.transform == head_layers.LOG:
     positive = t[t > 0]
@@ -233,7 +266,20 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     if denom > 0:
       out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
   out_layer.max_value.assign(_MAX_VALUE_FACTOR * float(t.max()) + 1e-12)
+  report = None
+  if n_report:
+    report = metrics.fit_report(
+        head.predict([f[report_idx] for f in feats], verbose=0,
+                     batch_size=1024), t[report_idx], num_samples)
+    if report["far_below_bound"]:
+      warnings.warn(
+          "The variation head fits its held-out calibration inputs far "
+          "below what targets of this noise allow: "
+          f"{'; '.join(report['far_below_bound'])}. Likely causes: too few "
+          "calibration inputs or epochs, a head too small, or targets of "
+          "too few samples.", stacklevel=2)
   out_layer.metadata.update({
+      "fit_report": report,
       "num_samples": None if num_samples is None else int(num_samples),
       "seed": int(seed),
       "num_train_examples": int(len(train_idx)),

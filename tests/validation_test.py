@@ -70,8 +70,8 @@ class CheckInputsTest(tf.test.TestCase):
     self._assert_error(_ERR_WIDTH, self.x[:, :5])
     self._assert_error(_ERR_RANK, self.x[:, 0])
     self._assert_error(_ERR_STRINGS, np.full((12, 6), "a"))
-    self._assert_error(
-        _ERR_DATASET, tf.data.Dataset.from_tensor_slices(self.x[:, :5]).batch(4))
+    narrow = tf.data.Dataset.from_tensor_slices(self.x[:, :5]).batch(4)
+    self._assert_error(_ERR_DATASET, narrow)
 
   def test_dict_inputs(self):
     model = tm.recommender()
