@@ -87,6 +87,9 @@ def _check_targets(targets, n, units):
 
 # Estimates are capped at this multiple of the largest fitted target.
 _MAX_VALUE_FACTOR = 1.5
+# A head with a prior corrects it within the central 99% of the log-space
+# corrections its training targets needed.
+CORRECTION_QUANTILE = 0.99
 
 def _reset_head_layers(layers, seed):
   """Re-initialises the head's layers, so refitting starts afresh."""
@@ -186,6 +189,12 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   _check_targets(targets, n, units)
   feats = head_features(dual, x)
   t = _check_targets(targets, len(feats[0]), units)
+  # With a prior, the head's last input is the prior: the layers learn only
+  # the log-space correction of it from the other inputs.
+  prior = None
+  mlp_feats = feats
+  if out_layer.prior_bound is not None:
+    prior, mlp_feats = feats[-1], feats[:-1]
   n = len(t)
   rng = np.random.default_rng(seed)
   order = rng.permutation(n)
@@ -216,10 +225,21 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     out_layer.eps.assign(eps)
   out_layer.scale.assign(1.0)
   out_layer.max_value.assign(np.finfo("float32").max)
-  raw = out_layer.to_raw(t).astype("float32")
+  if prior is not None:
+    # The head may correct its prior only as much as the training part of
+    # the calibration targets needed (central CORRECTION_QUANTILE of them).
+    bound = out_layer.prior_bound
+    out_layer.correction_low.assign(-bound)
+    out_layer.correction_high.assign(bound)
+    needed = out_layer.to_raw(t[train_idx], prior[train_idx])
+    low, high = np.quantile(needed, [(1 - CORRECTION_QUANTILE) / 2,
+                                     (1 + CORRECTION_QUANTILE) / 2])
+    out_layer.correction_low.assign(float(low))
+    out_layer.correction_high.assign(float(high))
+  raw = out_layer.to_raw(t, prior).astype("float32")
   if units == 1:
     raw = raw[:, None]
-  features = np.concatenate(feats, axis=1)
+  features = np.concatenate(mlp_feats, axis=1)
   mean = features[train_idx].mean(axis=0)
   std = features[train_idx].std(axis=0)
   std = np.where(std > 1e-6, std, 1.0)
@@ -240,7 +260,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   # features and transformed targets, then fold the standardisation in.
   trainer_in = keras.Input((features.shape[1],), name="standardised_features")
   # The first layer takes the head's inputs as a list: split them back.
-  cuts = [int(i) for i in np.cumsum([f.shape[1] for f in feats])[:-1]]
+  cuts = [int(i) for i in np.cumsum([f.shape[1] for f in mlp_feats])[:-1]]
   z = keras.ops.split(trainer_in, cuts, axis=-1) if cuts else [trainer_in]
   for layer in trainable:
     z = layer(z)
@@ -286,6 +306,9 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
       "output_eps": float(out_layer.eps.numpy()),
       "output_scale": float(out_layer.scale.numpy()),
       "output_max_value": float(out_layer.max_value.numpy()),
+      "prior_correction": None if prior is None else [
+          float(out_layer.correction_low.numpy()),
+          float(out_layer.correction_high.numpy())],
   })
   return history
 

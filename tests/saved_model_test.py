@@ -142,12 +142,8 @@ class ExportSavedModelTest(tf.test.TestCase):
 
   def test_dropout_is_off_in_served_graph(self):
     dual = make_dual("float", rate=0.5)
-    path = saved_model.export_saved_model(dual, self.base)
-    # The fitted head's self-assessment travels with the export.
-    self.assertEqual(saved_model.read_export_metadata(path)["fit_report"],
-                     heads.variation_head_metadata(dual)["fit_report"])
-    serve = tf.saved_model.load(path).signatures[
-        contract.SERVING_SIGNATURE]
+    serve = tf.saved_model.load(saved_model.export_saved_model(
+        dual, self.base)).signatures[contract.SERVING_SIGNATURE]
     x = tf.constant(float_examples(16))
     first, second = serve(features=x), serve(features=x)
     for key in contract.OUTPUT_KEYS:
@@ -364,8 +360,12 @@ class ExportSavedModelTest(tf.test.TestCase):
     training.fit_variation_head(
         dual, fit_x, targets.mc_dropout_targets(base, fit_x, num_samples=8),
         epochs=2, num_samples=8)
-    serve = tf.saved_model.load(saved_model.export_saved_model(
-        dual, self.base)).signatures[contract.SERVING_SIGNATURE]
+    path = saved_model.export_saved_model(dual, self.base)
+    # The fitted head's self-assessment travels with the export.
+    self.assertEqual(saved_model.read_export_metadata(path)["fit_report"],
+                     heads.variation_head_metadata(dual)["fit_report"])
+    serve = tf.saved_model.load(path).signatures[
+        contract.SERVING_SIGNATURE]
     extremes = np.array([[1e19] * 4, [1e38] * 4, [-1e38] * 4,
                          [1e38, -1e38, 3e38, -3e38]], "float32")
     for label, got in [("dual", dual.predict(extremes, verbose=0)),

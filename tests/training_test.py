@@ -450,6 +450,36 @@ class FitReportTest(tf.test.TestCase):
     self.assertEqual(meta["num_train_examples"], 36)
 
 
+class PriorTest(tf.test.TestCase):
+
+  def test_correction_bounds_are_the_needed_range(self):
+    model = tm.mlp_softmax()
+    x = tm.sample_inputs("softmax", 200)
+    t = targets.mc_dropout_targets(model, x, num_samples=8)
+    dual = heads.add_variation_head(model, prior="moments", **_SMALL_HEAD)
+    training.fit_variation_head(dual, x, t, epochs=2, seed=1, num_samples=8)
+    output = heads.variation_output_layer(dual)
+    low, high = heads.variation_head_metadata(dual)["prior_correction"]
+    self.assertEqual(low, float(output.correction_low.numpy()))
+    self.assertEqual(high, float(output.correction_high.numpy()))
+    self.assertLessEqual(high, output.prior_bound)
+    self.assertGreaterEqual(low, -output.prior_bound)
+    # However far off the inputs, the estimate stays within the bounds of
+    # the prior (times the calibrated scale).
+    far = 1e3 * x[:20]
+    feats = training.head_features(dual, far)
+    prior = feats[-1][:, 0].astype("float64")
+    eps = float(output.eps.numpy())
+    scale = float(output.scale.numpy())
+    v = _eager(dual, far)["variation"].astype("float64")
+    ceiling = scale * (prior + eps) * np.exp(high)
+    floor = scale * np.maximum((prior + eps) * np.exp(low) - eps,
+                               output.MIN_SHARE * (prior + eps) * np.exp(low))
+    self.assertTrue(np.all(v <= ceiling * (1 + 1e-5)), (v, ceiling))
+    self.assertTrue(np.all(v >= floor * (1 - 1e-5)), (v, floor))
+    self.assertTrue(np.all(v > 0))
+
+
 class ExtremeInputsTest(tf.test.TestCase):
 
   def test_variation_is_finite_and_non_negative_at_extremes(self):

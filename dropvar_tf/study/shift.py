@@ -1,8 +1,10 @@
 """Off the calibration distribution: estimates on shifted inputs.
 
-`run_shift_study` fits the library's default head on each task's calibration
-inputs (as the fidelity study does), then scores it, moment propagation and
-the prediction-only closed form on inputs the head was never fitted on:
+`run_shift_study` fits the library's default head (with its analytic prior,
+`add_variation_head(prior="auto")`) and the same head without a prior on
+each task's calibration inputs (as the fidelity study does), then scores
+them, moment propagation and the prediction-only closed form on inputs no
+head was fitted on:
 
 - digits: the test images as trained (pixels / 16), scaled x2 and x4,
   unscaled (0..16), uniform noise, the images plus Gaussian noise of std 0.3,
@@ -50,6 +52,7 @@ MIN_POOLED_SPEARMAN = 0.85
 ZERO_DPV = 1e-3
 
 HEAD = "variation head"
+HEAD_WITHOUT_PRIOR = "head without prior"
 MOMENTS = "moment propagation"
 PREDICTION = "prediction only"
 IN_DISTRIBUTION = "as trained"
@@ -120,15 +123,15 @@ def criteo_shifts(x, x_train, num_buckets, seed=0):
   }
 
 
-def _estimators(kind, model, dual):
+def _estimators(kind, model, duals):
   """name -> function(x) -> one estimate per example (or None)."""
   try:
     moment_net = moments.moment_model(model)
   except ValueError:
     moment_net = None
 
-  def head(x):
-    return dual.predict(x, batch_size=1024, verbose=0)[
+  def head(dual):
+    return lambda x: dual.predict(x, batch_size=1024, verbose=0)[
         contract.VARIATION_KEY]
 
   def moment(x):
@@ -136,9 +139,11 @@ def _estimators(kind, model, dual):
       return None
     return moment_net.predict(x, batch_size=1024, verbose=0)
 
-  return {HEAD: head, MOMENTS: moment,
-          PREDICTION: lambda x: estimators.closed_form_estimate(kind, model,
-                                                                x)}
+  fns = {name: head(dual) for name, dual in duals.items()}
+  fns.update({MOMENTS: moment,
+              PREDICTION: lambda x: estimators.closed_form_estimate(
+                  kind, model, x)})
+  return fns
 
 
 def _spearman(estimate, target):
@@ -148,13 +153,13 @@ def _spearman(estimate, target):
   return float(stats.spearmanr(estimate, target)[0])
 
 
-def score_shifts(kind, model, dual, shifts, num_samples, seed):
+def score_shifts(kind, model, duals, shifts, num_samples, seed):
   """Scores each estimator on each shift against MC-dropout DPV.
 
   Args:
     kind: the task kind (for the prediction-only closed form).
     model: the base model.
-    dual: its dual model with a fitted head.
+    duals: dict estimator name -> a dual model of `model`, head fitted.
     shifts: dict name -> inputs.
     num_samples: T of the MC targets.
     seed: seed of the MC masks.
@@ -166,7 +171,7 @@ def score_shifts(kind, model, dual, shifts, num_samples, seed):
   """
   rows = []
   pooled = {}
-  fns = _estimators(kind, model, dual)
+  fns = _estimators(kind, model, duals)
   for shift, x in shifts.items():
     mc = np.asarray(targets_lib.mc_dropout_targets(
         model, x, num_samples=num_samples, seed=seed, progress=False),
@@ -208,13 +213,17 @@ def shift_checks(rows, pooled, estimator=HEAD):
   ]
 
 
-def fit_default_head(task, model, split, rate, config, log=print):
-  """The library's default head fitted on the task's calibration inputs."""
+def fit_default_head(task, model, split, rate, config, log=print,
+                     **head_kwargs):
+  """The library's default head fitted on the task's calibration inputs.
+
+  `head_kwargs` go to `add_variation_head` (e.g. `prior=None`).
+  """
   fit_x = tasks.calibration_inputs(split, config)
   t = cache.mc_targets(task, model, fit_x, split, rate, config, log)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    dual = heads.add_variation_head(model, seed=config.seed)
+    dual = heads.add_variation_head(model, seed=config.seed, **head_kwargs)
     training.fit_variation_head(
         dual, fit_x, t["fit"], epochs=config.head_epochs,
         batch_size=config.head_batch_size, seed=config.seed,
@@ -232,7 +241,8 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
     log: a print-like function for progress lines.
 
   Returns:
-    dict with "tasks" (task -> rows, pooled, checks, fit_report) and
+    dict with "tasks" (task -> data, rows, pooled, checks, head metadata,
+    seconds) and
     "paths".
 
   Side effects: reads and writes the study cache; writes the report.
@@ -244,7 +254,9 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
     split, _, data_full = tasks.load_task(task, config)
     log(f"shift study, {task}: {data_full}")
     model, _ = cache.trained_base_model(task, split, rate, config, log)
-    dual = fit_default_head(task, model, split, rate, config, log)
+    duals = {HEAD: fit_default_head(task, model, split, rate, config, log),
+             HEAD_WITHOUT_PRIOR: fit_default_head(task, model, split, rate,
+                                                  config, log, prior=None)}
     n = min(NUM_ROWS, len(split.y_test))
     x = tasks.common.take(split.x_test, np.arange(n))
     if task == DIGITS:
@@ -252,12 +264,12 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
     else:
       shifts = criteo_shifts(x, split.x_train, split.info["num_buckets"],
                              config.seed)
-    rows, pooled = score_shifts(split.info["kind"], model, dual, shifts,
+    rows, pooled = score_shifts(split.info["kind"], model, duals, shifts,
                                 config.num_samples, config.seed + 3)
     results[task] = {
         "data": data_full, "rows": rows, "pooled": pooled,
         "checks": shift_checks(rows, pooled),
-        "fit_report": heads.variation_head_metadata(dual)["fit_report"],
+        "head": heads.variation_head_metadata(duals[HEAD]),
         "seconds": time.time() - t0,
     }
     log(f"  pooled Spearman: {pooled}")
@@ -274,25 +286,20 @@ def _fmt(value, digits=3):
 
 
 def shift_table(rows, estimator_names):
-  """Markdown: one line per shift, mean/ratio/Spearman/zeros per estimator."""
+  """Markdown: one line per shift, ratio / Spearman / zeros per estimator."""
   shifts = list(dict.fromkeys(r["shift"] for r in rows))
   by = {(r["shift"], r["estimator"]): r for r in rows}
-  header = ["inputs", "MC mean"]
-  for name in estimator_names:
-    header += [f"{name}: mean", "ratio", "Spearman", "zeros"]
+  header = ["inputs", "MC mean"] + list(estimator_names)
   lines = ["| " + " | ".join(header) + " |",
            "|---|" + "---:|" * (len(header) - 1)]
   for shift in shifts:
-    cells = [shift]
     mc = next(r["mc_mean"] for r in rows if r["shift"] == shift)
-    cells.append(_fmt(mc, 4))
+    cells = [shift, _fmt(mc, 4)]
     for name in estimator_names:
       r = by.get((shift, name))
-      if r is None:
-        cells += ["unsupported", "", "", ""]
-        continue
-      cells += [_fmt(r["estimate_mean"], 4), _fmt(r["ratio"], 2),
-                _fmt(r["spearman"]), f"{100 * r['zero_share']:.0f}%"]
+      cells.append("unsupported" if r is None else
+                   f"{_fmt(r['ratio'], 2)} / {_fmt(r['spearman'])} / "
+                   f"{100 * r['zero_share']:.0f}%")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -340,21 +347,28 @@ def write_shift_report(results, config, output_dir):
       "Generated by `python -m dropvar_tf.study.cli --shift --tasks="
       f"{','.join(results)} --output_dir=docs` ({config.label} mode) on a "
       "shared 2-core CPU machine. Each task's base model (dropout 0.3) and "
-      "its default head (`add_variation_head(model)` fitted on "
-      f"{config.num_perturbed} perturbed training inputs labelled with MC "
-      f"DPV of T = {config.num_samples}) come from the fidelity study's "
-      f"cache. Every row has the first {NUM_ROWS} test rows, shifted; MC "
-      f"DPV of T = {config.num_samples} (seed + 3) on exactly those inputs "
-      "is the reference. None of the shifts was in the head's calibration "
-      "set. `ratio` is mean estimate / mean MC DPV; `zeros` the share of "
-      f"exact-0 estimates where MC DPV >= {ZERO_DPV}. \"prediction only\" "
-      "is 1 - max prob (classes) or p(1 - p) (binary): a score, not a DPV, "
-      "so its ratio says little; its Spearman is the baseline.",
+      "calibration targets come from the fidelity study's stage cache; on "
+      f"them ({config.num_perturbed} perturbed training inputs labelled with "
+      f"MC DPV of T = {config.num_samples}) two heads are fitted: the "
+      "default (`add_variation_head(model)`, prior \"auto\") and the same "
+      "with `prior=None` (the default before issue 12). Every row has the "
+      f"first {NUM_ROWS} test rows, shifted; MC DPV of T = "
+      f"{config.num_samples} (seed + 3) on exactly those inputs is the "
+      "reference. No shift was among any head's calibration inputs. Each "
+      "cell is `ratio / Spearman / zeros`: mean estimate / mean MC DPV, "
+      "Spearman correlation with MC DPV, and the share of exact-0 estimates "
+      f"where MC DPV >= {ZERO_DPV}. \"prediction only\" is 1 - max prob "
+      "(classes) or p(1 - p) (binary): a score, not a DPV, so its ratio "
+      "says little; its Spearman is the baseline.",
       "",
   ]
   for task, res in results.items():
     names = list(dict.fromkeys(r["estimator"] for r in res["rows"]))
-    lines += [f"## {task}", "", res["data"] + ".", "",
+    missing = "" if MOMENTS in names else (
+        f" {MOMENTS.capitalize()} does not support this model (see "
+        "`moments.moment_model`): the head's prior is the output-delta "
+        "feature.")
+    lines += [f"## {task}", "", res["data"] + "." + missing, "",
               shift_table(res["rows"], names), "",
               "Pooled Spearman over all rows: " + ", ".join(
                   f"{n} {_fmt(v)}" for n, v in res["pooled"].items()) + ".",
@@ -362,11 +376,16 @@ def write_shift_report(results, config, output_dir):
               "| goal | value | met |", "|---|---|---|"]
     lines += [f"| {g} | {_fmt(v)} | {'yes' if ok else 'NO'} |"
               for g, v, ok in res["checks"]]
-    report = res["fit_report"] or {}
-    lines += ["", "The head's own fit report (held-out calibration inputs): "
-              f"Spearman {_fmt(report.get('spearman'))}, R^2 "
-              f"{_fmt(report.get('r2'))}, ratio of means "
-              f"{_fmt(report.get('mean_ratio'))}.", ""]
+    head = res["head"]
+    report = head.get("fit_report") or {}
+    bound = report.get("noise_bound") or {}
+    lines += ["", f"The variation head: prior \"{head.get('prior')}\", "
+              "log-space correction within "
+              f"{[round(v, 3) for v in head.get('prior_correction') or []]}. "
+              "Its own fit report (held-out calibration inputs): Spearman "
+              f"{_fmt(report.get('spearman'))}, R^2 {_fmt(report.get('r2'))}, "
+              f"ratio of means {_fmt(report.get('mean_ratio'))}; noise bound "
+              f"R^2 {_fmt(bound.get('r2'))}.", ""]
   lines += ["![ratio of means per shift](shift.png)", ""]
   paths["report"] = os.path.join(output_dir, "shift.md")
   with open(paths["report"], "w") as f:
