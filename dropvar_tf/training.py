@@ -346,12 +346,16 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
 
   Raises:
     ValueError: as `add_variation_head`, `mc_dropout_targets` and
-      `fit_variation_head` do.
+      `fit_variation_head` do; `x` is checked against `model`'s input spec
+      (`validation.check_inputs`) before it is perturbed.
   """
   # pylint: disable=import-outside-toplevel
   from dropvar_tf import augment
   from dropvar_tf import targets as targets_lib
   num_perturbed = validation.check_int(num_perturbed, "num_perturbed", 0)
+  # Checked before perturbing: a NaN row would spread to its perturbed
+  # copies and be counted there.
+  validation.check_inputs(validation.check_model(model), x)
   dual = heads.add_variation_head(model, seed=seed, **head_kwargs)
   statistic = heads.variation_head_metadata(dual)["statistic"]
   fit_x = x
