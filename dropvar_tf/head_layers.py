@@ -274,8 +274,9 @@ class VariationOutput(keras.layers.Layer):
   bounds are non-trainable weights that `fit_variation_head` sets to the
   range of corrections its calibration targets needed, within
   [-prior_bound, prior_bound]. However far from its calibration data an
-  input lies, the estimate then stays within the corrections seen there. Where `exp(...) - eps` would be 0 or less, the estimate is
-  `MIN_SHARE * exp(...)` instead of 0: a tiny variation, never an exact 0.
+  input lies, the estimate then stays within the corrections seen there.
+  Where `exp(...) - eps` would be 0 or less, the estimate is `MIN_SHARE *
+  exp(...)` instead of 0: a tiny variation, never an exact 0.
 
   Args:
     units: number of estimated statistics (1 gives output shape (batch,)).
