@@ -21,6 +21,14 @@ from dropvar_tf import validation
 
 _ops = keras.ops
 
+# `HeadInputDense` clips its inputs to [-FEATURE_BOUND, FEATURE_BOUND]. No
+# feature comes near it on inputs a model was trained for, so those outputs
+# are unchanged; on extreme inputs (activations of 1e19 and more, whose sums
+# of squares overflow float32 to inf) it keeps the head's sums finite: a
+# kernel entry would need to exceed 1e18 for one product to overflow, where
+# inf * w - inf * w' gave NaN.
+FEATURE_BOUND = 1e18
+
 # Output transforms of `VariationOutput`.
 LOG = "log"
 IDENTITY = "identity"
@@ -114,7 +122,9 @@ class HeadInputDense(keras.layers.Layer):
   `split_width` wide gets its own kernel block and matmul, the narrow ones
   are concatenated (cheap) and share one block, and the partial products are
   summed. On CPU this saves copying every tapped activation into one buffer
-  on each request (`bench/dual_bench.py` measures the head's cost).
+  on each request (`bench/dual_bench.py` measures the head's cost). Inputs
+  are clipped to +-`FEATURE_BOUND` first, so features that overflowed to inf
+  on extreme inputs give finite sums.
 
   Input: a list of (batch, d_i) tensors. Output: (batch, units).
 
@@ -186,7 +196,9 @@ class HeadInputDense(keras.layers.Layer):
     for block, kernel in zip(self._blocks, self.kernels):
       parts = [inputs[i] for i in block]
       x = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
-      products.append(tf.matmul(tf.cast(x, kernel.dtype), kernel))
+      x = tf.clip_by_value(tf.cast(x, kernel.dtype), -FEATURE_BOUND,
+                           FEATURE_BOUND)
+      products.append(tf.matmul(x, kernel))
     # One AddN op however many blocks.
     out = products[0] if len(products) == 1 else tf.add_n(products)
     out = tf.nn.bias_add(out, self.bias)
@@ -248,9 +260,23 @@ class VariationOutput(keras.layers.Layer):
 
   With `transform="log"` the head is trained on `log(dpv + eps)` and this
   layer returns `min(scale * max(exp(z) - eps, 0), max_value)`; with
-  "identity", `min(scale * max(z, 0), max_value)`. `eps`, `scale` and
+  "identity", `min(scale * max(z, 0), max_value)`; a NaN (features of an
+  input whose own activations are NaN or Inf, as extreme inputs make them)
+  becomes `max_value`: no estimate is finer than "as uncertain as the head
+  can say". `eps`, `scale` and
   `max_value` are non-trainable weights set by `fit_variation_head` (so they
   are saved with the model and never baked into a traced graph).
+
+  With a prior (`prior_bound` set; log transform only) the layer takes
+  `[z, prior]`, `prior` an analytic DPV estimate (batch, units) or (batch,),
+  and the head's `z` only corrects it in log space: `exp(log(prior + eps) +
+  clip(z, correction_low, correction_high))` replaces `exp(z)` above. The
+  bounds are non-trainable weights that `fit_variation_head` sets to the
+  range of corrections its calibration targets needed, within
+  [-prior_bound, prior_bound]. However far from its calibration data an
+  input lies, the estimate then stays within the corrections seen there.
+  Where `exp(...) - eps` would be 0 or less, the estimate is `MIN_SHARE *
+  exp(...)` instead of 0: a tiny variation, never an exact 0.
 
   Args:
     units: number of estimated statistics (1 gives output shape (batch,)).
@@ -258,17 +284,33 @@ class VariationOutput(keras.layers.Layer):
     metadata: JSON-able dict describing what the head estimates; kept in the
       config so it survives saving (see `heads.variation_head_metadata`).
       Its "dropvar_tf_version" must be at least `HEAD_FORMAT_VERSION`.
+    prior_bound: None (no prior), or the bound (> 0) of the log-space
+      correction of a prior.
     **kwargs: passed to `keras.layers.Layer`.
 
   Raises:
-    ValueError: unknown `transform`, `units` < 1, or metadata of a head
-      made by a version that computed other features (or not a version).
+    ValueError: unknown `transform`, `units` < 1, a `prior_bound` that is not
+      a positive number or comes with the identity transform, or metadata of
+      a head made by a version that computed other features (or not a
+      version).
   """
 
-  def __init__(self, units=1, transform=LOG, metadata=None, **kwargs):
+  # With a prior, the share of exp(...) kept where exp(...) - eps <= 0.
+  MIN_SHARE = 0.01
+
+  def __init__(self, units=1, transform=LOG, metadata=None, prior_bound=None,
+               **kwargs):
     super().__init__(**kwargs)
     if transform not in TRANSFORMS:
       raise validation.invalid("transform", f"one of {TRANSFORMS}", transform)
+    if prior_bound is not None and (
+        isinstance(prior_bound, bool) or
+        not isinstance(prior_bound, (int, float)) or not prior_bound > 0 or
+        transform != LOG):
+      raise validation.invalid(
+          "prior_bound", "None or a number > 0 (with transform='log')",
+          prior_bound)
+    self.prior_bound = None if prior_bound is None else float(prior_bound)
     self.units = validation.check_int(units, "units", 1)
     self.transform = transform
     self.metadata = dict(metadata or {})
@@ -282,35 +324,74 @@ class VariationOutput(keras.layers.Layer):
     self.max_value = self.add_weight(
         name="max_value", shape=(), trainable=False,
         initializer=keras.initializers.Constant(3.4e38))
+    if self.prior_bound is not None:
+      self.correction_low = self.add_weight(
+          name="correction_low", shape=(), trainable=False,
+          initializer=keras.initializers.Constant(-self.prior_bound))
+      self.correction_high = self.add_weight(
+          name="correction_high", shape=(), trainable=False,
+          initializer=keras.initializers.Constant(self.prior_bound))
 
   def call(self, inputs):
-    z = inputs
-    if z.dtype != "float32":
-      z = _ops.cast(z, "float32")
-    if self.transform == LOG:
-      # exp may overflow to inf: the cap below turns it into max_value.
-      v = _ops.exp(z) - self.eps
+    if self.prior_bound is not None:
+      z, prior = inputs
+      prior = _ops.cast(prior, "float32")
+      if len(prior.shape) == 1:
+        prior = _ops.expand_dims(prior, -1)
+      # A prior overflowed to inf is capped; a NaN one stays NaN, so that
+      # the estimate becomes max_value below.
+      # Weights are read in float32 (a float16 policy autocasts them).
+      eps, low, high, cap = (_ops.cast(w, "float32") for w in (
+          self.eps, self.correction_low, self.correction_high,
+          self.max_value))
+      prior = _ops.minimum(_ops.relu(prior), cap)
+      z = _ops.log(prior + eps) + _ops.minimum(
+          _ops.maximum(_ops.cast(z, "float32"), low), high)
+      e = _ops.exp(z)
+      v = _ops.maximum(e - eps, self.MIN_SHARE * e)
     else:
-      v = z
-    v = _ops.minimum(self.scale * _ops.relu(v), self.max_value)
+      z = inputs
+      if z.dtype != "float32":
+        z = _ops.cast(z, "float32")
+      # exp may overflow to inf: the cap below turns it into max_value.
+      v = _ops.exp(z) - self.eps if self.transform == LOG else z
+    v = self.scale * _ops.relu(v)
+    cap = _ops.cast(self.max_value, v.dtype)  # autocast under float16
+    v = tf.where(tf.math.is_nan(v), cap, _ops.minimum(v, cap))
     if self.units == 1:
       v = _ops.squeeze(v, axis=-1)
     return v
 
   def compute_output_shape(self, input_shape):
+    if self.prior_bound is not None:
+      input_shape = input_shape[0]
     if self.units == 1:
       return tuple(input_shape[:-1])
     return tuple(input_shape)
 
-  def to_raw(self, variation):
-    """Numpy inverse of the output transform, for building training targets."""
+  def to_raw(self, variation, prior=None):
+    """Numpy inverse of the output transform, for building training targets.
+
+    Args:
+      variation: target estimates, (N,) or (N, units).
+      prior: with a prior, its values for the same examples, shaped like
+        `variation` (or (N, 1) for (N,)); the raw value is then the clipped
+        log-space correction.
+    """
     v = np.asarray(variation, "float64") / float(self.scale.numpy())
-    if self.transform == LOG:
-      return np.log(v + float(self.eps.numpy()))
-    return v
+    if self.transform != LOG:
+      return v
+    eps = float(self.eps.numpy())
+    if self.prior_bound is None:
+      return np.log(v + eps)
+    p = np.maximum(np.asarray(prior, "float64").reshape(v.shape), 0.0)
+    return np.clip(np.log(v + eps) - np.log(p + eps),
+                   float(self.correction_low.numpy()),
+                   float(self.correction_high.numpy()))
 
   def get_config(self):
     config = super().get_config()
     config.update({"units": self.units, "transform": self.transform,
-                   "metadata": self.metadata})
+                   "metadata": self.metadata,
+                   "prior_bound": self.prior_bound})
     return config

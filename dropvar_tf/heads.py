@@ -31,6 +31,16 @@ _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU,
                       keras.layers.PReLU)
 _SKIPPED = (keras.layers.InputLayer, keras.layers.Dropout)
 
+# Analytic DPV estimates a head can correct instead of replacing
+# (`add_variation_head(prior=...)`).
+PRIOR_AUTO = "auto"
+PRIOR_DELTA = "delta"
+PRIOR_MOMENTS = "moments"
+PRIORS = (None, PRIOR_AUTO, PRIOR_DELTA, PRIOR_MOMENTS)
+# A head corrects its prior by at most this much in log space (a factor
+# e**2, about 7.4, either way).
+DEFAULT_PRIOR_BOUND = 2.0
+
 
 def _check_layers_arg(layers):
   if isinstance(layers, str):
@@ -164,9 +174,9 @@ def _statistic_units(statistic, units):
 
 
 def _output_delta(model, include_delta, statistic, units):
-  """Returns an `OutputDropoutDelta` feature tensor, or None."""
+  """Returns (log feature, DPV) tensors of `OutputDropoutDelta`, or Nones."""
   if not include_delta:
-    return None
+    return None, None
   out = model.outputs[0]
   layer = keras_graph.source_layer(out)
   nodes = keras_graph.graph_nodes(model)
@@ -184,7 +194,7 @@ def _output_delta(model, include_delta, statistic, units):
       why = f"the input of {layer.name!r} does not come from a plain Dropout"
   if why:
     if include_delta == "auto":
-      return None
+      return None, None
     raise validation.invalid("include_delta", "a model whose output is a "
                              "Dense layer right after a Dropout layer", why)
   h = nodes[id(dropout)][0][0][0]
@@ -195,19 +205,25 @@ def _output_delta(model, include_delta, statistic, units):
   value = delta([h, out])
   delta.kernel.assign(layer.kernel.numpy())
   return head_layers.LogFeature(nonnegative=True, dtype="float32",
-                                name=DELTA_NAME + "_log")(value)
+                                name=DELTA_NAME + "_log")(value), value
 
 
-def _moment_features(model, include_moments, statistic):
-  """Returns a moment-propagation model, or None (with a warning on "auto")."""
+def _moment_features(model, include_moments, statistic, quiet=False):
+  """Returns a moment-propagation model, or None (with a warning on "auto").
+
+  With `quiet`, an unsupported model gives None without a warning.
+  """
   if not include_moments:
     return None
   try:
     from dropvar_tf import moments  # pylint: disable=import-outside-toplevel
     return moments.moment_model(model, statistic=statistic)
-  except (ImportError, ValueError) as e:
+  # TypeError: a layer whose moments Keras cannot shape (variable lengths).
+  except (ImportError, ValueError, TypeError) as e:
     if include_moments == "auto":
-      warnings.warn(f"Moment-propagation features skipped: {e}")
+      if not quiet:
+        warnings.warn(f"Moment-propagation features skipped: {e}",
+                      stacklevel=2)
       return None
     raise
 
@@ -216,7 +232,8 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                        hidden_units=(16, 64), statistic=contract.STAT_AUTO,
                        include_prediction=True, include_delta="auto",
                        include_moments=False, transform=head_layers.LOG,
-                       l2=1e-4, head_dropout=0.0, seed=0, name=None):
+                       l2=1e-4, head_dropout=0.0, seed=0, name=None,
+                       prior=PRIOR_AUTO, prior_bound=DEFAULT_PRIOR_BOUND):
   """Returns a dual model with outputs {"prediction", "variation"}.
 
   Like `tfmot.quantization.keras.quantize_model`, it takes an existing model
@@ -259,6 +276,19 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
     head_dropout: dropout rate inside the head (off at inference).
     seed: seed of the head's initializers.
     name: name of the dual model (default "<model.name>_dual").
+    prior: "auto" (default), "moments", "delta" or None: an analytic DPV
+      estimate that the head only corrects, in log space within the range
+      of corrections its calibration targets needed (see
+      `head_layers.VariationOutput`), so that off its calibration data the
+      estimate degrades to the prior's instead of extrapolating.
+      "moments" (moment propagation, `dropvar_tf.moments`) kept its ratio
+      to MC DPV within [0.5, 2] on every shift `docs/shift.md` measures; it
+      adds its feature as `include_moments=True` does, and its cost.
+      "delta" (the output-delta feature, `include_delta`) costs one small
+      matmul but fails where the output saturates. "auto": "moments" when
+      the model supports it, else "delta" when the model ends in Dropout ->
+      Dense, else None. None: the head alone, as before.
+    prior_bound: the largest log-space correction of a prior either way.
 
   Returns:
     A `keras.Model` with the inputs of `model` and dict outputs
@@ -295,6 +325,8 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   probabilities = keras_graph.output_is_probabilities(model)
   statistic = validation.resolve_statistic(statistic, units, probabilities)
   taps = _resolve_taps(model, layers)
+  if prior not in PRIORS:
+    raise validation.invalid("prior", f"one of {PRIORS}", prior)
 
   prediction = model.outputs[0]
   head_inputs = []
@@ -311,14 +343,32 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                                        dtype="float32",
                                        name=PREDICTION_FEATURES_NAME)(
                                            prediction))
-  delta = _output_delta(model, include_delta, statistic, units)
+  auto = prior == PRIOR_AUTO
+  want_moments = include_moments
+  if prior == PRIOR_MOMENTS:
+    want_moments = True
+  elif auto and include_moments is not True:
+    want_moments = "auto"
+  moment_net = _moment_features(model, want_moments, statistic,
+                                quiet=auto and include_moments != "auto")
+  if auto:
+    prior = PRIOR_MOMENTS if moment_net is not None else PRIOR_DELTA
+  want_delta = include_delta
+  if prior == PRIOR_DELTA:
+    want_delta = True if not auto or include_delta is True else "auto"
+  delta, delta_value = _output_delta(model, want_delta, statistic, units)
+  if prior == PRIOR_DELTA and delta is None:
+    prior = None  # "auto" on a model that has neither
   if delta is not None:
     head_inputs.append(delta)
-  moment_net = _moment_features(model, include_moments, statistic)
+  moment_value = None
   if moment_net is not None:
+    moment_value = moment_net(keras_graph.model_input(model))
     head_inputs.append(
         head_layers.LogFeature(dtype="float32", name=MOMENTS_NAME)(
-            moment_net(keras_graph.model_input(model))))
+            moment_value))
+  prior_value = {PRIOR_DELTA: delta_value,
+                 PRIOR_MOMENTS: moment_value}.get(prior)
 
   metadata = {
       "dropvar_tf_version": __version__,
@@ -333,10 +383,14 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       "include_moments": moment_net is not None,
       "transform": transform,
       "base_model": model.name,
+      "prior": prior,
+      "prior_bound": None if prior is None else float(prior_bound),
   }
   head = _build_head(head_inputs, hidden_units,
                      _statistic_units(statistic, units), transform, l2,
-                     head_dropout, seed, metadata)
+                     head_dropout, seed, metadata, prior_value, prior_bound)
+  if prior_value is not None:
+    head_inputs = head_inputs + [prior_value]
   variation = head(head_inputs)
   return keras.Model(
       inputs=keras_graph.model_input(model),
@@ -346,10 +400,15 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
 
 
 def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
-                head_dropout, seed, metadata):
+                head_dropout, seed, metadata, prior=None, prior_bound=None):
+  """The head model: inputs the features, then the prior if there is one."""
   inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype,
                         name=f"head_in_{i}")
             for i, t in enumerate(feature_tensors)]
+  prior_input = None
+  if prior is not None:
+    prior_input = keras.Input(shape=prior.shape[1:], dtype=prior.dtype,
+                              name="head_prior")
   # No Normalization layer: `fit_variation_head` trains on standardised
   # features and folds the standardisation into the first layer, which
   # saves its element-wise ops on every served request.
@@ -374,10 +433,15 @@ def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
         out_units, kernel_regularizer=reg,
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 100),
         name="head_out")(x)
-  v = head_layers.VariationOutput(out_units, transform=transform,
-                                 metadata=metadata,
-                                 name="variation_output")(x)
-  return keras.Model(inputs, v, name=contract.HEAD_NAME)
+  if prior_input is None:
+    v = head_layers.VariationOutput(out_units, transform=transform,
+                                    metadata=metadata,
+                                    name="variation_output")(x)
+    return keras.Model(inputs, v, name=contract.HEAD_NAME)
+  v = head_layers.VariationOutput(
+      out_units, transform=transform, metadata=metadata,
+      prior_bound=float(prior_bound), name="variation_output")([x, prior_input])
+  return keras.Model(inputs + [prior_input], v, name=contract.HEAD_NAME)
 
 
 def variation_head(dual):
@@ -404,8 +468,11 @@ def variation_head_metadata(dual):
 
   Keys: dropvar_tf_version, statistic, num_samples (of the MC targets it was
   fitted on; None before fitting), dropout_rates, layers, features,
-  include_prediction, include_moments, transform, base_model, and after
-  fitting seed and num_train_examples.
+  include_prediction, include_moments, transform, base_model, prior,
+  prior_bound, and after
+  fitting seed, num_train_examples and fit_report (the held-out
+  self-assessment of `training.fit_variation_head`, see
+  `metrics.fit_report`; None when fitted with `report_split=0`).
   """
   return dict(variation_output_layer(dual).metadata)
 

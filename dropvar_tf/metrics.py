@@ -2,6 +2,8 @@
 
 * `fidelity`, `decile_auc`, `decile_table`: how well a one-pass variation
   estimate matches MC-dropout DPV targets.
+* `fit_report`, `noise_bound`: a fitted head's self-assessment on held-out
+  calibration inputs, next to the best that targets of T samples allow.
 * `mc_convergence`, `noise_ceiling`: how reliable the MC targets are at a
   given number of samples (`targets.split_half_targets`,
   `targets.mc_dropout_targets`), hence the best agreement any estimate can
@@ -223,3 +225,101 @@ def noise_ceiling(model, x, num_samples=100, seeds=(0, 1), **kwargs):
     raise validation.invalid("seeds", "two different integer seeds", seeds)
   return tuple(targets.mc_dropout_targets(model, x, num_samples=num_samples,
                                           seed=s, **kwargs) for s in seeds)
+
+
+# `fit_report` flags a held-out fit (and `fit_variation_head` warns) that is
+# far below the noise bound: R^2 below this fraction of the bound's R^2,
+# Spearman more than this far below the bound's correlation, or a ratio of
+# means outside [1 / RATIO, RATIO].
+REPORT_MIN_R2_FRACTION = 0.5
+REPORT_MAX_CORRELATION_GAP = 0.2
+REPORT_MAX_MEAN_RATIO = 2.0
+
+
+def _finite_or_none(value):
+  """JSON-safe float: NaN (a constant estimate's correlation) becomes None."""
+  value = float(value)
+  return value if np.isfinite(value) else None
+
+
+def _text(value):
+  return "undefined" if value is None else f"{value:.3f}"
+
+
+def noise_bound(targets, num_samples):
+  """Best agreement any estimate can reach with MC targets of `num_samples`.
+
+  An analytic bound from the targets' own sampling noise: the std of T
+  Gaussian samples has a sampling variance of about `dpv**2 / (2 (T - 1))`,
+  so of the targets' variance across examples a fraction `noise = mean(t**2)
+  / (2 (T - 1)) / var(t)` is noise that no estimate can predict. Then the
+  best R^2 is `1 - noise` and the best correlation `sqrt(1 - noise)`.
+  Dropout outputs are not Gaussian (a predicted-class probability is closer
+  to two-valued), so the bound is approximate; `mc_convergence`
+  measures the split-half reliability on data instead.
+
+  Args:
+    targets: MC-dropout DPV targets, any shape (flattened).
+    num_samples: T of the targets, an integer >= 2.
+
+  Returns:
+    A dict: "method" ("gaussian_sampling_noise"), "num_samples", "r2" and
+    "correlation" (None when the targets are constant).
+  """
+  t = np.asarray(targets, "float64").ravel()
+  num_samples = validation.check_int(num_samples, "num_samples", 2)
+  variance = float(np.var(t))
+  bound = {"method": "gaussian_sampling_noise", "num_samples": num_samples,
+           "r2": None, "correlation": None}
+  if variance > 0:
+    noise = float(np.mean(t * t)) / (2.0 * (num_samples - 1)) / variance
+    r2 = max(0.0, 1.0 - noise)
+    bound.update(r2=r2, correlation=float(np.sqrt(r2)))
+  return bound
+
+
+def fit_report(estimate, targets, num_samples=None):
+  """How well a head's estimates match held-out MC targets.
+
+  Args:
+    estimate: the head's estimates on held-out inputs, (N,) or (N, k).
+    targets: their MC-dropout DPV targets, same shape.
+    num_samples: T of the targets (None: no noise bound).
+
+  Returns:
+    A JSON-able dict: "num_examples", "spearman", "r2" (of the estimate as a
+    prediction of the targets), "mean_ratio" (mean estimate / mean target),
+    "noise_bound" (`noise_bound`, or None), and "far_below_bound" with the
+    reasons (an empty list when the fit is near the bound). Values that are
+    undefined (constant estimates) are None.
+  """
+  e = np.asarray(estimate, "float64").ravel()
+  t = np.asarray(targets, "float64").ravel()
+  scores = fidelity(e, t) if len(t) >= 2 else {}
+  report = {
+      "num_examples": int(len(np.asarray(targets))),
+      "spearman": _finite_or_none(scores.get("spearman", float("nan"))),
+      "r2": _finite_or_none(scores.get("r2", float("nan"))),
+      "mean_ratio": _finite_or_none(np.mean(e) / np.mean(t))
+                    if np.mean(t) > 0 else None,
+      "noise_bound": None if num_samples is None else noise_bound(
+          t, num_samples),
+  }
+  reasons = []
+  bound = report["noise_bound"] or {}
+  if bound.get("r2") and (report["r2"] is None or report["r2"] <
+                          REPORT_MIN_R2_FRACTION * bound["r2"]):
+    reasons.append(f"held-out R^2 {_text(report['r2'])} is below "
+                   f"{REPORT_MIN_R2_FRACTION} x the bound {bound['r2']:.3f}")
+  if bound.get("correlation") and (
+      report["spearman"] is None or report["spearman"] <
+      bound["correlation"] - REPORT_MAX_CORRELATION_GAP):
+    reasons.append(f"held-out Spearman {_text(report['spearman'])} is more "
+                   f"than {REPORT_MAX_CORRELATION_GAP} below the bound "
+                   f"{bound['correlation']:.3f}")
+  ratio = report["mean_ratio"]
+  if ratio is not None and not (
+      1.0 / REPORT_MAX_MEAN_RATIO <= ratio <= REPORT_MAX_MEAN_RATIO):
+    reasons.append(f"mean estimate / mean target is {ratio:.3f}")
+  report["far_below_bound"] = reasons
+  return report

@@ -120,13 +120,19 @@ def _input_entries(dual):
   struct = dual.input
   if isinstance(struct, dict):
     entries = list(struct.items())
-    rebuild = lambda named: {k: named[k] for k, _ in entries}
+
+    def rebuild(named):
+      return {k: named[k] for k, _ in entries}
   elif isinstance(struct, (list, tuple)):
     entries = [(t.name, t) for t in struct]
-    rebuild = lambda named: [named[k] for k, _ in entries]
+
+    def rebuild(named):
+      return [named[k] for k, _ in entries]
   else:
     entries = [(struct.name, struct)]
-    rebuild = lambda named: named[entries[0][0]]
+
+    def rebuild(named):
+      return named[entries[0][0]]
   names = [k for k, _ in entries]
   if len(set(names)) != len(names):
     raise validation.invalid("dual", "a model whose inputs have unique names",
@@ -261,6 +267,9 @@ def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
       "inputs": _describe_specs(specs),
       "outputs": outputs,
       "variation_head": head_metadata,
+      # The head's self-assessment on held-out calibration inputs, at the
+      # top level so that a reader of the export sees it first.
+      "fit_report": head_metadata.get("fit_report"),
       "mc_dropout": mc,
       "warmup_requests": num_warmup,
   }
@@ -275,8 +284,9 @@ def read_export_metadata(path):
 
   Returns:
     The dict written to `assets/dropvar_tf_metadata.json`: DPV statistic,
-    num_samples and dropout rates under "variation_head", versions, inputs,
-    outputs, signatures, mc_dropout settings.
+    num_samples and dropout rates under "variation_head", the head's
+    "fit_report" (see `metrics.fit_report`; None for heads fitted without
+    one), versions, inputs, outputs, signatures, mc_dropout settings.
 
   Raises:
     FileNotFoundError: no export (or no metadata file) at `path`.

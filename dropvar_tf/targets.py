@@ -109,7 +109,7 @@ class _ArraySource:
           "x", "arrays with the same number of rows (examples)",
           f"row counts {sorted(map(str, rows))}")
     self.x = x
-    self.num_examples = rows.pop()
+    self.num_examples = validation.check_inputs(model, x)
 
   def fingerprint(self):
     digest = hashlib.sha256(b"arrays")
@@ -143,7 +143,7 @@ class _DatasetSource:
     cardinality = int(dataset.cardinality())
     if cardinality == tf.data.INFINITE_CARDINALITY:
       raise validation.invalid("x", "a finite Dataset", "an infinite Dataset")
-    self.num_examples = cardinality if cardinality >= 0 else None
+    self.num_examples = validation.check_inputs(model, dataset)
 
   def count(self):
     """Counts the examples with one pass over the data when unknown."""

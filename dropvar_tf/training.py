@@ -6,11 +6,14 @@ using its moving statistics), then only the head's weights are trained on them.
 Calling `dual.fit` directly would instead run the base with dropout on.
 """
 
+import warnings
+
 import numpy as np
 
 from dropvar_tf._keras import keras, tf
 from dropvar_tf import head_layers
 from dropvar_tf import heads
+from dropvar_tf import metrics
 from dropvar_tf import validation
 
 
@@ -72,12 +75,21 @@ def _check_targets(targets, n, units):
   if np.any(t < 0):
     raise validation.invalid("targets", "non-negative standard deviations",
                              f"array with minimum {t.min()}")
+  if t.size and not np.any(t > 0):
+    raise validation.invalid(
+        "targets", "some positive DPV (all are 0; likely causes: dropout "
+        "was not sampled (rate 0, or targets of another model), or the "
+        "predictions are saturated on these inputs, e.g. probabilities of "
+        "exactly 0 or 1 on inputs far from the training data)",
+        f"array of {t.size} zeros")
   return t
 
 
 # Estimates are capped at this multiple of the largest fitted target.
 _MAX_VALUE_FACTOR = 1.5
-
+# A head with a prior corrects it within the central 99% of the log-space
+# corrections its training targets needed.
+CORRECTION_QUANTILE = 0.99
 
 def _reset_head_layers(layers, seed):
   """Re-initialises the head's layers, so refitting starts afresh."""
@@ -111,17 +123,25 @@ def _fold_standardisation(first, mean, std):
 def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                        validation_split=0.1, learning_rate=1e-3, seed=0,
                        num_samples=None, patience=10, calibrate=True,
-                       verbose=0):
+                       report_split=0.1, verbose=0):
   """Trains the head of `dual` on MC-dropout targets, base frozen.
 
   Fit on inputs the base model was NOT trained on (a held-out calibration
   split, unlabeled or perturbed inputs): on its own training inputs a model is
   overconfident and a head fitted there underestimates DPV on new data.
 
+  Self-assessment: a `report_split` part of the inputs is held out from both
+  training and calibration; the head's estimates there give a fit report
+  (`metrics.fit_report`: held-out Spearman, R^2, ratio of means and the
+  analytic `metrics.noise_bound` of targets with `num_samples`), stored
+  under "fit_report" in the head metadata (so exports carry it). When the
+  fit is far below the bound a `UserWarning` says why.
+
   Side effects: updates only the head's weights (with the feature
   standardisation folded into its first layer, and the output `eps`, `scale`
   and `max_value`) and its metadata; base weights and
   the dual model's compile state are unchanged. Deterministic for a `seed`.
+  May warn (see above).
 
   Args:
     dual: a dual model from `add_variation_head`.
@@ -135,42 +155,68 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
       early stopping and the output scale calibration.
     learning_rate: Adam learning rate.
     seed: seed for the split and the shuffling.
-    num_samples: T of the MC targets, recorded in the head metadata.
+    num_samples: T of the MC targets (an integer >= 2, or None when
+      unknown), recorded in the head metadata.
     patience: early-stopping patience in epochs.
     calibrate: fit the output scale by least squares on the held-out part
       (on the training part when `validation_split` is 0).
+    report_split: fraction (0 <= f < 1) held out, chosen by `seed`, for the
+      fit report only; 0 stores no report.
     verbose: Keras verbosity.
 
   Returns:
     The `keras.callbacks.History` of the head's training.
 
   Raises:
-    ValueError: `dual` has no head, or `targets` do not match `x`
-      (length, shape), contain NaN/Inf or negative values, or an argument is
-      out of range.
+    ValueError: `dual` has no head; `x` does not match the model's input
+      spec, is empty or has NaN/Inf values (see `validation.check_inputs`);
+      `targets` do not match `x` (length, shape), contain NaN/Inf or
+      negative values, or are all zero; or an argument is out of range.
   """
   out_layer = heads.variation_output_layer(dual)
   head = heads.variation_head(dual)
-  n = num_examples(x)
+  num_examples(x)
+  n = validation.check_inputs(dual, x)
+  if num_samples is not None:
+    num_samples = validation.check_int(num_samples, "num_samples", 2)
   epochs = validation.check_int(epochs, "epochs", 1)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
-  if not 0.0 <= validation_split < 1.0:
-    raise validation.invalid("validation_split", "a float in [0, 1)",
-                             validation_split)
+  for arg, value in (("validation_split", validation_split),
+                     ("report_split", report_split)):
+    if not 0.0 <= value < 1.0:
+      raise validation.invalid(arg, "a float in [0, 1)", value)
   units = out_layer.units
-  if n is not None:
-    _check_targets(targets, n, units)
+  _check_targets(targets, n, units)
   feats = head_features(dual, x)
   t = _check_targets(targets, len(feats[0]), units)
+  # With a prior, the head's last input is the prior: the layers learn only
+  # the log-space correction of it from the other inputs.
+  prior = None
+  mlp_feats = feats
+  if out_layer.prior_bound is not None:
+    prior, mlp_feats = feats[-1], feats[:-1]
   n = len(t)
   rng = np.random.default_rng(seed)
   order = rng.permutation(n)
   n_val = int(round(n * validation_split))
-  if validation_split and (n_val < 1 or n - n_val < 1):
+  n_report = int(round(n * report_split))
+  if report_split and n_report < 2:
+    raise validation.invalid("report_split",
+                             "a fraction holding out at least 2 examples",
+                             report_split)
+  if validation_split and (n_val < 1 or n - n_report - n_val < 1):
     raise validation.invalid("validation_split",
                              "a fraction leaving examples on both sides",
                              validation_split)
-  val_idx, train_idx = order[:n_val], order[n_val:]
+  if n - n_report - n_val < 1:
+    raise validation.invalid("report_split",
+                             "a fraction leaving examples to train on",
+                             report_split)
+  # Validation first, the report's part last: the validation split is the
+  # same whether a report is made or not.
+  val_idx = order[:n_val]
+  train_idx = order[n_val:n - n_report]
+  report_idx = order[n - n_report:]
 
   if out_layer.transform == head_layers.LOG:
     positive = t[t > 0]
@@ -179,10 +225,21 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     out_layer.eps.assign(eps)
   out_layer.scale.assign(1.0)
   out_layer.max_value.assign(np.finfo("float32").max)
-  raw = out_layer.to_raw(t).astype("float32")
+  if prior is not None:
+    # The head may correct its prior only as much as the training part of
+    # the calibration targets needed (central CORRECTION_QUANTILE of them).
+    bound = out_layer.prior_bound
+    out_layer.correction_low.assign(-bound)
+    out_layer.correction_high.assign(bound)
+    needed = out_layer.to_raw(t[train_idx], prior[train_idx])
+    low, high = np.quantile(needed, [(1 - CORRECTION_QUANTILE) / 2,
+                                     (1 + CORRECTION_QUANTILE) / 2])
+    out_layer.correction_low.assign(float(low))
+    out_layer.correction_high.assign(float(high))
+  raw = out_layer.to_raw(t, prior).astype("float32")
   if units == 1:
     raw = raw[:, None]
-  features = np.concatenate(feats, axis=1)
+  features = np.concatenate(mlp_feats, axis=1)
   mean = features[train_idx].mean(axis=0)
   std = features[train_idx].std(axis=0)
   std = np.where(std > 1e-6, std, 1.0)
@@ -203,7 +260,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   # features and transformed targets, then fold the standardisation in.
   trainer_in = keras.Input((features.shape[1],), name="standardised_features")
   # The first layer takes the head's inputs as a list: split them back.
-  cuts = [int(i) for i in np.cumsum([f.shape[1] for f in feats])[:-1]]
+  cuts = [int(i) for i in np.cumsum([f.shape[1] for f in mlp_feats])[:-1]]
   z = keras.ops.split(trainer_in, cuts, axis=-1) if cuts else [trainer_in]
   for layer in trainable:
     z = layer(z)
@@ -229,13 +286,29 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     if denom > 0:
       out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
   out_layer.max_value.assign(_MAX_VALUE_FACTOR * float(t.max()) + 1e-12)
+  report = None
+  if n_report:
+    report = metrics.fit_report(
+        head.predict([f[report_idx] for f in feats], verbose=0,
+                     batch_size=1024), t[report_idx], num_samples)
+    if report["far_below_bound"]:
+      warnings.warn(
+          "The variation head fits its held-out calibration inputs far "
+          "below what targets of this noise allow: "
+          f"{'; '.join(report['far_below_bound'])}. Likely causes: too few "
+          "calibration inputs or epochs, a head too small, or targets of "
+          "too few samples.", stacklevel=2)
   out_layer.metadata.update({
+      "fit_report": report,
       "num_samples": None if num_samples is None else int(num_samples),
       "seed": int(seed),
       "num_train_examples": int(len(train_idx)),
       "output_eps": float(out_layer.eps.numpy()),
       "output_scale": float(out_layer.scale.numpy()),
       "output_max_value": float(out_layer.max_value.numpy()),
+      "prior_correction": None if prior is None else [
+          float(out_layer.correction_low.numpy()),
+          float(out_layer.correction_high.numpy())],
   })
   return history
 
@@ -273,12 +346,16 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
 
   Raises:
     ValueError: as `add_variation_head`, `mc_dropout_targets` and
-      `fit_variation_head` do.
+      `fit_variation_head` do; `x` is checked against `model`'s input spec
+      (`validation.check_inputs`) before it is perturbed.
   """
   # pylint: disable=import-outside-toplevel
   from dropvar_tf import augment
   from dropvar_tf import targets as targets_lib
   num_perturbed = validation.check_int(num_perturbed, "num_perturbed", 0)
+  # Checked before perturbing: a NaN row would spread to its perturbed
+  # copies and be counted there.
+  validation.check_inputs(validation.check_model(model), x)
   dual = heads.add_variation_head(model, seed=seed, **head_kwargs)
   statistic = heads.variation_head_metadata(dual)["statistic"]
   fit_x = x

@@ -14,6 +14,8 @@ _ERR_OLD_FORMAT = (
     "(earlier heads computed their input features differently; refit the "
     "head, e.g. with `train_variation_head`, on this version). Received: "
     "metadata=\"dropvar_tf_version='{}'\"")
+_ERR_PRIOR_BOUND = (_PREFIX + "`prior_bound`. Expected None or a number "
+                    "> 0 (with transform='log'). Received: prior_bound={}")
 _ERR_BAD_VERSION = (
     _PREFIX + "`metadata`. Expected a `dropvar_tf_version` that is a PEP 440 "
     "version string such as '0.2.0'. Received: "
@@ -135,6 +137,55 @@ class HeadLayersTest(tf.test.TestCase):
     self.assertAllClose(identity(np.array([[-1.0], [0.25]], "float32")),
                         [0.0, 0.25])
 
+  def test_head_input_dense_keeps_overflowed_features_finite(self):
+    layer = head_layers.HeadInputDense(2, activation="linear")
+    layer.build([(None, 2)])
+    layer.set_full_kernel(np.array([[1.0, -2.0], [-1.0, 3.0]], "float32"))
+    x = np.array([[np.inf, np.inf], [-np.inf, 1.0], [1.0, 2.0]], "float32")
+    out = np.asarray(layer([x]))
+    self.assertTrue(np.all(np.isfinite(out)))
+    self.assertAllEqual(out[2], [-1.0, 4.0])  # within bounds: unchanged
+    bound = head_layers.FEATURE_BOUND
+    self.assertAllClose(out[1], [-bound - 1.0, 2 * bound + 3.0])
+
+  def test_variation_output_says_most_uncertain_on_nan(self):
+    layer = head_layers.VariationOutput(transform="log")
+    layer.max_value.assign(0.7)
+    z = np.array([[np.nan], [np.inf], [-np.inf], [np.log(0.5)]], "float32")
+    out = np.asarray(layer(z))
+    self.assertAllClose(out, [0.7, 0.7, 0.0, 0.5 - 1e-3])
+
+  def test_variation_output_corrects_its_prior_within_bounds(self):
+    layer = head_layers.VariationOutput(units=1, prior_bound=2.0)
+    self.assertEqual(float(layer.correction_low.numpy()), -2.0)
+    layer.eps.assign(0.01)
+    layer.correction_low.assign(-0.5)
+    layer.correction_high.assign(1.0)
+    z = np.array([[0.2], [30.0], [-30.0], [-0.5]], "float32")
+    prior = np.array([0.1, 0.1, 0.1, 0.002], "float32")
+    out = np.asarray(layer([z, prior]))
+    e = 0.11 * np.exp([0.2, 1.0, -0.5])
+    self.assertAllClose(out[:3], e - 0.01, rtol=1e-5)
+    # exp(...) - eps <= 0: a small share of exp(...), not 0.
+    small = 0.012 * np.exp(-0.5)
+    self.assertAllClose(out[3], max(small - 0.01, layer.MIN_SHARE * small),
+                        rtol=1e-5)
+    self.assertGreater(out[3], 0.0)
+    raw = layer.to_raw(out[:3], prior[:3])
+    self.assertAllClose(raw, [0.2, 1.0, -0.5], rtol=1e-4)
+    config = layer.get_config()
+    self.assertEqual(config["prior_bound"], 2.0)
+    self.assertEqual(
+        head_layers.VariationOutput.from_config(config).prior_bound, 2.0)
+
+  def test_variation_output_prior_bound_errors(self):
+    for bound, transform in ((0.0, "log"), ("1", "log"), (1.0, "identity")):
+      with self.subTest(bound=bound, transform=transform):
+        with self.assertRaises(ValueError) as cm:
+          head_layers.VariationOutput(prior_bound=bound, transform=transform)
+        self.assertEqual(str(cm.exception), _ERR_PRIOR_BOUND.format(
+            repr(bound)))
+
   def test_variation_output_to_raw_inverts_call(self):
     layer = head_layers.VariationOutput(units=2, transform="log")
     layer.eps.assign(0.02)
@@ -150,7 +201,8 @@ class HeadLayersTest(tf.test.TestCase):
     config = layer.get_config()
     self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
                               "units": 2, "transform": "identity",
-                              "metadata": {"statistic": "std"}})
+                              "metadata": {"statistic": "std"},
+                              "prior_bound": None})
     clone = head_layers.VariationOutput.from_config(config)
     self.assertEqual(clone.metadata, {"statistic": "std"})
     with self.assertRaises(ValueError) as cm:

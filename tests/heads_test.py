@@ -75,6 +75,8 @@ _ERR_DELTA_NESTED = (
     _PREFIX + "`include_delta`. Expected a model whose output is a Dense "
     "layer right after a Dropout layer. Received: include_delta=\"the input "
     "of 'prob' does not come from a plain Dropout\"")
+_ERR_PRIOR = (_PREFIX + "`prior`. Expected one of (None, 'auto', 'delta', "
+              "'moments'). Received: prior='mc'")
 _ERR_MOMENTS_CNN = "Received: model=\"layer 'sdrop' of class SpatialDropout2D\""
 
 _CANDIDATES = {
@@ -217,7 +219,9 @@ class AddVariationHeadTest(tf.test.TestCase):
     self.assertTrue(heads.variation_head_metadata(dual)["include_moments"])
     x = tm.sample_inputs("softmax", 12)
     self.assertAllEqual(_predict(dual, x)["prediction"], _predict(model, x))
-    off = heads.add_variation_head(model, include_moments=False,
+    # The moments prior (the default "auto" on this model) feeds its
+    # feature too; without a prior the feature is off.
+    off = heads.add_variation_head(model, include_moments=False, prior=None,
                                    **_SMALL_HEAD)
     self.assertFalse(heads.variation_head_metadata(off)["include_moments"])
 
@@ -249,6 +253,42 @@ class AddVariationHeadTest(tf.test.TestCase):
     with self.assertRaises(ValueError) as cm:
       heads.add_variation_head(tm.cnn(), include_moments=True, **_SMALL_HEAD)
     self.assertIn(_ERR_MOMENTS_CNN, str(cm.exception))
+
+  def test_auto_prior_prefers_moments_then_delta(self):
+    inputs = keras.Input(tm.IMAGE_SHAPE)
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = keras.layers.SpatialDropout2D(0.3)(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    neither = keras.Model(inputs, keras.layers.Dense(3, "softmax")(h))
+    for label, model, expected in [
+        ("moments supported", tm.mlp_softmax(), heads.PRIOR_MOMENTS),
+        ("spatial dropout", tm.cnn(), heads.PRIOR_DELTA),
+        ("neither", neither, None)]:
+      with self.subTest(label):
+        dual = heads.add_variation_head(model, **_SMALL_HEAD)
+        meta = heads.variation_head_metadata(dual)
+        self.assertEqual(meta["prior"], expected)
+        output = heads.variation_output_layer(dual)
+        if expected is None:
+          self.assertIsNone(meta["prior_bound"])
+          self.assertIsNone(output.prior_bound)
+        else:
+          self.assertEqual(meta["prior_bound"], heads.DEFAULT_PRIOR_BOUND)
+          self.assertEqual(len(heads.variation_head(dual).inputs),
+                           len(heads.head_feature_tensors(dual)))
+
+  def test_explicit_prior(self):
+    model = tm.regression()
+    delta = heads.add_variation_head(model, prior="delta", prior_bound=1.0,
+                                     **_SMALL_HEAD)
+    self.assertEqual(heads.variation_head_metadata(delta)["prior"], "delta")
+    self.assertEqual(heads.variation_output_layer(delta).prior_bound, 1.0)
+    with self.assertRaises(ValueError) as cm:
+      heads.add_variation_head(model, prior="mc", **_SMALL_HEAD)
+    self.assertEqual(str(cm.exception), _ERR_PRIOR)
+    with self.assertRaises(ValueError) as cm:
+      heads.add_variation_head(tm.nested(), prior="delta", **_SMALL_HEAD)
+    self.assertEqual(str(cm.exception), _ERR_DELTA_NESTED)
 
   def test_sequential_built_with_build_works(self):
     model = keras.Sequential([

@@ -227,6 +227,53 @@ class SklearnAgreementTest(tf.test.TestCase):
               rtol=0, atol=1e-12, msg=(trial, top, fraction))
 
 
+class FitReportTest(tf.test.TestCase):
+
+  def test_noise_bound_matches_simulated_gaussian_samples(self):
+    rng = np.random.default_rng(0)
+    sigma = rng.lognormal(-3.0, 0.5, 20000)
+    for num_samples in (10, 100):
+      t = np.std(rng.normal(0.0, sigma[:, None], (len(sigma), num_samples)),
+                 axis=1, ddof=0) * np.sqrt(num_samples / (num_samples - 1))
+      bound = metrics.noise_bound(t, num_samples)
+      with self.subTest(num_samples=num_samples):
+        # The true DPV is the best estimate there is: its R^2 is the bound.
+        self.assertAllClose(bound["r2"], metrics.fidelity(sigma, t)["r2"],
+                            atol=0.03)
+        self.assertAllClose(bound["correlation"],
+                            metrics.fidelity(sigma, t)["pearson"], atol=0.03)
+        self.assertEqual(bound["method"], "gaussian_sampling_noise")
+
+  def test_noise_bound_of_constant_targets_is_undefined(self):
+    bound = metrics.noise_bound(np.full(5, 0.2), 10)
+    self.assertIsNone(bound["r2"])
+    self.assertIsNone(bound["correlation"])
+
+  def test_report_of_a_good_and_a_poor_estimate(self):
+    rng = np.random.default_rng(1)
+    truth = rng.lognormal(-3.0, 0.5, 500)
+    t = truth * (1.0 + 0.01 * rng.normal(size=500))
+    good = metrics.fit_report(truth, t, num_samples=1000)
+    self.assertEqual(good["num_examples"], 500)
+    self.assertGreater(good["spearman"], 0.95)
+    self.assertGreater(good["r2"], 0.9)
+    self.assertAllClose(good["mean_ratio"], 1.0, atol=0.01)
+    self.assertEqual(good["far_below_bound"], [])
+    poor = metrics.fit_report(0.1 * rng.permutation(truth), t,
+                              num_samples=1000)
+    self.assertLen(poor["far_below_bound"], 3)
+    self.assertIn("mean estimate / mean target is 0.100",
+                  poor["far_below_bound"][2])
+
+  def test_report_without_num_samples_or_of_a_constant_estimate(self):
+    report = metrics.fit_report(np.zeros(4), np.array([0.1, 0.2, 0.3, 0.4]))
+    self.assertIsNone(report["noise_bound"])
+    self.assertIsNone(report["spearman"])
+    self.assertEqual(report["mean_ratio"], 0.0)
+    self.assertEqual(report["far_below_bound"],
+                     ["mean estimate / mean target is 0.000"])
+
+
 class ConvergenceTest(tf.test.TestCase):
 
   def test_halves_agree_more_with_more_samples(self):
@@ -271,12 +318,14 @@ class ConvergenceTest(tf.test.TestCase):
     zero = keras.Model(inputs, keras.layers.Dropout(0.0)(inputs))
     nan_keys = ("pearson", "spearman", "reliability",
                 "mean_relative_std_error")
-    for n in (5, 0):
-      got = metrics.mc_convergence(zero, np.ones((n, 4), np.float32),
-                                   num_samples=4)
-      for key in nan_keys:
-        self.assertTrue(np.isnan(got[key]), msg=(n, key))
-      self.assertEqual(got["num_examples"], n)
+    got = metrics.mc_convergence(zero, np.ones((5, 4), np.float32),
+                                 num_samples=4)
+    for key in nan_keys:
+      self.assertTrue(np.isnan(got[key]), msg=key)
+    self.assertEqual(got["num_examples"], 5)
+    # No examples at all is a bad `x`, refused as `mc_dropout_targets` does.
+    with self.assertRaisesRegex(ValueError, "Expected at least one example"):
+      metrics.mc_convergence(zero, np.ones((0, 4), np.float32), num_samples=4)
     one = metrics.mc_convergence(tm.target_model("regression"),
                                  tm.target_features(1), num_samples=4)
     for key in ("pearson", "spearman", "reliability"):

@@ -14,6 +14,7 @@ from dropvar_tf import contract
 from dropvar_tf import heads
 from dropvar_tf import saved_model
 from dropvar_tf import targets
+from dropvar_tf import training
 from dropvar_tf._keras import keras, tf
 
 # Expected error messages, stored once.
@@ -341,11 +342,39 @@ class ExportSavedModelTest(tf.test.TestCase):
     self.assertEqual(head, heads.variation_head_metadata(dual))
     self.assertEqual(head["statistic"], contract.STAT_STD)
     self.assertEqual(head["dropout_rates"], {"drop": 0.2})
+    self.assertIsNone(saved_model.read_export_metadata(path)["fit_report"])
     serve = tf.saved_model.load(path).signatures[contract.SERVING_SIGNATURE]
     xs = float_examples(6, seed=2)
     got, want = serve(features=tf.constant(xs)), dual.predict(xs, verbose=0)
     for key in contract.OUTPUT_KEYS:
       self.assertAllClose(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+  def test_extreme_inputs_give_finite_non_negative_variation(self):
+    keras.utils.set_random_seed(1)
+    x = keras.Input(shape=(4,), name="features")
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(x)
+    h = keras.layers.Dropout(0.2, name="drop")(h)
+    base = keras.Model(x, keras.layers.Dense(1, name="y")(h), name="base")
+    dual = heads.add_variation_head(base, hidden_units=(8,))
+    fit_x = float_examples(64, seed=3)
+    training.fit_variation_head(
+        dual, fit_x, targets.mc_dropout_targets(base, fit_x, num_samples=8),
+        epochs=2, num_samples=8)
+    path = saved_model.export_saved_model(dual, self.base)
+    # The fitted head's self-assessment travels with the export.
+    self.assertEqual(saved_model.read_export_metadata(path)["fit_report"],
+                     heads.variation_head_metadata(dual)["fit_report"])
+    serve = tf.saved_model.load(path).signatures[
+        contract.SERVING_SIGNATURE]
+    extremes = np.array([[1e19] * 4, [1e38] * 4, [-1e38] * 4,
+                         [1e38, -1e38, 3e38, -3e38]], "float32")
+    for label, got in [("dual", dual.predict(extremes, verbose=0)),
+                       ("served", serve(features=tf.constant(extremes)))]:
+      with self.subTest(label):
+        variation = np.asarray(got[contract.VARIATION_KEY])
+        self.assertTrue(np.all(np.isfinite(variation)), variation)
+        self.assertTrue(np.all(variation >= 0), variation)
 
 
 class McDropoutSignatureTest(tf.test.TestCase):

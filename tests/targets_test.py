@@ -44,6 +44,14 @@ _ERR_NO_DROPOUT = "model 'no_dropout' without dropout sources"
 _ERR_X_NONE = ("Invalid value received for argument `x`. Expected a numpy "
                "array, a list or dict of arrays, or a tf.data.Dataset. "
                "Received: x=None")
+_ERR_X_SPEC = ("Invalid value received for argument `x`. Expected input "
+               "matching the model's input spec (features: float32, shape "
+               "(None, 6)). Received: x='{}'")
+_ERR_X_NON_FINITE = ("Invalid value received for argument `x`. Expected "
+                     "finite values (no NaN or Inf). Received: x='2 of 12 "
+                     "rows with NaN or Inf values'")
+_ERR_X_EMPTY = ("Invalid value received for argument `x`. Expected at least "
+                "one example. Received: x='float32 array of shape (0, 6)'")
 _ERR_RESUME = ("Invalid value received for argument `output_path`. Expected "
                "a resume directory written with the same settings; its "
                "`{name}` is")
@@ -262,6 +270,28 @@ class TargetsTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "argument `x`"):
       targets.mc_dropout_targets(
           model, tf.data.Dataset.from_tensor_slices((x, x[:, 0])))
+
+
+  def test_bad_inputs_are_refused_before_any_pass(self):
+    model = tm.target_model("regression")
+    x = tm.target_features()
+    bad = x.copy()
+    bad[2, 0] = np.nan
+    bad[5, 3] = np.inf
+    cases = [
+        (x[:, :5], _ERR_X_SPEC.format("float32 array of shape (12, 5)")),
+        (x[:, 0], _ERR_X_SPEC.format("float32 array of shape (12,)")),
+        (np.full((12, 6), "a"), _ERR_X_SPEC.format("<U1 array of shape "
+                                                   "(12, 6)")),
+        (x[:0], _ERR_X_EMPTY),
+        (bad, _ERR_X_NON_FINITE),
+        (tf.data.Dataset.from_tensor_slices(bad).batch(5), _ERR_X_NON_FINITE),
+    ]
+    for bad_x, message in cases:
+      for fn in (targets.mc_dropout_targets, targets.split_half_targets):
+        with self.assertRaises(ValueError) as e:
+          fn(model, bad_x, num_samples=4)
+        self.assertEqual(str(e.exception), message)
 
 
 class ResumeTest(tf.test.TestCase):

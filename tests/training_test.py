@@ -47,6 +47,28 @@ _ERR_X_LENGTHS = (_PREFIX + "`x`. Expected arrays of one common length. "
 _ERR_NUM_PERTURBED = (_PREFIX + "`num_perturbed`. Expected an integer >= 0. "
                       "Received: num_perturbed=-1")
 
+_ERR_X_NON_FINITE = (_PREFIX + "`x`. Expected finite values (no NaN or "
+                     "Inf). Received: x='2 of 40 rows with NaN or Inf "
+                     "values'")
+_ERR_X_EMPTY = (_PREFIX + "`x`. Expected at least one example. Received: "
+                "x='float32 array of shape (0, 6)'")
+_ERR_X_WIDTH = (_PREFIX + "`x`. Expected input matching the model's input "
+                "spec (features: float32, shape (None, 6)). Received: "
+                "x='float32 array of shape (40, 5)'")
+_ERR_NUM_SAMPLES = (_PREFIX + "`num_samples`. Expected an integer >= 2. "
+                    "Received: num_samples=-5")
+
+_ERR_ALL_ZERO = (
+    _PREFIX + "`targets`. Expected some positive DPV (all are 0; likely "
+    "causes: dropout was not sampled (rate 0, or targets of another model), "
+    "or the predictions are saturated on these inputs, e.g. probabilities of "
+    "exactly 0 or 1 on inputs far from the training data). Received: "
+    "targets='array of 40 zeros'")
+_ERR_REPORT_SPLIT = (_PREFIX + "`report_split`. Expected a fraction holding "
+                     "out at least 2 examples. Received: report_split=0.02")
+_WARN_FAR_BELOW = ("The variation head fits its held-out calibration inputs "
+                   "far below what targets of this noise allow: ")
+
 _SMALL_HEAD = dict(hidden_units=(8,))
 _N = 40
 
@@ -115,6 +137,37 @@ class FitErrorsTest(tf.test.TestCase):
   def test_other_argument_errors(self):
     self._assert_error(_ERR_EPOCHS, self.dual, self.x, _targets(), epochs=0)
     self._assert_error(_ERR_NO_HEAD, self.model, self.x, _targets(), epochs=1)
+
+  def test_bad_inputs(self):
+    bad = self.x.copy()
+    bad[3, 0] = np.nan
+    bad[9] = -np.inf
+    before = _head_weights(self.dual)
+    for label, message, x, kwargs in [
+        ("nan", _ERR_X_NON_FINITE, bad, {}),
+        ("nan dataset", _ERR_X_NON_FINITE,
+         tf.data.Dataset.from_tensor_slices(bad).batch(16), {}),
+        ("empty", _ERR_X_EMPTY, self.x[:0], {}),
+        ("width", _ERR_X_WIDTH, self.x[:, :5], {}),
+        ("num_samples", _ERR_NUM_SAMPLES, self.x, dict(num_samples=-5)),
+    ]:
+      with self.subTest(label):
+        self._assert_error(message, self.dual, x, _targets(), epochs=1,
+                           **kwargs)
+    for a, b in zip(before, _head_weights(self.dual)):
+      self.assertAllEqual(a, b)
+
+  def test_all_zero_targets_are_refused_with_the_likely_cause(self):
+    self._assert_error(_ERR_ALL_ZERO, self.dual, self.x, np.zeros(_N),
+                       epochs=1)
+
+  def test_report_split_errors(self):
+    self._assert_error(_ERR_REPORT_SPLIT, self.dual, self.x, _targets(),
+                       report_split=0.02, epochs=1)
+    self._assert_error(_ERR_SPLIT_RANGE.replace("validation_split",
+                                                "report_split").format(1.0),
+                       self.dual, self.x, _targets(), report_split=1.0,
+                       epochs=1)
 
   def test_dict_inputs_of_different_lengths(self):
     dual = heads.add_variation_head(tm.recommender(), **_SMALL_HEAD)
@@ -211,7 +264,8 @@ class FitTest(tf.test.TestCase):
     meta = heads.variation_head_metadata(dual)
     self.assertEqual(meta["num_samples"], 17)
     self.assertEqual(meta["seed"], 5)
-    self.assertEqual(meta["num_train_examples"], 40)
+    # 50 examples: 10 validation, 5 for the fit report, 35 to train on.
+    self.assertEqual(meta["num_train_examples"], 35)
     out_layer = heads.variation_output_layer(dual)
     self.assertEqual(meta["output_scale"], float(out_layer.scale.numpy()))
     self.assertEqual(meta["output_eps"], float(out_layer.eps.numpy()))
@@ -226,7 +280,7 @@ class FitTest(tf.test.TestCase):
     self.assertEqual(len(history.history["loss"]), 2)
     self.assertNotIn("val_loss", history.history)
     self.assertEqual(heads.variation_head_metadata(dual)["num_train_examples"],
-                     30)
+                     27)
     self.assertEqual(float(heads.variation_output_layer(dual).scale.numpy()),
                      1.0)
 
@@ -256,7 +310,7 @@ class FitTest(tf.test.TestCase):
     training.fit_variation_head(dual, tm.sample_inputs("regression", _N),
                                 _targets()[:, None], epochs=1)
     self.assertEqual(heads.variation_head_metadata(dual)["num_train_examples"],
-                     36)
+                     32)
 
   def test_dict_inputs(self):
     model = tm.recommender()
@@ -335,8 +389,11 @@ class TrainVariationHeadTest(tf.test.TestCase):
     meta = heads.variation_head_metadata(dual)
     self.assertEqual(meta["num_samples"], 5)
     self.assertEqual(meta["layers"], ["dense_b"])
-    # 10% of the 120 perturbed inputs held out.
-    self.assertEqual(meta["num_train_examples"], 108)
+    # 10% of the 120 perturbed inputs held out for validation, 10% for the
+    # fit report.
+    self.assertEqual(meta["num_train_examples"], 96)
+    self.assertEqual(meta["fit_report"]["num_examples"], 12)
+    self.assertEqual(meta["fit_report"]["noise_bound"]["num_samples"], 5)
     for path, value in tm.weights_snapshot(model).items():
       self.assertAllEqual(value, weights[path], msg=path)
     self.assertAllEqual(_eager(dual, x)["prediction"], _eager(model, x))
@@ -346,7 +403,7 @@ class TrainVariationHeadTest(tf.test.TestCase):
         tm.regression(), tm.sample_inputs("regression", 30), num_samples=4,
         num_perturbed=0, epochs=1, hidden_units=(8,))
     self.assertEqual(heads.variation_head_metadata(dual)["num_train_examples"],
-                     27)
+                     24)
 
   def test_negative_num_perturbed_raises(self):
     with self.assertRaises(ValueError) as cm:
@@ -354,6 +411,91 @@ class TrainVariationHeadTest(tf.test.TestCase):
                                     tm.sample_inputs("regression", 10),
                                     num_perturbed=-1)
     self.assertEqual(str(cm.exception), _ERR_NUM_PERTURBED)
+
+
+class FitReportTest(tf.test.TestCase):
+
+  def test_report_is_stored_and_measured_on_held_out_inputs(self):
+    model = tm.regression()
+    x = tm.sample_inputs("regression", 200)
+    t = targets.mc_dropout_targets(model, x, num_samples=8)
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    training.fit_variation_head(dual, x, t, epochs=3, seed=4, num_samples=8)
+    report = heads.variation_head_metadata(dual)["fit_report"]
+    # The report's part is the last 10% of the seeded permutation.
+    held_out = np.random.default_rng(4).permutation(200)[180:]
+    estimate = _eager(dual, tm.take(x, held_out))["variation"]
+    expected = metrics.fit_report(estimate, t[held_out], num_samples=8)
+    self.assertEqual(report["num_examples"], 20)
+    for key in ("spearman", "r2", "mean_ratio"):
+      self.assertAllClose(report[key], expected[key], rtol=1e-4)
+    self.assertEqual(report["noise_bound"], expected["noise_bound"])
+
+  def test_a_head_far_below_the_bound_warns(self):
+    dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
+    x = tm.sample_inputs("regression", _N)
+    # Targets unrelated to the inputs: no head can fit held-out ones.
+    with self.assertWarnsRegex(UserWarning, _WARN_FAR_BELOW):
+      training.fit_variation_head(dual, x, _targets(), epochs=1,
+                                  num_samples=1000)
+    self.assertNotEmpty(heads.variation_head_metadata(dual)["fit_report"][
+        "far_below_bound"])
+
+  def test_no_report_with_report_split_zero(self):
+    dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
+    training.fit_variation_head(dual, tm.sample_inputs("regression", _N),
+                                _targets(), epochs=1, report_split=0.0)
+    meta = heads.variation_head_metadata(dual)
+    self.assertIsNone(meta["fit_report"])
+    self.assertEqual(meta["num_train_examples"], 36)
+
+
+class PriorTest(tf.test.TestCase):
+
+  def test_correction_bounds_are_the_needed_range(self):
+    model = tm.mlp_softmax()
+    x = tm.sample_inputs("softmax", 200)
+    t = targets.mc_dropout_targets(model, x, num_samples=8)
+    dual = heads.add_variation_head(model, prior="moments", **_SMALL_HEAD)
+    training.fit_variation_head(dual, x, t, epochs=2, seed=1, num_samples=8)
+    output = heads.variation_output_layer(dual)
+    low, high = heads.variation_head_metadata(dual)["prior_correction"]
+    self.assertEqual(low, float(output.correction_low.numpy()))
+    self.assertEqual(high, float(output.correction_high.numpy()))
+    self.assertLessEqual(high, output.prior_bound)
+    self.assertGreaterEqual(low, -output.prior_bound)
+    # However far off the inputs, the estimate stays within the bounds of
+    # the prior (times the calibrated scale).
+    far = 1e3 * x[:20]
+    feats = training.head_features(dual, far)
+    prior = feats[-1][:, 0].astype("float64")
+    eps = float(output.eps.numpy())
+    scale = float(output.scale.numpy())
+    v = _eager(dual, far)["variation"].astype("float64")
+    ceiling = scale * (prior + eps) * np.exp(high)
+    floor = scale * np.maximum((prior + eps) * np.exp(low) - eps,
+                               output.MIN_SHARE * (prior + eps) * np.exp(low))
+    self.assertTrue(np.all(v <= ceiling * (1 + 1e-5)), (v, ceiling))
+    self.assertTrue(np.all(v >= floor * (1 - 1e-5)), (v, floor))
+    self.assertTrue(np.all(v > 0))
+
+
+class ExtremeInputsTest(tf.test.TestCase):
+
+  def test_variation_is_finite_and_non_negative_at_extremes(self):
+    for kind in ("softmax", "regression", "binary_bn", "cnn"):
+      model = tm.build(kind)
+      x = tm.sample_inputs(kind, 48)
+      dual = heads.add_variation_head(model, **_SMALL_HEAD)
+      training.fit_variation_head(
+          dual, x, targets.mc_dropout_targets(model, x, num_samples=8),
+          epochs=2, num_samples=8)
+      for value in (1e19, -1e19, 1e38, -1e38, 3.4e38):
+        with self.subTest(kind=kind, value=value):
+          variation = np.asarray(dual(np.full_like(x[:3], value))[
+              "variation"])
+          self.assertTrue(np.all(np.isfinite(variation)), variation)
+          self.assertTrue(np.all(variation >= 0), variation)
 
 
 if __name__ == "__main__":

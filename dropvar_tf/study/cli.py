@@ -3,8 +3,11 @@
   python -m dropvar_tf.study.cli --output_dir=docs            # full study
   python -m dropvar_tf.study.cli --output_dir=/tmp/s --small  # smoke run
   python -m dropvar_tf.study.cli --tasks=digits,mnist --rates=0.3
+  python -m dropvar_tf.study.cli --shift --output_dir=docs     # docs/shift.md
 
-Writes results.md, results.json and PNG plots to --output_dir. Base models,
+Writes results.md, results.json and PNG plots to --output_dir; with --shift,
+only the shift study (`dropvar_tf.study.shift`): shift.md, shift.json and
+shift.png. Base models,
 MC targets and finished configurations are cached under --cache_dir, so an
 interrupted run resumes and a finished one re-renders its report from the
 cache.
@@ -21,6 +24,7 @@ from dropvar_tf import validation
 from dropvar_tf.study import config as config_lib
 from dropvar_tf.study import report
 from dropvar_tf.study import runner
+from dropvar_tf.study import shift
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +64,10 @@ def define_flags(flag_values=FLAGS):
       f"Maximum head epochs (default {full.head_epochs}).",
       flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "Global seed.", flag_values=flag_values)
+  flags.DEFINE_bool(
+      "shift", False, "Run the shift study instead (shift.md; tasks "
+      f"{','.join(shift.SHIFT_TASKS)} unless --tasks says otherwise).",
+      flag_values=flag_values)
 
 
 def make_config(small=False, tasks=None, rates=None, num_samples=None,
@@ -103,12 +111,20 @@ def make_config(small=False, tasks=None, rates=None, num_samples=None,
 
 def main(argv):
   del argv
-  config = make_config(FLAGS.small, FLAGS.tasks, FLAGS.rates,
+  task_names = FLAGS.tasks
+  if FLAGS.shift and not task_names:
+    task_names = list(shift.SHIFT_TASKS)
+  config = make_config(FLAGS.small, task_names, FLAGS.rates,
                        FLAGS.num_samples, FLAGS.num_perturbed,
                        FLAGS.head_epochs, FLAGS.seed, FLAGS.cache_dir or None)
   # Keras warns on every head fit that a pre-shuffled dataset is not
   # shuffled again; that is intended and would drown the progress lines.
   warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+  if FLAGS.shift:
+    results = shift.run_shift_study(config, FLAGS.output_dir,
+                                    log=lambda m: print(m, flush=True))
+    print(f"Report: {results['paths']['report']}")
+    return 0
   results = runner.run_study(config, FLAGS.output_dir,
                              log=lambda m: print(m, flush=True))
   print(report.checks_table(results["checks"]))

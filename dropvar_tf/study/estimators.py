@@ -14,7 +14,8 @@ from dropvar_tf import heads
 from dropvar_tf.study.data import common
 
 # Estimator names (one row each in the report).
-RECOMMENDED = "head: summaries + prediction + output delta (default)"
+RECOMMENDED = ("head: summaries + prediction + output delta, analytic prior "
+               "(default)")
 NEURONS_RECIPE = "head: neurons + prediction + output delta"
 ALL_LAYERS = "head: all layers"
 LAST_LAYER = "head: last layer"
@@ -46,9 +47,10 @@ def head_specs(model, sweep):
   specs = [(RECOMMENDED, {})]
   if not sweep:
     return specs
-  # The layer-subset ablation uses per-neuron activations alone.
+  # The layer-subset ablation uses per-neuron activations alone, without
+  # an analytic prior.
   plain = {"include_prediction": False, "include_delta": False,
-           "include_moments": False, "features": "neurons"}
+           "include_moments": False, "features": "neurons", "prior": None}
   specs.append((ALL_LAYERS, dict(plain, layers="all")))
   names = [l.name for l in heads.candidate_layers(model)]
   for name in names:
