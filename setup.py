@@ -7,7 +7,7 @@ import setuptools
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _VERSION = {}
 with open(os.path.join(_HERE, "dropvar_tf", "version.py")) as f:
-  exec(f.read(), _VERSION)  # pylint: disable=exec-used
+  exec(f.read(), _VERSION)
 
 REQUIRED = [
     "tensorflow>=2.21,<2.22",

@@ -115,7 +115,7 @@ def resume_saving(root, model_path, files, n, kwargs, fraction=0.6,
     targets_pipeline.TargetsFn.process = killed
     try:
       _timed_run(model_path, files, output, **kwargs)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       if _KILLED not in str(e):
         raise
     finally:

@@ -27,12 +27,12 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 sys.path.insert(0, os.path.join(_REPO, "tests"))
 
-from dropvar_tf import contract  # pylint: disable=g-import-not-at-top
-from dropvar_tf._keras import keras, tf  # pylint: disable=g-import-not-at-top
-from dropvar_tf.serving import client as client_lib  # pylint: disable=g-import-not-at-top
-from dropvar_tf.serving import server as server_lib  # pylint: disable=g-import-not-at-top
-import serving_testing as testing  # pylint: disable=g-import-not-at-top
-from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
+from dropvar_tf import contract
+from dropvar_tf._keras import keras, tf
+from dropvar_tf.serving import client as client_lib
+from dropvar_tf.serving import server as server_lib
+import serving_testing as testing
+from tensorflow_serving.apis import predict_pb2
 
 FLAGS = flags.FLAGS
 

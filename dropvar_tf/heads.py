@@ -111,7 +111,7 @@ def _is_relu(layer):
   Only for layer types known to end in their activation: a custom layer
   with an `activation` attribute may add something after it (a residual).
   """
-  if type(layer) is keras.layers.ReLU:  # pylint: disable=unidiomatic-typecheck
+  if type(layer) is keras.layers.ReLU:
     return (not layer.negative_slope and float(layer.threshold) >= 0 and
             (layer.max_value is None or float(layer.max_value) >= 0))
   if type(layer) not in _ENDS_IN_ACTIVATION:  # subclasses may differ
@@ -208,22 +208,18 @@ def _output_delta(model, include_delta, statistic, units):
                                 name=DELTA_NAME + "_log")(value), value
 
 
-def _moment_features(model, include_moments, statistic, quiet=False):
-  """Returns a moment-propagation model, or None (with a warning on "auto").
-
-  With `quiet`, an unsupported model gives None without a warning.
-  """
+def _moment_features(model, include_moments, statistic):
+  """Returns a moment-propagation model, or None (with a warning on "auto")."""
   if not include_moments:
     return None
   try:
-    from dropvar_tf import moments  # pylint: disable=import-outside-toplevel
+    from dropvar_tf import moments
     return moments.moment_model(model, statistic=statistic)
   # TypeError: a layer whose moments Keras cannot shape (variable lengths).
   except (ImportError, ValueError, TypeError) as e:
     if include_moments == "auto":
-      if not quiet:
-        warnings.warn(f"Moment-propagation features skipped: {e}",
-                      stacklevel=2)
+      warnings.warn(f"Moment-propagation features skipped: {e}",
+                    stacklevel=2)
       return None
     raise
 
@@ -276,18 +272,18 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
     head_dropout: dropout rate inside the head (off at inference).
     seed: seed of the head's initializers.
     name: name of the dual model (default "<model.name>_dual").
-    prior: "auto" (default), "moments", "delta" or None: an analytic DPV
+    prior: "auto" (default), "delta", "moments" or None: an analytic DPV
       estimate that the head only corrects, in log space within the range
       of corrections its calibration targets needed (see
       `head_layers.VariationOutput`), so that off its calibration data the
       estimate degrades to the prior's instead of extrapolating.
-      "moments" (moment propagation, `dropvar_tf.moments`) kept its ratio
-      to MC DPV within [0.5, 2] on every shift `docs/shift.md` measures; it
-      adds its feature as `include_moments=True` does, and its cost.
       "delta" (the output-delta feature, `include_delta`) costs one small
-      matmul but fails where the output saturates. "auto": "moments" when
-      the model supports it, else "delta" when the model ends in Dropout ->
-      Dense, else None. None: the head alone, as before.
+      matmul, but saturates where the output does. "moments" (moment
+      propagation, `dropvar_tf.moments`) holds up on more shifts
+      (`docs/shift.md`) but runs a second, heavier pass through the model
+      on every request (`docs/measurements.md`). "auto": "delta" when the
+      model ends in Dropout -> Dense (and `include_delta` is not False),
+      else None. None: the head alone.
     prior_bound: the largest log-space correction of a prior either way.
 
   Returns:
@@ -344,15 +340,10 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                                        name=PREDICTION_FEATURES_NAME)(
                                            prediction))
   auto = prior == PRIOR_AUTO
-  want_moments = include_moments
-  if prior == PRIOR_MOMENTS:
-    want_moments = True
-  elif auto and include_moments is not True:
-    want_moments = "auto"
-  moment_net = _moment_features(model, want_moments, statistic,
-                                quiet=auto and include_moments != "auto")
+  want_moments = True if prior == PRIOR_MOMENTS else include_moments
+  moment_net = _moment_features(model, want_moments, statistic)
   if auto:
-    prior = PRIOR_MOMENTS if moment_net is not None else PRIOR_DELTA
+    prior = PRIOR_DELTA if include_delta is not False else None
   want_delta = include_delta
   if prior == PRIOR_DELTA:
     want_delta = True if not auto or include_delta is True else "auto"

@@ -14,7 +14,6 @@ Functions that take a model expect a built Functional or Sequential
 """
 
 # This module is where the private uses live (see above).
-# pylint: disable=protected-access,g-direct-tensorflow-import
 
 from tensorflow.python.framework import op_def_registry
 

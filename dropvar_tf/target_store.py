@@ -120,7 +120,7 @@ def read_chunk(output_path, index, settings_digest, start, stop):
       digest = str(data["digest"])
       if int(data["start"]) != start or int(data["stop"]) != stop:
         return None
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     # Truncated or corrupted files raise many error types (zip, npy, EOF);
     # any of them means "recompute", never "use".
     return None

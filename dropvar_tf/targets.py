@@ -351,7 +351,7 @@ def _progress_bar(progress, num_examples, num_samples, desc):
     progress = (num_examples or 0) * num_samples >= PROGRESS_MIN_ROWS
   if not progress:
     return None
-  import tqdm  # pylint: disable=g-import-not-at-top
+  import tqdm
   return tqdm.tqdm(total=num_examples, unit="ex", desc=desc, file=sys.stderr)
 
 

@@ -349,7 +349,6 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
       `fit_variation_head` do; `x` is checked against `model`'s input spec
       (`validation.check_inputs`) before it is perturbed.
   """
-  # pylint: disable=import-outside-toplevel
   from dropvar_tf import augment
   from dropvar_tf import targets as targets_lib
   num_perturbed = validation.check_int(num_perturbed, "num_perturbed", 0)

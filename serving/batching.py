@@ -280,7 +280,7 @@ class Batcher:
       queue, tasks = batch
       try:
         self._run_batch(queue.fn, tasks)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         if len(tasks) == 1:
           tasks[0].finish(error=e)
           continue
@@ -289,7 +289,7 @@ class Batcher:
         for task in tasks:
           try:
             self._run_batch(queue.fn, [task])
-          except Exception as one:  # pylint: disable=broad-except
+          except Exception as one:
             task.finish(error=one)
 
   def _run_batch(self, fn, tasks):

@@ -139,7 +139,7 @@ def decode(proto, name, max_bytes=None, role="Input"):
         f"needs {num_elements}.")
   try:
     return tf.make_ndarray(proto)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise errors.invalid_argument(
         f"{label} could not be decoded: {e}") from None
 

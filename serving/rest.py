@@ -134,7 +134,7 @@ class RestApi:
     try:
       text = self._dispatch(method, raw_path, body, seen)
       code = grpc.StatusCode.OK
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       code, message = servicers.status_of(e)
       if code == grpc.StatusCode.INTERNAL and not isinstance(
           e, errors.ServingError):
@@ -288,7 +288,7 @@ class RestServer:
       loop.run_until_complete(runner.setup())
       site = web.TCPSite(runner, self.host, self.port)
       loop.run_until_complete(site.start())
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       loop.run_until_complete(runner.cleanup())
       loop.close()
       started.set_exception(e)

@@ -115,14 +115,14 @@ class RestStub:
       raise errors.ServingError(code, message, rpc)
     return response.text
 
-  def GetModelStatus(self, request, timeout=None):  # pylint: disable=invalid-name
+  def GetModelStatus(self, request, timeout=None):
     """GET /v1/models/NAME[...] as a `GetModelStatusResponse`."""
     text = self._send("GET", "GetModelStatus", self._path(request.model_spec),
                       timeout)
     return json_format.Parse(text,
                              get_model_status_pb2.GetModelStatusResponse())
 
-  def GetModelMetadata(self, request, timeout=None):  # pylint: disable=invalid-name
+  def GetModelMetadata(self, request, timeout=None):
     """GET /v1/models/NAME[...]/metadata as a `GetModelMetadataResponse`."""
     text = self._send("GET", "GetModelMetadata",
                       self._path(request.model_spec) + "/metadata", timeout)
@@ -158,7 +158,7 @@ class RestStub:
         self._output_dtypes[key] = dtypes
     return dtypes
 
-  def Predict(self, request, timeout=None):  # pylint: disable=invalid-name
+  def Predict(self, request, timeout=None):
     """POST /v1/models/NAME[...]:predict as a `PredictResponse`."""
     spec = request.model_spec
     dtypes = self._dtypes(spec, timeout)

@@ -483,7 +483,7 @@ def main(argv):
     return 1
   stop = threading.Event()
 
-  def on_signal(signum, frame):  # pylint: disable=unused-argument
+  def on_signal(signum, frame):
     logging.info("Received signal %d, shutting down.", signum)
     stop.set()
 

@@ -170,7 +170,7 @@ def _handle(method_name):
     def wrapper(self, request, context):
       try:
         return fn(self, request, context)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         code, message = status_of(e)
         if code == grpc.StatusCode.INTERNAL and not isinstance(
             e, (errors.ServingError, tf.errors.OpError)):
@@ -357,7 +357,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer
     self._metrics = metrics
 
   @_handle("Predict")
-  def Predict(self, request, context):  # pylint: disable=invalid-name
+  def Predict(self, request, context):
     if self._metrics is None:
       return self._core.predict(request)
     start = time.monotonic()
@@ -375,7 +375,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer
                                     time.monotonic() - start)
 
   @_handle("GetModelMetadata")
-  def GetModelMetadata(self, request, context):  # pylint: disable=invalid-name
+  def GetModelMetadata(self, request, context):
     return self._core.get_model_metadata(request)
 
 
@@ -387,5 +387,5 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     self._core = core
 
   @_handle("GetModelStatus")
-  def GetModelStatus(self, request, context):  # pylint: disable=invalid-name
+  def GetModelStatus(self, request, context):
     return self._core.get_model_status(request)

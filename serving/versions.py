@@ -228,7 +228,7 @@ class ServedModel:
     fingerprint = folder_fingerprint(path)
     try:
       loaded = bundle.SavedModelBundle(version, path)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       self._record_failure(version, path, fingerprint, e)
       return
     self._failures.pop(version, None)
@@ -351,7 +351,7 @@ class ModelManager:
     for model in self.models.values():
       try:
         model.poll()
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         logging.exception("Polling model %s failed", model.name)
 
   def start(self):

@@ -165,7 +165,7 @@ class TargetsPipelineTest(tf.test.TestCase):
       try:
         self.run_pipeline(output)
         failed = False
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         # The runner reports the worker's error wrapped in its own type.
         self.assertIn("simulated worker failure", str(e))
         failed = True

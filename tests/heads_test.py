@@ -16,7 +16,7 @@ from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import testing_models as tm  # pylint: disable=g-import-not-at-top
+import testing_models as tm
 
 _PREFIX = "Invalid value received for argument "
 _ERR_MODEL_NONE = (_PREFIX + "`model`. Expected a built Functional or "
@@ -219,11 +219,13 @@ class AddVariationHeadTest(tf.test.TestCase):
     self.assertTrue(heads.variation_head_metadata(dual)["include_moments"])
     x = tm.sample_inputs("softmax", 12)
     self.assertAllEqual(_predict(dual, x)["prediction"], _predict(model, x))
-    # The moments prior (the default "auto" on this model) feeds its
-    # feature too; without a prior the feature is off.
-    off = heads.add_variation_head(model, include_moments=False, prior=None,
-                                   **_SMALL_HEAD)
+    # The default prior ("auto": the cheap delta) leaves the feature off.
+    off = heads.add_variation_head(model, **_SMALL_HEAD)
     self.assertFalse(heads.variation_head_metadata(off)["include_moments"])
+    # The moments prior feeds its feature too.
+    on = heads.add_variation_head(model, prior=heads.PRIOR_MOMENTS,
+                                  **_SMALL_HEAD)
+    self.assertTrue(heads.variation_head_metadata(on)["include_moments"])
 
   def test_include_delta(self):
     for kind, include_delta, expected in [
@@ -254,14 +256,14 @@ class AddVariationHeadTest(tf.test.TestCase):
       heads.add_variation_head(tm.cnn(), include_moments=True, **_SMALL_HEAD)
     self.assertIn(_ERR_MOMENTS_CNN, str(cm.exception))
 
-  def test_auto_prior_prefers_moments_then_delta(self):
+  def test_auto_prior_is_the_delta_where_the_model_has_one(self):
     inputs = keras.Input(tm.IMAGE_SHAPE)
     h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
     h = keras.layers.SpatialDropout2D(0.3)(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     neither = keras.Model(inputs, keras.layers.Dense(3, "softmax")(h))
     for label, model, expected in [
-        ("moments supported", tm.mlp_softmax(), heads.PRIOR_MOMENTS),
+        ("moments supported", tm.mlp_softmax(), heads.PRIOR_DELTA),
         ("spatial dropout", tm.cnn(), heads.PRIOR_DELTA),
         ("neither", neither, None)]:
       with self.subTest(label):
@@ -669,7 +671,7 @@ class HeadFeaturesTest(tf.test.TestCase):
              (Residual(), False)]
     for layer, expected in cases:
       with self.subTest(layer=type(layer).__name__):
-        self.assertEqual(heads._is_relu(layer), expected)  # pylint: disable=protected-access
+        self.assertEqual(heads._is_relu(layer), expected)
 
   def test_mixed_float16_policy_gives_finite_features(self):
     keras.mixed_precision.set_global_policy("mixed_float16")

@@ -459,10 +459,10 @@ class McDropoutSignatureTest(tf.test.TestCase):
     samples = tf.constant([[[0.7, 0.3], [0.1, 0.9]],
                            [[0.5, 0.5], [0.3, 0.7]]])
     deterministic = tf.constant([[0.6, 0.4], [0.2, 0.8]])
-    got = saved_model._mc_statistic(  # pylint: disable=protected-access
+    got = saved_model._mc_statistic(
         samples, deterministic, contract.STAT_PREDICTED_CLASS_STD)
     self.assertAllClose(got, [0.1, 0.1])
-    per_class = saved_model._mc_statistic(  # pylint: disable=protected-access
+    per_class = saved_model._mc_statistic(
         samples, deterministic, contract.STAT_PER_CLASS_STD)
     self.assertAllClose(per_class, [[0.1, 0.1], [0.1, 0.1]])
 
@@ -557,12 +557,12 @@ class JitCompileExportTest(tf.test.TestCase):
   def test_bucket_sizes_are_the_next_power_of_two(self):
     rows = [0, 1, 2, 3, 4, 5, 255, 256, 257, 1000, 4096, 16385, 32769,
             2**20 + 1, 2**30]
-    got = [int(saved_model._bucket_size(tf.constant(r, tf.int32)))  # pylint: disable=protected-access
+    got = [int(saved_model._bucket_size(tf.constant(r, tf.int32)))
            for r in rows]
     self.assertEqual(got, [0, 1, 2, 4, 4, 8, 256, 256, 512, 1024, 4096,
                            32768, 65536, 2**21, 2**30])
     for r in range(1, 5000):
-      bucket = int(saved_model._bucket_size(tf.constant(r, tf.int32)))  # pylint: disable=protected-access
+      bucket = int(saved_model._bucket_size(tf.constant(r, tf.int32)))
       self.assertTrue(bucket >= r > bucket // 2, (r, bucket))
 
   def test_requests_are_padded_to_the_bucket_and_cut_back(self):
@@ -573,12 +573,12 @@ class JitCompileExportTest(tf.test.TestCase):
       seen.append(tuple(inputs.shape))  # at trace time: the padded shape
       return inputs
 
-    _, rebuild = saved_model._input_entries(dual)  # pylint: disable=protected-access
+    _, rebuild = saved_model._input_entries(dual)
 
     @tf.function(jit_compile=True)
     def compiled(inputs):
       return dual(spy(rebuild(inputs)), training=False)
-    forward = saved_model._padded_to_bucket(compiled)  # pylint: disable=protected-access
+    forward = saved_model._padded_to_bucket(compiled)
     for n in (3, 5):
       x = float_examples(n, seed=n)
       out = forward({"features": tf.constant(x)})

@@ -15,7 +15,7 @@ from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import testing_models as tm  # pylint: disable=g-import-not-at-top
+import testing_models as tm
 
 _ERR_RATE = ("Invalid value received for argument `rate`. Expected a float "
              "in [0, 1]. Received: rate=1.5")

@@ -89,7 +89,7 @@ class _FlakyServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     self.time_left = []
     self._lock = threading.Lock()
 
-  def Predict(self, request, context):  # pylint: disable=invalid-name
+  def Predict(self, request, context):
     with self._lock:
       self.calls += 1
       call = self.calls

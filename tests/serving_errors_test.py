@@ -15,7 +15,7 @@ _MESSAGE = "Servable not found for request: Latest(m)"
 class _Refusing(prediction_service_pb2_grpc.PredictionServiceServicer):
   """Answers every Predict with NOT_FOUND."""
 
-  def Predict(self, request, context):  # pylint: disable=invalid-name
+  def Predict(self, request, context):
     context.abort(grpc.StatusCode.NOT_FOUND, _MESSAGE)
 
 

@@ -18,7 +18,7 @@ from dropvar_tf.serving import codec
 from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import predict_pb2
 
-import testing_models as tm  # pylint: disable=g-import-not-at-top
+import testing_models as tm
 
 def _input_specs(model):
   """TensorSpecs named after the model's inputs, batch dimension free."""

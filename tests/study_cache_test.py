@@ -13,7 +13,7 @@ from dropvar_tf.study import config as config_lib
 from dropvar_tf.study.data import common
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import testing_models as tm  # pylint: disable=g-import-not-at-top
+import testing_models as tm
 
 _RATE = config_lib.TARGET_RATE
 

@@ -18,7 +18,7 @@ def _fake_emnist(data_dir, split, num_classes, num_train, num_test, seed=0):
 
   Returns the images and labels written, per split.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   real = tfds.builder(f"emnist/{split}", data_dir=data_dir)
   rng = np.random.default_rng(seed)
   written, parts = {}, {}

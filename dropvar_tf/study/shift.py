@@ -67,7 +67,7 @@ def mnist_as_digits(num, seed=0):
   Returns:
     float32 (num, 64).
   """
-  from dropvar_tf.study import data  # pylint: disable=g-import-not-at-top
+  from dropvar_tf.study import data
   split = data.load_mnist_5k(seed=seed)
   images = split.x_test[:num]
   small = tf.image.resize(images, (8, 8), method="area").numpy()
@@ -147,7 +147,7 @@ def _estimators(kind, model, duals):
 
 
 def _spearman(estimate, target):
-  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from scipy import stats
   if np.ptp(estimate) == 0 or np.ptp(target) == 0:
     return None
   return float(stats.spearmanr(estimate, target)[0])

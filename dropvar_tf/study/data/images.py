@@ -61,7 +61,7 @@ def load_digits(test_fraction=0.2, seed=0, flat=False):
   (8, 8, 1)
   """
   # Imported here: only this loader needs scikit-learn.
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets
 
   bunch = datasets.load_digits()
   # Pixel values are integers 0..16 in this data set.

