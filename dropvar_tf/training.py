@@ -120,6 +120,19 @@ def _fold_standardisation(first, mean, std):
   first.bias.assign((b - (mean / std) @ w).astype("float32"))
 
 
+def _head_outputs(head, feats, batch_size=1024):
+  """The head's outputs on `feats`, called directly in batches.
+
+  Not `head.predict`: its compiled step retraces for every new last-batch
+  size, and the subsets evaluated here all have different sizes.
+  """
+  n = len(feats[0])
+  parts = [np.asarray(head([f[i:i + batch_size] for f in feats],
+                           training=False))
+           for i in range(0, n, batch_size)]
+  return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+
 def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                        validation_split=0.1, learning_rate=1e-3, seed=0,
                        num_samples=None, patience=10, calibrate=True,
@@ -280,8 +293,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   _fold_standardisation(first, mean, std)
   if calibrate:
     idx = val_idx if n_val else train_idx
-    est = np.asarray(head.predict([f[idx] for f in feats], verbose=0,
-                                  batch_size=1024), "float64")
+    est = _head_outputs(head, [f[idx] for f in feats]).astype("float64")
     denom = float(np.sum(est * est))
     if denom > 0:
       out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
@@ -289,8 +301,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   report = None
   if n_report:
     report = metrics.fit_report(
-        head.predict([f[report_idx] for f in feats], verbose=0,
-                     batch_size=1024), t[report_idx], num_samples)
+        _head_outputs(head, [f[report_idx] for f in feats]), t[report_idx],
+        num_samples)
     if report["far_below_bound"]:
       warnings.warn(
           "The variation head fits its held-out calibration inputs far "
