@@ -50,6 +50,7 @@ with row_context(mask_hash.example_seeds(0, keys, tf.zeros([8], tf.int32))):
 
 import contextlib
 import math
+import threading
 
 import numpy as np
 
@@ -61,12 +62,19 @@ from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 
-class _RowContext:
-  """Per-row hash states seen by every SeededDropout call while active."""
+class _RowContext(threading.local):
+  """Per-row hash states seen by every SeededDropout call while active.
+
+  Per thread: a row context entered in one thread never leaks into another's
+  calls or traces.
+  """
   states = None
 
 
 _CONTEXT = _RowContext()
+# Held while a model's sources are switched (`sampling`): entries and exits
+# of two threads must not interleave, or a layer could stay switched.
+_SAMPLING_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -263,7 +271,7 @@ class SeededDropout(keras.layers.Layer):
 
   def alpha(self, inputs):
     """AlphaDropout: Keras' affine formula with the seeded keep mask."""
-    if self.rate <= 0.0:
+    if not 0.0 < self.rate < 1.0:  # Keras' AlphaDropout passes these through.
       return inputs
     alpha = 1.6732632423543772848170429916717
     scale = 1.0507009873554804934193349852946
@@ -390,20 +398,22 @@ def sampling(found_sources, noise_layers):
   Yields:
     None.
   """
-  patches, cache = _patches(found_sources, noise_layers)
-  saved = []
-  try:
-    for obj, name, value in patches:
-      saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
-      keras_graph.set_untracked_attribute(obj, name, value)
-    yield
-  finally:
-    for obj, name, previous in reversed(saved):
-      if previous is _MISSING:
-        object.__delattr__(obj, name)
-      else:
-        keras_graph.set_untracked_attribute(obj, name, previous)
-    cache.clear()
+  with _SAMPLING_LOCK:
+    patches, cache = _patches(found_sources, noise_layers)
+    saved = []
+    try:
+      for obj, name, value in patches:
+        previous = obj.__dict__.get(name, _MISSING)
+        keras_graph.set_untracked_attribute(obj, name, value)
+        saved.append((obj, name, previous))
+      yield
+    finally:
+      for obj, name, previous in reversed(saved):
+        if previous is _MISSING:
+          object.__delattr__(obj, name)
+        else:
+          keras_graph.set_untracked_attribute(obj, name, previous)
+      cache.clear()
 
 
 @keras.saving.register_keras_serializable(package="dropvar_tf")

@@ -42,6 +42,7 @@ import grpc
 import numpy as np
 from google.protobuf import text_format
 
+from dropvar_tf import contract
 from dropvar_tf.serving import errors
 from dropvar_tf.serving import protos
 
@@ -217,6 +218,11 @@ class Batcher:
         max_batch_size, UNAVAILABLE when the queue is full.
       Exception: whatever `fn` raised for this request.
     """
+    if signature_name == contract.MC_DROPOUT_SIGNATURE:
+      # Its masks are keyed by row position in the batch: merged behind
+      # another request, a request would get other masks.
+      return {alias: np.asarray(value)
+              for alias, value in fn(**arrays).items()}
     size = next(iter(arrays.values())).shape[0] if arrays else 1
     max_size = self.options.max_batch_size
     if size > max_size:
@@ -228,6 +234,9 @@ class Batcher:
     key = (version, signature_name, inner)
     task = _Task(arrays, size)
     with self._cv:
+      if self._stopped:
+        raise errors.ServingError(grpc.StatusCode.UNAVAILABLE,
+                                  "The server is shutting down")
       queue = self._queues.get(key)
       if queue is None:
         queue = self._queues[key] = _Queue(fn)

@@ -99,27 +99,32 @@ class SavedModelBundle:
             tf.config.threading.get_inter_op_parallelism_threads()))
     graph = tf.Graph()
     self._session = tf.compat.v1.Session(graph=graph, config=config)
-    with graph.as_default():
-      meta_graph = tf.compat.v1.saved_model.loader.load(
-          self._session, [SERVE_TAG], path)
-    self.signature_defs = dict(meta_graph.signature_def)
-    self._functions = {}
-    self._inputs = {}
-    for name, sig in self.signature_defs.items():
-      tensors = list(sig.inputs.values()) + list(sig.outputs.values())
-      if not all(_dense(info) for info in tensors):
-        logging.warning("Signature %s of %s has sparse or composite tensors; "
-                        "it is not served.", name, path)
-        continue
+    try:
       with graph.as_default():
-        self._functions[name] = _SessionSignature(self._session, sig)
-      self._inputs[name] = {
-          alias: InputSpec(
-              info.dtype, None if info.tensor_shape.unknown_rank else tuple(
-                  d.size for d in info.tensor_shape.dim))
-          for alias, info in sig.inputs.items()
-      }
-    self.warmup_records = self._replay_warmup()
+        meta_graph = tf.compat.v1.saved_model.loader.load(
+            self._session, [SERVE_TAG], path)
+      self.signature_defs = dict(meta_graph.signature_def)
+      self._functions = {}
+      self._inputs = {}
+      for name, sig in self.signature_defs.items():
+        tensors = list(sig.inputs.values()) + list(sig.outputs.values())
+        if not all(_dense(info) for info in tensors):
+          logging.warning("Signature %s of %s has sparse or composite tensors; "
+                          "it is not served.", name, path)
+          continue
+        with graph.as_default():
+          self._functions[name] = _SessionSignature(self._session, sig)
+        self._inputs[name] = {
+            alias: InputSpec(
+                info.dtype, None if info.tensor_shape.unknown_rank else tuple(
+                    d.size for d in info.tensor_shape.dim))
+            for alias, info in sig.inputs.items()
+        }
+      self.warmup_records = self._replay_warmup()
+    except BaseException:
+      # A failed load (retried with backoff) must not leak its Session.
+      self._session.close()
+      raise
 
   def signature(self, name):
     """A signature of this version, ready to run.

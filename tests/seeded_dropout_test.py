@@ -2,6 +2,7 @@
 
 import os
 import sys
+import threading
 
 import numpy as np
 from scipy import stats
@@ -58,6 +59,42 @@ class MCDropoutModelTest(tf.test.TestCase):
     for layer in model.layers:
       self.assertNotIn("call", vars(layer), msg=layer.name)
     self.assertAllEqual(model(x, training=False).numpy(), before)
+
+  def test_sampling_blocks_of_two_threads_do_not_interleave(self):
+    model = tm.target_model("regression")
+    clone = seeded_dropout.mc_dropout_model(model)
+    events, inside = [], threading.Event()
+
+    def hold(name, release=None):
+      with seeded_dropout.sampling(clone.sources, clone.noise_layers):
+        events.append(f"{name} in")
+        inside.set()
+        if release is not None:
+          release.wait(10)
+        events.append(f"{name} out")
+
+    release = threading.Event()
+    first = threading.Thread(target=hold, args=("a", release))
+    first.start()
+    inside.wait(10)
+    second = threading.Thread(target=hold, args=("b",))
+    second.start()
+    second.join(0.5)  # Blocked until the first block exits.
+    release.set()
+    first.join(10)
+    second.join(10)
+    self.assertEqual(events, ["a in", "a out", "b in", "b out"])
+    for layer in model.layers:
+      self.assertNotIn("call", vars(layer), msg=layer.name)
+
+  def test_row_context_is_per_thread(self):
+    seen = []
+    with seeded_dropout.row_context(tf.zeros([2], tf.uint32)):
+      thread = threading.Thread(
+          target=lambda: seen.append(seeded_dropout._CONTEXT.states))
+      thread.start()
+      thread.join(10)
+    self.assertEqual(seen, [None])
 
   def test_standalone_calls_are_stochastic_and_seeded(self):
     model = tm.target_model("regression")

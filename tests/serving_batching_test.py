@@ -85,6 +85,28 @@ class BatcherTest(tf.test.TestCase):
                                 "max_batch_size"):
       batching.BatchingOptions(max_batch_size=8, allowed_batch_sizes=(4,))
 
+  def test_mc_dropout_requests_are_never_merged(self):
+    # Their masks are keyed by row position: merging would change them.
+    batcher = self._batcher(max_batch_size=16, batch_timeout_micros=200000,
+                            num_batch_threads=1)
+    fn = _Recorder()
+    arrays = [np.full((1, 3), i, np.float32) for i in range(4)]
+    with futures.ThreadPoolExecutor(4) as pool:
+      jobs = [pool.submit(batcher.run, "v", contract.MC_DROPOUT_SIGNATURE,
+                          fn, {"x": a}) for a in arrays]
+      results = [job.result() for job in jobs]
+    self.assertEqual(fn.sizes, [1, 1, 1, 1])
+    for array, result in zip(arrays, results):
+      self.assertAllEqual(result["y"], array * 2)
+
+  def test_requests_after_stop_are_refused(self):
+    batcher = batching.Batcher(batching.BatchingOptions(max_batch_size=4))
+    batcher.start()
+    batcher.stop()
+    with self.assertRaises(errors.ServingError) as cm:
+      batcher.run("v", "sig", _Recorder(), {"x": np.zeros((1, 3))})
+    self.assertEqual(cm.exception.code, grpc.StatusCode.UNAVAILABLE)
+
   def test_a_failing_request_does_not_fail_its_batch_mates(self):
     batcher = self._batcher(max_batch_size=16, batch_timeout_micros=200000,
                             num_batch_threads=1)
