@@ -15,6 +15,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 FLAGS = flags.FLAGS
@@ -151,6 +152,11 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
 
 def main(argv):
   del argv
+  # The terminal shows the job's results, not TF's INFO lines (export) or
+  # its tf.function retracing hints (Keras' predict on a few data sizes).
+  from dropvar_tf._keras import tf
+  tf.get_logger().setLevel("ERROR")
+  logging.set_verbosity(logging.WARNING)
   sizes = dict(num_samples=FLAGS.num_samples,
                num_perturbed=FLAGS.num_perturbed,
                base_epochs=FLAGS.base_epochs, head_epochs=FLAGS.head_epochs)
