@@ -82,9 +82,11 @@ class _FlakyServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     time_left: the seconds left before the deadline at each call.
   """
 
-  def __init__(self, failures, code=grpc.StatusCode.UNAVAILABLE):
+  def __init__(self, failures, code=grpc.StatusCode.UNAVAILABLE,
+               refuse_after=0.0):
     self.failures = failures
     self.code = code
+    self.refuse_after = refuse_after
     self.calls = 0
     self.time_left = []
     self._lock = threading.Lock()
@@ -95,6 +97,7 @@ class _FlakyServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       call = self.calls
       self.time_left.append(context.time_remaining())
     if call <= self.failures:
+      time.sleep(self.refuse_after)
       context.abort(self.code, f"attempt {call} refused")
     response = predict_pb2.PredictResponse()
     response.model_spec.name = request.model_spec.name
@@ -403,13 +406,15 @@ class RetryTest(tf.test.TestCase):
     self.assertBetween(second, 0.25 + 0.05, 1.5 + 0.05)
 
   def test_retries_share_the_call_deadline(self):
-    servicer = _FlakyServicer(failures=2)
+    # Each refused attempt takes 0.2 s: gRPC's jittered backoff may be
+    # near 0, so the attempts themselves make the time spent measurable.
+    servicer = _FlakyServicer(failures=2, refuse_after=0.2)
     self._predict(servicer, timeout=5.0)
     first, _, last = servicer.time_left
     self.assertBetween(first, 0.0, 5.0 + 0.05)
-    # The third attempt comes after two backoffs (about 0.05 s and 0.1 s),
-    # with the time already spent taken off its deadline.
-    self.assertLess(last, first - 0.05)
+    # The third attempt has the time already spent (>= 0.4 s) taken off its
+    # deadline; a deadline per attempt would give it about 5 s again.
+    self.assertLess(last, first - 0.3)
 
 
 def _small_dual_model(seed=0):
