@@ -294,15 +294,18 @@ class SeededDropout(keras.layers.Layer):
 sources.add_dropout_class(SeededDropout)
 
 
+# Input rank of each Keras spatial dropout.
+_SPATIAL_RANKS = {keras.layers.SpatialDropout1D: 3,
+                  keras.layers.SpatialDropout2D: 4,
+                  keras.layers.SpatialDropout3D: 5}
+
+
 def _spatial_noise_shape(layer):
   """noise_shape of Keras' spatial dropouts (mask shared over space)."""
-  spatial = (keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
-             keras.layers.SpatialDropout3D)
-  if not isinstance(layer, spatial):
+  rank = next((r for cls, r in _SPATIAL_RANKS.items()
+               if isinstance(layer, cls)), None)
+  if rank is None:
     return layer.noise_shape
-  rank = {keras.layers.SpatialDropout1D: 3, keras.layers.SpatialDropout2D: 4,
-          keras.layers.SpatialDropout3D: 5}[
-              next(c for c in spatial if isinstance(layer, c))]
   if getattr(layer, "data_format", "channels_last") == "channels_first":
     return (None, None) + (1,) * (rank - 2)
   return (None,) + (1,) * (rank - 2) + (None,)
