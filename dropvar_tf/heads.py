@@ -1,7 +1,8 @@
 """Add a variation head to a trained Keras model, and take it off again.
 
 `add_variation_head` taps the post-activation outputs of chosen hidden layers
-of an existing Functional or Sequential model, turns them into activation-
+of an existing Keras model (Functional, Sequential, or subclassed: see
+`functional_view`), turns them into activation-
 strength features with probe layers, and feeds them (with the model's own
 prediction) to a small head network. The returned dual model has outputs
 `{"prediction": ..., "variation": ...}` and shares every base weight with the
@@ -54,6 +55,45 @@ def _check_layers_arg(layers):
       "layers", '"all", "last", or a non-empty list of layer names', layers)
 
 
+def functional_view(model, arg="model"):
+  """Returns `(view, paths)`: `model` as a Functional graph of its layers.
+
+  Functional and Sequential models are their own view. A subclassed model
+  has no symbolic graph, so its `call` is run once on `keras.Input`s of the
+  shapes it was built with: every Keras layer or `keras.ops` call inside it
+  then records a node of a new Functional graph that holds the same layer
+  objects (`keras_graph.functional_view`). That is chosen over recording
+  activations while the model runs (a capture layer) because the view is
+  an ordinary Functional model: the head's taps, the output-delta feature,
+  `strip_variation_head`, the SavedModel export and the `.keras` format
+  all work on it unchanged, under any tracing, with no state to restore.
+  A `call` that Keras cannot run symbolically (raw TensorFlow ops, Python
+  branches on tensor values) is refused with the reason.
+
+  Args:
+    model: a built `keras.Model`.
+    arg: the argument name used in error messages.
+
+  Returns:
+    The Functional view and a dict `id(layer) -> path` naming the layers
+    that come from inside subclassed models (`"<submodel>/<layer>"`, or
+    the bare name for a bare subclassed model's own layers).
+
+  Raises:
+    ValueError: `model` is not a built Keras model, or its `call` cannot
+      be run on symbolic inputs.
+  """
+  validation.check_model(model, arg=arg, allow_subclassed=True)
+  try:
+    return keras_graph.functional_view(model)
+  except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
+    raise validation.invalid(
+        arg, "a model whose subclassed parts call only Keras layers and "
+        "`keras.ops` in `call` (so that it runs on `keras.Input`s), built "
+        "by calling it on a batch",
+        f"model {model.name!r}: {str(e).splitlines()[0]}") from e
+
+
 def candidate_layers(model):
   """Returns the hidden layers of `model` whose outputs can feed a head.
 
@@ -64,16 +104,20 @@ def candidate_layers(model):
   in the model: they have no single output to tap). Order is topological
   (input to output).
 
+  Layers inside a subclassed model (bare, or a node of a Functional model)
+  are candidates like any other: see `functional_view`.
+
   Args:
-    model: a built Functional or Sequential Keras model.
+    model: a built Keras model (Functional, Sequential or subclassed).
 
   Returns:
     A list of layers, possibly empty.
 
   Raises:
-    ValueError: `model` is not a built Functional or Sequential model.
+    ValueError: `model` is not a built Keras model, or a subclassed model
+      whose `call` Keras cannot run on symbolic inputs.
   """
-  validation.check_model(model)
+  model, _ = functional_view(model)
   nodes = keras_graph.graph_nodes(model)
   output_ops = {id(keras_graph.source_layer(t)) for t in model.outputs}
   feeds_dropout = set()
@@ -120,8 +164,11 @@ def _is_relu(layer):
                               keras.activations.relu6)
 
 
-def _resolve_taps(model, layers):
-  """Returns [(layer, output tensor in `model`'s graph)] to tap."""
+def _resolve_taps(model, layers, paths=None):
+  """Returns [(layer, output tensor in `model`'s graph)] to tap.
+
+  `paths` (from `functional_view`) adds each layer's path as a name.
+  """
   candidates = candidate_layers(model)
   if layers == "all":
     taps = candidates
@@ -129,6 +176,8 @@ def _resolve_taps(model, layers):
     taps = candidates[-1:]
   else:
     by_name = {l.name: l for l in model.layers}
+    by_name.update({paths[id(l)]: l for l in model.layers
+                    if id(l) in (paths or {})})
     unknown = [n for n in layers if n not in by_name]
     if unknown:
       raise validation.invalid(
@@ -239,15 +288,19 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   feature (`include_delta`), which keeps a copy of the output layer's kernel
   taken now, so add the head after the base is trained. The dual model is
   not compiled; train its head with `fit_variation_head`, which leaves the
-  base weights untouched. Nested sub-models are tapped as a whole (their
-  inner layers are not reachable).
+  base weights untouched. Nested Functional sub-models are tapped as a
+  whole (their inner layers are not reachable); the layers a subclassed
+  model calls are tapped one by one (`functional_view`), so the dual is a
+  Functional model even when `model` is subclassed.
 
   Args:
-    model: a built, trained Functional or Sequential `keras.Model` with at
-      least one Dropout layer and one output tensor. Subclassed models are
-      refused (they have no symbolic graph to tap).
+    model: a built, trained `keras.Model` (Functional, Sequential or
+      subclassed; a subclassed one built by calling it on a batch) with at
+      least one dropout source and one output tensor.
     layers: "all" (every candidate hidden layer, see `candidate_layers`),
-      "last" (the candidate closest to the output), or a list of layer names.
+      "last" (the candidate closest to the output), or a list of layer names
+      (for layers inside a subclassed model, their name or their path
+      "<submodel>/<layer>").
     features: "summary" (mean, L2 norm and fraction active per layer; default:
       as good as or better than per-neuron features on every task measured
       and steadier from fit to fit) or "neurons" (per-neuron activations;
@@ -291,20 +344,22 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
     {"prediction": model's output, "variation": (batch,) or (batch, k)}.
 
   Raises:
-    ValueError: invalid `model` (None, not Keras, subclassed, unbuilt, no
-      Dropout, several outputs, already has a head) or invalid arguments,
-      e.g. unknown layer names.
+    ValueError: invalid `model` (None, not Keras, unbuilt, no dropout
+      source, a subclassed `call` Keras cannot run on `keras.Input`s,
+      already has a head) or invalid arguments, e.g. unknown layer names.
 
   Example:
   >>> dual = add_variation_head(model, layers="all")
   >>> out = dual.predict(x)   # {"prediction": ..., "variation": ...}
   """
-  sources.check_dropout_model(model)
+  sources.check_dropout_model(model, allow_subclassed=True)
   if has_variation_head(model):
     raise validation.invalid(
         "model", "a model without a variation head (call "
         "`strip_variation_head` first to replace its head)",
         f"dual model {model.name!r}")
+  base = model
+  model, paths = functional_view(model)
   if len(model.outputs) != 1:
     raise validation.invalid("model", "a model with exactly one output",
                              f"model {model.name!r} with "
@@ -320,7 +375,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   units = _output_units(model)
   probabilities = keras_graph.output_is_probabilities(model)
   statistic = validation.resolve_statistic(statistic, units, probabilities)
-  taps = _resolve_taps(model, layers)
+  taps = _resolve_taps(model, layers, paths)
   if prior not in PRIORS:
     raise validation.invalid("prior", f"one of {PRIORS}", prior)
 
@@ -366,14 +421,14 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       "statistic": statistic,
       "num_samples": None,
       "dropout_rates": {l.name: float(l.rate)
-                        for l in keras_graph.dropout_layers(model)},
-      "layers": [l.name for l, _ in taps],
+                        for l in keras_graph.dropout_layers(base)},
+      "layers": [paths.get(id(l), l.name) for l, _ in taps],
       "features": features,
       "include_prediction": bool(include_prediction),
       "include_delta": delta is not None,
       "include_moments": moment_net is not None,
       "transform": transform,
-      "base_model": model.name,
+      "base_model": base.name,
       "prior": prior,
       "prior_bound": None if prior is None else float(prior_bound),
   }

@@ -188,6 +188,109 @@ def graph_nodes(model):
   return nodes
 
 
+def _build_input_shapes(model):
+  """The input shape structure a subclassed `model` was built with, or None."""
+  shapes = getattr(model, "_build_shapes_dict", None)
+  if not shapes or len(shapes) != 1:
+    return None
+  return next(iter(shapes.values()))
+
+
+def _symbolic_inputs(shapes, name):
+  """`keras.Input`s of the shape structure `shapes` (batch dimension free)."""
+  if isinstance(shapes, dict):
+    return {k: _symbolic_inputs(v, k) for k, v in shapes.items()}
+  if isinstance(shapes, (list, tuple)) and shapes and not isinstance(
+      shapes[0], (int, type(None))):
+    return [_symbolic_inputs(v, f"{name}_{i}") for i, v in enumerate(shapes)]
+  return keras.Input(tuple(shapes)[1:], name=name)
+
+
+def _unroll_call(layer, paths, path, args, kwargs):
+  """Calls a subclassed `layer`'s `call` on symbolic tensors, recording paths.
+
+  Going past `Layer.__call__` makes each of its sublayers' calls a node of
+  the graph under construction, sharing the same layer objects.
+  """
+  for child in layer.layers:
+    paths.setdefault(id(child), f"{path}/{child.name}" if path else
+                     child.name)
+  kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+  return layer.call(*args, **kwargs)
+
+
+def functional_view(model):
+  """A Functional model computing what `model` computes, with its layers.
+
+  Functional and Sequential models without subclassed models inside are
+  returned as they are. A subclassed model (bare, or as a node of a
+  Functional model) is replaced by its `call` run on symbolic inputs, so
+  that the layers it calls become nodes of the new graph: the same layer
+  objects (weights shared, nothing copied or changed), reachable by name.
+  Sublayers that are subclassed models themselves stay one node.
+
+  Args:
+    model: a built `keras.Model`.
+
+  Returns:
+    `(view, paths)`: the Functional model, and a dict mapping `id(layer)` to
+    the layer's path in `model` (`"<submodel>/<layer>"`) for each layer that
+    came from inside a subclassed model (empty when `view` is `model`).
+
+  Raises:
+    TypeError, ValueError, NotImplementedError: Keras cannot run `call`
+      symbolically (it uses raw TensorFlow ops or Python control flow on
+      tensor values), or a built subclassed model has no recorded input
+      shape.
+  """
+  paths = {}
+  if is_graph_model(model):
+    if isinstance(model, keras.Sequential) or not any(
+        isinstance(l, keras.Model) and not is_graph_model(l)
+        for l in model.layers):
+      return model, paths
+    inputs = tf.nest.map_structure(
+        lambda t: keras.Input(t.shape[1:], dtype=t.dtype,
+                              name=t._keras_history.operation.name),
+        model.input)
+
+    def call_fn(layer, *args, **kwargs):
+      if isinstance(layer, keras.Model) and not is_graph_model(layer):
+        return _unroll_call(layer, paths, layer.name, args, kwargs)
+      return layer(*args, **kwargs)
+
+    outputs = model._run_through_graph(tf.nest.flatten(inputs),
+                                       call_fn=call_fn)
+    return keras.Model(inputs, outputs, name=model.name), paths
+  shapes = _build_input_shapes(model)
+  if shapes is None:
+    raise ValueError(f"subclassed model {model.name!r} has no recorded "
+                     "input shape (build it by calling it on a batch)")
+  inputs = _symbolic_inputs(shapes, "inputs")
+  outputs = _unroll_call(model, paths, "", (inputs,), {})
+  return keras.Model(inputs, outputs, name=model.name), paths
+
+
+def as_functional(model):
+  """`model` itself, or a subclassed `model` as the one node of a Functional.
+
+  The wrapper gives a subclassed model what a Functional model has (inputs,
+  outputs, their shapes and dtypes) without looking inside its `call`; it
+  computes exactly what `model` computes.
+
+  Raises:
+    ValueError: a subclassed `model` has no recorded input shape.
+  """
+  if is_graph_model(model):
+    return model
+  shapes = _build_input_shapes(model)
+  if shapes is None:
+    raise ValueError(f"subclassed model {model.name!r} has no recorded "
+                     "input shape (build it by calling it on a batch)")
+  inputs = _symbolic_inputs(shapes, "inputs")
+  return keras.Model(inputs, model(inputs), name=model.name)
+
+
 def output_is_probabilities(model):
   """False when `model`'s output layer visibly is not a softmax.
 

@@ -287,8 +287,20 @@ def _reduce(std, det, statistic, out_shape):
 # Validation.
 
 
+def spec_model(model):
+  """`model`, or a Functional wrapper giving a subclassed one inputs/outputs.
+
+  Raises:
+    ValueError: `model` is not a built Keras model with a dropout source.
+  """
+  sources.check_dropout_model(model, allow_subclassed=True)
+  try:
+    return keras_graph.as_functional(model)
+  except ValueError as e:
+    raise validation.invalid("model", "a built model", str(e)) from e
+
+
 def _check_common(model, num_samples, seed, batch_size, statistic):
-  sources.check_dropout_model(model)
   if len(model.outputs) != 1:
     raise validation.invalid(
         "model", "a model with a single output tensor",
@@ -488,9 +500,10 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
     RuntimeWarning: every target is exactly 0 (the message names the likely
       cause).
   """
+  spec = spec_model(model)
   num_samples, seed, batch_size, statistic, out_shape = _check_common(
-      model, num_samples, seed, batch_size, statistic)
-  source = _make_source(model, x)
+      spec, num_samples, seed, batch_size, statistic)
+  source = _make_source(spec, x)
   if output_path is not None and isinstance(source, _DatasetSource):
     source.count()
   keys = _check_keys(keys, source.num_examples)
@@ -618,10 +631,11 @@ def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,
   Raises:
     ValueError: an invalid argument, named in the message.
   """
+  spec = spec_model(model)
   num_samples, seed, batch_size, statistic, out_shape = _check_common(
-      model, num_samples, seed, batch_size, statistic)
+      spec, num_samples, seed, batch_size, statistic)
   num_samples = validation.check_int(num_samples, "num_samples", 4)
-  source = _make_source(model, x)
+  source = _make_source(spec, x)
   keys = _check_keys(keys, source.num_examples)
   half = num_samples // 2
   ranges = [(0, half), (half, num_samples)]

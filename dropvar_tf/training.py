@@ -366,8 +366,9 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
   num_perturbed = validation.check_int(num_perturbed, "num_perturbed", 0)
   # Checked before perturbing: a NaN row would spread to its perturbed
   # copies and be counted there.
-  validation.check_inputs(validation.check_model(model), x)
+  # Checked against the dual's inputs: a subclassed model has none itself.
   dual = heads.add_variation_head(model, seed=seed, **head_kwargs)
+  validation.check_inputs(dual, x)
   statistic = heads.variation_head_metadata(dual)["statistic"]
   fit_x = x
   if num_perturbed:
