@@ -202,17 +202,34 @@ def _resolve_taps(model, layers, paths=None):
   return tapped
 
 
+def _head_name(index, output_name):
+  """The head of a single-output dual is HEAD_NAME; of output i, HEAD_NAME_i."""
+  return contract.HEAD_NAME if output_name is None else (
+      f"{contract.HEAD_NAME}_{index}")
+
+
 def has_variation_head(model):
   """True when `model` is a dual model made by `add_variation_head`."""
-  try:
-    model.get_layer(contract.HEAD_NAME)
-  except ValueError:
-    return False
-  return True
+  names = {l.name for l in getattr(model, "layers", ())}
+  return contract.HEAD_NAME in names or _head_name(0, "") in names
 
 
-def _output_units(model):
-  shape = model.outputs[0].shape
+def dual_output_names(dual):
+  """The output names of a multi-output dual model; None for one output.
+
+  In the base model's output order (see `keras_graph.output_names`).
+
+  Raises:
+    ValueError: `dual` has no variation head.
+  """
+  first = _heads(dual)[0]
+  if first.name == contract.HEAD_NAME:
+    return None
+  return list(first.get_layer("variation_output").metadata["base_outputs"])
+
+
+def _output_units(tensor):
+  shape = tensor.shape
   return 1 if len(shape) < 2 else int(shape[-1])
 
 
@@ -222,11 +239,10 @@ def _statistic_units(statistic, units):
   return units
 
 
-def _output_delta(model, include_delta, statistic, units):
+def _output_delta(model, out, include_delta, statistic, units, suffix=""):
   """Returns (log feature, DPV) tensors of `OutputDropoutDelta`, or Nones."""
   if not include_delta:
     return None, None
-  out = model.outputs[0]
   layer = keras_graph.source_layer(out)
   nodes = keras_graph.graph_nodes(model)
   why = None
@@ -250,11 +266,12 @@ def _output_delta(model, include_delta, statistic, units):
   delta = probe_layers.OutputDropoutDelta(
       rate=dropout.rate, activation=activation, statistic=statistic,
       input_dim=int(h.shape[-1]), units=units, dtype="float32",
-      name=DELTA_NAME)
+      name=DELTA_NAME + suffix)
   value = delta([h, out])
   delta.kernel.assign(layer.kernel.numpy())
   return head_layers.LogFeature(nonnegative=True, dtype="float32",
-                                name=DELTA_NAME + "_log")(value), value
+                                name=DELTA_NAME + suffix + "_log")(
+                                    value), value
 
 
 def _moment_features(model, include_moments, statistic):
@@ -360,10 +377,13 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
         f"dual model {model.name!r}")
   base = model
   model, paths = functional_view(model)
-  if len(model.outputs) != 1:
-    raise validation.invalid("model", "a model with exactly one output",
-                             f"model {model.name!r} with "
-                             f"{len(model.outputs)} outputs")
+  try:
+    names = keras_graph.output_names(base)
+  except ValueError as e:
+    raise validation.invalid("model", "a model whose outputs are a tensor, "
+                             "a list or a flat dict of tensors", str(e)) from e
+  outputs = keras_graph.select_outputs(keras_graph.output_structure(model),
+                                       names)
   layers = _check_layers_arg(layers)
   probe_layers.check_features(features)
   if not isinstance(hidden_units, (list, tuple)):
@@ -372,37 +392,128 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                              hidden_units)
   hidden_units = [validation.check_int(u, "hidden_units", 1)
                   for u in hidden_units]
-  units = _output_units(model)
-  probabilities = keras_graph.output_is_probabilities(model)
-  statistic = validation.resolve_statistic(statistic, units, probabilities)
+  statistics = _resolve_statistics(model, names, outputs, statistic)
   taps = _resolve_taps(model, layers, paths)
   if prior not in PRIORS:
     raise validation.invalid("prior", f"one of {PRIORS}", prior)
+  if names is not None and (prior == PRIOR_MOMENTS or include_moments is
+                            True):
+    raise validation.invalid(
+        "prior" if prior == PRIOR_MOMENTS else "include_moments",
+        "no moment propagation on a model with several outputs (it "
+        "propagates one output)", f"model {base.name!r} with outputs {names}")
 
-  prediction = model.outputs[0]
-  head_inputs = []
+  probes = []
   # Feature layers compute in float32 whatever the dtype policy: float16
   # sums of squares overflow on wide layers.
   for layer, tensor in taps:
     probe = probe_layers.ActivationStrength(
         features=features, nonnegative=_is_relu(layer), dtype="float32",
         name=PROBE_PREFIX + layer.name)
-    head_inputs.append(probe(tensor))
-  if include_prediction:
+    probes.append(probe(tensor))
+  dual_outputs = {}
+  for index, (output_name, prediction, output_statistic) in enumerate(
+      zip(names or [None], outputs, statistics)):
+    metadata = {
+        "dropvar_tf_version": __version__,
+        "num_samples": None,
+        "dropout_rates": dropout_rates(base),
+        "layers": [paths.get(id(l), l.name) for l, _ in taps],
+        "features": features,
+        "include_prediction": bool(include_prediction),
+        "transform": transform,
+        "base_model": base.name,
+    }
+    if output_name is not None:
+      metadata.update(output=output_name, base_outputs=names,
+                      base_output_dict=isinstance(
+                          keras_graph.output_structure(base), dict))
+    dual_outputs[contract.prediction_key(output_name)] = prediction
+    dual_outputs[contract.variation_key(output_name)] = _output_head(
+        model, prediction, probes, metadata, output_statistic,
+        "" if output_name is None else f"_{index}",
+        _head_name(index, output_name),
+        dict(include_prediction=include_prediction,
+             include_delta=include_delta, include_moments=include_moments,
+             prior=prior, prior_bound=prior_bound, hidden_units=hidden_units,
+             transform=transform, l2=l2, head_dropout=head_dropout,
+             seed=seed))
+  return keras.Model(
+      inputs=keras_graph.model_input(model), outputs=dual_outputs,
+      name=name or f"{model.name}_dual")
+
+
+def dropout_rates(model):
+  """{path: rate} of every dropout source (`sources.dropout_sources`).
+
+  What the head metadata lists under "dropout_rates".
+
+  An RNN with both dropouts lists them as "<path>/dropout" and
+  "<path>/recurrent_dropout".
+  """
+  found = sources.dropout_sources(model)
+  paths = [f.path for f in found]
+  return {(f.path if paths.count(f.path) == 1 else f"{f.path}/{f.kind}"):
+          f.rate for f in found}
+
+
+def _resolve_statistics(model, names, outputs, statistic):
+  """One resolved statistic per output (a dict gives one per output name)."""
+  if isinstance(statistic, dict) and names is not None:
+    if sorted(statistic) != sorted(names):
+      raise validation.invalid(
+          "statistic", f"one of {contract.STATISTICS}, or a dict of them "
+          f"keyed by the output names {names}", statistic)
+    wanted = [statistic[n] for n in names]
+  else:
+    wanted = [statistic] * len(outputs)
+  return [validation.resolve_statistic(
+      stat, _output_units(out), keras_graph.output_is_probabilities(
+          model, out)) for stat, out in zip(wanted, outputs)]
+
+
+def _output_head(model, prediction, probes, metadata, statistic, suffix,
+                 head_name, options):
+  """Builds the head of one output; returns its variation tensor.
+
+  Args:
+    model: the Functional view of the base model.
+    prediction: the output tensor the head estimates the DPV of.
+    probes: the activation-strength feature tensors (shared by all heads).
+    metadata: the head metadata so far; completed here.
+    statistic: the resolved statistic of this output.
+    suffix: appended to the names of this output's feature layers ("" for
+      a single-output model, whose names stay as they always were).
+    head_name: the name of the head sub-model.
+    options: the `add_variation_head` arguments that shape the head.
+  """
+  o = options
+  units = _output_units(prediction)
+  prior = o["prior"]
+  include_delta = o["include_delta"]
+  head_inputs = list(probes)
+  if o["include_prediction"]:
     head_inputs.append(
-        head_layers.PredictionFeatures(probabilities=probabilities,
-                                       dtype="float32",
-                                       name=PREDICTION_FEATURES_NAME)(
-                                           prediction))
+        head_layers.PredictionFeatures(
+            probabilities=keras_graph.output_is_probabilities(
+                model, prediction),
+            dtype="float32", name=PREDICTION_FEATURES_NAME + suffix)(
+                prediction))
   auto = prior == PRIOR_AUTO
-  want_moments = True if prior == PRIOR_MOMENTS else include_moments
-  moment_net = _moment_features(model, want_moments, statistic)
+  want_moments = True if prior == PRIOR_MOMENTS else o["include_moments"]
+  moment_net = None
+  if suffix and want_moments == "auto":
+    warnings.warn("Moment-propagation features skipped: the model has "
+                  "several outputs", stacklevel=3)
+  elif not suffix:
+    moment_net = _moment_features(model, want_moments, statistic)
   if auto:
     prior = PRIOR_DELTA if include_delta is not False else None
   want_delta = include_delta
   if prior == PRIOR_DELTA:
     want_delta = True if not auto or include_delta is True else "auto"
-  delta, delta_value = _output_delta(model, want_delta, statistic, units)
+  delta, delta_value = _output_delta(model, prediction, want_delta, statistic,
+                                     units, suffix)
   if prior == PRIOR_DELTA and delta is None:
     prior = None  # "auto" on a model that has neither
   if delta is not None:
@@ -415,38 +526,22 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
             moment_value))
   prior_value = {PRIOR_DELTA: delta_value,
                  PRIOR_MOMENTS: moment_value}.get(prior)
-
-  metadata = {
-      "dropvar_tf_version": __version__,
-      "statistic": statistic,
-      "num_samples": None,
-      "dropout_rates": {l.name: float(l.rate)
-                        for l in keras_graph.dropout_layers(base)},
-      "layers": [paths.get(id(l), l.name) for l, _ in taps],
-      "features": features,
-      "include_prediction": bool(include_prediction),
-      "include_delta": delta is not None,
-      "include_moments": moment_net is not None,
-      "transform": transform,
-      "base_model": base.name,
-      "prior": prior,
-      "prior_bound": None if prior is None else float(prior_bound),
-  }
-  head = _build_head(head_inputs, hidden_units,
-                     _statistic_units(statistic, units), transform, l2,
-                     head_dropout, seed, metadata, prior_value, prior_bound)
+  metadata.update(
+      statistic=statistic, include_delta=delta is not None,
+      include_moments=moment_net is not None, prior=prior,
+      prior_bound=None if prior is None else float(o["prior_bound"]))
+  head = _build_head(head_inputs, o["hidden_units"],
+                     _statistic_units(statistic, units), o["transform"],
+                     o["l2"], o["head_dropout"], o["seed"], metadata,
+                     prior_value, o["prior_bound"], head_name)
   if prior_value is not None:
     head_inputs = head_inputs + [prior_value]
-  variation = head(head_inputs)
-  return keras.Model(
-      inputs=keras_graph.model_input(model),
-      outputs={contract.PREDICTION_KEY: prediction,
-               contract.VARIATION_KEY: variation},
-      name=name or f"{model.name}_dual")
+  return head(head_inputs)
 
 
 def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
-                head_dropout, seed, metadata, prior=None, prior_bound=None):
+                head_dropout, seed, metadata, prior=None, prior_bound=None,
+                head_name=contract.HEAD_NAME):
   """The head model: inputs the features, then the prior if there is one."""
   inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype,
                         name=f"head_in_{i}")
@@ -483,15 +578,15 @@ def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
     v = head_layers.VariationOutput(out_units, transform=transform,
                                     metadata=metadata,
                                     name="variation_output")(x)
-    return keras.Model(inputs, v, name=contract.HEAD_NAME)
+    return keras.Model(inputs, v, name=head_name)
   v = head_layers.VariationOutput(
       out_units, transform=transform, metadata=metadata,
       prior_bound=float(prior_bound), name="variation_output")([x, prior_input])
-  return keras.Model(inputs + [prior_input], v, name=contract.HEAD_NAME)
+  return keras.Model(inputs + [prior_input], v, name=head_name)
 
 
-def variation_head(dual):
-  """Returns the head sub-model of a dual model.
+def _heads(dual):
+  """The head sub-models of `dual`, in output-name order.
 
   Raises:
     ValueError: `dual` was not made by `add_variation_head`.
@@ -501,31 +596,67 @@ def variation_head(dual):
         "dual", "a dual model made by `add_variation_head`",
         dual if not isinstance(dual, keras.Model) else
         f"model {dual.name!r} without a variation head")
-  return dual.get_layer(contract.HEAD_NAME)
+  names = {l.name: l for l in dual.layers}
+  if contract.HEAD_NAME in names:
+    return [names[contract.HEAD_NAME]]
+  found = []
+  while _head_name(len(found), "") in names:
+    found.append(names[_head_name(len(found), "")])
+  return found
 
 
-def variation_output_layer(dual):
+def variation_head(dual, output=None):
+  """Returns the head sub-model of a dual model (of `output`'s, if several).
+
+  Args:
+    dual: a dual model made by `add_variation_head`.
+    output: for a dual of a multi-output model, the output name (see
+      `dual_output_names`); None for a single-output one.
+
+  Raises:
+    ValueError: `dual` was not made by `add_variation_head`, or `output`
+      does not name one of its outputs.
+  """
+  variation_heads = _heads(dual)
+  names = dual_output_names(dual)
+  if names is None and output is None:
+    return variation_heads[0]
+  if names is None or output not in names:
+    raise validation.invalid(
+        "output", "None for a single-output dual model" if names is None
+        else f"one of the dual model's output names {names}", output)
+  return variation_heads[names.index(output)]
+
+
+def variation_output_layer(dual, output=None):
   """Returns the `VariationOutput` layer of a dual model's head."""
-  return variation_head(dual).get_layer("variation_output")
+  return variation_head(dual, output).get_layer("variation_output")
 
 
-def variation_head_metadata(dual):
+def variation_head_metadata(dual, output=None):
   """Returns what the head estimates, as a JSON-able dict.
 
   Keys: dropvar_tf_version, statistic, num_samples (of the MC targets it was
-  fitted on; None before fitting), dropout_rates, layers, features,
-  include_prediction, include_moments, transform, base_model, prior,
-  prior_bound, and after
+  fitted on; None before fitting), dropout_rates (`dropout_rates`), layers,
+  features, include_prediction, include_moments, transform, base_model,
+  prior, prior_bound, and after
   fitting seed, num_train_examples and fit_report (the held-out
   self-assessment of `training.fit_variation_head`, see
-  `metrics.fit_report`; None when fitted with `report_split=0`).
+  `metrics.fit_report`; None when fitted with `report_split=0`). A head of
+  a multi-output model also has output (its output name), base_outputs
+  (every output name) and base_output_dict (whether the base returns a
+  dict).
+
+  Args:
+    dual: a dual model made by `add_variation_head`.
+    output: the output name for a multi-output dual (see `variation_head`).
   """
-  return dict(variation_output_layer(dual).metadata)
+  return dict(variation_output_layer(dual, output).metadata)
 
 
-def head_feature_tensors(dual):
-  """Returns the symbolic tensors that feed the head, in head-input order."""
-  head = variation_head(dual)
+def head_feature_tensors(dual, output=None):
+  """Returns the symbolic tensors that feed a head, in head-input order."""
+  head = variation_head(dual, output)
   calls = keras_graph.graph_nodes(dual).get(id(head), [])
   if len(calls) != 1:
     raise validation.invalid("dual", "a dual model whose head is called once",
@@ -537,14 +668,24 @@ def strip_variation_head(dual):
   """Returns the plain model: the inverse of `add_variation_head`.
 
   The result is a Functional model with the dual model's inputs and the base
-  prediction as its only output; it shares the base weights (no copy), so its
-  predictions equal `dual(x)["prediction"]`.
+  prediction as its only output (for a multi-output base, its outputs in
+  the base's structure: a dict keyed by output name, or a list in output
+  order); it shares the base weights (no copy), so its predictions equal
+  the dual's "prediction" outputs. A subclassed base comes back as the
+  Functional view of its layers (`functional_view`).
 
   Raises:
     ValueError: `dual` has no variation head.
   """
-  variation_head(dual)
+  names = dual_output_names(dual)
   outputs = dual.output
-  prediction = outputs[contract.PREDICTION_KEY]
-  base_name = variation_head_metadata(dual).get("base_model") or dual.name
+  if names is None:
+    prediction = outputs[contract.PREDICTION_KEY]
+    meta = variation_head_metadata(dual)
+  else:
+    meta = variation_head_metadata(dual, names[0])
+    prediction = [outputs[contract.prediction_key(n)] for n in names]
+    if meta.get("base_output_dict"):
+      prediction = dict(zip(names, prediction))
+  base_name = meta.get("base_model") or dual.name
   return keras.Model(inputs=dual.input, outputs=prediction, name=base_name)

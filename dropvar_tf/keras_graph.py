@@ -291,14 +291,77 @@ def as_functional(model):
   return keras.Model(inputs, model(inputs), name=model.name)
 
 
-def output_is_probabilities(model):
+def output_structure(model):
+  """`model`'s symbolic output structure (Sequential and subclassed too).
+
+  Raises:
+    ValueError: a subclassed `model` has no recorded input shape.
+  """
+  if isinstance(model, keras.Sequential):
+    return model.outputs[0]
+  return as_functional(model).output
+
+
+def output_names(model):
+  """The names of `model`'s outputs, or None when it has one output tensor.
+
+  The keys of a dict output (sorted); for a list output, the Keras output
+  names of a Functional model, "output_<i>" for a subclassed model (its
+  outputs have no names of their own). See `contract.OUTPUT_SEPARATOR`.
+
+  Raises:
+    ValueError: nested output structures, or a subclassed `model` without
+      a recorded input shape.
+  """
+  structure = output_structure(model)
+  flat = tf.nest.flatten(structure)
+  if len(flat) == 1:
+    return None
+  if isinstance(structure, dict):
+    if len(structure) != len(flat):
+      raise ValueError(f"model {model.name!r} has nested outputs")
+    return sorted(structure)
+  if len(structure) != len(flat):
+    raise ValueError(f"model {model.name!r} has nested outputs")
+  names = [f"output_{i}" for i in range(len(flat))]
+  if is_graph_model(model):
+    keras_names = [t._keras_history.operation.name for t in flat]
+    if len(set(keras_names)) == len(flat):
+      names = keras_names
+  return names
+
+
+def select_outputs(structure, names):
+  """The tensors of an output `structure` in the order of `names`.
+
+  Args:
+    structure: what a model with `output_names(model) == names` returns
+      (a dict keyed by the names, or a list in output order), or its
+      symbolic output.
+    names: `output_names(model)`; None for one output tensor.
+
+  Returns:
+    A list of tensors, one per name (one in all when `names` is None).
+  """
+  if names is None:
+    return tf.nest.flatten(structure)[:1]
+  if isinstance(structure, dict):
+    return [structure[n] for n in names]
+  return list(structure)
+
+
+def output_is_probabilities(model, output=None):
   """False when `model`'s output layer visibly is not a softmax.
 
   A Dense/Conv/Activation output with another activation (linear, sigmoid)
   gives False; a softmax, a `Softmax` layer, or a layer whose activation
   cannot be seen (a nested model) gives True.
+
+  Args:
+    model: a Functional or Sequential model.
+    output: one of its symbolic output tensors (default: the first).
   """
-  layer = source_layer(model.outputs[0])
+  layer = source_layer(model.outputs[0] if output is None else output)
   if isinstance(layer, keras.layers.Softmax):
     return True
   activation = getattr(layer, "activation", None)

@@ -187,17 +187,24 @@ class _Sampler:
   indices are tensor arguments, so later calls reuse the traced graphs.
   """
 
-  def __init__(self, model, samples_per_pass):
+  def __init__(self, model, samples_per_pass, names=None):
     self.model = model
+    self.names = names
     self.clone = seeded_dropout.mc_dropout_model(model)
     self.samples_per_pass = samples_per_pass
     self.deterministic = tf.function(self._deterministic,
                                      reduce_retracing=True)
     self.sample_sums = tf.function(self._sample_sums, reduce_retracing=True)
 
+  def _flat(self, y):
+    """(B, k): every output (in `names` order) flattened side by side."""
+    if self.names is None:
+      return tf.reshape(y, [tf.shape(y)[0], -1])
+    return tf.concat([tf.reshape(o, [tf.shape(o)[0], -1]) for o in
+                      keras_graph.select_outputs(y, self.names)], axis=1)
+
   def _deterministic(self, x):
-    y = self.model(x, training=False)
-    return tf.reshape(y, [tf.shape(y)[0], -1])
+    return self._flat(self.model(x, training=False))
 
   def _sample_sums(self, x, keys, shift, seed, first_sample, num_valid):
     """Sums over `samples_per_pass` tiled samples starting at `first_sample`.
@@ -221,7 +228,7 @@ class _Sampler:
     sample = tf.repeat(first_sample + tf.range(s), rows)
     states = mask_hash.example_seeds(seed, tf.tile(keys, [s]), sample)
     with seeded_dropout.row_context(states):
-      y = self.clone(tiled, training=False)
+      y = self._flat(self.clone(tiled, training=False))
     y = tf.reshape(tf.cast(y, tf.float64), [s, rows, -1]) - shift[None]
     weight = tf.cast(tf.range(s) < num_valid, tf.float64)[:, None, None]
     y = y * weight
@@ -256,11 +263,11 @@ _SAMPLERS = collections.OrderedDict()
 _MAX_SAMPLERS = 4
 
 
-def _sampler_for(model, samples_per_pass):
+def _sampler_for(model, samples_per_pass, names=None):
   key = (id(model), samples_per_pass)
   sampler = _SAMPLERS.get(key)
   if sampler is None or sampler.model is not model:
-    sampler = _Sampler(model, samples_per_pass)
+    sampler = _Sampler(model, samples_per_pass, names)
     _SAMPLERS[key] = sampler
     while len(_SAMPLERS) > _MAX_SAMPLERS:
       _SAMPLERS.popitem(last=False)
@@ -300,25 +307,99 @@ def spec_model(model):
     raise validation.invalid("model", "a built model", str(e)) from e
 
 
+class _Outputs:
+  """The outputs of a model: names, static shapes and resolved statistics.
+
+  One output (`names` None) keeps the single-array targets; several give a
+  dict of target arrays keyed by output name, each as one output's would
+  be. Chunks of several outputs are kept as one (n, width) array, the
+  outputs' reduced columns side by side.
+  """
+
+  def __init__(self, names, shapes, statistics):
+    self.names = names
+    self.shapes = shapes
+    self.statistics = statistics
+
+  def _width(self, shape, statistic):
+    units = int(np.prod(shape, dtype=np.int64))
+    return 1 if statistic == contract.STAT_PREDICTED_CLASS_STD else units
+
+  def settings(self):
+    """The statistic and output shape settings of a target store."""
+    if self.names is None:
+      return self.statistics[0], list(self.shapes[0])
+    return (dict(zip(self.names, self.statistics)),
+            {n: list(s) for n, s in zip(self.names, self.shapes)})
+
+  def finalize(self, det, sums, num_samples):
+    s1, s2 = sums
+    std = _std_from_sums(s1, s2, num_samples)
+    if self.names is None:
+      return _reduce(std, det, self.statistics[0], self.shapes[0])
+    columns, start = [], 0
+    for shape, statistic in zip(self.shapes, self.statistics):
+      stop = start + int(np.prod(shape, dtype=np.int64))
+      value = _reduce(std[:, start:stop], det[:, start:stop], statistic,
+                      shape)
+      columns.append(value.reshape(len(value), -1))
+      start = stop
+    return np.concatenate(columns, axis=1)
+
+  def concat(self, parts):
+    if self.names is None:
+      return _concat(parts, self.shapes[0], self.statistics[0])
+    widths = [self._width(s, t) for s, t in zip(self.shapes,
+                                                 self.statistics)]
+    flat = (np.concatenate(parts) if parts else
+            np.zeros((0, sum(widths)))).astype(np.float32)
+    out, start = {}, 0
+    for name, shape, width in zip(self.names, self.shapes, widths):
+      value = flat[:, start:start + width]
+      out[name] = value[:, 0] if width == 1 else value.reshape(
+          (-1,) + tuple(shape))
+      start += width
+    return out
+
+
+def _resolve_outputs(model, statistic):
+  """The `_Outputs` of `model` (a graph model) with `statistic` resolved."""
+  try:
+    names = keras_graph.output_names(model)
+  except ValueError as e:
+    raise validation.invalid("model", "a model whose outputs are a tensor, "
+                             "a list or a flat dict of tensors", str(e)) from e
+  tensors = keras_graph.select_outputs(keras_graph.output_structure(model),
+                                       names)
+  if isinstance(statistic, dict) and names is not None:
+    if sorted(statistic) != sorted(names):
+      raise validation.invalid(
+          "statistic", f"one of {contract.STATISTICS}, or a dict of them "
+          f"keyed by the output names {names}", statistic)
+    wanted = [statistic[n] for n in names]
+  else:
+    wanted = [statistic] * len(tensors)
+  shapes, statistics = [], []
+  for tensor, stat in zip(tensors, wanted):
+    validation.resolve_statistic(stat, 1)  # validate before the model
+    out_shape = tuple(tensor.shape[1:])
+    if any(d is None for d in out_shape):
+      raise validation.invalid("model", "a model with a static output shape",
+                               f"output shape {tensor.shape}")
+    units = int(np.prod(out_shape, dtype=np.int64))
+    shapes.append(out_shape)
+    statistics.append(validation.resolve_statistic(
+        stat, units, keras_graph.output_is_probabilities(model, tensor)))
+  return _Outputs(names, shapes, statistics)
+
+
 def _check_common(model, num_samples, seed, batch_size, statistic):
-  if len(model.outputs) != 1:
-    raise validation.invalid(
-        "model", "a model with a single output tensor",
-        f"model {model.name!r} with {len(model.outputs)} outputs")
   num_samples = validation.check_int(num_samples, "num_samples", 2)
   seed = validation.check_int(seed, "seed", 0)
   if seed >= 2**32:
     raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
-  validation.resolve_statistic(statistic, 1)  # validate before the model
-  out_shape = tuple(model.outputs[0].shape[1:])
-  if any(d is None for d in out_shape):
-    raise validation.invalid("model", "a model with a static output shape",
-                             f"output shape {model.outputs[0].shape}")
-  units = int(np.prod(out_shape, dtype=np.int64))
-  statistic = validation.resolve_statistic(
-      statistic, units, keras_graph.output_is_probabilities(model))
-  return num_samples, seed, batch_size, statistic, out_shape
+  return num_samples, seed, batch_size, _resolve_outputs(model, statistic)
 
 
 def _make_source(model, x):
@@ -407,7 +488,7 @@ def _compute_chunk(sampler, x, keys, seed, batch_rows, sample_ranges):
 
 def _run(model, source, num_samples, seed, batch_size, keys,
          samples_per_pass, progress, sample_ranges, desc, on_chunk=None,
-         chunk_rows=None):
+         chunk_rows=None, names=None):
   """Yields (index, start, stop, x, keys, result) per chunk of examples.
 
   `result` is `on_chunk(index, start, stop, x, keys)` when that is not None
@@ -417,7 +498,7 @@ def _run(model, source, num_samples, seed, batch_size, keys,
   if source.num_examples is not None:
     batch_rows = max(1, min(batch_size, source.num_examples))
   spp = _auto_samples_per_pass(samples_per_pass, num_samples, batch_rows)
-  sampler = _sampler_for(model, spp)
+  sampler = _sampler_for(model, spp, names)
   bar = _progress_bar(progress, source.num_examples, num_samples, desc)
   chunk_rows = chunk_rows or batch_size * max(1, -(-CHUNK_EXAMPLES //
                                                    batch_size))
@@ -441,12 +522,6 @@ def _run(model, source, num_samples, seed, batch_size, keys,
   finally:
     if bar is not None:
       bar.close()
-
-
-def _finalize(det, sums, num_samples, statistic, out_shape):
-  s1, s2 = sums
-  return _reduce(_std_from_sums(s1, s2, num_samples), det, statistic,
-                 out_shape)
 
 
 # ---------------------------------------------------------------------------
@@ -501,7 +576,7 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
       cause).
   """
   spec = spec_model(model)
-  num_samples, seed, batch_size, statistic, out_shape = _check_common(
+  num_samples, seed, batch_size, outputs = _check_common(
       spec, num_samples, seed, batch_size, statistic)
   source = _make_source(spec, x)
   if output_path is not None and isinstance(source, _DatasetSource):
@@ -513,13 +588,14 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
     stop = 0
     for _, _, stop, _, _, (det, sums) in _run(  # noqa: B007 (read after)
         model, source, num_samples, seed, batch_size, keys, samples_per_pass,
-        progress, ranges, "MC dropout"):
-      parts.append(_finalize(det, sums[0], num_samples, statistic, out_shape))
+        progress, ranges, "MC dropout", names=outputs.names):
+      parts.append(outputs.finalize(det, sums[0], num_samples))
     _check_keys_used(keys, stop)
-    return _warn_if_all_zero(model, _concat(parts, out_shape, statistic))
+    return _warn_if_all_zero(model, outputs.concat(parts))
 
   output_path = os.fspath(output_path)
   n = source.num_examples
+  statistic, out_shape = outputs.settings()
   settings = {
       "format_version": target_store.FORMAT_VERSION,
       "num_samples": num_samples,
@@ -531,7 +607,7 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
       ).hexdigest(),
       "model_fingerprint": model_fingerprint(model),
       "data_fingerprint": source.fingerprint(),
-      "output_shape": list(out_shape),
+      "output_shape": out_shape,
       "chunk_rows": batch_size * max(1, -(-CHUNK_EXAMPLES // batch_size)),
   }
   chunk_rows, settings_digest = target_store.prepare_output(output_path,
@@ -554,17 +630,18 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
   parts = []
   for index, start, stop, xc, kc, result in _run(
       model, source, num_samples, seed, batch_size, keys, samples_per_pass,
-      progress, ranges, "MC dropout", on_chunk=reuse, chunk_rows=chunk_rows):
+      progress, ranges, "MC dropout", on_chunk=reuse, chunk_rows=chunk_rows,
+      names=outputs.names):
     if index in found:
       parts.append(found.pop(index))
       continue
     det, sums = result
-    values = _finalize(det, sums[0], num_samples, statistic, out_shape)
+    values = outputs.finalize(det, sums[0], num_samples)
     target_store.write_chunk(output_path, index, settings_digest, start,
                              stop, target_store.input_digest(xc, kc),
                              values)
     parts.append(values)
-  return _warn_if_all_zero(model, _concat(parts, out_shape, statistic))
+  return _warn_if_all_zero(model, outputs.concat(parts))
 
 
 def _check_keys_used(keys, num_examples):
@@ -589,7 +666,9 @@ def _warn_if_all_zero(model, values):
   Returns:
     `values`, unchanged.
   """
-  if values.size == 0 or np.any(values != 0):
+  flat = (np.concatenate([v.ravel() for v in values.values()])
+          if isinstance(values, dict) else values)
+  if flat.size == 0 or np.any(flat != 0):
     return values
   found = sources.find_sources(model)
   listed = ", ".join(f"{f.path!r} ({f.kind}, rate {f.rate})" for f in found)
@@ -632,7 +711,7 @@ def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,
     ValueError: an invalid argument, named in the message.
   """
   spec = spec_model(model)
-  num_samples, seed, batch_size, statistic, out_shape = _check_common(
+  num_samples, seed, batch_size, outputs = _check_common(
       spec, num_samples, seed, batch_size, statistic)
   num_samples = validation.check_int(num_samples, "num_samples", 4)
   source = _make_source(spec, x)
@@ -643,13 +722,11 @@ def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,
   stop = 0
   for _, _, stop, _, _, (det, (sa, sb)) in _run(  # noqa: B007 (read after)
       model, source, num_samples, seed, batch_size, keys, None, False, ranges,
-      "MC convergence"):
-    a_parts.append(_finalize(det, sa, half, statistic, out_shape))
-    b_parts.append(_finalize(det, sb, num_samples - half, statistic,
-                             out_shape))
+      "MC convergence", names=outputs.names):
+    a_parts.append(outputs.finalize(det, sa, half))
+    b_parts.append(outputs.finalize(det, sb, num_samples - half))
     full = (sa[0] + sb[0], sa[1] + sb[1])
-    full_parts.append(_finalize(det, full, num_samples, statistic, out_shape))
+    full_parts.append(outputs.finalize(det, full, num_samples))
   _check_keys_used(keys, stop)
-  return (_concat(a_parts, out_shape, statistic),
-          _concat(b_parts, out_shape, statistic),
-          _concat(full_parts, out_shape, statistic))
+  return (outputs.concat(a_parts), outputs.concat(b_parts),
+          outputs.concat(full_parts))

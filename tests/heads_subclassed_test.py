@@ -70,8 +70,10 @@ class SubclassedHeadTest(tf.test.TestCase):
     self.assertTrue(np.all(out[contract.VARIATION_KEY] >= 0))
     plain = heads.strip_variation_head(dual)
     self.assertAllClose(plain(self.x), model(self.x), atol=1e-6)
-    for w, b in zip(tm.weights_snapshot(model), before):
-      self.assertAllEqual(w, b)
+    after = tm.weights_snapshot(model)
+    self.assertEqual(sorted(after), sorted(before))
+    for path, value in before.items():
+      self.assertAllEqual(after[path], value)
     return dual, out
 
   def _served_equals_in_process(self, dual):

@@ -36,9 +36,6 @@ _ERR_HAS_HEAD = (
     _PREFIX + "`model`. Expected a model without a variation head (call "
     "`strip_variation_head` first to replace its head). Received: "
     "model=\"dual model 'mlp_softmax_dual'\"")
-_ERR_TWO_OUTPUTS = (
-    _PREFIX + "`model`. Expected a model with exactly one output. Received: "
-    "model=\"model 'two_outputs' with 2 outputs\"")
 _ERR_FEATURES = (_PREFIX + "`features`. Expected one of ('neurons', "
                  "'summary'). Received: features='mean'")
 _ERR_TRANSFORM = (_PREFIX + "`transform`. Expected one of ('log', "
@@ -92,14 +89,6 @@ _SMALL_HEAD = dict(hidden_units=(8,))
 def _predict(model, x):
   """Eager inference call (no tf.function tracing: faster for tiny models)."""
   return tf.nest.map_structure(np.asarray, model(x, training=False))
-
-
-def _two_outputs():
-  inputs = keras.Input((tm.NUM_FEATURES,))
-  h = keras.layers.Dense(8, activation="relu")(inputs)
-  h = keras.layers.Dropout(0.3)(h)
-  return keras.Model(inputs, [keras.layers.Dense(1)(h),
-                              keras.layers.Dense(2)(h)], name="two_outputs")
 
 
 def _random_targets(n, seed=0, units=None):
@@ -446,7 +435,6 @@ class InvalidArgumentsTest(tf.test.TestCase):
         ("unbuilt", _ERR_UNBUILT, tm.unbuilt()),
         ("no_dropout", _ERR_NO_DROPOUT, tm.no_dropout()),
         ("has_head", _ERR_HAS_HEAD, dual),
-        ("two_outputs", _ERR_TWO_OUTPUTS, _two_outputs()),
     ]
     for label, message, model in cases:
       with self.subTest(label):
