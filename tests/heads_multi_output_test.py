@@ -110,11 +110,16 @@ class MultiOutputTest(tf.test.TestCase):
     x = self.x[:7]
     expected = dual(x, training=False)
     server = server_lib.ModelServer(
-        [server_lib.model_config("multi", base)], port=0, poll_seconds=0)
+        [server_lib.model_config("multi", base)], port=0, poll_seconds=0,
+        rest_api_port=0)
     with server:
       with client_lib.VariationClient(server.target, "multi") as client:
         served = client.predict(x)
         cli = client_cli.run_command("predict", client, x)
+      # TF Serving's REST JSON carries the same keys.
+      with client_lib.VariationClient(f"127.0.0.1:{server.rest_api_port}",
+                                      "multi", protocol="rest") as rest:
+        over_rest = rest.predict(x)
     self.assertIsNone(served.prediction)
     self.assertEqual(sorted(served.predictions), sorted(names))
     self.assertEqual(sorted(served.variations), sorted(names))
@@ -125,6 +130,10 @@ class MultiOutputTest(tf.test.TestCase):
                        (cli["predictions"][name],
                         contract.prediction_key(name)),
                        (cli["variations"][name],
+                        contract.variation_key(name)),
+                       (over_rest.predictions[name],
+                        contract.prediction_key(name)),
+                       (over_rest.variations[name],
                         contract.variation_key(name))):
         self.assertAllClose(got, expected[key], rtol=1e-6, atol=1e-6)
     self.assertNotIn("outputs", cli)
