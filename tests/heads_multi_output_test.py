@@ -82,7 +82,17 @@ class MultiOutputTest(tf.test.TestCase):
       self.assertEqual(variation.shape, (120,))
       self.assertTrue(np.all(variation >= 0))
 
-    plain = heads.strip_variation_head(dual)
+    path = os.path.join(self.get_temp_dir(), f"{kind}.keras")
+    dual.save(path)
+    loaded = keras.models.load_model(path)
+    self.assertEqual(heads.dual_output_names(loaded), names)
+    for key, value in loaded.predict(self.x, verbose=0).items():
+      self.assertAllClose(value, out[key], rtol=1e-6, atol=1e-7)
+    for name in names:
+      self.assertEqual(heads.variation_head_metadata(loaded, name),
+                       heads.variation_head_metadata(dual, name))
+
+    plain = heads.strip_variation_head(loaded)
     plain_out = plain(self.x)
     if kind == "dict":
       self.assertEqual(sorted(plain_out), names)

@@ -68,6 +68,15 @@ class SubclassedHeadTest(tf.test.TestCase):
     self.assertAllClose(out[contract.PREDICTION_KEY], model(self.x),
                         atol=1e-6)
     self.assertTrue(np.all(out[contract.VARIATION_KEY] >= 0))
+    # The dual is a Functional graph of the subclassed model's own layers:
+    # the `.keras` format needs no config of the subclassed class itself.
+    path = os.path.join(self.get_temp_dir(), "dual.keras")
+    dual.save(path)
+    loaded = keras.models.load_model(path)
+    for key, value in loaded.predict(self.x, verbose=0).items():
+      self.assertAllClose(value, out[key], rtol=1e-6, atol=1e-7)
+    self.assertEqual(heads.variation_head_metadata(loaded),
+                     heads.variation_head_metadata(dual))
     plain = heads.strip_variation_head(dual)
     self.assertAllClose(plain(self.x), model(self.x), atol=1e-6)
     after = tm.weights_snapshot(model)
