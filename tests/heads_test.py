@@ -180,6 +180,22 @@ class AddVariationHeadTest(tf.test.TestCase):
     self.assertTrue(meta["include_prediction"])
     self.assertEqual(meta["statistic"], "predicted_class_std")
 
+  def test_dropout_rates_list_every_source_by_path(self):
+    # Not only Dropout layers: attention, RNN (both kinds, told apart),
+    # Gaussian and custom-layer dropout, by `sources.dropout_sources` path.
+    cases = {
+        "transformer": {"encoder/block_1/attention": 0.3,
+                        "encoder/block_1/drop": 0.3, "top_drop": 0.1},
+        "lstm": {"lstm/rnn_dropout": 0.3, "lstm/rnn_recurrent_dropout": 0.3},
+        "gaussian": {"gdrop": 0.3},
+        "custom_layer": {"block/dropout": 0.3},
+    }
+    for kind, expected in cases.items():
+      with self.subTest(kind):
+        meta = heads.variation_head_metadata(
+            heads.add_variation_head(tm.source_model(kind), **_SMALL_HEAD))
+        self.assertEqual(meta["dropout_rates"], expected)
+
   def test_summary_features_give_three_per_layer(self):
     dual = heads.add_variation_head(tm.mlp_softmax(), features="summary",
                                     include_prediction=False,
