@@ -5,8 +5,9 @@ of an existing Keras model (Functional, Sequential, or subclassed: see
 `functional_view`), turns them into activation-
 strength features with probe layers, and feeds them (with the model's own
 prediction) to a small head network. The returned dual model has outputs
-`{"prediction": ..., "variation": ...}` and shares every base weight with the
-input model; the input model itself is not modified.
+`{"prediction": ..., "variation": ...}` (one pair per output of a
+multi-output model: `contract.output_keys`) and shares every base weight
+with the input model; the input model itself is not modified.
 """
 
 import warnings
@@ -313,7 +314,8 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   Args:
     model: a built, trained `keras.Model` (Functional, Sequential or
       subclassed; a subclassed one built by calling it on a batch) with at
-      least one dropout source and one output tensor.
+      least one dropout source; one output tensor, or a list or flat dict of
+      them (one head per output, see Returns).
     layers: "all" (every candidate hidden layer, see `candidate_layers`),
       "last" (the candidate closest to the output), or a list of layer names
       (for layers inside a subclassed model, their name or their path
@@ -328,7 +330,9 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       features, stays cheap next to the base model's layers
       (docs/measurements.md).
     statistic: the DPV statistic the head estimates (see `contract`):
-      "auto", "std", "predicted_class_std" or "per_class_std".
+      "auto", "std", "predicted_class_std" or "per_class_std", resolved
+      per output; for several outputs also a dict of them keyed by output
+      name.
     include_prediction: also feed features of the base prediction.
     include_delta: also feed the delta-method DPV of the dropout right
       before the output layer (`layers.OutputDropoutDelta`; one small
@@ -358,12 +362,16 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
 
   Returns:
     A `keras.Model` with the inputs of `model` and dict outputs
-    {"prediction": model's output, "variation": (batch,) or (batch, k)}.
+    {"prediction": model's output, "variation": (batch,) or (batch, k)};
+    for a model with several outputs, "prediction/<name>" and
+    "variation/<name>" per output name (`contract.output_keys`,
+    `dual_output_names`), each output with its own head.
 
   Raises:
     ValueError: invalid `model` (None, not Keras, unbuilt, no dropout
       source, a subclassed `call` Keras cannot run on `keras.Input`s,
-      already has a head) or invalid arguments, e.g. unknown layer names.
+      nested outputs, already has a head) or invalid arguments, e.g.
+      unknown layer names, or moment propagation with several outputs.
 
   Example:
   >>> dual = add_variation_head(model, layers="all")

@@ -47,11 +47,11 @@ import warnings
 
 import numpy as np
 
-from dropvar_tf import contract
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
 from dropvar_tf import sources
+from dropvar_tf import target_outputs
 from dropvar_tf import target_store
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
@@ -275,21 +275,6 @@ def _sampler_for(model, samples_per_pass, names=None):
   return sampler
 
 
-def _std_from_sums(s1, s2, n):
-  mean = s1 / n
-  return np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
-
-
-def _reduce(std, det, statistic, out_shape):
-  """Applies the DPV statistic to per-unit stds (N, k)."""
-  if statistic == contract.STAT_PREDICTED_CLASS_STD:
-    cls = np.argmax(det, axis=-1)
-    return std[np.arange(std.shape[0]), cls].astype(np.float32)
-  if std.shape[1] == 1:
-    return std[:, 0].astype(np.float32)
-  return std.reshape((std.shape[0],) + tuple(out_shape)).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------
 # Validation.
 
@@ -307,99 +292,13 @@ def spec_model(model):
     raise validation.invalid("model", "a built model", str(e)) from e
 
 
-class _Outputs:
-  """The outputs of a model: names, static shapes and resolved statistics.
-
-  One output (`names` None) keeps the single-array targets; several give a
-  dict of target arrays keyed by output name, each as one output's would
-  be. Chunks of several outputs are kept as one (n, width) array, the
-  outputs' reduced columns side by side.
-  """
-
-  def __init__(self, names, shapes, statistics):
-    self.names = names
-    self.shapes = shapes
-    self.statistics = statistics
-
-  def _width(self, shape, statistic):
-    units = int(np.prod(shape, dtype=np.int64))
-    return 1 if statistic == contract.STAT_PREDICTED_CLASS_STD else units
-
-  def settings(self):
-    """The statistic and output shape settings of a target store."""
-    if self.names is None:
-      return self.statistics[0], list(self.shapes[0])
-    return (dict(zip(self.names, self.statistics)),
-            {n: list(s) for n, s in zip(self.names, self.shapes)})
-
-  def finalize(self, det, sums, num_samples):
-    s1, s2 = sums
-    std = _std_from_sums(s1, s2, num_samples)
-    if self.names is None:
-      return _reduce(std, det, self.statistics[0], self.shapes[0])
-    columns, start = [], 0
-    for shape, statistic in zip(self.shapes, self.statistics):
-      stop = start + int(np.prod(shape, dtype=np.int64))
-      value = _reduce(std[:, start:stop], det[:, start:stop], statistic,
-                      shape)
-      columns.append(value.reshape(len(value), -1))
-      start = stop
-    return np.concatenate(columns, axis=1)
-
-  def concat(self, parts):
-    if self.names is None:
-      return _concat(parts, self.shapes[0], self.statistics[0])
-    widths = [self._width(s, t) for s, t in zip(self.shapes,
-                                                 self.statistics)]
-    flat = (np.concatenate(parts) if parts else
-            np.zeros((0, sum(widths)))).astype(np.float32)
-    out, start = {}, 0
-    for name, shape, width in zip(self.names, self.shapes, widths):
-      value = flat[:, start:start + width]
-      out[name] = value[:, 0] if width == 1 else value.reshape(
-          (-1,) + tuple(shape))
-      start += width
-    return out
-
-
-def _resolve_outputs(model, statistic):
-  """The `_Outputs` of `model` (a graph model) with `statistic` resolved."""
-  try:
-    names = keras_graph.output_names(model)
-  except ValueError as e:
-    raise validation.invalid("model", "a model whose outputs are a tensor, "
-                             "a list or a flat dict of tensors", str(e)) from e
-  tensors = keras_graph.select_outputs(keras_graph.output_structure(model),
-                                       names)
-  if isinstance(statistic, dict) and names is not None:
-    if sorted(statistic) != sorted(names):
-      raise validation.invalid(
-          "statistic", f"one of {contract.STATISTICS}, or a dict of them "
-          f"keyed by the output names {names}", statistic)
-    wanted = [statistic[n] for n in names]
-  else:
-    wanted = [statistic] * len(tensors)
-  shapes, statistics = [], []
-  for tensor, stat in zip(tensors, wanted):
-    validation.resolve_statistic(stat, 1)  # validate before the model
-    out_shape = tuple(tensor.shape[1:])
-    if any(d is None for d in out_shape):
-      raise validation.invalid("model", "a model with a static output shape",
-                               f"output shape {tensor.shape}")
-    units = int(np.prod(out_shape, dtype=np.int64))
-    shapes.append(out_shape)
-    statistics.append(validation.resolve_statistic(
-        stat, units, keras_graph.output_is_probabilities(model, tensor)))
-  return _Outputs(names, shapes, statistics)
-
-
 def _check_common(model, num_samples, seed, batch_size, statistic):
   num_samples = validation.check_int(num_samples, "num_samples", 2)
   seed = validation.check_int(seed, "seed", 0)
   if seed >= 2**32:
     raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
-  return num_samples, seed, batch_size, _resolve_outputs(model, statistic)
+  return num_samples, seed, batch_size, target_outputs.resolve(model, statistic)
 
 
 def _make_source(model, x):
@@ -539,10 +438,11 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
   only float64 sums are accumulated.
 
   Args:
-    model: built Functional or Sequential `keras.Model` with at least one
-      dropout source (`sources.dropout_sources`; nested and subclassed
-      models and custom layers inside it included) and one output tensor
-      of shape (batch, k) (or (batch,)).
+    model: built `keras.Model` (Functional, Sequential or subclassed) with
+      at least one dropout source (`sources.dropout_sources`; nested and
+      subclassed models and custom layers inside it included) and one
+      output tensor of shape (batch, k) (or (batch,)), or a list or flat
+      dict of them (see Returns).
     x: the inputs, no labels: a numpy array (N, ...), a list or dict of
       arrays (named inputs, e.g. int64 `user_id`/`movie_id`), or a
       `tf.data.Dataset` yielding single examples or batches (told apart by
@@ -551,7 +451,8 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
     seed: integer in [0, 2**32), the global seed of the mask function.
     batch_size: examples per compiled call (before tiling).
     statistic: one of `contract.STATISTICS`; "auto" is "std" for one output
-      unit and "predicted_class_std" otherwise.
+      unit and "predicted_class_std" otherwise. For several outputs it is
+      resolved per output, or given per output as a dict keyed by name.
     keys: optional (N,) int64 example keys (default: row index 0..N-1).
       Masks depend on (seed, key, sample, layer, unit) only: give matching
       keys to reproduce a part of `x` in another call or shard.
@@ -564,7 +465,9 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
   Returns:
     float32 array: (N,) for "std" with one output unit and for
     "predicted_class_std"; (N, k) for "std"/"per_class_std" with k > 1.
-    Population std (ddof=0).
+    Population std (ddof=0). For a model with several outputs, a dict of
+    such arrays keyed by output name (`keras_graph.output_names`: the
+    dict keys, the Keras output names of a list, or "output_<i>").
 
   Raises:
     ValueError: an invalid argument (named in the message), a random layer
@@ -649,15 +552,6 @@ def _check_keys_used(keys, num_examples):
     raise validation.invalid(
         "keys", f"one key per example ({num_examples})",
         f"{keys.shape[0]} keys")
-
-
-def _concat(parts, out_shape, statistic):
-  if parts:
-    return np.concatenate(parts).astype(np.float32)
-  units = int(np.prod(out_shape, dtype=np.int64))
-  shape = (0,) if statistic == contract.STAT_PREDICTED_CLASS_STD or (
-      units == 1) else (0,) + tuple(out_shape)
-  return np.zeros(shape, np.float32)
 
 
 def _warn_if_all_zero(model, values):
