@@ -64,14 +64,14 @@ _MAX_WARMUP_REQUESTS = 4
 def _check_dual(dual):
   validation.check_model(dual, arg="dual")
   outputs = dual.output
-  if not isinstance(outputs, dict) or set(outputs) != set(contract.OUTPUT_KEYS):
+  if not isinstance(outputs, dict) or contract.output_names(outputs) is None:
     received = (sorted(outputs) if isinstance(outputs, dict)
                 else f"{len(dual.outputs)} unnamed output(s)")
     raise validation.invalid(
         "dual",
         f"a dual model whose outputs are a dict with keys "
-        f"{list(contract.OUTPUT_KEYS)} (build it with "
-        f"`dropvar_tf.add_variation_head`)",
+        f"{list(contract.OUTPUT_KEYS)} or `contract.output_keys(names)` "
+        f"(build it with `dropvar_tf.add_variation_head`)",
         f"model {dual.name!r} with outputs {received}")
   return dual
 
@@ -239,15 +239,16 @@ def _mc_statistic(samples, deterministic, statistic):
 def _head_metadata(dual):
   """What the head estimates: `variation_head_metadata` for dual models."""
   if heads.has_variation_head(dual):
-    return dict(heads.variation_head_metadata(dual))
+    names = heads.dual_output_names(dual)  # several: one head per output
+    return dict(heads.variation_head_metadata(dual)) if names is None else {
+        "outputs": {n: heads.variation_head_metadata(dual, n) for n in names}}
   # Not made by `add_variation_head`: derive what the graph tells.
-  return {"dropout_rates": {l.name: float(l.rate)
-                            for l in keras_graph.dropout_layers(dual)}}
+  return {"dropout_rates": heads.dropout_rates(dual)}
 
 
 def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
   outputs = []
-  for key in contract.OUTPUT_KEYS:
+  for key in sorted(dual.output):
     tensor = dual.output[key]
     outputs.append({"name": key, "dtype": str(tensor.dtype),
                     "shape": [None] + [None if d is None else int(d)
@@ -263,7 +264,7 @@ def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
       "model_name": dual.name,
       "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
       "signatures": signatures,
-      "output_keys": list(contract.OUTPUT_KEYS),
+      "output_keys": sorted(dual.output),
       "inputs": _describe_specs(specs),
       "outputs": outputs,
       "variation_head": head_metadata,
@@ -505,7 +506,7 @@ def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
 
   def serve(inputs):
     outputs = dual(rebuild(inputs), training=False)
-    return {key: outputs[key] for key in contract.OUTPUT_KEYS}
+    return {key: outputs[key] for key in dual.output}
 
   if jit_compile:
     compiled = tf.function(serve, jit_compile=True)
@@ -641,6 +642,9 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
 
   mc, mc_model, statistic, variation_shape = None, None, None, None
   if mc_num_samples is not None:
+    if len(dual.output) != len(contract.OUTPUT_KEYS):
+      raise validation.invalid("mc_num_samples", "None for a dual of several "
+                               "outputs (mc_dropout has one)", mc_num_samples)
     prediction = dual.output[contract.PREDICTION_KEY]
     base = keras.Model(dual.input, prediction)
     if not sources.find_sources(base):

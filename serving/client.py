@@ -17,6 +17,10 @@ with VariationClient("localhost:8500", "movies") as client:
   result.variation   # (2, 1) float32, the estimated DPV
   result.model_version
 ```
+
+A dual of a multi-output model answers "prediction/<output name>" and
+"variation/<output name>" (`contract.OUTPUT_SEPARATOR`): `result.predictions`
+and `result.variations` hold them by output name.
 """
 
 import dataclasses
@@ -67,6 +71,16 @@ class Result:
   variation: object
   model_version: int | None
   outputs: dict
+
+  @property
+  def predictions(self):
+    """{output name: prediction} of a multi-output dual; {} otherwise."""
+    return contract.per_output(self.outputs, contract.PREDICTION_KEY)
+
+  @property
+  def variations(self):
+    """{output name: variation} of a multi-output dual; {} otherwise."""
+    return contract.per_output(self.outputs, contract.VARIATION_KEY)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,10 @@
 {"inputs": nested list} for a single-input signature) or a bare nested list;
 or a `.npy` file (one array) or `.npz` file (one array per input name).
 Output is JSON on stdout: {"prediction", "variation", "model_version"} for
-predict (plus "outputs" for other aliases). Exit code 1 and the gRPC code on
-stderr when the server refuses the request.
+predict (plus "outputs" for other aliases). A dual of a multi-output model
+gives "prediction" and "variation" null and adds "predictions" and
+"variations", each {output name: nested list}. Exit code 1 and the gRPC code
+on stderr when the server refuses the request.
 """
 
 import json
@@ -108,8 +110,15 @@ def run_command(command, client, inputs=None, output_filter=None):
     out = {"prediction": _jsonable(result.prediction),
            "variation": _jsonable(result.variation),
            "model_version": result.model_version}
+    per_output = {"predictions": result.predictions,
+                  "variations": result.variations}
+    if any(per_output.values()):  # a multi-output dual
+      out.update({key: {name: _jsonable(v) for name, v in values.items()}
+                  for key, values in per_output.items()})
+    known = set(contract.OUTPUT_KEYS) | set(contract.output_keys(
+        list(result.predictions) + list(result.variations)))
     extra = {k: _jsonable(v) for k, v in result.outputs.items()
-             if k not in contract.OUTPUT_KEYS}
+             if k not in known}
     if extra:
       out["outputs"] = extra
     return out

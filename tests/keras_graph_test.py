@@ -31,6 +31,50 @@ class ModelsTest(tf.test.TestCase):
         self.assertTrue(keras_graph.is_graph_model(tm.build(kind)))
     self.assertFalse(keras_graph.is_graph_model(tm.subclassed()))
 
+  def test_functional_view_of_graph_models_is_the_model(self):
+    for kind in ("softmax", "nested"):
+      model = tm.build(kind)
+      self.assertEqual(keras_graph.functional_view(model), (model, {}))
+
+  def test_functional_view_shares_the_subclassed_models_layers(self):
+    bare = tm.subclassed_regressor()
+    view, paths = keras_graph.functional_view(bare)
+    self.assertTrue(keras_graph.is_graph_model(view))
+    self.assertIs(view.get_layer("dense_a"), bare.dense_a)
+    self.assertEqual(sorted(paths.values()),
+                     ["dense_a", "dense_b", "drop_a", "drop_b", "value"])
+    x = tm.target_features(5)
+    self.assertAllEqual(view(x), bare(x))
+    wrapped = tm.source_model("wrapped_subclassed")
+    view, paths = keras_graph.functional_view(wrapped)
+    inner = wrapped.get_layer("inner")
+    self.assertIs(view.get_layer("dense_b"), inner.dense_b)
+    self.assertEqual(paths[id(inner.dense_b)], "inner/dense_b")
+    self.assertAllEqual(view(x), wrapped(x))
+
+  def test_as_functional_wraps_a_subclassed_model_as_one_node(self):
+    bare = tm.subclassed_regressor()
+    wrapper = keras_graph.as_functional(bare)
+    self.assertEqual([l.name for l in wrapper.layers],
+                     ["inputs", "subclassed_regressor"])
+    self.assertEqual(tuple(wrapper.outputs[0].shape), (None, 1))
+    model = tm.regression()
+    self.assertIs(keras_graph.as_functional(model), model)
+
+  def test_output_names_and_select_outputs(self):
+    self.assertIsNone(keras_graph.output_names(tm.mlp_softmax()))
+    # (names, output widths in that order): "value" has 1 unit, "klass" 3.
+    cases = {"dict": (["klass", "value"], [3, 1]),
+             "list": (["value", "klass"], [1, 3]),
+             "subclassed": (["output_0", "output_1"], [1, 3])}
+    for kind, (names, widths) in cases.items():
+      with self.subTest(kind):
+        model = tm.multi_output(kind)
+        self.assertEqual(keras_graph.output_names(model), names)
+        selected = keras_graph.select_outputs(
+            keras_graph.output_structure(model), names)
+        self.assertEqual([int(t.shape[-1]) for t in selected], widths)
+
   def test_model_input_of_sequential_functional_and_dict_models(self):
     sequential = tm.mlp_softmax()
     self.assertIs(keras_graph.model_input(sequential), sequential.inputs[0])

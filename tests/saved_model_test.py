@@ -24,7 +24,8 @@ NOT_A_MODEL = ("Invalid value received for argument `dual`. Expected a built "
                "Functional or Sequential `keras.Model`. Received: dual={}")
 NOT_DUAL = ("Invalid value received for argument `dual`. Expected a dual model "
             "whose outputs are a dict with keys ['prediction', 'variation'] "
-            "(build it with `dropvar_tf.add_variation_head`). Received: "
+            "or `contract.output_keys(names)` (build it with "
+            "`dropvar_tf.add_variation_head`). Received: "
             "dual=\"model {!r} with outputs {}\"")
 WARMUP = "Invalid value received for argument `warmup_examples`. Expected "
 PY_OPS = ("The exported graph cannot run on a stock TF Serving: it uses ops "
