@@ -126,6 +126,13 @@ class SavedModelBundle:
       self._session.close()
       raise
 
+  def close(self):
+    """Closes the Session: its memory is freed now, not when collected.
+
+    Signatures taken from this version raise RuntimeError afterwards.
+    """
+    self._session.close()
+
   def signature(self, name):
     """A signature of this version, ready to run.
 
