@@ -12,6 +12,7 @@ fails fails the load.
 
 import dataclasses
 import os
+import threading
 
 from absl import logging
 import grpc
@@ -92,6 +93,9 @@ class SavedModelBundle:
     """
     self.version = version
     self.path = path
+    self._use_lock = threading.Lock()
+    self._users = 0
+    self._unloaded = False
     config = tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=(
             tf.config.threading.get_intra_op_parallelism_threads()),
@@ -132,6 +136,40 @@ class SavedModelBundle:
     Signatures taken from this version raise RuntimeError afterwards.
     """
     self._session.close()
+
+  def acquire(self):
+    """Marks the version in use by one more request.
+
+    Returns:
+      False when it was unloaded already (its Session is closed or about to
+      be): the caller resolves the version again.
+    """
+    with self._use_lock:
+      if self._unloaded:
+        return False
+      self._users += 1
+      return True
+
+  def release(self):
+    """Ends a use begun by `acquire`; closes an unloaded version's Session
+    when its last request is done."""
+    with self._use_lock:
+      self._users -= 1
+      close = self._unloaded and not self._users
+    if close:
+      self.close()
+
+  def unload(self):
+    """Closes the Session once no request uses it (now when none does).
+
+    Its memory would otherwise stay until garbage collection gets to it,
+    and a server that publishes versions often would hold several.
+    """
+    with self._use_lock:
+      self._unloaded = True
+      close = not self._users
+    if close:
+      self.close()
 
   def signature(self, name):
     """A signature of this version, ready to run.
