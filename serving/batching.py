@@ -239,12 +239,13 @@ class Batcher:
         max_batch_size, UNAVAILABLE when the queue is full.
       Exception: whatever `fn` raised for this request.
     """
-    if signature_name == contract.MC_DROPOUT_SIGNATURE:
-      # Its masks are keyed by row position in the batch: merged behind
-      # another request, a request would get other masks.
+    if signature_name == contract.MC_DROPOUT_SIGNATURE or not arrays:
+      # mc_dropout's masks are keyed by row position in the batch: merged
+      # behind another request, a request would get other masks. A
+      # signature without inputs (the export's "metadata") has no batch.
       return {alias: np.asarray(value)
               for alias, value in fn(**arrays).items()}
-    size = next(iter(arrays.values())).shape[0] if arrays else 1
+    size = next(iter(arrays.values())).shape[0]
     max_size = self.options.max_batch_size
     if size > max_size:
       raise errors.invalid_argument(
