@@ -18,6 +18,7 @@ from absl import logging
 import grpc
 
 from dropvar_tf import contract
+from dropvar_tf import keras_graph
 from dropvar_tf._keras import tf
 from dropvar_tf.serving import codec
 from dropvar_tf.serving import errors
@@ -46,16 +47,25 @@ class _SessionSignature:
 
   def __init__(self, session, signature_def):
     self._inputs = sorted(signature_def.inputs)
-    self._outputs = sorted(signature_def.outputs)
-    # A callable prunes the graph once, not on every run.
-    self._run = session.make_callable(
+    outputs = sorted(signature_def.outputs)
+    # An output may name an operation ("NoOp" of an init signature): it is
+    # run, and answered as None, as Session.run fetches it.
+    self._outputs = [a for a in outputs
+                     if ":" in signature_def.outputs[a].name]
+    self._operations = [a for a in outputs if a not in self._outputs]
+    # A callable prunes the graph once, not on every run, and skips
+    # Session.run's per-call feed handling (a third of a batch-1 run).
+    self._run = keras_graph.session_callable(
+        session, [signature_def.inputs[a].name for a in self._inputs],
         [signature_def.outputs[a].name for a in self._outputs],
-        [signature_def.inputs[a].name for a in self._inputs])
+        [signature_def.outputs[a].name for a in self._operations])
 
   def __call__(self, **arrays):
     """Runs the signature on {alias: numpy array}; returns {alias: array}."""
     values = self._run(*[arrays[alias] for alias in self._inputs])
-    return dict(zip(self._outputs, values))
+    result = dict(zip(self._outputs, values))
+    result.update(dict.fromkeys(self._operations))
+    return result
 
 
 def _dense(tensor_info):
