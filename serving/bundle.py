@@ -143,7 +143,8 @@ class SavedModelBundle:
   def close(self):
     """Closes the Session: its memory is freed now, not when collected.
 
-    Signatures taken from this version raise RuntimeError afterwards.
+    Signatures taken from this version fail afterwards (CancelledError,
+    "Session has been closed").
     """
     self._session.close()
 

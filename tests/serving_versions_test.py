@@ -188,7 +188,8 @@ class VersionsTest(tf.test.TestCase):
       self.assertEqual(served.loaded_versions, [2])
       # Still held by this request: its Session answers.
       self.assertAllClose(fn(x=x), want)
-    with self.assertRaisesRegex(RuntimeError, "closed Session"):
+    with self.assertRaisesRegex(tf.errors.CancelledError,
+                                "Session has been closed"):
       fn(x=x)
 
   def test_unloaded_version_unused_closes_at_once_and_is_not_taken(self):
@@ -203,7 +204,8 @@ class VersionsTest(tf.test.TestCase):
     testing.write_export(model, base, 2)
     served.poll()
     x = np.ones((1, tm.DUAL_DENSE_FEATURES), np.float32)
-    with self.assertRaisesRegex(RuntimeError, "closed Session"):
+    with self.assertRaisesRegex(tf.errors.CancelledError,
+                                "Session has been closed"):
       fn(x=x)
     self.assertFalse(stale.acquire())
     with served.use(_spec()) as held:
