@@ -30,7 +30,7 @@ from dropvar_tf.metrics import mc_convergence
 from dropvar_tf.metrics import noise_ceiling
 from dropvar_tf.moments import moment_model
 from dropvar_tf.moments import moment_propagation_variation
-from dropvar_tf.saved_model import check_serving_ops
+from dropvar_tf.export_checks import check_serving_ops
 from dropvar_tf.saved_model import export_saved_model
 from dropvar_tf.saved_model import read_export_metadata
 from dropvar_tf.seeded_dropout import mc_dropout_model

@@ -15,6 +15,7 @@ Functions that take a model expect a built Functional or Sequential
 
 # This module is where the private uses live (see above).
 
+from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.framework import op_def_registry
 
 from dropvar_tf._keras import keras
@@ -431,3 +432,28 @@ def in_xla_context():
 def is_registered_op(op_type):
   """True when the op type `op_type` is registered in this TensorFlow."""
   return op_def_registry.get(op_type) is not None
+
+
+def session_callable(session, feeds, fetches, targets=()):
+  """A callable running `fetches` in a TF1 `Session` from `feeds`.
+
+  `Session.make_callable` with a feed list falls back to `Session.run`,
+  which rebuilds its feed and fetch handling on every call; the callable
+  TF's C API makes from `CallableOptions` (as Keras' TF1 backend used it)
+  does that once.
+
+  Args:
+    session: a `tf.compat.v1.Session`.
+    feeds: tensor names to feed, e.g. "serving_default_x:0".
+    fetches: tensor names to fetch.
+    targets: operation names to run without fetching anything.
+
+  Returns:
+    A function of one numpy array per feed, each already of its tensor's
+    dtype, returning the list of fetched numpy arrays.
+  """
+  options = config_pb2.CallableOptions()
+  options.feed.extend(feeds)
+  options.fetch.extend(fetches)
+  options.target.extend(targets)
+  return session._make_callable_from_options(options)

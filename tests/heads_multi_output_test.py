@@ -113,6 +113,11 @@ class MultiOutputTest(tf.test.TestCase):
     self.assertEqual(meta["output_keys"], list(contract.output_keys(names)))
     self.assertEqual(sorted(meta["variation_head"]["outputs"]),
                      sorted(names))
+    # One fit report per output at the top level, as each head stores it.
+    self.assertEqual(
+        meta["fit_report"],
+        {n: heads.variation_head_metadata(dual, n)["fit_report"]
+         for n in names})
     signature = tf.saved_model.load(path).signatures[
         contract.SERVING_SIGNATURE]
     self.assertEqual(sorted(signature.structured_outputs),
@@ -126,6 +131,7 @@ class MultiOutputTest(tf.test.TestCase):
       with client_lib.VariationClient(server.target, "multi") as client:
         served = client.predict(x)
         cli = client_cli.run_command("predict", client, x)
+        cli_meta = client_cli.run_command("metadata", client)
       # TF Serving's REST JSON carries the same keys.
       with client_lib.VariationClient(f"127.0.0.1:{server.rest_api_port}",
                                       "multi", protocol="rest") as rest:
@@ -147,6 +153,11 @@ class MultiOutputTest(tf.test.TestCase):
                         contract.variation_key(name))):
         self.assertAllClose(got, expected[key], rtol=1e-6, atol=1e-6)
     self.assertNotIn("outputs", cli)
+    self.assertEqual(cli_meta["fit_report"], meta["fit_report"])
+    self.assertEqual(sorted(cli_meta["fit_summary"]), sorted(names))
+    for name in names:
+      self.assertIn("held-out calibration inputs",
+                    cli_meta["fit_summary"][name])
     json.dumps(cli)
 
   def test_dict_outputs_full_flow(self):

@@ -224,5 +224,30 @@ class TensorFlowTest(tf.test.TestCase):
     self.assertFalse(keras_graph.is_registered_op("NoSuchOpAnywhere"))
 
 
+class SessionCallableTest(tf.test.TestCase):
+
+  def test_feeds_fetches_and_targets_by_name(self):
+    graph = tf.Graph()
+    with graph.as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      words = tf.compat.v1.placeholder(tf.string, [None], name="words")
+      counter = tf.Variable(0, name="counter")
+      increment = tf.compat.v1.assign_add(counter, 1, name="increment")
+      tf.identity(2.0 * x, name="doubled")
+      tf.strings.length(words, name="lengths")
+      init = tf.compat.v1.global_variables_initializer()
+    with tf.compat.v1.Session(graph=graph) as session:
+      session.run(init)
+      run = keras_graph.session_callable(
+          session, ["x:0", "words:0"], ["doubled:0", "lengths:0"],
+          targets=[increment.op.name])
+      got_doubled, got_lengths = run(
+          np.array([[1.0, 2.0]], np.float32),
+          np.array([b"ab", b"abcd"], dtype=object))
+      self.assertAllEqual(got_doubled, [[2.0, 4.0]])
+      self.assertAllEqual(got_lengths, [2, 4])
+      self.assertEqual(session.run(counter), 1)
+
+
 if __name__ == "__main__":
   tf.test.main()
