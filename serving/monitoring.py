@@ -19,7 +19,8 @@ Metrics, built on `prometheus_client` in a registry per server:
   "GRPC" or "REST". TF Serving's has no `version` label.
 - `:dropvar:serving:variation{model_name, version}`: a histogram of the
   served variation, one observation per example (the largest element of
-  its "variation" output). This is the signal to alert on when inputs drift
+  its "variation" output, or of its "variation/<name>" outputs for a dual of
+  a multi-output model). This is the signal to alert on when inputs drift
   away from what the model knows.
 - With a threshold (`--variation_threshold`):
   `:dropvar:serving:variation_examples{model_name, version}` and
@@ -250,15 +251,24 @@ class Metrics:
       model: the model name.
       version: the version that answered.
       outputs: {output alias: numpy array}; without a "variation" output
-        nothing is recorded.
+        (or "variation/<name>" outputs of a multi-output dual) nothing is
+        recorded.
     """
-    variation = outputs.get(contract.VARIATION_KEY)
-    if variation is None:
+    variations = ([outputs[contract.VARIATION_KEY]]
+                  if contract.VARIATION_KEY in outputs else
+                  list(contract.per_output(outputs,
+                                           contract.VARIATION_KEY).values()))
+    if not variations:
       return
-    values = np.asarray(variation, dtype=np.float64)
-    # One value per example: the largest over the example's outputs.
-    per_example = (values.reshape(values.shape[0], -1).max(axis=1)
-                   if values.ndim > 1 else values.ravel())
+    # One value per example: the largest over the example's outputs (the
+    # classes of a per-class statistic, and every output of a multi-output
+    # dual).
+    per_example = None
+    for variation in variations:
+      values = np.asarray(variation, dtype=np.float64)
+      values = values.reshape(values.shape[0], -1).max(axis=1)
+      per_example = (values if per_example is None
+                     else np.maximum(per_example, values))
     labels = (model, str(version))
     self._variation.observe(labels, per_example)
     if self.variation_threshold is None:

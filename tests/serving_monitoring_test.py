@@ -62,6 +62,22 @@ class VariationHistogramTest(tf.test.TestCase):
     self.assertEqual(got[(":dropvar:serving:variation_count",
                           (("model_name", "m"), ("version", "3")))], 268)
 
+  def test_multi_output_dual_observes_the_largest_variation_per_example(self):
+    metrics = monitoring.Metrics(variation_threshold=0.5)
+    outputs = {contract.prediction_key("a"): np.zeros(3),
+               contract.variation_key("a"): np.array([0.1, 0.9, 0.2]),
+               contract.variation_key("b"): np.array([[0.6, 0.0],
+                                                      [0.1, 0.3],
+                                                      [0.05, 0.1]])}
+    metrics.observe_outputs("m", 1, outputs)
+    got = _samples(metrics.render())
+    labels = (("model_name", "m"), ("version", "1"))
+    self.assertEqual(got[(":dropvar:serving:variation_count", labels)], 3)
+    self.assertAllClose(got[(":dropvar:serving:variation_sum", labels)],
+                        0.6 + 0.9 + 0.2)
+    self.assertEqual(got[(":dropvar:serving:variation_examples_above_"
+                          "threshold_total", labels)], 2)
+
 
 class MonitoringConfigTest(tf.test.TestCase):
 
