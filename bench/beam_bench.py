@@ -35,6 +35,7 @@ from dropvar_tf import targets
 from dropvar_tf._keras import keras
 from dropvar_tf.beam import records
 from dropvar_tf.beam import targets_pipeline
+from dropvar_tf.beam import targets_transforms
 
 _KILLED = "bench: killed"
 
@@ -95,7 +96,7 @@ def resume_saving(root, model_path, files, n, kwargs, fraction=0.6,
   """
   batches = math.ceil(n / (8 * kwargs["batch_size"]))
   kill_at = math.ceil(fraction * batches)
-  original = targets_pipeline.TargetsFn.process
+  original = targets_transforms.TargetsFn.process
   done = []
 
   def killed(fn_self, batch):
@@ -112,14 +113,14 @@ def resume_saving(root, model_path, files, n, kwargs, fraction=0.6,
     full = min(full, seconds)
     output = os.path.join(root, "killed" + tag)
     done.clear()
-    targets_pipeline.TargetsFn.process = killed
+    targets_transforms.TargetsFn.process = killed
     try:
       _timed_run(model_path, files, output, **kwargs)
     except Exception as e:
       if _KILLED not in str(e):
         raise
     finally:
-      targets_pipeline.TargetsFn.process = original
+      targets_transforms.TargetsFn.process = original
     seconds, summary = _timed_run(model_path, files, output, **kwargs)
     rerun = min(rerun, seconds)
   return full, rerun, kill_at, batches, summary

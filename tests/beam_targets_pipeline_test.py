@@ -29,6 +29,7 @@ import beam_testing
 
 if beam_testing.HAVE_BEAM:
   from dropvar_tf.beam import targets_pipeline
+  from dropvar_tf.beam import targets_transforms
 
 _NUM_SAMPLES = 8
 _SEED = 7
@@ -152,7 +153,7 @@ class TargetsPipelineTest(tf.test.TestCase):
   def test_rerun_after_failed_batch_loses_and_duplicates_nothing(self):
     output = self.new_dir()
     marker = os.path.join(self.new_dir(), "failed_once")
-    original = targets_pipeline.TargetsFn.process
+    original = targets_transforms.TargetsFn.process
 
     def fail_once(fn_self, batch):
       keys, _ = records.parse_examples(list(batch), self.specs)
@@ -161,7 +162,7 @@ class TargetsPipelineTest(tf.test.TestCase):
         raise RuntimeError("simulated worker failure")
       yield from original(fn_self, batch)
 
-    with mock.patch.object(targets_pipeline.TargetsFn, "process", fail_once):
+    with mock.patch.object(targets_transforms.TargetsFn, "process", fail_once):
       try:
         self.run_pipeline(output)
         failed = False
@@ -180,7 +181,7 @@ class TargetsPipelineTest(tf.test.TestCase):
 
   def test_rerun_after_a_kill_computes_only_what_is_missing(self):
     output = self.new_dir()
-    original = targets_pipeline.TargetsFn.process
+    original = targets_transforms.TargetsFn.process
     calls = []
 
     def die_on_third_batch(fn_self, batch):
@@ -189,13 +190,13 @@ class TargetsPipelineTest(tf.test.TestCase):
         raise RuntimeError("simulated kill")
       yield from original(fn_self, batch)
 
-    with mock.patch.object(targets_pipeline.TargetsFn, "process",
+    with mock.patch.object(targets_transforms.TargetsFn, "process",
                            die_on_third_batch):
       with self.assertRaisesRegex(Exception, "simulated kill"):
         self.run_pipeline(output)
     with self.assertRaisesRegex(ValueError, "did not finish"):
       records.read_targets(output)
-    parts = targets_pipeline.existing_parts(output)
+    parts = targets_transforms.existing_parts(output)
     self.assertLen(parts, 2)  # Saved as they were computed.
     self.assertEmpty([n for n in os.listdir(os.path.join(output, "parts"))
                       if n.startswith(".")])  # No temporary file left.
@@ -218,10 +219,10 @@ class TargetsPipelineTest(tf.test.TestCase):
     keys = np.array([3, 5, 8], np.int64)
     values = np.array([0.5, 0.25, 0.125], np.float32)
     os.makedirs(os.path.join(output, "parts"))
-    targets_pipeline.write_part(output, keys, values)
+    targets_transforms.write_part(output, keys, values)
     parts = os.path.join(output, "parts")
     first = beam_testing.file_bytes(parts)
-    targets_pipeline.write_part(output, keys, values)
+    targets_transforms.write_part(output, keys, values)
     self.assertEqual(beam_testing.file_bytes(parts), first)
     self.assertLen(first, 1)
 
@@ -285,7 +286,7 @@ class TargetsPipelineTest(tf.test.TestCase):
       raise RuntimeError("simulated worker failure")
 
     # A resumed finished run computes nothing; it dies rewriting shards.
-    with mock.patch.object(targets_pipeline.WriteShardFn, "process", fail):
+    with mock.patch.object(targets_transforms.WriteShardFn, "process", fail):
       with self.assertRaisesRegex(Exception, "simulated worker failure"):
         self.run_pipeline(output)
     with self.assertRaises(FileNotFoundError):

@@ -17,8 +17,7 @@ import numpy as np
 
 from dropvar_tf import validation
 from dropvar_tf.beam import records
-
-INPUT_FORMATS = ("auto", "tfrecord", "npz")
+from dropvar_tf.beam.formats import INPUT_FORMATS
 # Rows of an .npz file read per work item (spread over workers).
 NPZ_RANGE_ROWS = 4096
 

@@ -1,0 +1,52 @@
+"""Tests for dropvar_tf/__init__.py: public names that load on first use."""
+
+import importlib
+import subprocess
+import sys
+
+import dropvar_tf as dv
+from dropvar_tf._keras import tf
+
+
+def _modules_after(code):
+  """Which of tensorflow, keras, apache_beam a fresh process has loaded."""
+  probe = (f"{code}\nimport sys\nprint(sorted(m for m in ('tensorflow', "
+           f"'keras', 'apache_beam') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", probe], check=True,
+                       capture_output=True, text=True).stdout
+  return out.strip().splitlines()[-1]
+
+
+class InitTest(tf.test.TestCase):
+
+  def test_import_loads_no_tensorflow(self):
+    self.assertEqual(_modules_after("import dropvar_tf"), "[]")
+    self.assertEqual(_modules_after(
+        "import dropvar_tf as dv\nassert dv.VARIATION_KEY == 'variation'"),
+                     "[]")
+
+  def test_first_use_of_a_name_loads_its_module(self):
+    self.assertEqual(_modules_after(
+        "import dropvar_tf as dv\ndv.add_variation_head"),
+                     "['keras', 'tensorflow']")
+
+  def test_every_public_name_is_its_module_object(self):
+    for name in dv.__all__:
+      value = getattr(dv, name)
+      if name in dv._LAZY:
+        module = importlib.import_module(dv._LAZY[name])
+        self.assertIs(value, getattr(module, name), msg=name)
+    self.assertIs(dv.mc_dropout_targets,
+                  importlib.import_module("dropvar_tf.targets")
+                  .mc_dropout_targets)
+    from dropvar_tf import fit_variation_head  # From-imports resolve too.
+    self.assertIs(fit_variation_head, dv.fit_variation_head)
+    self.assertContainsSubset(set(dv.__all__), set(dir(dv)))
+
+  def test_unknown_name_is_an_attribute_error(self):
+    with self.assertRaisesRegex(AttributeError, "has no attribute 'nope'"):
+      dv.nope  # noqa: B018
+
+
+if __name__ == "__main__":
+  tf.test.main()
