@@ -14,6 +14,10 @@
   `RunInference`.
 * `options`: the pipelines' flags as Beam `PipelineOptions` subclasses.
 * `sources`: matching, reading and decoding input examples in a pipeline.
+* `batches`: work items of fixed size by key rank, not by bundle.
+* `parts`: the part file of each computed work item (what a rerun skips).
+* `targets_transforms`, `scoring_transforms`: each pipeline's transforms,
+  imported by the entry points only when a run starts.
 * `filesystems`: reads and atomic writes on any Beam file system.
 * `counters`: the pipelines' Beam metrics counters.
 * `progress`: the progress line of runs whose workers are in this process.

@@ -6,7 +6,6 @@ command line parses flags before TensorFlow and Beam load.
 """
 
 import importlib
-import io
 import json
 import math
 import os
@@ -24,19 +23,17 @@ from dropvar_tf import sources as dropout_sources
 from dropvar_tf import targets
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
+from dropvar_tf.beam import batches
 from dropvar_tf.beam import counters
 from dropvar_tf.beam import filesystems
+from dropvar_tf.beam import formats
 from dropvar_tf.beam import options
+from dropvar_tf.beam import parts
 from dropvar_tf.beam import progress
 from dropvar_tf.beam import records
 from dropvar_tf.beam import sources
 
 # Modules that register dropvar_tf's Keras layers; imported before loading.
-# Computed batches are saved under <output>/parts/ as they complete.
-PARTS_DIR = "parts"
-PART_PREFIX = "part"
-PART_EXTENSION = "npys"
-
 _REGISTERING_MODULES = ("dropvar_tf.seeded_dropout", "dropvar_tf.layers",
                         "dropvar_tf.heads", "dropvar_tf.study.models.reference")
 
@@ -93,12 +90,12 @@ def resolve_statistic(model, statistic):
 
 
 class TargetsFn(beam.DoFn):
-  """Batch of raw examples -> (keys, targets), saved as a part file first.
+  """A work item (`batches.work_items`) -> (keys, targets), saved first.
 
   The model is loaded once per worker in `setup` from its `.keras` file and
-  checked against the fingerprint the launcher saw. Each batch's targets are
-  written to `<output>/parts/` as soon as they are computed (`write_part`),
-  so a run that dies keeps the work it finished.
+  checked against the fingerprint the launcher saw. Each item's targets are
+  written to `<output>/parts/` as soon as they are computed
+  (`parts.write_part`), so a run that dies keeps the work it finished.
   """
 
   def __init__(self, model_path, config, output_dir):
@@ -107,6 +104,7 @@ class TargetsFn(beam.DoFn):
     self._output_dir = output_dir
     self._model = None
     self._computed = counters.counter("examples_computed")
+    self._padded = counters.counter("examples_padded")
 
   def setup(self):
     c = self._config
@@ -115,13 +113,17 @@ class TargetsFn(beam.DoFn):
       raise ValueError(f"The model file {self._model_path!r} changed while "
                        f"the pipeline ran (weight fingerprint differs).")
 
-  def process(self, batch):
+  def process(self, item):
     c = self._config
-    keys, x = sources.decode_batch(batch, c["input_format"],
-                                   c["input_specs"], c["key_feature"])
+    _, elements = item
+    elements = sorted(elements, key=lambda kv: kv[0])
+    keys, x = sources.decode_batch([raw for _, raw in elements],
+                                   c["input_format"], c["input_specs"],
+                                   c["key_feature"])
     n = len(keys)
     # Pad to a whole number of compute batches: every compiled call then has
-    # the shapes of the in-process run, hence bitwise-equal targets.
+    # the shapes of the in-process run, hence bitwise-equal targets. Only
+    # the run's last item is short (`batches`), so only it pads.
     rows = c["batch_size"] * math.ceil(n / c["batch_size"])
     idx = np.concatenate([np.arange(n), np.full(rows - n, n - 1)])
     values = targets.mc_dropout_targets(
@@ -130,60 +132,11 @@ class TargetsFn(beam.DoFn):
         statistic=c["statistic"], keys=keys[idx], progress=False)[:n]
     order = np.argsort(keys, kind="stable")
     keys, values = keys[order], values[order]
-    write_part(self._output_dir, keys, values)
+    parts.write_part(self._output_dir, keys, values)
     self._computed.inc(n)
+    self._padded.inc(rows - n)
     progress.add("computed", n)
     yield keys, values
-
-
-class SkipDoneFn(beam.DoFn):
-  """Batch of raw examples -> those whose key no part file holds yet."""
-
-  def __init__(self, config):
-    self._config = dict(config)
-    self._skipped = counters.counter("examples_skipped")
-
-  def process(self, batch, done_keys):
-    c = self._config
-    batch = list(batch)
-    if c["input_format"] == "tfrecord":
-      # Only the key feature: the inputs are parsed once, when computed.
-      keys, _ = records.parse_examples(batch, {"kind": "dict", "inputs": []},
-                                       c["key_feature"])
-    else:
-      keys = np.array([k for k, _ in batch], np.int64)
-    done = np.isin(keys, done_keys)
-    self._skipped.inc(int(done.sum()))
-    progress.add("skipped", int(done.sum()))
-    for element, is_done in zip(batch, done):
-      if not is_done:
-        yield element
-
-
-class ReadPartFn(beam.DoFn):
-  """Part file path -> its (keys, targets)."""
-
-  def process(self, path):
-    yield decode_part(filesystems.read_file_bytes(path))
-
-
-class _ConcatKeysFn(beam.CombineFn):
-  """Key arrays -> one sorted int64 array (empty when there are none)."""
-
-  def create_accumulator(self):
-    return []
-
-  def add_input(self, accumulator, keys):
-    accumulator.append(np.asarray(keys, np.int64))
-    return accumulator
-
-  def merge_accumulators(self, accumulators):
-    return [k for acc in accumulators for k in acc]
-
-  def extract_output(self, accumulator):
-    if not accumulator:
-      return np.zeros((0,), np.int64)
-    return np.unique(np.concatenate(accumulator))
 
 
 def _by_shard(part, num_shards):
@@ -192,50 +145,6 @@ def _by_shard(part, num_shards):
   for shard in np.unique(shards):
     sel = shards == shard
     yield int(shard), (keys[sel], values[sel])
-
-
-def part_name(keys):
-  """File name of the part holding `keys` (sorted): named by its keys.
-
-  A retried or repeated batch has the same keys, hence the same name and,
-  the targets being a pure function of the keys, the same bytes: writing it
-  again is harmless.
-  """
-  digest = records.sha256(np.asarray(keys, "<i8").tobytes())[:24]
-  return f"{PART_PREFIX}-{digest}.{PART_EXTENSION}"
-
-
-def encode_part(keys, values):
-  """Part file bytes: the keys, then the targets, as two `.npy` records.
-
-  Internal to a run (never the output), so the format is the fastest one to
-  write and read back, and deterministic: equal arrays, equal bytes.
-  """
-  buffer = io.BytesIO()
-  np.save(buffer, np.asarray(keys, "<i8"), allow_pickle=False)
-  np.save(buffer, np.asarray(values, "<f4"), allow_pickle=False)
-  return buffer.getvalue()
-
-
-def decode_part(data):
-  """(keys int64, targets float32) of part file bytes (`encode_part`)."""
-  buffer = io.BytesIO(data)
-  keys = np.load(buffer, allow_pickle=False)
-  values = np.load(buffer, allow_pickle=False)
-  return keys.astype(np.int64), values.astype(np.float32)
-
-
-def write_part(output_dir, keys, values):
-  """Writes one computed batch's (keys, targets) atomically to `parts/`."""
-  path = FileSystems.join(output_dir, PARTS_DIR, part_name(keys))
-  filesystems.atomic_write(path, encode_part(keys, values))
-
-
-def existing_parts(output_dir):
-  """Paths of the part files in `output_dir` (complete by design)."""
-  pattern = FileSystems.join(output_dir, PARTS_DIR,
-                             f"{PART_PREFIX}-*.{PART_EXTENSION}")
-  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
 def _take_rows(x, idx):
@@ -349,9 +258,7 @@ def start_output(output_dir, settings, resume):
   """
   if not resume:
     _clear_output(output_dir)
-  parts = FileSystems.join(output_dir, PARTS_DIR)
-  if not FileSystems.exists(parts):
-    FileSystems.mkdirs(parts)
+  parts.make_parts_dir(output_dir)
   filesystems.atomic_write(
       FileSystems.join(output_dir, records.SETTINGS_FILENAME),
       json.dumps(settings, indent=2, sort_keys=True).encode())
@@ -361,7 +268,7 @@ def _clear_output(output_dir):
   """Removes earlier shards, parts and manifest (resume=False)."""
   pattern = FileSystems.join(output_dir, f"{records.SHARD_PREFIX}-*")
   paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-  paths += existing_parts(output_dir)
+  paths += parts.existing_parts(output_dir)
   manifest = FileSystems.join(output_dir, records.MANIFEST_FILENAME)
   if FileSystems.exists(manifest):
     paths.append(manifest)
@@ -377,7 +284,7 @@ def _check_args(num_samples, seed, batch_size, num_shards, output_format,
     raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
   num_shards = validation.check_int(num_shards, "num_shards", 1)
-  records.check_format(output_format, records.TARGET_FORMATS)
+  records.check_format(output_format, formats.TARGET_FORMATS)
   if beam_batch_size is None:
     beam_batch_size = 8 * batch_size
   beam_batch_size = validation.check_int(beam_batch_size, "beam_batch_size",
@@ -445,7 +352,7 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
       "batch_size": batch_size,
       "beam_batch_size": beam_batch_size,
       "num_shards": num_shards,
-      "parts": existing_parts(output) if resume else [],
+      "parts": parts.existing_parts(output) if resume else [],
       "input_format": input_format,
       "input_specs": input_specs,
       "key_feature": key_feature,
@@ -461,29 +368,15 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
                                    config["input_specs"],
                                    config["key_feature"])
   count = examples | "CountInputs" >> beam.combiners.Count.Globally()
-  batch = config["beam_batch_size"]
-  todo = examples
-  if config["parts"]:
-    done = (pipeline
-            | "Parts" >> beam.Create(config["parts"])
-            | "ReadParts" >> beam.ParDo(ReadPartFn()))
-    done_keys = (done
-                 | "PartKeys" >> beam.Map(lambda part: part[0])
-                 | "DoneKeys" >> beam.CombineGlobally(_ConcatKeysFn()))
-    todo = (examples
-            | "BatchToSkip" >> beam.BatchElements(min_batch_size=batch,
-                                                  max_batch_size=batch)
-            | "SkipDone" >> beam.ParDo(SkipDoneFn(config),
-                                       beam.pvalue.AsSingleton(done_keys)))
+  done, done_keys = parts.done_parts(pipeline, config["parts"])
   computed = (
-      todo
-      | "Batch" >> beam.BatchElements(min_batch_size=batch,
-                                      max_batch_size=batch)
+      batches.work_items(examples, config["input_format"],
+                         config["key_feature"], done_keys,
+                         config["beam_batch_size"])
       | "MCTargets" >> beam.ParDo(TargetsFn(model_path, config, output)))
-  parts = (computed, done) | "AllParts" >> beam.Flatten() if (
-      config["parts"]) else computed
   entries = (
-      parts
+      (computed, done)
+      | "AllParts" >> beam.Flatten()
       | "ByShard" >> beam.FlatMap(_by_shard, config["num_shards"])
       | "GroupByShard" >> beam.GroupByKey()
       | "WriteShards" >> beam.ParDo(WriteShardFn(
@@ -537,6 +430,6 @@ def run(model_path, inputs, output, num_samples, seed, statistic,
   summary = {"manifest": manifest,
              "seconds": time.perf_counter() - start,
              "examples_computed": 0, "examples_skipped": 0,
-             "duplicates_dropped": 0}
+             "examples_padded": 0, "duplicates_dropped": 0}
   summary.update(counters.totals(result))
   return summary
