@@ -81,8 +81,11 @@ def add_scoring_flags(group):
                      choices=formats.INPUT_FORMATS)
   group.add_argument("--key_feature", default=formats.KEY_FEATURE)
   group.add_argument("--batch_size", type=int, default=256)
+  group.add_argument("--beam_batch_size", type=int, default=None)
   group.add_argument("--num_shards", type=int, default=8)
   group.add_argument("--signature", default=contract.SERVING_SIGNATURE)
+  group.add_argument("--no_resume", action="store_true",
+                     help="clear earlier scores instead of reusing them")
   group.add_argument("--verbose", action="store_true",
                      help="show Beam's INFO logs (off by default)")
 

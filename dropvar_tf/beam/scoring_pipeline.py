@@ -7,13 +7,20 @@ record per example: its key, the prediction and the one-pass DPV estimate.
 For offline analysis and monitoring (e.g. the share of traffic whose
 variation exceeds a threshold, day over day), without a serving cluster.
 
-    examples (TFRecord of tf.Example with an int64 key, or .npz)
-      -> (key, {input name: array}) per example
-      -> RunInference(KeyedModelHandler(model_handler.SignatureHandler)):
-         BatchElements, then serving_default on batches padded to
-         `batch_size` rows (SavedModel loaded once per worker process)
-      -> GroupByKey(shard_of(key)) -> scores-SSSSS-of-NNNNN.{parquet,
-         tfrecord,jsonl}, sorted by key, each written atomically
+    examples (TFRecord of tf.Example with an int64 key, or .npz; one read
+              step for any number of files)
+      -> [resumed run: drop the examples whose key a part file holds]
+      -> work items of `beam_batch_size` examples by key rank
+         (`batches.work_items`: only the run's last item is short)
+      -> RunInference(KeyedModelHandler(model_handler.SignatureHandler)
+         .with_no_batching()): serving_default on calls of exactly
+         `batch_size` rows, the run's last one padded (SavedModel loaded
+         once per worker process)
+      -> each item's scores saved as a part file `parts/part-<keys digest>`
+         at once (a rerun after a kill scores only what is missing)
+      -> with the earlier run's parts: GroupByKey(shard_of(key))
+      -> scores-SSSSS-of-NNNNN.{parquet,tfrecord,jsonl}, sorted by key,
+         each written atomically
       -> scoring.json (format, shapes, settings) last
 
 Input features are named after the signature's inputs (`saved_model_cli show
@@ -43,7 +50,8 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
                          output_format=formats.PARQUET, input_format="auto",
                          key_feature=formats.KEY_FEATURE, batch_size=256,
                          num_shards=8, signature=contract.SERVING_SIGNATURE,
-                         pipeline_args=None):
+                         pipeline_args=None, beam_batch_size=None,
+                         resume=True, show_progress=None):
   """Scores every example of `inputs` with a SavedModel; waits for the end.
 
   Args:
@@ -59,18 +67,31 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
     num_shards: output files `scores-SSSSS-of-NNNNN.<format>`; key k goes
       to file `records.shard_of(k, num_shards)`, sorted by key.
     signature: the signature to call.
+    beam_batch_size: examples per work item and part file, a multiple of
+      `batch_size` (default 8 * batch_size).
+    resume: reuse the part files of an earlier run with the same settings
+      (`settings.json`) and score only the other examples; False clears the
+      earlier scores, parts and `scoring.json` first.
     pipeline_args: Beam flags (runner and its options); DirectRunner
       default. Flags of `options.ScoringOptions` may be among them (`main`
       passes its whole argv); the arguments above, not those flags, say
       what to score.
+    show_progress: write a progress line (examples scored and skipped) to
+      stderr as items finish; needs workers in this process (the
+      DirectRunner in memory or threads). None: when they are and stderr
+      is a terminal. Every runner has the Beam counters.
 
   Returns:
-    dict with "examples_scored" and "seconds".
+    dict: "seconds" and the counters "examples_scored" (this run),
+    "examples_skipped" (saved by an earlier run, read back from its part
+    files), "examples_padded" (rows added to the run's last call) and
+    "duplicates_dropped".
 
   Raises:
     ValueError: an invalid argument, an unknown flag in `pipeline_args`, a
-      runner that cannot run this (see `options.check_runner`), or a
-      signature without the contract's outputs.
+      runner that cannot run this (see `options.check_runner`), a
+      signature without the contract's outputs, or `output` holds scores
+      of other settings (and `resume` is True).
     FileNotFoundError: an input pattern matches nothing.
   """
   # Imported here: TensorFlow and Beam take seconds to load, and `main`
@@ -78,7 +99,8 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
   from dropvar_tf.beam import scoring_transforms
   return scoring_transforms.run(
       saved_model_dir, inputs, output, output_format, input_format,
-      key_feature, batch_size, num_shards, signature, pipeline_args)
+      key_feature, batch_size, num_shards, signature, beam_batch_size,
+      resume, pipeline_args, show_progress)
 
 
 def main(argv=None):
@@ -110,6 +132,7 @@ def main(argv=None):
       output_format=args.output_format, input_format=args.input_format,
       key_feature=args.key_feature, batch_size=args.batch_size,
       num_shards=args.num_shards, signature=args.signature,
+      beam_batch_size=args.beam_batch_size, resume=not args.no_resume,
       pipeline_args=argv)
   print(json.dumps(summary, sort_keys=True))
   return 0
