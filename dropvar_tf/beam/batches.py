@@ -11,7 +11,7 @@ gets its batch from its key instead:
       -> every remaining key, sorted (one small side input: 8 bytes a key)
       -> batch = rank of the key // rows
       -> GroupByKey(batch): (batch, [(key, raw), ...]) of exactly `rows`
-         examples, the last batch of the run shorter
+         examples, sorted by key, the last batch of the run shorter
 
 So only the run's last batch is short, whatever the bundling, the file
 layout or the runner; and a batch's examples depend only on the keys (the
@@ -66,10 +66,24 @@ class KeyTodoFn(beam.DoFn):
 
 
 def _assign(keyed, todo_keys, rows):
+  """(keys, raws) -> (batch id, (keys, raws)) for each batch they reach.
+
+  One element per batch and input batch, not per example: the shuffle then
+  moves a few large elements.
+  """
   keys, raws = keyed
   ids = np.searchsorted(todo_keys, keys) // rows
-  for batch_id, key, raw in zip(ids.tolist(), keys.tolist(), raws):
-    yield batch_id, (key, raw)
+  for batch_id in np.unique(ids):
+    where = np.flatnonzero(ids == batch_id)
+    yield int(batch_id), (keys[where], [raws[i] for i in where])
+
+
+def _merge(item):
+  """(batch id, [(keys, raws), ...]) -> (batch id, [(key, raw), ...])."""
+  batch_id, pieces = item
+  return batch_id, sorted(
+      ((int(key), raw) for keys, raws in pieces
+       for key, raw in zip(keys, raws)), key=lambda kv: kv[0])
 
 
 def work_items(examples, input_format, key_feature, done_keys, rows,
@@ -87,7 +101,7 @@ def work_items(examples, input_format, key_feature, done_keys, rows,
 
   Returns:
     One element per batch: its id (the rank of its first key // rows) and
-    its examples with their keys, in no particular order. Every batch has
+    its examples with their keys, sorted by key. Every batch has
     `rows` examples (more only with duplicated keys), the last one fewer.
   """
   keyed = (examples
@@ -103,4 +117,5 @@ def work_items(examples, input_format, key_feature, done_keys, rows,
   return (keyed
           | f"{label}Assign" >> beam.FlatMap(
               _assign, beam.pvalue.AsSingleton(todo_keys), rows)
-          | f"{label}Group" >> beam.GroupByKey())
+          | f"{label}Group" >> beam.GroupByKey()
+          | f"{label}Merge" >> beam.Map(_merge))

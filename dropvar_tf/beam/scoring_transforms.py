@@ -79,7 +79,6 @@ class DecodeItemFn(beam.DoFn):
   def process(self, item):
     c = self._config
     batch_id, elements = item
-    elements = sorted(elements, key=lambda kv: kv[0])
     keys, named = sources.decode_batch(
         [raw for _, raw in elements], c["input_format"],
         dict(c["input_specs"], kind="dict"), c["key_feature"])

@@ -116,7 +116,6 @@ class TargetsFn(beam.DoFn):
   def process(self, item):
     c = self._config
     _, elements = item
-    elements = sorted(elements, key=lambda kv: kv[0])
     keys, x = sources.decode_batch([raw for _, raw in elements],
                                    c["input_format"], c["input_specs"],
                                    c["key_feature"])
