@@ -43,6 +43,15 @@ class InitTest(tf.test.TestCase):
     self.assertIs(fit_variation_head, dv.fit_variation_head)
     self.assertContainsSubset(set(dv.__all__), set(dir(dv)))
 
+  def test_every_name_loads_without_the_study_dependencies(self):
+    # As if they were not installed: importing any of them raises. Names
+    # load their modules lazily, so each one is touched here.
+    blocked = ("sklearn", "matplotlib", "tensorflow_datasets")
+    self.assertEqual("['keras', 'tensorflow']", _modules_after(
+        f"import sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n"
+        "import dropvar_tf as dv\n"
+        "for name in dv.__all__:\n  getattr(dv, name)"))
+
   def test_unknown_name_is_an_attribute_error(self):
     with self.assertRaisesRegex(AttributeError, "has no attribute 'nope'"):
       dv.nope  # noqa: B018
