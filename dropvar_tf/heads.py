@@ -16,6 +16,7 @@ from dropvar_tf import head_layers
 from dropvar_tf import keras_graph
 from dropvar_tf import layers as probe_layers
 from dropvar_tf import sources
+from dropvar_tf import tap_selection
 from dropvar_tf import validation
 from dropvar_tf.version import __version__
 
@@ -42,16 +43,21 @@ PRIORS = (None, PRIOR_AUTO, PRIOR_DELTA, PRIOR_MOMENTS)
 DEFAULT_PRIOR_BOUND = 2.0
 
 
+# `add_variation_head(layers=...)` selections besides a list of names.
+LAYER_SELECTIONS = ("auto", "all", "last")
+
+
 def _check_layers_arg(layers):
   if isinstance(layers, str):
-    if layers in ("all", "last"):
+    if layers in LAYER_SELECTIONS:
       return layers
     return [layers]
   if isinstance(layers, (list, tuple)) and layers and all(
       isinstance(n, str) for n in layers):
     return list(layers)
   raise validation.invalid(
-      "layers", '"all", "last", or a non-empty list of layer names', layers)
+      "layers", '"auto", "all", "last", or a non-empty list of layer names',
+      layers)
 
 
 def candidate_layers(model):
@@ -120,10 +126,12 @@ def _is_relu(layer):
                               keras.activations.relu6)
 
 
-def _resolve_taps(model, layers):
+def _resolve_taps(model, layers, features):
   """Returns [(layer, output tensor in `model`'s graph)] to tap."""
   candidates = candidate_layers(model)
-  if layers == "all":
+  if layers == "auto":
+    taps = tap_selection.select_layers(model, candidates, features)
+  elif layers == "all":
     taps = candidates
   elif layers == "last":
     taps = candidates[-1:]
@@ -224,7 +232,7 @@ def _moment_features(model, include_moments, statistic):
     raise
 
 
-def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
+def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
                        hidden_units=(16, 64), statistic=contract.STAT_AUTO,
                        include_prediction=True, include_delta="auto",
                        include_moments=False, transform=head_layers.LOG,
@@ -246,8 +254,11 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
     model: a built, trained Functional or Sequential `keras.Model` with at
       least one Dropout layer and one output tensor. Subclassed models are
       refused (they have no symbolic graph to tap).
-    layers: "all" (every candidate hidden layer, see `candidate_layers`),
-      "last" (the candidate closest to the output), or a list of layer names.
+    layers: "auto" (default: a few candidate layers whose probes' estimated
+      cost is bounded relative to the base's, preferring those a dropout
+      source reads and those near the output; see `tap_selection`), "all"
+      (every candidate hidden layer, see `candidate_layers`), "last" (the
+      candidate closest to the output), or a list of layer names.
     features: "summary" (mean, L2 norm and fraction active per layer; default:
       as good as or better than per-neuron features on every task measured
       and steadier from fit to fit) or "neurons" (per-neuron activations;
@@ -296,7 +307,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       e.g. unknown layer names.
 
   Example:
-  >>> dual = add_variation_head(model, layers="all")
+  >>> dual = add_variation_head(model)
   >>> out = dual.predict(x)   # {"prediction": ..., "variation": ...}
   """
   sources.check_dropout_model(model)
@@ -320,7 +331,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   units = _output_units(model)
   probabilities = keras_graph.output_is_probabilities(model)
   statistic = validation.resolve_statistic(statistic, units, probabilities)
-  taps = _resolve_taps(model, layers)
+  taps = _resolve_taps(model, layers, features)
   if prior not in PRIORS:
     raise validation.invalid("prior", f"one of {PRIORS}", prior)
 
