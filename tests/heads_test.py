@@ -58,10 +58,11 @@ _ERR_HIDDEN_TYPE = (_PREFIX + "`hidden_units`. Expected a list or tuple of "
 _ERR_LAYERS_UNKNOWN = (
     _PREFIX + "`layers`. Expected names of layers of the model; candidates "
     "are ['dense_a', 'dense_b']. Received: layers=['nope']")
-_ERR_LAYERS_EMPTY = (_PREFIX + "`layers`. Expected \"all\", \"last\", or a "
-                     "non-empty list of layer names. Received: layers=[]")
-_ERR_LAYERS_INT = (_PREFIX + "`layers`. Expected \"all\", \"last\", or a "
-                   "non-empty list of layer names. Received: layers=3")
+_ERR_LAYERS_EMPTY = (_PREFIX + "`layers`. Expected \"auto\", \"all\", "
+                     "\"last\", or a non-empty list of layer names. "
+                     "Received: layers=[]")
+_ERR_LAYERS_INT = (_PREFIX + "`layers`. Expected \"auto\", \"all\", \"last\", "
+                   "or a non-empty list of layer names. Received: layers=3")
 _ERR_SHARED = (
     _PREFIX + "`layers`. Expected layers called exactly once in the model, "
     "with one output tensor (a shared layer has no single output to tap). "
