@@ -18,6 +18,7 @@ from dropvar_tf import head_layers
 from dropvar_tf import keras_graph
 from dropvar_tf import layers as probe_layers
 from dropvar_tf import sources
+from dropvar_tf import tap_selection
 from dropvar_tf import validation
 from dropvar_tf.version import __version__
 
@@ -44,16 +45,21 @@ PRIORS = (None, PRIOR_AUTO, PRIOR_DELTA, PRIOR_MOMENTS)
 DEFAULT_PRIOR_BOUND = 2.0
 
 
+# `add_variation_head(layers=...)` selections besides a list of names.
+LAYER_SELECTIONS = ("auto", "all", "last")
+
+
 def _check_layers_arg(layers):
   if isinstance(layers, str):
-    if layers in ("all", "last"):
+    if layers in LAYER_SELECTIONS:
       return layers
     return [layers]
   if isinstance(layers, (list, tuple)) and layers and all(
       isinstance(n, str) for n in layers):
     return list(layers)
   raise validation.invalid(
-      "layers", '"all", "last", or a non-empty list of layer names', layers)
+      "layers", '"auto", "all", "last", or a non-empty list of layer names',
+      layers)
 
 
 def functional_view(model, arg="model"):
@@ -140,38 +146,15 @@ def candidate_layers(model):
   return found
 
 
-# Layers whose output is `activation(...)`, nothing added after it.
-_ENDS_IN_ACTIVATION = (
-    keras.layers.Activation, keras.layers.Dense, keras.layers.EinsumDense,
-    keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-    keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-    keras.layers.Conv3DTranspose, keras.layers.SeparableConv1D,
-    keras.layers.SeparableConv2D, keras.layers.DepthwiseConv1D,
-    keras.layers.DepthwiseConv2D)
-
-
-def _is_relu(layer):
-  """True when `layer`'s output is a plain ReLU's (never negative).
-
-  Only for layer types known to end in their activation: a custom layer
-  with an `activation` attribute may add something after it (a residual).
-  """
-  if type(layer) is keras.layers.ReLU:
-    return (not layer.negative_slope and float(layer.threshold) >= 0 and
-            (layer.max_value is None or float(layer.max_value) >= 0))
-  if type(layer) not in _ENDS_IN_ACTIVATION:  # subclasses may differ
-    return False
-  return layer.activation in (keras.activations.relu,
-                              keras.activations.relu6)
-
-
-def _resolve_taps(model, layers, paths=None):
+def _resolve_taps(model, layers, features, paths=None):
   """Returns [(layer, output tensor in `model`'s graph)] to tap.
 
   `paths` (from `functional_view`) adds each layer's path as a name.
   """
   candidates = candidate_layers(model)
-  if layers == "all":
+  if layers == "auto":
+    taps = tap_selection.select_layers(model, candidates, features)
+  elif layers == "all":
     taps = candidates
   elif layers == "last":
     taps = candidates[-1:]
@@ -291,7 +274,7 @@ def _moment_features(model, include_moments, statistic):
     raise
 
 
-def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
+def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
                        hidden_units=(16, 64), statistic=contract.STAT_AUTO,
                        include_prediction=True, include_delta="auto",
                        include_moments=False, transform=head_layers.LOG,
@@ -316,9 +299,12 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       subclassed; a subclassed one built by calling it on a batch) with at
       least one dropout source; one output tensor, or a list or flat dict of
       them (one head per output, see Returns).
-    layers: "all" (every candidate hidden layer, see `candidate_layers`),
-      "last" (the candidate closest to the output), or a list of layer names
-      (for layers inside a subclassed model, their name or their path
+    layers: "auto" (default: a few candidate layers whose probes' estimated
+      cost is bounded relative to the base's, preferring those a dropout
+      source reads and those near the output; see `tap_selection`), "all"
+      (every candidate hidden layer, see `candidate_layers`), "last" (the
+      candidate closest to the output), or a list of layer names (for
+      layers inside a subclassed model, their name or their path
       "<submodel>/<layer>").
     features: "summary" (mean, L2 norm and fraction active per layer; default:
       as good as or better than per-neuron features on every task measured
@@ -374,7 +360,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       unknown layer names, or moment propagation with several outputs.
 
   Example:
-  >>> dual = add_variation_head(model, layers="all")
+  >>> dual = add_variation_head(model)
   >>> out = dual.predict(x)   # {"prediction": ..., "variation": ...}
   """
   sources.check_dropout_model(model, allow_subclassed=True)
@@ -401,7 +387,7 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   hidden_units = [validation.check_int(u, "hidden_units", 1)
                   for u in hidden_units]
   statistics = _resolve_statistics(model, names, outputs, statistic)
-  taps = _resolve_taps(model, layers, paths)
+  taps = _resolve_taps(model, layers, features, paths)
   if prior not in PRIORS:
     raise validation.invalid("prior", f"one of {PRIORS}", prior)
   if names is not None and (prior == PRIOR_MOMENTS or include_moments is
@@ -416,8 +402,8 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   # sums of squares overflow on wide layers.
   for layer, tensor in taps:
     probe = probe_layers.ActivationStrength(
-        features=features, nonnegative=_is_relu(layer), dtype="float32",
-        name=PROBE_PREFIX + layer.name)
+        features=features, nonnegative=probe_layers.is_relu_output(layer),
+        dtype="float32", name=PROBE_PREFIX + layer.name)
     probes.append(probe(tensor))
   dual_outputs = {}
   for index, (output_name, prediction, output_statistic) in enumerate(

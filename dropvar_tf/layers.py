@@ -226,3 +226,30 @@ class OutputDropoutDelta(keras.layers.Layer):
                    "statistic": self.statistic, "input_dim": self.input_dim,
                    "units": self.units})
     return config
+
+
+# Layers whose output is `activation(...)`, nothing added after it.
+_ENDS_IN_ACTIVATION = (
+    keras.layers.Activation, keras.layers.Dense, keras.layers.EinsumDense,
+    keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose, keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D, keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D)
+
+
+def is_relu_output(layer):
+  """True when `layer`'s output is a plain ReLU's (never negative).
+
+  A probe on such a layer is built with `nonnegative=True`.
+
+  Only for layer types known to end in their activation: a custom layer
+  with an `activation` attribute may add something after it (a residual).
+  """
+  if type(layer) is keras.layers.ReLU:
+    return (not layer.negative_slope and float(layer.threshold) >= 0 and
+            (layer.max_value is None or float(layer.max_value) >= 0))
+  if type(layer) not in _ENDS_IN_ACTIVATION:  # subclasses may differ
+    return False
+  return layer.activation in (keras.activations.relu,
+                              keras.activations.relu6)

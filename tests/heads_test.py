@@ -50,10 +50,11 @@ _ERR_HIDDEN_TYPE = (_PREFIX + "`hidden_units`. Expected a list or tuple of "
 _ERR_LAYERS_UNKNOWN = (
     _PREFIX + "`layers`. Expected names of layers of the model; candidates "
     "are ['dense_a', 'dense_b']. Received: layers=['nope']")
-_ERR_LAYERS_EMPTY = (_PREFIX + "`layers`. Expected \"all\", \"last\", or a "
-                     "non-empty list of layer names. Received: layers=[]")
-_ERR_LAYERS_INT = (_PREFIX + "`layers`. Expected \"all\", \"last\", or a "
-                   "non-empty list of layer names. Received: layers=3")
+_ERR_LAYERS_EMPTY = (_PREFIX + "`layers`. Expected \"auto\", \"all\", "
+                     "\"last\", or a non-empty list of layer names. "
+                     "Received: layers=[]")
+_ERR_LAYERS_INT = (_PREFIX + "`layers`. Expected \"auto\", \"all\", \"last\", "
+                   "or a non-empty list of layer names. Received: layers=3")
 _ERR_SHARED = (
     _PREFIX + "`layers`. Expected layers called exactly once in the model, "
     "with one output tensor (a shared layer has no single output to tap). "
@@ -645,31 +646,6 @@ class HeadFeaturesTest(tf.test.TestCase):
     self.assertTrue(np.all(np.isfinite(out)) and np.all(out >= 0))
     self.assertTrue(heads.add_variation_head(tm.mlp_softmax()).get_layer(
         heads.PREDICTION_FEATURES_NAME).probabilities)
-
-  def test_only_layers_that_end_in_relu_count_as_nonnegative(self):
-
-    class Residual(keras.layers.Layer):
-      """Has an `activation` but adds its input after it."""
-
-      def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.activation = keras.activations.relu
-        self.dense = keras.layers.Dense(4)
-
-      def call(self, x):
-        return x + self.activation(self.dense(x))
-
-    cases = [(keras.layers.Dense(4, activation="relu"), True),
-             (keras.layers.Conv2D(2, 3, activation="relu6"), True),
-             (keras.layers.Activation("relu"), True),
-             (keras.layers.ReLU(max_value=6.0), True),
-             (keras.layers.ReLU(negative_slope=0.1), False),
-             (keras.layers.LeakyReLU(), False),
-             (keras.layers.Dense(4, activation="tanh"), False),
-             (Residual(), False)]
-    for layer, expected in cases:
-      with self.subTest(layer=type(layer).__name__):
-        self.assertEqual(heads._is_relu(layer), expected)
 
   def test_mixed_float16_policy_gives_finite_features(self):
     keras.mixed_precision.set_global_policy("mixed_float16")

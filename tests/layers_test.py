@@ -285,5 +285,33 @@ class OutputDropoutDeltaTest(tf.test.TestCase):
     self.assertEqual(str(cm.exception), _ERR_ACTIVATION)
 
 
+class IsReluOutputTest(tf.test.TestCase):
+
+  def test_only_layers_that_end_in_relu_count_as_nonnegative(self):
+
+    class Residual(keras.layers.Layer):
+      """Has an `activation` but adds its input after it."""
+
+      def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.activation = keras.activations.relu
+        self.dense = keras.layers.Dense(4)
+
+      def call(self, x):
+        return x + self.activation(self.dense(x))
+
+    cases = [(keras.layers.Dense(4, activation="relu"), True),
+             (keras.layers.Conv2D(2, 3, activation="relu6"), True),
+             (keras.layers.Activation("relu"), True),
+             (keras.layers.ReLU(max_value=6.0), True),
+             (keras.layers.ReLU(negative_slope=0.1), False),
+             (keras.layers.LeakyReLU(), False),
+             (keras.layers.Dense(4, activation="tanh"), False),
+             (Residual(), False)]
+    for layer, expected in cases:
+      with self.subTest(layer=type(layer).__name__):
+        self.assertEqual(layers.is_relu_output(layer), expected)
+
+
 if __name__ == "__main__":
   tf.test.main()
