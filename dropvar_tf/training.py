@@ -6,6 +6,7 @@ using its moving statistics), then only the head's weights are trained on them.
 Calling `dual.fit` directly would instead run the base with dropout on.
 """
 
+import logging
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from dropvar_tf._keras import keras, tf
 from dropvar_tf import head_layers
 from dropvar_tf import heads
+from dropvar_tf import inputs
 from dropvar_tf import metrics
 from dropvar_tf import validation
 
@@ -39,18 +41,22 @@ def head_features(dual, x, batch_size=256):
 
   Args:
     dual: a dual model from `add_variation_head`.
-    x: inputs of the base model: array, dict of arrays, or a batched
-      `tf.data.Dataset` of inputs.
-    batch_size: batch size for arrays.
+    x: inputs of the base model, in any form `inputs.normalize` reads
+      (arrays, dicts, lists, numpy strings, ragged, a Dataset), or a
+      `inputs.ModelInputs` it made.
+    batch_size: examples per forward pass.
 
   Returns:
     A list of float32 arrays, one per head input, each (N, d_i).
+
+  Raises:
+    ValueError: `x` does not match the model's inputs (`inputs.normalize`).
   """
+  if not isinstance(x, inputs.ModelInputs):
+    x = inputs.normalize(dual, x)
   feature_model = keras.Model(dual.input, heads.head_feature_tensors(dual))
-  if isinstance(x, tf.data.Dataset):
-    feats = feature_model.predict(x, verbose=0)
-  else:
-    feats = feature_model.predict(x, batch_size=batch_size, verbose=0)
+  # A Dataset: Keras' `predict` refuses numpy string arrays.
+  feats = feature_model.predict(x.as_dataset(batch_size), verbose=0)
   if not isinstance(feats, (list, tuple)):
     feats = [feats]
   return [np.asarray(f, "float32").reshape(len(f), -1) for f in feats]
@@ -85,6 +91,7 @@ def _check_targets(targets, n, units):
   return t
 
 
+_LOGGER = logging.getLogger(__name__)
 # Estimates are capped at this multiple of the largest fitted target.
 _MAX_VALUE_FACTOR = 1.5
 # A head with a prior corrects it within the central 99% of the log-space
@@ -158,10 +165,12 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
 
   Args:
     dual: a dual model from `add_variation_head`.
-    x: inputs (array, dict of arrays, or a batched `tf.data.Dataset` of inputs
-      in a fixed order), N examples.
+    x: N inputs in any form the model takes (`inputs.normalize`: arrays,
+      dicts, lists, numpy strings, ragged, or a `tf.data.Dataset` of
+      examples or batches in a fixed order, of `x` or of `(x, targets)`).
     targets: DPV targets, shape (N,) or (N, k), from `mc_dropout_targets` with
-      the head's statistic.
+      the head's statistic; None takes them from a Dataset of
+      `(x, targets)`.
     epochs: maximum training epochs.
     batch_size: head training batch size.
     validation_split: fraction (0 <= f < 1) held out, chosen by `seed`, for
@@ -174,7 +183,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     calibrate: fit the output scale by least squares on the held-out part
       (on the training part when `validation_split` is 0).
     report_split: fraction (0 <= f < 1) held out, chosen by `seed`, for the
-      fit report only; 0 stores no report.
+      fit report only; 0 stores no report, and so do inputs too few for it
+      to hold out 2 (with a logged reason).
     verbose: Keras verbosity.
 
   Returns:
@@ -182,14 +192,15 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
 
   Raises:
     ValueError: `dual` has no head; `x` does not match the model's input
-      spec, is empty or has NaN/Inf values (see `validation.check_inputs`);
+      spec, is empty or has NaN/Inf values (see `inputs.normalize`);
       `targets` do not match `x` (length, shape), contain NaN/Inf or
       negative values, or are all zero; or an argument is out of range.
   """
   out_layer = heads.variation_output_layer(dual)
   head = heads.variation_head(dual)
-  num_examples(x)
-  n = validation.check_inputs(dual, x)
+  data = inputs.normalize(dual, x)
+  if targets is None:
+    targets = data.labels()
   if num_samples is not None:
     num_samples = validation.check_int(num_samples, "num_samples", 2)
   epochs = validation.check_int(epochs, "epochs", 1)
@@ -199,8 +210,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     if not 0.0 <= value < 1.0:
       raise validation.invalid(arg, "a float in [0, 1)", value)
   units = out_layer.units
-  _check_targets(targets, n, units)
-  feats = head_features(dual, x)
+  _check_targets(targets, data.num_examples, units)
+  feats = head_features(dual, data)
   t = _check_targets(targets, len(feats[0]), units)
   # With a prior, the head's last input is the prior: the layers learn only
   # the log-space correction of it from the other inputs.
@@ -214,9 +225,12 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   n_val = int(round(n * validation_split))
   n_report = int(round(n * report_split))
   if report_split and n_report < 2:
-    raise validation.invalid("report_split",
-                             "a fraction holding out at least 2 examples",
-                             report_split)
+    # Fitting matters more than its report: too few inputs to hold out
+    # the 2 a rank correlation needs leave all of them to the fit.
+    _LOGGER.warning(
+        "No fit report: report_split=%s of %d calibration inputs holds "
+        "out %d; a report needs at least 2.", report_split, n, n_report)
+    n_report = 0
   if validation_split and (n_val < 1 or n - n_report - n_val < 1):
     raise validation.invalid("validation_split",
                              "a fraction leaving examples on both sides",
@@ -297,7 +311,10 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     denom = float(np.sum(est * est))
     if denom > 0:
       out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
-  out_layer.max_value.assign(_MAX_VALUE_FACTOR * float(t.max()) + 1e-12)
+  # The cap comes from the training rows only: the report's rows stay
+  # unseen.
+  out_layer.max_value.assign(
+      _MAX_VALUE_FACTOR * float(t[train_idx].max()) + 1e-12)
   report = None
   if n_report:
     report = metrics.fit_report(
@@ -341,7 +358,8 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
 
   Args:
     model: a trained Functional or Sequential Keras model with Dropout.
-    x: inputs (array or dict of arrays) to fit on or to perturb.
+    x: inputs to fit on or to perturb, in any form the model takes
+      (`inputs.normalize`; the `y` of a Dataset of `(x, y)` is ignored).
     num_samples: T, stochastic passes per MC target.
     seed: seed of the perturbations, the MC masks and the head training.
     num_perturbed: perturbed inputs to make; 0 fits on `x` as given.
@@ -359,20 +377,21 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
   Raises:
     ValueError: as `add_variation_head`, `mc_dropout_targets` and
       `fit_variation_head` do; `x` is checked against `model`'s input spec
-      (`validation.check_inputs`) before it is perturbed.
+      (`inputs.normalize`) before it is perturbed.
   """
   from dropvar_tf import augment
   from dropvar_tf import targets as targets_lib
   num_perturbed = validation.check_int(num_perturbed, "num_perturbed", 0)
   # Checked before perturbing: a NaN row would spread to its perturbed
   # copies and be counted there.
-  validation.check_inputs(validation.check_model(model), x)
+  data = inputs.normalize(validation.check_model(model), x)
   dual = heads.add_variation_head(model, seed=seed, **head_kwargs)
   statistic = heads.variation_head_metadata(dual)["statistic"]
-  fit_x = x
+  fit_x = data.materialize() if isinstance(x, tf.data.Dataset) else x
   if num_perturbed:
-    fit_x = augment.perturb_inputs(x, num_perturbed, noise=perturb_noise,
-                                   swap=perturb_swap, seed=seed)
+    fit_x = augment.perturb_inputs(fit_x, num_perturbed,
+                                   noise=perturb_noise, swap=perturb_swap,
+                                   seed=seed)
   fit_t = targets_lib.mc_dropout_targets(
       model, fit_x, num_samples=num_samples, seed=seed,
       batch_size=target_batch_size, statistic=statistic, progress=progress)
