@@ -19,7 +19,8 @@ takes:
   converted);
 * a finite `tf.data.Dataset` of examples or of batches (told apart by rank
   against the model's inputs), of `x` alone or of `(x, y)` or
-  `(x, y, sample_weight)` tuples; `y` is ignored, except by
+  `(x, y, sample_weight)` tuples (or `(x,)`, as Keras reads them); `y` is
+  ignored, except by
   `fit_variation_head`, which takes it as the targets.
 
 Inputs are checked against the model's input spec (structure, rank, fixed
@@ -203,8 +204,9 @@ def _check_values(structure, arg):
   rows = {_num_rows(v) for v in leaves}
   if len(rows) != 1 or None in rows:
     raise validation.invalid(
-        arg, "arrays with the same number of rows (examples)",
-        f"row counts {sorted(map(str, rows))}")
+        arg, "arrays of one common length",
+        {k: _num_rows(v) for k, v in structure.items()}
+        if isinstance(structure, dict) else [_num_rows(v) for v in leaves])
   rows = rows.pop()
   return rows, _bad_rows(leaves, rows)
 
@@ -269,18 +271,28 @@ class ModelInputs:
     dtype: str32"); it takes them in a Dataset.
     """
     if self.dataset is None:
-      return tf.data.Dataset.from_tensor_slices(self.x).batch(batch_size)
-    return self._batched(self.dataset, batch_size)
+      # A list would be read as one stacked tensor: tf.data takes tuples.
+      x = tuple(self.x) if isinstance(self.x, list) else self.x
+      dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+    else:
+      dataset = self._batched(self.dataset, batch_size)
+    # One-element tuples: Keras reads a pair as (x, y).
+    return dataset.map(lambda *x: (x[0] if len(x) == 1 else x,))
 
 
 def _dataset_parts(spec, element, model, arg):
-  """(x spec, has labels): the part of a Dataset element the model takes."""
+  """(x spec, has labels): the part of a Dataset element the model takes.
+
+  `Dataset.map` passes a tuple's items as arguments, so a one-element
+  tuple `(x,)` reaches it as `x`: only `(x, y)` and `(x, y, w)` need
+  picking.
+  """
   try:
     return _match(spec, element, model, arg), False
   except ValueError:
-    if not (isinstance(element, tuple) and len(element) in (2, 3)):
+    if not (isinstance(element, tuple) and len(element) in (1, 2, 3)):
       raise
-    return _match(spec, element[0], model, arg), True
+    return _match(spec, element[0], model, arg), len(element) > 1
 
 
 def _normalize_dataset(model, spec, dataset, arg):
@@ -382,6 +394,12 @@ def normalize(model, x, arg="x"):
     raise validation.invalid(arg, "finite values (no NaN or Inf)",
                              f"{bad} of {rows} rows with NaN or Inf values")
   inputs.num_examples = rows
+  if inputs.dataset is not None:
+    # A known size: Keras' `predict` warns at the end of a Dataset without.
+    size = tf.data.experimental.assert_cardinality(rows)
+    inputs.dataset = inputs.dataset.apply(size)
+    if inputs.labels_dataset is not None:
+      inputs.labels_dataset = inputs.labels_dataset.apply(size)
   return inputs
 
 

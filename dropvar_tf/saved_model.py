@@ -168,13 +168,14 @@ def _tensor_specs(entries):
 def _serving_examples(dual, examples, entries):
   """Warm-up examples keyed by serving name.
 
-  A dict or array of arrays passes as given (`_check_warmup` checks it);
-  the other forms the model takes (a list, ragged inputs, a Dataset) are
-  read with `inputs.normalize`.
+  A dict or array of arrays for a model without ragged inputs passes as
+  given (`_check_warmup` checks it); the other forms the model takes (a
+  list, ragged inputs, a Dataset) are read with `inputs.normalize`.
   """
   values = examples.values() if isinstance(examples, dict) else [examples]
   if not any(isinstance(v, (tf.data.Dataset, tf.RaggedTensor, list, tuple))
-             for v in values):
+             for v in values) and not any(
+                 inputs_lib.ragged_input(t) for _, t in entries):
     return examples
   x = inputs_lib.normalize(dual, examples, "warmup_examples").materialize()
   leaves = ([x[k] for k, _ in entries] if isinstance(x, dict)
