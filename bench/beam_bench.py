@@ -35,6 +35,7 @@ from dropvar_tf import targets
 from dropvar_tf._keras import keras
 from dropvar_tf.beam import records
 from dropvar_tf.beam import targets_pipeline
+from dropvar_tf.beam import targets_transforms
 
 _KILLED = "bench: killed"
 
@@ -61,25 +62,32 @@ def _timed_run(model_path, files, output, **kwargs):
   return time.perf_counter() - start, summary
 
 
-def file_count_scaling(root, model, model_path, x, batch_size, repeats=2):
-  """Best seconds of the same rows in 4 and in 256 files (T=2).
+def file_count_scaling(root, model, model_path, x, batch_size, repeats=3):
+  """Wall and CPU seconds of the same rows in 4 and in 256 files (T=2).
 
   The two layouts alternate, `repeats` times each, so neither one alone
-  pays for what the first run of a process pays.
+  pays for what the first run of a process pays, and each pair of runs is
+  side by side. CPU seconds are this process's (the in-process
+  DirectRunner's workers and TensorFlow's threads): on a shared machine
+  they move less than wall seconds with the other jobs' load.
+
+  Returns:
+    {number of files: [(wall seconds, CPU seconds) of each run]}.
   """
   files = {num_files: records.write_examples(
       os.path.join(root, f"files{num_files}", "ex"), x,
       records.model_input_specs(model), num_shards=num_files)
            for num_files in (4, 256)}
-  best = {}
+  times = {4: [], 256: []}
   for i in range(repeats):
     for num_files in (256, 4):
+      cpu = time.process_time()
       seconds, _ = _timed_run(
           model_path, files[num_files],
           os.path.join(root, f"scaling{num_files}_{i}"), num_samples=2,
           seed=0, batch_size=batch_size)
-      best[num_files] = min(best.get(num_files, seconds), seconds)
-  return [(num_files, best[num_files]) for num_files in (4, 256)]
+      times[num_files].append((seconds, time.process_time() - cpu))
+  return times
 
 
 def resume_saving(root, model_path, files, n, kwargs, fraction=0.6,
@@ -95,14 +103,15 @@ def resume_saving(root, model_path, files, n, kwargs, fraction=0.6,
   """
   batches = math.ceil(n / (8 * kwargs["batch_size"]))
   kill_at = math.ceil(fraction * batches)
-  original = targets_pipeline.TargetsFn.process
+  original = targets_transforms.TargetsFn.process
   done = []
 
-  def killed(fn_self, batch):
+  def killed(fn_self, item):
     if len(done) == kill_at:
       raise RuntimeError(_KILLED)
-    done.append(len(batch))
-    yield from original(fn_self, batch)
+    elements = list(item[1])
+    done.append(len(elements))
+    yield from original(fn_self, (item[0], elements))
 
   full = rerun = float("inf")
   for i in range(repeats):
@@ -112,14 +121,14 @@ def resume_saving(root, model_path, files, n, kwargs, fraction=0.6,
     full = min(full, seconds)
     output = os.path.join(root, "killed" + tag)
     done.clear()
-    targets_pipeline.TargetsFn.process = killed
+    targets_transforms.TargetsFn.process = killed
     try:
       _timed_run(model_path, files, output, **kwargs)
     except Exception as e:
       if _KILLED not in str(e):
         raise
     finally:
-      targets_pipeline.TargetsFn.process = original
+      targets_transforms.TargetsFn.process = original
     seconds, summary = _timed_run(model_path, files, output, **kwargs)
     rerun = min(rerun, seconds)
   return full, rerun, kill_at, batches, summary
@@ -133,6 +142,8 @@ def main():
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--workers", type=int, default=2,
                       help="DirectRunner processes in multi_processing mode")
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="side-by-side runs of each file layout")
   args = parser.parse_args()
   n = args.num_examples or (4096 if args.quick else 16384)
   t = args.num_samples or (20 if args.quick else 50)
@@ -165,28 +176,39 @@ def main():
     for name, flags in modes:
       output = os.path.join(root, "out_" + str(len(results)))
       start = time.perf_counter()
-      targets_pipeline.run_targets_pipeline(
+      summary = targets_pipeline.run_targets_pipeline(
           model_path, files, output, num_shards=8, pipeline_args=flags,
           **kwargs)
       seconds = time.perf_counter() - start
       _, got = records.read_targets(output)
-      results.append((name, seconds, np.array_equal(got, reference)))
+      results.append((name, seconds, np.array_equal(got, reference),
+                      summary["examples_padded"]))
 
     print(f"N={n} examples, T={t} samples, batch {args.batch_size}, "
           f"{os.cpu_count()} CPUs")
     print(_row("in-process mc_dropout_targets cold", cold, n, warm))
     print(_row("in-process mc_dropout_targets warm", warm, n, warm))
-    for name, seconds, equal in results:
-      print(_row(name, seconds, n, warm) + f"   bitwise equal: {equal}")
+    for name, seconds, equal, padded in results:
+      print(_row(name, seconds, n, warm) + f"   bitwise equal: {equal}, "
+            f"padded rows {padded / (n + padded):.2%}")
     print("ratio = seconds / in-process warm seconds (lower is better)")
 
     print()
     print(f"file-count scaling: the same N={n} rows, T=2, beam DirectRunner "
-          f"(in-process, best of 2)")
-    scaling = file_count_scaling(root, model, model_path, x, args.batch_size)
-    for num_files, seconds in scaling:
-      print(f"{num_files:>4} files {seconds:8.2f} s   "
-            f"{seconds / scaling[0][1]:5.2f}x of 4 files")
+          f"(in-process), runs side by side")
+    times = file_count_scaling(root, model, model_path, x, args.batch_size,
+                               args.repeats)
+    for i, ((many, many_cpu), (four, four_cpu)) in enumerate(
+        zip(times[256], times[4])):
+      print(f"run {i + 1}: 256 files {many:6.2f} s (CPU {many_cpu:6.2f} s)   "
+            f"4 files {four:6.2f} s (CPU {four_cpu:6.2f} s)   "
+            f"{many / four:5.2f}x (CPU {many_cpu / four_cpu:5.2f}x)")
+    best = {k: [min(w for w, _ in v), min(c for _, c in v)]
+            for k, v in times.items()}
+    print(f"best:  256 files {best[256][0]:6.2f} s (CPU {best[256][1]:6.2f} s)"
+          f"   4 files {best[4][0]:6.2f} s (CPU {best[4][1]:6.2f} s)   "
+          f"{best[256][0] / best[4][0]:5.2f}x (CPU "
+          f"{best[256][1] / best[4][1]:5.2f}x; goal <= 1.2x)")
 
     print()
     print(f"resume: N={n}, beam DirectRunner (in-process), a run killed "

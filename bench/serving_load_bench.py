@@ -7,14 +7,19 @@ Exports a dual model (a 3x256 MLP with a variation head from
 `serving_default` signature; the base returns only "prediction"), then
 starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
 
-1. For each batching setting (off, then `--enable_batching`) and each number
+1. For each batching setting (off, then `--enable_batching`, then a gRPC
+   server whose Predict does nothing: the floor of gRPC itself) and each number
    of concurrent clients (threads, each sending batch-1 Predict requests
    over gRPC back to back), sends a bounded number of requests and reports
-   requests/s, p50/p99 latency, errors, and the server's RSS before and
-   after.
+   requests/s, p50/p99 latency, errors, the server's CPU time per request
+   (user + system, from /proc: what a request costs the server whatever
+   else the machine runs) and its RSS before and after.
 2. Times the dual and the base model end to end at batch 1 (one client,
-   requests interleaved dual/base so machine load hits both alike), over
-   gRPC and over REST, and reports the p50 ratio dual/base.
+   requests interleaved dual/base/floor so machine load hits all alike),
+   over gRPC and over REST, and reports the p50 ratio dual/base. The floor
+   is the base's graph exported with the dual's two outputs (the variation
+   a constant): floor/base is what serving a second output costs in the
+   server, dual/floor what the head's graph costs.
 
 Everything stays on loopback and is bounded by `--requests` per setting and
 `--max_seconds` per setting. Client and server share the machine, so the
@@ -47,6 +52,9 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 FLAGS = flags.FLAGS
 _FEATURES = 32
+# The base model, the dual, and the floor: the base's graph answering the
+# dual's two outputs (a constant variation).
+_MODELS = ("base", "dual", "floor")
 _BATCHING = """
 max_batch_size { value: 64 }
 batch_timeout_micros { value: 1000 }
@@ -76,8 +84,13 @@ def define_flags(flag_values=FLAGS):
                        flag_values=flag_values)
 
 
-def _export(model, path, keys):
-  """Exports `model` with a `serving_default` returning `keys`."""
+def _export(model, path, keys, constant_variation=None):
+  """Exports `model` with a `serving_default` returning `keys`.
+
+  With `constant_variation` (the dual's variation shape, batch excluded) the
+  "variation" output is zeros instead of the head: the dual's outputs at
+  the base's graph cost, the floor of what serving the dual can cost.
+  """
   archive = keras.export.ExportArchive()
   archive.track(model)
 
@@ -85,6 +98,9 @@ def _export(model, path, keys):
     outputs = model(x, training=False)
     if not isinstance(outputs, dict):
       outputs = {contract.PREDICTION_KEY: outputs}
+    if constant_variation is not None:
+      outputs[contract.VARIATION_KEY] = tf.zeros(
+          [tf.shape(x)[0]] + constant_variation)
     return {key: outputs[key] for key in keys}
 
   archive.add_endpoint(contract.SERVING_SIGNATURE, serve, input_signature=[
@@ -105,12 +121,15 @@ def _export_models(base_dir):
   _export(base, os.path.join(base_dir, "base", "1"),
           [contract.PREDICTION_KEY])
   _export(dual, os.path.join(base_dir, "dual", "1"), contract.OUTPUT_KEYS)
+  _export(base, os.path.join(base_dir, "floor", "1"), contract.OUTPUT_KEYS,
+          constant_variation=[
+              int(d) for d in dual.output[contract.VARIATION_KEY].shape[1:]])
   config = os.path.join(base_dir, "models.config")
   with open(config, "w") as f:
     entries = "".join(
         f'config {{ name: "{name}" base_path: '
         f'"{os.path.join(base_dir, name)}" model_platform: "tensorflow" }} '
-        for name in ("base", "dual"))
+        for name in _MODELS)
     f.write(f"model_config_list {{ {entries}}}\n")
   return config
 
@@ -121,17 +140,38 @@ def _free_port():
     return s.getsockname()[1]
 
 
-class _Server:
-  """`dropvar_model_server` in a subprocess, on loopback."""
+# A gRPC server in the same runtime whose Predict does nothing: what gRPC
+# itself costs the server per request, the floor of any Python handler.
+_EMPTY_SERVER = """
+from concurrent import futures
+import grpc
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+  def Predict(self, request, context):
+    return predict_pb2.PredictResponse()
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+    Servicer(), server)
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(f"Running gRPC ModelServer at 127.0.0.1:{port} ...", flush=True)
+server.wait_for_termination()
+"""
 
-  def __init__(self, config, extra_args):
+
+class _Server:
+  """`dropvar_model_server` (or `_EMPTY_SERVER`) in a subprocess."""
+
+  def __init__(self, config, extra_args, empty=False):
     self.rest_port = _free_port()
+    argv = ([sys.executable, "-c", _EMPTY_SERVER] if empty else
+            [sys.executable, "-m", "dropvar_tf.serving.server", "--port=0",
+             f"--rest_api_port={self.rest_port}",
+             f"--model_config_file={config}", "--num_workers=64",
+             "--file_system_poll_wait_seconds=0"] + extra_args)
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "dropvar_tf.serving.server", "--port=0",
-         f"--rest_api_port={self.rest_port}",
-         f"--model_config_file={config}", "--num_workers=64",
-         "--file_system_poll_wait_seconds=0"] + extra_args,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     for line in self.proc.stdout:
       match = re.match(r"Running gRPC ModelServer at (\S+) \.\.\.", line)
@@ -149,6 +189,14 @@ class _Server:
         if line.startswith("VmRSS:"):
           return int(line.split()[1]) / 1024
     return float("nan")
+
+  def cpu_seconds(self):
+    """User + system CPU time the server process has used so far."""
+    with open(f"/proc/{self.proc.pid}/stat") as f:
+      # Fields 14 and 15 (utime, stime), counted after the ")" that ends
+      # the command name.
+      fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
   def stop(self):
     self.proc.terminate()
@@ -212,11 +260,11 @@ def _dual_vs_base(server, iterations):
   x = np.random.default_rng(1).normal(size=(1, _FEATURES)).astype(np.float32)
   body = json.dumps({"inputs": x.tolist()})
   url = f"http://127.0.0.1:{server.rest_port}/v1/models/{{}}:predict"
-  times = {(p, m): [] for p in ("grpc", "rest") for m in ("dual", "base")}
+  times = {(p, m): [] for p in ("grpc", "rest") for m in _MODELS}
   with grpc.insecure_channel(server.target) as channel, \
       requests.Session() as session:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    grpc_requests = {m: _request(m, x) for m in ("dual", "base")}
+    grpc_requests = {m: _request(m, x) for m in _MODELS}
 
     def once(protocol, model):
       t0 = time.perf_counter()
@@ -230,9 +278,13 @@ def _dual_vs_base(server, iterations):
     for _ in range(max(20, iterations // 10)):  # Warm-up.
       for key in times:
         once(*key)
+    keys = list(times)
+    order = np.random.default_rng(0)
     for _ in range(iterations):
-      for key in times:
-        times[key].append(once(*key))
+      # A shuffled order each round: the first call after the other
+      # protocol's pays for waking the server's threads.
+      for index in order.permutation(len(keys)):
+        times[keys[index]].append(once(*keys[index]))
   return {key: (float(np.percentile(np.asarray(v) * 1e3, 50)),
                 float(np.percentile(np.asarray(v) * 1e3, 99)))
           for key, v in times.items()}
@@ -247,44 +299,58 @@ def main(argv):
   print(f"3x256 MLP dual model, {_FEATURES} features, batch-1 gRPC "
         f"Predicts, {total} per setting, {os.cpu_count()} CPUs shared by "
         "server and clients")
+  print("(server CPU ms/request: the server process's user + system time "
+        "over the requests answered; it does not depend on what else runs. "
+        "empty handler: a gRPC server whose Predict does nothing, what gRPC "
+        "costs per request)")
   print("| batching | clients | requests/s | p50 ms | p99 ms | errors | "
-        "RSS before MiB | RSS after MiB |")
-  print("|---|---|---|---|---|---|---|---|")
+        "server CPU ms/request | RSS before MiB | RSS after MiB |")
+  print("|---|---|---|---|---|---|---|---|---|")
   with tempfile.TemporaryDirectory() as base_dir:
     config = _export_models(base_dir)
     batching_file = os.path.join(base_dir, "batching.txt")
     with open(batching_file, "w") as f:
       f.write(_BATCHING)
     latency = None
-    for batching in (False, True):
+    for batching in ("off", "on", "empty handler"):
       extra = (["--enable_batching",
                 f"--batching_parameters_file={batching_file}"]
-               if batching else [])
-      server = _Server(config, extra + FLAGS.server_flags)
+               if batching == "on" else [])
+      server = _Server(config, extra + FLAGS.server_flags,
+                       empty=batching == "empty handler")
       try:
         _load(server.target, 4, 200, FLAGS.max_seconds)  # Warm-up.
         for n in clients:
           before = server.rss_mib()
+          cpu = server.cpu_seconds()
           result = _load(server.target, n, total, FLAGS.max_seconds)
+          cpu = server.cpu_seconds() - cpu
           after = server.rss_mib()
-          print(f"| {'on' if batching else 'off'} | {n} | "
+          print(f"| {batching} | {n} | "
                 f"{result['rps']:.0f} | {result['p50']:.2f} | "
-                f"{result['p99']:.2f} | {result['errors']} | {before:.0f} | "
+                f"{result['p99']:.2f} | {result['errors']} | "
+                f"{1e3 * cpu / max(result['done'], 1):.2f} | {before:.0f} | "
                 f"{after:.0f} |", flush=True)
-        if not batching:
+        if batching == "off":
           latency = _dual_vs_base(server, latency_requests)
       finally:
         server.stop()
   print(f"\nDual vs base, batch 1, one client, {latency_requests} "
         "interleaved requests each, batching off:")
-  print("| protocol | base p50 ms | dual p50 ms | dual/base p50 | "
-        "base p99 ms | dual p99 ms |")
-  print("|---|---|---|---|---|---|")
+  print("(floor: the base's graph answering both outputs, the variation a "
+        "constant: floor/base is the server's share, dual/floor the head's "
+        "graph)")
+  print("| protocol | base p50 ms | floor p50 ms | dual p50 ms | dual/base "
+        "p50 | floor/base p50 | dual/floor p50 | base p99 ms | dual p99 ms |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for protocol in ("grpc", "rest"):
     base_p50, base_p99 = latency[(protocol, "base")]
+    floor_p50, _ = latency[(protocol, "floor")]
     dual_p50, dual_p99 = latency[(protocol, "dual")]
-    print(f"| {protocol} | {base_p50:.3f} | {dual_p50:.3f} | "
-          f"{dual_p50 / base_p50:.3f} | {base_p99:.3f} | {dual_p99:.3f} |")
+    print(f"| {protocol} | {base_p50:.3f} | {floor_p50:.3f} | "
+          f"{dual_p50:.3f} | {dual_p50 / base_p50:.3f} | "
+          f"{floor_p50 / base_p50:.3f} | {dual_p50 / floor_p50:.3f} | "
+          f"{base_p99:.3f} | {dual_p99:.3f} |")
 
 
 def run_main():

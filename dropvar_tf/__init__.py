@@ -5,35 +5,124 @@
   targets = dv.mc_dropout_targets(model, x_cal, num_samples=100, seed=0)
   dv.fit_variation_head(dual, x_cal, targets)
   out = dual.predict(x)            # {"prediction": ..., "variation": ...}
+
+Each public name below imports its module on first use (PEP 562). Importing
+the package does load the modules that define its Keras layers (and so
+TensorFlow): Keras finds the layers of a saved dual (`.keras`) only once they
+are registered, and has no hook to import them on demand. The one exception
+is a run of one of the package's own modules (`python -m dropvar_tf.beam.
+targets_pipeline --help`): those import what they use themselves, so they
+parse their flags and answer `--help` before TensorFlow loads.
 """
 
+import importlib
+import sys
+
 from dropvar_tf.version import __version__
-from dropvar_tf import _keras  # Fails early, with a fix, on a bad Keras.
-from dropvar_tf.augment import perturb_inputs
 from dropvar_tf.contract import OUTPUT_KEYS
 from dropvar_tf.contract import PREDICTION_KEY
 from dropvar_tf.contract import SERVING_SIGNATURE
 from dropvar_tf.contract import VARIATION_KEY
-from dropvar_tf.sources import dropout_sources
-from dropvar_tf.sources import register_dropout_source
-from dropvar_tf.sources import unregister_dropout_source
-from dropvar_tf.heads import add_variation_head
-from dropvar_tf.heads import candidate_layers
-from dropvar_tf.heads import has_variation_head
-from dropvar_tf.heads import strip_variation_head
-from dropvar_tf.heads import variation_head_metadata
-from dropvar_tf.layers import ActivationProbe
-from dropvar_tf.layers import ActivationStrength
-from dropvar_tf.metrics import decile_table
-from dropvar_tf.metrics import fidelity
-from dropvar_tf.metrics import mc_convergence
-from dropvar_tf.metrics import noise_ceiling
-from dropvar_tf.moments import moment_model
-from dropvar_tf.moments import moment_propagation_variation
-from dropvar_tf.saved_model import check_serving_ops
-from dropvar_tf.saved_model import export_saved_model
-from dropvar_tf.saved_model import read_export_metadata
-from dropvar_tf.seeded_dropout import mc_dropout_model
-from dropvar_tf.targets import mc_dropout_targets
-from dropvar_tf.training import fit_variation_head
-from dropvar_tf.training import train_variation_head
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "perturb_inputs": "dropvar_tf.augment",
+    "dropout_sources": "dropvar_tf.sources",
+    "register_dropout_source": "dropvar_tf.sources",
+    "unregister_dropout_source": "dropvar_tf.sources",
+    "add_variation_head": "dropvar_tf.heads",
+    "candidate_layers": "dropvar_tf.heads",
+    "has_variation_head": "dropvar_tf.heads",
+    "strip_variation_head": "dropvar_tf.heads",
+    "variation_head_metadata": "dropvar_tf.heads",
+    "ActivationProbe": "dropvar_tf.layers",
+    "ActivationStrength": "dropvar_tf.layers",
+    "decile_table": "dropvar_tf.metrics",
+    "fidelity": "dropvar_tf.metrics",
+    "mc_convergence": "dropvar_tf.metrics",
+    "noise_ceiling": "dropvar_tf.metrics",
+    "moment_model": "dropvar_tf.moments",
+    "moment_propagation_variation": "dropvar_tf.moments",
+    "check_serving_ops": "dropvar_tf.export_checks",
+    "export_saved_model": "dropvar_tf.saved_model",
+    "read_export_metadata": "dropvar_tf.saved_model",
+    "mc_dropout_model": "dropvar_tf.seeded_dropout",
+    "mc_dropout_targets": "dropvar_tf.targets",
+    "fit_variation_head": "dropvar_tf.training",
+    "train_variation_head": "dropvar_tf.training",
+}
+
+__all__ = [
+    "ActivationProbe",
+    "ActivationStrength",
+    "OUTPUT_KEYS",
+    "PREDICTION_KEY",
+    "SERVING_SIGNATURE",
+    "VARIATION_KEY",
+    "__version__",
+    "add_variation_head",
+    "candidate_layers",
+    "check_serving_ops",
+    "decile_table",
+    "dropout_sources",
+    "export_saved_model",
+    "fidelity",
+    "fit_variation_head",
+    "has_variation_head",
+    "mc_convergence",
+    "mc_dropout_model",
+    "mc_dropout_targets",
+    "moment_model",
+    "moment_propagation_variation",
+    "noise_ceiling",
+    "perturb_inputs",
+    "read_export_metadata",
+    "register_dropout_source",
+    "strip_variation_head",
+    "train_variation_head",
+    "unregister_dropout_source",
+    "variation_head_metadata",
+]
+
+
+def __getattr__(name):
+  module = _LAZY.get(name)
+  if module is None:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(module), name)
+  # Cached: later lookups are plain module attributes.
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
+
+
+# The modules that register Keras-serializable classes.
+_KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
+                         "dropvar_tf.moment_layers",
+                         "dropvar_tf.seeded_dropout")
+
+
+def _runs_own_module(argv=None):
+  """True when the process was started as `python -m dropvar_tf.<module>`.
+
+  Args:
+    argv: the interpreter's command line (default `sys.orig_argv`).
+  """
+  argv = list(sys.orig_argv if argv is None else argv)
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "-m":
+      return i + 1 < len(argv) and argv[i + 1].startswith(__name__ + ".")
+    if arg.startswith("-m"):
+      return arg[2:].startswith(__name__ + ".")
+    if not arg.startswith("-"):
+      return False  # A script (or `-c` code) runs, not a module.
+  return False
+
+
+if not _runs_own_module():
+  for _module in _KERAS_OBJECT_MODULES:
+    importlib.import_module(_module)
+  del _module

@@ -9,6 +9,70 @@ PREDICTION_KEY = "prediction"
 VARIATION_KEY = "variation"
 OUTPUT_KEYS = (PREDICTION_KEY, VARIATION_KEY)
 
+# A model with several outputs gets one variation per output, in the same
+# dual model and the same signatures: "prediction/<name>" and
+# "variation/<name>" for each output name (the keys of a dict output, the
+# Keras output names of a Functional model's list output, "output_<i>" for
+# a subclassed model's list output). Single-output models keep exactly
+# OUTPUT_KEYS. The "/" survives SavedModel signature keys, TF Serving's REST
+# JSON and gRPC output maps unchanged.
+OUTPUT_SEPARATOR = "/"
+
+
+def prediction_key(output_name=None):
+  """The key of an output's prediction: "prediction[/<output_name>]"."""
+  if output_name is None:
+    return PREDICTION_KEY
+  return f"{PREDICTION_KEY}{OUTPUT_SEPARATOR}{output_name}"
+
+
+def variation_key(output_name=None):
+  """The key of an output's variation: "variation[/<output_name>]"."""
+  if output_name is None:
+    return VARIATION_KEY
+  return f"{VARIATION_KEY}{OUTPUT_SEPARATOR}{output_name}"
+
+
+def output_keys(output_names=None):
+  """The dual's output keys: OUTPUT_KEYS, or two per named output (sorted)."""
+  if not output_names:
+    return OUTPUT_KEYS
+  return tuple(sorted(k for n in output_names
+                      for k in (prediction_key(n), variation_key(n))))
+
+
+def per_output(outputs, kind):
+  """{output name: value} of the "<kind>/<name>" entries of `outputs`.
+
+  Args:
+    outputs: a dict keyed by dual output keys (other keys are ignored).
+    kind: PREDICTION_KEY or VARIATION_KEY.
+
+  Returns:
+    A dict keyed by output name; empty for a single-output dual.
+  """
+  prefix = kind + OUTPUT_SEPARATOR
+  return {k[len(prefix):]: v for k, v in outputs.items()
+          if k.startswith(prefix)}
+
+
+def output_names(keys):
+  """The output names that dual output `keys` hold, or None when invalid.
+
+  Returns:
+    `[]` for exactly OUTPUT_KEYS; the sorted names for a complete
+    multi-output set ("prediction/<n>" and "variation/<n>" for each name);
+    None for anything else.
+  """
+  keys = set(keys)
+  if keys == set(OUTPUT_KEYS):
+    return []
+  names = sorted(k.split(OUTPUT_SEPARATOR, 1)[1] for k in keys
+                 if k.startswith(PREDICTION_KEY + OUTPUT_SEPARATOR))
+  if len(names) < 2 or keys != set(output_keys(names)):
+    return None
+  return names
+
 # SavedModel signature names.
 SERVING_SIGNATURE = "serving_default"
 MC_DROPOUT_SIGNATURE = "mc_dropout"

@@ -1,11 +1,13 @@
 """Add a variation head to a trained Keras model, and take it off again.
 
 `add_variation_head` taps the post-activation outputs of chosen hidden layers
-of an existing Functional or Sequential model, turns them into activation-
+of an existing Keras model (Functional, Sequential, or subclassed: see
+`functional_view`), turns them into activation-
 strength features with probe layers, and feeds them (with the model's own
 prediction) to a small head network. The returned dual model has outputs
-`{"prediction": ..., "variation": ...}` and shares every base weight with the
-input model; the input model itself is not modified.
+`{"prediction": ..., "variation": ...}` (one pair per output of a
+multi-output model: `contract.output_keys`) and shares every base weight
+with the input model; the input model itself is not modified.
 """
 
 import warnings
@@ -54,6 +56,45 @@ def _check_layers_arg(layers):
       "layers", '"all", "last", or a non-empty list of layer names', layers)
 
 
+def functional_view(model, arg="model"):
+  """Returns `(view, paths)`: `model` as a Functional graph of its layers.
+
+  Functional and Sequential models are their own view. A subclassed model
+  has no symbolic graph, so its `call` is run once on `keras.Input`s of the
+  shapes it was built with: every Keras layer or `keras.ops` call inside it
+  then records a node of a new Functional graph that holds the same layer
+  objects (`keras_graph.functional_view`). That is chosen over recording
+  activations while the model runs (a capture layer) because the view is
+  an ordinary Functional model: the head's taps, the output-delta feature,
+  `strip_variation_head`, the SavedModel export and the `.keras` format
+  all work on it unchanged, under any tracing, with no state to restore.
+  A `call` that Keras cannot run symbolically (raw TensorFlow ops, Python
+  branches on tensor values) is refused with the reason.
+
+  Args:
+    model: a built `keras.Model`.
+    arg: the argument name used in error messages.
+
+  Returns:
+    The Functional view and a dict `id(layer) -> path` naming the layers
+    that come from inside subclassed models (`"<submodel>/<layer>"`, or
+    the bare name for a bare subclassed model's own layers).
+
+  Raises:
+    ValueError: `model` is not a built Keras model, or its `call` cannot
+      be run on symbolic inputs.
+  """
+  validation.check_model(model, arg=arg, allow_subclassed=True)
+  try:
+    return keras_graph.functional_view(model)
+  except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
+    raise validation.invalid(
+        arg, "a model whose subclassed parts call only Keras layers and "
+        "`keras.ops` in `call` (so that it runs on `keras.Input`s), built "
+        "by calling it on a batch",
+        f"model {model.name!r}: {str(e).splitlines()[0]}") from e
+
+
 def candidate_layers(model):
   """Returns the hidden layers of `model` whose outputs can feed a head.
 
@@ -64,16 +105,20 @@ def candidate_layers(model):
   in the model: they have no single output to tap). Order is topological
   (input to output).
 
+  Layers inside a subclassed model (bare, or a node of a Functional model)
+  are candidates like any other: see `functional_view`.
+
   Args:
-    model: a built Functional or Sequential Keras model.
+    model: a built Keras model (Functional, Sequential or subclassed).
 
   Returns:
     A list of layers, possibly empty.
 
   Raises:
-    ValueError: `model` is not a built Functional or Sequential model.
+    ValueError: `model` is not a built Keras model, or a subclassed model
+      whose `call` Keras cannot run on symbolic inputs.
   """
-  validation.check_model(model)
+  model, _ = functional_view(model)
   nodes = keras_graph.graph_nodes(model)
   output_ops = {id(keras_graph.source_layer(t)) for t in model.outputs}
   feeds_dropout = set()
@@ -120,8 +165,11 @@ def _is_relu(layer):
                               keras.activations.relu6)
 
 
-def _resolve_taps(model, layers):
-  """Returns [(layer, output tensor in `model`'s graph)] to tap."""
+def _resolve_taps(model, layers, paths=None):
+  """Returns [(layer, output tensor in `model`'s graph)] to tap.
+
+  `paths` (from `functional_view`) adds each layer's path as a name.
+  """
   candidates = candidate_layers(model)
   if layers == "all":
     taps = candidates
@@ -129,6 +177,8 @@ def _resolve_taps(model, layers):
     taps = candidates[-1:]
   else:
     by_name = {l.name: l for l in model.layers}
+    by_name.update({paths[id(l)]: l for l in model.layers
+                    if id(l) in (paths or {})})
     unknown = [n for n in layers if n not in by_name]
     if unknown:
       raise validation.invalid(
@@ -153,17 +203,34 @@ def _resolve_taps(model, layers):
   return tapped
 
 
+def _head_name(index, output_name):
+  """The head of a single-output dual is HEAD_NAME; of output i, HEAD_NAME_i."""
+  return contract.HEAD_NAME if output_name is None else (
+      f"{contract.HEAD_NAME}_{index}")
+
+
 def has_variation_head(model):
   """True when `model` is a dual model made by `add_variation_head`."""
-  try:
-    model.get_layer(contract.HEAD_NAME)
-  except ValueError:
-    return False
-  return True
+  names = {l.name for l in getattr(model, "layers", ())}
+  return contract.HEAD_NAME in names or _head_name(0, "") in names
 
 
-def _output_units(model):
-  shape = model.outputs[0].shape
+def dual_output_names(dual):
+  """The output names of a multi-output dual model; None for one output.
+
+  In the base model's output order (see `keras_graph.output_names`).
+
+  Raises:
+    ValueError: `dual` has no variation head.
+  """
+  first = _heads(dual)[0]
+  if first.name == contract.HEAD_NAME:
+    return None
+  return list(first.get_layer("variation_output").metadata["base_outputs"])
+
+
+def _output_units(tensor):
+  shape = tensor.shape
   return 1 if len(shape) < 2 else int(shape[-1])
 
 
@@ -173,11 +240,10 @@ def _statistic_units(statistic, units):
   return units
 
 
-def _output_delta(model, include_delta, statistic, units):
+def _output_delta(model, out, include_delta, statistic, units, suffix=""):
   """Returns (log feature, DPV) tensors of `OutputDropoutDelta`, or Nones."""
   if not include_delta:
     return None, None
-  out = model.outputs[0]
   layer = keras_graph.source_layer(out)
   nodes = keras_graph.graph_nodes(model)
   why = None
@@ -201,11 +267,12 @@ def _output_delta(model, include_delta, statistic, units):
   delta = probe_layers.OutputDropoutDelta(
       rate=dropout.rate, activation=activation, statistic=statistic,
       input_dim=int(h.shape[-1]), units=units, dtype="float32",
-      name=DELTA_NAME)
+      name=DELTA_NAME + suffix)
   value = delta([h, out])
   delta.kernel.assign(layer.kernel.numpy())
   return head_layers.LogFeature(nonnegative=True, dtype="float32",
-                                name=DELTA_NAME + "_log")(value), value
+                                name=DELTA_NAME + suffix + "_log")(
+                                    value), value
 
 
 def _moment_features(model, include_moments, statistic):
@@ -239,15 +306,20 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
   feature (`include_delta`), which keeps a copy of the output layer's kernel
   taken now, so add the head after the base is trained. The dual model is
   not compiled; train its head with `fit_variation_head`, which leaves the
-  base weights untouched. Nested sub-models are tapped as a whole (their
-  inner layers are not reachable).
+  base weights untouched. Nested Functional sub-models are tapped as a
+  whole (their inner layers are not reachable); the layers a subclassed
+  model calls are tapped one by one (`functional_view`), so the dual is a
+  Functional model even when `model` is subclassed.
 
   Args:
-    model: a built, trained Functional or Sequential `keras.Model` with at
-      least one Dropout layer and one output tensor. Subclassed models are
-      refused (they have no symbolic graph to tap).
+    model: a built, trained `keras.Model` (Functional, Sequential or
+      subclassed; a subclassed one built by calling it on a batch) with at
+      least one dropout source; one output tensor, or a list or flat dict of
+      them (one head per output, see Returns).
     layers: "all" (every candidate hidden layer, see `candidate_layers`),
-      "last" (the candidate closest to the output), or a list of layer names.
+      "last" (the candidate closest to the output), or a list of layer names
+      (for layers inside a subclassed model, their name or their path
+      "<submodel>/<layer>").
     features: "summary" (mean, L2 norm and fraction active per layer; default:
       as good as or better than per-neuron features on every task measured
       and steadier from fit to fit) or "neurons" (per-neuron activations;
@@ -258,7 +330,9 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
       features, stays cheap next to the base model's layers
       (docs/measurements.md).
     statistic: the DPV statistic the head estimates (see `contract`):
-      "auto", "std", "predicted_class_std" or "per_class_std".
+      "auto", "std", "predicted_class_std" or "per_class_std", resolved
+      per output; for several outputs also a dict of them keyed by output
+      name.
     include_prediction: also feed features of the base prediction.
     include_delta: also feed the delta-method DPV of the dropout right
       before the output layer (`layers.OutputDropoutDelta`; one small
@@ -288,27 +362,36 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
 
   Returns:
     A `keras.Model` with the inputs of `model` and dict outputs
-    {"prediction": model's output, "variation": (batch,) or (batch, k)}.
+    {"prediction": model's output, "variation": (batch,) or (batch, k)};
+    for a model with several outputs, "prediction/<name>" and
+    "variation/<name>" per output name (`contract.output_keys`,
+    `dual_output_names`), each output with its own head.
 
   Raises:
-    ValueError: invalid `model` (None, not Keras, subclassed, unbuilt, no
-      Dropout, several outputs, already has a head) or invalid arguments,
-      e.g. unknown layer names.
+    ValueError: invalid `model` (None, not Keras, unbuilt, no dropout
+      source, a subclassed `call` Keras cannot run on `keras.Input`s,
+      nested outputs, already has a head) or invalid arguments, e.g.
+      unknown layer names, or moment propagation with several outputs.
 
   Example:
   >>> dual = add_variation_head(model, layers="all")
   >>> out = dual.predict(x)   # {"prediction": ..., "variation": ...}
   """
-  sources.check_dropout_model(model)
+  sources.check_dropout_model(model, allow_subclassed=True)
   if has_variation_head(model):
     raise validation.invalid(
         "model", "a model without a variation head (call "
         "`strip_variation_head` first to replace its head)",
         f"dual model {model.name!r}")
-  if len(model.outputs) != 1:
-    raise validation.invalid("model", "a model with exactly one output",
-                             f"model {model.name!r} with "
-                             f"{len(model.outputs)} outputs")
+  base = model
+  model, paths = functional_view(model)
+  try:
+    names = keras_graph.output_names(base)
+  except ValueError as e:
+    raise validation.invalid("model", "a model whose outputs are a tensor, "
+                             "a list or a flat dict of tensors", str(e)) from e
+  outputs = keras_graph.select_outputs(keras_graph.output_structure(model),
+                                       names)
   layers = _check_layers_arg(layers)
   probe_layers.check_features(features)
   if not isinstance(hidden_units, (list, tuple)):
@@ -317,37 +400,128 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
                              hidden_units)
   hidden_units = [validation.check_int(u, "hidden_units", 1)
                   for u in hidden_units]
-  units = _output_units(model)
-  probabilities = keras_graph.output_is_probabilities(model)
-  statistic = validation.resolve_statistic(statistic, units, probabilities)
-  taps = _resolve_taps(model, layers)
+  statistics = _resolve_statistics(model, names, outputs, statistic)
+  taps = _resolve_taps(model, layers, paths)
   if prior not in PRIORS:
     raise validation.invalid("prior", f"one of {PRIORS}", prior)
+  if names is not None and (prior == PRIOR_MOMENTS or include_moments is
+                            True):
+    raise validation.invalid(
+        "prior" if prior == PRIOR_MOMENTS else "include_moments",
+        "no moment propagation on a model with several outputs (it "
+        "propagates one output)", f"model {base.name!r} with outputs {names}")
 
-  prediction = model.outputs[0]
-  head_inputs = []
+  probes = []
   # Feature layers compute in float32 whatever the dtype policy: float16
   # sums of squares overflow on wide layers.
   for layer, tensor in taps:
     probe = probe_layers.ActivationStrength(
         features=features, nonnegative=_is_relu(layer), dtype="float32",
         name=PROBE_PREFIX + layer.name)
-    head_inputs.append(probe(tensor))
-  if include_prediction:
+    probes.append(probe(tensor))
+  dual_outputs = {}
+  for index, (output_name, prediction, output_statistic) in enumerate(
+      zip(names or [None], outputs, statistics)):
+    metadata = {
+        "dropvar_tf_version": __version__,
+        "num_samples": None,
+        "dropout_rates": dropout_rates(base),
+        "layers": [paths.get(id(l), l.name) for l, _ in taps],
+        "features": features,
+        "include_prediction": bool(include_prediction),
+        "transform": transform,
+        "base_model": base.name,
+    }
+    if output_name is not None:
+      metadata.update(output=output_name, base_outputs=names,
+                      base_output_dict=isinstance(
+                          keras_graph.output_structure(base), dict))
+    dual_outputs[contract.prediction_key(output_name)] = prediction
+    dual_outputs[contract.variation_key(output_name)] = _output_head(
+        model, prediction, probes, metadata, output_statistic,
+        "" if output_name is None else f"_{index}",
+        _head_name(index, output_name),
+        dict(include_prediction=include_prediction,
+             include_delta=include_delta, include_moments=include_moments,
+             prior=prior, prior_bound=prior_bound, hidden_units=hidden_units,
+             transform=transform, l2=l2, head_dropout=head_dropout,
+             seed=seed))
+  return keras.Model(
+      inputs=keras_graph.model_input(model), outputs=dual_outputs,
+      name=name or f"{model.name}_dual")
+
+
+def dropout_rates(model):
+  """{path: rate} of every dropout source (`sources.dropout_sources`).
+
+  What the head metadata lists under "dropout_rates".
+
+  An RNN with both dropouts lists them as "<path>/dropout" and
+  "<path>/recurrent_dropout".
+  """
+  found = sources.dropout_sources(model)
+  paths = [f.path for f in found]
+  return {(f.path if paths.count(f.path) == 1 else f"{f.path}/{f.kind}"):
+          f.rate for f in found}
+
+
+def _resolve_statistics(model, names, outputs, statistic):
+  """One resolved statistic per output (a dict gives one per output name)."""
+  if isinstance(statistic, dict) and names is not None:
+    if sorted(statistic) != sorted(names):
+      raise validation.invalid(
+          "statistic", f"one of {contract.STATISTICS}, or a dict of them "
+          f"keyed by the output names {names}", statistic)
+    wanted = [statistic[n] for n in names]
+  else:
+    wanted = [statistic] * len(outputs)
+  return [validation.resolve_statistic(
+      stat, _output_units(out), keras_graph.output_is_probabilities(
+          model, out)) for stat, out in zip(wanted, outputs)]
+
+
+def _output_head(model, prediction, probes, metadata, statistic, suffix,
+                 head_name, options):
+  """Builds the head of one output; returns its variation tensor.
+
+  Args:
+    model: the Functional view of the base model.
+    prediction: the output tensor the head estimates the DPV of.
+    probes: the activation-strength feature tensors (shared by all heads).
+    metadata: the head metadata so far; completed here.
+    statistic: the resolved statistic of this output.
+    suffix: appended to the names of this output's feature layers ("" for
+      a single-output model, whose names stay as they always were).
+    head_name: the name of the head sub-model.
+    options: the `add_variation_head` arguments that shape the head.
+  """
+  o = options
+  units = _output_units(prediction)
+  prior = o["prior"]
+  include_delta = o["include_delta"]
+  head_inputs = list(probes)
+  if o["include_prediction"]:
     head_inputs.append(
-        head_layers.PredictionFeatures(probabilities=probabilities,
-                                       dtype="float32",
-                                       name=PREDICTION_FEATURES_NAME)(
-                                           prediction))
+        head_layers.PredictionFeatures(
+            probabilities=keras_graph.output_is_probabilities(
+                model, prediction),
+            dtype="float32", name=PREDICTION_FEATURES_NAME + suffix)(
+                prediction))
   auto = prior == PRIOR_AUTO
-  want_moments = True if prior == PRIOR_MOMENTS else include_moments
-  moment_net = _moment_features(model, want_moments, statistic)
+  want_moments = True if prior == PRIOR_MOMENTS else o["include_moments"]
+  moment_net = None
+  if suffix and want_moments == "auto":
+    warnings.warn("Moment-propagation features skipped: the model has "
+                  "several outputs", stacklevel=3)
+  elif not suffix:
+    moment_net = _moment_features(model, want_moments, statistic)
   if auto:
     prior = PRIOR_DELTA if include_delta is not False else None
   want_delta = include_delta
   if prior == PRIOR_DELTA:
     want_delta = True if not auto or include_delta is True else "auto"
-  delta, delta_value = _output_delta(model, want_delta, statistic, units)
+  delta, delta_value = _output_delta(model, prediction, want_delta, statistic,
+                                     units, suffix)
   if prior == PRIOR_DELTA and delta is None:
     prior = None  # "auto" on a model that has neither
   if delta is not None:
@@ -360,38 +534,22 @@ def add_variation_head(model, layers="all", features=probe_layers.SUMMARY,
             moment_value))
   prior_value = {PRIOR_DELTA: delta_value,
                  PRIOR_MOMENTS: moment_value}.get(prior)
-
-  metadata = {
-      "dropvar_tf_version": __version__,
-      "statistic": statistic,
-      "num_samples": None,
-      "dropout_rates": {l.name: float(l.rate)
-                        for l in keras_graph.dropout_layers(model)},
-      "layers": [l.name for l, _ in taps],
-      "features": features,
-      "include_prediction": bool(include_prediction),
-      "include_delta": delta is not None,
-      "include_moments": moment_net is not None,
-      "transform": transform,
-      "base_model": model.name,
-      "prior": prior,
-      "prior_bound": None if prior is None else float(prior_bound),
-  }
-  head = _build_head(head_inputs, hidden_units,
-                     _statistic_units(statistic, units), transform, l2,
-                     head_dropout, seed, metadata, prior_value, prior_bound)
+  metadata.update(
+      statistic=statistic, include_delta=delta is not None,
+      include_moments=moment_net is not None, prior=prior,
+      prior_bound=None if prior is None else float(o["prior_bound"]))
+  head = _build_head(head_inputs, o["hidden_units"],
+                     _statistic_units(statistic, units), o["transform"],
+                     o["l2"], o["head_dropout"], o["seed"], metadata,
+                     prior_value, o["prior_bound"], head_name)
   if prior_value is not None:
     head_inputs = head_inputs + [prior_value]
-  variation = head(head_inputs)
-  return keras.Model(
-      inputs=keras_graph.model_input(model),
-      outputs={contract.PREDICTION_KEY: prediction,
-               contract.VARIATION_KEY: variation},
-      name=name or f"{model.name}_dual")
+  return head(head_inputs)
 
 
 def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
-                head_dropout, seed, metadata, prior=None, prior_bound=None):
+                head_dropout, seed, metadata, prior=None, prior_bound=None,
+                head_name=contract.HEAD_NAME):
   """The head model: inputs the features, then the prior if there is one."""
   inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype,
                         name=f"head_in_{i}")
@@ -428,15 +586,15 @@ def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
     v = head_layers.VariationOutput(out_units, transform=transform,
                                     metadata=metadata,
                                     name="variation_output")(x)
-    return keras.Model(inputs, v, name=contract.HEAD_NAME)
+    return keras.Model(inputs, v, name=head_name)
   v = head_layers.VariationOutput(
       out_units, transform=transform, metadata=metadata,
       prior_bound=float(prior_bound), name="variation_output")([x, prior_input])
-  return keras.Model(inputs + [prior_input], v, name=contract.HEAD_NAME)
+  return keras.Model(inputs + [prior_input], v, name=head_name)
 
 
-def variation_head(dual):
-  """Returns the head sub-model of a dual model.
+def _heads(dual):
+  """The head sub-models of `dual`, in output-name order.
 
   Raises:
     ValueError: `dual` was not made by `add_variation_head`.
@@ -446,31 +604,67 @@ def variation_head(dual):
         "dual", "a dual model made by `add_variation_head`",
         dual if not isinstance(dual, keras.Model) else
         f"model {dual.name!r} without a variation head")
-  return dual.get_layer(contract.HEAD_NAME)
+  names = {l.name: l for l in dual.layers}
+  if contract.HEAD_NAME in names:
+    return [names[contract.HEAD_NAME]]
+  found = []
+  while _head_name(len(found), "") in names:
+    found.append(names[_head_name(len(found), "")])
+  return found
 
 
-def variation_output_layer(dual):
+def variation_head(dual, output=None):
+  """Returns the head sub-model of a dual model (of `output`'s, if several).
+
+  Args:
+    dual: a dual model made by `add_variation_head`.
+    output: for a dual of a multi-output model, the output name (see
+      `dual_output_names`); None for a single-output one.
+
+  Raises:
+    ValueError: `dual` was not made by `add_variation_head`, or `output`
+      does not name one of its outputs.
+  """
+  variation_heads = _heads(dual)
+  names = dual_output_names(dual)
+  if names is None and output is None:
+    return variation_heads[0]
+  if names is None or output not in names:
+    raise validation.invalid(
+        "output", "None for a single-output dual model" if names is None
+        else f"one of the dual model's output names {names}", output)
+  return variation_heads[names.index(output)]
+
+
+def variation_output_layer(dual, output=None):
   """Returns the `VariationOutput` layer of a dual model's head."""
-  return variation_head(dual).get_layer("variation_output")
+  return variation_head(dual, output).get_layer("variation_output")
 
 
-def variation_head_metadata(dual):
+def variation_head_metadata(dual, output=None):
   """Returns what the head estimates, as a JSON-able dict.
 
   Keys: dropvar_tf_version, statistic, num_samples (of the MC targets it was
-  fitted on; None before fitting), dropout_rates, layers, features,
-  include_prediction, include_moments, transform, base_model, prior,
-  prior_bound, and after
+  fitted on; None before fitting), dropout_rates (`dropout_rates`), layers,
+  features, include_prediction, include_moments, transform, base_model,
+  prior, prior_bound, and after
   fitting seed, num_train_examples and fit_report (the held-out
   self-assessment of `training.fit_variation_head`, see
-  `metrics.fit_report`; None when fitted with `report_split=0`).
+  `metrics.fit_report`; None when fitted with `report_split=0`). A head of
+  a multi-output model also has output (its output name), base_outputs
+  (every output name) and base_output_dict (whether the base returns a
+  dict).
+
+  Args:
+    dual: a dual model made by `add_variation_head`.
+    output: the output name for a multi-output dual (see `variation_head`).
   """
-  return dict(variation_output_layer(dual).metadata)
+  return dict(variation_output_layer(dual, output).metadata)
 
 
-def head_feature_tensors(dual):
-  """Returns the symbolic tensors that feed the head, in head-input order."""
-  head = variation_head(dual)
+def head_feature_tensors(dual, output=None):
+  """Returns the symbolic tensors that feed a head, in head-input order."""
+  head = variation_head(dual, output)
   calls = keras_graph.graph_nodes(dual).get(id(head), [])
   if len(calls) != 1:
     raise validation.invalid("dual", "a dual model whose head is called once",
@@ -482,14 +676,24 @@ def strip_variation_head(dual):
   """Returns the plain model: the inverse of `add_variation_head`.
 
   The result is a Functional model with the dual model's inputs and the base
-  prediction as its only output; it shares the base weights (no copy), so its
-  predictions equal `dual(x)["prediction"]`.
+  prediction as its only output (for a multi-output base, its outputs in
+  the base's structure: a dict keyed by output name, or a list in output
+  order); it shares the base weights (no copy), so its predictions equal
+  the dual's "prediction" outputs. A subclassed base comes back as the
+  Functional view of its layers (`functional_view`).
 
   Raises:
     ValueError: `dual` has no variation head.
   """
-  variation_head(dual)
+  names = dual_output_names(dual)
   outputs = dual.output
-  prediction = outputs[contract.PREDICTION_KEY]
-  base_name = variation_head_metadata(dual).get("base_model") or dual.name
+  if names is None:
+    prediction = outputs[contract.PREDICTION_KEY]
+    meta = variation_head_metadata(dual)
+  else:
+    meta = variation_head_metadata(dual, names[0])
+    prediction = [outputs[contract.prediction_key(n)] for n in names]
+    if meta.get("base_output_dict"):
+      prediction = dict(zip(names, prediction))
+  base_name = meta.get("base_model") or dual.name
   return keras.Model(inputs=dual.input, outputs=prediction, name=base_name)

@@ -15,6 +15,7 @@ Functions that take a model expect a built Functional or Sequential
 
 # This module is where the private uses live (see above).
 
+from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.framework import op_def_registry
 
 from dropvar_tf._keras import keras
@@ -188,14 +189,180 @@ def graph_nodes(model):
   return nodes
 
 
-def output_is_probabilities(model):
+def _build_input_shapes(model):
+  """The input shape structure a subclassed `model` was built with, or None."""
+  shapes = getattr(model, "_build_shapes_dict", None)
+  if not shapes or len(shapes) != 1:
+    return None
+  return next(iter(shapes.values()))
+
+
+def _symbolic_inputs(shapes, name):
+  """`keras.Input`s of the shape structure `shapes` (batch dimension free)."""
+  if isinstance(shapes, dict):
+    return {k: _symbolic_inputs(v, k) for k, v in shapes.items()}
+  if isinstance(shapes, (list, tuple)) and shapes and not isinstance(
+      shapes[0], (int, type(None))):
+    return [_symbolic_inputs(v, f"{name}_{i}") for i, v in enumerate(shapes)]
+  return keras.Input(tuple(shapes)[1:], name=name)
+
+
+def _unroll_call(layer, paths, path, args, kwargs):
+  """Calls a subclassed `layer`'s `call` on symbolic tensors, recording paths.
+
+  Going past `Layer.__call__` makes each of its sublayers' calls a node of
+  the graph under construction, sharing the same layer objects.
+  """
+  for child in layer.layers:
+    paths.setdefault(id(child), f"{path}/{child.name}" if path else
+                     child.name)
+  kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+  return layer.call(*args, **kwargs)
+
+
+def functional_view(model):
+  """A Functional model computing what `model` computes, with its layers.
+
+  Functional and Sequential models without subclassed models inside are
+  returned as they are. A subclassed model (bare, or as a node of a
+  Functional model) is replaced by its `call` run on symbolic inputs, so
+  that the layers it calls become nodes of the new graph: the same layer
+  objects (weights shared, nothing copied or changed), reachable by name.
+  Sublayers that are subclassed models themselves stay one node.
+
+  Args:
+    model: a built `keras.Model`.
+
+  Returns:
+    `(view, paths)`: the Functional model, and a dict mapping `id(layer)` to
+    the layer's path in `model` (`"<submodel>/<layer>"`) for each layer that
+    came from inside a subclassed model (empty when `view` is `model`).
+
+  Raises:
+    TypeError, ValueError, NotImplementedError: Keras cannot run `call`
+      symbolically (it uses raw TensorFlow ops or Python control flow on
+      tensor values), or a built subclassed model has no recorded input
+      shape.
+  """
+  paths = {}
+  if is_graph_model(model):
+    if isinstance(model, keras.Sequential) or not any(
+        isinstance(l, keras.Model) and not is_graph_model(l)
+        for l in model.layers):
+      return model, paths
+    inputs = tf.nest.map_structure(
+        lambda t: keras.Input(t.shape[1:], dtype=t.dtype,
+                              name=t._keras_history.operation.name),
+        model.input)
+
+    def call_fn(layer, *args, **kwargs):
+      if isinstance(layer, keras.Model) and not is_graph_model(layer):
+        return _unroll_call(layer, paths, layer.name, args, kwargs)
+      return layer(*args, **kwargs)
+
+    outputs = model._run_through_graph(tf.nest.flatten(inputs),
+                                       call_fn=call_fn)
+    return keras.Model(inputs, outputs, name=model.name), paths
+  shapes = _build_input_shapes(model)
+  if shapes is None:
+    raise ValueError(f"subclassed model {model.name!r} has no recorded "
+                     "input shape (build it by calling it on a batch)")
+  inputs = _symbolic_inputs(shapes, "inputs")
+  outputs = _unroll_call(model, paths, "", (inputs,), {})
+  return keras.Model(inputs, outputs, name=model.name), paths
+
+
+def as_functional(model):
+  """`model` itself, or a subclassed `model` as the one node of a Functional.
+
+  The wrapper gives a subclassed model what a Functional model has (inputs,
+  outputs, their shapes and dtypes) without looking inside its `call`; it
+  computes exactly what `model` computes.
+
+  Raises:
+    ValueError: a subclassed `model` has no recorded input shape.
+  """
+  if is_graph_model(model):
+    return model
+  shapes = _build_input_shapes(model)
+  if shapes is None:
+    raise ValueError(f"subclassed model {model.name!r} has no recorded "
+                     "input shape (build it by calling it on a batch)")
+  inputs = _symbolic_inputs(shapes, "inputs")
+  return keras.Model(inputs, model(inputs), name=model.name)
+
+
+def output_structure(model):
+  """`model`'s symbolic output structure (Sequential and subclassed too).
+
+  Raises:
+    ValueError: a subclassed `model` has no recorded input shape.
+  """
+  if isinstance(model, keras.Sequential):
+    return model.outputs[0]
+  return as_functional(model).output
+
+
+def output_names(model):
+  """The names of `model`'s outputs, or None when it has one output tensor.
+
+  The keys of a dict output (sorted); for a list output, the Keras output
+  names of a Functional model, "output_<i>" for a subclassed model (its
+  outputs have no names of their own). See `contract.OUTPUT_SEPARATOR`.
+
+  Raises:
+    ValueError: nested output structures, or a subclassed `model` without
+      a recorded input shape.
+  """
+  structure = output_structure(model)
+  flat = tf.nest.flatten(structure)
+  if len(flat) == 1:
+    return None
+  if isinstance(structure, dict):
+    if len(structure) != len(flat):
+      raise ValueError(f"model {model.name!r} has nested outputs")
+    return sorted(structure)
+  if len(structure) != len(flat):
+    raise ValueError(f"model {model.name!r} has nested outputs")
+  names = [f"output_{i}" for i in range(len(flat))]
+  if is_graph_model(model):
+    keras_names = [t._keras_history.operation.name for t in flat]
+    if len(set(keras_names)) == len(flat):
+      names = keras_names
+  return names
+
+
+def select_outputs(structure, names):
+  """The tensors of an output `structure` in the order of `names`.
+
+  Args:
+    structure: what a model with `output_names(model) == names` returns
+      (a dict keyed by the names, or a list in output order), or its
+      symbolic output.
+    names: `output_names(model)`; None for one output tensor.
+
+  Returns:
+    A list of tensors, one per name (one in all when `names` is None).
+  """
+  if names is None:
+    return tf.nest.flatten(structure)[:1]
+  if isinstance(structure, dict):
+    return [structure[n] for n in names]
+  return list(structure)
+
+
+def output_is_probabilities(model, output=None):
   """False when `model`'s output layer visibly is not a softmax.
 
   A Dense/Conv/Activation output with another activation (linear, sigmoid)
   gives False; a softmax, a `Softmax` layer, or a layer whose activation
   cannot be seen (a nested model) gives True.
+
+  Args:
+    model: a Functional or Sequential model.
+    output: one of its symbolic output tensors (default: the first).
   """
-  layer = source_layer(model.outputs[0])
+  layer = source_layer(model.outputs[0] if output is None else output)
   if isinstance(layer, keras.layers.Softmax):
     return True
   activation = getattr(layer, "activation", None)
@@ -265,3 +432,28 @@ def in_xla_context():
 def is_registered_op(op_type):
   """True when the op type `op_type` is registered in this TensorFlow."""
   return op_def_registry.get(op_type) is not None
+
+
+def session_callable(session, feeds, fetches, targets=()):
+  """A callable running `fetches` in a TF1 `Session` from `feeds`.
+
+  `Session.make_callable` with a feed list falls back to `Session.run`,
+  which rebuilds its feed and fetch handling on every call; the callable
+  TF's C API makes from `CallableOptions` (as Keras' TF1 backend used it)
+  does that once.
+
+  Args:
+    session: a `tf.compat.v1.Session`.
+    feeds: tensor names to feed, e.g. "serving_default_x:0".
+    fetches: tensor names to fetch.
+    targets: operation names to run without fetching anything.
+
+  Returns:
+    A function of one numpy array per feed, each already of its tensor's
+    dtype, returning the list of fetched numpy arrays.
+  """
+  options = config_pb2.CallableOptions()
+  options.feed.extend(feeds)
+  options.fetch.extend(fetches)
+  options.target.extend(targets)
+  return session._make_callable_from_options(options)

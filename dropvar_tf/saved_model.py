@@ -24,12 +24,12 @@ import shutil
 import uuid
 
 import numpy as np
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import model_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from dropvar_tf import contract
+from dropvar_tf import export_checks
 from dropvar_tf import heads
 from dropvar_tf import inputs as inputs_lib
 from dropvar_tf import keras_graph
@@ -49,62 +49,9 @@ TMP_PREFIX = ".tmp-"
 # Bumped when the layout of the metadata JSON changes incompatibly.
 METADATA_FORMAT = 1
 
-# Ops that exist in the Python TensorFlow runtime but not in a stock
-# `tensorflow_model_server`: they call back into a Python interpreter.
-DENIED_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
-
 # TF Serving reads at most 1000 warmup records; a few batches are enough to
 # trigger lazy initialisation and compile the common shapes.
 _MAX_WARMUP_REQUESTS = 4
-
-
-# ---------------------------------------------------------------------------
-# Argument checks.
-
-
-def _check_dual(dual):
-  validation.check_model(dual, arg="dual")
-  outputs = dual.output
-  if not isinstance(outputs, dict) or set(outputs) != set(contract.OUTPUT_KEYS):
-    received = (sorted(outputs) if isinstance(outputs, dict)
-                else f"{len(dual.outputs)} unnamed output(s)")
-    raise validation.invalid(
-        "dual",
-        f"a dual model whose outputs are a dict with keys "
-        f"{list(contract.OUTPUT_KEYS)} (build it with "
-        f"`dropvar_tf.add_variation_head`)",
-        f"model {dual.name!r} with outputs {received}")
-  return dual
-
-
-def _check_export_base(export_base):
-  if not isinstance(export_base, (str, os.PathLike)) or not os.fspath(
-      export_base):
-    raise validation.invalid("export_base", "a non-empty directory path",
-                             export_base)
-  path = os.fspath(export_base)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise validation.invalid("export_base", "a directory path",
-                             f"{path!r} (an existing file)")
-  return path
-
-
-def _check_metadata(metadata):
-  if metadata is None:
-    return {}
-  if not isinstance(metadata, dict) or not all(
-      isinstance(k, str) for k in metadata):
-    raise validation.invalid("metadata", "a dict with string keys", metadata)
-  try:
-    json.dumps(metadata, allow_nan=False)
-  except (TypeError, ValueError) as e:
-    raise validation.invalid("metadata", f"a JSON-serializable dict ({e})",
-                             metadata) from e
-  statistic = metadata.get("statistic", contract.STAT_AUTO)
-  if statistic not in contract.STATISTICS:
-    raise validation.invalid("metadata", f"a 'statistic' in "
-                             f"{contract.STATISTICS}", metadata)
-  return dict(metadata)
 
 
 # ---------------------------------------------------------------------------
@@ -169,8 +116,9 @@ def _serving_examples(dual, examples, entries):
   """Warm-up examples keyed by serving name.
 
   A dict or array of arrays for a model without ragged inputs passes as
-  given (`_check_warmup` checks it); the other forms the model takes (a
-  list, ragged inputs, a Dataset) are read with `inputs.normalize`.
+  given (`export_checks.check_warmup` checks it); the other forms the
+  model takes (a list, ragged inputs, a Dataset) are read with
+  `inputs.normalize`.
   """
   values = examples.values() if isinstance(examples, dict) else [examples]
   if not any(isinstance(v, (tf.data.Dataset, tf.RaggedTensor, list, tuple))
@@ -194,63 +142,6 @@ def _describe_specs(specs):
   return [{"name": name, "dtype": spec.dtype.name,
            "shape": [d if d is None else int(d) for d in spec.shape]}
           for name, spec in specs.items()]
-
-
-def _check_warmup(warmup_examples, specs):
-  """Returns {serving_name: np.ndarray} cast to the input dtypes.
-
-  Raises:
-    ValueError: the examples do not match the model inputs (names, rank,
-      fixed dimensions, dtype kind or batch size).
-  """
-  arg = "warmup_examples"
-  if not isinstance(warmup_examples, dict):
-    if len(specs) != 1:
-      raise validation.invalid(
-          arg, f"a dict of arrays keyed by the input names {list(specs)}",
-          type(warmup_examples).__name__)
-    warmup_examples = {next(iter(specs)): warmup_examples}
-  missing = sorted(set(specs) - set(warmup_examples))
-  extra = sorted(set(warmup_examples) - set(specs))
-  if missing or extra:
-    raise validation.invalid(
-        arg, f"arrays for exactly the inputs {list(specs)} (missing "
-        f"{missing}, unexpected {extra})", sorted(warmup_examples))
-  arrays = {}
-  batch = None
-  for name, spec in specs.items():
-    try:
-      array = np.asarray(warmup_examples[name])
-    except (TypeError, ValueError) as e:
-      raise validation.invalid(arg, f"an array for input {name!r}",
-                               type(warmup_examples[name]).__name__) from e
-    want = spec.dtype
-    ok_kind = (
-        (want.is_integer and array.dtype.kind in "iub") or
-        (want.is_floating and array.dtype.kind in "iuf") or
-        (want.is_bool and array.dtype.kind == "b") or
-        (want == tf.string and array.dtype.kind in "SUO"))
-    if not ok_kind:
-      raise validation.invalid(
-          arg, f"input {name!r} of dtype {want.name}",
-          f"array of dtype {array.dtype}")
-    shape = list(spec.shape)
-    if array.ndim != len(shape) or any(
-        d is not None and d != a for d, a in zip(shape[1:], array.shape[1:])):
-      raise validation.invalid(
-          arg, f"input {name!r} of shape {[None] + shape[1:]}",
-          f"array of shape {list(array.shape)}")
-    if array.shape[0] < 1 or (batch is not None and array.shape[0] != batch):
-      raise validation.invalid(
-          arg, "a non-empty batch of the same size for every input",
-          f"input {name!r} with {array.shape[0]} examples"
-          + ("" if batch is None else f" (others have {batch})"))
-    batch = array.shape[0]
-    if want == tf.string:
-      arrays[name] = array.astype(object)
-    else:
-      arrays[name] = array.astype(want.as_numpy_dtype)
-  return arrays
 
 
 # ---------------------------------------------------------------------------
@@ -280,15 +171,24 @@ def _mc_statistic(samples, deterministic, statistic):
 def _head_metadata(dual):
   """What the head estimates: `variation_head_metadata` for dual models."""
   if heads.has_variation_head(dual):
-    return dict(heads.variation_head_metadata(dual))
+    names = heads.dual_output_names(dual)  # several: one head per output
+    return dict(heads.variation_head_metadata(dual)) if names is None else {
+        "outputs": {n: heads.variation_head_metadata(dual, n) for n in names}}
   # Not made by `add_variation_head`: derive what the graph tells.
-  return {"dropout_rates": {l.name: float(l.rate)
-                            for l in keras_graph.dropout_layers(dual)}}
+  return {"dropout_rates": heads.dropout_rates(dual)}
+
+
+def _fit_report(head_metadata):
+  """The head's fit report, or {output name: report} for several heads."""
+  per_output = head_metadata.get("outputs")
+  if per_output is None:
+    return head_metadata.get("fit_report")
+  return {name: meta.get("fit_report") for name, meta in per_output.items()}
 
 
 def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
   outputs = []
-  for key in contract.OUTPUT_KEYS:
+  for key in sorted(dual.output):
     tensor = dual.output[key]
     outputs.append({"name": key, "dtype": str(tensor.dtype),
                     "shape": [None] + [None if d is None else int(d)
@@ -304,13 +204,13 @@ def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
       "model_name": dual.name,
       "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
       "signatures": signatures,
-      "output_keys": list(contract.OUTPUT_KEYS),
+      "output_keys": sorted(dual.output),
       "inputs": _describe_specs(specs),
       "outputs": outputs,
       "variation_head": head_metadata,
       # The head's self-assessment on held-out calibration inputs, at the
       # top level so that a reader of the export sees it first.
-      "fit_report": head_metadata.get("fit_report"),
+      "fit_report": _fit_report(head_metadata),
       "mc_dropout": mc,
       "warmup_requests": num_warmup,
   }
@@ -371,65 +271,6 @@ def _resolve_version(export_base, version):
         f"Version {version} already exists in {export_base!r}; versions are "
         "never overwritten. Pass another `version` (or None for the next).")
   return version
-
-
-# ---------------------------------------------------------------------------
-# Op check.
-
-
-def _graph_ops(saved_model_dir):
-  """Op types used by the SavedModel's graphs and function library."""
-  proto = saved_model_pb2.SavedModel()
-  with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
-    proto.ParseFromString(f.read())
-  ops, functions = set(), set()
-  for meta_graph in proto.meta_graphs:
-    graph = meta_graph.graph_def
-    ops.update(node.op for node in graph.node)
-    for function in graph.library.function:
-      functions.add(function.signature.name)
-      ops.update(node.op for node in function.node_def)
-  # A node may call a library function by name; that is not an op type.
-  return ops - functions
-
-
-def check_serving_ops(saved_model_dir):
-  """Checks that a stock TF Serving of this TF version can run the graph.
-
-  Every op must be registered in this TensorFlow, be part of its public op
-  set (`tf.raw_ops`; custom ops loaded from .so libraries are not) or be an
-  internal "_" op, and not call back into Python (py_func, EagerPyFunc).
-
-  Args:
-    saved_model_dir: folder holding `saved_model.pb`.
-
-  Returns:
-    The sorted list of op types used.
-
-  Raises:
-    ValueError: naming the offending ops.
-  """
-  ops = _graph_ops(saved_model_dir)
-  public = set(dir(tf.raw_ops))
-  denied = sorted(ops & DENIED_OPS)
-  unregistered = sorted(o for o in ops if not keras_graph.is_registered_op(o))
-  custom = sorted(o for o in ops - DENIED_OPS - set(unregistered)
-                  if o not in public and not o.startswith("_"))
-  problems = []
-  if denied:
-    problems.append(f"ops that call Python (absent from TF Serving): {denied}")
-  if unregistered:
-    problems.append(f"ops not registered in TensorFlow {tf.__version__}: "
-                    f"{unregistered}")
-  if custom:
-    problems.append(f"custom ops (not in tf.raw_ops, e.g. loaded from a .so "
-                    f"library): {custom}")
-  if problems:
-    raise ValueError(
-        "The exported graph cannot run on a stock TF Serving: it uses "
-        + "; ".join(problems) + ". Replace them with TensorFlow ops (no "
-        "tf.py_function / tf.numpy_function in the model).")
-  return sorted(ops)
 
 
 # ---------------------------------------------------------------------------
@@ -546,7 +387,7 @@ def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
 
   def serve(inputs):
     outputs = dual(rebuild(inputs), training=False)
-    return {key: outputs[key] for key in contract.OUTPUT_KEYS}
+    return {key: outputs[key] for key in dual.output}
 
   if jit_compile:
     compiled = tf.function(serve, jit_compile=True)
@@ -615,10 +456,14 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       estimate in place; it costs `mc_num_samples` forward passes.
 
   Side effects: `dual` is not changed. The export is written into a temporary
-  folder `<export_base>/.tmp-<version>-<hex>`, checked (ops), flushed to disk,
-  then renamed to `<export_base>/<version>`; on any error the temporary folder
-  is removed and no version folder appears. A temporary folder left by a
-  killed export is neither reused nor counted as a version.
+  folder `<export_base>/.tmp-<version>-<hex>`, checked (ops; then loaded as
+  TF Serving loads it, a Session run by SignatureDef tensor names, with
+  "serving_default" on the warm-up examples, or on one row of zeros,
+  compared with `dual` in process: `export_checks.verify_serving_load`),
+  flushed to disk, then renamed to `<export_base>/<version>`; on any error
+  the temporary folder is removed and no version folder appears. A
+  temporary folder left by a killed export is neither reused nor counted as
+  a version.
 
   Args:
     dual: a built Functional `keras.Model` whose outputs are the dict
@@ -657,16 +502,17 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
     ValueError: invalid arguments (`dual` None, not a Keras model, outputs not
       the contract dict; bad `version`, `mc_num_samples`, `metadata` or
       warmup examples that do not match the inputs), the graph uses ops a
-      stock TF Serving lacks, or `jit_compile` with a model XLA cannot
-      compile.
+      stock TF Serving lacks, the export does not load or answer as
+      `dual` does when loaded as TF Serving loads it, or `jit_compile` with
+      a model XLA cannot compile.
     FileExistsError: the version folder already exists.
 
   Example:
   >>> path = export_saved_model(dual, "/models/movielens", warmup_examples=x)
   >>> served = tf.saved_model.load(path).signatures["serving_default"]
   """
-  dual = _check_dual(dual)
-  export_base = _check_export_base(export_base)
+  dual = export_checks.check_dual(dual)
+  export_base = export_checks.check_export_base(export_base)
   if mc_num_samples is not None:
     mc_num_samples = validation.check_int(mc_num_samples, "mc_num_samples", 2)
   seed = validation.check_int(seed, "seed", 0)
@@ -676,15 +522,18 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   if seed >= 2**32:
     raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   head_metadata = _head_metadata(dual)
-  head_metadata.update(_check_metadata(metadata))
+  head_metadata.update(export_checks.check_metadata(metadata))
   entries, rebuild = _input_entries(dual)
   specs = _tensor_specs(entries)
-  warmup = (None if warmup_examples is None else _check_warmup(
+  warmup = (None if warmup_examples is None else export_checks.check_warmup(
       _serving_examples(dual, warmup_examples, entries), specs))
   version = _resolve_version(export_base, version)
 
   mc, mc_model, statistic, variation_shape = None, None, None, None
   if mc_num_samples is not None:
+    if len(dual.output) != len(contract.OUTPUT_KEYS):
+      raise validation.invalid("mc_num_samples", "None for a dual of several "
+                               "outputs (mc_dropout has one)", mc_num_samples)
     prediction = dual.output[contract.PREDICTION_KEY]
     base = keras.Model(dual.input, prediction)
     if not sources.find_sources(base):
@@ -721,7 +570,10 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
                 metadata_dict)
     if warmup is not None:
       _write_warmup(tmp, warmup)
-    check_serving_ops(tmp)
+    export_checks.check_serving_ops(tmp)
+    export_checks.verify_serving_load(
+        tmp, dual, rebuild,
+        export_checks.example_inputs(specs) if warmup is None else warmup)
     _fsync_tree(tmp)
     if os.path.exists(target):
       raise FileExistsError(

@@ -47,12 +47,12 @@ import warnings
 
 import numpy as np
 
-from dropvar_tf import contract
 from dropvar_tf import inputs
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
 from dropvar_tf import sources
+from dropvar_tf import target_outputs
 from dropvar_tf import target_store
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
@@ -119,17 +119,24 @@ class _Sampler:
   indices are tensor arguments, so later calls reuse the traced graphs.
   """
 
-  def __init__(self, model, samples_per_pass):
+  def __init__(self, model, samples_per_pass, names=None):
     self.model = model
+    self.names = names
     self.clone = seeded_dropout.mc_dropout_model(model)
     self.samples_per_pass = samples_per_pass
     self.deterministic = tf.function(self._deterministic,
                                      reduce_retracing=True)
     self.sample_sums = tf.function(self._sample_sums, reduce_retracing=True)
 
+  def _flat(self, y):
+    """(B, k): every output (in `names` order) flattened side by side."""
+    if self.names is None:
+      return tf.reshape(y, [tf.shape(y)[0], -1])
+    return tf.concat([tf.reshape(o, [tf.shape(o)[0], -1]) for o in
+                      keras_graph.select_outputs(y, self.names)], axis=1)
+
   def _deterministic(self, x):
-    y = self.model(x, training=False)
-    return tf.reshape(y, [tf.shape(y)[0], -1])
+    return self._flat(self.model(x, training=False))
 
   def _sample_sums(self, x, keys, shift, seed, first_sample, num_valid):
     """Sums over `samples_per_pass` tiled samples starting at `first_sample`.
@@ -152,7 +159,7 @@ class _Sampler:
     sample = tf.repeat(first_sample + tf.range(s), rows)
     states = mask_hash.example_seeds(seed, tf.tile(keys, [s]), sample)
     with seeded_dropout.row_context(states):
-      y = self.clone(tiled, training=False)
+      y = self._flat(self.clone(tiled, training=False))
     y = tf.reshape(tf.cast(y, tf.float64), [s, rows, -1]) - shift[None]
     weight = tf.cast(tf.range(s) < num_valid, tf.float64)[:, None, None]
     y = y * weight
@@ -187,11 +194,11 @@ _SAMPLERS = collections.OrderedDict()
 _MAX_SAMPLERS = 4
 
 
-def _sampler_for(model, samples_per_pass):
+def _sampler_for(model, samples_per_pass, names=None):
   key = (id(model), samples_per_pass)
   sampler = _SAMPLERS.get(key)
   if sampler is None or sampler.model is not model:
-    sampler = _Sampler(model, samples_per_pass)
+    sampler = _Sampler(model, samples_per_pass, names)
     _SAMPLERS[key] = sampler
     while len(_SAMPLERS) > _MAX_SAMPLERS:
       _SAMPLERS.popitem(last=False)
@@ -199,45 +206,30 @@ def _sampler_for(model, samples_per_pass):
   return sampler
 
 
-def _std_from_sums(s1, s2, n):
-  mean = s1 / n
-  return np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
-
-
-def _reduce(std, det, statistic, out_shape):
-  """Applies the DPV statistic to per-unit stds (N, k)."""
-  if statistic == contract.STAT_PREDICTED_CLASS_STD:
-    cls = np.argmax(det, axis=-1)
-    return std[np.arange(std.shape[0]), cls].astype(np.float32)
-  if std.shape[1] == 1:
-    return std[:, 0].astype(np.float32)
-  return std.reshape((std.shape[0],) + tuple(out_shape)).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------
 # Validation.
 
 
+def spec_model(model):
+  """`model`, or a Functional wrapper giving a subclassed one inputs/outputs.
+
+  Raises:
+    ValueError: `model` is not a built Keras model with a dropout source.
+  """
+  sources.check_dropout_model(model, allow_subclassed=True)
+  try:
+    return keras_graph.as_functional(model)
+  except ValueError as e:
+    raise validation.invalid("model", "a built model", str(e)) from e
+
+
 def _check_common(model, num_samples, seed, batch_size, statistic):
-  sources.check_dropout_model(model)
-  if len(model.outputs) != 1:
-    raise validation.invalid(
-        "model", "a model with a single output tensor",
-        f"model {model.name!r} with {len(model.outputs)} outputs")
   num_samples = validation.check_int(num_samples, "num_samples", 2)
   seed = validation.check_int(seed, "seed", 0)
   if seed >= 2**32:
     raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
-  validation.resolve_statistic(statistic, 1)  # validate before the model
-  out_shape = tuple(model.outputs[0].shape[1:])
-  if any(d is None for d in out_shape):
-    raise validation.invalid("model", "a model with a static output shape",
-                             f"output shape {model.outputs[0].shape}")
-  units = int(np.prod(out_shape, dtype=np.int64))
-  statistic = validation.resolve_statistic(
-      statistic, units, keras_graph.output_is_probabilities(model))
-  return num_samples, seed, batch_size, statistic, out_shape
+  return num_samples, seed, batch_size, target_outputs.resolve(model, statistic)
 
 
 def _check_keys(keys, num_examples):
@@ -312,7 +304,7 @@ def _compute_chunk(sampler, x, keys, seed, batch_rows, sample_ranges):
 
 def _run(model, source, num_samples, seed, batch_size, keys,
          samples_per_pass, progress, sample_ranges, desc, on_chunk=None,
-         chunk_rows=None):
+         chunk_rows=None, names=None):
   """Yields (index, start, stop, x, keys, result) per chunk of examples.
 
   `result` is `on_chunk(index, start, stop, x, keys)` when that is not None
@@ -322,7 +314,7 @@ def _run(model, source, num_samples, seed, batch_size, keys,
   if source.num_examples is not None:
     batch_rows = max(1, min(batch_size, source.num_examples))
   spp = _auto_samples_per_pass(samples_per_pass, num_samples, batch_rows)
-  sampler = _sampler_for(model, spp)
+  sampler = _sampler_for(model, spp, names)
   bar = _progress_bar(progress, source.num_examples, num_samples, desc)
   chunk_rows = chunk_rows or batch_size * max(1, -(-CHUNK_EXAMPLES //
                                                    batch_size))
@@ -348,12 +340,6 @@ def _run(model, source, num_samples, seed, batch_size, keys,
       bar.close()
 
 
-def _finalize(det, sums, num_samples, statistic, out_shape):
-  s1, s2 = sums
-  return _reduce(_std_from_sums(s1, s2, num_samples), det, statistic,
-                 out_shape)
-
-
 # ---------------------------------------------------------------------------
 # Public API.
 
@@ -369,10 +355,11 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
   only float64 sums are accumulated.
 
   Args:
-    model: built Functional or Sequential `keras.Model` with at least one
-      dropout source (`sources.dropout_sources`; nested and subclassed
-      models and custom layers inside it included) and one output tensor
-      of shape (batch, k) (or (batch,)).
+    model: built `keras.Model` (Functional, Sequential or subclassed) with
+      at least one dropout source (`sources.dropout_sources`; nested and
+      subclassed models and custom layers inside it included) and one
+      output tensor of shape (batch, k) (or (batch,)), or a list or flat
+      dict of them (see Returns).
     x: the inputs, no labels: a numpy array (N, ...), a list or dict of
       arrays (named inputs, e.g. int64 `user_id`/`movie_id`), or a
       `tf.data.Dataset` yielding single examples or batches (told apart by
@@ -381,7 +368,8 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
     seed: integer in [0, 2**32), the global seed of the mask function.
     batch_size: examples per compiled call (before tiling).
     statistic: one of `contract.STATISTICS`; "auto" is "std" for one output
-      unit and "predicted_class_std" otherwise.
+      unit and "predicted_class_std" otherwise. For several outputs it is
+      resolved per output, or given per output as a dict keyed by name.
     keys: optional (N,) int64 example keys (default: row index 0..N-1).
       Masks depend on (seed, key, sample, layer, unit) only: give matching
       keys to reproduce a part of `x` in another call or shard.
@@ -394,7 +382,9 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
   Returns:
     float32 array: (N,) for "std" with one output unit and for
     "predicted_class_std"; (N, k) for "std"/"per_class_std" with k > 1.
-    Population std (ddof=0).
+    Population std (ddof=0). For a model with several outputs, a dict of
+    such arrays keyed by output name (`keras_graph.output_names`: the
+    dict keys, the Keras output names of a list, or "output_<i>").
 
   Raises:
     ValueError: an invalid argument (named in the message), a random layer
@@ -405,9 +395,10 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
     RuntimeWarning: every target is exactly 0 (the message names the likely
       cause).
   """
-  num_samples, seed, batch_size, statistic, out_shape = _check_common(
-      model, num_samples, seed, batch_size, statistic)
-  source = _Source(model, x)
+  spec = spec_model(model)
+  num_samples, seed, batch_size, outputs = _check_common(
+      spec, num_samples, seed, batch_size, statistic)
+  source = _Source(spec, x)
   keys = _check_keys(keys, source.num_examples)
   ranges = [(0, num_samples)]
   if output_path is None:
@@ -415,13 +406,14 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
     stop = 0
     for _, _, stop, _, _, (det, sums) in _run(  # noqa: B007 (read after)
         model, source, num_samples, seed, batch_size, keys, samples_per_pass,
-        progress, ranges, "MC dropout"):
-      parts.append(_finalize(det, sums[0], num_samples, statistic, out_shape))
+        progress, ranges, "MC dropout", names=outputs.names):
+      parts.append(outputs.finalize(det, sums[0], num_samples))
     _check_keys_used(keys, stop)
-    return _warn_if_all_zero(model, _concat(parts, out_shape, statistic))
+    return _warn_if_all_zero(model, outputs.concat(parts))
 
   output_path = os.fspath(output_path)
   n = source.num_examples
+  statistic, out_shape = outputs.settings()
   settings = {
       "format_version": target_store.FORMAT_VERSION,
       "num_samples": num_samples,
@@ -433,7 +425,7 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
       ).hexdigest(),
       "model_fingerprint": model_fingerprint(model),
       "data_fingerprint": source.fingerprint(),
-      "output_shape": list(out_shape),
+      "output_shape": out_shape,
       "chunk_rows": batch_size * max(1, -(-CHUNK_EXAMPLES // batch_size)),
   }
   chunk_rows, settings_digest = target_store.prepare_output(output_path,
@@ -456,17 +448,18 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
   parts = []
   for index, start, stop, xc, kc, result in _run(
       model, source, num_samples, seed, batch_size, keys, samples_per_pass,
-      progress, ranges, "MC dropout", on_chunk=reuse, chunk_rows=chunk_rows):
+      progress, ranges, "MC dropout", on_chunk=reuse, chunk_rows=chunk_rows,
+      names=outputs.names):
     if index in found:
       parts.append(found.pop(index))
       continue
     det, sums = result
-    values = _finalize(det, sums[0], num_samples, statistic, out_shape)
+    values = outputs.finalize(det, sums[0], num_samples)
     target_store.write_chunk(
         output_path, index, settings_digest, start, stop,
         target_store.input_digest(inputs.hashable(xc), kc), values)
     parts.append(values)
-  return _warn_if_all_zero(model, _concat(parts, out_shape, statistic))
+  return _warn_if_all_zero(model, outputs.concat(parts))
 
 
 def _check_keys_used(keys, num_examples):
@@ -476,22 +469,15 @@ def _check_keys_used(keys, num_examples):
         f"{keys.shape[0]} keys")
 
 
-def _concat(parts, out_shape, statistic):
-  if parts:
-    return np.concatenate(parts).astype(np.float32)
-  units = int(np.prod(out_shape, dtype=np.int64))
-  shape = (0,) if statistic == contract.STAT_PREDICTED_CLASS_STD or (
-      units == 1) else (0,) + tuple(out_shape)
-  return np.zeros(shape, np.float32)
-
-
 def _warn_if_all_zero(model, values):
   """Warns, naming the likely cause, when every target is exactly 0.
 
   Returns:
     `values`, unchanged.
   """
-  if values.size == 0 or np.any(values != 0):
+  flat = (np.concatenate([v.ravel() for v in values.values()])
+          if isinstance(values, dict) else values)
+  if flat.size == 0 or np.any(flat != 0):
     return values
   found = sources.find_sources(model)
   listed = ", ".join(f"{f.path!r} ({f.kind}, rate {f.rate})" for f in found)
@@ -533,10 +519,11 @@ def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,
   Raises:
     ValueError: an invalid argument, named in the message.
   """
-  num_samples, seed, batch_size, statistic, out_shape = _check_common(
-      model, num_samples, seed, batch_size, statistic)
+  spec = spec_model(model)
+  num_samples, seed, batch_size, outputs = _check_common(
+      spec, num_samples, seed, batch_size, statistic)
   num_samples = validation.check_int(num_samples, "num_samples", 4)
-  source = _Source(model, x)
+  source = _Source(spec, x)
   keys = _check_keys(keys, source.num_examples)
   half = num_samples // 2
   ranges = [(0, half), (half, num_samples)]
@@ -544,13 +531,11 @@ def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,
   stop = 0
   for _, _, stop, _, _, (det, (sa, sb)) in _run(  # noqa: B007 (read after)
       model, source, num_samples, seed, batch_size, keys, None, False, ranges,
-      "MC convergence"):
-    a_parts.append(_finalize(det, sa, half, statistic, out_shape))
-    b_parts.append(_finalize(det, sb, num_samples - half, statistic,
-                             out_shape))
+      "MC convergence", names=outputs.names):
+    a_parts.append(outputs.finalize(det, sa, half))
+    b_parts.append(outputs.finalize(det, sb, num_samples - half))
     full = (sa[0] + sb[0], sa[1] + sb[1])
-    full_parts.append(_finalize(det, full, num_samples, statistic, out_shape))
+    full_parts.append(outputs.finalize(det, full, num_samples))
   _check_keys_used(keys, stop)
-  return (_concat(a_parts, out_shape, statistic),
-          _concat(b_parts, out_shape, statistic),
-          _concat(full_parts, out_shape, statistic))
+  return (outputs.concat(a_parts), outputs.concat(b_parts),
+          outputs.concat(full_parts))

@@ -36,7 +36,7 @@ def num_examples(x):
   return len(x)
 
 
-def head_features(dual, x, batch_size=256):
+def head_features(dual, x, batch_size=256, output=None):
   """Computes the head's input features for `x` (inference mode).
 
   Args:
@@ -45,6 +45,8 @@ def head_features(dual, x, batch_size=256):
       (arrays, dicts, lists, numpy strings, ragged, a Dataset), or a
       `inputs.ModelInputs` it made.
     batch_size: examples per forward pass.
+    output: the output name whose head's features to compute, for a dual
+      of a multi-output model (`heads.dual_output_names`).
 
   Returns:
     A list of float32 arrays, one per head input, each (N, d_i).
@@ -54,7 +56,8 @@ def head_features(dual, x, batch_size=256):
   """
   if not isinstance(x, inputs.ModelInputs):
     x = inputs.normalize(dual, x)
-  feature_model = keras.Model(dual.input, heads.head_feature_tensors(dual))
+  feature_model = keras.Model(dual.input,
+                              heads.head_feature_tensors(dual, output))
   # A Dataset: Keras' `predict` refuses numpy string arrays.
   feats = feature_model.predict(x.as_dataset(batch_size), verbose=0)
   if not isinstance(feats, (list, tuple)):
@@ -62,9 +65,9 @@ def head_features(dual, x, batch_size=256):
   return [np.asarray(f, "float32").reshape(len(f), -1) for f in feats]
 
 
-def _check_targets(targets, n, units):
+def _check_targets(targets, n, units, arg="targets"):
   if targets is None:
-    raise validation.invalid("targets", "an array of MC-dropout DPV targets",
+    raise validation.invalid(arg, "an array of MC-dropout DPV targets",
                              targets)
   t = np.asarray(targets, "float64")
   if t.ndim == 2 and t.shape[1] == 1 and units == 1:
@@ -72,18 +75,18 @@ def _check_targets(targets, n, units):
   expected = (n,) if units == 1 else (n, units)
   if n is not None and t.shape != expected:
     raise validation.invalid(
-        "targets", f"shape {expected} (one target per example of `x`)",
+        arg, f"shape {expected} (one target per example of `x`)",
         f"array of shape {t.shape}")
   if not np.all(np.isfinite(t)):
     raise validation.invalid(
-        "targets", "finite values (no NaN or Inf)",
+        arg, "finite values (no NaN or Inf)",
         f"array with {int(np.sum(~np.isfinite(t)))} non-finite values")
   if np.any(t < 0):
-    raise validation.invalid("targets", "non-negative standard deviations",
+    raise validation.invalid(arg, "non-negative standard deviations",
                              f"array with minimum {t.min()}")
   if t.size and not np.any(t > 0):
     raise validation.invalid(
-        "targets", "some positive DPV (all are 0; likely causes: dropout "
+        arg, "some positive DPV (all are 0; likely causes: dropout "
         "was not sampled (rate 0, or targets of another model), or the "
         "predictions are saturated on these inputs, e.g. probabilities of "
         "exactly 0 or 1 on inputs far from the training data)",
@@ -169,8 +172,10 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
       dicts, lists, numpy strings, ragged, or a `tf.data.Dataset` of
       examples or batches in a fixed order, of `x` or of `(x, targets)`).
     targets: DPV targets, shape (N,) or (N, k), from `mc_dropout_targets` with
-      the head's statistic; None takes them from a Dataset of
-      `(x, targets)`.
+      the head's statistic; for a dual of a multi-output model, a dict of
+      them keyed by output name (as `mc_dropout_targets` returns it there),
+      each output's head fitted on its own targets. None takes them from a
+      Dataset of `(x, targets)`.
     epochs: maximum training epochs.
     batch_size: head training batch size.
     validation_split: fraction (0 <= f < 1) held out, chosen by `seed`, for
@@ -188,7 +193,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     verbose: Keras verbosity.
 
   Returns:
-    The `keras.callbacks.History` of the head's training.
+    The `keras.callbacks.History` of the head's training; for a dual of a
+    multi-output model, a dict of them keyed by output name.
 
   Raises:
     ValueError: `dual` has no head; `x` does not match the model's input
@@ -196,9 +202,9 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
       `targets` do not match `x` (length, shape), contain NaN/Inf or
       negative values, or are all zero; or an argument is out of range.
   """
-  out_layer = heads.variation_output_layer(dual)
-  head = heads.variation_head(dual)
+  names = heads.dual_output_names(dual)
   data = inputs.normalize(dual, x)
+  n = data.num_examples
   if targets is None:
     targets = data.labels()
   if num_samples is not None:
@@ -209,10 +215,39 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                      ("report_split", report_split)):
     if not 0.0 <= value < 1.0:
       raise validation.invalid(arg, "a float in [0, 1)", value)
+  settings = dict(epochs=epochs, batch_size=batch_size,
+                  validation_split=validation_split,
+                  learning_rate=learning_rate, seed=seed,
+                  num_samples=num_samples, patience=patience,
+                  calibrate=calibrate, report_split=report_split,
+                  verbose=verbose)
+  if names is None:
+    return _fit_head(dual, None, data, targets, n, **settings)
+  if not isinstance(targets, dict) or sorted(targets) != sorted(names):
+    raise validation.invalid(
+        "targets", f"a dict of target arrays keyed by the output names "
+        f"{names} (what `mc_dropout_targets` returns for this model)",
+        sorted(targets) if isinstance(targets, dict) else
+        f"{type(targets).__name__}")
+  for name in names:  # every output's targets checked before any fit
+    _check_targets(targets[name], n,
+                   heads.variation_output_layer(dual, name).units,
+                   f"targets[{name!r}]")
+  return {name: _fit_head(dual, name, data, targets[name], n, **settings)
+          for name in names}
+
+
+def _fit_head(dual, output, x, targets, n, epochs, batch_size,
+              validation_split, learning_rate, seed, num_samples, patience,
+              calibrate, report_split, verbose):
+  """Fits the head of `output` (None: the only head); see above."""
+  out_layer = heads.variation_output_layer(dual, output)
+  head = heads.variation_head(dual, output)
+  arg = "targets" if output is None else f"targets[{output!r}]"
   units = out_layer.units
-  _check_targets(targets, data.num_examples, units)
-  feats = head_features(dual, data)
-  t = _check_targets(targets, len(feats[0]), units)
+  _check_targets(targets, n, units, arg)
+  feats = head_features(dual, x, output=output)
+  t = _check_targets(targets, len(feats[0]), units, arg)
   # With a prior, the head's last input is the prior: the layers learn only
   # the log-space correction of it from the other inputs.
   prior = None
@@ -322,11 +357,12 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
         num_samples)
     if report["far_below_bound"]:
       warnings.warn(
+          ("" if output is None else f"Output {output!r}: ") +
           "The variation head fits its held-out calibration inputs far "
           "below what targets of this noise allow: "
           f"{'; '.join(report['far_below_bound'])}. Likely causes: too few "
           "calibration inputs or epochs, a head too small, or targets of "
-          "too few samples.", stacklevel=2)
+          "too few samples.", stacklevel=3)
   out_layer.metadata.update({
       "fit_report": report,
       "num_samples": None if num_samples is None else int(num_samples),
@@ -357,7 +393,8 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
   Side effects: none on `model` (see `add_variation_head`).
 
   Args:
-    model: a trained Functional or Sequential Keras model with Dropout.
+    model: a trained Keras model with dropout (any kind, one or several
+      outputs: see `add_variation_head`).
     x: inputs to fit on or to perturb, in any form the model takes
       (`inputs.normalize`; the `y` of a Dataset of `(x, y)` is ignored).
     num_samples: T, stochastic passes per MC target.
@@ -382,11 +419,17 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
   from dropvar_tf import augment
   from dropvar_tf import targets as targets_lib
   num_perturbed = validation.check_int(num_perturbed, "num_perturbed", 0)
-  # Checked before perturbing: a NaN row would spread to its perturbed
-  # copies and be counted there.
-  data = inputs.normalize(validation.check_model(model), x)
   dual = heads.add_variation_head(model, seed=seed, **head_kwargs)
-  statistic = heads.variation_head_metadata(dual)["statistic"]
+  # Checked before perturbing: a NaN row would spread to its perturbed
+  # copies and be counted there. Against the dual's inputs: a subclassed
+  # model has none of its own.
+  data = inputs.normalize(dual, x)
+  names = heads.dual_output_names(dual)
+  if names is None:
+    statistic = heads.variation_head_metadata(dual)["statistic"]
+  else:
+    statistic = {n: heads.variation_head_metadata(dual, n)["statistic"]
+                 for n in names}
   fit_x = data.materialize() if isinstance(x, tf.data.Dataset) else x
   if num_perturbed:
     fit_x = augment.perturb_inputs(fit_x, num_perturbed,

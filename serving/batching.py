@@ -12,9 +12,10 @@ Serving's batching session does with its `BatchingParameters` (read from
   others to join; 0 runs a batch as soon as a batch thread is free (so
   requests merge only while the model is busy).
 - `num_batch_threads`: batches run at once.
-- `max_enqueued_batches`: batches that may wait per queue; one more is
-  refused with UNAVAILABLE, TF's "The batch scheduling queue to which this
-  task was submitted is full".
+- `max_enqueued_batches`: batches (the one still filling included) that may
+  wait per version and signature, whatever their inner shapes; a request
+  that would start one more is refused with UNAVAILABLE, TF's "The batch
+  scheduling queue to which this task was submitted is full".
 - `allowed_batch_sizes`: a merged batch is padded up to the next of these
   sizes (increasing, the last equal to `max_batch_size`) by repeating its
   first example, so only a few batch shapes are ever run; padding rows are
@@ -130,21 +131,38 @@ class _Task:
   def __init__(self, arrays, size):
     self.arrays = arrays
     self.size = size
-    self.done = threading.Event()
+    # A held lock as a one-shot latch: cheaper than an Event (a Condition
+    # and a lock) when 64 handler threads wait at once.
+    self._done = threading.Lock()
+    self._done.acquire()
     self.outputs = None
     self.error = None
 
   def finish(self, outputs=None, error=None):
     self.outputs = outputs
     self.error = error
-    self.done.set()
+    self._done.release()
+
+  def wait(self):
+    self._done.acquire()
 
 
 class _Queue:
-  """The batches of one (version, signature, inner shapes)."""
+  """The batches of one (version, signature, inner shapes).
 
-  def __init__(self, fn):
+  Attributes:
+    fn: the signature's function.
+    signature: (version, signature name): the key of the batch count that
+      `max_enqueued_batches` bounds.
+    open: the tasks of the batch still filling.
+    open_size: its examples.
+    deadline: when it runs even if not full.
+    closed: full (or due) batches waiting for a batch thread.
+  """
+
+  def __init__(self, fn, signature):
     self.fn = fn
+    self.signature = signature
     self.open = []
     self.open_size = 0
     self.deadline = None
@@ -189,6 +207,9 @@ class Batcher:
     self.options = options
     self._cv = threading.Condition()
     self._queues = {}
+    # (version, signature name) -> batches waiting or filling, across the
+    # queues of its inner shapes.
+    self._enqueued = collections.Counter()
     self._stopped = False
     self._threads = []
 
@@ -218,12 +239,13 @@ class Batcher:
         max_batch_size, UNAVAILABLE when the queue is full.
       Exception: whatever `fn` raised for this request.
     """
-    if signature_name == contract.MC_DROPOUT_SIGNATURE:
-      # Its masks are keyed by row position in the batch: merged behind
-      # another request, a request would get other masks.
+    if signature_name == contract.MC_DROPOUT_SIGNATURE or not arrays:
+      # mc_dropout's masks are keyed by row position in the batch: merged
+      # behind another request, a request would get other masks. A
+      # signature without inputs (the export's "metadata") has no batch.
       return {alias: np.asarray(value)
               for alias, value in fn(**arrays).items()}
-    size = next(iter(arrays.values())).shape[0] if arrays else 1
+    size = next(iter(arrays.values())).shape[0]
     max_size = self.options.max_batch_size
     if size > max_size:
       raise errors.invalid_argument(
@@ -231,7 +253,8 @@ class Batcher:
           f"{max_size}")
     inner = () if self.options.pad_variable_length_inputs else tuple(
         (alias, a.shape[1:]) for alias, a in sorted(arrays.items()))
-    key = (version, signature_name, inner)
+    signature = (version, signature_name)
+    key = (signature, inner)
     task = _Task(arrays, size)
     with self._cv:
       if self._stopped:
@@ -239,24 +262,30 @@ class Batcher:
                                   "The server is shutting down")
       queue = self._queues.get(key)
       if queue is None:
-        queue = self._queues[key] = _Queue(fn)
+        queue = _Queue(fn, signature)
       if queue.open_size + size > max_size:
         queue.close_open()
-      if not queue.open and (len(queue.closed) >=
-                             self.options.max_enqueued_batches):
-        raise errors.ServingError(
-            grpc.StatusCode.UNAVAILABLE,
-            "The batch scheduling queue to which this task was submitted is "
-            "full")
+        # A batch thread may be waiting for this batch's deadline.
+        self._cv.notify()
       if not queue.open:
+        if self._enqueued[signature] >= self.options.max_enqueued_batches:
+          raise errors.ServingError(
+              grpc.StatusCode.UNAVAILABLE,
+              "The batch scheduling queue to which this task was submitted "
+              "is full")
+        self._enqueued[signature] += 1
+        self._queues[key] = queue
         queue.deadline = (time.monotonic() +
                           self.options.batch_timeout_micros / 1e6)
+        # A new deadline: wake a batch thread to wait for it. Requests that
+        # join a filling batch wake nobody.
+        self._cv.notify()
       queue.open.append(task)
       queue.open_size += size
       if queue.open_size == max_size:
         queue.close_open()
-      self._cv.notify()
-    task.done.wait()
+        self._cv.notify()
+    task.wait()
     if task.error is not None:
       raise task.error
     return task.outputs
@@ -272,6 +301,9 @@ class Batcher:
             queue.close_open()
           if queue.closed:
             tasks = queue.closed.popleft()
+            self._enqueued[queue.signature] -= 1
+            if not self._enqueued[queue.signature]:
+              del self._enqueued[queue.signature]
             if not queue.closed and not queue.open:
               del self._queues[key]
             return queue, tasks
@@ -335,6 +367,7 @@ class Batcher:
     with self._cv:
       for queue in self._queues.values():
         queue.close_open()
+      self._cv.notify_all()
     while True:
       with self._cv:
         if not self._queues:

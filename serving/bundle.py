@@ -12,11 +12,13 @@ fails fails the load.
 
 import dataclasses
 import os
+import threading
 
 from absl import logging
 import grpc
 
 from dropvar_tf import contract
+from dropvar_tf import keras_graph
 from dropvar_tf._keras import tf
 from dropvar_tf.serving import codec
 from dropvar_tf.serving import errors
@@ -45,16 +47,25 @@ class _SessionSignature:
 
   def __init__(self, session, signature_def):
     self._inputs = sorted(signature_def.inputs)
-    self._outputs = sorted(signature_def.outputs)
-    # A callable prunes the graph once, not on every run.
-    self._run = session.make_callable(
+    outputs = sorted(signature_def.outputs)
+    # An output may name an operation ("NoOp" of an init signature): it is
+    # run, and answered as None, as Session.run fetches it.
+    self._outputs = [a for a in outputs
+                     if ":" in signature_def.outputs[a].name]
+    self._operations = [a for a in outputs if a not in self._outputs]
+    # A callable prunes the graph once, not on every run, and skips
+    # Session.run's per-call feed handling (a third of a batch-1 run).
+    self._run = keras_graph.session_callable(
+        session, [signature_def.inputs[a].name for a in self._inputs],
         [signature_def.outputs[a].name for a in self._outputs],
-        [signature_def.inputs[a].name for a in self._inputs])
+        [signature_def.outputs[a].name for a in self._operations])
 
   def __call__(self, **arrays):
     """Runs the signature on {alias: numpy array}; returns {alias: array}."""
     values = self._run(*[arrays[alias] for alias in self._inputs])
-    return dict(zip(self._outputs, values))
+    result = dict(zip(self._outputs, values))
+    result.update(dict.fromkeys(self._operations))
+    return result
 
 
 def _dense(tensor_info):
@@ -92,6 +103,9 @@ class SavedModelBundle:
     """
     self.version = version
     self.path = path
+    self._use_lock = threading.Lock()
+    self._users = 0
+    self._unloaded = False
     config = tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=(
             tf.config.threading.get_intra_op_parallelism_threads()),
@@ -125,6 +139,48 @@ class SavedModelBundle:
       # A failed load (retried with backoff) must not leak its Session.
       self._session.close()
       raise
+
+  def close(self):
+    """Closes the Session: its memory is freed now, not when collected.
+
+    Signatures taken from this version fail afterwards (CancelledError,
+    "Session has been closed").
+    """
+    self._session.close()
+
+  def acquire(self):
+    """Marks the version in use by one more request.
+
+    Returns:
+      False when it was unloaded already (its Session is closed or about to
+      be): the caller resolves the version again.
+    """
+    with self._use_lock:
+      if self._unloaded:
+        return False
+      self._users += 1
+      return True
+
+  def release(self):
+    """Ends a use begun by `acquire`; closes an unloaded version's Session
+    when its last request is done."""
+    with self._use_lock:
+      self._users -= 1
+      close = self._unloaded and not self._users
+    if close:
+      self.close()
+
+  def unload(self):
+    """Closes the Session once no request uses it (now when none does).
+
+    Its memory would otherwise stay until garbage collection gets to it,
+    and a server that publishes versions often would hold several.
+    """
+    with self._use_lock:
+      self._unloaded = True
+      close = not self._users
+    if close:
+      self.close()
 
   def signature(self, name):
     """A signature of this version, ready to run.

@@ -17,6 +17,10 @@ with VariationClient("localhost:8500", "movies") as client:
   result.variation   # (2, 1) float32, the estimated DPV
   result.model_version
 ```
+
+A dual of a multi-output model answers "prediction/<output name>" and
+"variation/<output name>" (`contract.OUTPUT_SEPARATOR`): `result.predictions`
+and `result.variations` hold them by output name.
 """
 
 import dataclasses
@@ -26,6 +30,7 @@ import grpc
 import numpy as np
 
 from dropvar_tf import contract
+from dropvar_tf import saved_model
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
 from dropvar_tf.serving import codec
@@ -67,6 +72,16 @@ class Result:
   variation: object
   model_version: int | None
   outputs: dict
+
+  @property
+  def predictions(self):
+    """{output name: prediction} of a multi-output dual; {} otherwise."""
+    return contract.per_output(self.outputs, contract.PREDICTION_KEY)
+
+  @property
+  def variations(self):
+    """{output name: variation} of a multi-output dual; {} otherwise."""
+    return contract.per_output(self.outputs, contract.VARIATION_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,6 +404,47 @@ class VariationClient:
     return ModelMetadata(model_name=response.model_spec.name,
                          model_version=int(response.model_spec.version.value),
                          signature_defs=dict(signature_map.signature_def))
+
+  def export_metadata(self, timeout=None):
+    """The metadata `export_saved_model` wrote into the served version.
+
+    Runs the export's "metadata" signature (no inputs; one scalar string,
+    the JSON of `assets/dropvar_tf_metadata.json`) through Predict, so it
+    works over gRPC and REST, against TF Serving too.
+
+    Args:
+      timeout: deadline in seconds (default: the client's).
+
+    Returns:
+      The metadata dict (see `saved_model.read_export_metadata`), with the
+      head's "fit_report"; None when the served model has no "metadata"
+      signature (it was not written by `export_saved_model`).
+
+    Raises:
+      ServingError: on a failed call, or a "metadata" output that is not
+        one JSON string (INVALID_ARGUMENT).
+    """
+    request = predict_pb2.PredictRequest()
+    self._fill_model_spec(request.model_spec, with_signature=False)
+    request.model_spec.signature_name = saved_model.METADATA_SIGNATURE
+    try:
+      response = self._call("Predict", self._predict_stub.Predict, request,
+                            timeout)
+    except errors.ServingError as e:
+      if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+      raise
+    value = decode_outputs(response).get(saved_model.METADATA_OUTPUT_KEY)
+    try:
+      text = np.asarray(value).item()
+      return json.loads(text.decode("utf-8") if isinstance(text, bytes)
+                        else text)
+    except (TypeError, ValueError, AttributeError) as e:
+      raise errors.ServingError(
+          grpc.StatusCode.INVALID_ARGUMENT,
+          f"Output \"{saved_model.METADATA_OUTPUT_KEY}\" of signature "
+          f"\"{saved_model.METADATA_SIGNATURE}\" is not one JSON string: "
+          f"{e}", "Predict") from None
 
   def get_model_status(self, timeout=None):
     """Calls GetModelStatus for the client's model (and version, if set).

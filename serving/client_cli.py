@@ -9,8 +9,13 @@
 {"inputs": nested list} for a single-input signature) or a bare nested list;
 or a `.npy` file (one array) or `.npz` file (one array per input name).
 Output is JSON on stdout: {"prediction", "variation", "model_version"} for
-predict (plus "outputs" for other aliases). Exit code 1 and the gRPC code on
-stderr when the server refuses the request.
+predict (plus "outputs" for other aliases). A dual of a multi-output model
+gives "prediction" and "variation" null and adds "predictions" and
+"variations", each {output name: nested list}. `metadata` prints the
+signatures and, for a version written by `export_saved_model`, its metadata
+("export_metadata"), the head's "fit_report" and a one-line "fit_summary",
+indented. Exit code 1 and the gRPC code on stderr when the server refuses the
+request.
 """
 
 import json
@@ -21,6 +26,7 @@ from absl import flags
 import numpy as np
 
 from dropvar_tf import contract
+from dropvar_tf import saved_model
 from dropvar_tf.serving import client as client_lib
 from dropvar_tf.serving import errors
 
@@ -101,6 +107,37 @@ def _jsonable(array):
   return None if array is None else np.asarray(array).tolist()
 
 
+def fit_summary(report):
+  """One line saying how well the served head fits, from its fit report.
+
+  Args:
+    report: the "fit_report" of the export's metadata
+      (`metrics.fit_report`), or None.
+
+  Returns:
+    A sentence: held-out Spearman, R^2 and mean ratio against the noise
+    bound, and the reasons when the fit is far below it.
+  """
+  if not report:
+    return "No fit report: the head was fitted without held-out inputs."
+
+  def text(value):
+    return "n/a" if value is None else f"{value:.3f}"
+
+  bound = report.get("noise_bound") or {}
+  line = (f"On {report.get('num_examples')} held-out calibration inputs: "
+          f"Spearman {text(report.get('spearman'))} (bound "
+          f"{text(bound.get('correlation'))}), R^2 {text(report.get('r2'))} "
+          f"(bound {text(bound.get('r2'))}), mean estimate / mean target "
+          f"{text(report.get('mean_ratio'))}.")
+  reasons = report.get("far_below_bound") or []
+  if reasons:
+    line += " Far below the bound: " + "; ".join(reasons) + "."
+  else:
+    line += " Near the noise bound."
+  return line
+
+
 def run_command(command, client, inputs=None, output_filter=None):
   """Runs one command with `client`; returns a JSON-able dict."""
   if command == "predict":
@@ -108,8 +145,15 @@ def run_command(command, client, inputs=None, output_filter=None):
     out = {"prediction": _jsonable(result.prediction),
            "variation": _jsonable(result.variation),
            "model_version": result.model_version}
+    per_output = {"predictions": result.predictions,
+                  "variations": result.variations}
+    if any(per_output.values()):  # a multi-output dual
+      out.update({key: {name: _jsonable(v) for name, v in values.items()}
+                  for key, values in per_output.items()})
+    known = set(contract.OUTPUT_KEYS) | set(contract.output_keys(
+        list(result.predictions) + list(result.variations)))
     extra = {k: _jsonable(v) for k, v in result.outputs.items()
-             if k not in contract.OUTPUT_KEYS}
+             if k not in known}
     if extra:
       out["outputs"] = extra
     return out
@@ -123,9 +167,23 @@ def run_command(command, client, inputs=None, output_filter=None):
     signatures = {name: {"inputs": describe(metadata.inputs(name)),
                          "outputs": describe(metadata.outputs(name))}
                   for name in metadata.signature_defs}
-    return {"model_name": metadata.model_name,
-            "model_version": metadata.model_version,
-            "signatures": signatures}
+    out = {"model_name": metadata.model_name,
+           "model_version": metadata.model_version,
+           "signatures": signatures}
+    export = (client.export_metadata()
+              if saved_model.METADATA_SIGNATURE in metadata.signature_defs
+              else None)
+    if export is not None:
+      report = export.get("fit_report")
+      out["fit_report"] = report
+      per_output = (isinstance(report, dict) and "spearman" not in report
+                    and all(isinstance(r, (dict, type(None)))
+                            for r in report.values()))
+      out["fit_summary"] = ({name: fit_summary(r)
+                             for name, r in report.items()}
+                            if per_output else fit_summary(report))
+      out["export_metadata"] = export
+    return out
   return {"model_version_status": [
       {"version": s.version, "state": s.state, "error_code": s.error_code,
        "error_message": s.error_message}
@@ -166,7 +224,8 @@ def main(argv):
   except errors.ServingError as e:
     print(str(e), file=sys.stderr)
     return 1
-  print(json.dumps(out))
+  # The metadata is read by people: one key a line.
+  print(json.dumps(out, indent=2 if command == "metadata" else None))
   return 0
 
 

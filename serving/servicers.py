@@ -253,12 +253,12 @@ class ServingCore:
       tf.errors.OpError: the model failed on the inputs.
     """
     model_spec = _require_model_spec(request)
-    version = self.manager.get(model_spec).resolve(model_spec)
     signature_name = model_spec.signature_name or contract.SERVING_SIGNATURE
-    fn, specs, signature_def = version.signature(signature_name)
-    arrays = _check_inputs(request.inputs, specs, self.options)
-    aliases = _output_aliases(request.output_filter, signature_def)
-    outputs = self._run(version, signature_name, fn, arrays)
+    with self.manager.get(model_spec).use(model_spec) as version:
+      fn, specs, signature_def = version.signature(signature_name)
+      arrays = _check_inputs(request.inputs, specs, self.options)
+      aliases = _output_aliases(request.output_filter, signature_def)
+      outputs = self._run(version, signature_name, fn, arrays)
     if self._metrics is not None:
       self._metrics.observe_outputs(model_spec.name, version.version,
                                     outputs)

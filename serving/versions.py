@@ -8,6 +8,7 @@ request's ModelSpec names (`ServedModel.resolve`) and what GetModelStatus
 reports (`ServedModel.status`).
 """
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -213,12 +214,16 @@ class ServedModel:
     if drop:
       with self._lock:
         loaded = dict(self._loaded)
+        unloaded = [loaded.pop(version) for version in drop]
         for version in drop:
-          loaded.pop(version)
           self._states[version] = (_State.END, 0, "")
           logging.info("Unloaded servable version {name: %s version: %d}",
                        self.name, version)
         self._loaded = loaded
+      # Requests that took a version before the swap finish on it; its
+      # Session closes when the last of them is done.
+      for version in unloaded:
+        version.unload()
 
   def _load(self, version, path):
     with self._lock:
@@ -290,6 +295,32 @@ class ServedModel:
     raise errors.ServingError(
         grpc.StatusCode.NOT_FOUND, "Servable not found for request: "
         f"{_request_debug_string(self.name, version)}")
+
+  @contextlib.contextmanager
+  def use(self, model_spec):
+    """The loaded version a ModelSpec asks for, held for one request.
+
+    An unloaded version's Session is closed only once no request holds it.
+
+    Args:
+      model_spec: a `tensorflow.serving.ModelSpec`.
+
+    Yields:
+      A `bundle.SavedModelBundle`, open until the block ends.
+
+    Raises:
+      ServingError: as `resolve`.
+    """
+    while True:
+      version = self.resolve(model_spec)
+      # False only when it was unloaded since `resolve` read the map, which
+      # has been replaced by then: the next `resolve` sees the new one.
+      if version.acquire():
+        break
+    try:
+      yield version
+    finally:
+      version.release()
 
   def status(self, version=None):
     """What GetModelStatus reports for this model.

@@ -83,6 +83,21 @@ class ModelHandlerTest(tf.test.TestCase):
       got = np.stack([r.inference[name] for r in results])
       self.assertAllEqual(got, expected[name].numpy()[:5], msg=name)
 
+  def test_large_batches_are_cut_into_calls_of_batch_size(self):
+    handler = model_handler.SignatureHandler(self.export, batch_size=5)
+    results = list(handler.run_inference(self.examples,
+                                         handler.load_model()))
+    self.assertLen(results, 12)
+    _, fn = model_handler.load_signature(self.export)
+    # Calls of rows 0-4, 5-9, then 10, 11 and 11 repeated to 5 rows.
+    expected = [fn(**{n: tf.constant(v[rows]) for n, v in self.x.items()})
+                for rows in (range(5), range(5, 10), [10, 11, 11, 11, 11])]
+    for name in contract.OUTPUT_KEYS:
+      got = np.stack([r.inference[name] for r in results])
+      want = np.concatenate([e[name].numpy() for e in expected])[:12]
+      self.assertAllEqual(got, want, msg=name)
+    self.assertIs(results[11].example, self.examples[11])
+
   def test_keyed_run_inference_in_a_pipeline(self):
     _, fn = model_handler.load_signature(self.export)
     expected = fn(**{n: tf.constant(v) for n, v in self.x.items()})

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import unittest
+from unittest import mock
 
 import numpy as np
 
@@ -29,7 +30,9 @@ import beam_testing
 
 if beam_testing.HAVE_BEAM:
   from dropvar_tf.beam import model_handler
+  from dropvar_tf.beam import parts
   from dropvar_tf.beam import scoring_pipeline
+  from dropvar_tf.beam import scoring_transforms
 
 
 def build_dict_model(seed=0):
@@ -120,19 +123,77 @@ class ScoringPipelineTest(tf.test.TestCase):
       for flags in ([], ["--direct_num_workers=2",
                          "--direct_running_mode=multi_threading"], portable):
         outputs.append(self.new_dir())
-        scoring_pipeline.run_scoring_pipeline(
+        summary = scoring_pipeline.run_scoring_pipeline(
             self.export, self.files, outputs[-1], batch_size=64,
             pipeline_args=flags)
         runs.append(records.read_scores(outputs[-1]))
+        # Items of 512 keys by rank, whatever the bundles: only the run's
+        # last call (1500 = 23 * 64 + 28) pads.
+        self.assertEqual(summary["examples_padded"], 36, msg=flags)
+        self.assertEqual(summary["examples_scored"], self.n, msg=flags)
     # Same bytes on every runner, portable workers in other processes too.
     contents = [beam_testing.file_bytes(output) for output in outputs]
-    self.assertLen(contents[0], 9)  # 8 score files and scoring.json.
+    # 8 score files, settings.json and scoring.json.
+    self.assertLen(contents[0], 10)
     self.assertEqual(contents[1], contents[0])
     self.assertEqual(contents[2], contents[0])
     for got in runs:
       self.assertAllEqual(got["key"], np.arange(self.n))
       for name in contract.OUTPUT_KEYS:
         self.assertAllEqual(got[name], expected[name], msg=name)
+
+  def test_rerun_after_a_kill_scores_only_what_is_missing(self):
+    output = self.new_dir()
+    expected = signature_in_batches(self.fn, self.x, 64)
+    original = scoring_transforms.DecodeItemFn.process
+    calls = []
+
+    def die_on_third_item(fn_self, item):
+      elements = list(item[1])
+      calls.append(len(elements))
+      if len(calls) == 3:
+        raise RuntimeError("simulated kill")
+      yield from original(fn_self, (item[0], elements))
+
+    run = dict(batch_size=64, beam_batch_size=256, num_shards=3)
+    with mock.patch.object(scoring_transforms.DecodeItemFn, "process",
+                           die_on_third_item):
+      with self.assertRaisesRegex(Exception, "simulated kill"):
+        scoring_pipeline.run_scoring_pipeline(self.export, self.files,
+                                              output, **run)
+    with self.assertRaisesRegex(ValueError, "not a finished scoring"):
+      records.read_scores(output)
+    self.assertLen(parts.existing_parts(output), 2)  # Saved as scored.
+    done = sum(calls[:2])
+    summary = scoring_pipeline.run_scoring_pipeline(self.export, self.files,
+                                                    output, **run)
+    self.assertEqual(summary["examples_skipped"], done)
+    self.assertEqual(summary["examples_scored"], self.n - done)
+    got = records.read_scores(output)
+    self.assertAllEqual(got["key"], np.arange(self.n))
+    for name in contract.OUTPUT_KEYS:
+      self.assertAllEqual(got[name], expected[name], msg=name)
+    # A rerun of a finished run scores nothing and changes no byte.
+    before = beam_testing.file_bytes(output)
+    summary = scoring_pipeline.run_scoring_pipeline(self.export, self.files,
+                                                    output, **run)
+    self.assertEqual(summary["examples_scored"], 0)
+    self.assertEqual(summary["examples_skipped"], self.n)
+    self.assertEqual(beam_testing.file_bytes(output), before)
+    # Other settings are refused, unless not resuming.
+    with self.assertRaisesRegex(ValueError, "`output`. Expected a directory "
+                                "scored with the same settings, or "
+                                "resume=False; its `num_shards` is 3"):
+      scoring_pipeline.run_scoring_pipeline(
+          self.export, self.files, output, **dict(run, num_shards=2))
+    self.assertEqual(beam_testing.file_bytes(output), before)
+    summary = scoring_pipeline.run_scoring_pipeline(
+        self.export, self.files, output, resume=False,
+        **dict(run, num_shards=2))
+    self.assertEqual(summary["examples_scored"], self.n)
+    self.assertLen(tf.io.gfile.glob(os.path.join(output, "scores-*")), 2)
+    self.assertAllEqual(records.read_scores(output)["variation"],
+                        expected["variation"])
 
   def test_scores_match_the_keras_dual_model(self):
     output = self.new_dir()

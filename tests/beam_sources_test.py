@@ -4,6 +4,7 @@ They need `apache_beam` (e.g. `.venv-beam/bin/python -m pytest -q
 tests/beam_sources_test.py`) and are skipped, with the reason, elsewhere.
 """
 
+import gzip
 import os
 import re
 import tempfile
@@ -55,6 +56,34 @@ class SourcesTest(tf.test.TestCase):
       sources.resolve_input_format("csv", files)
     with self.assertRaises(FileNotFoundError):
       sources.match_inputs([os.path.join(self.root, "none-*")])
+    # Paths without wildcards are looked up one by one: the same result.
+    self.assertEqual(sources.match_inputs(tfrecords), files)
+    with self.assertRaisesRegex(FileNotFoundError, "none.tfrecord"):
+      sources.match_inputs(tfrecords + [os.path.join(self.root,
+                                                     "none.tfrecord")])
+
+  def test_tfrecord_files_are_read_whole_with_their_checksums(self):
+    path = records.write_examples(os.path.join(self.root, "ex"), self.x,
+                                  self.specs, keys=self.keys)[0]
+    with open(path, "rb") as f:
+      data = f.read()
+    expected = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+    gz = os.path.join(self.root, "ex.tfrecord.gz")
+    with gzip.open(gz, "wb") as f:
+      f.write(data)
+    for p in (path, gz):
+      self.assertEqual(list(sources.ReadTFRecordFileFn().process(p)),
+                       expected)
+    for name, damaged, message in [
+        ("flipped", data[:20] + bytes([data[20] ^ 1]) + data[21:],
+         "a record that does not match its checksum"),
+        ("cut", data[:-3], "ends inside a record"),
+        ("header", data[:5], "ends inside a record header")]:
+      bad = os.path.join(self.root, name)
+      with open(bad, "wb") as f:
+        f.write(damaged)
+      with self.assertRaisesRegex(ValueError, message):
+        list(sources.ReadTFRecordFileFn().process(bad))
 
   def test_npz_ranges_cover_every_row(self):
     npz = self.write_npz(key=self.keys)

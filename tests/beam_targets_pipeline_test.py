@@ -28,7 +28,9 @@ from dropvar_tf.beam import records
 import beam_testing
 
 if beam_testing.HAVE_BEAM:
+  from dropvar_tf.beam import parts
   from dropvar_tf.beam import targets_pipeline
+  from dropvar_tf.beam import targets_transforms
 
 _NUM_SAMPLES = 8
 _SEED = 7
@@ -81,6 +83,8 @@ class TargetsPipelineTest(tf.test.TestCase):
       summary = self.run_pipeline(output, show_progress=True)
     self.assertEndsWith(stderr.getvalue(), "2,000 computed\n")
     self.assertEqual(summary["examples_computed"], self.n)
+    # Items of 512 keys by rank: only the last (464 rows) pads, to 512.
+    self.assertEqual(summary["examples_padded"], 48)
     self.assertEqual(summary["manifest"]["num_keys"], self.n)
     self.assertEqual(summary["manifest"]["statistic"], "std")
     keys, values = records.read_targets(output)
@@ -101,9 +105,13 @@ class TargetsPipelineTest(tf.test.TestCase):
         self.model, self.x, num_samples=_NUM_SAMPLES, seed=_SEED,
         batch_size=_BATCH, keys=keys)
     output = self.new_dir()
-    self.run_pipeline(output, inputs=files, num_shards=7,
-                      beam_batch_size=3 * _BATCH,
-                      output_format=records.PARQUET)
+    summary = self.run_pipeline(
+        output, inputs=files, num_shards=7, beam_batch_size=3 * _BATCH,
+        output_format=records.PARQUET, pipeline_args=[
+            "--direct_num_workers=2",
+            "--direct_running_mode=multi_threading"])
+    # Bundles of two threads over 5 files: still only the last item pads.
+    self.assertEqual(summary["examples_padded"], 48)
     got_keys, got = records.read_targets(output)
     by_key = np.argsort(keys)
     self.assertAllEqual(got_keys, keys[by_key])
@@ -152,16 +160,16 @@ class TargetsPipelineTest(tf.test.TestCase):
   def test_rerun_after_failed_batch_loses_and_duplicates_nothing(self):
     output = self.new_dir()
     marker = os.path.join(self.new_dir(), "failed_once")
-    original = targets_pipeline.TargetsFn.process
+    original = targets_transforms.TargetsFn.process
 
-    def fail_once(fn_self, batch):
-      keys, _ = records.parse_examples(list(batch), self.specs)
-      if 1234 in keys and not os.path.exists(marker):
+    def fail_once(fn_self, item):
+      elements = list(item[1])
+      if 1234 in [key for key, _ in elements] and not os.path.exists(marker):
         open(marker, "w").close()
         raise RuntimeError("simulated worker failure")
-      yield from original(fn_self, batch)
+      yield from original(fn_self, (item[0], elements))
 
-    with mock.patch.object(targets_pipeline.TargetsFn, "process", fail_once):
+    with mock.patch.object(targets_transforms.TargetsFn, "process", fail_once):
       try:
         self.run_pipeline(output)
         failed = False
@@ -180,23 +188,24 @@ class TargetsPipelineTest(tf.test.TestCase):
 
   def test_rerun_after_a_kill_computes_only_what_is_missing(self):
     output = self.new_dir()
-    original = targets_pipeline.TargetsFn.process
+    original = targets_transforms.TargetsFn.process
     calls = []
 
-    def die_on_third_batch(fn_self, batch):
-      calls.append(len(batch))
+    def die_on_third_batch(fn_self, item):
+      elements = list(item[1])
+      calls.append(len(elements))
       if len(calls) == 3:
         raise RuntimeError("simulated kill")
-      yield from original(fn_self, batch)
+      yield from original(fn_self, (item[0], elements))
 
-    with mock.patch.object(targets_pipeline.TargetsFn, "process",
+    with mock.patch.object(targets_transforms.TargetsFn, "process",
                            die_on_third_batch):
       with self.assertRaisesRegex(Exception, "simulated kill"):
         self.run_pipeline(output)
     with self.assertRaisesRegex(ValueError, "did not finish"):
       records.read_targets(output)
-    parts = targets_pipeline.existing_parts(output)
-    self.assertLen(parts, 2)  # Saved as they were computed.
+    saved = parts.existing_parts(output)
+    self.assertLen(saved, 2)  # Saved as they were computed.
     self.assertEmpty([n for n in os.listdir(os.path.join(output, "parts"))
                       if n.startswith(".")])  # No temporary file left.
     done = sum(calls[:2])
@@ -212,18 +221,6 @@ class TargetsPipelineTest(tf.test.TestCase):
     self.assertEqual(summary["examples_computed"], 0)
     self.assertEqual(summary["examples_skipped"], self.n)
     self.assertEqual(beam_testing.file_bytes(output), before)
-
-  def test_a_repeated_part_write_is_harmless(self):
-    output = self.new_dir()
-    keys = np.array([3, 5, 8], np.int64)
-    values = np.array([0.5, 0.25, 0.125], np.float32)
-    os.makedirs(os.path.join(output, "parts"))
-    targets_pipeline.write_part(output, keys, values)
-    parts = os.path.join(output, "parts")
-    first = beam_testing.file_bytes(parts)
-    targets_pipeline.write_part(output, keys, values)
-    self.assertEqual(beam_testing.file_bytes(parts), first)
-    self.assertLen(first, 1)
 
   def test_duplicated_input_is_merged_conflicting_keys_fail(self):
     output = self.new_dir()
@@ -285,7 +282,7 @@ class TargetsPipelineTest(tf.test.TestCase):
       raise RuntimeError("simulated worker failure")
 
     # A resumed finished run computes nothing; it dies rewriting shards.
-    with mock.patch.object(targets_pipeline.WriteShardFn, "process", fail):
+    with mock.patch.object(targets_transforms.WriteShardFn, "process", fail):
       with self.assertRaisesRegex(Exception, "simulated worker failure"):
         self.run_pipeline(output)
     with self.assertRaises(FileNotFoundError):

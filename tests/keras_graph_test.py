@@ -31,6 +31,50 @@ class ModelsTest(tf.test.TestCase):
         self.assertTrue(keras_graph.is_graph_model(tm.build(kind)))
     self.assertFalse(keras_graph.is_graph_model(tm.subclassed()))
 
+  def test_functional_view_of_graph_models_is_the_model(self):
+    for kind in ("softmax", "nested"):
+      model = tm.build(kind)
+      self.assertEqual(keras_graph.functional_view(model), (model, {}))
+
+  def test_functional_view_shares_the_subclassed_models_layers(self):
+    bare = tm.subclassed_regressor()
+    view, paths = keras_graph.functional_view(bare)
+    self.assertTrue(keras_graph.is_graph_model(view))
+    self.assertIs(view.get_layer("dense_a"), bare.dense_a)
+    self.assertEqual(sorted(paths.values()),
+                     ["dense_a", "dense_b", "drop_a", "drop_b", "value"])
+    x = tm.target_features(5)
+    self.assertAllEqual(view(x), bare(x))
+    wrapped = tm.source_model("wrapped_subclassed")
+    view, paths = keras_graph.functional_view(wrapped)
+    inner = wrapped.get_layer("inner")
+    self.assertIs(view.get_layer("dense_b"), inner.dense_b)
+    self.assertEqual(paths[id(inner.dense_b)], "inner/dense_b")
+    self.assertAllEqual(view(x), wrapped(x))
+
+  def test_as_functional_wraps_a_subclassed_model_as_one_node(self):
+    bare = tm.subclassed_regressor()
+    wrapper = keras_graph.as_functional(bare)
+    self.assertEqual([l.name for l in wrapper.layers],
+                     ["inputs", "subclassed_regressor"])
+    self.assertEqual(tuple(wrapper.outputs[0].shape), (None, 1))
+    model = tm.regression()
+    self.assertIs(keras_graph.as_functional(model), model)
+
+  def test_output_names_and_select_outputs(self):
+    self.assertIsNone(keras_graph.output_names(tm.mlp_softmax()))
+    # (names, output widths in that order): "value" has 1 unit, "klass" 3.
+    cases = {"dict": (["klass", "value"], [3, 1]),
+             "list": (["value", "klass"], [1, 3]),
+             "subclassed": (["output_0", "output_1"], [1, 3])}
+    for kind, (names, widths) in cases.items():
+      with self.subTest(kind):
+        model = tm.multi_output(kind)
+        self.assertEqual(keras_graph.output_names(model), names)
+        selected = keras_graph.select_outputs(
+            keras_graph.output_structure(model), names)
+        self.assertEqual([int(t.shape[-1]) for t in selected], widths)
+
   def test_model_input_of_sequential_functional_and_dict_models(self):
     sequential = tm.mlp_softmax()
     self.assertIs(keras_graph.model_input(sequential), sequential.inputs[0])
@@ -178,6 +222,31 @@ class TensorFlowTest(tf.test.TestCase):
     self.assertTrue(keras_graph.is_registered_op("MatMul"))
     self.assertTrue(keras_graph.is_registered_op("EagerPyFunc"))
     self.assertFalse(keras_graph.is_registered_op("NoSuchOpAnywhere"))
+
+
+class SessionCallableTest(tf.test.TestCase):
+
+  def test_feeds_fetches_and_targets_by_name(self):
+    graph = tf.Graph()
+    with graph.as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      words = tf.compat.v1.placeholder(tf.string, [None], name="words")
+      counter = tf.Variable(0, name="counter")
+      increment = tf.compat.v1.assign_add(counter, 1, name="increment")
+      tf.identity(2.0 * x, name="doubled")
+      tf.strings.length(words, name="lengths")
+      init = tf.compat.v1.global_variables_initializer()
+    with tf.compat.v1.Session(graph=graph) as session:
+      session.run(init)
+      run = keras_graph.session_callable(
+          session, ["x:0", "words:0"], ["doubled:0", "lengths:0"],
+          targets=[increment.op.name])
+      got_doubled, got_lengths = run(
+          np.array([[1.0, 2.0]], np.float32),
+          np.array([b"ab", b"abcd"], dtype=object))
+      self.assertAllEqual(got_doubled, [[2.0, 4.0]])
+      self.assertAllEqual(got_lengths, [2, 4])
+      self.assertEqual(session.run(counter), 1)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,45 @@ class BatcherTest(tf.test.TestCase):
                                 "max_batch_size"):
       batching.BatchingOptions(max_batch_size=8, allowed_batch_sizes=(4,))
 
+  def test_queue_never_holds_more_than_max_enqueued_batches(self):
+    # One batch thread, held busy by the first batch; batches of 1 example.
+    batcher = self._batcher(max_batch_size=1, num_batch_threads=1,
+                            max_enqueued_batches=2)
+    release = threading.Event()
+    started = threading.Event()
+
+    def blocking(x):
+      started.set()
+      release.wait(_TIMEOUT)
+      return {"y": tf.constant(x * 2)}
+
+    with futures.ThreadPoolExecutor(8) as pool:
+      running = pool.submit(batcher.run, "v", "sig", blocking,
+                            {"x": np.zeros((1, 3))})
+      self.assertTrue(started.wait(_TIMEOUT))
+      # Inner shapes 3 and 4 go to separate queues of one signature: the
+      # bound is per version and signature, as TF Serving's one queue.
+      shapes = [3, 4, 4, 3, 3]
+      accepted, refused = [], []
+      for n in shapes:
+        job = pool.submit(batcher.run, "v", "sig", blocking,
+                          {"x": np.zeros((1, n))})
+        try:
+          refused.append(job.exception(timeout=0.3))
+        except futures.TimeoutError:  # Waiting in the queue.
+          accepted.append(job)
+      self.assertLen(accepted, 2)
+      self.assertLen(refused, len(shapes) - 2)
+      for error in refused:
+        self.assertIsInstance(error, errors.ServingError)
+        self.assertEqual(error.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(error.message, "The batch scheduling queue to which "
+                         "this task was submitted is full")
+      release.set()
+      self.assertAllEqual(running.result(_TIMEOUT)["y"], np.zeros((1, 3)))
+      for job, n in zip(accepted, [3, 4]):
+        self.assertAllEqual(job.result(_TIMEOUT)["y"], np.zeros((1, n)))
+
   def test_mc_dropout_requests_are_never_merged(self):
     # Their masks are keyed by row position: merging would change them.
     batcher = self._batcher(max_batch_size=16, batch_timeout_micros=200000,

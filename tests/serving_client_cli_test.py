@@ -12,7 +12,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from dropvar_tf import metrics
+from dropvar_tf import saved_model
 from dropvar_tf._keras import tf
+from dropvar_tf.serving import batching as batching_lib
 from dropvar_tf.serving import client_cli
 from dropvar_tf.serving import server as server_lib
 import serving_testing as testing
@@ -125,6 +128,65 @@ class ClientCliTest(tf.test.TestCase):
     self.assertEqual(json.loads(status)["model_version_status"][0]["state"],
                      "AVAILABLE")
     self.assertEqual((code, stdout_missing, stderr), (1, "", _NOT_FOUND + "\n"))
+
+  def test_cli_metadata_shows_the_fit_report_over_grpc_and_rest(self):
+    rng = np.random.RandomState(0)
+    targets = rng.gamma(2.0, 0.05, size=64)
+    report = metrics.fit_report(targets * rng.uniform(0.8, 1.2, size=64),
+                                targets, num_samples=100)
+    base = os.path.join(tempfile.mkdtemp(dir=self.get_temp_dir()), "dense")
+    saved_model.export_saved_model(self.model, base,
+                                   metadata={"fit_report": report})
+    batching = batching_lib.BatchingOptions(max_batch_size=8)
+    server = server_lib.ModelServer(
+        [server_lib.model_config("dense", base)], poll_seconds=0,
+        rest_api_port=0, batching=batching)
+    with server:
+      runs = {
+          "grpc": _run_cli(["metadata", f"--target={server.target}",
+                            "--model_name=dense"]),
+          "rest": _run_cli(["metadata",
+                            f"--target=127.0.0.1:{server.rest_api_port}",
+                            "--model_name=dense", "--protocol=rest"]),
+      }
+    summary = (f"On 64 held-out calibration inputs: Spearman "
+               f"{report['spearman']:.3f} (bound "
+               f"{report['noise_bound']['correlation']:.3f}), R^2 "
+               f"{report['r2']:.3f}")
+    for protocol, (code, stdout, stderr) in runs.items():
+      with self.subTest(protocol):
+        self.assertEqual((code, stderr), (0, ""))
+        # Indented: one key a line.
+        self.assertIn('\n  "fit_report": {\n', stdout)
+        out = json.loads(stdout)
+        self.assertEqual(out["fit_report"], report)
+        self.assertEqual(out["export_metadata"]["fit_report"], report)
+        self.assertEqual(out["export_metadata"]["model_name"],
+                         self.model.name)
+        self.assertStartsWith(out["fit_summary"], summary)
+        self.assertIn("metadata", out["signatures"])
+
+  def test_fit_summary_reads_the_report(self):
+    report = {"num_examples": 160, "spearman": 0.5, "r2": None,
+              "mean_ratio": 0.41,
+              "noise_bound": {"correlation": 0.905, "r2": 0.82},
+              "far_below_bound": ["held-out R^2 n/a is below 0.5 x the bound "
+                                  "0.820"]}
+    self.assertEqual(
+        client_cli.fit_summary(report),
+        "On 160 held-out calibration inputs: Spearman 0.500 (bound 0.905), "
+        "R^2 n/a (bound 0.820), mean estimate / mean target 0.410. Far below "
+        "the bound: held-out R^2 n/a is below 0.5 x the bound 0.820.")
+    self.assertEqual(
+        client_cli.fit_summary(None),
+        "No fit report: the head was fitted without held-out inputs.")
+
+  def test_metadata_of_a_model_not_exported_by_dropvar_has_no_report(self):
+    with self._server() as server:
+      code, stdout, _ = _run_cli(["metadata", f"--target={server.target}",
+                                  "--model_name=dense"])
+    self.assertEqual(code, 0)
+    self.assertNotIn("fit_report", json.loads(stdout))
 
   def test_cli_reads_npz_and_list_json(self):
     tmp = tempfile.mkdtemp(dir=self.get_temp_dir())

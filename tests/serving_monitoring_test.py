@@ -6,6 +6,7 @@ import tempfile
 
 import grpc
 import numpy as np
+import prometheus_client
 from prometheus_client import parser
 import requests
 
@@ -28,6 +29,54 @@ def _samples(text):
     for sample in family.samples:
       out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
   return out
+
+
+class VariationHistogramTest(tf.test.TestCase):
+
+  def test_batches_count_as_prometheus_client_counts_one_by_one(self):
+    rng = np.random.default_rng(0)
+    batches = [rng.gamma(0.5, 0.05, size=n) for n in (1, 7, 256)]
+    # Values on bucket bounds: "le" buckets include their bound.
+    batches.append(np.array([1e-4, 2e-4, 0.0, 1e3]))
+    metrics = monitoring.Metrics()
+    registry = prometheus_client.CollectorRegistry()
+    reference = prometheus_client.Histogram(
+        ":dropvar:serving:variation", "reference", ("model_name", "version"),
+        buckets=monitoring.DEFAULT_VARIATION_BUCKETS, registry=registry)
+    for batch in batches:
+      metrics.observe_outputs("m", 3, {contract.VARIATION_KEY: batch})
+      for value in batch:
+        reference.labels("m", "3").observe(float(value))
+
+    def samples(text):
+      return {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in parser.text_string_to_metric_families(text)
+              if family.name == ":dropvar:serving:variation"
+              for s in family.samples}
+
+    got = samples(metrics.render())
+    want = samples(prometheus_client.generate_latest(registry).decode())
+    self.assertEqual(sorted(got), sorted(want))
+    for key, value in want.items():
+      self.assertAllClose(got[key], value, rtol=1e-12, msg=str(key))
+    self.assertEqual(got[(":dropvar:serving:variation_count",
+                          (("model_name", "m"), ("version", "3")))], 268)
+
+  def test_multi_output_dual_observes_the_largest_variation_per_example(self):
+    metrics = monitoring.Metrics(variation_threshold=0.5)
+    outputs = {contract.prediction_key("a"): np.zeros(3),
+               contract.variation_key("a"): np.array([0.1, 0.9, 0.2]),
+               contract.variation_key("b"): np.array([[0.6, 0.0],
+                                                      [0.1, 0.3],
+                                                      [0.05, 0.1]])}
+    metrics.observe_outputs("m", 1, outputs)
+    got = _samples(metrics.render())
+    labels = (("model_name", "m"), ("version", "1"))
+    self.assertEqual(got[(":dropvar:serving:variation_count", labels)], 3)
+    self.assertAllClose(got[(":dropvar:serving:variation_sum", labels)],
+                        0.6 + 0.9 + 0.2)
+    self.assertEqual(got[(":dropvar:serving:variation_examples_above_"
+                          "threshold_total", labels)], 2)
 
 
 class MonitoringConfigTest(tf.test.TestCase):

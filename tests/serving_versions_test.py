@@ -6,6 +6,7 @@ import tempfile
 from unittest import mock
 
 import grpc
+import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf._keras import tf
@@ -171,6 +172,44 @@ class VersionsTest(tf.test.TestCase):
     os.rename(base + ".moved", base)
     served.poll()
     self.assertEqual(served.resolve(_spec()).version, 1)
+
+  def test_unloaded_version_closes_its_session_after_its_last_request(self):
+    base = os.path.join(self._new_dir(), "m")
+    model = tm.dual_dense_model()
+    testing.write_export(model, base, 1)
+    served = versions.ServedModel(server_lib.model_config("m", base))
+    served.poll()
+    x = np.ones((2, tm.DUAL_DENSE_FEATURES), np.float32)
+    with served.use(_spec()) as held:
+      fn, _, _ = held.signature(contract.SERVING_SIGNATURE)
+      want = fn(x=x)
+      testing.write_export(model, base, 2)
+      served.poll()
+      self.assertEqual(served.loaded_versions, [2])
+      # Still held by this request: its Session answers.
+      self.assertAllClose(fn(x=x), want)
+    with self.assertRaisesRegex(tf.errors.CancelledError,
+                                "Session has been closed"):
+      fn(x=x)
+
+  def test_unloaded_version_unused_closes_at_once_and_is_not_taken(self):
+    base = os.path.join(self._new_dir(), "m")
+    model = tm.dual_dense_model()
+    testing.write_export(model, base, 1)
+    served = versions.ServedModel(server_lib.model_config("m", base))
+    served.poll()
+    # A request that resolved version 1 just before it was unloaded.
+    stale = served.resolve(_spec())
+    fn, _, _ = stale.signature(contract.SERVING_SIGNATURE)
+    testing.write_export(model, base, 2)
+    served.poll()
+    x = np.ones((1, tm.DUAL_DENSE_FEATURES), np.float32)
+    with self.assertRaisesRegex(tf.errors.CancelledError,
+                                "Session has been closed"):
+      fn(x=x)
+    self.assertFalse(stale.acquire())
+    with served.use(_spec()) as held:
+      self.assertEqual(held.version, 2)
 
   def test_failed_load_is_retried_with_backoff(self):
     base = self._new_dir()

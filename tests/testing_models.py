@@ -13,7 +13,9 @@ Builders (all have Dropout unless the name says otherwise):
   Embedding layers, sigmoid output.
 - `cnn`: Functional, 8x8x1 images, Conv2D -> SpatialDropout2D -> pooling.
 - `nested`: Functional with a Sequential block inside.
-- `subclassed`, `no_dropout`, `unbuilt`: models the library must refuse.
+- `subclassed` (a bare subclassed model), `no_dropout`, `unbuilt`.
+- `multi_output(kind)`: two outputs, "value" and "klass", as a dict, a list
+  or a subclassed model's list.
 
 `sample_inputs(kind, n, seed)` gives matching inputs for each kind.
 
@@ -370,6 +372,53 @@ def subclassed_regressor(seed=0):
   model = SubclassedRegressor(name="subclassed_regressor")
   model(np.zeros((1, NUM_FEATURES), "float32"))
   return model
+
+
+class SubclassedTwoOutputs(keras.Model):
+  """A subclassed model returning a list: a value and 3 class probabilities."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.dense_a = keras.layers.Dense(16, activation="relu", name="dense_a")
+    self.drop_a = keras.layers.Dropout(0.3, name="drop_a")
+    self.dense_b = keras.layers.Dense(8, activation="relu", name="dense_b")
+    self.drop_b = keras.layers.Dropout(0.3, name="drop_b")
+    self.value = keras.layers.Dense(1, name="value")
+    self.klass = keras.layers.Dense(NUM_CLASSES, activation="softmax",
+                                    name="klass")
+
+  def call(self, inputs, training=None):
+    h = self.drop_a(self.dense_a(inputs), training=training)
+    value = self.value(self.drop_b(self.dense_b(h), training=training))
+    return [value, self.klass(h)]
+
+
+def multi_output(kind="dict", seed=0):
+  """A two-output model on 6 features: "value" (1 linear unit, after
+  Dropout -> Dense) and "klass" (3 softmax units).
+
+  Args:
+    kind: "dict" (Functional, dict outputs), "list" (Functional, list
+      outputs [value, klass]) or "subclassed" (`SubclassedTwoOutputs`,
+      outputs "output_0" and "output_1").
+    seed: Keras seed of the weights.
+  """
+  keras.utils.set_random_seed(seed)
+  if kind == "subclassed":
+    model = SubclassedTwoOutputs(name="two_outputs")
+    model(np.zeros((1, NUM_FEATURES), "float32"))
+    return model
+  inputs = keras.Input((NUM_FEATURES,), name="features")
+  h = keras.layers.Dense(16, activation="relu", name="dense_a")(inputs)
+  h = keras.layers.Dropout(0.3, name="drop_a")(h)
+  g = keras.layers.Dense(8, activation="relu", name="dense_b")(h)
+  g = keras.layers.Dropout(0.3, name="drop_b")(g)
+  value = keras.layers.Dense(1, name="value")(g)
+  klass = keras.layers.Dense(NUM_CLASSES, activation="softmax",
+                             name="klass")(h)
+  outputs = {"value": value, "klass": klass} if kind == "dict" else [
+      value, klass]
+  return keras.Model(inputs, outputs, name=f"two_outputs_{kind}")
 
 
 BUILDERS = {

@@ -14,14 +14,35 @@
   `RunInference`.
 * `options`: the pipelines' flags as Beam `PipelineOptions` subclasses.
 * `sources`: matching, reading and decoding input examples in a pipeline.
+* `batches`: work items of fixed size by key rank, not by bundle.
+* `parts`: the part file of each computed work item (what a rerun skips).
+* `targets_transforms`, `scoring_transforms`: each pipeline's transforms,
+  imported by the entry points only when a run starts.
 * `filesystems`: reads and atomic writes on any Beam file system.
 * `counters`: the pipelines' Beam metrics counters.
 * `progress`: the progress line of runs whose workers are in this process.
+* `flags` and `formats`: the pipelines' own flags and the format names,
+  parsed and named before TensorFlow or Beam is loaded.
+
+The names below load `records` (and TensorFlow) on first use, so that the
+pipelines' command lines answer `--help` at once.
 """
 
-from dropvar_tf.beam.records import model_input_specs
-from dropvar_tf.beam.records import read_scores
-from dropvar_tf.beam.records import read_targets
-from dropvar_tf.beam.records import shard_of
-from dropvar_tf.beam.records import signature_input_specs
-from dropvar_tf.beam.records import write_examples
+import importlib
+
+_LAZY = ("model_input_specs", "read_scores", "read_targets", "shard_of",
+         "signature_input_specs", "write_examples")
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module("dropvar_tf.beam.records"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))

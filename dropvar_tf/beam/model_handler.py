@@ -11,11 +11,14 @@ inference metrics.
 
 Each example is a dict {signature input name: one example's array}; with
 `KeyedModelHandler` each element is a (key, example) pair and the key comes
-back with its prediction. Every signature call has `batch_size` rows: Beam
-batches at most that many examples, and a smaller batch (the end of a bundle)
-is padded by repeating its last example, so every call runs the kernels of
-one input shape and a score does not depend on how the runner bundled it:
-
+back with its prediction. Every signature call has `batch_size` rows: a
+batch is cut into calls of that many examples, and a shorter last call is
+padded by repeating its last example, so every call runs the kernels of one
+input shape and a score does not depend on how the runner bundled it. With
+Beam's batching (`BatchElements`, at most `batch_size` examples) the end of
+each bundle pads; the scoring pipeline batches by key instead
+(`dropvar_tf.beam.batches`, and `with_no_batching()`), so that only the
+run's last call pads:
 
 
     handler = KeyedModelHandler(SignatureHandler("/models/criteo/3"))
@@ -33,6 +36,7 @@ import numpy as np
 from dropvar_tf import contract
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
+from dropvar_tf.beam import counters
 
 
 def load_signature(saved_model_dir, signature=contract.SERVING_SIGNATURE):
@@ -59,13 +63,14 @@ def load_signature(saved_model_dir, signature=contract.SERVING_SIGNATURE):
 
 def call_signature(signature, batch_size, model, batch, inference_args,
                    model_id=None):
-  """Beam inference function: one signature call on a padded batch of dicts.
+  """Beam inference function: signature calls of `batch_size` rows each.
 
   Args:
     signature: name of the signature to call.
-    batch_size: rows of every call: a smaller `batch` is padded to it by
-      repeating its last example (padded rows are dropped from the results);
-      a larger one is called as it is.
+    batch_size: rows of every call: `batch` is cut into calls of this many
+      examples, and a shorter last one is padded to it by repeating its last
+      example (padded rows are dropped from the results and counted in the
+      "examples_padded" counter).
     model: the loaded SavedModel (`SignatureHandler.load_model`).
     batch: sequence of dicts {input name: one example's array}, all with the
       same names.
@@ -77,18 +82,23 @@ def call_signature(signature, batch_size, model, batch, inference_args,
     One `PredictionResult` per example, in order: `inference` is a dict
     {output name: that example's numpy array} of every signature output.
   """
-  # Matmul kernels can round differently for different batch shapes; one
-  # shape for every call makes each score independent of its batch mates.
-  rows = list(range(len(batch))) + [len(batch) - 1] * max(
-      batch_size - len(batch), 0)
-  inputs = {name: tf.constant(np.stack([batch[i][name] for i in rows]))
-            for name in batch[0]}
-  outputs = model.signatures[signature](**inputs, **inference_args)
-  outputs = {name: value.numpy() for name, value in outputs.items()}
-  return [PredictionResult(example,
-                           {name: value[i] for name, value in outputs.items()},
-                           model_id)
-          for i, example in enumerate(batch)]
+  results = []
+  for start in range(0, len(batch), batch_size):
+    chunk = batch[start:start + batch_size]
+    # Matmul kernels can round differently for different batch shapes; one
+    # shape for every call makes each score independent of its batch mates.
+    rows = list(range(len(chunk))) + [len(chunk) - 1] * (
+        batch_size - len(chunk))
+    if len(rows) > len(chunk):
+      counters.counter("examples_padded").inc(len(rows) - len(chunk))
+    inputs = {name: tf.constant(np.stack([chunk[i][name] for i in rows]))
+              for name in chunk[0]}
+    outputs = model.signatures[signature](**inputs, **inference_args)
+    outputs = {name: value.numpy() for name, value in outputs.items()}
+    results += [PredictionResult(
+        example, {name: value[i] for name, value in outputs.items()},
+        model_id) for i, example in enumerate(chunk)]
+  return results
 
 
 class SignatureHandler(TFModelHandlerNumpy):

@@ -29,7 +29,6 @@ import difflib
 import importlib.util
 import logging
 import os
-import sys
 import urllib.parse
 
 from apache_beam.options.pipeline_options import DirectOptions
@@ -37,20 +36,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import PortableOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
-from dropvar_tf import contract
-from dropvar_tf import validation
 from dropvar_tf.beam import filesystems
-from dropvar_tf.beam import records
-from dropvar_tf.beam import sources
+from dropvar_tf.beam import flags
 
 
-def _group(parser, title, description):
-  return parser.add_argument_group(title, description,
-                                   conflict_handler="resolve")
-
-
-def _format_metavar(formats):
-  return "{" + ",".join(formats) + "}"
+def _group(parser, pipeline):
+  title, description, add_flags, _ = flags.PIPELINES[pipeline]
+  add_flags(parser.add_argument_group(
+      title, description + " Unknown flags (--runner, "
+      "--direct_num_workers, --project, ...) go to Beam.",
+      conflict_handler="resolve"))
 
 
 # Runners that run every worker on this machine (short names, see
@@ -138,17 +133,24 @@ def parse(cls, argv):
       its default used) or a required flag is missing.
   """
   parsed = cls(argv)
-  unknown = unknown_flags(argv)
-  if unknown:
-    _usage_error(describe_unknown(unknown))
+  refuse_unknown(argv)
   require(parsed, cls.REQUIRED)
   return parsed
 
 
-def _usage_error(message):
-  prog = os.path.basename(sys.argv[0])
-  sys.stderr.write(f"{prog}: error: {message}\n")
-  raise SystemExit(2)
+def refuse_unknown(argv):
+  """Exits with a usage error naming the arguments no options class knows.
+
+  Args:
+    argv: the command-line arguments (our flags and Beam's).
+
+  Raises:
+    SystemExit: status 2, after writing the unknown arguments and their
+      close known flags to stderr.
+  """
+  unknown = unknown_flags(argv)
+  if unknown:
+    flags.usage_error(describe_unknown(unknown))
 
 
 def runner_name(pipeline_options):
@@ -222,6 +224,13 @@ def quiet_beam_logs(pipeline_args):
   return args
 
 
+def _invalid(arg, expected, received):
+  # `validation` loads TensorFlow: only a refused run pays for it, so that
+  # the flag checks of `main` (`refuse_unknown`) finish before it loads.
+  from dropvar_tf import validation
+  return validation.invalid(arg, expected, received)
+
+
 def _installed(module):
   try:
     return importlib.util.find_spec(module) is not None
@@ -245,7 +254,7 @@ def check_runner(pipeline_options, paths):
   modules, extra = RUNNER_EXTRAS.get(name, ((), None))
   missing = [m for m in modules if not _installed(m)]
   if missing:
-    raise validation.invalid(
+    raise _invalid(
         "runner", f"a runner whose extra is installed (pip install "
         f"'{extra}'; missing {missing})", name)
   if is_local_runner(pipeline_options):
@@ -253,7 +262,7 @@ def check_runner(pipeline_options, paths):
   for arg, value in paths.items():
     for path in [value] if isinstance(value, str) else value:
       if filesystems.is_local(path):
-        raise validation.invalid(
+        raise _invalid(
             arg, f"a path every {name} worker can read (gs://, s3://, "
             f"hdfs://, ...), not a local one", path)
 
@@ -277,7 +286,7 @@ def launch_options(pipeline_args, paths):
   args = list(pipeline_args or [])
   unknown = unknown_flags(args)
   if unknown:
-    raise validation.invalid(
+    raise _invalid(
         "pipeline_args", "flags of Beam or of the pipeline",
         describe_unknown(unknown))
   result = PipelineOptions(args)
@@ -296,88 +305,32 @@ def normalize_path(path):
   return path
 
 
-def require(options, names):
-  """Exits with a usage error when a required flag is missing.
-
-  Args:
-    options: a parsed options view (`TargetsOptions`, `ScoringOptions`).
-    names: the required flags' names, without "--".
-
-  Raises:
-    SystemExit: with status 2, as argparse exits on a missing required flag,
-      after writing the missing flags to stderr.
-  """
-  missing = [f"--{name}" for name in names if getattr(options, name) is None]
-  if missing:
-    _usage_error(f"the following arguments are required: "
-                 f"{', '.join(missing)}")
+require = flags.require
 
 
 class TargetsOptions(PipelineOptions):
   """Flags of `python -m dropvar_tf.beam.targets_pipeline`.
 
-  Required: --model, --input, --output (see `require`).
+  Required: --model, --input, --output (see `require`). The definitions are
+  `flags.add_targets_flags`.
   """
 
-  REQUIRED = ("model", "input", "output")
+  REQUIRED = flags.PIPELINES[flags.TARGETS][3]
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    group = _group(
-        parser, "dropvar_tf targets pipeline",
-        "MC-dropout DPV targets with Apache Beam. Unknown flags "
-        "(--runner, --direct_num_workers, --project, ...) go to Beam.")
-    group.add_argument("--model", help="base model .keras file")
-    group.add_argument("--input", action="append",
-                       help="TFRecord or .npz file pattern (repeatable)")
-    group.add_argument("--output", help="output directory")
-    group.add_argument("--num_samples", type=int, default=100)
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--statistic", default="auto",
-                       choices=contract.STATISTICS)
-    group.add_argument("--batch_size", type=int, default=256)
-    group.add_argument("--beam_batch_size", type=int, default=None)
-    group.add_argument("--num_shards", type=int, default=8)
-    group.add_argument("--output_format", default=records.TFRECORD,
-                       metavar=_format_metavar(records.TARGET_FORMATS))
-    group.add_argument("--input_format", default="auto",
-                       choices=sources.INPUT_FORMATS)
-    group.add_argument("--key_feature", default=records.KEY_FEATURE)
-    group.add_argument("--input_feature", default=None)
-    group.add_argument("--no_resume", action="store_true",
-                       help="clear earlier shards instead of reusing them")
-    group.add_argument("--import_module", action="append", default=[],
-                       help="module to import first (custom layers; "
-                       "repeatable)")
-    group.add_argument("--verbose", action="store_true",
-                       help="show Beam's INFO logs (off by default)")
+    _group(parser, flags.TARGETS)
 
 
 class ScoringOptions(PipelineOptions):
   """Flags of `python -m dropvar_tf.beam.scoring_pipeline`.
 
-  Required: --saved_model, --input, --output (see `require`).
+  Required: --saved_model, --input, --output (see `require`). The
+  definitions are `flags.add_scoring_flags`.
   """
 
-  REQUIRED = ("saved_model", "input", "output")
+  REQUIRED = flags.PIPELINES[flags.SCORING][3]
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    group = _group(
-        parser, "dropvar_tf scoring pipeline",
-        "Score a dual SavedModel over a data set with Apache Beam. Unknown "
-        "flags (--runner, --direct_num_workers, ...) go to Beam.")
-    group.add_argument("--saved_model", help="SavedModel version folder")
-    group.add_argument("--input", action="append",
-                       help="TFRecord or .npz file pattern (repeatable)")
-    group.add_argument("--output", help="output directory")
-    group.add_argument("--output_format", default=records.PARQUET,
-                       metavar=_format_metavar(records.SCORE_FORMATS))
-    group.add_argument("--input_format", default="auto",
-                       choices=sources.INPUT_FORMATS)
-    group.add_argument("--key_feature", default=records.KEY_FEATURE)
-    group.add_argument("--batch_size", type=int, default=256)
-    group.add_argument("--num_shards", type=int, default=8)
-    group.add_argument("--signature", default=contract.SERVING_SIGNATURE)
-    group.add_argument("--verbose", action="store_true",
-                       help="show Beam's INFO logs (off by default)")
+    _group(parser, flags.SCORING)

@@ -45,8 +45,13 @@ from dropvar_tf import contract
 from dropvar_tf import keras_graph
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
+from dropvar_tf.beam.formats import JSONL
+from dropvar_tf.beam.formats import KEY_FEATURE
+from dropvar_tf.beam.formats import PARQUET
+from dropvar_tf.beam.formats import SCORE_FORMATS
+from dropvar_tf.beam.formats import TARGET_FORMATS  # noqa: F401 (records.X)
+from dropvar_tf.beam.formats import TFRECORD
 
-KEY_FEATURE = "key"
 TARGET_FEATURE = "target"
 
 SETTINGS_FILENAME = "settings.json"
@@ -54,12 +59,6 @@ MANIFEST_FILENAME = "manifest.json"
 SHARD_PREFIX = "targets"
 SCORING_FILENAME = "scoring.json"
 SCORES_PREFIX = "scores"
-
-TFRECORD = "tfrecord"
-PARQUET = "parquet"
-JSONL = "jsonl"
-TARGET_FORMATS = (TFRECORD, PARQUET)
-SCORE_FORMATS = (TFRECORD, PARQUET, JSONL)
 
 FORMAT_VERSION = 1
 

@@ -9,31 +9,48 @@ pipeline feeds `RunInference` with `keyed_examples`, one `(key, {input name:
 array})` pair per example.
 """
 
+import struct
 import zipfile
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+import google_crc32c
 import numpy as np
 
 from dropvar_tf import validation
 from dropvar_tf.beam import records
-
-INPUT_FORMATS = ("auto", "tfrecord", "npz")
+from dropvar_tf.beam.formats import INPUT_FORMATS
 # Rows of an .npz file read per work item (spread over workers).
 NPZ_RANGE_ROWS = 4096
+
+
+def _is_glob(pattern):
+  return any(c in pattern for c in "*?[")
 
 
 def match_inputs(patterns):
   """[(path, size)] of every file matching `patterns`, sorted by path.
 
+  A pattern without wildcards is one file, looked up directly: Beam's
+  `match` builds and compiles a regular expression per pattern, which costs
+  more than the lookup when the inputs are a long list of files.
+
   Raises:
     FileNotFoundError: a pattern matches nothing.
   """
   files = []
-  for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
+  globs = [p for p in patterns if _is_glob(p)]
+  for pattern, result in zip(globs, FileSystems.match(globs)):
     if not result.metadata_list:
       raise FileNotFoundError(f"No input file matches {pattern!r}.")
     files += [(m.path, m.size_in_bytes) for m in result.metadata_list]
+  for path in patterns:
+    if _is_glob(path):
+      continue
+    if not FileSystems.exists(path):
+      raise FileNotFoundError(f"No input file matches {path!r}.")
+    meta = FileSystems.get_filesystem(path).metadata(path)
+    files.append((meta.path, meta.size_in_bytes))
   return sorted(set(files))
 
 
@@ -137,6 +154,61 @@ class ReadNpzRowsFn(beam.DoFn):
       yield key, {n: arrays[n][i] for n in self._names}
 
 
+def _masked_crc32c(data):
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_tfrecords(f, path):
+  """The records of an open TFRecord file, checked against their CRCs.
+
+  Each record is framed as TensorFlow writes it: length (uint64 LE), masked
+  crc32c of the length, data, masked crc32c of the data.
+
+  Args:
+    f: a binary file object (decompressed).
+    path: its path, for error messages.
+
+  Yields:
+    Each record's bytes, in file order.
+
+  Raises:
+    ValueError: the file is truncated or a checksum does not match.
+  """
+  while True:
+    header = f.read(12)
+    if not header:
+      return
+    if len(header) < 12:
+      raise ValueError(f"Not a valid TFRecord file: {path!r} ends inside "
+                       f"a record header.")
+    length, length_crc = struct.unpack("<QI", header)
+    if _masked_crc32c(header[:8]) != length_crc:
+      raise ValueError(f"Not a valid TFRecord file: {path!r} has a record "
+                       f"length that does not match its checksum.")
+    data = f.read(length + 4)
+    if len(data) < length + 4:
+      raise ValueError(f"Not a valid TFRecord file: {path!r} ends inside "
+                       f"a record.")
+    if _masked_crc32c(data[:length]) != struct.unpack("<I", data[length:])[0]:
+      raise ValueError(f"Not a valid TFRecord file: {path!r} has a record "
+                       f"that does not match its checksum.")
+    yield data[:length]
+
+
+class ReadTFRecordFileFn(beam.DoFn):
+  """TFRecord file path -> its serialized records (any Beam file system).
+
+  Compression (`.gz`, ...) is detected from the extension, as Beam's
+  TFRecord source does. A file is read by one worker, as there: TFRecord
+  files cannot be split (records have no sync markers).
+  """
+
+  def process(self, path):
+    with FileSystems.open(path) as f:
+      yield from read_tfrecords(f, path)
+
+
 def decode_batch(batch, input_format, input_specs, key_feature):
   """A batch of raw elements -> (keys (B,) int64, model inputs).
 
@@ -168,15 +240,19 @@ def read_examples(pipeline, files, input_format, input_specs, key_feature,
                   label="Read"):
   """PCollection of raw examples: serialized Examples or (key, row) pairs.
 
-  One read step for any number of files: the matched paths are one
-  PCollection, read by `ReadAllFromTFRecord` (split into byte ranges and
-  spread over workers) or by `.npz` row ranges, so the pipeline graph and its
-  fixed costs do not grow with the number of files.
+  One read step for any number of files: the paths the launcher matched are
+  one PCollection, spread over the workers and read whole
+  (`ReadTFRecordFileFn`), or `.npz` row ranges, so the pipeline graph does not
+  grow with the number of files. Nothing is done per file but opening it:
+  Beam's `ReadAllFromTFRecord` matched every path again and split each into
+  ranges that a TFRecord file cannot use, which cost more than the records
+  of a small file.
   """
   if input_format == "tfrecord":
     return (pipeline
             | f"{label}Files" >> beam.Create([path for path, _ in files])
-            | f"{label}Records" >> beam.io.ReadAllFromTFRecord())
+            | f"{label}Spread" >> beam.Reshuffle()
+            | f"{label}Records" >> beam.ParDo(ReadTFRecordFileFn()))
   items = npz_ranges(files, input_specs, key_feature)
   names = [n for n, _, _ in input_specs["inputs"]]
   return (pipeline

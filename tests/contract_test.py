@@ -1,0 +1,38 @@
+"""Tests of dropvar_tf/contract.py: the output keys of one output or several."""
+
+from dropvar_tf import contract
+from dropvar_tf._keras import tf
+
+
+class OutputKeysTest(tf.test.TestCase):
+
+  def test_single_output_keys_are_the_plain_pair(self):
+    self.assertEqual(contract.output_keys(None), ("prediction", "variation"))
+    self.assertEqual(contract.prediction_key(), "prediction")
+    self.assertEqual(contract.variation_key(), "variation")
+    self.assertEqual(contract.output_names(["variation", "prediction"]), [])
+
+  def test_multi_output_keys_round_trip(self):
+    keys = contract.output_keys(["value", "klass"])
+    self.assertEqual(keys, ("prediction/klass", "prediction/value",
+                            "variation/klass", "variation/value"))
+    self.assertEqual(contract.output_names(keys), ["klass", "value"])
+    outputs = {k: i for i, k in enumerate(keys)}
+    self.assertEqual(contract.per_output(outputs, contract.PREDICTION_KEY),
+                     {"klass": 0, "value": 1})
+    self.assertEqual(contract.per_output(outputs, contract.VARIATION_KEY),
+                     {"klass": 2, "value": 3})
+    self.assertEqual(contract.per_output({"prediction": 1, "variation": 2},
+                                         contract.VARIATION_KEY), {})
+
+  def test_incomplete_or_mixed_keys_are_not_a_dual(self):
+    for keys in (["prediction"], ["prediction/a", "variation/a"],
+                 ["prediction/a", "variation/a", "prediction/b"],
+                 ["prediction", "variation", "prediction/a", "variation/a",
+                  "prediction/b", "variation/b"], ["x", "y"]):
+      with self.subTest(keys=keys):
+        self.assertIsNone(contract.output_names(keys))
+
+
+if __name__ == "__main__":
+  tf.test.main()
