@@ -31,6 +31,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from dropvar_tf import contract
 from dropvar_tf import export_checks
 from dropvar_tf import heads
+from dropvar_tf import inputs as inputs_lib
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
@@ -62,28 +63,40 @@ def _input_entries(dual):
   model's input structure from a {serving_name: tensor} dict.
 
   Dict inputs keep their dict keys (e.g. "user_id", "movie_id"); single and
-  list inputs are named by their `keras.Input` names.
+  list inputs are named by their `keras.Input` names. A ragged input `name`
+  comes as `name` (rows padded to the longest) and `name_row_lengths`
+  (`inputs.ROW_LENGTHS_SUFFIX`), turned back into the RaggedTensor.
   """
   struct = dual.input
   if isinstance(struct, dict):
     entries = list(struct.items())
 
-    def rebuild(named):
+    def arrange(named):
       return {k: named[k] for k, _ in entries}
   elif isinstance(struct, (list, tuple)):
     entries = [(t.name, t) for t in struct]
 
-    def rebuild(named):
+    def arrange(named):
       return [named[k] for k, _ in entries]
   else:
     entries = [(struct.name, struct)]
 
-    def rebuild(named):
+    def arrange(named):
       return named[entries[0][0]]
   names = [k for k, _ in entries]
+  names += [k + inputs_lib.ROW_LENGTHS_SUFFIX for k, t in entries
+            if inputs_lib.ragged_input(t)]
   if len(set(names)) != len(names):
     raise validation.invalid("dual", "a model whose inputs have unique names",
                              f"input names {names}")
+  ragged = [k for k, t in entries if inputs_lib.ragged_input(t)]
+
+  def rebuild(named):
+    named = dict(named)
+    for k in ragged:
+      named[k] = inputs_lib.ragged_from_serving(
+          named[k], named[k + inputs_lib.ROW_LENGTHS_SUFFIX])
+    return arrange(named)
   return entries, rebuild
 
 
@@ -93,7 +106,36 @@ def _tensor_specs(entries):
   for name, tensor in entries:
     shape = (None,) + tuple(tensor.shape[1:])
     specs[name] = tf.TensorSpec(shape, tf.as_dtype(tensor.dtype), name=name)
+    if inputs_lib.ragged_input(tensor):
+      lengths = name + inputs_lib.ROW_LENGTHS_SUFFIX
+      specs[lengths] = tf.TensorSpec((None,), tf.int64, name=lengths)
   return specs
+
+
+def _serving_examples(dual, examples, entries):
+  """Warm-up examples keyed by serving name.
+
+  A dict or array of arrays for a model without ragged inputs passes as
+  given (`export_checks.check_warmup` checks it); the other forms the
+  model takes (a list, ragged inputs, a Dataset) are read with
+  `inputs.normalize`.
+  """
+  values = examples.values() if isinstance(examples, dict) else [examples]
+  if not any(isinstance(v, (tf.data.Dataset, tf.RaggedTensor, list, tuple))
+             for v in values) and not any(
+                 inputs_lib.ragged_input(t) for _, t in entries):
+    return examples
+  x = inputs_lib.normalize(dual, examples, "warmup_examples").materialize()
+  leaves = ([x[k] for k, _ in entries] if isinstance(x, dict)
+            else tf.nest.flatten(x))
+  named = {}
+  for (name, _), leaf in zip(entries, leaves):
+    if isinstance(leaf, tf.RaggedTensor):
+      named.update(inputs_lib.ragged_to_serving(name, leaf,
+                                                "warmup_examples"))
+    else:
+      named[name] = leaf
+  return named
 
 
 def _describe_specs(specs):
@@ -396,7 +438,9 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
 
   Signatures:
     - "serving_default": named inputs (dict keys of the model's inputs, else
-      the `keras.Input` names), batch size variable; returns exactly
+      the `keras.Input` names), batch size variable; a ragged input `name`
+      is fed as `name` (rows padded to the longest, any padding value) and
+      `name_row_lengths` (int64, one length per row); returns exactly
       {"prediction", "variation"}. Dropout is off (training=False), so the
       same request always gets the same answer.
     - "metadata": no inputs; returns {"metadata": scalar string}, the JSON
@@ -429,9 +473,10 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       systems only: the atomic rename needs POSIX semantics.
     version: positive integer; None takes the largest existing numeric
       version + 1 (1 when there is none).
-    warmup_examples: optional array (single-input models) or dict of arrays
-      keyed by input name, shape (N, ...) each; written as up to 4
-      PredictLog records in `assets.extra/tf_serving_warmup_requests`.
+    warmup_examples: optional inputs in any form the model takes
+      (`inputs.normalize`: an array, a dict of arrays keyed by input name,
+      a list, numpy strings, ragged, a Dataset), N examples; written as up
+      to 4 PredictLog records in `assets.extra/tf_serving_warmup_requests`.
     mc_num_samples: optional integer >= 2: adds the "mc_dropout" signature.
     metadata: optional JSON-able dict merged over what `dual`'s head reports
       (`variation_head_metadata`) under "variation_head"; use it for models
@@ -480,8 +525,8 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   head_metadata.update(export_checks.check_metadata(metadata))
   entries, rebuild = _input_entries(dual)
   specs = _tensor_specs(entries)
-  warmup = (None if warmup_examples is None
-            else export_checks.check_warmup(warmup_examples, specs))
+  warmup = (None if warmup_examples is None else export_checks.check_warmup(
+      _serving_examples(dual, warmup_examples, entries), specs))
   version = _resolve_version(export_base, version)
 
   mc, mc_model, statistic, variation_shape = None, None, None, None

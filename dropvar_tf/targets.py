@@ -47,6 +47,7 @@ import warnings
 
 import numpy as np
 
+from dropvar_tf import inputs
 from dropvar_tf import keras_graph
 from dropvar_tf import mask_hash
 from dropvar_tf import seeded_dropout
@@ -70,98 +71,29 @@ PROGRESS_MIN_ROWS = 2_000_000
 # Inputs.
 
 
-def _model_input_ranks(model):
-  return [len(t.shape) for t in model.inputs]
-
-
-def _leaves(structure):
-  return tf.nest.flatten(structure)
-
-
-def _num_rows(structure):
-  return int(np.shape(_leaves(structure)[0])[0])
-
-
-def _check_structure(model, x, what):
-  """Checks that x has as many leaves as `model` has inputs."""
-  leaves = _leaves(x)
-  if len(leaves) != len(model.inputs):
-    raise validation.invalid(
-        "x", f"{what} with one entry per model input "
-        f"({len(model.inputs)}: {[t.name for t in model.inputs]})",
-        f"{len(leaves)} entries")
-
-
-class _ArraySource:
-  """In-memory inputs: numpy array, list/tuple or dict of numpy arrays."""
+class _Source:
+  """The inputs `x` (`inputs.normalize`: every form a model takes), read in
+  chunks of examples."""
 
   def __init__(self, model, x):
-    if isinstance(x, dict):
-      x = {k: np.asarray(v) for k, v in x.items()}
-    elif isinstance(x, (list, tuple)):
-      x = type(x)(np.asarray(v) for v in x)
-    else:
-      x = np.asarray(x)
-    _check_structure(model, x, "an array, or a list or dict of arrays,")
-    rows = {np.shape(v)[0] if np.ndim(v) else None for v in _leaves(x)}
-    if len(rows) != 1 or None in rows:
-      raise validation.invalid(
-          "x", "arrays with the same number of rows (examples)",
-          f"row counts {sorted(map(str, rows))}")
-    self.x = x
-    self.num_examples = validation.check_inputs(model, x)
+    self.inputs = inputs.normalize(model, x)
+    self.num_examples = self.inputs.num_examples
+    self.spec = x.element_spec if isinstance(x, tf.data.Dataset) else None
 
   def fingerprint(self):
+    if self.spec is not None:
+      # Hashing the data needs a full pass; each chunk file stores the
+      # digest of its own inputs instead, checked when resuming.
+      return "dataset:" + hashlib.sha256(
+          repr(self.spec).encode()).hexdigest()
     digest = hashlib.sha256(b"arrays")
-    target_store.hash_structure(digest, self.x)
+    target_store.hash_structure(digest, inputs.hashable(self.inputs.x))
     return digest.hexdigest()
 
   def chunks(self, chunk_rows):
-    for start in range(0, self.num_examples, chunk_rows):
-      stop = min(start + chunk_rows, self.num_examples)
-      yield start, stop, _slice_rows(self.x, start, stop)
-
-
-class _DatasetSource:
-  """A `tf.data.Dataset` of inputs, batched or unbatched (auto-detected)."""
-
-  def __init__(self, model, dataset):
-    spec = dataset.element_spec
-    _check_structure(model, spec, "a Dataset of inputs only (no labels)")
-    # Sorted: dict leaves come in key order, model inputs in graph order.
-    spec_ranks = sorted(len(s.shape) for s in _leaves(spec))
-    model_ranks = sorted(_model_input_ranks(model))
-    if spec_ranks == model_ranks:
-      dataset = dataset.unbatch()
-    elif spec_ranks != [r - 1 for r in model_ranks]:
-      raise validation.invalid(
-          "x", f"a Dataset of examples of rank {[r - 1 for r in model_ranks]}"
-          f" or batches of rank {model_ranks} (the model's inputs)",
-          f"elements of rank {spec_ranks}")
-    self.dataset = dataset
-    self.spec = spec
-    cardinality = int(dataset.cardinality())
-    if cardinality == tf.data.INFINITE_CARDINALITY:
-      raise validation.invalid("x", "a finite Dataset", "an infinite Dataset")
-    self.num_examples = validation.check_inputs(model, dataset)
-
-  def count(self):
-    """Counts the examples with one pass over the data when unknown."""
-    if self.num_examples is None:
-      self.num_examples = int(self.dataset.reduce(
-          tf.constant(0, tf.int64), lambda n, _: n + 1))
-    return self.num_examples
-
-  def fingerprint(self):
-    # Hashing the data needs a full pass; each chunk file stores the digest
-    # of its own inputs instead, checked when resuming.
-    return "dataset:" + hashlib.sha256(
-        repr(self.spec).encode()).hexdigest()
-
-  def chunks(self, chunk_rows):
     start = 0
-    for chunk in self.dataset.batch(chunk_rows).as_numpy_iterator():
-      stop = start + _num_rows(chunk)
+    for chunk in self.inputs.batches(chunk_rows):
+      stop = start + inputs.num_rows(chunk)
       yield start, stop, chunk
       start = stop
 
@@ -223,8 +155,7 @@ class _Sampler:
     """
     s = self.samples_per_pass
     rows = tf.shape(keys)[0]
-    tiled = tf.nest.map_structure(
-        lambda v: tf.tile(v, [s] + [1] * (len(v.shape) - 1)), x)
+    tiled = inputs.tile_rows(x, s)
     sample = tf.repeat(first_sample + tf.range(s), rows)
     states = mask_hash.example_seeds(seed, tf.tile(keys, [s]), sample)
     with seeded_dropout.row_context(states):
@@ -241,7 +172,7 @@ class _Sampler:
       (det, s1, s2): (B, k) deterministic prediction and sums of (y - det)
       and (y - det)**2 over samples [sample_start, sample_stop).
     """
-    x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    x = inputs.to_tensors(x)
     keys = tf.convert_to_tensor(keys, tf.int64)
     det = self.deterministic(x).numpy().astype(np.float64)
     shift = tf.constant(det)
@@ -301,16 +232,6 @@ def _check_common(model, num_samples, seed, batch_size, statistic):
   return num_samples, seed, batch_size, target_outputs.resolve(model, statistic)
 
 
-def _make_source(model, x):
-  if x is None:
-    raise validation.invalid(
-        "x", "a numpy array, a list or dict of arrays, or a tf.data.Dataset",
-        x)
-  if isinstance(x, tf.data.Dataset):
-    return _DatasetSource(model, x)
-  return _ArraySource(model, x)
-
-
 def _check_keys(keys, num_examples):
   if keys is None:
     return None
@@ -351,18 +272,13 @@ def _progress_bar(progress, num_examples, num_samples, desc):
 # The engine: chunks of examples, batches inside, moments per sample range.
 
 
-def _slice_rows(x, start, stop):
-  """Rows [start, stop) of every array in the structure `x`."""
-  return tf.nest.map_structure(lambda v: v[start:stop], x)
-
-
 def _pad_rows(x, keys, rows):
   """Repeats the last row so the batch has `rows` rows (one trace only)."""
   n = keys.shape[0]
   if n == rows:
     return x, keys
   idx = np.concatenate([np.arange(n), np.full(rows - n, n - 1)])
-  return tf.nest.map_structure(lambda v: v[idx], x), keys[idx]
+  return inputs.take_rows(x, idx), keys[idx]
 
 
 def _compute_chunk(sampler, x, keys, seed, batch_rows, sample_ranges):
@@ -375,7 +291,8 @@ def _compute_chunk(sampler, x, keys, seed, batch_rows, sample_ranges):
   dets, sums = [], [([], []) for _ in sample_ranges]
   for b in range(0, n, batch_rows):
     stop = min(b + batch_rows, n)
-    xb, kb = _pad_rows(_slice_rows(x, b, stop), keys[b:stop], batch_rows)
+    xb, kb = _pad_rows(inputs.slice_rows(x, b, stop), keys[b:stop],
+                       batch_rows)
     for (start, end), (l1, l2) in zip(sample_ranges, sums):
       det, s1, s2 = sampler.moments(xb, kb, seed, start, end)
       l1.append(s1[:stop - b])
@@ -481,9 +398,7 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
   spec = spec_model(model)
   num_samples, seed, batch_size, outputs = _check_common(
       spec, num_samples, seed, batch_size, statistic)
-  source = _make_source(spec, x)
-  if output_path is not None and isinstance(source, _DatasetSource):
-    source.count()
+  source = _Source(spec, x)
   keys = _check_keys(keys, source.num_examples)
   ranges = [(0, num_samples)]
   if output_path is None:
@@ -523,7 +438,7 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
     if stored is None:
       return None
     values, input_digest = stored
-    if input_digest != target_store.input_digest(xc, kc):
+    if input_digest != target_store.input_digest(inputs.hashable(xc), kc):
       raise validation.invalid(
           "x", f"the input data of the run that wrote {output_path!r} "
           f"(examples {start}:{stop} differ)", "other input data")
@@ -540,9 +455,9 @@ def mc_dropout_targets(model, x, num_samples=100, seed=0, batch_size=256,
       continue
     det, sums = result
     values = outputs.finalize(det, sums[0], num_samples)
-    target_store.write_chunk(output_path, index, settings_digest, start,
-                             stop, target_store.input_digest(xc, kc),
-                             values)
+    target_store.write_chunk(
+        output_path, index, settings_digest, start, stop,
+        target_store.input_digest(inputs.hashable(xc), kc), values)
     parts.append(values)
   return _warn_if_all_zero(model, outputs.concat(parts))
 
@@ -608,7 +523,7 @@ def split_half_targets(model, x, num_samples=100, seed=0, batch_size=256,
   num_samples, seed, batch_size, outputs = _check_common(
       spec, num_samples, seed, batch_size, statistic)
   num_samples = validation.check_int(num_samples, "num_samples", 4)
-  source = _make_source(spec, x)
+  source = _Source(spec, x)
   keys = _check_keys(keys, source.num_examples)
   half = num_samples // 2
   ranges = [(0, half), (half, num_samples)]

@@ -6,6 +6,7 @@ using its moving statistics), then only the head's weights are trained on them.
 Calling `dual.fit` directly would instead run the base with dropout on.
 """
 
+import logging
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from dropvar_tf._keras import keras, tf
 from dropvar_tf import head_layers
 from dropvar_tf import heads
+from dropvar_tf import inputs
 from dropvar_tf import metrics
 from dropvar_tf import validation
 
@@ -39,21 +41,25 @@ def head_features(dual, x, batch_size=256, output=None):
 
   Args:
     dual: a dual model from `add_variation_head`.
-    x: inputs of the base model: array, dict of arrays, or a batched
-      `tf.data.Dataset` of inputs.
-    batch_size: batch size for arrays.
+    x: inputs of the base model, in any form `inputs.normalize` reads
+      (arrays, dicts, lists, numpy strings, ragged, a Dataset), or a
+      `inputs.ModelInputs` it made.
+    batch_size: examples per forward pass.
     output: the output name whose head's features to compute, for a dual
       of a multi-output model (`heads.dual_output_names`).
 
   Returns:
     A list of float32 arrays, one per head input, each (N, d_i).
+
+  Raises:
+    ValueError: `x` does not match the model's inputs (`inputs.normalize`).
   """
+  if not isinstance(x, inputs.ModelInputs):
+    x = inputs.normalize(dual, x)
   feature_model = keras.Model(dual.input,
                               heads.head_feature_tensors(dual, output))
-  if isinstance(x, tf.data.Dataset):
-    feats = feature_model.predict(x, verbose=0)
-  else:
-    feats = feature_model.predict(x, batch_size=batch_size, verbose=0)
+  # A Dataset: Keras' `predict` refuses numpy string arrays.
+  feats = feature_model.predict(x.as_dataset(batch_size), verbose=0)
   if not isinstance(feats, (list, tuple)):
     feats = [feats]
   return [np.asarray(f, "float32").reshape(len(f), -1) for f in feats]
@@ -88,6 +94,7 @@ def _check_targets(targets, n, units, arg="targets"):
   return t
 
 
+_LOGGER = logging.getLogger(__name__)
 # Estimates are capped at this multiple of the largest fitted target.
 _MAX_VALUE_FACTOR = 1.5
 # A head with a prior corrects it within the central 99% of the log-space
@@ -161,12 +168,14 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
 
   Args:
     dual: a dual model from `add_variation_head`.
-    x: inputs (array, dict of arrays, or a batched `tf.data.Dataset` of inputs
-      in a fixed order), N examples.
+    x: N inputs in any form the model takes (`inputs.normalize`: arrays,
+      dicts, lists, numpy strings, ragged, or a `tf.data.Dataset` of
+      examples or batches in a fixed order, of `x` or of `(x, targets)`).
     targets: DPV targets, shape (N,) or (N, k), from `mc_dropout_targets` with
       the head's statistic; for a dual of a multi-output model, a dict of
       them keyed by output name (as `mc_dropout_targets` returns it there),
-      each output's head fitted on its own targets.
+      each output's head fitted on its own targets. None takes them from a
+      Dataset of `(x, targets)`.
     epochs: maximum training epochs.
     batch_size: head training batch size.
     validation_split: fraction (0 <= f < 1) held out, chosen by `seed`, for
@@ -179,7 +188,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     calibrate: fit the output scale by least squares on the held-out part
       (on the training part when `validation_split` is 0).
     report_split: fraction (0 <= f < 1) held out, chosen by `seed`, for the
-      fit report only; 0 stores no report.
+      fit report only; 0 stores no report, and so do inputs too few for it
+      to hold out 2 (with a logged reason).
     verbose: Keras verbosity.
 
   Returns:
@@ -188,13 +198,15 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
 
   Raises:
     ValueError: `dual` has no head; `x` does not match the model's input
-      spec, is empty or has NaN/Inf values (see `validation.check_inputs`);
+      spec, is empty or has NaN/Inf values (see `inputs.normalize`);
       `targets` do not match `x` (length, shape), contain NaN/Inf or
       negative values, or are all zero; or an argument is out of range.
   """
   names = heads.dual_output_names(dual)
-  num_examples(x)
-  n = validation.check_inputs(dual, x)
+  data = inputs.normalize(dual, x)
+  n = data.num_examples
+  if targets is None:
+    targets = data.labels()
   if num_samples is not None:
     num_samples = validation.check_int(num_samples, "num_samples", 2)
   epochs = validation.check_int(epochs, "epochs", 1)
@@ -210,7 +222,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                   calibrate=calibrate, report_split=report_split,
                   verbose=verbose)
   if names is None:
-    return _fit_head(dual, None, x, targets, n, **settings)
+    return _fit_head(dual, None, data, targets, n, **settings)
   if not isinstance(targets, dict) or sorted(targets) != sorted(names):
     raise validation.invalid(
         "targets", f"a dict of target arrays keyed by the output names "
@@ -221,7 +233,7 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     _check_targets(targets[name], n,
                    heads.variation_output_layer(dual, name).units,
                    f"targets[{name!r}]")
-  return {name: _fit_head(dual, name, x, targets[name], n, **settings)
+  return {name: _fit_head(dual, name, data, targets[name], n, **settings)
           for name in names}
 
 
@@ -248,9 +260,12 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   n_val = int(round(n * validation_split))
   n_report = int(round(n * report_split))
   if report_split and n_report < 2:
-    raise validation.invalid("report_split",
-                             "a fraction holding out at least 2 examples",
-                             report_split)
+    # Fitting matters more than its report: too few inputs to hold out
+    # the 2 a rank correlation needs leave all of them to the fit.
+    _LOGGER.warning(
+        "No fit report: report_split=%s of %d calibration inputs holds "
+        "out %d; a report needs at least 2.", report_split, n, n_report)
+    n_report = 0
   if validation_split and (n_val < 1 or n - n_report - n_val < 1):
     raise validation.invalid("validation_split",
                              "a fraction leaving examples on both sides",
@@ -331,7 +346,10 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
     denom = float(np.sum(est * est))
     if denom > 0:
       out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
-  out_layer.max_value.assign(_MAX_VALUE_FACTOR * float(t.max()) + 1e-12)
+  # The cap comes from the training rows only: the report's rows stay
+  # unseen.
+  out_layer.max_value.assign(
+      _MAX_VALUE_FACTOR * float(t[train_idx].max()) + 1e-12)
   report = None
   if n_report:
     report = metrics.fit_report(
@@ -377,7 +395,8 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
   Args:
     model: a trained Keras model with dropout (any kind, one or several
       outputs: see `add_variation_head`).
-    x: inputs (array or dict of arrays) to fit on or to perturb.
+    x: inputs to fit on or to perturb, in any form the model takes
+      (`inputs.normalize`; the `y` of a Dataset of `(x, y)` is ignored).
     num_samples: T, stochastic passes per MC target.
     seed: seed of the perturbations, the MC masks and the head training.
     num_perturbed: perturbed inputs to make; 0 fits on `x` as given.
@@ -395,7 +414,7 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
   Raises:
     ValueError: as `add_variation_head`, `mc_dropout_targets` and
       `fit_variation_head` do; `x` is checked against `model`'s input spec
-      (`validation.check_inputs`) before it is perturbed.
+      (`inputs.normalize`) before it is perturbed.
   """
   from dropvar_tf import augment
   from dropvar_tf import targets as targets_lib
@@ -404,17 +423,18 @@ def train_variation_head(model, x, num_samples=100, seed=0, num_perturbed=16000,
   # Checked before perturbing: a NaN row would spread to its perturbed
   # copies and be counted there. Against the dual's inputs: a subclassed
   # model has none of its own.
-  validation.check_inputs(dual, x)
+  data = inputs.normalize(dual, x)
   names = heads.dual_output_names(dual)
   if names is None:
     statistic = heads.variation_head_metadata(dual)["statistic"]
   else:
     statistic = {n: heads.variation_head_metadata(dual, n)["statistic"]
                  for n in names}
-  fit_x = x
+  fit_x = data.materialize() if isinstance(x, tf.data.Dataset) else x
   if num_perturbed:
-    fit_x = augment.perturb_inputs(x, num_perturbed, noise=perturb_noise,
-                                   swap=perturb_swap, seed=seed)
+    fit_x = augment.perturb_inputs(fit_x, num_perturbed,
+                                   noise=perturb_noise, swap=perturb_swap,
+                                   seed=seed)
   fit_t = targets_lib.mc_dropout_targets(
       model, fit_x, num_samples=num_samples, seed=seed,
       batch_size=target_batch_size, statistic=statistic, progress=progress)

@@ -101,11 +101,58 @@ class PerturbInputsTest(tf.test.TestCase):
     self.assertAllGreaterEqual(out["dense"] - x["dense"].min(axis=0), 0.0)
     self.assertAllLessEqual(out["dense"] - x["dense"].max(axis=0), 0.0)
 
+  def test_strings_are_swapped_as_categories(self):
+    rng = np.random.default_rng(0)
+    names = rng.choice(["a", "b", "c", "d"], (300, 2))
+    for form in (names, names.astype("S"), names.astype(object)):
+      with self.subTest(dtype=form.dtype):
+        out = augment.perturb_inputs({"name": form}, 500, swap=1.0,
+                                     seed=0)["name"]
+        kept = augment.perturb_inputs({"name": form}, 500, swap=0.0,
+                                      seed=0)["name"]
+        self.assertEqual(out.dtype, form.dtype)
+        self.assertEqual(out.shape, (500, 2))
+        self.assertContainsSubset(set(out.ravel().tolist()),
+                                  set(form.ravel().tolist()))
+        # The same rows are drawn; with swaps some of their values differ
+        # (a quarter of those swapped take the same value back).
+        changed = np.mean(out != kept)
+        self.assertBetween(changed, 0.2, 0.5)
+
   def test_other_dtypes_pass_through(self):
-    x = {"name": np.array(["a", "b", "c"]), "v": np.arange(3.0)}
+    x = {"flag": np.array([True, False, True]), "v": np.arange(3.0)}
     out = augment.perturb_inputs(x, 10, seed=0)
-    self.assertContainsSubset(set(out["name"].tolist()), {"a", "b", "c"})
-    self.assertEqual(out["name"].shape, (10,))
+    self.assertEqual(out["flag"].dtype, bool)
+    self.assertEqual(out["flag"].shape, (10,))
+
+  def test_a_list_gives_a_list(self):
+    x = _table()
+    out = augment.perturb_inputs([x["user_id"], x["dense"]], 30, seed=1)
+    want = augment.perturb_inputs({0: x["user_id"], 1: x["dense"]}, 30,
+                                  seed=1)
+    self.assertIsInstance(out, list)
+    self.assertAllEqual(out[0], want[0])
+    self.assertAllEqual(out[1], want[1])
+
+  def test_ragged_rows_keep_their_lengths(self):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 6, 50)
+    ids = tf.RaggedTensor.from_row_lengths(
+        rng.integers(0, 20, int(lengths.sum())), lengths)
+    values = tf.RaggedTensor.from_row_lengths(
+        rng.uniform(2.0, 3.0, int(lengths.sum())), lengths)
+    out = augment.perturb_inputs({"ids": ids, "values": values}, 80,
+                                 noise=1.0, swap=1.0, seed=2)
+    self.assertAllEqual(out["ids"].row_lengths(), out["values"].row_lengths())
+    self.assertContainsSubset(set(out["ids"].flat_values.numpy().tolist()),
+                              set(ids.flat_values.numpy().tolist()))
+    floats = out["values"].flat_values.numpy()
+    self.assertAllInRange(floats, 2.0, 3.0)
+    self.assertNotAllClose(np.sort(floats)[:10], np.sort(
+        values.flat_values.numpy())[:10])
+    again = augment.perturb_inputs({"ids": ids, "values": values}, 80,
+                                   noise=1.0, swap=1.0, seed=2)
+    self.assertAllEqual(again["ids"].to_list(), out["ids"].to_list())
 
   def test_errors(self):
     cases = [

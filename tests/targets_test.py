@@ -42,8 +42,8 @@ _ERR_MODEL_NONE = ("Invalid value received for argument `model`. Expected a "
                    "model=None")
 _ERR_NO_DROPOUT = "model 'no_dropout' without dropout sources"
 _ERR_X_NONE = ("Invalid value received for argument `x`. Expected a numpy "
-               "array, a list or dict of arrays, or a tf.data.Dataset. "
-               "Received: x=None")
+               "array, a list or dict of arrays, a tf.RaggedTensor or a "
+               "tf.data.Dataset. Received: x=None")
 _ERR_X_SPEC = ("Invalid value received for argument `x`. Expected input "
                "matching the model's input spec (features: float32, shape "
                "(None, 6)). Received: x='{}'")
@@ -269,7 +269,13 @@ class TargetsTest(tf.test.TestCase):
       targets.mc_dropout_targets(model, [x, x])
     with self.assertRaisesRegex(ValueError, "argument `x`"):
       targets.mc_dropout_targets(
-          model, tf.data.Dataset.from_tensor_slices((x, x[:, 0])))
+          model, tf.data.Dataset.from_tensor_slices((x[:, :5], x[:, 0])))
+    # Labels of an (x, y) Dataset are ignored: MC targets need none.
+    self.assertAllEqual(
+        targets.mc_dropout_targets(
+            model, tf.data.Dataset.from_tensor_slices((x, x[:, 0])),
+            num_samples=4),
+        targets.mc_dropout_targets(model, x, num_samples=4))
 
 
   def test_bad_inputs_are_refused_before_any_pass(self):

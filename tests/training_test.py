@@ -64,8 +64,8 @@ _ERR_ALL_ZERO = (
     "or the predictions are saturated on these inputs, e.g. probabilities of "
     "exactly 0 or 1 on inputs far from the training data). Received: "
     "targets='array of 40 zeros'")
-_ERR_REPORT_SPLIT = (_PREFIX + "`report_split`. Expected a fraction holding "
-                     "out at least 2 examples. Received: report_split=0.02")
+_LOG_NO_REPORT = ("No fit report: report_split=0.02 of 40 calibration "
+                  "inputs holds out 1; a report needs at least 2.")
 _WARN_FAR_BELOW = ("The variation head fits its held-out calibration inputs "
                    "far below what targets of this noise allow: ")
 
@@ -162,8 +162,6 @@ class FitErrorsTest(tf.test.TestCase):
                        epochs=1)
 
   def test_report_split_errors(self):
-    self._assert_error(_ERR_REPORT_SPLIT, self.dual, self.x, _targets(),
-                       report_split=0.02, epochs=1)
     self._assert_error(_ERR_SPLIT_RANGE.replace("validation_split",
                                                 "report_split").format(1.0),
                        self.dual, self.x, _targets(), report_split=1.0,
@@ -440,6 +438,35 @@ class FitReportTest(tf.test.TestCase):
                                   num_samples=1000)
     self.assertNotEmpty(heads.variation_head_metadata(dual)["fit_report"][
         "far_below_bound"])
+
+  def test_too_few_inputs_for_a_report_fit_without_one(self):
+    # The default report_split=0.1 of 12 inputs holds out 1.
+    dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
+    with self.assertLogs("dropvar_tf.training", "WARNING") as logs:
+      training.fit_variation_head(dual, tm.sample_inputs("regression", 12),
+                                  _targets(12), epochs=1)
+    self.assertIn("No fit report: report_split=0.1 of 12 calibration inputs "
+                  "holds out 1; a report needs at least 2.", logs.output[0])
+    meta = heads.variation_head_metadata(dual)
+    self.assertIsNone(meta["fit_report"])
+    self.assertEqual(meta["num_train_examples"], 11)
+    with self.assertLogs("dropvar_tf.training", "WARNING") as logs:
+      training.fit_variation_head(dual, tm.sample_inputs("regression", _N),
+                                  _targets(), epochs=1, report_split=0.02)
+    self.assertIn(_LOG_NO_REPORT, logs.output[0])
+
+  def test_cap_comes_from_the_training_rows_only(self):
+    dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
+    t = _targets()
+    # The split fit_variation_head documents: validation rows first, the
+    # report's last, in a permutation drawn by `seed`.
+    order = np.random.default_rng(0).permutation(_N)
+    train_idx, report_idx = order[4:36], order[36:]
+    t[report_idx[0]] = 100.0
+    training.fit_variation_head(dual, tm.sample_inputs("regression", _N), t,
+                                epochs=1)
+    cap = float(heads.variation_output_layer(dual).max_value.numpy())
+    self.assertAllClose(cap, 1.5 * t[train_idx].max() + 1e-12, rtol=1e-6)
 
   def test_no_report_with_report_split_zero(self):
     dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
