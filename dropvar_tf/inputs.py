@@ -2,7 +2,7 @@
 
 `normalize(model, x)` is how `perturb_inputs` (given its model),
 `mc_dropout_targets`, `split_half_targets`, `fit_variation_head`,
-`train_variation_head` and `validation.check_inputs` read their inputs `x`,
+`train_variation_head` and `check_inputs` read their inputs `x`,
 and `export_saved_model` its warm-up examples. It accepts what the model
 takes:
 
@@ -479,3 +479,26 @@ def ragged_to_serving(name, value, arg):
 def ragged_from_serving(padded, lengths):
   """The RaggedTensor of `ragged_to_serving`'s two dense tensors."""
   return tf.RaggedTensor.from_tensor(padded, lengths=lengths)
+
+
+def check_inputs(model, x):
+  """Validates model inputs `x` before any TF op sees them.
+
+  Args:
+    model: a model accepted by `check_model`; its input spec is the
+      reference.
+    x: inputs in any form `normalize` reads: a numpy
+      array (strings of any numpy dtype included), a list or dict of
+      arrays, `tf.RaggedTensor`s for ragged inputs, or a `tf.data.Dataset`
+      of examples or of batches, of `x` or of `(x, y)`. Datasets are read
+      once to count their rows.
+
+  Returns:
+    The number of examples in `x`.
+
+  Raises:
+    ValueError: naming `x`: a structure, rank, width or dtype that does not
+      match the model's input spec; no examples; or NaN/Inf values (with the
+      number of rows that have them).
+  """
+  return normalize(model, x).num_examples

@@ -107,28 +107,3 @@ def resolve_statistic(statistic, units, probabilities=True):
     return (contract.STAT_PREDICTED_CLASS_STD if probabilities
             else contract.STAT_PER_CLASS_STD)
   return statistic
-
-
-def check_inputs(model, x):
-  """Validates model inputs `x` before any TF op sees them.
-
-  Args:
-    model: a model accepted by `check_model`; its input spec is the
-      reference.
-    x: inputs in any form `dropvar_tf.inputs.normalize` reads: a numpy
-      array (strings of any numpy dtype included), a list or dict of
-      arrays, `tf.RaggedTensor`s for ragged inputs, or a `tf.data.Dataset`
-      of examples or of batches, of `x` or of `(x, y)`. Datasets are read
-      once to count their rows.
-
-  Returns:
-    The number of examples in `x`.
-
-  Raises:
-    ValueError: naming `x`: a structure, rank, width or dtype that does not
-      match the model's input spec; no examples; or NaN/Inf values (with the
-      number of rows that have them).
-  """
-  # Imported here: `inputs` builds its errors with this module.
-  from dropvar_tf import inputs
-  return inputs.normalize(model, x).num_examples

@@ -18,7 +18,6 @@ from dropvar_tf import inputs
 from dropvar_tf import saved_model
 from dropvar_tf import targets
 from dropvar_tf import training
-from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
@@ -154,7 +153,7 @@ class FormsTest(tf.test.TestCase):
       self.assertGreater(np.count_nonzero(want), N // 2)
       for name, x in forms.items():
         with self.subTest(kind=kind, form=name):
-          self.assertEqual(validation.check_inputs(model, x), N)
+          self.assertEqual(inputs.check_inputs(model, x), N)
           got = targets.mc_dropout_targets(model, x, **_MC)
           self.assertEqual(got.tobytes(), want.tobytes())
           _, _, full = targets.split_half_targets(model, x, **_MC)
@@ -176,7 +175,7 @@ class FormsTest(tf.test.TestCase):
       want = augment.perturb_inputs(
           inputs.normalize(model, forms[next(iter(forms))]).materialize(),
           40, seed=5)
-      self.assertEqual(validation.check_inputs(model, want), 40)
+      self.assertEqual(inputs.check_inputs(model, want), 40)
       for name, x in forms.items():
         if name == "float64":
           continue  # Perturbed in float64: other values, by design.

@@ -1,11 +1,11 @@
-"""Tests for dropvar_tf.validation.check_inputs (model inputs `x`)."""
+"""Tests for dropvar_tf.inputs.check_inputs: the errors naming `x`."""
 
 import os
 import sys
 
 import numpy as np
 
-from dropvar_tf import validation
+from dropvar_tf import inputs
 from dropvar_tf._keras import tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,16 +54,16 @@ class CheckInputsTest(tf.test.TestCase):
 
   def _assert_error(self, message, x, model=None):
     with self.assertRaises(ValueError) as cm:
-      validation.check_inputs(model or self.model, x)
+      inputs.check_inputs(model or self.model, x)
     self.assertEqual(str(cm.exception), message)
 
   def test_valid_inputs_give_their_row_count(self):
     ds = tf.data.Dataset.from_tensor_slices(self.x)
-    self.assertEqual(validation.check_inputs(self.model, self.x), 12)
-    self.assertEqual(validation.check_inputs(self.model, ds), 12)
-    self.assertEqual(validation.check_inputs(self.model, ds.batch(5)), 12)
+    self.assertEqual(inputs.check_inputs(self.model, self.x), 12)
+    self.assertEqual(inputs.check_inputs(self.model, ds), 12)
+    self.assertEqual(inputs.check_inputs(self.model, ds.batch(5)), 12)
     # Ids are integers: nothing to check for NaN.
-    self.assertEqual(validation.check_inputs(
+    self.assertEqual(inputs.check_inputs(
         tm.recommender(), tm.sample_inputs("recommender", 12)), 12)
 
   def test_wrong_width_rank_or_dtype(self):
@@ -94,7 +94,7 @@ class CheckInputsTest(tf.test.TestCase):
     self._assert_error(_ERR_NON_FINITE, ds.batch(5))
 
   def test_large_finite_values_are_accepted(self):
-    self.assertEqual(validation.check_inputs(
+    self.assertEqual(inputs.check_inputs(
         self.model, np.full((2, 6), 3e38, "float32")), 2)
 
 
