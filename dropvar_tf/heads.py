@@ -390,6 +390,10 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
   taps = _resolve_taps(model, layers, features, paths)
   if prior not in PRIORS:
     raise validation.invalid("prior", f"one of {PRIORS}", prior)
+  if prior == PRIOR_DELTA and include_delta is False:
+    raise validation.invalid(
+        "include_delta", 'True or "auto" with prior="delta" (that prior is '
+        "the output-delta feature)", include_delta)
   if names is not None and (prior == PRIOR_MOMENTS or include_moments is
                             True):
     raise validation.invalid(

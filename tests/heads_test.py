@@ -70,6 +70,9 @@ _ERR_DELTA_NESTED = (
     "of 'prob' does not come from a plain Dropout\"")
 _ERR_PRIOR = (_PREFIX + "`prior`. Expected one of (None, 'auto', 'delta', "
               "'moments'). Received: prior='mc'")
+_ERR_DELTA_OFF = (_PREFIX + "`include_delta`. Expected True or \"auto\" "
+                  "with prior=\"delta\" (that prior is the output-delta "
+                  "feature). Received: include_delta=False")
 _ERR_MOMENTS_CNN = "Received: model=\"layer 'sdrop' of class SpatialDropout2D\""
 
 _CANDIDATES = {
@@ -292,6 +295,10 @@ class AddVariationHeadTest(tf.test.TestCase):
     with self.assertRaises(ValueError) as cm:
       heads.add_variation_head(tm.nested(), prior="delta", **_SMALL_HEAD)
     self.assertEqual(str(cm.exception), _ERR_DELTA_NESTED)
+    with self.assertRaises(ValueError) as cm:
+      heads.add_variation_head(model, prior="delta", include_delta=False,
+                               **_SMALL_HEAD)
+    self.assertEqual(str(cm.exception), _ERR_DELTA_OFF)
 
   def test_sequential_built_with_build_works(self):
     model = keras.Sequential([
