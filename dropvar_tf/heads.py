@@ -87,18 +87,26 @@ def functional_view(model, arg="model"):
     the bare name for a bare subclassed model's own layers).
 
   Raises:
-    ValueError: `model` is not a built Keras model, or its `call` cannot
-      be run on symbolic inputs.
+    ValueError: `model` is not a built Keras model, its `call` cannot be
+      run on symbolic inputs, or it skips a dropout source with training
+      off (`sources.check_called_sources`).
   """
   validation.check_model(model, arg=arg, allow_subclassed=True)
   try:
-    return keras_graph.functional_view(model)
+    view, paths = keras_graph.functional_view(model)
   except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
+    if "All operation names should be unique" in str(e):
+      raise validation.invalid(
+          arg, "a model whose layers have unique names (its subclassed "
+          "parts become one Functional graph of their layers)",
+          f"model {model.name!r}: {str(e).splitlines()[0]}") from e
     raise validation.invalid(
         arg, "a model whose subclassed parts call only Keras layers and "
         "`keras.ops` in `call` (so that it runs on `keras.Input`s), built "
         "by calling it on a batch",
         f"model {model.name!r}: {str(e).splitlines()[0]}") from e
+  sources.check_called_sources(model, view, arg)
+  return view, paths
 
 
 def candidate_layers(model):
@@ -291,8 +299,9 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
   not compiled; train its head with `fit_variation_head`, which leaves the
   base weights untouched. Nested Functional sub-models are tapped as a
   whole (their inner layers are not reachable); the layers a subclassed
-  model calls are tapped one by one (`functional_view`), so the dual is a
-  Functional model even when `model` is subclassed.
+  model calls (outside a Sequential one) are tapped one by one
+  (`functional_view`), so the dual is a Functional model even when `model`
+  is subclassed.
 
   Args:
     model: a built, trained `keras.Model` (Functional, Sequential or

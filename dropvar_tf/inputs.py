@@ -248,12 +248,17 @@ class ModelInputs:
           lambda v: v if _is_ragged(v) else v.numpy(), chunk)
 
   def labels(self):
-    """The `y` of a Dataset of `(x, y)` tuples as one array; else None."""
+    """The `y` of a Dataset of `(x, y)` tuples, else None.
+
+    One array, or a dict of arrays when `y` is a dict (the targets of a
+    multi-output dual).
+    """
     if self.labels_dataset is None:
       return None
-    parts = [np.asarray(y) for y in
-             self.labels_dataset.batch(_READ_ROWS).as_numpy_iterator()]
-    return np.concatenate(parts) if parts else None
+    parts = list(self.labels_dataset.batch(_READ_ROWS).as_numpy_iterator())
+    if not parts:
+      return None
+    return tf.nest.map_structure(lambda *v: np.concatenate(v), *parts)
 
   def materialize(self):
     """The inputs in memory, in the model's input structure."""
@@ -334,6 +339,24 @@ def _normalize_dataset(model, spec, dataset, arg):
                      ragged=any(ragged_input(r) for r in refs))
 
 
+# float32 holds every integer up to 2**24 exactly, and not all above it.
+_FLOAT32_EXACT = 2**24
+
+
+def _check_exact_in_float(value, ref, arg):
+  """Refuses integers a float32 input would change (ids of a model whose
+  recorded inputs are float32: a bare subclassed one, see
+  `keras_graph.functional_view`)."""
+  if (isinstance(value, np.ndarray) and value.dtype.kind in "iu" and
+      value.size and tf.as_dtype(ref.dtype) == tf.float32 and
+      np.max(np.abs(value.astype(np.float64))) > _FLOAT32_EXACT):
+    raise validation.invalid(
+        arg, f"integers up to 2**24 in magnitude for a float32 input "
+        f"({ref.name}): larger ones are rounded. For integer ids, wrap the "
+        "model in a Functional model with an integer `keras.Input`",
+        f"integers up to {int(np.max(np.abs(value.astype(np.float64))))}")
+
+
 def normalize(model, x, arg="x"):
   """Reads, checks and counts inputs `x` of `model`.
 
@@ -382,6 +405,7 @@ def normalize(model, x, arg="x"):
             _is_ragged(v) != ragged_input(ref)):
           raise validation.invalid(arg, spec_text(model),
                                    _leaves_text(leaves))
+        _check_exact_in_float(v, ref, arg)
       structure = tf.nest.pack_sequence_as(
           spec, [_strings_as_bytes(v, arg) for v in leaves])
     inputs = ModelInputs(x=structure, ragged=any(

@@ -223,8 +223,9 @@ def _unroll_call(layer, paths, path, args, kwargs):
 def functional_view(model):
   """A Functional model computing what `model` computes, with its layers.
 
-  Functional and Sequential models without subclassed models inside are
-  returned as they are. A subclassed model (bare, or as a node of a
+  Sequential models, and Functional models without subclassed models
+  inside, are returned as they are (a subclassed model inside a Sequential
+  one stays one node). A subclassed model (bare, or as a node of a
   Functional model) is replaced by its `call` run on symbolic inputs, so
   that the layers it calls become nodes of the new graph: the same layer
   objects (weights shared, nothing copied or changed), reachable by name.

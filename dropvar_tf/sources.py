@@ -311,6 +311,38 @@ def layer_sources(layer):
   return walk.found
 
 
+def check_called_sources(model, view, arg="model"):
+  """Refuses dropout sources that `model`'s `call` skips with training off.
+
+  A subclassed `call` that branches on `training` (`if training: h =
+  self.drop(h)`) never runs its dropout in the deterministic pass, nor in
+  an MC pass (which runs with training off and samples the sources in
+  place), so neither the head nor the targets could see it.
+
+  Args:
+    model: a built `keras.Model`.
+    view: its Functional view (`keras_graph.functional_view`), built with
+      training off.
+    arg: the argument name used in error messages.
+
+  Raises:
+    ValueError: a dropout source of `model` is not called in `view` (the
+      message names them).
+  """
+  if view is model:
+    return
+  called = {id(f.layer) for f in find_sources(view)}
+  skipped = [f.path for f in find_sources(model) if id(f.layer) not in called]
+  if skipped:
+    raise validation.invalid(
+        arg, "a model whose `call` runs every dropout layer with training "
+        "off too, passing `training` on to it (`self.drop(h, training="
+        "training)`) instead of branching on it (`if training:`), which MC "
+        "dropout here cannot sample",
+        f"model {model.name!r}, whose call with training off skips "
+        f"{skipped}")
+
+
 def dropout_sources(model):
   """Lists what MC dropout samples in `model`: path, kind and rate.
 

@@ -214,13 +214,22 @@ def spec_model(model):
   """`model`, or a Functional wrapper giving a subclassed one inputs/outputs.
 
   Raises:
-    ValueError: `model` is not a built Keras model with a dropout source.
+    ValueError: `model` is not a built Keras model with a dropout source,
+      or its `call` skips a dropout source with training off.
   """
   sources.check_dropout_model(model, allow_subclassed=True)
   try:
-    return keras_graph.as_functional(model)
+    spec = keras_graph.as_functional(model)
   except ValueError as e:
     raise validation.invalid("model", "a built model", str(e)) from e
+  if spec is not model:
+    try:
+      view, _ = keras_graph.functional_view(model)
+    except (TypeError, ValueError, NotImplementedError, AttributeError):
+      view = None  # A `call` Keras cannot trace: its sources are run as is.
+    if view is not None:
+      sources.check_called_sources(model, view)
+  return spec
 
 
 def _check_common(model, num_samples, seed, batch_size, statistic):

@@ -132,7 +132,7 @@ class _Task:
     self.arrays = arrays
     self.size = size
     # A held lock as a one-shot latch: cheaper than an Event (a Condition
-    # and a lock) when 64 handler threads wait at once.
+    # and a lock) when many handler threads wait at once.
     self._done = threading.Lock()
     self._done.acquire()
     self.outputs = None

@@ -54,7 +54,7 @@ class _SessionSignature:
                      if ":" in signature_def.outputs[a].name]
     self._operations = [a for a in outputs if a not in self._outputs]
     # A callable prunes the graph once, not on every run, and skips
-    # Session.run's per-call feed handling (a third of a batch-1 run).
+    # Session.run's per-call feed handling.
     self._run = keras_graph.session_callable(
         session, [signature_def.inputs[a].name for a in self._inputs],
         [signature_def.outputs[a].name for a in self._outputs],

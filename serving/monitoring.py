@@ -132,8 +132,8 @@ class _ExactNames:
 class _BatchHistogram:
   """A labelled Prometheus histogram that takes a batch of values at once.
 
-  prometheus_client's histogram takes one value per call, under a lock:
-  at batch 256 that was most of what monitoring a request cost. Buckets are
+  prometheus_client's histogram takes one value per call, under a lock,
+  which costs per example on large batches. Buckets are
   counted here with numpy per batch and written as prometheus_client writes
   a histogram (`_bucket` with `le`, `_count`, `_sum`).
   """

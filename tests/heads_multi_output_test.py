@@ -191,6 +191,20 @@ class MultiOutputTest(tf.test.TestCase):
       self.assertEqual(
           heads.variation_head_metadata(dual, name)["num_samples"], 8)
 
+  def test_fit_from_a_dataset_of_inputs_and_target_dicts(self):
+    model = tm.multi_output("dict")
+    t = targets.mc_dropout_targets(model, self.x, num_samples=8, seed=0)
+    from_arrays = heads.add_variation_head(model, seed=0)
+    training.fit_variation_head(from_arrays, self.x, t, epochs=1, seed=0)
+    from_dataset = heads.add_variation_head(model, seed=0)
+    training.fit_variation_head(
+        from_dataset, tf.data.Dataset.from_tensor_slices((self.x, t)).batch(
+            32), None, epochs=1, seed=0)
+    want = from_arrays.predict(self.x, verbose=0)
+    got = from_dataset.predict(self.x, verbose=0)
+    for key in want:
+      self.assertAllEqual(got[key], want[key], msg=key)
+
   def test_single_output_keys_are_unchanged(self):
     dual = heads.add_variation_head(tm.regression())
     self.assertEqual(sorted(dual.output), sorted(contract.OUTPUT_KEYS))

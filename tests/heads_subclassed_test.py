@@ -147,6 +147,64 @@ class SubclassedHeadTest(tf.test.TestCase):
     self.assertEqual(t.shape, (8,))
     self.assertTrue(np.all(t > 0))
 
+  def test_dropout_gated_on_training_is_refused_by_name(self):
+
+    class Gated(keras.Model):
+      """Runs its Dropout only when `training` is true."""
+
+      def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8, activation="relu", name="dense")
+        self.drop = keras.layers.Dropout(0.3, name="drop")
+        self.out = keras.layers.Dense(1, name="value")
+
+      def call(self, inputs, training=None):
+        h = self.dense(inputs)
+        if training:
+          h = self.drop(h, training=training)
+        return self.out(h)
+
+    model = Gated(name="gated")
+    model(np.zeros((1, tm.NUM_FEATURES), "float32"))
+    message = (r"Invalid value received for argument `model`\. Expected a "
+               r"model whose `call` runs every dropout layer with training "
+               r"off too.*Received: model=\"model 'gated', whose call with "
+               r"training off skips \['drop'\]\"")
+    with self.assertRaisesRegex(ValueError, message):
+      heads.add_variation_head(model)
+    # Its MC targets would be all zero: refused too.
+    with self.assertRaisesRegex(ValueError, message):
+      targets.mc_dropout_targets(model, self.x[:8], num_samples=4)
+
+  def test_layer_names_used_twice_are_refused_by_name(self):
+
+    class Block(keras.Model):
+
+      def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fc = keras.layers.Dense(4, activation="relu", name="fc")
+
+      def call(self, inputs):
+        return self.fc(inputs)
+
+    class TwoBlocks(keras.Model):
+
+      def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.a, self.b = Block(name="a"), Block(name="b")
+        self.drop = keras.layers.Dropout(0.3, name="drop")
+        self.out = keras.layers.Dense(1, name="value")
+
+      def call(self, inputs, training=None):
+        return self.out(self.drop(self.b(self.a(inputs)), training=training))
+
+    model = TwoBlocks(name="two_blocks")
+    model(np.zeros((1, tm.NUM_FEATURES), "float32"))
+    with self.assertRaisesRegex(
+        ValueError, r"Expected a model whose layers have unique names .*"
+        r"The name \"fc\" is used 2 times"):
+      heads.add_variation_head(model)
+
   def test_unbuilt_subclassed_model_is_refused(self):
     with self.assertRaisesRegex(ValueError, "argument `model`.*unbuilt"):
       heads.add_variation_head(tm.SubclassedRegressor(name="fresh"))

@@ -36,6 +36,11 @@ _ERR_EMPTY_DATASET = (_PREFIX + "at least one example. Received: x='an "
 _ERR_NON_FINITE = (_PREFIX + "finite values (no NaN or Inf). Received: "
                    "x='3 of 12 rows with NaN or Inf values'")
 
+_ERR_INEXACT = (_PREFIX + "integers up to 2**24 in magnitude for a float32 "
+                "input (features): larger ones are rounded. For integer ids, "
+                "wrap the model in a Functional model with an integer "
+                "`keras.Input`. Received: x='integers up to 16777217'")
+
 
 def _bad_rows(x):
   x = x.copy()
@@ -65,6 +70,12 @@ class CheckInputsTest(tf.test.TestCase):
     # Ids are integers: nothing to check for NaN.
     self.assertEqual(inputs.check_inputs(
         tm.recommender(), tm.sample_inputs("recommender", 12)), 12)
+
+  def test_integers_a_float32_input_would_round_are_refused(self):
+    ids = np.zeros((12, 6), "int64")
+    self.assertEqual(inputs.check_inputs(self.model, ids + 2**24), 12)
+    ids[3, 2] = 2**24 + 1  # float32(2**24 + 1) == 2**24
+    self._assert_error(_ERR_INEXACT, ids)
 
   def test_wrong_width_rank_or_dtype(self):
     self._assert_error(_ERR_WIDTH, self.x[:, :5])

@@ -28,7 +28,7 @@ from dropvar_tf.study.models import reference
 
 # Bumped when a change in the study or in the head (features, training)
 # changes result rows, so that cached rows of an older version are not reused.
-RESULTS_VERSION = 4
+RESULTS_VERSION = 5
 
 
 def _digest(settings):
