@@ -345,14 +345,7 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
     est = _head_outputs(head, [f[idx] for f in feats]).astype("float64")
     denom = float(np.sum(est * est))
     if denom > 0:
-      scale = float(np.sum(est * t[idx])) / denom
-      out_layer.scale.assign(scale)
-      if prior is not None and scale > 0:
-        # The scale multiplies the corrected prior: shift the bounds so
-        # that scale * exp(correction) stays within the corrections the
-        # calibration targets needed.
-        for bound in (out_layer.correction_low, out_layer.correction_high):
-          bound.assign(float(bound.numpy()) - float(np.log(scale)))
+      out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
   # The cap comes from the training rows only: the report's rows stay
   # unseen.
   out_layer.max_value.assign(
@@ -378,10 +371,9 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
       "output_eps": float(out_layer.eps.numpy()),
       "output_scale": float(out_layer.scale.numpy()),
       "output_max_value": float(out_layer.max_value.numpy()),
-      # The log-space correction of the prior, the scale included.
       "prior_correction": None if prior is None else [
-          float(b.numpy()) + float(np.log(out_layer.scale.numpy()))
-          for b in (out_layer.correction_low, out_layer.correction_high)],
+          float(out_layer.correction_low.numpy()),
+          float(out_layer.correction_high.numpy())],
   })
   return history
 
