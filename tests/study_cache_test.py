@@ -23,11 +23,11 @@ _SMALL_CONFIG_FILES = {
     config_lib.DIGITS: ("digits_r0.3_b192537ccc3b.weights.h5",
                         "digits_r0.3_d66195f34964_targets.npz",
                         "digits_r0.3_6541a2d325dd_reference.npy",
-                        "digits_r0.3_f4f7c0401927_rows.json"),
+                        "digits_r0.3_568be7e52675_rows.json"),
     config_lib.CRITEO: ("criteo_r0.3_df614b324cd6.weights.h5",
                         "criteo_r0.3_e4db53eaaa71_targets.npz",
                         "criteo_r0.3_49d8fbe2429b_reference.npy",
-                        "criteo_r0.3_50133eb53f90_rows.json"),
+                        "criteo_r0.3_f94fe077f5b5_rows.json"),
 }
 
 
