@@ -1,7 +1,7 @@
 """dropvar_tf: one-pass dropout prediction variation (DPV) for Keras models.
 
   import dropvar_tf as dv
-  dual = dv.add_variation_head(model, layers="all")
+  dual = dv.add_variation_head(model)
   targets = dv.mc_dropout_targets(model, x_cal, num_samples=100, seed=0)
   dv.fit_variation_head(dual, x_cal, targets)
   out = dual.predict(x)            # {"prediction": ..., "variation": ...}
