@@ -62,7 +62,7 @@ setuptools.setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "dropvar=dropvar_tf.study.demo:run_main",
+            "dropvar=dropvar_tf.study.launch:run_main",
             "dropvar_model_server=dropvar_tf.serving.server:run_main",
             "dropvar_client=dropvar_tf.serving.client_cli:run_main",
             "dropvar_export=dropvar_tf.export.export_cli:run_main",

@@ -11,11 +11,13 @@ the package does load the modules that define its Keras layers (and so
 TensorFlow): Keras finds the layers of a saved dual (`.keras`) only once they
 are registered, and has no hook to import them on demand. The one exception
 is a run of one of the package's own modules (`python -m dropvar_tf.beam.
-targets_pipeline --help`): those import what they use themselves, so they
-parse their flags and answer `--help` before TensorFlow loads.
+targets_pipeline --help`) or of the `dropvar` command: those import what they
+use themselves, so they parse their flags and answer `--help` before
+TensorFlow loads, or load it quietly.
 """
 
 import importlib
+import os
 import sys
 
 from dropvar_tf.version import __version__
@@ -105,13 +107,20 @@ _KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
                          "dropvar_tf.seeded_dropout")
 
 
+# Console scripts that load TensorFlow themselves (`study.launch`).
+_OWN_COMMANDS = ("dropvar",)
+
+
 def _runs_own_module(argv=None):
-  """True when the process was started as `python -m dropvar_tf.<module>`.
+  """True when the process was started as `python -m dropvar_tf.<module>`,
+  or as one of the package's commands that load TensorFlow themselves.
 
   Args:
     argv: the interpreter's command line (default `sys.orig_argv`).
   """
   argv = list(sys.orig_argv if argv is None else argv)
+  if len(argv) > 1 and os.path.basename(argv[1]) in _OWN_COMMANDS:
+    return True
   for i, arg in enumerate(argv[1:], 1):
     if arg == "-m":
       return i + 1 < len(argv) and argv[i + 1].startswith(__name__ + ".")

@@ -50,6 +50,8 @@ class InitTest(tf.test.TestCase):
         ([python, "-c", "import dropvar_tf"], False),
         ([python, "script.py", "-m", "dropvar_tf.x"], False),
         ([python], False),
+        ([python, "/venv/bin/dropvar", "--quick"], True),
+        ([python, "/venv/bin/dropvar_client", "predict"], False),
     ]:
       self.assertEqual(dv._runs_own_module(argv), own, msg=argv)
 
