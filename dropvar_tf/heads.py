@@ -466,14 +466,7 @@ def dropout_rates(model):
 
 def _resolve_statistics(model, names, outputs, statistic):
   """One resolved statistic per output (a dict gives one per output name)."""
-  if isinstance(statistic, dict) and names is not None:
-    if sorted(statistic) != sorted(names):
-      raise validation.invalid(
-          "statistic", f"one of {contract.STATISTICS}, or a dict of them "
-          f"keyed by the output names {names}", statistic)
-    wanted = [statistic[n] for n in names]
-  else:
-    wanted = [statistic] * len(outputs)
+  wanted = validation.statistic_per_output(statistic, names, len(outputs))
   return [validation.resolve_statistic(
       stat, _output_units(out), keras_graph.output_is_probabilities(
           model, out)) for stat, out in zip(wanted, outputs)]

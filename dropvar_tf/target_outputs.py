@@ -115,14 +115,7 @@ def resolve(model, statistic):
                              "a list or a flat dict of tensors", str(e)) from e
   tensors = keras_graph.select_outputs(keras_graph.output_structure(model),
                                        names)
-  if isinstance(statistic, dict) and names is not None:
-    if sorted(statistic) != sorted(names):
-      raise validation.invalid(
-          "statistic", f"one of {contract.STATISTICS}, or a dict of them "
-          f"keyed by the output names {names}", statistic)
-    wanted = [statistic[n] for n in names]
-  else:
-    wanted = [statistic] * len(tensors)
+  wanted = validation.statistic_per_output(statistic, names, len(tensors))
   shapes, statistics = [], []
   for tensor, stat in zip(tensors, wanted):
     validation.resolve_statistic(stat, 1)  # validate before the model

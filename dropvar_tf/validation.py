@@ -81,6 +81,26 @@ def check_int(value, arg, minimum):
   return value
 
 
+def statistic_per_output(statistic, names, count):
+  """The `statistic` argument as one unresolved statistic per output.
+
+  Args:
+    statistic: a statistic, or a dict of them keyed by output name.
+    names: the model's output names, or None for one output.
+    count: the number of outputs.
+
+  Raises:
+    ValueError: a dict whose keys are not the output names.
+  """
+  if isinstance(statistic, dict) and names is not None:
+    if sorted(statistic) != sorted(names):
+      raise invalid(
+          "statistic", f"one of {contract.STATISTICS}, or a dict of them "
+          f"keyed by the output names {names}", statistic)
+    return [statistic[n] for n in names]
+  return [statistic] * count
+
+
 def resolve_statistic(statistic, units, probabilities=True):
   """Validates a DPV statistic name and resolves "auto".
 

@@ -14,11 +14,13 @@ and read back, and deterministic: equal arrays, equal bytes).
 """
 
 import io
+import json
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
+from dropvar_tf import validation
 from dropvar_tf.beam import filesystems
 from dropvar_tf.beam import records
 
@@ -74,6 +76,34 @@ def write_part(output_dir, keys, values):
   """Writes one computed batch's (keys, results) atomically to `parts/`."""
   path = FileSystems.join(output_dir, PARTS_DIR, part_name(keys))
   filesystems.atomic_write(path, encode_part(keys, values))
+
+
+def check_settings(output_dir, settings, resume, written="written"):
+  """Refuses to resume a directory that holds results of other settings.
+
+  Reads only.
+
+  Args:
+    output_dir: the output directory.
+    settings: this run's settings, as its `settings.json` holds them.
+    resume: whether this run reuses earlier results.
+    written: how the error says the directory was made ("written",
+      "scored").
+
+  Raises:
+    ValueError: `resume` is True and the directory's `settings.json`
+      differs from `settings`.
+  """
+  path = FileSystems.join(output_dir, records.SETTINGS_FILENAME)
+  if not resume or not FileSystems.exists(path):
+    return
+  stored = json.loads(filesystems.read_file_bytes(path).decode())
+  for name, value in settings.items():
+    if stored.get(name) != value:
+      raise validation.invalid(
+          "output", f"a directory {written} with the same settings, or "
+          f"resume=False; its `{name}` is {stored.get(name)!r}, this "
+          f"run's is {value!r}", output_dir)
 
 
 def existing_parts(output_dir):

@@ -298,31 +298,9 @@ def prepare_scoring(saved_model_dir, inputs, output,
           "input_format": input_format,
           "input_files": [[p, s] for p, s in files]}
   info = json.loads(json.dumps(info))
-  check_scoring_settings(output, info, resume)
+  parts.check_settings(output, info, resume, written="scored")
   config["parts"] = parts.existing_parts(output) if resume else []
   return config, files, info
-
-
-def check_scoring_settings(output_dir, info, resume):
-  """Refuses to resume a directory that holds scores of other settings.
-
-  Reads only. `beam_batch_size` is not a setting: the scores do not depend
-  on it, so parts of a run with another one are reused.
-
-  Raises:
-    ValueError: `resume` is True and the directory's `settings.json`
-      differs from `info`.
-  """
-  path = FileSystems.join(output_dir, records.SETTINGS_FILENAME)
-  if not resume or not FileSystems.exists(path):
-    return
-  stored = json.loads(filesystems.read_file_bytes(path).decode())
-  for name, value in info.items():
-    if stored.get(name) != value:
-      raise validation.invalid(
-          "output", f"a directory scored with the same settings, or "
-          f"resume=False; its `{name}` is {stored.get(name)!r}, this "
-          f"run's is {value!r}", output_dir)
 
 
 def start_scoring_output(output_dir, info, resume):

@@ -213,32 +213,6 @@ def finalize(entries, num_input_records, output_dir, settings):
   return manifest
 
 
-def check_settings(output_dir, settings, resume):
-  """Refuses to resume a directory that holds another run's results.
-
-  Reads only: nothing in `output_dir` changes (see `start_output`).
-
-  Args:
-    output_dir: the output directory.
-    settings: this run's settings (`prepare_targets`).
-    resume: whether this run reuses earlier results.
-
-  Raises:
-    ValueError: `resume` is True and the directory's `settings.json`
-      differs from `settings`.
-  """
-  path = FileSystems.join(output_dir, records.SETTINGS_FILENAME)
-  if not resume or not FileSystems.exists(path):
-    return
-  stored = json.loads(filesystems.read_file_bytes(path).decode())
-  for name, value in settings.items():
-    if stored.get(name) != value:
-      raise validation.invalid(
-          "output", f"a directory written with the same settings, or "
-          f"resume=False; its `{name}` is {stored.get(name)!r}, this "
-          f"run's is {value!r}", output_dir)
-
-
 def start_output(output_dir, settings, resume):
   """Makes `output_dir` this run's: called when the pipeline starts.
 
@@ -342,7 +316,7 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
   }
   if not FileSystems.exists(output):
     FileSystems.mkdirs(output)
-  check_settings(output, settings, resume)
+  parts.check_settings(output, settings, resume)
   config = {
       "model_fingerprint": settings["model_fingerprint"],
       "num_samples": num_samples,
