@@ -255,12 +255,15 @@ def _output_delta(model, out, include_delta, statistic, units, suffix=""):
     raise validation.invalid("include_delta", "a model whose output is a "
                              "Dense layer right after a Dropout layer", why)
   h = nodes[id(dropout)][0][0][0]
+  smoothed = probe_layers.smoothing_applies(activation, statistic)
   delta = probe_layers.OutputDropoutDelta(
       rate=dropout.rate, activation=activation, statistic=statistic,
-      input_dim=int(h.shape[-1]), units=units, dtype="float32",
-      name=DELTA_NAME + suffix)
+      input_dim=int(h.shape[-1]), units=units, smoothed=smoothed,
+      dtype="float32", name=DELTA_NAME + suffix)
   value = delta([h, out])
   delta.kernel.assign(layer.kernel.numpy())
+  if smoothed and layer.use_bias:
+    delta.bias.assign(layer.bias.numpy())
   return head_layers.LogFeature(nonnegative=True, dtype="float32",
                                 name=DELTA_NAME + suffix + "_log")(
                                     value), value
@@ -346,8 +349,12 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
       of corrections its calibration targets needed (see
       `head_layers.VariationOutput`), so that off its calibration data the
       estimate degrades to the prior's instead of extrapolating.
-      "delta" (the output-delta feature, `include_delta`) costs one small
-      matmul, but saturates where the output does. "moments" (moment
+      "delta" (the output-delta feature, `include_delta`) costs two small
+      matmuls; for sigmoid outputs and softmax's predicted class it is
+      smoothed (`layers.OutputDropoutDelta`), so it follows the chance of a
+      flip where the output saturates, with a noise scale that
+      `fit_variation_head` fits for the dropout below the last layer.
+      "moments" (moment
       propagation, `dropvar_tf.moments`) holds up on more shifts
       (`docs/shift.md`) but runs a second, heavier pass through the model
       on every request (`docs/measurements.md`). "auto": "delta" when the
@@ -639,8 +646,9 @@ def variation_head_metadata(dual, output=None):
   Keys: dropvar_tf_version, statistic, num_samples (of the MC targets it was
   fitted on; None before fitting), dropout_rates (`dropout_rates`), layers,
   features, include_prediction, include_moments, transform, base_model,
-  prior, prior_bound, and after
-  fitting seed, num_train_examples and fit_report (the held-out
+  prior, prior_bound, and after fitting seed, num_train_examples,
+  prior_noise_scale (the fitted noise scale of a smoothed output-delta
+  prior, else None) and fit_report (the held-out
   self-assessment of `training.fit_variation_head`, see
   `metrics.fit_report`; None when fitted with `report_split=0`). A head of
   a multi-output model also has output (its output name), base_outputs
@@ -657,11 +665,26 @@ def variation_head_metadata(dual, output=None):
 def head_feature_tensors(dual, output=None):
   """Returns the symbolic tensors that feed a head, in head-input order."""
   head = variation_head(dual, output)
-  calls = keras_graph.graph_nodes(dual).get(id(head), [])
+  return layer_input_tensors(dual, head)
+
+
+def layer_input_tensors(dual, layer):
+  """The symbolic tensors `layer` is called on in `dual` (called once)."""
+  calls = keras_graph.graph_nodes(dual).get(id(layer), [])
   if len(calls) != 1:
-    raise validation.invalid("dual", "a dual model whose head is called once",
-                             f"{len(calls)} calls in model {dual.name!r}")
+    raise validation.invalid("dual", f"a dual model that calls {layer.name!r} "
+                             "once", f"{len(calls)} calls")
   return calls[0][0]
+
+
+def smoothed_prior_layer(dual, output=None):
+  """The smoothed `OutputDropoutDelta` that is the head's prior, or None."""
+  if variation_output_layer(dual, output).prior_bound is None:
+    return None
+  layer = keras_graph.source_layer(head_feature_tensors(dual, output)[-1])
+  if isinstance(layer, probe_layers.OutputDropoutDelta) and layer.smoothed:
+    return layer
+  return None
 
 
 def strip_variation_head(dual):

@@ -15,6 +15,8 @@ possible (5-6 per summary, none for rank-2 "neurons"): `bench/dual_bench.py`
 measures what they cost.
 """
 
+import numpy as np
+
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 from dropvar_tf import contract
@@ -145,6 +147,44 @@ def l2_norm(x, axis=-1, keepdims=False):
   return tf.math.reduce_euclidean_norm(x, axis=axis, keepdims=keepdims)
 
 
+# Gauss-Hermite nodes and weights for E[f(eps)], eps ~ N(0, 1). Exact to
+# float32 rounding while the spread is a few logits or less; where it is
+# tens of logits the sigmoid is a step between nodes, and 64 nodes keep the
+# std within about 5% (tests/layers_test.py).
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite.hermgauss(64)
+_GH_NODES = (_GH_NODES * np.sqrt(2.0)).astype("float32")
+_GH_WEIGHTS = (_GH_WEIGHTS / np.sqrt(np.pi)).astype("float32")
+
+
+def smoothing_applies(activation, statistic):
+  """Whether `OutputDropoutDelta(smoothed=True)` takes this output."""
+  if activation == "sigmoid":
+    return statistic != contract.STAT_PER_CLASS_STD
+  return (activation == "softmax" and
+          statistic == contract.STAT_PREDICTED_CLASS_STD)
+
+
+def smoothed_sigmoid_std(logit, spread):
+  """std of sigmoid(logit + spread * eps), eps ~ N(0, 1), elementwise.
+
+  Gauss-Hermite quadrature on the far tail of the sigmoid: the std of
+  sigmoid(z) equals that of sigmoid(-z), so the nodes sit at
+  `-|logit| + spread * eps`, where float32 keeps the small values' relative
+  precision; two passes (mean, then squared deviations) avoid cancellation.
+  Finite and >= 0 for finite inputs; 0 where `logit` or `spread` is not
+  finite.
+  """
+  finite = tf.math.logical_and(tf.math.is_finite(logit),
+                               tf.math.is_finite(spread))
+  logit = tf.where(finite, logit, 0.0)
+  spread = tf.where(finite, spread, 0.0)
+  z = -tf.abs(logit)[..., None] + spread[..., None] * _GH_NODES
+  u = tf.sigmoid(z)
+  mean = tf.reduce_sum(u * _GH_WEIGHTS, axis=-1, keepdims=True)
+  var = tf.reduce_sum(tf.square(u - mean) * _GH_WEIGHTS, axis=-1)
+  return tf.where(finite, tf.sqrt(var), 0.0)
+
+
 @keras.saving.register_keras_serializable(package="dropvar_tf")
 class OutputDropoutDelta(keras.layers.Layer):
   """Delta-method DPV of the dropout right before a Dense output layer.
@@ -162,16 +202,33 @@ class OutputDropoutDelta(keras.layers.Layer):
   y (batch, k) the model's output. Output: (batch, 1) for "std" with k = 1
   and "predicted_class_std", else (batch, k): estimated std.
 
+  Smoothed (`smoothed=True`, sigmoid and softmax outputs with a "std" or
+  "predicted_class_std" statistic): instead of linearising the output
+  activation, which saturates as the output does (a confident output gets a
+  std near 0 however much its logits vary), the layer takes the logit the
+  statistic depends on (the sigmoid's logit; for softmax, the predicted
+  class's log-odds `z_c - logsumexp(z_others)`), its linearised std `s`
+  under the dropout above, and returns the std of `sigmoid(z + kappa * s *
+  eps)` for `eps ~ N(0, 1)` by Gauss-Hermite quadrature. Scaling the logits
+  and their std together (inputs scaled up, in a ReLU network) then keeps
+  the estimate where MC dropout keeps it, the chance that the prediction
+  flips. `kappa` (`noise_scale`, non-trainable, 1 until
+  `fit_variation_head` fits it) stands for the dropout of the earlier
+  layers, which widens the logits' spread by a factor the last layer alone
+  cannot see. The bias is a non-trainable copy, as the kernel.
+
   Args:
     rate: dropout rate before the output layer.
     activation: "linear", "sigmoid" or "softmax".
     statistic: "std", "predicted_class_std" or "per_class_std".
     input_dim: d. units: k.
+    smoothed: Gauss-Hermite smoothing instead of linearisation (see above);
+      only where it applies (`smoothing_applies`), else refused.
     **kwargs: passed to `keras.layers.Layer`.
   """
 
   def __init__(self, rate, activation, statistic, input_dim, units,
-               **kwargs):
+               smoothed=False, **kwargs):
     super().__init__(**kwargs)
     if activation not in OUTPUT_ACTIVATIONS:
       raise validation.invalid("activation", f"one of {OUTPUT_ACTIVATIONS}",
@@ -184,6 +241,16 @@ class OutputDropoutDelta(keras.layers.Layer):
     self.kernel = self.add_weight(name="kernel",
                                   shape=(self.input_dim, self.units),
                                   trainable=False, initializer="zeros")
+    self.smoothed = bool(smoothed)
+    if self.smoothed and not smoothing_applies(activation, statistic):
+      raise validation.invalid(
+          "smoothed", "False for a linear output or a per-class statistic",
+          smoothed)
+    if self.smoothed:
+      self.bias = self.add_weight(name="bias", shape=(self.units,),
+                                  trainable=False, initializer="zeros")
+      self.noise_scale = self.add_weight(name="noise_scale", shape=(),
+                                         trainable=False, initializer="ones")
 
   def call(self, inputs):
     h, y = inputs
@@ -193,6 +260,9 @@ class OutputDropoutDelta(keras.layers.Layer):
     # the noise factor is applied last, to a (batch, 1) or (batch, k) tensor.
     c = (self.rate / (1.0 - self.rate)) ** 0.5
     w = tf.cast(self.kernel, "float32")  # autocast under a float16 policy
+    if self.smoothed:
+      logit, spread = self.logit_and_spread(h, w)
+      return smoothed_sigmoid_std(logit, spread * (c * self.noise_scale))
     if self.activation == "softmax":
       if self.statistic == contract.STAT_PREDICTED_CLASS_STD:
         # tf ops, not keras.ops: keras' argmax adds six ops per call.
@@ -214,6 +284,32 @@ class OutputDropoutDelta(keras.layers.Layer):
       std = std * (y * (1.0 - y))   # |d sigmoid / d logit|, y in [0, 1]
     return std * c
 
+  def logit_and_spread(self, h, w=None):
+    """(logit, s): the logit the statistic depends on, and its std / c.
+
+    `s` is the linearised std of the logit under dropout of `h` with the
+    noise factor `c = sqrt(p / (1 - p))` and `noise_scale` left out:
+    (batch, 1) for softmax or k = 1, else (batch, k).
+    """
+    h = tf.cast(h, "float32")
+    w = tf.cast(self.kernel, "float32") if w is None else w
+    z = tf.matmul(h, w) + tf.cast(self.bias, "float32")
+    if self.activation == "sigmoid":
+      if self.units == 1:
+        return z, l2_norm(h * w[:, 0], keepdims=True)
+      return z, tf.sqrt(tf.matmul(tf.square(h), tf.square(w)))
+    # Softmax: p_c = sigmoid(z_c - logsumexp(z_others)) exactly, c the
+    # predicted class; the log-odds' gradient w.r.t. z is onehot - q, q the
+    # softmax of the other classes.
+    top = tf.math.argmax(z, axis=-1)
+    onehot = tf.one_hot(top, self.units)
+    others = z - onehot * 1e30  # float32 exp(-1e30) == 0
+    lse = tf.reduce_logsumexp(others, axis=-1, keepdims=True)
+    q = tf.exp(others - lse)
+    logit = tf.reduce_sum(onehot * z, axis=-1, keepdims=True) - lse
+    wg = tf.matmul(onehot - q, w, transpose_b=True)         # (batch, d)
+    return logit, l2_norm(wg * h, keepdims=True)
+
   def compute_output_shape(self, input_shape):
     batch = input_shape[0][0]
     if self.statistic == contract.STAT_PREDICTED_CLASS_STD:
@@ -224,7 +320,7 @@ class OutputDropoutDelta(keras.layers.Layer):
     config = super().get_config()
     config.update({"rate": self.rate, "activation": self.activation,
                    "statistic": self.statistic, "input_dim": self.input_dim,
-                   "units": self.units})
+                   "units": self.units, "smoothed": self.smoothed})
     return config
 
 

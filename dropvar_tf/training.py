@@ -15,6 +15,7 @@ from dropvar_tf._keras import keras, tf
 from dropvar_tf import head_layers
 from dropvar_tf import heads
 from dropvar_tf import inputs
+from dropvar_tf import layers as probe_layers
 from dropvar_tf import metrics
 from dropvar_tf import validation
 
@@ -237,6 +238,53 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
           for name in names}
 
 
+# `OutputDropoutDelta.noise_scale` values tried by `_fit_prior_noise_scale`.
+_NOISE_SCALES = np.exp(np.linspace(np.log(0.25), np.log(16.0), 49))
+
+
+def _fit_prior_noise_scale(dual, output, x, t, idx, out_layer):
+  """Fits the noise scale of a smoothed output-delta prior; new prior values.
+
+  The scale widens the last layer's logit spread for the dropout of the
+  layers below it (`layers.OutputDropoutDelta`). It is the one that leaves
+  the head the least to correct: the smallest variance, over the training
+  rows `idx`, of the log-space gap between targets and prior. Returns the
+  prior's values for every row of `x` at that scale (as the dual computes
+  them), or None when the head's prior is not a smoothed output delta.
+  """
+  layer = heads.smoothed_prior_layer(dual, output)
+  if layer is None:
+    return None
+  h = keras.Model(dual.input, heads.layer_input_tensors(dual, layer)[0])
+  if not isinstance(x, inputs.ModelInputs):
+    x = inputs.normalize(dual, x)
+  h = h.predict(x.as_dataset(256), verbose=0)
+  parts = [layer.logit_and_spread(h[i:i + 4096])
+           for i in range(0, len(h), 4096)]
+  logit = tf.concat([p[0] for p in parts], axis=0)
+  spread = tf.concat([p[1] for p in parts], axis=0) * (
+      (layer.rate / (1.0 - layer.rate)) ** 0.5)
+  eps = float(out_layer.eps.numpy()) if (
+      out_layer.transform == head_layers.LOG) else 1e-6
+  target = np.log(np.asarray(t, "float64")[idx].reshape(len(idx), -1) + eps)
+  best = None
+  for scale in _NOISE_SCALES:
+    prior = probe_layers.smoothed_sigmoid_std(
+        tf.gather(logit, idx), tf.gather(spread, idx) * float(scale))
+    gap = target - np.log(np.asarray(prior, "float64") + eps)
+    spread_of_gap = float(np.var(gap))
+    if best is None or spread_of_gap < best[0]:
+      best = (spread_of_gap, float(scale))
+  layer.noise_scale.assign(best[1])
+  prior = probe_layers.smoothed_sigmoid_std(logit, spread * best[1])
+  return np.asarray(prior, "float32").reshape(len(h), -1)
+
+
+def _prior_noise_scale(dual, output):
+  layer = heads.smoothed_prior_layer(dual, output)
+  return None if layer is None else float(layer.noise_scale.numpy())
+
+
 def _fit_head(dual, output, x, targets, n, epochs, batch_size,
               validation_split, learning_rate, seed, num_samples, patience,
               calibrate, report_split, verbose):
@@ -288,6 +336,9 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   out_layer.scale.assign(1.0)
   out_layer.max_value.assign(np.finfo("float32").max)
   if prior is not None:
+    fitted = _fit_prior_noise_scale(dual, output, x, t, train_idx, out_layer)
+    if fitted is not None:
+      prior = feats[-1] = fitted
     # The head may correct its prior only as much as the training part of
     # the calibration targets needed (central CORRECTION_QUANTILE of them).
     bound = out_layer.prior_bound
@@ -371,6 +422,7 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
       "output_eps": float(out_layer.eps.numpy()),
       "output_scale": float(out_layer.scale.numpy()),
       "output_max_value": float(out_layer.max_value.numpy()),
+      "prior_noise_scale": _prior_noise_scale(dual, output),
       "prior_correction": None if prior is None else [
           float(out_layer.correction_low.numpy()),
           float(out_layer.correction_high.numpy())],

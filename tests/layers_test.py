@@ -275,7 +275,7 @@ class OutputDropoutDeltaTest(tf.test.TestCase):
     self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
                               "rate": 0.3, "activation": "sigmoid",
                               "statistic": "std", "input_dim": 4,
-                              "units": 1})
+                              "units": 1, "smoothed": False})
     clone = layers.OutputDropoutDelta.from_config(config)
     self.assertEqual(clone.input_dim, 4)
     self.assertEqual(keras.saving.get_registered_name(
@@ -283,6 +283,95 @@ class OutputDropoutDeltaTest(tf.test.TestCase):
     with self.assertRaises(ValueError) as cm:
       layers.OutputDropoutDelta(0.3, "relu", "std", 4, 1)
     self.assertEqual(str(cm.exception), _ERR_ACTIVATION)
+
+
+class SmoothedSigmoidStdTest(tf.test.TestCase):
+
+  def test_matches_sampled_std_from_centre_to_far_tail(self):
+    rng = np.random.default_rng(0)
+    eps = rng.normal(size=2_000_000)
+    # (logit, spread, rtol): a spread of tens of logits makes the sigmoid a
+    # step between quadrature nodes.
+    cases = [(0.0, 0.5, 1e-3), (2.0, 1.0, 1e-3), (-3.0, 0.3, 1e-3),
+             (8.0, 2.0, 0.01), (5.0, 0.01, 1e-3), (30.0, 10.0, 0.05),
+             (60.0, 40.0, 0.06), (3.0, 100.0, 0.03)]
+    logit = np.array([c[0] for c in cases], "float32")
+    spread = np.array([c[1] for c in cases], "float32")
+    out = np.asarray(layers.smoothed_sigmoid_std(logit, spread))
+    for i, (m, s, rtol) in enumerate(cases):
+      with self.subTest(logit=m, spread=s):
+        # Sampled on the far side, as the quadrature, for precision.
+        sampled = (1 / (1 + np.exp(np.abs(m) - s * eps))).std()
+        self.assertAllClose(out[i], sampled, rtol=rtol)
+
+  def test_finite_and_nonnegative_on_extremes(self):
+    logit = np.array([np.inf, -np.inf, np.nan, 1e38, 0.0, 3.0], "float32")
+    spread = np.array([1.0, 1.0, 1.0, 1e38, np.inf, 0.0], "float32")
+    out = np.asarray(layers.smoothed_sigmoid_std(logit, spread))
+    self.assertTrue(np.all(np.isfinite(out)))
+    # Not finite: 0. Huge but finite: the chance of a flip still counts
+    # (a logit one spread from 0 flips with probability 0.16).
+    self.assertAllEqual(out[[0, 1, 2, 4, 5]], [0.0, 0.0, 0.0, 0.0, 0.0])
+    self.assertBetween(out[3], 0.2, 0.5)
+
+
+class SmoothedOutputDeltaTest(tf.test.TestCase):
+  """`OutputDropoutDelta(smoothed=True)` against MC dropout of its layer."""
+
+  def _model(self, activation, units):
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(64, activation="relu", use_bias=False,
+                           name="hidden")(inputs)
+    dropped = keras.layers.Dropout(0.3)(h)
+    out = keras.layers.Dense(units, activation=activation, use_bias=False,
+                             kernel_initializer=keras.initializers.RandomNormal(
+                                 stddev=0.6, seed=1), name="out")(dropped)
+    model = keras.Model(inputs, out)
+    layer = layers.OutputDropoutDelta(
+        rate=0.3, activation=activation,
+        statistic="std" if activation == "sigmoid" else "predicted_class_std",
+        input_dim=64, units=units, smoothed=True)
+    layer.build([(None, 64), (None, units)])
+    layer.kernel.assign(model.get_layer("out").kernel.numpy())
+    return model, keras.Model(inputs, h), layer
+
+  def test_follows_mc_dropout_as_inputs_scale_up(self):
+    # With dropout only before the output layer, the smoothed delta is MC
+    # dropout up to the Gaussian approximation of the logits; scaling the
+    # inputs up (a ReLU network without biases scales its logits and their
+    # spread together) keeps it there.
+    x = np.random.default_rng(2).normal(size=(64, 6)).astype("float32")
+    for activation, units in (("sigmoid", 1), ("softmax", 4)):
+      model, hidden, layer = self._model(activation, units)
+      for scale in (1.0, 16.0):
+        with self.subTest(activation=activation, scale=scale):
+          xs = x * scale
+          mc = np.asarray(targets.mc_dropout_targets(
+              model, xs, num_samples=2000, seed=0, progress=False)).ravel()
+          smooth = np.asarray(layer([hidden(xs), model(xs)])).ravel()
+          self.assertAllClose(smooth.mean() / mc.mean(), 1.0, atol=0.1)
+          self.assertGreater(np.corrcoef(smooth, mc)[0, 1], 0.9)
+
+  def test_noise_scale_widens_the_spread_and_refusals(self):
+    model, hidden, layer = self._model("sigmoid", 1)
+    x = np.random.default_rng(2).normal(size=(8, 6)).astype("float32")
+    h, y = hidden(x), model(x)
+    before = np.asarray(layer([h, y]))
+    layer.noise_scale.assign(2.0)
+    logit, spread = layer.logit_and_spread(h)
+    expected = layers.smoothed_sigmoid_std(
+        logit, spread * 2.0 * (0.3 / 0.7) ** 0.5)
+    self.assertAllClose(layer([h, y]), expected)
+    self.assertTrue(np.all(np.asarray(layer([h, y])) >= before))
+    config = layer.get_config()
+    self.assertTrue(config["smoothed"])
+    self.assertTrue(layers.OutputDropoutDelta.from_config(config).smoothed)
+    for activation, statistic in (("linear", "std"),
+                                  ("softmax", "per_class_std")):
+      with self.assertRaisesRegex(ValueError, "`smoothed`"):
+        layers.OutputDropoutDelta(0.3, activation, statistic, 4, 3,
+                                  smoothed=True)
 
 
 class IsReluOutputTest(tf.test.TestCase):

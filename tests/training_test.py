@@ -507,6 +507,38 @@ class PriorTest(tf.test.TestCase):
     self.assertTrue(np.all(v > 0))
 
 
+  def test_fit_sets_the_smoothed_delta_noise_scale(self):
+    # The default prior of a Dropout -> Dense(softmax) model is the smoothed
+    # output delta; its noise scale is the one of `training._NOISE_SCALES`
+    # that leaves the head the least to correct, and the prior values the
+    # head was fitted on are the dual's own.
+    model = tm.mlp_softmax()
+    x = tm.sample_inputs("softmax", 300)
+    t = np.asarray(targets.mc_dropout_targets(model, x, num_samples=30,
+                                              seed=2), "float64")
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    layer = heads.smoothed_prior_layer(dual)
+    self.assertEqual(heads.variation_head_metadata(dual)["prior"], "delta")
+    training.fit_variation_head(dual, x, t, epochs=2, seed=1,
+                                num_samples=30, validation_split=0.0,
+                                report_split=0.0)
+    fitted = float(layer.noise_scale.numpy())
+    self.assertEqual(
+        heads.variation_head_metadata(dual)["prior_noise_scale"], fitted)
+    eps = float(heads.variation_output_layer(dual).eps.numpy())
+
+    def gap_variance(scale):
+      layer.noise_scale.assign(scale)
+      prior = training.head_features(dual, x)[-1].astype("float64")[:, 0]
+      return np.var(np.log(t + eps) - np.log(prior + eps))
+
+    at_fit = gap_variance(fitted)
+    self.assertNotEqual(fitted, 1.0)
+    self.assertLess(at_fit, gap_variance(1.0))
+    self.assertLessEqual(at_fit, gap_variance(fitted * 1.5) + 1e-9)
+    self.assertLessEqual(at_fit, gap_variance(fitted / 1.5) + 1e-9)
+
+
 class ExtremeInputsTest(tf.test.TestCase):
 
   def test_variation_is_finite_and_non_negative_at_extremes(self):
