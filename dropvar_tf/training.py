@@ -55,10 +55,15 @@ def head_features(dual, x, batch_size=256, output=None):
   Raises:
     ValueError: `x` does not match the model's inputs (`inputs.normalize`).
   """
+  return _predict_tensors(dual, x, heads.head_feature_tensors(dual, output),
+                          batch_size)
+
+
+def _predict_tensors(dual, x, tensors, batch_size=256):
+  """Values of symbolic `tensors` of `dual` on `x`: (N, d_i) float32 each."""
   if not isinstance(x, inputs.ModelInputs):
     x = inputs.normalize(dual, x)
-  feature_model = keras.Model(dual.input,
-                              heads.head_feature_tensors(dual, output))
+  feature_model = keras.Model(dual.input, list(tensors))
   # A Dataset: Keras' `predict` refuses numpy string arrays.
   feats = feature_model.predict(x.as_dataset(batch_size), verbose=0)
   if not isinstance(feats, (list, tuple)):
@@ -242,23 +247,16 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
 _NOISE_SCALES = np.exp(np.linspace(np.log(0.25), np.log(16.0), 49))
 
 
-def _fit_prior_noise_scale(dual, output, x, t, idx, out_layer):
+def _fit_prior_noise_scale(layer, h, t, idx, out_layer):
   """Fits the noise scale of a smoothed output-delta prior; new prior values.
 
   The scale widens the last layer's logit spread for the dropout of the
-  layers below it (`layers.OutputDropoutDelta`). It is the one that leaves
-  the head the least to correct: the smallest variance, over the training
-  rows `idx`, of the log-space gap between targets and prior. Returns the
-  prior's values for every row of `x` at that scale (as the dual computes
-  them), or None when the head's prior is not a smoothed output delta.
+  layers below it (`layers.OutputDropoutDelta` `layer`, whose input `h` is
+  for every calibration row). It is the one that leaves the head the least
+  to correct: the smallest variance, over the training rows `idx`, of the
+  log-space gap between targets `t` and prior. Returns the prior's values
+  for every row at that scale, as the dual computes them.
   """
-  layer = heads.smoothed_prior_layer(dual, output)
-  if layer is None:
-    return None
-  h = keras.Model(dual.input, heads.layer_input_tensors(dual, layer)[0])
-  if not isinstance(x, inputs.ModelInputs):
-    x = inputs.normalize(dual, x)
-  h = h.predict(x.as_dataset(256), verbose=0)
   parts = [layer.logit_and_spread(h[i:i + 4096])
            for i in range(0, len(h), 4096)]
   logit = tf.concat([p[0] for p in parts], axis=0)
@@ -294,7 +292,12 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   arg = "targets" if output is None else f"targets[{output!r}]"
   units = out_layer.units
   _check_targets(targets, n, units, arg)
-  feats = head_features(dual, x, output=output)
+  smoothed = heads.smoothed_prior_layer(dual, output)
+  tensors = list(heads.head_feature_tensors(dual, output))
+  if smoothed is not None:
+    tensors.append(heads.layer_input_tensors(dual, smoothed)[0])
+  feats = _predict_tensors(dual, x, tensors)
+  prior_input = feats.pop() if smoothed is not None else None
   t = _check_targets(targets, len(feats[0]), units, arg)
   # With a prior, the head's last input is the prior: the layers learn only
   # the log-space correction of it from the other inputs.
@@ -336,9 +339,9 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   out_layer.scale.assign(1.0)
   out_layer.max_value.assign(np.finfo("float32").max)
   if prior is not None:
-    fitted = _fit_prior_noise_scale(dual, output, x, t, train_idx, out_layer)
-    if fitted is not None:
-      prior = feats[-1] = fitted
+    if smoothed is not None:
+      prior = feats[-1] = _fit_prior_noise_scale(
+          smoothed, prior_input, t, train_idx, out_layer)
     # The head may correct its prior only as much as the training part of
     # the calibration targets needed (central CORRECTION_QUANTILE of them).
     bound = out_layer.prior_bound
