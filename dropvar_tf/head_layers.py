@@ -7,6 +7,9 @@ of `dropvar_tf.layers`:
 - `HeadInputDense`: the head's first layer, one matmul per wide input.
 - `VariationOutput`: the non-negative variation estimate; it keeps the head's
   metadata and refuses heads of an older feature format.
+- `OutOfRange`: beside the heads (`add_variation_head(out_of_range=True)`),
+  how far an input's activation strengths lie outside their calibration
+  range.
 
 They are registered as "dropvar_tf>ClassName", so a saved dual model loads
 with `keras.saving.load_model` once `dropvar_tf` is imported.
@@ -394,4 +397,119 @@ class VariationOutput(keras.layers.Layer):
     config.update({"units": self.units, "transform": self.transform,
                    "metadata": self.metadata,
                    "prior_bound": self.prior_bound})
+    return config
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class OutOfRange(keras.layers.Layer):
+  """How far features lie outside the range they had on calibration inputs.
+
+  For features `x` (the inputs side by side, d columns) and per-feature
+  non-trainable weights `low`, `high` and `inv_spread` (set by `set_range`
+  from calibration features):
+
+    max(0, max_j max(x_j - high_j, low_j - x_j) * inv_spread_j)
+
+  the largest distance of a feature outside its calibration range [`low`,
+  `high`] (its `quantile` and `1 - quantile` quantiles), in units of that
+  feature's calibration spread (its standard deviation); 0 inside the range
+  of every feature. The maximum, not a mean: one feature far out is enough
+  to call an input unlike the calibration inputs, however many others look
+  usual. The signal is capped at `MAX_VALUE`, and is `MAX_VALUE` where a
+  feature is NaN or infinite (activations that overflowed), so it is finite
+  for every input.
+
+  Before `set_range` the range is unset: the signal is 0 for every input
+  whose features are finite (`export_saved_model` refuses such a dual).
+
+  Input: a list of (batch, d_i) tensors (or one (batch, d) tensor). Output:
+  (batch,), float32.
+
+  Args:
+    quantile: the calibration range is [quantile, 1 - quantile] quantiles of
+      each feature, 0 <= quantile < 0.5 (0: min and max).
+    **kwargs: passed to `keras.layers.Layer`.
+
+  Example:
+  >>> layer = OutOfRange()
+  >>> layer.set_range(calibration_features)   # (N, d) numpy
+  >>> layer(features)                         # (batch,)
+  """
+
+  # The largest signal: also that of NaN or infinite features.
+  MAX_VALUE = 1e30
+  # A feature's spread is at least this share of its largest calibration
+  # magnitude (and at least SPREAD_FLOOR): a feature constant on the
+  # calibration inputs flags changes beyond float32 rounding, not rounding.
+  RELATIVE_SPREAD_FLOOR = 1e-3
+  SPREAD_FLOOR = 1e-6
+
+  def __init__(self, quantile=0.001, **kwargs):
+    super().__init__(**kwargs)
+    if (isinstance(quantile, bool) or
+        not isinstance(quantile, (int, float)) or not 0 <= quantile < 0.5):
+      raise validation.invalid("quantile", "a number in [0, 0.5)", quantile)
+    self.quantile = float(quantile)
+
+  def build(self, input_shape):
+    if not (isinstance(input_shape, (list, tuple)) and input_shape and
+            isinstance(input_shape[0], (list, tuple))):
+      input_shape = [input_shape]
+    width = int(sum(int(shape[-1]) for shape in input_shape))
+    self.low = self.add_weight(name="low", shape=(width,), trainable=False,
+                               initializer="zeros")
+    self.high = self.add_weight(name="high", shape=(width,), trainable=False,
+                                initializer="zeros")
+    self.inv_spread = self.add_weight(name="inv_spread", shape=(width,),
+                                      trainable=False, initializer="zeros")
+
+  def call(self, inputs):
+    if isinstance(inputs, (list, tuple)):
+      x = inputs[0] if len(inputs) == 1 else tf.concat(list(inputs), axis=-1)
+    else:
+      x = inputs
+    x = _ops.cast(x, "float32")
+    outside = tf.maximum(x - self.high, self.low - x) * self.inv_spread
+    signal = tf.nn.relu(tf.reduce_max(outside, axis=-1))
+    # reduce_max may drop NaN: a NaN anywhere in the row is found by the
+    # sum, which propagates it.
+    bad = tf.math.is_nan(tf.reduce_sum(outside, axis=-1))
+    return tf.where(bad, self.MAX_VALUE, tf.minimum(signal, self.MAX_VALUE))
+
+  def compute_output_shape(self, input_shape):
+    first = input_shape[0] if isinstance(input_shape[0], (list, tuple)) \
+        else input_shape
+    return (first[0],)
+
+  def set_range(self, features):
+    """Sets the calibration range from calibration features.
+
+    Args:
+      features: (N, d) array, N >= 1, the layer's inputs side by side on
+        calibration inputs; rows with NaN or infinite values are skipped.
+
+    Raises:
+      ValueError: `features` has the wrong width, or no finite row.
+    """
+    f = np.asarray(features, "float64")
+    width = int(self.low.shape[0])
+    if f.ndim != 2 or f.shape[1] != width:
+      raise validation.invalid("features", f"an (N, {width}) array",
+                               f"shape {f.shape}")
+    f = f[np.all(np.isfinite(f), axis=1)]
+    if not len(f):
+      raise validation.invalid("features", "at least one row of finite "
+                               "features", "none")
+    low, high = np.quantile(f, [self.quantile, 1 - self.quantile], axis=0)
+    floor = np.maximum(self.RELATIVE_SPREAD_FLOOR *
+                       np.maximum(np.abs(low), np.abs(high)),
+                       self.SPREAD_FLOOR)
+    spread = np.maximum(f.std(axis=0), floor)
+    self.low.assign(low.astype("float32"))
+    self.high.assign(high.astype("float32"))
+    self.inv_spread.assign((1.0 / spread).astype("float32"))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"quantile": self.quantile})
     return config
