@@ -170,6 +170,17 @@ class DualOutOfRangeTest(tf.test.TestCase):
         for flag in (False, True))
     self.assertAllEqual(plain, with_signal)
 
+  def test_train_variation_head_sets_the_range(self):
+    with warnings.catch_warnings():  # a 1-epoch fit is far below the bound
+      warnings.simplefilter("ignore")
+      dual = training.train_variation_head(
+          self.model, self.x[:50], num_samples=4, num_perturbed=100,
+          epochs=1, hidden_units=(8,), out_of_range=True)
+    record = heads.variation_head_metadata(dual)["out_of_range"]
+    self.assertTrue(record["fitted"])
+    self.assertGreater(np.median(_signal(dual, 8.0 * self.x)),
+                       np.median(_signal(dual, self.x)))
+
   def test_unfitted_reads_zero_and_is_not_exported(self):
     dual = heads.add_variation_head(self.model, hidden_units=(8,),
                                     out_of_range=True)
