@@ -404,23 +404,32 @@ class VariationOutput(keras.layers.Layer):
 class OutOfRange(keras.layers.Layer):
   """How far features lie outside the range they had on calibration inputs.
 
-  For features `x` (the inputs side by side, d columns) and per-feature
-  non-trainable weights `low`, `high` and `inv_spread` (set by `set_range`
-  from calibration features):
+  Each feature j (the inputs side by side, d columns) has a calibration
+  range [low_j, high_j] (its `quantile` and `1 - quantile` quantiles on the
+  calibration features, `set_range`), with center c_j and half-width w_j.
+  The signal is
 
-    max(0, max_j max(x_j - high_j, low_j - x_j) * inv_spread_j)
+    max(0, max_j |x_j - c_j| / w_j - 1)
 
-  the largest distance of a feature outside its calibration range [`low`,
-  `high`] (its `quantile` and `1 - quantile` quantiles), in units of that
-  feature's calibration spread (its standard deviation); 0 inside the range
-  of every feature. The maximum, not a mean: one feature far out is enough
-  to call an input unlike the calibration inputs, however many others look
-  usual. The signal is capped at `MAX_VALUE`, and is `MAX_VALUE` where a
-  feature is NaN or infinite (activations that overflowed), so it is finite
-  for every input.
+  the largest distance of a feature outside its calibration range, in
+  half-widths of that range (1: as far beyond an end as the end is from the
+  center); 0 when every feature is inside its range. The maximum, not a
+  mean: one feature far out is enough to call an input unlike the
+  calibration inputs, however many others look usual. The signal is capped
+  at `MAX_VALUE`, and is `MAX_VALUE` where a feature is NaN or infinite
+  (activations that overflowed), so it is finite for every input.
 
-  Before `set_range` the range is unset: the signal is 0 for every input
-  whose features are finite (`export_saved_model` refuses such a dual).
+  Cost: over the (batch, d) features, one multiply, one subtract, one abs
+  and two reductions (the max, and a sum that finds NaN features: XLA's
+  max drops NaN); the rest is per row. Half-widths, not standard
+  deviations, as units: these fold into one multiply and one subtract,
+  where per-feature standard deviations need one more pass over the
+  features (measured in docs/measurements.md).
+
+  Weights (non-trainable): `scale` = 1 / w and `offset` = c / w, so that the
+  signal reads `|x * scale - offset|`. Before `set_range` both are 0: the
+  signal is 0 for every input whose features are finite
+  (`export_saved_model` refuses such a dual).
 
   Input: a list of (batch, d_i) tensors (or one (batch, d) tensor). Output:
   (batch,), float32.
@@ -438,11 +447,11 @@ class OutOfRange(keras.layers.Layer):
 
   # The largest signal: also that of NaN or infinite features.
   MAX_VALUE = 1e30
-  # A feature's spread is at least this share of its largest calibration
-  # magnitude (and at least SPREAD_FLOOR): a feature constant on the
+  # A half-width is at least this share of the feature's largest calibration
+  # magnitude (and at least WIDTH_FLOOR): a feature constant on the
   # calibration inputs flags changes beyond float32 rounding, not rounding.
-  RELATIVE_SPREAD_FLOOR = 1e-3
-  SPREAD_FLOOR = 1e-6
+  RELATIVE_WIDTH_FLOOR = 1e-3
+  WIDTH_FLOOR = 1e-6
 
   def __init__(self, quantile=0.001, **kwargs):
     super().__init__(**kwargs)
@@ -456,12 +465,10 @@ class OutOfRange(keras.layers.Layer):
             isinstance(input_shape[0], (list, tuple))):
       input_shape = [input_shape]
     width = int(sum(int(shape[-1]) for shape in input_shape))
-    self.low = self.add_weight(name="low", shape=(width,), trainable=False,
-                               initializer="zeros")
-    self.high = self.add_weight(name="high", shape=(width,), trainable=False,
-                                initializer="zeros")
-    self.inv_spread = self.add_weight(name="inv_spread", shape=(width,),
-                                      trainable=False, initializer="zeros")
+    self.scale = self.add_weight(name="scale", shape=(width,),
+                                 trainable=False, initializer="zeros")
+    self.offset = self.add_weight(name="offset", shape=(width,),
+                                  trainable=False, initializer="zeros")
 
   def call(self, inputs):
     if isinstance(inputs, (list, tuple)):
@@ -469,11 +476,11 @@ class OutOfRange(keras.layers.Layer):
     else:
       x = inputs
     x = _ops.cast(x, "float32")
-    outside = tf.maximum(x - self.high, self.low - x) * self.inv_spread
-    signal = tf.nn.relu(tf.reduce_max(outside, axis=-1))
-    # reduce_max may drop NaN: a NaN anywhere in the row is found by the
-    # sum, which propagates it.
-    bad = tf.math.is_nan(tf.reduce_sum(outside, axis=-1))
+    reach = tf.abs(x * self.scale - self.offset)
+    signal = tf.nn.relu(tf.reduce_max(reach, axis=-1) - 1.0)
+    # A NaN anywhere in the row makes the sum NaN (XLA's reduce_max skips
+    # NaN, TF's keeps it).
+    bad = tf.math.is_nan(tf.reduce_sum(reach, axis=-1))
     return tf.where(bad, self.MAX_VALUE, tf.minimum(signal, self.MAX_VALUE))
 
   def compute_output_shape(self, input_shape):
@@ -492,7 +499,7 @@ class OutOfRange(keras.layers.Layer):
       ValueError: `features` has the wrong width, or no finite row.
     """
     f = np.asarray(features, "float64")
-    width = int(self.low.shape[0])
+    width = int(self.scale.shape[0])
     if f.ndim != 2 or f.shape[1] != width:
       raise validation.invalid("features", f"an (N, {width}) array",
                                f"shape {f.shape}")
@@ -501,13 +508,21 @@ class OutOfRange(keras.layers.Layer):
       raise validation.invalid("features", "at least one row of finite "
                                "features", "none")
     low, high = np.quantile(f, [self.quantile, 1 - self.quantile], axis=0)
-    floor = np.maximum(self.RELATIVE_SPREAD_FLOOR *
-                       np.maximum(np.abs(low), np.abs(high)),
-                       self.SPREAD_FLOOR)
-    spread = np.maximum(f.std(axis=0), floor)
-    self.low.assign(low.astype("float32"))
-    self.high.assign(high.astype("float32"))
-    self.inv_spread.assign((1.0 / spread).astype("float32"))
+    center = (low + high) / 2
+    half_width = np.maximum.reduce([
+        (high - low) / 2,
+        self.RELATIVE_WIDTH_FLOOR * np.maximum(np.abs(low), np.abs(high)),
+        np.full(width, self.WIDTH_FLOOR)])
+    self.scale.assign((1.0 / half_width).astype("float32"))
+    self.offset.assign((center / half_width).astype("float32"))
+
+  def ranges(self):
+    """(low, high) numpy arrays: the range of each feature (floors applied)."""
+    scale = self.scale.numpy().astype("float64")
+    with np.errstate(divide="ignore", invalid="ignore"):
+      half_width = 1.0 / scale
+      center = self.offset.numpy() * half_width
+    return center - half_width, center + half_width
 
   def get_config(self):
     config = super().get_config()

@@ -359,13 +359,14 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
     out_of_range: also return "out_of_range" (`contract.OUT_OF_RANGE_KEY`),
       (batch,) float32 >= 0: how far the input's activation strengths (the
       probe features every head reads, before the head's standardisation)
-      lie outside the range they had on the calibration inputs, in units
-      of their calibration spread; 0 inside it
-      (`head_layers.OutOfRange`). One small elementwise op on features the
-      heads compute anyway. `fit_variation_head` sets the range; until then
-      the signal is 0 and `export_saved_model` refuses the dual. A
-      multi-output dual has one such output for the whole input. Off by
-      default: the output keys stay exactly `contract.output_keys(names)`.
+      lie outside the range they had on the calibration inputs, in
+      half-widths of that range (largest over features); 0 inside it
+      (`head_layers.OutOfRange`). A few elementwise ops on features the
+      heads compute anyway (docs/measurements.md). `fit_variation_head`
+      sets the range; until then the signal is 0 and `export_saved_model`
+      refuses the dual. A multi-output dual has one such output for the
+      whole input. Off by default: the output keys stay exactly
+      `contract.output_keys(names)`.
 
   Returns:
     A `keras.Model` with the inputs of `model` and dict outputs

@@ -293,7 +293,7 @@ def _fit_out_of_range(dual, x, train_idx, report_idx):
     held_out = {"num_examples": int(len(report_idx)),
                 "share_above_zero": float(np.mean(signal > 0)),
                 "quantile_99": float(np.quantile(signal, 0.99))}
-  record = {"fitted": True, "quantile": layer.quantile, "spread": "std",
+  record = {"fitted": True, "quantile": layer.quantile, "unit": "half-width",
             "num_examples": int(len(train_idx)), "held_out": held_out}
   for name in heads.dual_output_names(dual) or [None]:
     heads.variation_output_layer(dual, name).metadata["out_of_range"] = (

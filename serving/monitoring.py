@@ -56,8 +56,8 @@ _LATENCY_BUCKETS = tuple(10 * 1.8**i for i in range(32)) + (float("inf"),)
 # Variation buckets: 1e-4 to about 100, doubling.
 DEFAULT_VARIATION_BUCKETS = tuple(1e-4 * 2**i for i in range(21)) + (
     float("inf"),)
-# Out-of-range buckets, in calibration spreads: 0 (in range), then 1/8 to
-# 16384, doubling.
+# Out-of-range buckets, in half-widths of the calibration range: 0 (in
+# range), then 1/8 to 16384, doubling.
 OUT_OF_RANGE_BUCKETS = (0.0,) + tuple(0.125 * 2**i for i in range(18)) + (
     float("inf"),)
 

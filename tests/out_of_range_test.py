@@ -76,15 +76,28 @@ class OutOfRangeLayerTest(tf.test.TestCase):
     self.layer.build([(None, 3), (None, 2)])
     self.layer.set_range(np.concatenate(self.calibration, axis=1))
 
-  def test_zero_inside_and_spreads_outside(self):
+  def test_zero_inside_and_half_widths_outside(self):
     # quantile=0: every calibration row is inside [min, max].
     self.assertAllEqual(self.layer(self.calibration), np.zeros(500))
     full = np.concatenate(self.calibration, axis=1)
-    std = full.std(axis=0)
+    low, high = self.layer.ranges()
+    self.assertAllClose(low, full.min(axis=0), atol=1e-5)
+    self.assertAllClose(high, full.max(axis=0), atol=1e-5)
+    half = (high - low) / 2
     x = [np.zeros((2, 3), "float32"), np.full((2, 2), 0.5, "float32")]
-    x[0][0, 1] = full[:, 1].max() + 2 * std[1]        # 2 spreads above
-    x[1][1, 0] = full[:, 3].min() - 0.5 * std[3]      # half a spread below
-    self.assertAllClose(self.layer(x), [2.0, 0.5], rtol=1e-3)
+    x[0][0, 1] = high[1] + 2 * half[1]        # 2 half-widths above
+    x[1][1, 0] = low[3] - 0.5 * half[3]       # half a half-width below
+    self.assertAllClose(self.layer(x), [2.0, 0.5], rtol=1e-4)
+
+  def test_constant_feature_has_a_floored_width(self):
+    layer = head_layers.OutOfRange(quantile=0.0)
+    layer.build((None, 2))
+    layer.set_range(np.array([[100.0, 0.0]] * 5))
+    low, high = layer.ranges()
+    self.assertAllClose(low, [99.9, -1e-6])
+    self.assertAllClose(high, [100.1, 1e-6])
+    self.assertAllClose(layer(np.array([[100.05, 0.0], [100.3, 0.0]],
+                                       "float32")), [0.0, 2.0], rtol=1e-3)
 
   def test_finite_at_extremes_and_on_non_finite_features(self):
     rows = np.array([[1e38] * 5, [-1e38] * 5, [np.inf] * 5, [np.nan] * 5,
@@ -96,11 +109,15 @@ class OutOfRangeLayerTest(tf.test.TestCase):
         out[2:], [np.float32(head_layers.OutOfRange.MAX_VALUE)] * 3)
 
   def test_same_under_xla(self):
-    rows = np.array([[0.0, np.nan, 0.0, 0.5, 0.5], [9.0, 0, 0, 0.5, 0.5]],
-                    "float32")
+    # XLA's reduce_max skips NaN: the row of NaN would read 0 without the
+    # layer's NaN check.
+    rows = np.array([[0.0, np.nan, 0.0, 0.5, 0.5], [9.0, 0, 0, 0.5, 0.5],
+                     [np.nan] * 5], "float32")
     inputs = [rows[:, :3], rows[:, 3:]]
     compiled = tf.function(self.layer.call, jit_compile=True)
     self.assertAllClose(compiled(inputs), self.layer(inputs))
+    self.assertEqual(float(compiled(inputs)[2]),
+                     np.float32(head_layers.OutOfRange.MAX_VALUE))
 
   def test_unset_range_reads_zero(self):
     layer = head_layers.OutOfRange()

@@ -410,7 +410,7 @@ def _out_of_range_section(oor):
       "Out-of-range signal of the variation head "
       "(`add_variation_head(out_of_range=True)`): how far an input's "
       "activation strengths lie outside their range on the calibration "
-      "inputs, in calibration standard deviations (0 inside). AUC: the "
+      "inputs, in half-widths of that range (0 inside). AUC: the "
       "chance that a row of that shift reads higher than a row as trained "
       "(ties half; 0.5 is no separation). Flagged: the share of rows above "
       "the 99th percentile of the signal on held-out calibration inputs ("
