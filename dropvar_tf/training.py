@@ -296,8 +296,11 @@ def _fit_out_of_range(dual, x, train_idx, report_idx):
   record = {"fitted": True, "quantile": layer.quantile, "unit": "half-width",
             "num_examples": int(len(train_idx)), "held_out": held_out}
   for name in heads.dual_output_names(dual) or [None]:
-    heads.variation_output_layer(dual, name).metadata["out_of_range"] = (
-        dict(record))
+    # update(), not item assignment: Keras tracks what update() adds (as
+    # it does the fit report), where an assigned plain dict gets wrapped by
+    # TF's tracking on export and no longer serialises to JSON.
+    heads.variation_output_layer(dual, name).metadata.update(
+        {"out_of_range": dict(record)})
 
 
 def _fit_head(dual, output, x, targets, n, epochs, batch_size,

@@ -294,6 +294,17 @@ class ServedOutOfRangeTest(tf.test.TestCase):
     self.assertEqual(meta["out_of_range"],
                      heads.variation_head_metadata(self.dual)["out_of_range"])
 
+  def test_xla_export_serves_the_same_signal(self):
+    x, _ = self._inputs()
+    x = np.concatenate([x, np.full((1, x.shape[1]), 1e38, "float32")])
+    path = saved_model.export_saved_model(
+        self.dual, os.path.join(self.tmp, "xla"), jit_compile=True)
+    served = tf.saved_model.load(path).signatures[
+        contract.SERVING_SIGNATURE](features=tf.constant(x))
+    self.assertAllClose(served[contract.OUT_OF_RANGE_KEY],
+                        _signal(self.dual, x), rtol=1e-5)
+    self.assertTrue(np.all(np.isfinite(served[contract.OUT_OF_RANGE_KEY])))
+
   def test_grpc_and_rest_equal_in_process(self):
     x, expected = self._inputs()
     for protocol, target in (("grpc", self.server.target),
