@@ -21,6 +21,7 @@ import os
 import sys
 
 from dropvar_tf.version import __version__
+from dropvar_tf.contract import OUT_OF_RANGE_KEY
 from dropvar_tf.contract import OUTPUT_KEYS
 from dropvar_tf.contract import PREDICTION_KEY
 from dropvar_tf.contract import SERVING_SIGNATURE
@@ -58,6 +59,7 @@ __all__ = [
     "ActivationProbe",
     "ActivationStrength",
     "OUTPUT_KEYS",
+    "OUT_OF_RANGE_KEY",
     "PREDICTION_KEY",
     "SERVING_SIGNATURE",
     "VARIATION_KEY",

@@ -18,6 +18,13 @@ OUTPUT_KEYS = (PREDICTION_KEY, VARIATION_KEY)
 # JSON and gRPC output maps unchanged.
 OUTPUT_SEPARATOR = "/"
 
+# Optional output (`add_variation_head(out_of_range=True)`): how far an
+# input's activation strengths lie outside the range the head was calibrated
+# on, shape (batch,), float32, >= 0. One for the whole input, also in a dual
+# of several outputs (the features it reads are the input's). Absent by
+# default: key sets stay OUTPUT_KEYS / `output_keys(names)` exactly.
+OUT_OF_RANGE_KEY = "out_of_range"
+
 
 def prediction_key(output_name=None):
   """The key of an output's prediction: "prediction[/<output_name>]"."""
@@ -33,12 +40,17 @@ def variation_key(output_name=None):
   return f"{VARIATION_KEY}{OUTPUT_SEPARATOR}{output_name}"
 
 
-def output_keys(output_names=None):
-  """The dual's output keys: OUTPUT_KEYS, or two per named output (sorted)."""
+def output_keys(output_names=None, out_of_range=False):
+  """The dual's output keys: OUTPUT_KEYS, or two per named output (sorted).
+
+  With `out_of_range`, OUT_OF_RANGE_KEY is appended.
+  """
   if not output_names:
-    return OUTPUT_KEYS
-  return tuple(sorted(k for n in output_names
-                      for k in (prediction_key(n), variation_key(n))))
+    keys = OUTPUT_KEYS
+  else:
+    keys = tuple(sorted(k for n in output_names
+                        for k in (prediction_key(n), variation_key(n))))
+  return keys + (OUT_OF_RANGE_KEY,) if out_of_range else keys
 
 
 def per_output(outputs, kind):
@@ -62,9 +74,9 @@ def output_names(keys):
   Returns:
     `[]` for exactly OUTPUT_KEYS; the sorted names for a complete
     multi-output set ("prediction/<n>" and "variation/<n>" for each name);
-    None for anything else.
+    None for anything else. Either may also hold OUT_OF_RANGE_KEY.
   """
-  keys = set(keys)
+  keys = set(keys) - {OUT_OF_RANGE_KEY}
   if keys == set(OUTPUT_KEYS):
     return []
   names = sorted(k.split(OUTPUT_SEPARATOR, 1)[1] for k in keys

@@ -7,6 +7,9 @@ of `dropvar_tf.layers`:
 - `HeadInputDense`: the head's first layer, one matmul per wide input.
 - `VariationOutput`: the non-negative variation estimate; it keeps the head's
   metadata and refuses heads of an older feature format.
+- `OutOfRange`: beside the heads (`add_variation_head(out_of_range=True)`),
+  how far an input's activation strengths lie outside their calibration
+  range.
 
 They are registered as "dropvar_tf>ClassName", so a saved dual model loads
 with `keras.saving.load_model` once `dropvar_tf` is imported.
@@ -394,4 +397,134 @@ class VariationOutput(keras.layers.Layer):
     config.update({"units": self.units, "transform": self.transform,
                    "metadata": self.metadata,
                    "prior_bound": self.prior_bound})
+    return config
+
+
+@keras.saving.register_keras_serializable(package="dropvar_tf")
+class OutOfRange(keras.layers.Layer):
+  """How far features lie outside the range they had on calibration inputs.
+
+  Each feature j (the inputs side by side, d columns) has a calibration
+  range [low_j, high_j] (its `quantile` and `1 - quantile` quantiles on the
+  calibration features, `set_range`), with center c_j and half-width w_j.
+  The signal is
+
+    max(0, max_j |x_j - c_j| / w_j - 1)
+
+  the largest distance of a feature outside its calibration range, in
+  half-widths of that range (1: as far beyond an end as the end is from the
+  center); 0 when every feature is inside its range. The maximum, not a
+  mean: one feature far out is enough to call an input unlike the
+  calibration inputs, however many others look usual. The signal is capped
+  at `MAX_VALUE`, and is `MAX_VALUE` where a feature is NaN or infinite
+  (activations that overflowed), so it is finite for every input.
+
+  Cost: over the (batch, d) features, one multiply, one subtract, one abs
+  and two reductions (the max, and a sum that finds NaN features: XLA's
+  max drops NaN); the rest is per row. Half-widths, not standard
+  deviations, as units: these fold into one multiply and one subtract,
+  where per-feature standard deviations need one more pass over the
+  features (measured in docs/measurements.md).
+
+  Weights (non-trainable): `scale` = 1 / w and `offset` = c / w, so that the
+  signal reads `|x * scale - offset|`. Before `set_range` both are 0: the
+  signal is 0 for every input whose features are finite
+  (`export_saved_model` refuses such a dual).
+
+  Input: a list of (batch, d_i) tensors (or one (batch, d) tensor). Output:
+  (batch,), float32.
+
+  Args:
+    quantile: the calibration range is [quantile, 1 - quantile] quantiles of
+      each feature, 0 <= quantile < 0.5 (0: min and max).
+    **kwargs: passed to `keras.layers.Layer`.
+
+  Example:
+  >>> layer = OutOfRange()
+  >>> layer.set_range(calibration_features)   # (N, d) numpy
+  >>> layer(features)                         # (batch,)
+  """
+
+  # The largest signal: also that of NaN or infinite features.
+  MAX_VALUE = 1e30
+  # A half-width is at least this share of the feature's largest calibration
+  # magnitude (and at least WIDTH_FLOOR): a feature constant on the
+  # calibration inputs flags changes beyond float32 rounding, not rounding.
+  RELATIVE_WIDTH_FLOOR = 1e-3
+  WIDTH_FLOOR = 1e-6
+
+  def __init__(self, quantile=0.001, **kwargs):
+    super().__init__(**kwargs)
+    if (isinstance(quantile, bool) or
+        not isinstance(quantile, (int, float)) or not 0 <= quantile < 0.5):
+      raise validation.invalid("quantile", "a number in [0, 0.5)", quantile)
+    self.quantile = float(quantile)
+
+  def build(self, input_shape):
+    if not (isinstance(input_shape, (list, tuple)) and input_shape and
+            isinstance(input_shape[0], (list, tuple))):
+      input_shape = [input_shape]
+    width = int(sum(int(shape[-1]) for shape in input_shape))
+    self.scale = self.add_weight(name="scale", shape=(width,),
+                                 trainable=False, initializer="zeros")
+    self.offset = self.add_weight(name="offset", shape=(width,),
+                                  trainable=False, initializer="zeros")
+
+  def call(self, inputs):
+    if isinstance(inputs, (list, tuple)):
+      x = inputs[0] if len(inputs) == 1 else tf.concat(list(inputs), axis=-1)
+    else:
+      x = inputs
+    x = _ops.cast(x, "float32")
+    reach = tf.abs(x * self.scale - self.offset)
+    signal = tf.nn.relu(tf.reduce_max(reach, axis=-1) - 1.0)
+    # A NaN anywhere in the row makes the sum NaN (XLA's reduce_max skips
+    # NaN, TF's keeps it).
+    bad = tf.math.is_nan(tf.reduce_sum(reach, axis=-1))
+    return tf.where(bad, self.MAX_VALUE, tf.minimum(signal, self.MAX_VALUE))
+
+  def compute_output_shape(self, input_shape):
+    first = input_shape[0] if isinstance(input_shape[0], (list, tuple)) \
+        else input_shape
+    return (first[0],)
+
+  def set_range(self, features):
+    """Sets the calibration range from calibration features.
+
+    Args:
+      features: (N, d) array, N >= 1, the layer's inputs side by side on
+        calibration inputs; rows with NaN or infinite values are skipped.
+
+    Raises:
+      ValueError: `features` has the wrong width, or no finite row.
+    """
+    f = np.asarray(features, "float64")
+    width = int(self.scale.shape[0])
+    if f.ndim != 2 or f.shape[1] != width:
+      raise validation.invalid("features", f"an (N, {width}) array",
+                               f"shape {f.shape}")
+    f = f[np.all(np.isfinite(f), axis=1)]
+    if not len(f):
+      raise validation.invalid("features", "at least one row of finite "
+                               "features", "none")
+    low, high = np.quantile(f, [self.quantile, 1 - self.quantile], axis=0)
+    center = (low + high) / 2
+    half_width = np.maximum.reduce([
+        (high - low) / 2,
+        self.RELATIVE_WIDTH_FLOOR * np.maximum(np.abs(low), np.abs(high)),
+        np.full(width, self.WIDTH_FLOOR)])
+    self.scale.assign((1.0 / half_width).astype("float32"))
+    self.offset.assign((center / half_width).astype("float32"))
+
+  def ranges(self):
+    """(low, high) numpy arrays: the range of each feature (floors applied)."""
+    scale = self.scale.numpy().astype("float64")
+    with np.errstate(divide="ignore", invalid="ignore"):
+      half_width = 1.0 / scale
+      center = self.offset.numpy() * half_width
+    return center - half_width, center + half_width
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"quantile": self.quantile})
     return config

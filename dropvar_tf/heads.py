@@ -26,6 +26,7 @@ PROBE_PREFIX = "dropvar_probe_"
 PREDICTION_FEATURES_NAME = "dropvar_prediction_features"
 MOMENTS_NAME = "dropvar_moments"
 DELTA_NAME = "dropvar_output_delta"
+OUT_OF_RANGE_NAME = "dropvar_out_of_range"
 
 # Layers whose output is a post-activation hidden state worth tapping even
 # when no Dropout follows them.
@@ -290,7 +291,8 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
                        include_prediction=True, include_delta="auto",
                        include_moments=False, transform=head_layers.LOG,
                        l2=1e-4, head_dropout=0.0, seed=0, name=None,
-                       prior=PRIOR_AUTO, prior_bound=DEFAULT_PRIOR_BOUND):
+                       prior=PRIOR_AUTO, prior_bound=DEFAULT_PRIOR_BOUND,
+                       out_of_range=False):
   """Returns a dual model with outputs {"prediction", "variation"}.
 
   Like `tfmot.quantization.keras.quantize_model`, it takes an existing model
@@ -361,13 +363,25 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
       model ends in Dropout -> Dense (and `include_delta` is not False),
       else None. None: the head alone.
     prior_bound: the largest log-space correction of a prior either way.
+    out_of_range: also return "out_of_range" (`contract.OUT_OF_RANGE_KEY`),
+      (batch,) float32 >= 0: how far the input's activation strengths (the
+      probe features every head reads, before the head's standardisation)
+      lie outside the range they had on the calibration inputs, in
+      half-widths of that range (largest over features); 0 inside it
+      (`head_layers.OutOfRange`). A few elementwise ops on features the
+      heads compute anyway (docs/measurements.md). `fit_variation_head`
+      sets the range; until then the signal is 0 and `export_saved_model`
+      refuses the dual. A multi-output dual has one such output for the
+      whole input. Off by default: the output keys stay exactly
+      `contract.output_keys(names)`.
 
   Returns:
     A `keras.Model` with the inputs of `model` and dict outputs
     {"prediction": model's output, "variation": (batch,) or (batch, k)};
     for a model with several outputs, "prediction/<name>" and
     "variation/<name>" per output name (`contract.output_keys`,
-    `dual_output_names`), each output with its own head.
+    `dual_output_names`), each output with its own head; with
+    `out_of_range`, "out_of_range" too.
 
   Raises:
     ValueError: invalid `model` (None, not Keras, unbuilt, no dropout
@@ -416,6 +430,8 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
         "prior" if prior == PRIOR_MOMENTS else "include_moments",
         "no moment propagation on a model with several outputs (it "
         "propagates one output)", f"model {base.name!r} with outputs {names}")
+  if not isinstance(out_of_range, bool):
+    raise validation.invalid("out_of_range", "True or False", out_of_range)
 
   probes = []
   # Feature layers compute in float32 whatever the dtype policy: float16
@@ -438,6 +454,8 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
         "transform": transform,
         "base_model": base.name,
     }
+    if out_of_range:
+      metadata["out_of_range"] = {"fitted": False}
     if output_name is not None:
       metadata.update(output=output_name, base_outputs=names,
                       base_output_dict=isinstance(
@@ -452,6 +470,9 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
              prior=prior, prior_bound=prior_bound, hidden_units=hidden_units,
              transform=transform, l2=l2, head_dropout=head_dropout,
              seed=seed))
+  if out_of_range:
+    dual_outputs[contract.OUT_OF_RANGE_KEY] = head_layers.OutOfRange(
+        dtype="float32", name=OUT_OF_RANGE_NAME)(probes)
   return keras.Model(
       inputs=keras_graph.model_input(model), outputs=dual_outputs,
       name=name or f"{model.name}_dual")
@@ -653,7 +674,9 @@ def variation_head_metadata(dual, output=None):
   `metrics.fit_report`; None when fitted with `report_split=0`). A head of
   a multi-output model also has output (its output name), base_outputs
   (every output name) and base_output_dict (whether the base returns a
-  dict).
+  dict). A dual made with `out_of_range=True` has out_of_range:
+  {"fitted": False} before fitting, then what `fit_variation_head` set
+  (see `training.fit_variation_head`).
 
   Args:
     dual: a dual model made by `add_variation_head`.
@@ -662,19 +685,49 @@ def variation_head_metadata(dual, output=None):
   return dict(variation_output_layer(dual, output).metadata)
 
 
+def _layer_inputs(dual, layer, what):
+  calls = keras_graph.graph_nodes(dual).get(id(layer), [])
+  if len(calls) != 1:
+    raise validation.invalid("dual", f"a dual model whose {what} is called "
+                             "once", f"{len(calls)} calls in model "
+                             f"{dual.name!r}")
+  return calls[0][0]
+
+
 def head_feature_tensors(dual, output=None):
   """Returns the symbolic tensors that feed a head, in head-input order."""
-  head = variation_head(dual, output)
-  return layer_input_tensors(dual, head)
+  return _layer_inputs(dual, variation_head(dual, output), "head")
 
 
 def layer_input_tensors(dual, layer):
   """The symbolic tensors `layer` is called on in `dual` (called once)."""
-  calls = keras_graph.graph_nodes(dual).get(id(layer), [])
-  if len(calls) != 1:
-    raise validation.invalid("dual", f"a dual model that calls {layer.name!r} "
-                             "once", f"{len(calls)} calls")
-  return calls[0][0]
+  return _layer_inputs(dual, layer, f"layer {layer.name!r}")
+
+
+def out_of_range_layer(dual):
+  """The `head_layers.OutOfRange` layer of `dual`, or None without one.
+
+  Raises:
+    ValueError: `dual` was not made by `add_variation_head`.
+  """
+  _heads(dual)
+  names = {l.name: l for l in dual.layers}
+  return names.get(OUT_OF_RANGE_NAME)
+
+
+def out_of_range_feature_tensors(dual):
+  """The symbolic tensors that feed the out-of-range signal, in order.
+
+  Raises:
+    ValueError: `dual` has no head, or no out-of-range signal.
+  """
+  layer = out_of_range_layer(dual)
+  if layer is None:
+    raise validation.invalid(
+        "dual", "a dual model made with `out_of_range=True`",
+        f"model {dual.name!r} without an {contract.OUT_OF_RANGE_KEY!r} "
+        "output")
+  return _layer_inputs(dual, layer, "out-of-range layer")
 
 
 def smoothed_prior_layer(dual, output=None):

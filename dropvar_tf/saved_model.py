@@ -186,6 +186,29 @@ def _fit_report(head_metadata):
   return {name: meta.get("fit_report") for name, meta in per_output.items()}
 
 
+def _out_of_range_metadata(head_metadata):
+  """The out-of-range record of the heads (one for all), or None."""
+  per_output = head_metadata.get("outputs")
+  if per_output is not None:
+    head_metadata = next(iter(per_output.values()), {})
+  return head_metadata.get("out_of_range")
+
+
+def _check_out_of_range(dual, head_metadata):
+  """Refuses a dual whose "out_of_range" output was never calibrated.
+
+  Before `fit_variation_head` sets its range the signal reads 0 for every
+  input: served, it would call every input in range.
+  """
+  if (contract.OUT_OF_RANGE_KEY in dual.output and
+      heads.has_variation_head(dual) and
+      not (_out_of_range_metadata(head_metadata) or {}).get("fitted")):
+    raise validation.invalid(
+        "dual", f"a dual whose {contract.OUT_OF_RANGE_KEY!r} range was set "
+        "by `fit_variation_head` (until then it reads 0 for every input)",
+        f"model {dual.name!r} with an unfitted out-of-range signal")
+
+
 def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
   outputs = []
   for key in sorted(dual.output):
@@ -211,6 +234,9 @@ def _build_metadata(dual, specs, head_metadata, mc, num_warmup):
       # The head's self-assessment on held-out calibration inputs, at the
       # top level so that a reader of the export sees it first.
       "fit_report": _fit_report(head_metadata),
+      # How "out_of_range" was calibrated; None when it is not an output.
+      "out_of_range": (_out_of_range_metadata(head_metadata)
+                       if contract.OUT_OF_RANGE_KEY in dual.output else None),
       "mc_dropout": mc,
       "warmup_requests": num_warmup,
   }
@@ -227,7 +253,8 @@ def read_export_metadata(path):
     The dict written to `assets/dropvar_tf_metadata.json`: DPV statistic,
     num_samples and dropout rates under "variation_head", the head's
     "fit_report" (see `metrics.fit_report`; None for heads fitted without
-    one), versions, inputs, outputs, signatures, mc_dropout settings.
+    one), "out_of_range" (how that output was calibrated, None without
+    it), versions, inputs, outputs, signatures, mc_dropout settings.
 
   Raises:
     FileNotFoundError: no export (or no metadata file) at `path`.
@@ -441,15 +468,18 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       the `keras.Input` names), batch size variable; a ragged input `name`
       is fed as `name` (rows padded to the longest, any padding value) and
       `name_row_lengths` (int64, one length per row); returns exactly
-      {"prediction", "variation"}. Dropout is off (training=False), so the
-      same request always gets the same answer.
+      the dual's outputs: {"prediction", "variation"} (per output name for
+      several outputs), and "out_of_range" when the dual has it. Dropout is
+      off (training=False), so the same request always gets the same
+      answer.
     - "metadata": no inputs; returns {"metadata": scalar string}, the JSON
       also written to `assets/dropvar_tf_metadata.json`.
     - "mc_dropout" (when `mc_num_samples` is given): same inputs;
       `mc_num_samples` stochastic passes with dropout on and everything else
       in inference mode (`seeded_dropout.mc_dropout_model`); returns
       {"prediction": mean over passes, "variation": MC DPV with the head's
-      statistic, shaped like "variation" of serving_default}. Row i of a
+      statistic, shaped like "variation" of serving_default} (no
+      "out_of_range": it does not depend on dropout). Row i of a
       request gets the masks `targets.mc_dropout_targets(..., seed=seed)`
       draws for example key i, so the answer equals the offline target of
       that request and is the same on every call. For auditing the one-pass
@@ -500,11 +530,12 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
 
   Raises:
     ValueError: invalid arguments (`dual` None, not a Keras model, outputs not
-      the contract dict; bad `version`, `mc_num_samples`, `metadata` or
-      warmup examples that do not match the inputs), the graph uses ops a
-      stock TF Serving lacks, the export does not load or answer as
-      `dual` does when loaded as TF Serving loads it, or `jit_compile` with
-      a model XLA cannot compile.
+      the contract dict, an "out_of_range" output whose range was never
+      set by `fit_variation_head`; bad `version`, `mc_num_samples`,
+      `metadata` or warmup examples that do not match the inputs), the
+      graph uses ops a stock TF Serving lacks, the export does not load or
+      answer as `dual` does when loaded as TF Serving loads it, or
+      `jit_compile` with a model XLA cannot compile.
     FileExistsError: the version folder already exists.
 
   Example:
@@ -522,6 +553,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
   if seed >= 2**32:
     raise validation.invalid("seed", "an integer in [0, 2**32)", seed)
   head_metadata = _head_metadata(dual)
+  _check_out_of_range(dual, head_metadata)
   head_metadata.update(export_checks.check_metadata(metadata))
   entries, rebuild = _input_entries(dual)
   specs = _tensor_specs(entries)
@@ -531,7 +563,7 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
 
   mc, mc_model, statistic, variation_shape = None, None, None, None
   if mc_num_samples is not None:
-    if len(dual.output) != len(contract.OUTPUT_KEYS):
+    if contract.output_names(dual.output):
       raise validation.invalid("mc_num_samples", "None for a dual of several "
                                "outputs (mc_dropout has one)", mc_num_samples)
     prediction = dual.output[contract.PREDICTION_KEY]

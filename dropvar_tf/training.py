@@ -55,15 +55,35 @@ def head_features(dual, x, batch_size=256, output=None):
   Raises:
     ValueError: `x` does not match the model's inputs (`inputs.normalize`).
   """
-  return _predict_tensors(dual, x, heads.head_feature_tensors(dual, output),
-                          batch_size)
+  return _predict_features(dual, x, heads.head_feature_tensors(dual, output),
+                           batch_size)
 
 
-def _predict_tensors(dual, x, tensors, batch_size=256):
-  """Values of symbolic `tensors` of `dual` on `x`: (N, d_i) float32 each."""
+def out_of_range_features(dual, x, batch_size=256):
+  """Computes the features the out-of-range signal reads, for `x`.
+
+  Args:
+    dual: a dual model made with `add_variation_head(out_of_range=True)`.
+    x: inputs of the base model, as for `head_features`.
+    batch_size: examples per forward pass.
+
+  Returns:
+    A list of float32 arrays, one per input of the `head_layers.OutOfRange`
+    layer (the probe features), each (N, d_i).
+
+  Raises:
+    ValueError: `dual` has no out-of-range signal, or `x` does not match
+      the model's inputs.
+  """
+  return _predict_features(dual, x, heads.out_of_range_feature_tensors(dual),
+                           batch_size)
+
+
+def _predict_features(dual, x, tensors, batch_size):
+  """`tensors` of `dual`'s graph computed for `x`, as (N, d_i) arrays."""
   if not isinstance(x, inputs.ModelInputs):
     x = inputs.normalize(dual, x)
-  feature_model = keras.Model(dual.input, list(tensors))
+  feature_model = keras.Model(dual.input, tensors)
   # A Dataset: Keras' `predict` refuses numpy string arrays.
   feats = feature_model.predict(x.as_dataset(batch_size), verbose=0)
   if not isinstance(feats, (list, tuple)):
@@ -172,6 +192,13 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   the dual model's compile state are unchanged. Deterministic for a `seed`.
   May warn (see above).
 
+  Out-of-range signal: for a dual made with `out_of_range=True`, the range
+  of `head_layers.OutOfRange` is set on the same training part of the
+  inputs (the probe features of the rows the head trains on), and the
+  signal's share above 0 and 99th percentile on the report's held-out part
+  are recorded under "out_of_range" in the head metadata (with
+  "held_out": None when there is no report).
+
   Args:
     dual: a dual model from `add_variation_head`.
     x: N inputs in any form the model takes (`inputs.normalize`: arrays,
@@ -227,6 +254,9 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                   num_samples=num_samples, patience=patience,
                   calibrate=calibrate, report_split=report_split,
                   verbose=verbose)
+  # The out-of-range signal's range is the probes', shared by every head:
+  # set once, with the first head's split.
+  settings["fit_range"] = heads.out_of_range_layer(dual) is not None
   if names is None:
     return _fit_head(dual, None, data, targets, n, **settings)
   if not isinstance(targets, dict) or sorted(targets) != sorted(names):
@@ -239,8 +269,39 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     _check_targets(targets[name], n,
                    heads.variation_output_layer(dual, name).units,
                    f"targets[{name!r}]")
-  return {name: _fit_head(dual, name, data, targets[name], n, **settings)
-          for name in names}
+  histories = {}
+  for name in names:
+    histories[name] = _fit_head(dual, name, data, targets[name], n,
+                                **settings)
+    settings["fit_range"] = False
+  return histories
+
+
+def _fit_out_of_range(dual, x, train_idx, report_idx):
+  """Sets the out-of-range signal's range on the training rows of `x`.
+
+  The report's rows, held out, tell how the signal reads on calibration
+  inputs it was not set on: the share above 0 and the 99th percentile, a
+  threshold a server can start from. Recorded under "out_of_range" in the
+  metadata of every head.
+  """
+  layer = heads.out_of_range_layer(dual)
+  feats = out_of_range_features(dual, x)
+  layer.set_range(np.concatenate([f[train_idx] for f in feats], axis=1))
+  held_out = None
+  if len(report_idx):
+    signal = np.asarray(layer([f[report_idx] for f in feats]), "float64")
+    held_out = {"num_examples": int(len(report_idx)),
+                "share_above_zero": float(np.mean(signal > 0)),
+                "quantile_99": float(np.quantile(signal, 0.99))}
+  record = {"fitted": True, "quantile": layer.quantile, "unit": "half-width",
+            "num_examples": int(len(train_idx)), "held_out": held_out}
+  for name in heads.dual_output_names(dual) or [None]:
+    # update(), not item assignment: Keras tracks what update() adds (as
+    # it does the fit report), where an assigned plain dict gets wrapped by
+    # TF's tracking on export and no longer serialises to JSON.
+    heads.variation_output_layer(dual, name).metadata.update(
+        {"out_of_range": dict(record)})
 
 
 # `OutputDropoutDelta.noise_scale` values tried by `_fit_prior_noise_scale`.
@@ -285,7 +346,7 @@ def _prior_noise_scale(dual, output):
 
 def _fit_head(dual, output, x, targets, n, epochs, batch_size,
               validation_split, learning_rate, seed, num_samples, patience,
-              calibrate, report_split, verbose):
+              calibrate, report_split, verbose, fit_range=False):
   """Fits the head of `output` (None: the only head); see above."""
   out_layer = heads.variation_output_layer(dual, output)
   head = heads.variation_head(dual, output)
@@ -296,7 +357,7 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   tensors = list(heads.head_feature_tensors(dual, output))
   if smoothed is not None:
     tensors.append(heads.layer_input_tensors(dual, smoothed)[0])
-  feats = _predict_tensors(dual, x, tensors)
+  feats = _predict_features(dual, x, tensors, 256)
   prior_input = feats.pop() if smoothed is not None else None
   t = _check_targets(targets, len(feats[0]), units, arg)
   # With a prior, the head's last input is the prior: the layers learn only
@@ -330,6 +391,8 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   val_idx = order[:n_val]
   train_idx = order[n_val:n - n_report]
   report_idx = order[n - n_report:]
+  if fit_range:
+    _fit_out_of_range(dual, x, train_idx, report_idx)
 
   if out_layer.transform == head_layers.LOG:
     positive = t[t > 0]

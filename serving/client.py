@@ -20,7 +20,10 @@ with VariationClient("localhost:8500", "movies") as client:
 
 A dual of a multi-output model answers "prediction/<output name>" and
 "variation/<output name>" (`contract.OUTPUT_SEPARATOR`): `result.predictions`
-and `result.variations` hold them by output name.
+and `result.variations` hold them by output name. A dual exported with
+`add_variation_head(out_of_range=True)` also answers "out_of_range":
+`result.out_of_range`, (batch,), how far each input lies outside what the
+head was calibrated on (serving/README.md says how to use it).
 """
 
 import dataclasses
@@ -67,11 +70,14 @@ class Result:
     model_version: the version that answered (None over REST, whose answer
       names no version, unless the request named one).
     outputs: every returned output, {alias: numpy array}.
+    out_of_range: the "out_of_range" output (batch,), or None when the
+      model has none or it was filtered out.
   """
   prediction: object
   variation: object
   model_version: int | None
   outputs: dict
+  out_of_range: object = None
 
   @property
   def predictions(self):
@@ -382,7 +388,8 @@ class VariationClient:
                   model_version=(int(response.model_spec.version.value)
                                  if response.model_spec.HasField("version")
                                  else None),
-                  outputs=outputs)
+                  outputs=outputs,
+                  out_of_range=outputs.get(contract.OUT_OF_RANGE_KEY))
 
   def get_model_metadata(self, timeout=None):
     """Calls GetModelMetadata (the signature_def field).

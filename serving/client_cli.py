@@ -11,7 +11,9 @@ or a `.npy` file (one array) or `.npz` file (one array per input name).
 Output is JSON on stdout: {"prediction", "variation", "model_version"} for
 predict (plus "outputs" for other aliases). A dual of a multi-output model
 gives "prediction" and "variation" null and adds "predictions" and
-"variations", each {output name: nested list}. `metadata` prints the
+"variations", each {output name: nested list}. A dual with an
+"out_of_range" output adds it as "out_of_range" (one number per input).
+`metadata` prints the
 signatures and, for a version written by `export_saved_model`, its metadata
 ("export_metadata"), the head's "fit_report" and a one-line "fit_summary",
 indented. Exit code 1 and the gRPC code on stderr when the server refuses the
@@ -145,13 +147,16 @@ def run_command(command, client, inputs=None, output_filter=None):
     out = {"prediction": _jsonable(result.prediction),
            "variation": _jsonable(result.variation),
            "model_version": result.model_version}
+    if result.out_of_range is not None:
+      out["out_of_range"] = _jsonable(result.out_of_range)
     per_output = {"predictions": result.predictions,
                   "variations": result.variations}
     if any(per_output.values()):  # a multi-output dual
       out.update({key: {name: _jsonable(v) for name, v in values.items()}
                   for key, values in per_output.items()})
-    known = set(contract.OUTPUT_KEYS) | set(contract.output_keys(
-        list(result.predictions) + list(result.variations)))
+    known = set(contract.output_keys(
+        list(result.predictions) + list(result.variations),
+        out_of_range=True)) | set(contract.OUTPUT_KEYS)
     extra = {k: _jsonable(v) for k, v in result.outputs.items()
              if k not in known}
     if extra:

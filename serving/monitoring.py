@@ -28,6 +28,11 @@ Metrics, built on `prometheus_client` in a registry per server:
   examples and those whose variation exceeds the threshold, and the gauge
   `:dropvar:serving:variation_share_above_threshold{...}` is their ratio
   since the server started (a batch-1 request is one example).
+- `:dropvar:serving:out_of_range{model_name, version}`: for a model with an
+  "out_of_range" output (`add_variation_head(out_of_range=True)`), a
+  histogram of it, one observation per example: the share of served inputs
+  unlike the head's calibration inputs, whose variation is not to be
+  trusted.
 
 Counters keep TF Serving's exact names (no `_total` suffix), as its
 exporter writes them, so dashboards built for it work on this server too.
@@ -50,6 +55,10 @@ _DROPVAR = ":dropvar:serving:"
 _LATENCY_BUCKETS = tuple(10 * 1.8**i for i in range(32)) + (float("inf"),)
 # Variation buckets: 1e-4 to about 100, doubling.
 DEFAULT_VARIATION_BUCKETS = tuple(1e-4 * 2**i for i in range(21)) + (
+    float("inf"),)
+# Out-of-range buckets, in half-widths of the calibration range: 0 (in
+# range), then 1/8 to 16384, doubling.
+OUT_OF_RANGE_BUCKETS = (0.0,) + tuple(0.125 * 2**i for i in range(18)) + (
     float("inf"),)
 
 
@@ -224,6 +233,11 @@ class Metrics:
         _DROPVAR + "variation",
         "Distribution of the served variation, one observation per example.",
         ("model_name", "version"), variation_buckets)
+    self._out_of_range = _BatchHistogram(
+        _DROPVAR + "out_of_range",
+        "Distribution of the served out_of_range signal (distance outside "
+        "the head's calibration range), one observation per example.",
+        ("model_name", "version"), OUT_OF_RANGE_BUCKETS)
     self._lock = threading.Lock()
     self._counts = {}  # (model, version) -> [examples, above].
 
@@ -245,15 +259,18 @@ class Metrics:
           seconds * 1e6)
 
   def observe_outputs(self, model, version, outputs):
-    """Records the variation of a served batch.
+    """Records the variation (and out_of_range) of a served batch.
 
     Args:
       model: the model name.
       version: the version that answered.
       outputs: {output alias: numpy array}; without a "variation" output
-        (or "variation/<name>" outputs of a multi-output dual) nothing is
-        recorded.
+        (or "variation/<name>" outputs of a multi-output dual) no variation
+        is recorded, without "out_of_range" no out_of_range.
     """
+    if contract.OUT_OF_RANGE_KEY in outputs:
+      signal = np.asarray(outputs[contract.OUT_OF_RANGE_KEY], np.float64)
+      self._out_of_range.observe((model, str(version)), signal.reshape(-1))
     variations = ([outputs[contract.VARIATION_KEY]]
                   if contract.VARIATION_KEY in outputs else
                   list(contract.per_output(outputs,
@@ -286,4 +303,5 @@ class Metrics:
   def render(self):
     """The Prometheus text page."""
     return (self._exact.render() + self._variation.render() +
+            self._out_of_range.render() +
             prometheus_client.generate_latest(self.registry).decode("utf-8"))

@@ -25,6 +25,17 @@ class OutputKeysTest(tf.test.TestCase):
     self.assertEqual(contract.per_output({"prediction": 1, "variation": 2},
                                          contract.VARIATION_KEY), {})
 
+  def test_out_of_range_key_is_optional(self):
+    self.assertEqual(contract.output_keys(None, out_of_range=True),
+                     ("prediction", "variation", "out_of_range"))
+    self.assertEqual(contract.output_names(
+        ["out_of_range", "prediction", "variation"]), [])
+    keys = contract.output_keys(["b", "a"], out_of_range=True)
+    self.assertEqual(keys[-1], "out_of_range")
+    self.assertEqual(contract.output_names(keys), ["a", "b"])
+    self.assertIsNone(contract.output_names(["out_of_range"]))
+    self.assertIsNone(contract.output_names(["out_of_range", "prediction"]))
+
   def test_incomplete_or_mixed_keys_are_not_a_dual(self):
     for keys in (["prediction"], ["prediction/a", "variation/a"],
                  ["prediction/a", "variation/a", "prediction/b"],

@@ -87,6 +87,24 @@ class MonitoringConfigTest(tf.test.TestCase):
       f.write(text)
     return path
 
+  def test_out_of_range_histogram_only_with_that_output(self):
+    metrics = monitoring.Metrics()
+    metrics.observe_outputs("m", 2, {contract.VARIATION_KEY: np.ones(2)})
+    metrics.observe_outputs("m", 2, {
+        contract.VARIATION_KEY: np.ones(3),
+        contract.OUT_OF_RANGE_KEY: np.array([0.0, 0.3, 1e30], np.float32)})
+    got = _samples(metrics.render())
+    labels = (("model_name", "m"), ("version", "2"))
+    name = ":dropvar:serving:out_of_range"
+
+    def bucket(le):
+      return got[(name + "_bucket", (("le", le),) + labels)]
+
+    self.assertEqual(got[(name + "_count", labels)], 3)
+    self.assertEqual([bucket("0.0"), bucket("0.25"), bucket("0.5"),
+                      bucket("16384.0"), bucket("+Inf")], [1, 1, 2, 2, 3])
+    self.assertEqual(got[(":dropvar:serving:variation_count", labels)], 5)
+
   def test_deploy_config_and_defaults(self):
     self.assertEqual(
         monitoring.read_monitoring_config(os.path.join(

@@ -72,7 +72,8 @@ class ScoreShiftsTest(tf.test.TestCase):
   def test_rows_pooled_and_report(self):
     model = tm.mlp_softmax()
     x = tm.sample_inputs("softmax", 64)
-    dual = heads.add_variation_head(model, hidden_units=(8,))
+    dual = heads.add_variation_head(model, hidden_units=(8,),
+                                    out_of_range=True)
     training.fit_variation_head(
         dual, x, targets.mc_dropout_targets(model, x, num_samples=8),
         epochs=1, num_samples=8)
@@ -88,10 +89,19 @@ class ScoreShiftsTest(tf.test.TestCase):
       self.assertGreaterEqual(r["mc_mean"], 0.0)
     checks = shift.shift_checks(rows, pooled)
     self.assertLen(checks, 3)
+    threshold = shift.out_of_range_threshold(dual)
+    self.assertIsNotNone(threshold)
+    oor = shift.out_of_range_rows(dual, shifts, threshold)
+    self.assertEqual([r["shift"] for r in oor], list(shifts))
+    self.assertIsNone(oor[0]["auc"])
+    self.assertGreater(oor[1]["auc"], 0.9)   # scale x4
+    self.assertGreater(oor[1]["flagged"], oor[0]["flagged"])
     with tempfile.TemporaryDirectory() as out:
       results = {"digits": {"data": "tiny", "rows": rows, "pooled": pooled,
                             "checks": checks,
-                            "head": heads.variation_head_metadata(dual)}}
+                            "head": heads.variation_head_metadata(dual),
+                            "out_of_range": {"threshold": threshold,
+                                             "rows": oor}}}
       paths = shift.write_shift_report(
           results, config_lib.small_config(), out)
       with open(paths["plot"], "rb") as f:
@@ -100,6 +110,7 @@ class ScoreShiftsTest(tf.test.TestCase):
         text = f.read()
       self.assertIn("| inputs | MC mean | variation head |", text)
       self.assertIn("![ratio of means per shift](shift.png)", text)
+      self.assertIn(shift.out_of_range_table(oor), text)
       self.assertTrue(os.path.exists(paths["json"]))
 
   def test_checks(self):
@@ -111,6 +122,25 @@ class ScoreShiftsTest(tf.test.TestCase):
         ("ratio of means in [0.5, 2.0] on every shift", "scale x4", False),
         ("no exact 0 where MC DPV >= 0.001", "max share 0.500", False),
         ("pooled Spearman >= 0.85", 0.9, True)])
+
+  def test_auc_counts_ties_half(self):
+    self.assertEqual(shift.auc([0, 0], [1, 2]), 1.0)
+    self.assertEqual(shift.auc([1, 2], [0, 0]), 0.0)
+    self.assertEqual(shift.auc([0, 0], [0, 0]), 0.5)
+    self.assertAlmostEqual(shift.auc([0, 1, 2], [1]), 0.5)
+    self.assertAlmostEqual(shift.auc([0, 3], [1, 2]), 0.5)
+    self.assertIsNone(shift.auc([], [1]))
+
+  def test_out_of_range_table(self):
+    rows = [{"shift": "as trained", "auc": None, "flagged": 0.01,
+             "median": 0.0, "n": 10},
+            {"shift": "blank", "auc": 0.875, "flagged": 0.5, "median": 2.5,
+             "n": 10}]
+    self.assertEqual(shift.out_of_range_table(rows), "\n".join([
+        "| inputs | AUC vs as trained | flagged | median signal |",
+        "|---|---:|---:|---:|",
+        "| as trained | n/a | 1% | 0.00 |",
+        "| blank | 0.875 | 50% | 2.50 |"]))
 
   def test_table(self):
     rows = [_row("as trained", shift.HEAD, 1.0),

@@ -19,7 +19,13 @@ same inputs (T = `config.num_samples`), its Spearman correlation with it,
 and the share of exact zeros where the MC DPV is at least 1e-3. The goals of
 issue 12 (`shift_checks`): on every shift the ratio of means within
 [0.5, 2] and no exact zeros; Spearman >= 0.85 pooled over all shifts.
-`write_shift_report` writes shift.md, shift.json and shift.png.
+
+The default head is fitted with `out_of_range=True`: `out_of_range_rows`
+says per shift how well that signal separates the shifted inputs from the
+in-distribution test inputs (AUC), and which share of them it flags above
+the threshold read on held-out calibration inputs (the 99th percentile the
+fit records). `write_shift_report` writes shift.md, shift.json and
+shift.png.
 """
 
 import json
@@ -197,6 +203,66 @@ def score_shifts(kind, model, duals, shifts, num_samples, seed):
                 for name, (e, t) in pooled.items()}
 
 
+def auc(negatives, positives):
+  """P(a positive scores above a negative), ties counted half (Mann-Whitney).
+
+  Returns:
+    A float in [0, 1], or None when either side is empty.
+  """
+  from scipy import stats
+  negatives = np.asarray(negatives, "float64").ravel()
+  positives = np.asarray(positives, "float64").ravel()
+  if not len(negatives) or not len(positives):
+    return None
+  ranks = stats.rankdata(np.concatenate([positives, negatives]))
+  n = len(positives)
+  return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * len(negatives)))
+
+
+def out_of_range_threshold(dual):
+  """The flagging threshold: the held-out 99th percentile the fit recorded.
+
+  Returns:
+    A float, or None when the head was fitted without a report split.
+  """
+  record = heads.variation_head_metadata(dual).get("out_of_range") or {}
+  return (record.get("held_out") or {}).get("quantile_99")
+
+
+def out_of_range_rows(dual, shifts, threshold):
+  """How the dual's "out_of_range" signal separates each shift.
+
+  Args:
+    dual: a dual made with `out_of_range=True`, fitted.
+    shifts: dict name -> inputs; IN_DISTRIBUTION is the reference.
+    threshold: inputs whose signal exceeds it are flagged (None: no share).
+
+  Returns:
+    Rows (shift, auc against IN_DISTRIBUTION (None for it), flagged share,
+    median signal, n).
+  """
+  signals = {name: np.asarray(dual.predict(x, batch_size=1024, verbose=0)[
+      contract.OUT_OF_RANGE_KEY], "float64") for name, x in shifts.items()}
+  reference = signals[IN_DISTRIBUTION]
+  return [{"shift": name,
+           "auc": None if name == IN_DISTRIBUTION else auc(reference, signal),
+           "flagged": (None if threshold is None else
+                       float(np.mean(signal > threshold))),
+           "median": float(np.median(signal)), "n": int(len(signal))}
+          for name, signal in signals.items()]
+
+
+def out_of_range_table(rows):
+  """Markdown: one line per shift, AUC / flagged share / median signal."""
+  lines = ["| inputs | AUC vs as trained | flagged | median signal |",
+           "|---|---:|---:|---:|"]
+  for r in rows:
+    flagged = "n/a" if r["flagged"] is None else f"{100 * r['flagged']:.0f}%"
+    lines.append(f"| {r['shift']} | {_fmt(r['auc'])} | {flagged} | "
+                 f"{_fmt(r['median'], 2)} |")
+  return "\n".join(lines)
+
+
 def shift_checks(rows, pooled, estimator=HEAD):
   """The issue's goals for one estimator: list of (goal, value, passed)."""
   mine = [r for r in rows if r["estimator"] == estimator]
@@ -242,7 +308,7 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
 
   Returns:
     dict with "tasks" (task -> data, rows, pooled, checks, head metadata,
-    seconds) and
+    out_of_range (threshold and `out_of_range_rows`), seconds) and
     "paths".
 
   Side effects: reads and writes the study cache; writes the report.
@@ -254,7 +320,8 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
     split, _, data_full = tasks.load_task(task, config)
     log(f"shift study, {task}: {data_full}")
     model, _ = cache.trained_base_model(task, split, rate, config, log)
-    duals = {HEAD: fit_default_head(task, model, split, rate, config, log),
+    duals = {HEAD: fit_default_head(task, model, split, rate, config, log,
+                                    out_of_range=True),
              HEAD_WITHOUT_PRIOR: fit_default_head(task, model, split, rate,
                                                   config, log, prior=None)}
     n = min(NUM_ROWS, len(split.y_test))
@@ -266,7 +333,11 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
                              config.seed)
     rows, pooled = score_shifts(split.info["kind"], model, duals, shifts,
                                 config.num_samples, config.seed + 3)
+    threshold = out_of_range_threshold(duals[HEAD])
     results[task] = {
+        "out_of_range": {"threshold": threshold,
+                         "rows": out_of_range_rows(duals[HEAD], shifts,
+                                                   threshold)},
         "data": data_full, "rows": rows, "pooled": pooled,
         "checks": shift_checks(rows, pooled),
         "head": heads.variation_head_metadata(duals[HEAD]),
@@ -332,6 +403,22 @@ def _plot(results, path):
   return path
 
 
+def _out_of_range_section(oor):
+  """Report lines on the default head's "out_of_range" signal."""
+  threshold = oor.get("threshold")
+  return [
+      "Out-of-range signal of the variation head "
+      "(`add_variation_head(out_of_range=True)`): how far an input's "
+      "activation strengths lie outside their range on the calibration "
+      "inputs, in half-widths of that range (0 inside). AUC: the "
+      "chance that a row of that shift reads higher than a row as trained "
+      "(ties half; 0.5 is no separation). Flagged: the share of rows above "
+      "the 99th percentile of the signal on held-out calibration inputs ("
+      + (f"{threshold:.3g}" if threshold is not None else "n/a") +
+      "), the threshold `fit_variation_head` records for a server.", "",
+      out_of_range_table(oor["rows"]), ""]
+
+
 def write_shift_report(results, config, output_dir):
   """Writes shift.md, shift.json and shift.png to `output_dir`.
 
@@ -349,7 +436,9 @@ def write_shift_report(results, config, output_dir):
       "calibration targets come from the fidelity study's stage cache; on "
       f"them ({config.num_perturbed} perturbed training inputs labelled with "
       f"MC DPV of T = {config.num_samples}) two heads are fitted: the "
-      "default (`add_variation_head(model)`, prior \"auto\") and the same "
+      "default (`add_variation_head(model)`, prior \"auto\"; built with "
+      "`out_of_range=True`, which adds an output and leaves the estimates "
+      "as they are) and the same "
       "with `prior=None` (the default before issue 12). Every row has the "
       f"first {NUM_ROWS} test rows, shifted; MC DPV of T = "
       f"{config.num_samples} (seed + 3) on exactly those inputs is the "
@@ -385,6 +474,9 @@ def write_shift_report(results, config, output_dir):
               f"{_fmt(report.get('spearman'))}, R^2 {_fmt(report.get('r2'))}, "
               f"ratio of means {_fmt(report.get('mean_ratio'))}; noise bound "
               f"R^2 {_fmt(bound.get('r2'))}.", ""]
+    oor = res.get("out_of_range")
+    if oor:
+      lines += _out_of_range_section(oor)
   lines += ["![ratio of means per shift](shift.png)", ""]
   paths["report"] = os.path.join(output_dir, "shift.md")
   with open(paths["report"], "w") as f:
