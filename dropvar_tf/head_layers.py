@@ -281,6 +281,14 @@ class VariationOutput(keras.layers.Layer):
   Where `exp(...) - eps` would be 0 or less, the estimate is `MIN_SHARE *
   exp(...)` instead of 0: a tiny variation, never an exact 0.
 
+  With `shrink=True` (with a prior) the layer takes `[z, prior, r]`, `r`
+  (batch,) how far the input's features lie outside the head's calibration
+  range (`OutOfRange`, 0 inside it), and the clipped correction `c` becomes
+  `center + (c - center) / (1 + r)`, `center` (non-trainable, set by
+  `fit_variation_head`) the mean correction its training rows needed: the
+  further off its calibration data, the less the head's own say, down to the
+  prior times its typical correction.
+
   Args:
     units: number of estimated statistics (1 gives output shape (batch,)).
     transform: "log" or "identity".
@@ -289,6 +297,8 @@ class VariationOutput(keras.layers.Layer):
       Its "dropvar_tf_version" must be at least `HEAD_FORMAT_VERSION`.
     prior_bound: None (no prior), or the bound (> 0) of the log-space
       correction of a prior.
+    shrink: with a prior, shrink the correction toward its center as the
+      input leaves the calibration range (see above).
     **kwargs: passed to `keras.layers.Layer`.
 
   Raises:
@@ -302,8 +312,12 @@ class VariationOutput(keras.layers.Layer):
   MIN_SHARE = 0.01
 
   def __init__(self, units=1, transform=LOG, metadata=None, prior_bound=None,
-               **kwargs):
+               shrink=False, **kwargs):
     super().__init__(**kwargs)
+    if shrink and prior_bound is None:
+      raise validation.invalid("shrink", "False without a prior "
+                               "(prior_bound=None)", shrink)
+    self.shrink = bool(shrink)
     if transform not in TRANSFORMS:
       raise validation.invalid("transform", f"one of {TRANSFORMS}", transform)
     if prior_bound is not None and (
@@ -334,10 +348,14 @@ class VariationOutput(keras.layers.Layer):
       self.correction_high = self.add_weight(
           name="correction_high", shape=(), trainable=False,
           initializer=keras.initializers.Constant(self.prior_bound))
+    if self.shrink:
+      self.correction_center = self.add_weight(
+          name="correction_center", shape=(), trainable=False,
+          initializer="zeros")
 
   def call(self, inputs):
     if self.prior_bound is not None:
-      z, prior = inputs
+      z, prior = inputs[:2]
       prior = _ops.cast(prior, "float32")
       if len(prior.shape) == 1:
         prior = _ops.expand_dims(prior, -1)
@@ -348,8 +366,13 @@ class VariationOutput(keras.layers.Layer):
           self.eps, self.correction_low, self.correction_high,
           self.max_value))
       prior = _ops.minimum(_ops.relu(prior), cap)
-      z = _ops.log(prior + eps) + _ops.minimum(
-          _ops.maximum(_ops.cast(z, "float32"), low), high)
+      correction = _ops.minimum(_ops.maximum(_ops.cast(z, "float32"), low),
+                                high)
+      if self.shrink:
+        center = _ops.cast(self.correction_center, "float32")
+        far = _ops.reshape(_ops.cast(inputs[2], "float32"), (-1, 1))
+        correction = center + (correction - center) / (1.0 + far)
+      z = _ops.log(prior + eps) + correction
       e = _ops.exp(z)
       v = _ops.maximum(e - eps, self.MIN_SHARE * e)
     else:
@@ -396,7 +419,7 @@ class VariationOutput(keras.layers.Layer):
     config = super().get_config()
     config.update({"units": self.units, "transform": self.transform,
                    "metadata": self.metadata,
-                   "prior_bound": self.prior_bound})
+                   "prior_bound": self.prior_bound, "shrink": self.shrink})
     return config
 
 

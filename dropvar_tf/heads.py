@@ -292,7 +292,7 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
                        include_moments=False, transform=head_layers.LOG,
                        l2=1e-4, head_dropout=0.0, seed=0, name=None,
                        prior=PRIOR_AUTO, prior_bound=DEFAULT_PRIOR_BOUND,
-                       out_of_range=False):
+                       out_of_range=False, shrink_out_of_range=True):
   """Returns a dual model with outputs {"prediction", "variation"}.
 
   Like `tfmot.quantization.keras.quantize_model`, it takes an existing model
@@ -374,6 +374,12 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
       refuses the dual. A multi-output dual has one such output for the
       whole input. Off by default: the output keys stay exactly
       `contract.output_keys(names)`.
+    shrink_out_of_range: with a prior, the head's correction of it shrinks
+      toward the mean correction of its calibration rows as the input's
+      probe features leave their calibration range (that same signal,
+      computed whether or not it is an output; `head_layers.VariationOutput`):
+      off its calibration data the estimate degrades to the prior's instead
+      of extrapolating the head (`docs/shift.md`).
 
   Returns:
     A `keras.Model` with the inputs of `model` and dict outputs
@@ -430,8 +436,10 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
         "prior" if prior == PRIOR_MOMENTS else "include_moments",
         "no moment propagation on a model with several outputs (it "
         "propagates one output)", f"model {base.name!r} with outputs {names}")
-  if not isinstance(out_of_range, bool):
-    raise validation.invalid("out_of_range", "True or False", out_of_range)
+  for arg, value in (("out_of_range", out_of_range),
+                     ("shrink_out_of_range", shrink_out_of_range)):
+    if not isinstance(value, bool):
+      raise validation.invalid(arg, "True or False", value)
 
   probes = []
   # Feature layers compute in float32 whatever the dtype policy: float16
@@ -441,6 +449,10 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
         features=features, nonnegative=probe_layers.is_relu_output(layer),
         dtype="float32", name=PROBE_PREFIX + layer.name)
     probes.append(probe(tensor))
+  # One signal for every head and the optional output; a tensor no output
+  # depends on leaves the layer out of the dual.
+  far = head_layers.OutOfRange(dtype="float32", name=OUT_OF_RANGE_NAME)(
+      probes) if probes and (out_of_range or shrink_out_of_range) else None
   dual_outputs = {}
   for index, (output_name, prediction, output_statistic) in enumerate(
       zip(names or [None], outputs, statistics)):
@@ -469,10 +481,9 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
              include_delta=include_delta, include_moments=include_moments,
              prior=prior, prior_bound=prior_bound, hidden_units=hidden_units,
              transform=transform, l2=l2, head_dropout=head_dropout,
-             seed=seed))
+             seed=seed, far=far if shrink_out_of_range else None))
   if out_of_range:
-    dual_outputs[contract.OUT_OF_RANGE_KEY] = head_layers.OutOfRange(
-        dtype="float32", name=OUT_OF_RANGE_NAME)(probes)
+    dual_outputs[contract.OUT_OF_RANGE_KEY] = far
   return keras.Model(
       inputs=keras_graph.model_input(model), outputs=dual_outputs,
       name=name or f"{model.name}_dual")
@@ -558,19 +569,27 @@ def _output_head(model, prediction, probes, metadata, statistic, suffix,
       statistic=statistic, include_delta=delta is not None,
       include_moments=moment_net is not None, prior=prior,
       prior_bound=None if prior is None else float(o["prior_bound"]))
+  far = o["far"] if prior_value is not None else None
+  metadata.update(shrink_out_of_range=far is not None)
   head = _build_head(head_inputs, o["hidden_units"],
                      _statistic_units(statistic, units), o["transform"],
                      o["l2"], o["head_dropout"], o["seed"], metadata,
-                     prior_value, o["prior_bound"], head_name)
+                     prior_value, o["prior_bound"], head_name, far)
   if prior_value is not None:
     head_inputs = head_inputs + [prior_value]
+  if far is not None:
+    head_inputs = head_inputs + [far]
   return head(head_inputs)
 
 
 def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
                 head_dropout, seed, metadata, prior=None, prior_bound=None,
-                head_name=contract.HEAD_NAME):
-  """The head model: inputs the features, then the prior if there is one."""
+                head_name=contract.HEAD_NAME, far=None):
+  """The head model on the features, the prior and the out-of-range signal.
+
+  Inputs in that order; the prior if there is one, the signal if the
+  prior's correction shrinks with it.
+  """
   inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype,
                         name=f"head_in_{i}")
             for i, t in enumerate(feature_tensors)]
@@ -607,10 +626,15 @@ def _build_head(feature_tensors, hidden_units, out_units, transform, l2,
                                     metadata=metadata,
                                     name="variation_output")(x)
     return keras.Model(inputs, v, name=head_name)
+  extra = [prior_input]
+  if far is not None:
+    extra.append(keras.Input(shape=far.shape[1:], dtype=far.dtype,
+                             name="head_out_of_range"))
   v = head_layers.VariationOutput(
       out_units, transform=transform, metadata=metadata,
-      prior_bound=float(prior_bound), name="variation_output")([x, prior_input])
-  return keras.Model(inputs + [prior_input], v, name=head_name)
+      prior_bound=float(prior_bound), shrink=far is not None,
+      name="variation_output")([x] + extra)
+  return keras.Model(inputs + extra, v, name=head_name)
 
 
 def _heads(dual):
@@ -724,17 +748,19 @@ def out_of_range_feature_tensors(dual):
   layer = out_of_range_layer(dual)
   if layer is None:
     raise validation.invalid(
-        "dual", "a dual model made with `out_of_range=True`",
-        f"model {dual.name!r} without an {contract.OUT_OF_RANGE_KEY!r} "
-        "output")
+        "dual", "a dual model made with `out_of_range=True` or with a "
+        "prior that `shrink_out_of_range`", f"model {dual.name!r} without an "
+        f"{contract.OUT_OF_RANGE_KEY!r} signal")
   return _layer_inputs(dual, layer, "out-of-range layer")
 
 
 def smoothed_prior_layer(dual, output=None):
   """The smoothed `OutputDropoutDelta` that is the head's prior, or None."""
-  if variation_output_layer(dual, output).prior_bound is None:
+  out = variation_output_layer(dual, output)
+  if out.prior_bound is None:
     return None
-  layer = keras_graph.source_layer(head_feature_tensors(dual, output)[-1])
+  layer = keras_graph.source_layer(
+      head_feature_tensors(dual, output)[-2 if out.shrink else -1])
   if isinstance(layer, probe_layers.OutputDropoutDelta) and layer.smoothed:
     return layer
   return None

@@ -283,7 +283,7 @@ def _fit_out_of_range(dual, x, train_idx, report_idx):
   The report's rows, held out, tell how the signal reads on calibration
   inputs it was not set on: the share above 0 and the 99th percentile, a
   threshold a server can start from. Recorded under "out_of_range" in the
-  metadata of every head.
+  metadata of every head. Returns the signal on every row of `x`, (N,).
   """
   layer = heads.out_of_range_layer(dual)
   feats = out_of_range_features(dual, x)
@@ -302,6 +302,7 @@ def _fit_out_of_range(dual, x, train_idx, report_idx):
     # TF's tracking on export and no longer serialises to JSON.
     heads.variation_output_layer(dual, name).metadata.update(
         {"out_of_range": dict(record)})
+  return np.asarray(layer(feats), "float32")
 
 
 # `OutputDropoutDelta.noise_scale` values tried by `_fit_prior_noise_scale`.
@@ -360,12 +361,18 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   feats = _predict_features(dual, x, tensors, 256)
   prior_input = feats.pop() if smoothed is not None else None
   t = _check_targets(targets, len(feats[0]), units, arg)
-  # With a prior, the head's last input is the prior: the layers learn only
-  # the log-space correction of it from the other inputs.
+  # With a prior, the head's last inputs are the prior and, if the
+  # correction shrinks off the calibration range, the out-of-range signal:
+  # the layers learn only the log-space correction of the prior from the
+  # other inputs.
   prior = None
   mlp_feats = feats
+  extra = 0
   if out_layer.prior_bound is not None:
-    prior, mlp_feats = feats[-1], feats[:-1]
+    extra = 2 if out_layer.shrink else 1
+    prior, mlp_feats = feats[-extra], feats[:-extra]
+  if out_layer.shrink:
+    feats[-1] = feats[-1].reshape(-1)  # the signal is (batch,)
   n = len(t)
   rng = np.random.default_rng(seed)
   order = rng.permutation(n)
@@ -392,8 +399,9 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   train_idx = order[n_val:n - n_report]
   report_idx = order[n - n_report:]
   if fit_range:
-    _fit_out_of_range(dual, x, train_idx, report_idx)
-
+    far = _fit_out_of_range(dual, x, train_idx, report_idx)
+    if out_layer.shrink:
+      feats[-1] = far
   if out_layer.transform == head_layers.LOG:
     positive = t[t > 0]
     eps = max(0.05 * float(np.median(positive)) if positive.size else 1e-3,
@@ -403,7 +411,7 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   out_layer.max_value.assign(np.finfo("float32").max)
   if prior is not None:
     if smoothed is not None:
-      prior = feats[-1] = _fit_prior_noise_scale(
+      prior = feats[-extra] = _fit_prior_noise_scale(
           smoothed, prior_input, t, train_idx, out_layer)
     # The head may correct its prior only as much as the training part of
     # the calibration targets needed (central CORRECTION_QUANTILE of them).
@@ -418,6 +426,8 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   raw = out_layer.to_raw(t, prior).astype("float32")
   if units == 1:
     raw = raw[:, None]
+  if out_layer.shrink:
+    out_layer.correction_center.assign(float(raw[train_idx].mean()))
   features = np.concatenate(mlp_feats, axis=1)
   mean = features[train_idx].mean(axis=0)
   std = features[train_idx].std(axis=0)
@@ -489,6 +499,8 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
       "output_scale": float(out_layer.scale.numpy()),
       "output_max_value": float(out_layer.max_value.numpy()),
       "prior_noise_scale": _prior_noise_scale(dual, output),
+      "prior_correction_center": float(
+          out_layer.correction_center.numpy()) if out_layer.shrink else None,
       "prior_correction": None if prior is None else [
           float(out_layer.correction_low.numpy()),
           float(out_layer.correction_high.numpy())],

@@ -202,7 +202,7 @@ class HeadLayersTest(tf.test.TestCase):
     self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
                               "units": 2, "transform": "identity",
                               "metadata": {"statistic": "std"},
-                              "prior_bound": None})
+                              "prior_bound": None, "shrink": False})
     clone = head_layers.VariationOutput.from_config(config)
     self.assertEqual(clone.metadata, {"statistic": "std"})
     with self.assertRaises(ValueError) as cm:
@@ -212,6 +212,21 @@ class HeadLayersTest(tf.test.TestCase):
       head_layers.VariationOutput(units=0)
     self.assertEqual(str(cm.exception), _PREFIX + "`units`. Expected an "
                      "integer >= 1. Received: units=0")
+
+  def test_shrink_moves_the_correction_toward_its_center(self):
+    layer = head_layers.VariationOutput(units=1, prior_bound=2.0, shrink=True)
+    layer.eps.assign(0.0)
+    layer.correction_center.assign(0.5)
+    z = np.array([[1.5], [1.5], [1.5], [9.0]], "float32")
+    prior = np.array([0.1, 0.1, 0.1, 0.1], "float32")
+    far = np.array([0.0, 1.0, 1e30, 0.0], "float32")
+    v = np.asarray(layer([z, prior, far]))
+    # Inside the range the clipped correction; 1 half-width out, half way
+    # to the center; far out, the center.
+    self.assertAllClose(v, 0.1 * np.exp([1.5, 1.0, 0.5, 2.0]), rtol=1e-5)
+    self.assertTrue(layer.get_config()["shrink"])
+    with self.assertRaisesRegex(ValueError, "`shrink`"):
+      head_layers.VariationOutput(units=1, shrink=True)
 
   def test_head_layers_are_registered(self):
     for cls in (head_layers.PredictionFeatures, head_layers.LogFeature,

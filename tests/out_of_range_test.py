@@ -37,9 +37,9 @@ _ERR_QUANTILE = (_PREFIX + "`quantile`. Expected a number in [0, 0.5). "
 _ERR_WIDTH = (_PREFIX + "`features`. Expected an (N, 5) array. Received: "
               "features='shape (4, 3)'")
 _ERR_NO_SIGNAL = (
-    _PREFIX + "`dual`. Expected a dual model made with `out_of_range=True`. "
-    "Received: dual=\"model 'mlp_softmax_dual' without an 'out_of_range' "
-    "output\"")
+    _PREFIX + "`dual`. Expected a dual model made with `out_of_range=True` "
+    "or with a prior that `shrink_out_of_range`. Received: dual=\"model "
+    "'mlp_softmax_dual' without an 'out_of_range' signal\"")
 _ERR_UNFITTED = (
     _PREFIX + "`dual`. Expected a dual whose 'out_of_range' range was set by "
     "`fit_variation_head` (until then it reads 0 for every input). "
@@ -146,8 +146,15 @@ class DualOutOfRangeTest(tf.test.TestCase):
     dual = heads.add_variation_head(self.model, hidden_units=(8,))
     self.assertEqual(sorted(dual.output), sorted(contract.OUTPUT_KEYS))
     self.assertNotIn("out_of_range", heads.variation_head_metadata(dual))
+    # The default head's prior shrinks with the signal: it is computed, not
+    # returned.
+    self.assertTrue(heads.variation_output_layer(dual).shrink)
+    self.assertLen(training.out_of_range_features(dual, self.x[:2]), 2)
+    plain = heads.add_variation_head(self.model, hidden_units=(8,),
+                                     shrink_out_of_range=False)
+    self.assertIsNone(heads.out_of_range_layer(plain))
     with self.assertRaisesWithLiteralMatch(ValueError, _ERR_NO_SIGNAL):
-      training.out_of_range_features(dual, self.x[:2])
+      training.out_of_range_features(plain, self.x[:2])
     with self.assertRaisesWithLiteralMatch(ValueError, _ERR_FLAG):
       heads.add_variation_head(self.model, out_of_range="yes")
 

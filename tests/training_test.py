@@ -495,7 +495,10 @@ class PriorTest(tf.test.TestCase):
     # the prior (times the calibrated scale).
     far = 1e3 * x[:20]
     feats = training.head_features(dual, far)
-    prior = feats[-1][:, 0].astype("float64")
+    # The head's last inputs: the prior, then the out-of-range signal its
+    # correction shrinks with.
+    self.assertTrue(output.shrink)
+    prior = feats[-2][:, 0].astype("float64")
     eps = float(output.eps.numpy())
     scale = float(output.scale.numpy())
     v = _eager(dual, far)["variation"].astype("float64")
@@ -529,7 +532,7 @@ class PriorTest(tf.test.TestCase):
 
     def gap_variance(scale):
       layer.noise_scale.assign(scale)
-      prior = training.head_features(dual, x)[-1].astype("float64")[:, 0]
+      prior = training.head_features(dual, x)[-2].astype("float64")[:, 0]
       return np.var(np.log(t + eps) - np.log(prior + eps))
 
     at_fit = gap_variance(fitted)
