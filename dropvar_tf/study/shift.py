@@ -428,6 +428,7 @@ def task_note(task, split):
 
 
 def _rows(x):
+  """Number of rows of an array or of a dict of arrays."""
   return len(next(iter(x.values())) if isinstance(x, dict) else x)
 
 
@@ -441,9 +442,9 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
     log: a print-like function for progress lines.
 
   Returns:
-    dict with "tasks" (task -> data, rows, pooled, checks, head metadata,
-    out_of_range (threshold and `out_of_range_rows`), seconds) and
-    "paths".
+    dict with "tasks" (task -> data, note (`task_note`), rows, pooled,
+    checks, head metadata, out_of_range (threshold and
+    `out_of_range_rows`), seconds) and "paths".
 
   Side effects: reads and writes the study cache; writes the report.
   """
