@@ -12,6 +12,7 @@ from dropvar_tf import training
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 from dropvar_tf.study import config as config_lib
+from dropvar_tf.study.data import common
 from dropvar_tf.study import shift
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +21,11 @@ import testing_models as tm
 _DIGIT_SHIFTS = [shift.IN_DISTRIBUTION, "scale x2", "scale x4",
                  "unscaled (0-16)", "uniform noise", "Gaussian noise 0.3",
                  "inverted (1 - x)", "blank", "MNIST 8x8 (other dataset)"]
+_MNIST_SHIFTS = [shift.IN_DISTRIBUTION, "scale x2", "scale x4",
+                 "unscaled (0-255)", "uniform noise", "Gaussian noise 0.3",
+                 "inverted (1 - x)", "blank", "digits 28x28 (other dataset)"]
+_MOVIELENS_SHIFTS = [shift.IN_DISTRIBUTION, "swapped ids", "unseen user ids",
+                     "unseen movie ids", "blank (ids 0)"]
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -56,6 +62,75 @@ class ShiftsTest(tf.test.TestCase):
     self.assertTrue(np.all(unseen < buckets))
     self.assertAllEqual(np.sort(shifts["swapped ids"]["cat"], axis=0),
                         np.sort(x["cat"], axis=0))
+
+  def test_mnist_shifts(self):
+    x = np.random.default_rng(0).uniform(size=(5, 784)).astype("float32")
+    other = np.ones((5, 784), "float32")
+    shifts = shift.mnist_shifts(x, other)
+    self.assertEqual(list(shifts), _MNIST_SHIFTS)
+    self.assertAllClose(shifts["unscaled (0-255)"], 255 * x)
+    self.assertAllClose(shifts["scale x2"], 2 * x)
+    self.assertAllEqual(shifts["digits 28x28 (other dataset)"], other)
+    for value in shifts.values():
+      self.assertEqual(value.shape, (5, 784))
+      self.assertEqual(value.dtype, np.float32)
+
+  def test_image_shifts_are_seeded(self):
+    x = np.random.default_rng(0).uniform(size=(4, 64)).astype("float32")
+    first = shift.digit_shifts(x, x, seed=1)
+    self.assertAllEqual(first["uniform noise"],
+                        shift.digit_shifts(x, x, seed=1)["uniform noise"])
+    self.assertNotAllEqual(first["uniform noise"],
+                           shift.digit_shifts(x, x, seed=2)["uniform noise"])
+
+  def test_movielens_shifts_keep_ids_valid_and_unseen_ids_unseen(self):
+    rng = np.random.default_rng(0)
+    vocab = {"user_id": 30, "movie_id": 40}
+    # Training rows use ids 1..19 and 1..29: the rest (0 among them) are
+    # unseen.
+    train = {"user_id": rng.integers(1, 20, 200),
+             "movie_id": rng.integers(1, 30, 200)}
+    x = {k: v[:12] for k, v in train.items()}
+    shifts = shift.movielens_shifts(x, train, vocab)
+    self.assertEqual(list(shifts), _MOVIELENS_SHIFTS)
+    for value in shifts.values():
+      self.assertEqual(set(value), {"user_id", "movie_id"})
+      for key, ids in value.items():
+        self.assertEqual(ids.shape, (12,))
+        self.assertEqual(ids.dtype, x[key].dtype)
+        self.assertTrue(np.all((ids >= 0) & (ids < vocab[key])))
+    for name, key in (("unseen user ids", "user_id"),
+                      ("unseen movie ids", "movie_id")):
+      self.assertEmpty(np.intersect1d(shifts[name][key], train[key]))
+      other = "movie_id" if key == "user_id" else "user_id"
+      self.assertAllEqual(shifts[name][other], x[other])
+    for key in vocab:
+      self.assertAllEqual(np.sort(shifts["swapped ids"][key]),
+                          np.sort(x[key]))
+      self.assertAllEqual(shifts["blank (ids 0)"][key], np.zeros(12))
+
+  def test_unseen_ids_when_only_the_oov_id_is_unseen(self):
+    rng = np.random.default_rng(0)
+    train = np.arange(1, 10)
+    ids = np.array([3, 4, 5], np.int64)
+    self.assertAllEqual(shift.unseen_ids(ids, train, 10, rng), [0, 0, 0])
+    # Every id seen: nothing to draw, the ids stay.
+    self.assertAllEqual(shift.unseen_ids(ids, np.arange(10), 10, rng), ids)
+
+  def test_task_shifts_rejects_an_unknown_task(self):
+    with self.assertRaisesRegex(ValueError, "argument `task`"):
+      shift.task_shifts("emnist", np.zeros((2, 4)), None, 0)
+
+  def test_digits_as_mnist(self):
+    images = shift.digits_as_mnist(4)
+    self.assertEqual(images.shape, (4, 784))
+    self.assertEqual(images.dtype, np.float32)
+    self.assertAllClose(images.max(axis=1), np.ones(4))
+    self.assertGreaterEqual(images.min(), 0.0)
+    # Centred in a 20x20 box, as MNIST's digits are: a 4-pixel empty border.
+    frame = images.reshape(4, 28, 28)
+    self.assertAllEqual(frame[:, :4], np.zeros((4, 4, 28)))
+    self.assertAllEqual(frame[:, :, 24:], np.zeros((4, 28, 4)))
 
   def test_mnist_as_digits(self):
     try:
@@ -112,6 +187,53 @@ class ScoreShiftsTest(tf.test.TestCase):
       self.assertIn("![ratio of means per shift](shift.png)", text)
       self.assertIn(shift.out_of_range_table(oor), text)
       self.assertTrue(os.path.exists(paths["json"]))
+
+  def test_report_renders_every_task(self):
+    shifts = {config_lib.DIGITS: _DIGIT_SHIFTS, config_lib.MNIST: _MNIST_SHIFTS,
+              config_lib.MOVIELENS: _MOVIELENS_SHIFTS,
+              config_lib.CRITEO: [shift.IN_DISTRIBUTION, "unseen ids"]}
+    # As `score_shifts` leaves them: no moments for Criteo-like, no
+    # prediction-only closed form for the MovieLens regression.
+    skip = {config_lib.CRITEO: shift.MOMENTS,
+            config_lib.MOVIELENS: shift.PREDICTION}
+    results = {}
+    for task, names in shifts.items():
+      estimators = [e for e in shift.ESTIMATORS if e != skip.get(task)]
+      rows = [_row(s, e, 1.0) for s in names for e in estimators]
+      pooled = dict.fromkeys(estimators, 0.9)
+      results[task] = {"data": f"{task} data", "rows": rows,
+                       "pooled": pooled,
+                       "checks": shift.shift_checks(rows, pooled),
+                       "head": {}}
+    ids = {"user_id": np.array([1, 2, 3, 4]), "movie_id": np.array([1, 2, 3])}
+    ratings = common.Split(ids, None, ids, None, {"vocab_sizes": {
+        "user_id": 5, "movie_id": 6}})
+    results[config_lib.MOVIELENS]["note"] = shift.task_note(
+        config_lib.MOVIELENS, ratings)
+    self.assertIsNone(shift.task_note(config_lib.DIGITS, ratings))
+    self.assertEqual(tuple(results), shift.SHIFT_TASKS)
+    with tempfile.TemporaryDirectory() as out:
+      paths = shift.write_shift_report(
+          results, config_lib.small_config(), out)
+      with open(paths["plot"], "rb") as f:
+        self.assertEqual(f.read(8), _PNG_SIGNATURE)
+      with open(paths["report"]) as f:
+        text = f.read()
+    sections = text.split("\n## ")[1:]
+    self.assertEqual([s.split("\n")[0] for s in sections],
+                     list(shift.SHIFT_TASKS))
+    header = "| inputs | MC mean | " + " | ".join(shift.ESTIMATORS) + " |"
+    for section, (task, names) in zip(sections, shifts.items()):
+      lines = section.split("\n")
+      table = lines[lines.index(header) + 2:][:len(names)]
+      self.assertEqual([line.split(" | ")[0][2:] for line in table], names)
+      for line in table:
+        self.assertEqual(line.count("unsupported"),
+                         1 if task in skip else 0)
+    self.assertIn("no dense or side features", sections[2])
+    self.assertIn("here 1 of 5 user and 3 of 6 movie rows", sections[2])
+    self.assertIn("No prediction only baseline", sections[2])
+    self.assertIn("Moment propagation does not support", sections[3])
 
   def test_checks(self):
     rows = [_row("as trained", shift.HEAD, 1.0),

@@ -43,6 +43,7 @@ TEST_SIZES = {
     "serving_servicers_test": "large",
     "serving_client_test": "large",
     "study_runner_test": "large",
+    "study_shift_run_test": "large",
     "zoo_test": "large",
     "heads_multi_output_test": "large",
     "inputs_test": "large",

@@ -9,6 +9,8 @@
 - `checks`: the issue's goals checked against the rows.
 - `runner`: `run_study`, the study itself (`python -m dropvar_tf.study.cli`).
 - `report`: fidelity tables, plots and the report (results.md, results.json).
+- `shift`: the shift study (`cli --shift`): estimates on shifted inputs of
+  every task against MC DPV (shift.md, shift.json).
 - `data`, `models`: task loaders and reference base models.
 - `demo`: the digits demo behind the `dropvar` command.
 

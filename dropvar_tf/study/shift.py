@@ -10,6 +10,14 @@ head was fitted on:
   unscaled (0..16), uniform noise, the images plus Gaussian noise of std 0.3,
   inverted (1 - x), blank, and MNIST-5k digits downsampled to 8x8 (another
   dataset);
+- MNIST-5k: the same shifts of its test images (pixels / 255; unscaled is
+  0..255), with scikit-learn digits upsampled to 28x28 as the other dataset;
+- MovieLens-100k: the test ratings as trained, user and movie ids swapped
+  between rows, user ids or movie ids never seen in training, and blank rows
+  (both ids 0). Its model has no dense or side features to scale, and its
+  only spare embedding row is the out-of-vocabulary id 0 unless training
+  rows were capped (`StudyConfig.max_train`), so with all training rows an
+  unseen id is id 0;
 - Criteo-like: the test rows as trained, dense features scaled x2, x4 and
   x16, sign-flipped and with Gaussian noise, blank rows, categorical ids
   swapped between rows and ids never seen in training.
@@ -42,13 +50,18 @@ from dropvar_tf import heads
 from dropvar_tf import moments
 from dropvar_tf import targets as targets_lib
 from dropvar_tf import training
+from dropvar_tf import validation
 from dropvar_tf.study import cache
 from dropvar_tf.study import estimators
 from dropvar_tf.study import tasks
 from dropvar_tf.study.config import CRITEO
 from dropvar_tf.study.config import DIGITS
+from dropvar_tf.study.config import MNIST
+from dropvar_tf.study.config import MOVIELENS
+from dropvar_tf.study.data.movielens import MOVIE_KEY
+from dropvar_tf.study.data.movielens import USER_KEY
 
-SHIFT_TASKS = (DIGITS, CRITEO)
+SHIFT_TASKS = (DIGITS, MNIST, MOVIELENS, CRITEO)
 # Test rows per shift.
 NUM_ROWS = 300
 # The issue's goals.
@@ -62,6 +75,7 @@ HEAD_WITHOUT_PRIOR = "head without prior"
 MOMENTS = "moment propagation"
 PREDICTION = "prediction only"
 IN_DISTRIBUTION = "as trained"
+ESTIMATORS = (HEAD, HEAD_WITHOUT_PRIOR, MOMENTS, PREDICTION)
 
 
 def mnist_as_digits(num, seed=0):
@@ -81,21 +95,96 @@ def mnist_as_digits(num, seed=0):
   return small.reshape(len(small), 64).astype("float32")
 
 
-def digit_shifts(x, other, seed=0):
-  """The digits shifts of the module docstring: dict name -> (N, 64)."""
+def digits_as_mnist(num, seed=0):
+  """scikit-learn digits grown to MNIST-5k's 28x28 pixels in [0, 1].
+
+  Each 8x8 digit is resized (bilinear) to 20x20 and centred in a 28x28 frame,
+  as MNIST centres its digits in a 20x20 box, then rescaled so that its
+  brightest pixel is 1.
+
+  Returns:
+    float32 (num, 784); `num` at most 1,797 (the digits there are).
+  """
+  from dropvar_tf.study import data
+  split = data.load_digits(seed=seed)
+  images = np.concatenate([split.x_test, split.x_train])[:num]
+  big = tf.image.resize(images, (20, 20), method="bilinear").numpy()
+  big = np.pad(np.clip(big, 0.0, None), ((0, 0), (4, 4), (4, 4), (0, 0)))
+  big /= np.maximum(big.max(axis=(1, 2, 3), keepdims=True), 1e-6)
+  return big.reshape(len(big), 28 * 28).astype("float32")
+
+
+def _image_shifts(x, other, unscaled, other_name, seed):
+  """Shifts of flat images in [0, 1]: dict name -> (N, D) float32."""
   rng = np.random.default_rng([seed, 12])
   x = np.asarray(x, "float32")
   return {
       IN_DISTRIBUTION: x,
       "scale x2": 2.0 * x,
       "scale x4": 4.0 * x,
-      "unscaled (0-16)": 16.0 * x,
+      f"unscaled (0-{unscaled})": float(unscaled) * x,
       "uniform noise": rng.uniform(size=x.shape).astype("float32"),
       "Gaussian noise 0.3": (x + rng.normal(0.0, 0.3, x.shape)).astype(
           "float32"),
       "inverted (1 - x)": 1.0 - x,
       "blank": np.zeros_like(x),
-      "MNIST 8x8 (other dataset)": other,
+      other_name: np.asarray(other, "float32"),
+  }
+
+
+def digit_shifts(x, other, seed=0):
+  """The digits shifts of the module docstring: dict name -> (N, 64)."""
+  return _image_shifts(x, other, 16, "MNIST 8x8 (other dataset)", seed)
+
+
+def mnist_shifts(x, other, seed=0):
+  """The MNIST-5k shifts of the module docstring: dict name -> (N, 784)."""
+  return _image_shifts(x, other, 255, "digits 28x28 (other dataset)", seed)
+
+
+def unseen_ids(ids, train_ids, vocab_size, rng):
+  """Ids drawn from [0, vocab_size) minus those in `train_ids`.
+
+  Args:
+    ids: int array (N,), the ids to replace (gives shape and dtype).
+    train_ids: the ids seen in training.
+    vocab_size: the id range of the embedding table.
+    rng: a numpy Generator.
+
+  Returns:
+    (N,) ids, none of them in `train_ids`; `ids` unchanged when every id is
+    seen in training.
+  """
+  pool = np.setdiff1d(np.arange(vocab_size), train_ids)
+  if not pool.size:
+    return np.asarray(ids).copy()
+  return rng.choice(pool, size=len(ids)).astype(np.asarray(ids).dtype)
+
+
+def movielens_shifts(x, x_train, vocab_sizes, seed=0):
+  """The MovieLens shifts of the module docstring: dict name -> inputs.
+
+  Args:
+    x: {"user_id": int (N,), "movie_id": int (N,)}, the test rows.
+    x_train: the same layout, the training rows.
+    vocab_sizes: dict input name -> embedding rows (`info["vocab_sizes"]`).
+    seed: seed of the permutations and draws.
+
+  Returns:
+    dict name -> {"user_id", "movie_id"} of N rows each, dtypes kept.
+  """
+  rng = np.random.default_rng([seed, 12])
+  x = {k: np.asarray(v) for k, v in x.items()}
+  swapped = {k: rng.permutation(v) for k, v in x.items()}
+  unseen = {k: unseen_ids(v, x_train[k], vocab_sizes[k], rng)
+            for k, v in x.items()}
+  return {
+      IN_DISTRIBUTION: x,
+      "swapped ids": swapped,
+      "unseen user ids": {USER_KEY: unseen[USER_KEY], MOVIE_KEY: x[MOVIE_KEY]},
+      "unseen movie ids": {USER_KEY: x[USER_KEY],
+                           MOVIE_KEY: unseen[MOVIE_KEY]},
+      "blank (ids 0)": {k: np.zeros_like(v) for k, v in x.items()},
   }
 
 
@@ -106,11 +195,8 @@ def criteo_shifts(x, x_train, num_buckets, seed=0):
   buckets = np.broadcast_to(np.asarray(num_buckets), (cat.shape[1],))
   swapped = np.stack([rng.permutation(cat[:, j]) for j in
                       range(cat.shape[1])], axis=1)
-  unseen = cat.copy()
-  for j in range(cat.shape[1]):
-    pool = np.setdiff1d(np.arange(buckets[j]), x_train["cat"][:, j])
-    if pool.size:
-      unseen[:, j] = rng.choice(pool, size=len(cat))
+  unseen = np.stack([unseen_ids(cat[:, j], x_train["cat"][:, j], buckets[j],
+                                rng) for j in range(cat.shape[1])], axis=1)
 
   def rows(d, c=cat):
     return {"dense": d.astype("float32"), "cat": c.astype(cat.dtype)}
@@ -297,6 +383,55 @@ def fit_default_head(task, model, split, rate, config, log=print,
   return dual
 
 
+def task_shifts(task, x, split, seed):
+  """The shifts of one task's test rows `x`: dict name -> inputs.
+
+  Args:
+    task: one of `SHIFT_TASKS`.
+    x: test rows of `split`.
+    split: the task's `Split` (training ids, vocabulary sizes).
+    seed: seed of the shifts (and of the other dataset's split).
+
+  Returns:
+    dict name -> inputs in the layout of `x`, IN_DISTRIBUTION first.
+
+  Raises:
+    ValueError: a task not in `SHIFT_TASKS`.
+  """
+  if task == DIGITS:
+    return digit_shifts(x, mnist_as_digits(_rows(x), seed), seed)
+  if task == MNIST:
+    return mnist_shifts(x, digits_as_mnist(_rows(x), seed), seed)
+  if task == MOVIELENS:
+    return movielens_shifts(x, split.x_train, split.info["vocab_sizes"], seed)
+  if task == CRITEO:
+    return criteo_shifts(x, split.x_train, split.info["num_buckets"], seed)
+  raise validation.invalid("task", f"one of {SHIFT_TASKS}", task)
+
+
+def task_note(task, split):
+  """A sentence on what a task's shifts can and cannot be, or None."""
+  if task != MOVIELENS:
+    return None
+  sizes = split.info["vocab_sizes"]
+  unseen = {k: np.setdiff1d(np.arange(v), split.x_train[k]).size
+            for k, v in sizes.items()}
+  return (
+      "The model's inputs are a user id and a movie id, embedded; it has no "
+      "dense or side features to scale or flip. Unseen ids are drawn from "
+      "the embedding rows no training row uses: here "
+      f"{unseen[USER_KEY]} of {sizes[USER_KEY]} user and "
+      f"{unseen[MOVIE_KEY]} of {sizes[MOVIE_KEY]} movie rows. With all "
+      "training rows that is the out-of-vocabulary id 0 alone (the loader "
+      "maps ids it has not seen in training to 0), and \"blank (ids 0)\" "
+      "is both ids unseen.")
+
+
+def _rows(x):
+  """Number of rows of an array or of a dict of arrays."""
+  return len(next(iter(x.values())) if isinstance(x, dict) else x)
+
+
 def run_shift_study(config, output_dir, rate=0.3, log=print):
   """Runs the shift study for the tasks of `config` it covers.
 
@@ -307,9 +442,9 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
     log: a print-like function for progress lines.
 
   Returns:
-    dict with "tasks" (task -> data, rows, pooled, checks, head metadata,
-    out_of_range (threshold and `out_of_range_rows`), seconds) and
-    "paths".
+    dict with "tasks" (task -> data, note (`task_note`), rows, pooled,
+    checks, head metadata, out_of_range (threshold and
+    `out_of_range_rows`), seconds) and "paths".
 
   Side effects: reads and writes the study cache; writes the report.
   """
@@ -326,11 +461,7 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
                                                   config, log, prior=None)}
     n = min(NUM_ROWS, len(split.y_test))
     x = tasks.common.take(split.x_test, np.arange(n))
-    if task == DIGITS:
-      shifts = digit_shifts(x, mnist_as_digits(n, config.seed), config.seed)
-    else:
-      shifts = criteo_shifts(x, split.x_train, split.info["num_buckets"],
-                             config.seed)
+    shifts = task_shifts(task, x, split, config.seed)
     rows, pooled = score_shifts(split.info["kind"], model, duals, shifts,
                                 config.num_samples, config.seed + 3)
     threshold = out_of_range_threshold(duals[HEAD])
@@ -338,7 +469,8 @@ def run_shift_study(config, output_dir, rate=0.3, log=print):
         "out_of_range": {"threshold": threshold,
                          "rows": out_of_range_rows(duals[HEAD], shifts,
                                                    threshold)},
-        "data": data_full, "rows": rows, "pooled": pooled,
+        "data": data_full, "note": task_note(task, split), "rows": rows,
+        "pooled": pooled,
         "checks": shift_checks(rows, pooled),
         "head": heads.variation_head_metadata(duals[HEAD]),
         "seconds": time.time() - t0,
@@ -376,28 +508,53 @@ def shift_table(rows, estimator_names):
 
 
 def _plot(results, path):
+  """Bars of the ratio of means, one panel per task, one colour per estimator.
+
+  An estimator a task does not support leaves its slot empty, so colours
+  and positions match across panels.
+  """
   # `report` selects matplotlib's Agg backend before pyplot is imported.
   from dropvar_tf.study import report  # noqa: F401
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4),
+  cols = min(2, len(results))
+  rows = -(-len(results) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows),
                            squeeze=False)
-  for ax, (task, res) in zip(axes[0], results.items()):
-    names = list(dict.fromkeys(r["estimator"] for r in res["rows"]))
+  for ax in axes.ravel()[len(results):]:
+    ax.set_visible(False)
+  names = list(ESTIMATORS) + list(dict.fromkeys(
+      r["estimator"] for res in results.values() for r in res["rows"]
+      if r["estimator"] not in ESTIMATORS))
+  colors = {name: f"C{i}" for i, name in enumerate(names)}
+  width = 0.8 / len(names)
+  handles = {}
+  for ax, (task, res) in zip(axes.ravel(), results.items()):
     shifts = list(dict.fromkeys(r["shift"] for r in res["rows"]))
     by = {(r["shift"], r["estimator"]): r for r in res["rows"]}
-    width = 0.8 / len(names)
+    # A ratio of 0 (every estimate 0) is drawn at the panel's floor.
+    ratios = {name: np.array([by.get((s, name), {}).get("ratio", np.nan)
+                              for s in shifts], "float64") for name in names}
+    seen = np.concatenate(list(ratios.values()))
+    seen = seen[np.isfinite(seen) & (seen > 0)]
+    low = min(MIN_RATIO, seen.min() if seen.size else MIN_RATIO) / 2
+    high = max(MAX_RATIO, seen.max() if seen.size else MAX_RATIO) * 2
     for i, name in enumerate(names):
-      ratios = [by.get((s, name), {}).get("ratio") or np.nan for s in shifts]
-      ax.bar(np.arange(len(shifts)) + i * width, np.maximum(ratios, 1e-3),
-             width, label=name)
-    ax.axhspan(MIN_RATIO, MAX_RATIO, color="green", alpha=0.12,
-               label=f"goal [{MIN_RATIO}, {MAX_RATIO}]")
+      handles[name] = ax.bar(np.arange(len(shifts)) + i * width,
+                             np.maximum(ratios[name], low), width,
+                             color=colors[name], label=name)
+    handles["goal"] = ax.axhspan(MIN_RATIO, MAX_RATIO, color="green",
+                                 alpha=0.12,
+                                 label=f"goal [{MIN_RATIO}, {MAX_RATIO}]")
     ax.set_yscale("log")
+    ax.set_ylim(low, high)
     ax.set_xticks(np.arange(len(shifts)) + 0.4 - width / 2)
     ax.set_xticklabels(shifts, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("mean estimate / mean MC DPV")
     ax.set_title(task)
-    ax.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0, 1, 0.95))
+  fig.legend(list(handles.values()), [h.get_label() for h in
+                                      handles.values()],
+             loc="upper center", ncol=len(handles), fontsize=8)
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return path
@@ -456,8 +613,14 @@ def write_shift_report(results, config, output_dir):
         f" {MOMENTS.capitalize()} does not support this model (see "
         "`moments.moment_model`): the head's prior is the output-delta "
         "feature.")
-    lines += [f"## {task}", "", res["data"] + "." + missing, "",
-              shift_table(res["rows"], names), "",
+    if PREDICTION not in names:
+      missing += (f" No {PREDICTION} baseline: the output of a regression "
+                  "alone says nothing of its spread.")
+    names = list(ESTIMATORS) + [n for n in names if n not in ESTIMATORS]
+    note = res.get("note")
+    lines += [f"## {task}", "", res["data"] + "." + missing, ""]
+    lines += [note, ""] if note else []
+    lines += [shift_table(res["rows"], names), "",
               "Pooled Spearman over all rows: " + ", ".join(
                   f"{n} {_fmt(v)}" for n, v in res["pooled"].items()) + ".",
               "", "Goals (variation head):", "",
