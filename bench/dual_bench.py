@@ -78,13 +78,28 @@ def compiled(model, xla=False):
   return tf.function(lambda x: model(x, training=False), jit_compile=xla)
 
 
+def _through(t, zero):
+  """`t`, read through the loop counter `zero` (0) so it is not hoisted."""
+  if t.dtype == tf.string:  # no arithmetic on strings: roll by 0 rows
+    return tf.roll(t, shift=zero, axis=0)
+  return t + tf.cast(zero, t.dtype)
+
+
+def _total(t):
+  """The sum of `t` (of its strings' lengths): one number the pass feeds."""
+  if t.dtype == tf.string:
+    return tf.reduce_sum(tf.strings.length(t))
+  return tf.reduce_sum(t)
+
+
 def in_graph(forward, passes):
   """`passes` calls of `forward(x)` in one tf.while_loop: no call overhead.
 
   Each pass reads the input through `minimum(i, 0)` (zero, unknown to the
-  graph optimizer) and all of its outputs are summed, so no pass can be
-  hoisted out of the loop, merged or cut short. The loop's own ops cost a
-  few microseconds a pass: `main` times an empty loop and subtracts it.
+  graph optimizer; string inputs are rolled by it) and all of its outputs
+  are summed, so no pass can be hoisted out of the loop, merged or cut
+  short. The loop's own ops cost a few microseconds a pass: `main` times an
+  empty loop and subtracts it.
   `forward` may be an XLA-compiled function: it then runs as one XLA
   launch per pass, as in a server that gets one request per pass.
   """
@@ -92,10 +107,10 @@ def in_graph(forward, passes):
   def fn(x):
     def body(i, acc):
       zero = tf.minimum(i, 0)
-      xi = tf.nest.map_structure(lambda t: t + tf.cast(zero, t.dtype), x)
+      xi = tf.nest.map_structure(lambda t: _through(t, zero), x)
       out = tf.nest.flatten(forward(xi))
       return i + 1, acc + tf.add_n(
-          [tf.cast(tf.reduce_sum(o), tf.float32) for o in out])
+          [tf.cast(_total(o), tf.float32) for o in out])
     return tf.while_loop(lambda i, _: i < passes, body, (0, 0.0),
                          parallel_iterations=1)[1]
   return tf.function(fn)

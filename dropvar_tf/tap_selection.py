@@ -68,8 +68,8 @@ def layer_cost(layer, inputs, outputs):
   """Estimated multiply-adds per example of one call of `layer`.
 
   Args:
-    layer: a Keras layer, or a nested Functional model (estimated layer by
-      layer).
+    layer: a Keras layer or op (`keras.ops.*` called in a Functional graph),
+      or a nested Functional model (estimated layer by layer).
     inputs: the call's input KerasTensors.
     outputs: the call's output KerasTensors.
 
@@ -85,7 +85,11 @@ def layer_cost(layer, inputs, outputs):
   # steps) or of its output (a strided conv), whichever has more.
   positions = max([_positions(t.shape) for t in list(inputs) + list(outputs)
                    if len(t.shape) > 1] or [1])
-  return layer.count_params() * positions + READ_COST * out_elements
+  # A Keras op called on KerasTensors (`keras.ops.sum` in a Functional
+  # graph) is an Operation, not a Layer: it has no weights.
+  params = (layer.count_params() if isinstance(layer, keras.layers.Layer)
+            else 0)
+  return params * positions + READ_COST * out_elements
 
 
 def model_cost(model):

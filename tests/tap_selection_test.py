@@ -86,6 +86,21 @@ class CostTest(tf.test.TestCase):
     expected = read * 20 + (4 * 3 + 3 * 3 + 3) * 5 + read * 3
     self.assertEqual(tap_selection.model_cost(model), expected)
 
+  def test_keras_op_in_the_graph_costs_its_output(self):
+    inputs = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(10, 4, name="embedding")(inputs)
+    h = keras.ops.sum(h, axis=1)  # an Operation, not a Layer
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(h)
+    h = keras.layers.Dropout(0.3, name="drop")(h)
+    outputs = keras.layers.Dense(1, name="dense")(h)
+    model = keras.Model(inputs, outputs)
+    read = tap_selection.READ_COST
+    expected = (read * 20 + read * 4 + (4 * 8 + 8) + read * 8 + read * 8 +
+                (8 + 1) + read * 1)
+    self.assertEqual(tap_selection.model_cost(model), expected)
+    dual = heads.add_variation_head(model)
+    self.assertIn("variation", dual(np.zeros((2, 5), "int32")))
+
   def test_nested_model_is_estimated_layer_by_layer(self):
     model = tm.nested()
     inner = model.get_layer("block")
