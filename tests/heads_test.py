@@ -353,10 +353,13 @@ class BaseUntouchedTest(tf.test.TestCase):
     self.assertTrue(changed)
     self.assertEqual(changed & base_ids, set())
     # Besides the head, fit sets only the noise scale of the smoothed
-    # output-delta prior (a dual layer, not the base's).
+    # output-delta prior and the range of the out-of-range signal the
+    # prior's correction shrinks with (dual layers, not the base's).
     prior = heads.smoothed_prior_layer(dual)
+    far = heads.out_of_range_layer(dual)
     self.assertIsNotNone(prior)
-    self.assertEqual(changed - head_ids, {id(prior.noise_scale)})
+    self.assertEqual(changed - head_ids,
+                     {id(prior.noise_scale), id(far.scale), id(far.offset)})
     self.assertIn(id(head.get_layer("head_out").kernel), changed)
     for v in model.trainable_weights:
       self.assertTrue(v.trainable, msg=v.path)
