@@ -215,7 +215,11 @@ class OutputDropoutDelta(keras.layers.Layer):
   flips. `kappa` (`noise_scale`, non-trainable, 1 until
   `fit_variation_head` fits it) stands for the dropout of the earlier
   layers, which widens the logits' spread by a factor the last layer alone
-  cannot see. The bias is a non-trainable copy, as the kernel.
+  cannot see. Where it has to widen it a lot (as in recurrent models, where
+  the last dropout is a small part of the noise), the Gaussian form does not
+  hold and the fit switches the layer back to the linearised delta
+  (`smoothing` = 0, non-trainable). The bias is a non-trainable copy, as
+  the kernel.
 
   Args:
     rate: dropout rate before the output layer.
@@ -251,6 +255,10 @@ class OutputDropoutDelta(keras.layers.Layer):
                                   trainable=False, initializer="zeros")
       self.noise_scale = self.add_weight(name="noise_scale", shape=(),
                                          trainable=False, initializer="ones")
+      # 1: smoothed; 0: linearised after all (`fit_variation_head` sets it
+      # to 0 where the last dropout carries too little of the logit noise).
+      self.smoothing = self.add_weight(name="smoothing", shape=(),
+                                       trainable=False, initializer="ones")
 
   def call(self, inputs):
     h, y = inputs
@@ -261,8 +269,27 @@ class OutputDropoutDelta(keras.layers.Layer):
     c = (self.rate / (1.0 - self.rate)) ** 0.5
     w = tf.cast(self.kernel, "float32")  # autocast under a float16 policy
     if self.smoothed:
-      logit, spread = self.logit_and_spread(h, w)
-      return smoothed_sigmoid_std(logit, spread * (c * self.noise_scale))
+      return tf.cond(self.smoothing > 0.5,
+                     lambda: self._smoothed_std(h, w, c),
+                     lambda: self._linearised_std(h, self._output(h, w), w, c))
+    return self._linearised_std(h, y, w, c)
+
+  def prior_from_input(self, h):
+    """The layer's output from `h` alone (a smoothed layer ignores `y`)."""
+    if not self.smoothed:
+      raise validation.invalid("smoothed", "True (the output is needed "
+                               "otherwise)", self.smoothed)
+    return self.call([h, h])
+
+  def _output(self, h, w):
+    z = tf.matmul(h, w) + tf.cast(self.bias, "float32")
+    return tf.sigmoid(z) if self.activation == "sigmoid" else tf.nn.softmax(z)
+
+  def _smoothed_std(self, h, w, c):
+    logit, spread = self.logit_and_spread(h, w)
+    return smoothed_sigmoid_std(logit, spread * (c * self.noise_scale))
+
+  def _linearised_std(self, h, y, w, c):
     if self.activation == "softmax":
       if self.statistic == contract.STAT_PREDICTED_CLASS_STD:
         # tf ops, not keras.ops: keras' argmax adds six ops per call.

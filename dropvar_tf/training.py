@@ -305,6 +305,8 @@ def _fit_out_of_range(dual, x, train_idx, report_idx):
   return np.asarray(layer(feats), "float32")
 
 
+# The largest noise scale with which a smoothed output delta stays smoothed.
+MAX_NOISE_SCALE = 2.0
 # `OutputDropoutDelta.noise_scale` values tried by `_fit_prior_noise_scale`.
 _NOISE_SCALES = np.exp(np.linspace(np.log(0.25), np.log(16.0), 49))
 
@@ -336,7 +338,13 @@ def _fit_prior_noise_scale(layer, h, t, idx, out_layer):
     if best is None or spread_of_gap < best[0]:
       best = (spread_of_gap, float(scale))
   layer.noise_scale.assign(best[1])
-  prior = probe_layers.smoothed_sigmoid_std(logit, spread * best[1])
+  # Above MAX_NOISE_SCALE the targets' shape asks for a logit spread far
+  # wider than the last dropout's: there (the recurrent models of
+  # docs/zoo.md) the smoothed form misranked inputs unlike the calibration
+  # ones, so the prior is the linearised delta again.
+  layer.smoothing.assign(1.0 if best[1] <= MAX_NOISE_SCALE else 0.0)
+  prior = tf.concat([layer.prior_from_input(h[i:i + 4096])
+                     for i in range(0, len(h), 4096)], axis=0)
   return np.asarray(prior, "float32").reshape(len(h), -1)
 
 
@@ -499,6 +507,8 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
       "output_scale": float(out_layer.scale.numpy()),
       "output_max_value": float(out_layer.max_value.numpy()),
       "prior_noise_scale": _prior_noise_scale(dual, output),
+      "prior_smoothed": None if smoothed is None else bool(
+          smoothed.smoothing.numpy() > 0.5),
       "prior_correction_center": float(
           out_layer.correction_center.numpy()) if out_layer.shrink else None,
       "prior_correction": None if prior is None else [

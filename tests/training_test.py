@@ -3,10 +3,12 @@
 import os
 import sys
 import tempfile
+from unittest import mock
 
 import numpy as np
 
 from dropvar_tf import heads
+from dropvar_tf import layers as layers_lib
 from dropvar_tf import metrics
 from dropvar_tf import targets
 from dropvar_tf import training
@@ -540,6 +542,41 @@ class PriorTest(tf.test.TestCase):
     self.assertLess(at_fit, gap_variance(1.0))
     self.assertLessEqual(at_fit, gap_variance(fitted * 1.5) + 1e-9)
     self.assertLessEqual(at_fit, gap_variance(fitted / 1.5) + 1e-9)
+
+
+  def test_smoothing_falls_back_above_the_largest_noise_scale(self):
+    model = tm.mlp_softmax()
+    x = tm.sample_inputs("softmax", 300)
+    t = targets.mc_dropout_targets(model, x, num_samples=30, seed=2)
+    h_x = None
+    for limit, smoothed in ((100.0, True), (0.01, False)):
+      with self.subTest(limit=limit), mock.patch.object(
+          training, "MAX_NOISE_SCALE", limit):
+        dual = heads.add_variation_head(model, **_SMALL_HEAD)
+        training.fit_variation_head(dual, x, t, epochs=2, seed=1,
+                                    num_samples=30)
+        meta = heads.variation_head_metadata(dual)
+        self.assertIs(meta["prior_smoothed"], smoothed)
+        layer = heads.smoothed_prior_layer(dual)
+        if h_x is None:
+          h_x = keras.Model(dual.input,
+                            heads.layer_input_tensors(dual, layer)[0])(x[:20])
+        linear = layers_lib.OutputDropoutDelta(
+            rate=layer.rate, activation="softmax",
+            statistic="predicted_class_std", input_dim=layer.input_dim,
+            units=tm.NUM_CLASSES)
+        linear.build([(None, layer.input_dim), (None, tm.NUM_CLASSES)])
+        linear.kernel.assign(layer.kernel)
+        got = np.asarray(layer([h_x, model(x[:20])]))
+        want = np.asarray(linear([h_x, model(x[:20])]))
+        if smoothed:
+          self.assertGreater(np.max(np.abs(got - want)), 1e-4)
+        else:
+          self.assertAllClose(got, want, rtol=1e-4, atol=1e-7)
+        # The prior the head was fitted on is the dual's own.
+        feats = training.head_features(dual, x[:20])
+        self.assertAllClose(feats[-2][:, 0], got[:, 0], rtol=1e-5,
+                            atol=1e-8)
 
 
 class ExtremeInputsTest(tf.test.TestCase):
