@@ -352,14 +352,16 @@ class BaseUntouchedTest(tf.test.TestCase):
                if not np.array_equal(before[id(v)], v.numpy())}
     self.assertTrue(changed)
     self.assertEqual(changed & base_ids, set())
-    # Besides the head, fit sets only the noise scale of the smoothed
-    # output-delta prior and the range of the out-of-range signal the
+    # Besides the head, fit sets only the noise scale (and smoothing) of the
+    # smoothed output-delta prior and the range of the out-of-range signal the
     # prior's correction shrinks with (dual layers, not the base's).
     prior = heads.smoothed_prior_layer(dual)
     far = heads.out_of_range_layer(dual)
     self.assertIsNotNone(prior)
-    self.assertEqual(changed - head_ids,
-                     {id(prior.noise_scale), id(far.scale), id(far.offset)})
+    self.assertLessEqual(
+        changed - head_ids, {id(prior.noise_scale), id(prior.smoothing),
+                             id(far.scale), id(far.offset)})
+    self.assertIn(id(far.scale), changed)
     self.assertIn(id(head.get_layer("head_out").kernel), changed)
     for v in model.trainable_weights:
       self.assertTrue(v.trainable, msg=v.path)
