@@ -335,9 +335,10 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
       name.
     include_prediction: also feed features of the base prediction.
     include_delta: also feed the delta-method DPV of the dropout right
-      before the output layer (`layers.OutputDropoutDelta`; one small
-      matmul): True, False, or "auto" (when the model ends in Dropout ->
-      Dense).
+      before the output layer (`layers.OutputDropoutDelta`, smoothed for
+      sigmoid outputs and softmax's predicted class; its noise scale is
+      fitted only when it is the prior, else 1): True, False, or "auto"
+      (when the model ends in Dropout -> Dense).
     include_moments: also feed the moment-propagation estimate
       (`dropvar_tf.moments`): True, False, or "auto" (when supported). It
       costs about two extra forward passes, so it is off by default.
@@ -692,15 +693,19 @@ def variation_head_metadata(dual, output=None):
   fitted on; None before fitting), dropout_rates (`dropout_rates`), layers,
   features, include_prediction, include_moments, transform, base_model,
   prior, prior_bound, and after fitting seed, num_train_examples,
-  prior_noise_scale (the fitted noise scale of a smoothed output-delta
-  prior, else None) and fit_report (the held-out
+  prior_noise_scale and prior_smoothed (the fitted noise scale of a
+  smoothed output-delta prior and whether it stayed smoothed, else None),
+  prior_correction_center (with shrink_out_of_range, else None) and
+  fit_report (the held-out
   self-assessment of `training.fit_variation_head`, see
   `metrics.fit_report`; None when fitted with `report_split=0`). A head of
   a multi-output model also has output (its output name), base_outputs
   (every output name) and base_output_dict (whether the base returns a
   dict). A dual made with `out_of_range=True` has out_of_range:
   {"fitted": False} before fitting, then what `fit_variation_head` set
-  (see `training.fit_variation_head`).
+  (see `training.fit_variation_head`); so has, after fitting, one whose
+  prior's correction shrinks with that signal (shrink_out_of_range, also a
+  key).
 
   Args:
     dual: a dual model made by `add_variation_head`.

@@ -171,18 +171,22 @@ def smoothed_sigmoid_std(logit, spread):
   sigmoid(z) equals that of sigmoid(-z), so the nodes sit at
   `-|logit| + spread * eps`, where float32 keeps the small values' relative
   precision; two passes (mean, then squared deviations) avoid cancellation.
-  Finite and >= 0 for finite inputs; 0 where `logit` or `spread` is not
-  finite.
+  Finite and >= 0 for every input: where activations overflowed, 0.5 (the
+  largest std a probability has) for an infinite spread or anything NaN,
+  and 0 for an infinite logit with a finite spread (a certain output).
   """
   finite = tf.math.logical_and(tf.math.is_finite(logit),
                                tf.math.is_finite(spread))
+  unknown = tf.math.logical_or(
+      tf.math.logical_or(tf.math.is_nan(logit), tf.math.is_nan(spread)),
+      tf.math.is_inf(spread))
   logit = tf.where(finite, logit, 0.0)
   spread = tf.where(finite, spread, 0.0)
   z = -tf.abs(logit)[..., None] + spread[..., None] * _GH_NODES
   u = tf.sigmoid(z)
   mean = tf.reduce_sum(u * _GH_WEIGHTS, axis=-1, keepdims=True)
   var = tf.reduce_sum(tf.square(u - mean) * _GH_WEIGHTS, axis=-1)
-  return tf.where(finite, tf.sqrt(var), 0.0)
+  return tf.where(unknown, 0.5, tf.where(finite, tf.sqrt(var), 0.0))
 
 
 @keras.saving.register_keras_serializable(package="dropvar_tf")

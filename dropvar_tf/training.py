@@ -50,7 +50,8 @@ def head_features(dual, x, batch_size=256, output=None):
       of a multi-output model (`heads.dual_output_names`).
 
   Returns:
-    A list of float32 arrays, one per head input, each (N, d_i).
+    A list of float32 arrays, one per head input, each (N, d_i) (the
+    out-of-range signal a prior's correction shrinks with: (N, 1)).
 
   Raises:
     ValueError: `x` does not match the model's inputs (`inputs.normalize`).
@@ -312,14 +313,14 @@ _NOISE_SCALES = np.exp(np.linspace(np.log(0.25), np.log(16.0), 49))
 
 
 def _fit_prior_noise_scale(layer, h, t, idx, out_layer):
-  """Fits the noise scale of a smoothed output-delta prior; new prior values.
+  """Fits the noise scale (and smoothing) of a smoothed output-delta prior.
 
   The scale widens the last layer's logit spread for the dropout of the
   layers below it (`layers.OutputDropoutDelta` `layer`, whose input `h` is
   for every calibration row). It is the one that leaves the head the least
   to correct: the smallest variance, over the training rows `idx`, of the
   log-space gap between targets `t` and prior. Returns the prior's values
-  for every row at that scale, as the dual computes them.
+  for every row at that scale.
   """
   parts = [layer.logit_and_spread(h[i:i + 4096])
            for i in range(0, len(h), 4096)]
@@ -419,8 +420,14 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   out_layer.max_value.assign(np.finfo("float32").max)
   if prior is not None:
     if smoothed is not None:
-      prior = feats[-extra] = _fit_prior_noise_scale(
-          smoothed, prior_input, t, train_idx, out_layer)
+      _fit_prior_noise_scale(smoothed, prior_input, t, train_idx, out_layer)
+      # The prior, and the log of it among the head's features, at the
+      # fitted scale: every head input again, as the dual now computes it
+      # (the out-of-range range is already set).
+      feats = _predict_features(dual, x, tensors[:len(feats)], 256)
+      if out_layer.shrink:
+        feats[-1] = feats[-1].reshape(-1)
+      prior, mlp_feats = feats[-extra], feats[:-extra]
     # The head may correct its prior only as much as the training part of
     # the calibration targets needed (central CORRECTION_QUANTILE of them).
     bound = out_layer.prior_bound

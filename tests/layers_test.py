@@ -309,9 +309,11 @@ class SmoothedSigmoidStdTest(tf.test.TestCase):
     spread = np.array([1.0, 1.0, 1.0, 1e38, np.inf, 0.0], "float32")
     out = np.asarray(layers.smoothed_sigmoid_std(logit, spread))
     self.assertTrue(np.all(np.isfinite(out)))
-    # Not finite: 0. Huge but finite: the chance of a flip still counts
-    # (a logit one spread from 0 flips with probability 0.16).
-    self.assertAllEqual(out[[0, 1, 2, 4, 5]], [0.0, 0.0, 0.0, 0.0, 0.0])
+    # An infinite logit with a finite spread: certain, 0. NaN or an
+    # infinite spread: as uncertain as a probability gets, 0.5. Huge but
+    # finite: the chance of a flip still counts (a logit one spread from 0
+    # flips with probability 0.16). No spread: 0.
+    self.assertAllEqual(out[[0, 1, 2, 4, 5]], [0.0, 0.0, 0.5, 0.5, 0.0])
     self.assertBetween(out[3], 0.2, 0.5)
 
 
