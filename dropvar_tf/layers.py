@@ -278,13 +278,6 @@ class OutputDropoutDelta(keras.layers.Layer):
                      lambda: self._linearised_std(h, self._output(h, w), w, c))
     return self._linearised_std(h, y, w, c)
 
-  def prior_from_input(self, h):
-    """The layer's output from `h` alone (a smoothed layer ignores `y`)."""
-    if not self.smoothed:
-      raise validation.invalid("smoothed", "True (the output is needed "
-                               "otherwise)", self.smoothed)
-    return self.call([h, h])
-
   def _output(self, h, w):
     z = tf.matmul(h, w) + tf.cast(self.bias, "float32")
     return tf.sigmoid(z) if self.activation == "sigmoid" else tf.nn.softmax(z)

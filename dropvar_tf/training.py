@@ -319,8 +319,8 @@ def _fit_prior_noise_scale(layer, h, t, idx, out_layer):
   layers below it (`layers.OutputDropoutDelta` `layer`, whose input `h` is
   for every calibration row). It is the one that leaves the head the least
   to correct: the smallest variance, over the training rows `idx`, of the
-  log-space gap between targets `t` and prior. Returns the prior's values
-  for every row at that scale.
+  log-space gap between targets `t` and prior. The caller computes the
+  head's inputs again at that scale.
   """
   parts = [layer.logit_and_spread(h[i:i + 4096])
            for i in range(0, len(h), 4096)]
@@ -330,10 +330,10 @@ def _fit_prior_noise_scale(layer, h, t, idx, out_layer):
   eps = float(out_layer.eps.numpy()) if (
       out_layer.transform == head_layers.LOG) else 1e-6
   target = np.log(np.asarray(t, "float64")[idx].reshape(len(idx), -1) + eps)
+  logit, spread = tf.gather(logit, idx), tf.gather(spread, idx)
   best = None
   for scale in _NOISE_SCALES:
-    prior = probe_layers.smoothed_sigmoid_std(
-        tf.gather(logit, idx), tf.gather(spread, idx) * float(scale))
+    prior = probe_layers.smoothed_sigmoid_std(logit, spread * float(scale))
     gap = target - np.log(np.asarray(prior, "float64") + eps)
     spread_of_gap = float(np.var(gap))
     if best is None or spread_of_gap < best[0]:
@@ -344,9 +344,6 @@ def _fit_prior_noise_scale(layer, h, t, idx, out_layer):
   # docs/zoo.md) the smoothed form misranked inputs unlike the calibration
   # ones, so the prior is the linearised delta again.
   layer.smoothing.assign(1.0 if best[1] <= MAX_NOISE_SCALE else 0.0)
-  prior = tf.concat([layer.prior_from_input(h[i:i + 4096])
-                     for i in range(0, len(h), 4096)], axis=0)
-  return np.asarray(prior, "float32").reshape(len(h), -1)
 
 
 def _prior_noise_scale(dual, output):
