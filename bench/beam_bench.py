@@ -20,6 +20,7 @@ side in the same run:
 Usage (needs apache_beam, e.g. .venv-beam/bin/python):
   python bench/beam_bench.py            # N=16384, T=50
   python bench/beam_bench.py --quick    # N=4096, T=20
+  python bench/beam_bench.py --only=scaling --repeats=10  # one part
 """
 
 import argparse
@@ -134,6 +135,65 @@ def resume_saving(root, model_path, files, n, kwargs, fraction=0.6,
   return full, rerun, kill_at, batches, summary
 
 
+def throughput(root, model, model_path, files, x, kwargs, workers):
+  """In-process targets (cold, warm) against the Beam pipelines, printed."""
+  n = len(x)
+  start = time.perf_counter()
+  reference = targets.mc_dropout_targets(model, x, **kwargs)
+  cold = time.perf_counter() - start
+  start = time.perf_counter()
+  again = targets.mc_dropout_targets(model, x, **kwargs)
+  warm = time.perf_counter() - start
+  if not np.array_equal(again, reference):
+    raise RuntimeError("mc_dropout_targets is not deterministic here.")
+
+  results = []
+  modes = [("beam DirectRunner (in-process)", []),
+           (f"beam DirectRunner ({workers} processes)",
+            [f"--direct_num_workers={workers}",
+             "--direct_running_mode=multi_processing"])]
+  for name, flags in modes:
+    output = os.path.join(root, "out_" + str(len(results)))
+    start = time.perf_counter()
+    summary = targets_pipeline.run_targets_pipeline(
+        model_path, files, output, num_shards=8, pipeline_args=flags,
+        **kwargs)
+    seconds = time.perf_counter() - start
+    _, got = records.read_targets(output)
+    results.append((name, seconds, np.array_equal(got, reference),
+                    summary["examples_padded"]))
+
+  print(_row("in-process mc_dropout_targets cold", cold, n, warm))
+  print(_row("in-process mc_dropout_targets warm", warm, n, warm))
+  for name, seconds, equal, padded in results:
+    print(_row(name, seconds, n, warm) + f"   bitwise equal: {equal}, "
+          f"padded rows {padded / (n + padded):.2%}")
+  print("ratio = seconds / in-process warm seconds (lower is better)")
+  print()
+
+
+def print_scaling(times):
+  """Prints each pair of runs, the best of each layout and the median."""
+  ratios, cpu_ratios = [], []
+  for i, ((many, many_cpu), (four, four_cpu)) in enumerate(
+      zip(times[256], times[4])):
+    ratios.append(many / four)
+    cpu_ratios.append(many_cpu / four_cpu)
+    print(f"run {i + 1}: 256 files {many:6.2f} s (CPU {many_cpu:6.2f} s)   "
+          f"4 files {four:6.2f} s (CPU {four_cpu:6.2f} s)   "
+          f"{many / four:5.2f}x (CPU {many_cpu / four_cpu:5.2f}x)")
+  best = {k: [min(w for w, _ in v), min(c for _, c in v)]
+          for k, v in times.items()}
+  print(f"best:  256 files {best[256][0]:6.2f} s (CPU {best[256][1]:6.2f} s)"
+        f"   4 files {best[4][0]:6.2f} s (CPU {best[4][1]:6.2f} s)   "
+        f"{best[256][0] / best[4][0]:5.2f}x (CPU "
+        f"{best[256][1] / best[4][1]:5.2f}x; goal <= 1.2x)")
+  print(f"median of the {len(ratios)} pairs' ratios: "
+        f"{float(np.median(ratios)):5.2f}x (CPU "
+        f"{float(np.median(cpu_ratios)):5.2f}x; goal <= 1.2x)")
+  print()
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
@@ -144,6 +204,9 @@ def main():
                       help="DirectRunner processes in multi_processing mode")
   parser.add_argument("--repeats", type=int, default=3,
                       help="side-by-side runs of each file layout")
+  parser.add_argument("--only", default="all",
+                      choices=("all", "throughput", "scaling", "resume"),
+                      help="run one part of the bench")
   args = parser.parse_args()
   n = args.num_examples or (4096 if args.quick else 16384)
   t = args.num_samples or (20 if args.quick else 50)
@@ -158,68 +221,27 @@ def main():
                                    records.model_input_specs(model),
                                    num_shards=4)
     kwargs = dict(num_samples=t, seed=seed, batch_size=args.batch_size)
-
-    start = time.perf_counter()
-    reference = targets.mc_dropout_targets(model, x, **kwargs)
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    again = targets.mc_dropout_targets(model, x, **kwargs)
-    warm = time.perf_counter() - start
-    if not np.array_equal(again, reference):
-      raise RuntimeError("mc_dropout_targets is not deterministic here.")
-
-    results = []
-    modes = [("beam DirectRunner (in-process)", []),
-             (f"beam DirectRunner ({args.workers} processes)",
-              [f"--direct_num_workers={args.workers}",
-               "--direct_running_mode=multi_processing"])]
-    for name, flags in modes:
-      output = os.path.join(root, "out_" + str(len(results)))
-      start = time.perf_counter()
-      summary = targets_pipeline.run_targets_pipeline(
-          model_path, files, output, num_shards=8, pipeline_args=flags,
-          **kwargs)
-      seconds = time.perf_counter() - start
-      _, got = records.read_targets(output)
-      results.append((name, seconds, np.array_equal(got, reference),
-                      summary["examples_padded"]))
-
     print(f"N={n} examples, T={t} samples, batch {args.batch_size}, "
           f"{os.cpu_count()} CPUs")
-    print(_row("in-process mc_dropout_targets cold", cold, n, warm))
-    print(_row("in-process mc_dropout_targets warm", warm, n, warm))
-    for name, seconds, equal, padded in results:
-      print(_row(name, seconds, n, warm) + f"   bitwise equal: {equal}, "
-            f"padded rows {padded / (n + padded):.2%}")
-    print("ratio = seconds / in-process warm seconds (lower is better)")
+    if args.only in ("all", "throughput"):
+      throughput(root, model, model_path, files, x, kwargs, args.workers)
 
-    print()
-    print(f"file-count scaling: the same N={n} rows, T=2, beam DirectRunner "
-          f"(in-process), runs side by side")
-    times = file_count_scaling(root, model, model_path, x, args.batch_size,
-                               args.repeats)
-    for i, ((many, many_cpu), (four, four_cpu)) in enumerate(
-        zip(times[256], times[4])):
-      print(f"run {i + 1}: 256 files {many:6.2f} s (CPU {many_cpu:6.2f} s)   "
-            f"4 files {four:6.2f} s (CPU {four_cpu:6.2f} s)   "
-            f"{many / four:5.2f}x (CPU {many_cpu / four_cpu:5.2f}x)")
-    best = {k: [min(w for w, _ in v), min(c for _, c in v)]
-            for k, v in times.items()}
-    print(f"best:  256 files {best[256][0]:6.2f} s (CPU {best[256][1]:6.2f} s)"
-          f"   4 files {best[4][0]:6.2f} s (CPU {best[4][1]:6.2f} s)   "
-          f"{best[256][0] / best[4][0]:5.2f}x (CPU "
-          f"{best[256][1] / best[4][1]:5.2f}x; goal <= 1.2x)")
+    if args.only in ("all", "scaling"):
+      print(f"file-count scaling: the same N={n} rows, T=2, beam "
+            f"DirectRunner (in-process), runs side by side")
+      print_scaling(file_count_scaling(root, model, model_path, x,
+                                       args.batch_size, args.repeats))
 
-    print()
-    print(f"resume: N={n}, beam DirectRunner (in-process), a run killed "
-          f"after 60% of its batches, then rerun (best of 2)")
-    for samples in (t, 2 * t):
-      full, rerun, kill_at, batches, summary = resume_saving(
-          root, model_path, files, n, dict(kwargs, num_samples=samples))
-      print(f"T={samples:<4} full run {full:6.2f} s   rerun after a kill at "
-            f"batch {kill_at}/{batches} {rerun:6.2f} s = {rerun / full:4.2f}x"
-            f"   computed {summary['examples_computed']}, skipped "
-            f"{summary['examples_skipped']}")
+    if args.only in ("all", "resume"):
+      print(f"resume: N={n}, beam DirectRunner (in-process), a run killed "
+            f"after 60% of its batches, then rerun (best of 2)")
+      for samples in (t, 2 * t):
+        full, rerun, kill_at, batches, summary = resume_saving(
+            root, model_path, files, n, dict(kwargs, num_samples=samples))
+        print(f"T={samples:<4} full run {full:6.2f} s   rerun after a kill "
+              f"at batch {kill_at}/{batches} {rerun:6.2f} s = "
+              f"{rerun / full:4.2f}x   computed {summary['examples_computed']}"
+              f", skipped {summary['examples_skipped']}")
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
