@@ -359,29 +359,29 @@ class VariationOutput(keras.layers.Layer):
       prior = _ops.cast(prior, "float32")
       if len(prior.shape) == 1:
         prior = _ops.expand_dims(prior, -1)
-      # A prior overflowed to inf is capped; a NaN one stays NaN, so that
-      # the estimate becomes max_value below.
+      # A prior overflowed to inf makes the estimate inf, capped below; a
+      # NaN one stays NaN, so that the estimate becomes max_value below.
       # Weights are read in float32 (a float16 policy autocasts them).
-      eps, low, high, cap = (_ops.cast(w, "float32") for w in (
-          self.eps, self.correction_low, self.correction_high,
-          self.max_value))
-      prior = _ops.minimum(_ops.relu(prior), cap)
+      eps, low, high = (_ops.cast(w, "float32") for w in (
+          self.eps, self.correction_low, self.correction_high))
+      prior = _ops.relu(prior)
       correction = _ops.minimum(_ops.maximum(_ops.cast(z, "float32"), low),
                                 high)
       if self.shrink:
         center = _ops.cast(self.correction_center, "float32")
         far = _ops.reshape(_ops.cast(inputs[2], "float32"), (-1, 1))
         correction = center + (correction - center) / (1.0 + far)
-      z = _ops.log(prior + eps) + correction
-      e = _ops.exp(z)
-      v = _ops.maximum(e - eps, self.MIN_SHARE * e)
+      # exp(log(prior + eps) + correction), one op less.
+      e = (prior + eps) * _ops.exp(correction)
+      # >= 0 (or NaN): no relu needed.
+      v = self.scale * _ops.maximum(e - eps, self.MIN_SHARE * e)
     else:
       z = inputs
       if z.dtype != "float32":
         z = _ops.cast(z, "float32")
       # exp may overflow to inf: the cap below turns it into max_value.
       v = _ops.exp(z) - self.eps if self.transform == LOG else z
-    v = self.scale * _ops.relu(v)
+      v = self.scale * _ops.relu(v)
     cap = _ops.cast(self.max_value, v.dtype)  # autocast under float16
     v = tf.where(tf.math.is_nan(v), cap, _ops.minimum(v, cap))
     if self.units == 1:

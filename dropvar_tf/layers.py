@@ -171,22 +171,27 @@ def smoothed_sigmoid_std(logit, spread):
   sigmoid(z) equals that of sigmoid(-z), so the nodes sit at
   `-|logit| + spread * eps`, where float32 keeps the small values' relative
   precision; two passes (mean, then squared deviations) avoid cancellation.
-  Finite and >= 0 for every input: where activations overflowed, 0.5 (the
-  largest std a probability has) for an infinite spread or anything NaN,
-  and 0 for an infinite logit with a finite spread (a certain output).
+  On (batch, 1) inputs the two weighted sums are matmuls (fewer ops than
+  broadcast, multiply and reduce: what a batch-1 request pays for).
+  Finite and >= 0 for every input, with no test of it but one: the
+  infinities fall out of the quadrature (an infinite logit with a finite
+  spread puts every node at sigmoid(-inf) = 0: a certain output, 0; an
+  infinite spread puts half the weight at 0 and half at 1: 0.5), and
+  whatever is NaN (or both infinite) gives 0.5, the largest std a
+  probability has.
   """
-  finite = tf.math.logical_and(tf.math.is_finite(logit),
-                               tf.math.is_finite(spread))
-  unknown = tf.math.logical_or(
-      tf.math.logical_or(tf.math.is_nan(logit), tf.math.is_nan(spread)),
-      tf.math.is_inf(spread))
-  logit = tf.where(finite, logit, 0.0)
-  spread = tf.where(finite, spread, 0.0)
-  z = -tf.abs(logit)[..., None] + spread[..., None] * _GH_NODES
-  u = tf.sigmoid(z)
-  mean = tf.reduce_sum(u * _GH_WEIGHTS, axis=-1, keepdims=True)
-  var = tf.reduce_sum(tf.square(u - mean) * _GH_WEIGHTS, axis=-1)
-  return tf.where(unknown, 0.5, tf.where(finite, tf.sqrt(var), 0.0))
+  logit = tf.convert_to_tensor(logit, "float32")
+  spread = tf.convert_to_tensor(spread, "float32")
+  if logit.shape.rank == 2 and logit.shape[-1] == 1:
+    weights = _GH_WEIGHTS[:, None]
+    u = tf.sigmoid(spread * _GH_NODES - tf.abs(logit))        # (batch, 64)
+    mean = tf.matmul(u, weights)                               # (batch, 1)
+    std = tf.sqrt(tf.matmul(tf.square(u - mean), weights))
+  else:
+    u = tf.sigmoid(spread[..., None] * _GH_NODES - tf.abs(logit)[..., None])
+    mean = tf.reduce_sum(u * _GH_WEIGHTS, axis=-1, keepdims=True)
+    std = tf.sqrt(tf.reduce_sum(tf.square(u - mean) * _GH_WEIGHTS, axis=-1))
+  return tf.where(tf.math.is_nan(std), 0.5, std)
 
 
 @keras.saving.register_keras_serializable(package="dropvar_tf")
@@ -272,19 +277,18 @@ class OutputDropoutDelta(keras.layers.Layer):
     # the noise factor is applied last, to a (batch, 1) or (batch, k) tensor.
     c = (self.rate / (1.0 - self.rate)) ** 0.5
     w = tf.cast(self.kernel, "float32")  # autocast under a float16 policy
-    if self.smoothed:
-      return tf.cond(self.smoothing > 0.5,
-                     lambda: self._smoothed_std(h, w, c),
-                     lambda: self._linearised_std(h, self._output(h, w), w, c))
-    return self._linearised_std(h, y, w, c)
-
-  def _output(self, h, w):
-    z = tf.matmul(h, w) + tf.cast(self.bias, "float32")
-    return tf.sigmoid(z) if self.activation == "sigmoid" else tf.nn.softmax(z)
-
-  def _smoothed_std(self, h, w, c):
+    if not self.smoothed:
+      return self._linearised_std(h, y, w, c)
     logit, spread = self.logit_and_spread(h, w)
-    return smoothed_sigmoid_std(logit, spread * (c * self.noise_scale))
+    spread = spread * c
+    smoothed = smoothed_sigmoid_std(logit, spread * self.noise_scale)
+    # The linearised delta from the same logit: |d sigmoid / d logit| times
+    # its std. For softmax's predicted class p_c (1 - p_c) (onehot - q) =
+    # p_c (onehot - y), q the softmax of the other classes: the same as
+    # `_linearised_std`. Both are computed and one is picked: a select costs
+    # a batch-1 pass less than a `tf.cond`'s function call.
+    linearised = tf.sigmoid(logit) * tf.sigmoid(-logit) * spread
+    return tf.where(self.smoothing > 0.5, smoothed, linearised)
 
   def _linearised_std(self, h, y, w, c):
     if self.activation == "softmax":
@@ -324,14 +328,17 @@ class OutputDropoutDelta(keras.layers.Layer):
       return z, tf.sqrt(tf.matmul(tf.square(h), tf.square(w)))
     # Softmax: p_c = sigmoid(z_c - logsumexp(z_others)) exactly, c the
     # predicted class; the log-odds' gradient w.r.t. z is onehot - q, q the
-    # softmax of the other classes.
-    top = tf.math.argmax(z, axis=-1)
-    onehot = tf.one_hot(top, self.units)
+    # softmax of the other classes. The log-sum-exp is shifted by the
+    # largest other logit, so the log-odds stay finite however far apart
+    # the logits are (inputs scaled up): `total` is in [1, k - 1].
+    onehot = tf.one_hot(tf.math.argmax(z, axis=-1), self.units)
     others = z - onehot * 1e30  # float32 exp(-1e30) == 0
-    lse = tf.reduce_logsumexp(others, axis=-1, keepdims=True)
-    q = tf.exp(others - lse)
-    logit = tf.reduce_sum(onehot * z, axis=-1, keepdims=True) - lse
-    wg = tf.matmul(onehot - q, w, transpose_b=True)         # (batch, d)
+    runner_up = tf.reduce_max(others, axis=-1, keepdims=True)
+    e = tf.exp(others - runner_up)
+    total = tf.reduce_sum(e, axis=-1, keepdims=True)
+    logit = (tf.reduce_max(z, axis=-1, keepdims=True) - runner_up -
+             tf.math.log(total))
+    wg = tf.matmul(onehot - e / total, w, transpose_b=True)  # (batch, d)
     return logit, l2_norm(wg * h, keepdims=True)
 
   def compute_output_shape(self, input_shape):
