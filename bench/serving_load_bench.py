@@ -2,7 +2,8 @@
 
   python bench/serving_load_bench.py [--quick] [--clients=1,16,64]
 
-Exports a dual model (a 3x256 MLP with a variation head from
+Exports a dual model (an MLP of 3 hidden layers, 256 units or `--width`
+wide, with a variation head from
 `dropvar_tf.heads.add_variation_head`) and its base model the same way (a
 `serving_default` signature; the base returns only "prediction"), then
 starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
@@ -15,11 +16,14 @@ starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
    (user + system, from /proc: what a request costs the server whatever
    else the machine runs) and its RSS before and after.
 2. Times the dual and the base model end to end at batch 1 (one client,
-   requests interleaved dual/base/floor so machine load hits all alike),
+   requests interleaved dual/base/floor/minimal so machine load hits all
+   alike),
    over gRPC and over REST, and reports the p50 ratio dual/base. The floor
    is the base's graph exported with the dual's two outputs (the variation
    a constant): floor/base is what serving a second output costs in the
-   server, dual/floor what the head's graph costs.
+   server, dual/floor what the head's graph costs. "minimal" is the
+   cheapest head `add_variation_head` builds (the last layer's summaries
+   alone, no prediction or delta feature, no prior): what any head costs.
 
 Everything stays on loopback and is bounded by `--requests` per setting and
 `--max_seconds` per setting. Client and server share the machine, so the
@@ -54,7 +58,7 @@ FLAGS = flags.FLAGS
 _FEATURES = 32
 # The base model, the dual, and the floor: the base's graph answering the
 # dual's two outputs (a constant variation).
-_MODELS = ("base", "dual", "floor")
+_MODELS = ("base", "dual", "floor", "minimal")
 _BATCHING = """
 max_batch_size { value: 64 }
 batch_timeout_micros { value: 1000 }
@@ -79,6 +83,10 @@ def define_flags(flag_values=FLAGS):
                     "Extra dropvar_model_server flags, e.g. "
                     "--server_flags=--tensorflow_inter_op_parallelism=1.",
                     flag_values=flag_values)
+  flags.DEFINE_integer("width", 256,
+                       "Width of the MLP's 3 hidden layers: a wider one costs "
+                       "more per run, which batching shares.",
+                       flag_values=flag_values)
   flags.DEFINE_integer("latency_requests", 1000,
                        "Requests per model for the dual vs base latency.",
                        flag_values=flag_values)
@@ -114,13 +122,20 @@ def _export_models(base_dir):
   x = keras.Input(shape=(_FEATURES,), name="x")
   h = x
   for _ in range(3):
-    h = keras.layers.Dense(256, activation="relu")(h)
+    h = keras.layers.Dense(FLAGS.width, activation="relu")(h)
     h = keras.layers.Dropout(0.2)(h)
   base = keras.Model(x, keras.layers.Dense(1)(h))
   dual = heads.add_variation_head(base)
   _export(base, os.path.join(base_dir, "base", "1"),
           [contract.PREDICTION_KEY])
   _export(dual, os.path.join(base_dir, "dual", "1"), contract.OUTPUT_KEYS)
+  # The cheapest head the library builds: the last layer's summaries only,
+  # no prediction or delta feature, no prior, no shrink.
+  minimal = heads.add_variation_head(
+      base, layers="last", include_prediction=False, include_delta=False,
+      prior=None, shrink_out_of_range=False)
+  _export(minimal, os.path.join(base_dir, "minimal", "1"),
+          contract.OUTPUT_KEYS)
   _export(base, os.path.join(base_dir, "floor", "1"), contract.OUTPUT_KEYS,
           constant_variation=[
               int(d) for d in dual.output[contract.VARIATION_KEY].shape[1:]])
@@ -296,7 +311,7 @@ def main(argv):
   total = 300 if FLAGS.quick else FLAGS.requests
   latency_requests = 100 if FLAGS.quick else FLAGS.latency_requests
   clients = [int(c) for c in FLAGS.clients]
-  print(f"3x256 MLP dual model, {_FEATURES} features, batch-1 gRPC "
+  print(f"3x{FLAGS.width} MLP dual model, {_FEATURES} features, batch-1 gRPC "
         f"Predicts, {total} per setting, {os.cpu_count()} CPUs shared by "
         "server and clients")
   print("(server CPU ms/request: the server process's user + system time "
@@ -339,18 +354,22 @@ def main(argv):
         "interleaved requests each, batching off:")
   print("(floor: the base's graph answering both outputs, the variation a "
         "constant: floor/base is the server's share, dual/floor the head's "
-        "graph)")
+        "graph; minimal: the cheapest head add_variation_head builds, the "
+        "last layer's summaries alone)")
   print("| protocol | base p50 ms | floor p50 ms | dual p50 ms | dual/base "
-        "p50 | floor/base p50 | dual/floor p50 | base p99 ms | dual p99 ms |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "p50 | floor/base p50 | dual/floor p50 | minimal/base p50 | "
+        "base p99 ms | dual p99 ms |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for protocol in ("grpc", "rest"):
     base_p50, base_p99 = latency[(protocol, "base")]
     floor_p50, _ = latency[(protocol, "floor")]
     dual_p50, dual_p99 = latency[(protocol, "dual")]
+    minimal_p50, _ = latency[(protocol, "minimal")]
     print(f"| {protocol} | {base_p50:.3f} | {floor_p50:.3f} | "
           f"{dual_p50:.3f} | {dual_p50 / base_p50:.3f} | "
           f"{floor_p50 / base_p50:.3f} | {dual_p50 / floor_p50:.3f} | "
-          f"{base_p99:.3f} | {dual_p99:.3f} |")
+          f"{minimal_p50 / base_p50:.3f} | {base_p99:.3f} | "
+          f"{dual_p99:.3f} |")
 
 
 def run_main():
