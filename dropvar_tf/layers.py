@@ -173,7 +173,7 @@ def smoothed_sigmoid_std(logit, spread):
   precision; two passes (mean, then squared deviations) avoid cancellation.
   On (batch, 1) inputs the two weighted sums are matmuls (fewer ops than
   broadcast, multiply and reduce: what a batch-1 request pays for).
-  Finite and >= 0 for every input, with no test of it but one: the
+  Finite and >= 0 for every input, with one NaN test at the end: the
   infinities fall out of the quadrature (an infinite logit with a finite
   spread puts every node at sigmoid(-inf) = 0: a certain output, 0; an
   infinite spread puts half the weight at 0 and half at 1: 0.5), and
