@@ -254,6 +254,25 @@ class RecordsTest(tf.test.TestCase):
                                 "different targets"):
       records.merge_duplicates(keys, np.array([1, 2, 3, 4, 2], np.float32))
 
+  def test_merge_duplicates_of_several_results(self):
+    keys = np.array([5, 3, 5, 9, 3], np.int64)
+    first = np.array([1.0, 2.0, 1.0, 4.0, 2.0], np.float32)
+    second = np.arange(10, dtype=np.float32).reshape(5, 2)
+    second[2] = second[0]
+    second[4] = second[1]
+    got_keys, got, dropped = records.merge_duplicates(
+        keys, {"b": first, "a": second})
+    self.assertAllEqual(got_keys, [3, 5, 9])
+    self.assertEqual(list(got), ["b", "a"])  # The order given.
+    self.assertAllEqual(got["b"], [2.0, 1.0, 4.0])
+    self.assertAllEqual(got["a"], [[2, 3], [0, 1], [6, 7]])
+    self.assertEqual(dropped, 2)
+    # Agreeing in one result is not enough.
+    second[4] = [8, 9]
+    with self.assertRaisesRegex(ValueError, r"keys \[3\] occur with "
+                                "different targets"):
+      records.merge_duplicates(keys, {"b": first, "a": second})
+
   def test_write_and_parse_examples_dict_inputs(self):
     model = beam_testing.build_model("dict")
     specs = records.model_input_specs(model)

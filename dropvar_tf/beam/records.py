@@ -9,17 +9,22 @@ input adapters work in any environment that has dropvar_tf:
   of any task loader (`load_criteo_tsv`, `make_synthetic_criteo`,
   `load_digits`, MovieLens...) into such files.
 * Targets output: a directory of `num_shards` shard files
-  `targets-SSSSS-of-NNNNN.{tfrecord,parquet}`, plus `settings.json` (what was
-  computed) and, once every shard is written, `manifest.json` (per-shard
-  counts and sha256). Example key k lives in shard `shard_of(k, num_shards)`;
-  each shard file is sorted by key and written atomically, so a shard's
-  bytes depend only on the examples and the settings, never on the runner,
-  the bundling or on how many times the shard was retried.
-* Scores output: `scores-*.{parquet,tfrecord,jsonl}` and `scoring.json`
-  (format and per-example shapes); `read_scores(path)` reads them back.
+  `targets-SSSSS-of-NNNNN.{tfrecord,parquet}` (key and "target" per
+  example; "target/<output name>" per output of a model of several
+  outputs), plus `settings.json` (what was computed) and, once every shard
+  is written, `manifest.json` (per-shard counts and sha256). Example key k
+  lives in shard `shard_of(k, num_shards)`; each shard file is sorted by key
+  and written atomically, so a shard's bytes depend only on the examples
+  and the settings, never on the runner, the bundling or on how many times
+  the shard was retried.
+* Scores output: `scores-*.{parquet,tfrecord,jsonl}` (key, prediction,
+  variation, and out_of_range when the signature returns it) and
+  `scoring.json` (format and per-example shapes); `read_scores(path)` reads
+  them back.
 * `read_targets(path)` checks the manifest, every shard's digest, that each
   key lives in its own shard, and that no key is duplicated or missing, then
-  returns (keys, targets) ordered by key: what `fit_variation_head` takes.
+  returns (keys, targets) ordered by key: what `fit_variation_head` takes
+  (targets a dict keyed by output name for a model of several outputs).
 
 Example:
 
