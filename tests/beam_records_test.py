@@ -17,27 +17,39 @@ def write_targets_dir(path, keys, values, num_shards=3,
                       fmt=records.TFRECORD, shard_rows=None):
   """Lays out a targets directory as the pipeline does (no Beam needed).
 
-  `shard_rows` optionally maps a shard index to the rows it holds, to build
-  corrupted layouts.
+  `values` is one array, or a dict {output name: array} (a model of
+  several outputs, in output order). `shard_rows` optionally maps a shard
+  index to the rows it holds, to build corrupted layouts.
   """
   os.makedirs(path, exist_ok=True)
   keys = np.asarray(keys, np.int64)
-  values = np.asarray(values, np.float32)
+  if isinstance(values, dict):
+    columns = {records.target_feature(name): np.asarray(v, np.float32)
+               for name, v in values.items()}
+  else:
+    columns = {records.TARGET_FEATURE: np.asarray(values, np.float32)}
   shard = records.shard_of(keys, num_shards)
   entries = []
   for i in range(num_shards):
     rows = (shard_rows or {}).get(i, np.flatnonzero(shard == i))
     rows = np.asarray(rows, np.int64)
     rows = rows[np.argsort(keys[rows], kind="stable")]
-    data = records.encode_shard(keys[rows], values[rows], fmt)
+    data = records.encode_shard(
+        keys[rows], {name: v[rows] for name, v in columns.items()}, fmt)
     name = records.shard_filename(i, num_shards, fmt)
     with open(os.path.join(path, name), "wb") as f:
       f.write(data)
     entries.append({"index": i, "file": name, "count": len(rows),
                     "sha256": records.sha256(data)})
   manifest = {"output_format": fmt, "num_shards": num_shards,
-              "target_shape": list(values.shape[1:]), "shards": entries,
+              "shards": entries,
               "num_keys": sum(e["count"] for e in entries)}
+  if isinstance(values, dict):
+    manifest["output_names"] = list(values)
+    manifest["target_shape"] = {name: list(np.shape(v)[1:])
+                                for name, v in values.items()}
+  else:
+    manifest["target_shape"] = list(np.shape(values)[1:])
   with open(os.path.join(path, records.MANIFEST_FILENAME), "w") as f:
     json.dump(manifest, f)
   return manifest
@@ -82,6 +94,36 @@ class RecordsTest(tf.test.TestCase):
       keys, got = records.read_targets(path)
       self.assertAllEqual(got, values[np.argsort(self.keys)])
       self.assertEqual(keys.shape, (self.keys.size,))
+
+  def test_targets_of_several_outputs_read_back_as_a_dict(self):
+    rng = np.random.default_rng(1)
+    # Output order as the model has it (not sorted), as in the manifest.
+    values = {"value": rng.uniform(size=self.keys.size).astype(np.float32),
+              "klass": rng.uniform(size=(self.keys.size, 3)).astype(
+                  np.float32)}
+    order = np.argsort(self.keys)
+    for fmt in records.TARGET_FORMATS:
+      path = os.path.join(self.get_temp_dir(), f"multi_{fmt}")
+      write_targets_dir(path, self.keys, values, fmt=fmt)
+      keys, got = records.read_targets(path)
+      self.assertAllEqual(keys, self.keys[order])
+      self.assertEqual(list(got), ["value", "klass"])
+      for name in values:
+        self.assertEqual(got[name].dtype, np.float32)
+        self.assertAllEqual(got[name], values[name][order], msg=(fmt, name))
+      wanted = self.keys[[5, 0, 7]]
+      _, some = records.read_targets(path, keys=wanted)
+      for name in values:
+        self.assertAllEqual(some[name], values[name][[5, 0, 7]])
+    # The shard digests still guard every output's column.
+    manifest = write_targets_dir(path, self.keys, values)
+    shard = os.path.join(path, manifest["shards"][0]["file"])
+    with open(shard, "rb") as f:
+      data = f.read()
+    with open(shard, "wb") as f:
+      f.write(data[:-1] + bytes([data[-1] ^ 1]))
+    with self.assertRaisesRegex(ValueError, "does not match its manifest"):
+      records.read_targets(path)
 
   def test_no_manifest_means_unfinished(self):
     path = os.path.join(self.get_temp_dir(), "unfinished")
@@ -162,9 +204,34 @@ class RecordsTest(tf.test.TestCase):
                  "output_shapes": {"prediction": [3], "variation": []}}, f)
     got = records.read_scores(path)
     order = np.argsort(keys)
+    self.assertEqual(sorted(got), ["key", "prediction", "variation"])
     self.assertAllEqual(got["key"], keys[order])
     self.assertAllEqual(got["prediction"], prediction[order])
     self.assertAllEqual(got["variation"], variation[order])
+
+  def test_read_scores_with_out_of_range(self):
+    keys = np.array([7, 2, 9, 4], np.int64)
+    scores = {"prediction": np.array([1, 2, 3, 4], np.float32),
+              "variation": np.array([0.5, 0.25, 0.125, 1.0], np.float32),
+              "out_of_range": np.array([0, 0.75, 0, 2.5], np.float32)}
+    self.assertEqual(records.score_names(scores),
+                     ("prediction", "variation", "out_of_range"))
+    self.assertEqual(records.score_names(["variation", "prediction"]),
+                     ("prediction", "variation"))
+    for fmt in records.SCORE_FORMATS:
+      path = os.path.join(self.get_temp_dir(), f"far_{fmt}")
+      os.makedirs(path)
+      with open(os.path.join(path, f"scores-00000-of-00001.{fmt}"),
+                "wb") as f:
+        f.write(records.encode_shard(keys, scores, fmt))
+      with open(os.path.join(path, records.SCORING_FILENAME), "w") as f:
+        json.dump({"output_format": fmt, "num_shards": 1, "output_shapes": {
+            "out_of_range": [], "prediction": [], "variation": []}}, f)
+      got = records.read_scores(path)
+      self.assertEqual(sorted(got), sorted(("key",) + tuple(scores)))
+      order = np.argsort(keys)
+      for name, value in scores.items():
+        self.assertAllEqual(got[name], value[order], msg=(fmt, name))
 
   def test_serialize_example_sorts_the_feature_map(self):
     def feature(v):
@@ -186,6 +253,25 @@ class RecordsTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, r"keys \[5\] occur with "
                                 "different targets"):
       records.merge_duplicates(keys, np.array([1, 2, 3, 4, 2], np.float32))
+
+  def test_merge_duplicates_of_several_results(self):
+    keys = np.array([5, 3, 5, 9, 3], np.int64)
+    first = np.array([1.0, 2.0, 1.0, 4.0, 2.0], np.float32)
+    second = np.arange(10, dtype=np.float32).reshape(5, 2)
+    second[2] = second[0]
+    second[4] = second[1]
+    got_keys, got, dropped = records.merge_duplicates(
+        keys, {"b": first, "a": second})
+    self.assertAllEqual(got_keys, [3, 5, 9])
+    self.assertEqual(list(got), ["b", "a"])  # The order given.
+    self.assertAllEqual(got["b"], [2.0, 1.0, 4.0])
+    self.assertAllEqual(got["a"], [[2, 3], [0, 1], [6, 7]])
+    self.assertEqual(dropped, 2)
+    # Agreeing in one result is not enough.
+    second[4] = [8, 9]
+    with self.assertRaisesRegex(ValueError, r"keys \[3\] occur with "
+                                "different targets"):
+      records.merge_duplicates(keys, {"b": first, "a": second})
 
   def test_write_and_parse_examples_dict_inputs(self):
     model = beam_testing.build_model("dict")

@@ -12,17 +12,21 @@ scores are compared for bitwise equality. Against one call on all examples
 tolerance.
 """
 
+import json
 import os
 import shutil
 import tempfile
 import unittest
 from unittest import mock
+import warnings
 
 import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf import heads
 from dropvar_tf import saved_model
+from dropvar_tf import targets
+from dropvar_tf import training
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 from dropvar_tf.beam import records
@@ -56,6 +60,24 @@ def build_regression_model(seed=0):
   return keras.Model(x, keras.layers.Dense(1)(h))
 
 
+def fitted_out_of_range_dual(model, x):
+  """A dual with the "out_of_range" output, its range set on `x` (seeded)."""
+  dual = heads.add_variation_head(model, hidden_units=(8,), seed=0,
+                                  out_of_range=True)
+  t = targets.mc_dropout_targets(model, x, num_samples=8, seed=0,
+                                 progress=False)
+  with warnings.catch_warnings():  # a 2-epoch fit is far below the bound
+    warnings.simplefilter("ignore")
+    training.fit_variation_head(dual, x, t, epochs=2, num_samples=8, seed=0,
+                                report_split=0.2)
+  return dual
+
+
+def read_scoring_json(output):
+  with open(os.path.join(output, records.SCORING_FILENAME)) as f:
+    return json.load(f)
+
+
 def signature_in_batches(fn, x, batch_size):
   """{output: array} of `fn` called on padded batches of `batch_size` rows."""
   parts = []
@@ -86,6 +108,13 @@ class ScoringPipelineTest(tf.test.TestCase):
                                        cls.x, cls.specs, num_shards=3)
     cls.expected = {k: v.numpy() for k, v in cls.fn(x=tf.constant(
         cls.x)).items()}
+    # Calibrated on a narrower part of the inputs: many rows lie outside.
+    cls.far_export = saved_model.export_saved_model(
+        fitted_out_of_range_dual(build_regression_model(),
+                                 0.5 * cls.x[:300]),
+        os.path.join(cls.root, "out_of_range"), version=1)
+    cls.far_loaded, cls.far_fn = model_handler.load_signature(
+        cls.far_export)
 
   @classmethod
   def tearDownClass(cls):
@@ -194,6 +223,82 @@ class ScoringPipelineTest(tf.test.TestCase):
     self.assertLen(tf.io.gfile.glob(os.path.join(output, "scores-*")), 2)
     self.assertAllEqual(records.read_scores(output)["variation"],
                         expected["variation"])
+
+  def test_without_out_of_range_only_the_contract_outputs_are_written(self):
+    output = self.new_dir()
+    scoring_pipeline.run_scoring_pipeline(self.export, self.files, output,
+                                          batch_size=64, num_shards=2)
+    self.assertNotIn(contract.OUT_OF_RANGE_KEY, self.fn.structured_outputs)
+    self.assertEqual(read_scoring_json(output)["output_shapes"],
+                     {"prediction": [], "variation": []})
+    self.assertEqual(sorted(records.read_scores(output)),
+                     ["key", "prediction", "variation"])
+
+  def test_out_of_range_in_every_format_bitwise_equal(self):
+    names = contract.OUTPUT_KEYS + (contract.OUT_OF_RANGE_KEY,)
+    self.assertEqual(sorted(self.far_fn.structured_outputs), sorted(names))
+    expected = signature_in_batches(self.far_fn, self.x, 64)
+    far = expected[contract.OUT_OF_RANGE_KEY]
+    # Both kinds of rows, so that the comparison means something.
+    self.assertGreater(np.mean(far > 0), 0.1)
+    self.assertGreater(np.mean(far == 0), 0.02)
+    outputs = {}
+    for fmt in records.SCORE_FORMATS:
+      outputs[fmt] = self.new_dir()
+      summary = scoring_pipeline.run_scoring_pipeline(
+          self.far_export, self.files, outputs[fmt], output_format=fmt,
+          batch_size=64, num_shards=3)
+      self.assertEqual(summary["examples_scored"], self.n)
+      self.assertEqual(read_scoring_json(outputs[fmt])["output_shapes"],
+                       {"out_of_range": [], "prediction": [],
+                        "variation": []})
+      got = records.read_scores(outputs[fmt])
+      self.assertEqual(sorted(got), sorted(("key",) + names))
+      self.assertAllEqual(got["key"], np.arange(self.n))
+      for name in names:
+        self.assertEqual(got[name].dtype, np.float32)
+        self.assertAllEqual(got[name], expected[name], msg=(fmt, name))
+    # Worker threads write the same bytes.
+    threads = self.new_dir()
+    scoring_pipeline.run_scoring_pipeline(
+        self.far_export, self.files, threads, output_format=records.PARQUET,
+        batch_size=64, num_shards=3, pipeline_args=[
+            "--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+    self.assertEqual(beam_testing.file_bytes(threads),
+                     beam_testing.file_bytes(outputs[records.PARQUET]))
+
+  def test_out_of_range_survives_a_rerun_after_a_kill(self):
+    output = self.new_dir()
+    expected = signature_in_batches(self.far_fn, self.x, 64)
+    original = scoring_transforms.DecodeItemFn.process
+    calls = []
+
+    def die_on_third_item(fn_self, item):
+      calls.append(1)
+      if len(calls) == 3:
+        raise RuntimeError("simulated kill")
+      yield from original(fn_self, item)
+
+    run = dict(batch_size=64, beam_batch_size=256, num_shards=3,
+               output_format=records.TFRECORD)
+    with mock.patch.object(scoring_transforms.DecodeItemFn, "process",
+                           die_on_third_item):
+      with self.assertRaisesRegex(Exception, "simulated kill"):
+        scoring_pipeline.run_scoring_pipeline(self.far_export, self.files,
+                                              output, **run)
+    saved = parts.existing_parts(output)
+    self.assertLen(saved, 2)
+    with open(saved[0], "rb") as f:
+      part_keys, part = parts.decode_part(
+          f.read(), records.score_names(self.far_fn.structured_outputs))
+    self.assertAllEqual(part[contract.OUT_OF_RANGE_KEY],
+                        expected[contract.OUT_OF_RANGE_KEY][part_keys])
+    summary = scoring_pipeline.run_scoring_pipeline(
+        self.far_export, self.files, output, **run)
+    self.assertEqual(summary["examples_skipped"], 512)
+    got = records.read_scores(output)
+    for name in contract.OUTPUT_KEYS + (contract.OUT_OF_RANGE_KEY,):
+      self.assertAllEqual(got[name], expected[name], msg=name)
 
   def test_scores_match_the_keras_dual_model(self):
     output = self.new_dir()

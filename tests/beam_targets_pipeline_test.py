@@ -157,6 +157,85 @@ class TargetsPipelineTest(tf.test.TestCase):
       self.assertAllEqual(keys, np.arange(700))
       self.assertAllEqual(got, expected, msg=statistic)
 
+  def test_two_output_model_equals_mc_dropout_targets_exactly(self):
+    model = beam_testing.build_model("two_outputs", seed=4)
+    path = os.path.join(self.root, "two_outputs.keras")
+    model.save(path)
+    names = ["value", "klass"]  # The Keras output order, not sorted.
+    for fmt, statistic, klass_shape in [
+        (records.TFRECORD, "auto", (self.n,)),
+        (records.PARQUET, {"klass": "per_class_std", "value": "std"},
+         (self.n, 3))]:
+      output = self.new_dir()
+      summary = targets_pipeline.run_targets_pipeline(
+          path, self.files, output, num_samples=_NUM_SAMPLES, seed=_SEED,
+          batch_size=_BATCH, num_shards=3, output_format=fmt,
+          statistic=statistic)
+      expected = targets.mc_dropout_targets(
+          model, self.x, num_samples=_NUM_SAMPLES, seed=_SEED,
+          batch_size=_BATCH, statistic=statistic)
+      manifest = summary["manifest"]
+      self.assertEqual(manifest["output_names"], names)
+      self.assertEqual(manifest["statistic"]["value"], "std")
+      self.assertEqual(manifest["target_shape"]["value"], [])
+      self.assertEqual(manifest["target_shape"]["klass"],
+                       list(klass_shape[1:]))
+      keys, got = records.read_targets(output)
+      self.assertAllEqual(keys, np.arange(self.n))
+      self.assertEqual(list(got), list(expected))
+      self.assertEqual(list(got), names)
+      self.assertEqual(got["klass"].shape, klass_shape)
+      for name in names:
+        self.assertEqual(got[name].dtype, np.float32)
+        self.assertGreater(got[name].max(), 0.0)
+        self.assertAllEqual(got[name], expected[name], msg=(fmt, name))
+      # Asked by key, in another order: the same rows of every output.
+      wanted = np.arange(self.n)[::-1][:100]
+      _, some = records.read_targets(output, keys=wanted)
+      for name in names:
+        self.assertAllEqual(some[name], expected[name][wanted])
+
+  def test_two_output_model_resumes_and_writes_the_same_bytes(self):
+    model = beam_testing.build_model("two_outputs", seed=4)
+    path = os.path.join(self.root, "two_outputs_resume.keras")
+    model.save(path)
+    expected = targets.mc_dropout_targets(
+        model, self.x, num_samples=_NUM_SAMPLES, seed=_SEED,
+        batch_size=_BATCH)
+    run = dict(num_samples=_NUM_SAMPLES, seed=_SEED, batch_size=_BATCH,
+               num_shards=3)
+    output = self.new_dir()
+    original = targets_transforms.TargetsFn.process
+    calls = []
+
+    def die_on_third_batch(fn_self, item):
+      calls.append(1)
+      if len(calls) == 3:
+        raise RuntimeError("simulated kill")
+      yield from original(fn_self, item)
+
+    with mock.patch.object(targets_transforms.TargetsFn, "process",
+                           die_on_third_batch):
+      with self.assertRaisesRegex(Exception, "simulated kill"):
+        targets_pipeline.run_targets_pipeline(path, self.files, output,
+                                              **run)
+    self.assertLen(parts.existing_parts(output), 2)
+    summary = targets_pipeline.run_targets_pipeline(path, self.files, output,
+                                                    **run)
+    self.assertEqual(summary["examples_skipped"], 2 * 8 * _BATCH)
+    self.assertEqual(summary["examples_computed"], self.n - 2 * 8 * _BATCH)
+    _, got = records.read_targets(output)
+    for name in expected:
+      self.assertAllEqual(got[name], expected[name], msg=name)
+    # Worker processes write the bytes of the resumed in-process run.
+    processes = self.new_dir()
+    targets_pipeline.run_targets_pipeline(
+        path, self.files, processes, pipeline_args=[
+            "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+        **run)
+    self.assertEqual(beam_testing.file_bytes(processes),
+                     beam_testing.file_bytes(output))
+
   def test_rerun_after_failed_batch_loses_and_duplicates_nothing(self):
     output = self.new_dir()
     marker = os.path.join(self.new_dir(), "failed_once")

@@ -31,8 +31,9 @@ def build_model(kind="regression", seed=0):
 
   Args:
     kind: "regression" (input "features" (6,), MLP with two Dropouts, one
-      output unit) or "dict" (inputs "user_id" () int64 and "dense" (3,),
-      3-class softmax).
+      output unit), "two_outputs" (the same input; a list of two outputs,
+      "value" (one unit) and "klass" (3-class softmax)) or "dict" (inputs
+      "user_id" () int64 and "dense" (3,), 3-class softmax).
     seed: seed of the weights.
 
   Returns:
@@ -46,6 +47,13 @@ def build_model(kind="regression", seed=0):
     h = keras.layers.Dense(16, activation="relu")(h)
     h = keras.layers.Dropout(0.2)(h)
     return keras.Model(x, keras.layers.Dense(1)(h))
+  if kind == "two_outputs":
+    x = keras.Input((6,), name="features")
+    h = keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    h = keras.layers.Dropout(0.3)(h)
+    value = keras.layers.Dense(1, name="value")(h)
+    klass = keras.layers.Dense(3, activation="softmax", name="klass")(h)
+    return keras.Model(x, [value, klass])
   user = keras.Input((), dtype="int64", name="user_id")
   dense = keras.Input((3,), name="dense")
   e = keras.layers.Flatten()(keras.layers.Embedding(20, 4)(user))

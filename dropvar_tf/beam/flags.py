@@ -50,7 +50,9 @@ def add_targets_flags(group):
   group.add_argument("--num_samples", type=int, default=100)
   group.add_argument("--seed", type=int, default=0)
   group.add_argument("--statistic", default="auto",
-                     choices=contract.STATISTICS)
+                     choices=contract.STATISTICS,
+                     help="DPV statistic (of each output, for a model of "
+                     "several)")
   group.add_argument("--batch_size", type=int, default=256)
   group.add_argument("--beam_batch_size", type=int, default=None)
   group.add_argument("--num_shards", type=int, default=8)

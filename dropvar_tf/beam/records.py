@@ -9,17 +9,22 @@ input adapters work in any environment that has dropvar_tf:
   of any task loader (`load_criteo_tsv`, `make_synthetic_criteo`,
   `load_digits`, MovieLens...) into such files.
 * Targets output: a directory of `num_shards` shard files
-  `targets-SSSSS-of-NNNNN.{tfrecord,parquet}`, plus `settings.json` (what was
-  computed) and, once every shard is written, `manifest.json` (per-shard
-  counts and sha256). Example key k lives in shard `shard_of(k, num_shards)`;
-  each shard file is sorted by key and written atomically, so a shard's
-  bytes depend only on the examples and the settings, never on the runner,
-  the bundling or on how many times the shard was retried.
-* Scores output: `scores-*.{parquet,tfrecord,jsonl}` and `scoring.json`
-  (format and per-example shapes); `read_scores(path)` reads them back.
+  `targets-SSSSS-of-NNNNN.{tfrecord,parquet}` (key and "target" per
+  example; "target/<output name>" per output of a model of several
+  outputs), plus `settings.json` (what was computed) and, once every shard
+  is written, `manifest.json` (per-shard counts and sha256). Example key k
+  lives in shard `shard_of(k, num_shards)`; each shard file is sorted by key
+  and written atomically, so a shard's bytes depend only on the examples
+  and the settings, never on the runner, the bundling or on how many times
+  the shard was retried.
+* Scores output: `scores-*.{parquet,tfrecord,jsonl}` (key, prediction,
+  variation, and out_of_range when the signature returns it) and
+  `scoring.json` (format and per-example shapes); `read_scores(path)` reads
+  them back.
 * `read_targets(path)` checks the manifest, every shard's digest, that each
   key lives in its own shard, and that no key is duplicated or missing, then
-  returns (keys, targets) ordered by key: what `fit_variation_head` takes.
+  returns (keys, targets) ordered by key: what `fit_variation_head` takes
+  (targets a dict keyed by output name for a model of several outputs).
 
 Example:
 
@@ -100,6 +105,47 @@ def check_format(fmt, allowed, arg="output_format"):
   if fmt not in allowed:
     raise validation.invalid(arg, f"one of {allowed}", fmt)
   return fmt
+
+
+def score_names(outputs):
+  """The score columns that signature `outputs` hold, in file order.
+
+  Args:
+    outputs: names of a signature's outputs (any iterable, e.g. a dict).
+
+  Returns:
+    `contract.OUTPUT_KEYS`, then `contract.OUT_OF_RANGE_KEY` when
+    `outputs` has it: what the scoring pipeline writes per example.
+  """
+  outputs = set(outputs)
+  extra = (contract.OUT_OF_RANGE_KEY,) if (
+      contract.OUT_OF_RANGE_KEY in outputs) else ()
+  return contract.OUTPUT_KEYS + extra
+
+
+def target_feature(output_name=None):
+  """Feature (column) of a target: "target", or "target/<output name>"."""
+  if output_name is None:
+    return TARGET_FEATURE
+  return f"{TARGET_FEATURE}{contract.OUTPUT_SEPARATOR}{output_name}"
+
+
+def target_features(target_shape, output_names=None):
+  """{feature name: per-example shape} of a targets run's shard files.
+
+  Args:
+    target_shape: the run's `target_shape` setting: one shape (a list), or
+      for a model of several outputs a dict {output name: shape}.
+    output_names: the outputs' names in the model's order (the run's
+      `output_names` setting); None for one output.
+
+  Returns:
+    {"target": shape}, or {"target/<name>": shape} per output name.
+  """
+  if output_names is None:
+    return {TARGET_FEATURE: tuple(target_shape)}
+  return {target_feature(name): tuple(target_shape[name])
+          for name in output_names}
 
 
 # ---------------------------------------------------------------------------
@@ -495,16 +541,32 @@ def merge_duplicates(keys, values, rtol=1e-4, atol=1e-6):
 
   Args:
     keys: (n,) int64.
-    values: (n, ...) float32.
+    values: (n, ...) float32, or a dict {name: (n, ...) float32} (several
+      results per example: compared and kept together, as their columns
+      side by side in the dict's order).
     rtol, atol: tolerance of "agree".
 
   Returns:
-    (keys, values, num_dropped), keys strictly increasing.
+    (keys, values, num_dropped), keys strictly increasing; `values` in the
+    structure given.
 
   Raises:
     ValueError: a key occurs with values that disagree (two different
       examples share a key).
   """
+  if isinstance(values, dict):
+    n = len(keys)
+    arrays = {name: np.asarray(v, np.float32) for name, v in values.items()}
+    flat = np.concatenate([v.reshape(n, -1) for v in arrays.values()] or
+                          [np.zeros((n, 0), np.float32)], axis=1)
+    keys, flat, dropped = merge_duplicates(keys, flat, rtol, atol)
+    out, start = {}, 0
+    for name, v in arrays.items():
+      width = int(np.prod(v.shape[1:], dtype=np.int64))
+      out[name] = flat[:, start:start + width].reshape(
+          (len(keys),) + v.shape[1:])
+      start += width
+    return keys, out, dropped
   keys = np.asarray(keys, np.int64)
   values = np.asarray(values, np.float32)
   flat = values.reshape(len(keys), -1)
@@ -564,8 +626,11 @@ def read_targets(path, keys=None):
   Returns:
     (keys, targets): keys (N,) int64 ascending (or as given); targets
     float32 (N,) or (N, k) as `mc_dropout_targets` returns them for the
-    same statistic. With default keys (row indices) the result is in row
-    order, ready for `fit_variation_head(dual, x, targets)`.
+    same statistic, or for a model of several outputs a dict of such
+    arrays keyed by output name, in the model's output order (as
+    `mc_dropout_targets` returns it). With default keys (row indices) the
+    result is in row order, ready for `fit_variation_head(dual, x,
+    targets)`.
 
   Raises:
     ValueError: the output is incomplete (no manifest), a shard is missing
@@ -581,8 +646,9 @@ def read_targets(path, keys=None):
         f"reused).")
   fmt = manifest["output_format"]
   num_shards = manifest["num_shards"]
-  shape = tuple(manifest["target_shape"])
-  all_keys, all_targets = [], []
+  output_names = manifest.get("output_names")
+  features = target_features(manifest["target_shape"], output_names)
+  all_keys, all_values = [], {name: [] for name in features}
   for entry in manifest["shards"]:
     file_path = _join(path, entry["file"])
     if not tf.io.gfile.exists(file_path):
@@ -593,7 +659,7 @@ def read_targets(path, keys=None):
       raise ValueError(f"Shard {entry['file']!r} in {path!r} does not match "
                        f"its manifest digest (altered or truncated): rerun "
                        f"the pipeline.")
-    shard_keys, values = decode_shard(data, fmt, {TARGET_FEATURE: shape})
+    shard_keys, values = decode_shard(data, fmt, features)
     wrong = shard_of(shard_keys, num_shards) != entry["index"]
     if wrong.any():
       raise ValueError(
@@ -603,13 +669,15 @@ def read_targets(path, keys=None):
       raise ValueError(f"Shard {entry['file']!r} has {len(shard_keys)} "
                        f"records, its manifest says {entry['count']}.")
     all_keys.append(shard_keys)
-    all_targets.append(values[TARGET_FEATURE])
+    for name in features:
+      all_values[name].append(values[name])
   out_keys = (np.concatenate(all_keys) if all_keys
               else np.zeros((0,), np.int64))
-  targets = (np.concatenate(all_targets) if all_targets
-             else np.zeros((0,) + shape, np.float32))
   order = np.argsort(out_keys, kind="stable")
-  out_keys, targets = out_keys[order], targets[order]
+  out_keys = out_keys[order]
+  columns = {name: (np.concatenate(all_values[name]) if all_values[name]
+                    else np.zeros((0,) + shape, np.float32))[order]
+             for name, shape in features.items()}
   repeated = out_keys[1:][out_keys[1:] == out_keys[:-1]]
   if repeated.size:
     raise ValueError(f"Duplicate example keys in {path!r}: "
@@ -617,18 +685,22 @@ def read_targets(path, keys=None):
   if len(out_keys) != manifest["num_keys"]:
     raise ValueError(f"{path!r} holds {len(out_keys)} keys, its manifest "
                      f"says {manifest['num_keys']}: keys are missing.")
-  if keys is None:
-    return out_keys, targets
-  wanted = np.asarray(keys, np.int64)
-  pos = np.searchsorted(out_keys, wanted)
-  pos = np.minimum(pos, max(len(out_keys) - 1, 0))
-  found = (out_keys[pos] == wanted) if len(out_keys) else np.zeros(
-      wanted.shape, bool)
-  if not found.all():
-    missing = wanted[~found]
-    raise ValueError(f"{missing.size} requested keys are missing from "
-                     f"{path!r}, e.g. {missing[:10].tolist()}.")
-  return wanted, targets[pos]
+  if keys is not None:
+    wanted = np.asarray(keys, np.int64)
+    pos = np.searchsorted(out_keys, wanted)
+    pos = np.minimum(pos, max(len(out_keys) - 1, 0))
+    found = (out_keys[pos] == wanted) if len(out_keys) else np.zeros(
+        wanted.shape, bool)
+    if not found.all():
+      missing = wanted[~found]
+      raise ValueError(f"{missing.size} requested keys are missing from "
+                       f"{path!r}, e.g. {missing[:10].tolist()}.")
+    out_keys = wanted
+    columns = {name: column[pos] for name, column in columns.items()}
+  if output_names is None:
+    return out_keys, columns[TARGET_FEATURE]
+  return out_keys, {name: columns[target_feature(name)]
+                    for name in output_names}
 
 
 def read_scores(path):
@@ -642,7 +714,8 @@ def read_scores(path):
 
   Returns:
     dict {"key": (N,) int64 ascending, "prediction": (N, ...) float32,
-    "variation": (N, ...) float32}.
+    "variation": (N, ...) float32}, and "out_of_range" (N,) float32 when
+    the scored signature returns it (`score_names`).
 
   Raises:
     ValueError: `path` has no `scoring.json` (not a finished scoring
@@ -662,7 +735,7 @@ def read_scores(path):
       raise ValueError(f"Score file {f!r} is missing: rerun the scoring "
                        f"pipeline.")
   shapes = {name: tuple(info["output_shapes"][name])
-            for name in contract.OUTPUT_KEYS}
+            for name in score_names(info["output_shapes"])}
   keys, values = [], {k: [] for k in shapes}
   for f in files:
     k, v = decode_shard(_read_bytes(f), fmt, shapes)

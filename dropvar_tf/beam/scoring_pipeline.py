@@ -3,7 +3,9 @@
 Runs the `serving_default` signature of a SavedModel written by
 `dropvar_tf.saved_model.export_saved_model` (or any SavedModel whose
 signature returns {"prediction", "variation"}) over a data set and writes one
-record per example: its key, the prediction and the one-pass DPV estimate.
+record per example: its key, the prediction and the one-pass DPV estimate,
+and "out_of_range" when the signature returns it (a dual made with
+`add_variation_head(out_of_range=True)`); other outputs are not written.
 For offline analysis and monitoring (e.g. the share of traffic whose
 variation exceeds a threshold, day over day), without a serving cluster.
 
@@ -26,6 +28,7 @@ variation exceeds a threshold, day over day), without a serving cluster.
 Input features are named after the signature's inputs (`saved_model_cli show
 --dir ... --signature_def serving_default`, or `records.signature_input_specs`).
 Per-example outputs of one value are written as scalars, others as lists.
+Without "out_of_range" the files are {key, prediction, variation} only.
 A score file's bytes depend only on its keys and the settings (the same on
 every runner). `scoring.json`, written once every file is there, records the
 format and shapes; `records.read_scores(output)` reads everything back
@@ -80,6 +83,10 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
       stderr as items finish; needs workers in this process (the
       DirectRunner in memory or threads). None: when they are and stderr
       is a terminal. Every runner has the Beam counters.
+
+  The score files hold, per example, the key, "prediction", "variation"
+  and, when the signature returns it, "out_of_range"
+  (`records.score_names`).
 
   Returns:
     dict: "seconds" and the counters "examples_scored" (this run),

@@ -42,7 +42,10 @@ def _per_example_shape(spec):
 
 
 def output_shapes(fn):
-  """{"prediction": shape, "variation": shape} stored per example.
+  """{output name: shape} stored per example, in file order.
+
+  "prediction" and "variation", then "out_of_range" when the signature
+  returns it (`records.score_names`); other outputs are not stored.
 
   Raises:
     ValueError: the signature lacks one of the contract's output keys.
@@ -53,7 +56,8 @@ def output_shapes(fn):
     raise validation.invalid(
         "saved_model", f"a signature returning {list(contract.OUTPUT_KEYS)}",
         f"outputs {sorted(outputs)}")
-  return {k: _per_example_shape(outputs[k]) for k in contract.OUTPUT_KEYS}
+  return {k: _per_example_shape(outputs[k])
+          for k in records.score_names(outputs)}
 
 
 def saved_model_fingerprint(saved_model_dir):
@@ -101,6 +105,7 @@ class SavePartsFn(beam.DoFn):
   def __init__(self, output_dir, output_shapes):
     self._output_dir = output_dir
     self._shapes = dict(output_shapes)
+    self._names = records.score_names(self._shapes)
     self._scored = counters.counter("examples_scored")
     self._pending = None
 
@@ -112,7 +117,7 @@ class SavePartsFn(beam.DoFn):
     keys = np.array([key for key, _ in rows], np.int64)
     values = {name: np.array([r[name] for _, r in rows], np.float32).reshape(
         (len(rows),) + tuple(self._shapes[name]))
-              for name in contract.OUTPUT_KEYS}
+              for name in self._names}
     parts.write_part(self._output_dir, keys, values)
     self._scored.inc(len(keys))
     progress.add("scored", len(keys))
@@ -122,7 +127,7 @@ class SavePartsFn(beam.DoFn):
     (batch_id, size, key), result = element
     rows = self._pending.setdefault(batch_id, [])
     rows.append((key, {name: result.inference[name]
-                       for name in contract.OUTPUT_KEYS}))
+                       for name in self._names}))
     if len(rows) == size:
       del self._pending[batch_id]
       yield self._save(rows)
@@ -150,10 +155,11 @@ class WriteScoresFn(beam.DoFn):
   write rewrites the same bytes, on any runner.
   """
 
-  def __init__(self, output_dir, num_shards, output_format):
+  def __init__(self, output_dir, num_shards, output_format, names):
     self._output_dir = output_dir
     self._num_shards = num_shards
     self._format = output_format
+    self._names = tuple(names)
     self._duplicates = counters.counter("duplicates_dropped")
 
   def process(self, item):
@@ -161,7 +167,7 @@ class WriteScoresFn(beam.DoFn):
     pieces = list(pieces)
     keys = np.concatenate([k for k, _ in pieces])
     values = {name: np.concatenate([v[name] for _, v in pieces])
-              for name in contract.OUTPUT_KEYS}
+              for name in self._names}
     yield write_score_shard(self._output_dir, shard, self._num_shards,
                             self._format, keys, values, self._duplicates)
 
@@ -175,7 +181,7 @@ def write_score_shard(output_dir, index, num_shards, fmt, keys, values,
     index, num_shards: the shard, of how many.
     fmt: "parquet", "tfrecord" or "jsonl".
     keys: (n,) int64.
-    values: {output name: (n, ...) float32}.
+    values: {output name: (n, ...) float32}, in file order.
     duplicates: optional Beam counter of dropped duplicate rows.
 
   Returns:
@@ -184,18 +190,9 @@ def write_score_shard(output_dir, index, num_shards, fmt, keys, values,
   Raises:
     ValueError: one key with two different scores.
   """
-  names = list(values)
-  n = len(keys)
-  flat = np.concatenate([values[k].reshape(n, -1) for k in names], axis=1)
-  keys, flat, dropped = records.merge_duplicates(keys, flat.reshape(n, -1))
+  keys, out, dropped = records.merge_duplicates(keys, values)
   if duplicates is not None:
     duplicates.inc(dropped)
-  out, start = {}, 0
-  for name in names:
-    width = int(np.prod(values[name].shape[1:], dtype=np.int64))
-    out[name] = flat[:, start:start + width].reshape(
-        (len(keys),) + values[name].shape[1:])
-    start += width
   name = records.shard_filename(index, num_shards, fmt,
                                 prefix=records.SCORES_PREFIX)
   filesystems.atomic_write(FileSystems.join(output_dir, name),
@@ -209,7 +206,7 @@ def finish_scores(written, output_dir, num_shards, fmt, shapes, info):
     write_score_shard(output_dir, index, num_shards, fmt,
                       np.zeros((0,), np.int64),
                       {name: np.zeros((0,) + tuple(shapes[name]), np.float32)
-                       for name in contract.OUTPUT_KEYS})
+                       for name in records.score_names(shapes)})
   filesystems.atomic_write(
       FileSystems.join(output_dir, records.SCORING_FILENAME),
       json.dumps(info, indent=2, sort_keys=True).encode())
@@ -231,7 +228,8 @@ def write_scores(scores, output, output_format, shapes, num_shards, info):
           | "ByShard" >> beam.FlatMap(_by_shard, num_shards)
           | "GroupByShard" >> beam.GroupByKey()
           | "WriteShards" >> beam.ParDo(WriteScoresFn(
-              output, num_shards, output_format))
+              output, num_shards, output_format,
+              records.score_names(shapes)))
           | "CollectShards" >> beam.combiners.ToList()
           | "WriteScoringJson" >> beam.Map(
               finish_scores, output, num_shards, output_format, shapes,
@@ -334,8 +332,8 @@ def build_scoring_pipeline(pipeline, saved_model_dir, output, output_format,
   examples = sources.read_examples(pipeline, files, config["input_format"],
                                    config["input_specs"],
                                    config["key_feature"])
-  done, done_keys = parts.done_parts(pipeline, config["parts"],
-                                     contract.OUTPUT_KEYS)
+  done, done_keys = parts.done_parts(
+      pipeline, config["parts"], records.score_names(config["output_shapes"]))
   handler = KeyedModelHandler(model_handler.SignatureHandler(
       saved_model_dir, config["signature"],
       batch_size=config["batch_size"])).with_no_batching()

@@ -2,12 +2,16 @@
 
 Computes exactly what `dropvar_tf.targets.mc_dropout_targets` computes (same
 statistic, same seed semantics), spread over the workers of any Beam runner
-(DirectRunner by default; Dataflow, Flink, Spark with their usual flags):
+(DirectRunner by default; Dataflow, Flink, Spark with their usual flags).
+A model of several outputs (a list or a flat dict of tensors) gets one
+target per output, stored as features "target/<output name>" and read back
+by `records.read_targets` as the dict `mc_dropout_targets` returns.
 
     examples (TFRecord of tf.Example with an int64 key, or .npz; one read
               step for any number of files)
       -> [resumed run: drop the examples whose key a part file holds]
-      -> BatchElements (fixed size: a multiple of `batch_size`)
+      -> work items of `beam_batch_size` examples by key rank
+         (`batches.work_items`: only the run's last item is short)
       -> MC targets per batch (model loaded once per worker in `setup`),
          each batch saved as a part file `parts/part-<keys digest>` at once
       -> with the earlier run's parts: GroupByKey(shard_of(key))
@@ -72,16 +76,19 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
       to row indices as in `mc_dropout_targets`).
     output: output directory (created when missing).
     num_samples, seed, statistic, batch_size: as in `mc_dropout_targets`;
-      `batch_size` is also the compute batch of each worker.
+      `batch_size` is also the compute batch of each worker. For a model of
+      several outputs, `statistic` applies to each output or is a dict of
+      statistics keyed by output name.
     num_shards: number of output shard files.
     output_format: "tfrecord" (tf.Example {key, target}) or "parquet"
-      (columns key, target).
+      (columns key, target); for several outputs, "target/<output name>"
+      per output instead of "target".
     input_format: "auto" (by extension), "tfrecord" or "npz".
     key_feature: name of the int64 example key feature / array.
     input_feature: feature name of a single-input model's input (default:
       its `keras.Input` name).
-    beam_batch_size: examples per `BatchElements` batch, a multiple of
-      `batch_size` (default 8 * batch_size).
+    beam_batch_size: examples per work item (and part file), a multiple
+      of `batch_size` (default 8 * batch_size).
     resume: reuse shard files of an earlier run with the same settings;
       False clears them first.
     extra_modules: modules to import before loading the model (custom
@@ -102,9 +109,10 @@ def run_targets_pipeline(model_path, inputs, output, num_samples=100, seed=0,
     run, read back from its part files), "duplicates_dropped".
 
   Raises:
-    ValueError: an invalid argument, an unknown flag in `pipeline_args`, a
-      runner that cannot run this (see `options.check_runner`), or `output`
-      holds a run with other settings (and `resume` is True).
+    ValueError: an invalid argument (a model with nested outputs too), an
+      unknown flag in `pipeline_args`, a runner that cannot run this (see
+      `options.check_runner`), or `output` holds a run with other settings
+      (and `resume` is True).
     FileNotFoundError: an input pattern matches nothing.
   """
   # Imported here: TensorFlow and Beam take seconds to load, and `main`

@@ -18,8 +18,8 @@ from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
 from dropvar_tf import contract
-from dropvar_tf import keras_graph
 from dropvar_tf import sources as dropout_sources
+from dropvar_tf import target_outputs
 from dropvar_tf import targets
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
@@ -73,20 +73,36 @@ def load_keras_model(path, extra_modules=()):
 
 
 def resolve_statistic(model, statistic):
-  """(statistic, per-example target shape) as `mc_dropout_targets` has them."""
-  if not isinstance(statistic, str) or statistic not in contract.STATISTICS:
-    raise validation.invalid("statistic", f"one of {contract.STATISTICS}",
-                             statistic)
-  if len(model.outputs) != 1:
-    raise validation.invalid("model", "a model with a single output tensor",
-                             f"{len(model.outputs)} outputs")
-  out_shape = tuple(model.outputs[0].shape[1:])
-  units = int(np.prod(out_shape, dtype=np.int64))
-  statistic = validation.resolve_statistic(
-      statistic, units, keras_graph.output_is_probabilities(model))
-  if statistic == contract.STAT_PREDICTED_CLASS_STD or units == 1:
-    return statistic, []
-  return statistic, [int(d) for d in out_shape]
+  """The statistic and target shape settings, as `mc_dropout_targets` has them.
+
+  Args:
+    model: the base model.
+    statistic: one of `contract.STATISTICS`, or for a model of several
+      outputs also a dict of them keyed by output name.
+
+  Returns:
+    (statistic, target_shape, output_names). One output: the resolved
+    statistic, the per-example target shape (a list) and None. Several
+    (a list or a flat dict of output tensors): dicts {output name:
+    statistic} and {output name: shape}, and the names in the order of
+    the dict `mc_dropout_targets` returns (`keras_graph.output_names`).
+
+  Raises:
+    ValueError: an invalid `statistic`, nested outputs, or an output
+      without a static shape.
+  """
+  outputs = target_outputs.resolve(model, statistic)
+  shapes = []
+  for shape, stat in zip(outputs.shapes, outputs.statistics):
+    # One value per example: stored as a scalar, as the targets' (N,) has it.
+    scalar = (stat == contract.STAT_PREDICTED_CLASS_STD or
+              int(np.prod(shape, dtype=np.int64)) == 1)
+    shapes.append([] if scalar else [int(d) for d in shape])
+  if outputs.names is None:
+    return outputs.statistics[0], shapes[0], None
+  names = list(outputs.names)
+  return (dict(zip(names, outputs.statistics)), dict(zip(names, shapes)),
+          names)
 
 
 class TargetsFn(beam.DoFn):
@@ -96,6 +112,8 @@ class TargetsFn(beam.DoFn):
   checked against the fingerprint the launcher saw. Each item's targets are
   written to `<output>/parts/` as soon as they are computed
   (`parts.write_part`), so a run that dies keeps the work it finished.
+  Targets are one array, or for a model of several outputs a dict {output
+  name: array} in the order of the config's "output_names".
   """
 
   def __init__(self, model_path, config, output_dir):
@@ -128,9 +146,12 @@ class TargetsFn(beam.DoFn):
     values = targets.mc_dropout_targets(
         self._model, _take_rows(x, idx), num_samples=c["num_samples"],
         seed=c["seed"], batch_size=c["batch_size"],
-        statistic=c["statistic"], keys=keys[idx], progress=False)[:n]
+        statistic=c["statistic"], keys=keys[idx], progress=False)
+    if c["output_names"] is not None:
+      values = {name: values[name] for name in c["output_names"]}
+    # Sorted by key; the padded rows (after the first n) are dropped.
     order = np.argsort(keys, kind="stable")
-    keys, values = keys[order], values[order]
+    keys, values = keys[order], _take_rows(values, order)
     parts.write_part(self._output_dir, keys, values)
     self._computed.inc(n)
     self._padded.inc(rows - n)
@@ -143,10 +164,11 @@ def _by_shard(part, num_shards):
   shards = records.shard_of(keys, num_shards)
   for shard in np.unique(shards):
     sel = shards == shard
-    yield int(shard), (keys[sel], values[sel])
+    yield int(shard), (keys[sel], _take_rows(values, sel))
 
 
 def _take_rows(x, idx):
+  """Rows `idx` of an array, or of each array of a list or dict."""
   if isinstance(x, dict):
     return {k: v[idx] for k, v in x.items()}
   if isinstance(x, (list, tuple)):
@@ -167,7 +189,11 @@ class WriteShardFn(beam.DoFn):
     shard, parts = item
     parts = list(parts)
     keys = np.concatenate([k for k, _ in parts])
-    values = np.concatenate([v for _, v in parts])
+    if isinstance(parts[0][1], dict):
+      values = {name: np.concatenate([v[name] for _, v in parts])
+                for name in parts[0][1]}
+    else:
+      values = np.concatenate([v for _, v in parts])
     keys, values, dropped = records.merge_duplicates(keys, values)
     self._duplicates.inc(dropped)
     yield write_shard(self._output_dir, shard, self._num_shards,
@@ -175,8 +201,21 @@ class WriteShardFn(beam.DoFn):
 
 
 def write_shard(output_dir, index, num_shards, fmt, keys, values):
-  """Writes one shard file atomically; returns its manifest entry."""
+  """Writes one shard file atomically; returns its manifest entry.
+
+  Args:
+    output_dir: the output directory.
+    index, num_shards: the shard, of how many.
+    fmt: "tfrecord" or "parquet".
+    keys: (n,) int64, sorted.
+    values: (n, ...) float32 targets (feature "target"), or a dict {output
+      name: (n, ...) float32} (features "target/<output name>", in the
+      dict's order).
+  """
   name = records.shard_filename(index, num_shards, fmt)
+  if isinstance(values, dict):
+    values = {records.target_feature(output): v
+              for output, v in values.items()}
   data = records.encode_shard(keys, values, fmt)
   filesystems.atomic_write(FileSystems.join(output_dir, name), data)
   return {"index": int(index), "file": name, "count": int(len(keys)),
@@ -191,15 +230,20 @@ def finalize(entries, num_input_records, output_dir, settings):
   """
   num_shards = settings["num_shards"]
   fmt = settings["output_format"]
-  shape = tuple(settings["target_shape"])
+  names = settings.get("output_names")
+  shapes = settings["target_shape"]
+  if names is None:
+    empty = np.zeros((0,) + tuple(shapes), np.float32)
+  else:
+    empty = {name: np.zeros((0,) + tuple(shapes[name]), np.float32)
+             for name in names}
   by_index = {e["index"]: e for e in entries}
   for index in range(num_shards):
     if index in by_index:
       continue
     # No example hashed to this shard.
     by_index[index] = write_shard(
-        output_dir, index, num_shards, fmt, np.zeros((0,), np.int64),
-        np.zeros((0,) + shape, np.float32))
+        output_dir, index, num_shards, fmt, np.zeros((0,), np.int64), empty)
   shards = [by_index[i] for i in range(num_shards)]
   manifest = dict(settings)
   manifest.update({
@@ -298,7 +342,7 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
   input_format = sources.resolve_input_format(input_format, files)
   model = load_keras_model(model_path, extra_modules)
   dropout_sources.check_dropout_model(model)
-  statistic, target_shape = resolve_statistic(model, statistic)
+  statistic, target_shape, output_names = resolve_statistic(model, statistic)
   input_specs = records.model_input_specs(model, input_feature)
   settings = {
       "format_version": records.FORMAT_VERSION,
@@ -314,6 +358,9 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
       "input_format": input_format,
       "input_files": [[p, s] for p, s in files],
   }
+  if output_names is not None:
+    # Only for several outputs: a single output's settings stay as they were.
+    settings["output_names"] = output_names
   if not FileSystems.exists(output):
     FileSystems.mkdirs(output)
   parts.check_settings(output, settings, resume)
@@ -330,6 +377,7 @@ def prepare_targets(model_path, inputs, output, num_samples=100, seed=0,
       "input_specs": input_specs,
       "key_feature": key_feature,
       "import_modules": list(extra_modules or ()),
+      "output_names": output_names,
   }
   return settings, config, files
 
@@ -341,7 +389,8 @@ def build_targets_pipeline(pipeline, model_path, output, settings, config,
                                    config["input_specs"],
                                    config["key_feature"])
   count = examples | "CountInputs" >> beam.combiners.Count.Globally()
-  done, done_keys = parts.done_parts(pipeline, config["parts"])
+  done, done_keys = parts.done_parts(pipeline, config["parts"],
+                                     config["output_names"])
   computed = (
       batches.work_items(examples, config["input_format"],
                          config["key_feature"], done_keys,
