@@ -233,6 +233,52 @@ class RecordsTest(tf.test.TestCase):
       for name, value in scores.items():
         self.assertAllEqual(got[name], value[order], msg=(fmt, name))
 
+  def test_score_output_names(self):
+    self.assertEqual(records.score_output_names(["variation", "prediction"]),
+                     [])
+    self.assertEqual(records.score_output_names(
+        ["prediction", "variation", "out_of_range", "logits"]), [])
+    two = ["variation/b", "prediction/b", "prediction/a", "variation/a"]
+    self.assertEqual(records.score_output_names(two), ["a", "b"])
+    self.assertEqual(records.score_output_names(two + ["out_of_range",
+                                                       "logits"]),
+                     ["a", "b"])
+    self.assertEqual(records.score_names(two + ["out_of_range"]),
+                     ("prediction/a", "prediction/b", "variation/a",
+                      "variation/b", "out_of_range"))
+    for outputs in (["prediction"], ["prediction/a", "variation/a"],
+                    ["prediction/a", "variation/a", "prediction/b"],
+                    ["y", "out_of_range"]):
+      self.assertIsNone(records.score_output_names(outputs), msg=outputs)
+
+  def test_read_scores_of_several_outputs(self):
+    keys = np.array([7, 2, 9, 4], np.int64)
+    scores = {"prediction/klass": np.arange(12, dtype=np.float32).reshape(
+        4, 3),
+              "prediction/value": np.array([1, 2, 3, 4], np.float32),
+              "variation/klass": np.array([0.5, 0.25, 0.125, 1.0],
+                                          np.float32),
+              "variation/value": np.array([2, 0, 3, 1], np.float32),
+              "out_of_range": np.array([0, 0.75, 0, 2.5], np.float32)}
+    shapes = {name: list(v.shape[1:]) for name, v in scores.items()}
+    self.assertEqual(records.score_names(shapes), tuple(scores))
+    order = np.argsort(keys)
+    for fmt in records.SCORE_FORMATS:
+      path = os.path.join(self.get_temp_dir(), f"multi_{fmt}")
+      os.makedirs(path)
+      with open(os.path.join(path, f"scores-00000-of-00001.{fmt}"),
+                "wb") as f:
+        f.write(records.encode_shard(keys, scores, fmt))
+      with open(os.path.join(path, records.SCORING_FILENAME), "w") as f:
+        json.dump({"output_format": fmt, "num_shards": 1,
+                   "output_shapes": shapes,
+                   "output_names": ["klass", "value"]}, f)
+      got = records.read_scores(path)
+      self.assertEqual(list(got), ["key"] + list(scores))
+      self.assertAllEqual(got["key"], keys[order])
+      for name, value in scores.items():
+        self.assertAllEqual(got[name], value[order], msg=(fmt, name))
+
   def test_serialize_example_sorts_the_feature_map(self):
     def feature(v):
       return tf.train.Feature(float_list=tf.train.FloatList(value=[v]))

@@ -78,15 +78,20 @@ def read_scoring_json(output):
     return json.load(f)
 
 
-def signature_in_batches(fn, x, batch_size):
-  """{output: array} of `fn` called on padded batches of `batch_size` rows."""
+def signature_in_batches(fn, x, batch_size, input_name="x"):
+  """{output: array} of `fn` called on padded batches of `batch_size` rows.
+
+  Each output is stored as the pipeline stores it: (n,) when it has one
+  value per example, else (n, ...).
+  """
   parts = []
   for start in range(0, len(x), batch_size):
     rows = np.arange(start, start + batch_size).clip(max=len(x) - 1)
-    out = fn(x=tf.constant(x[rows]))
+    out = fn(**{input_name: tf.constant(x[rows])})
     n = min(batch_size, len(x) - start)
-    parts.append({k: np.reshape(v.numpy()[:n], [n]) for k, v in out.items()})
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    parts.append({k: v.numpy()[:n] for k, v in out.items()})
+  out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return {k: v.reshape(-1) if v[0].size == 1 else v for k, v in out.items()}
 
 
 @unittest.skipIf(not beam_testing.HAVE_BEAM, beam_testing.SKIP_REASON)
@@ -369,6 +374,162 @@ class ScoringPipelineTest(tf.test.TestCase):
                                 r"returning \['prediction', 'variation'\]"):
       scoring_pipeline.run_scoring_pipeline(plain, self.files, self.new_dir())
 
+
+
+@unittest.skipIf(not beam_testing.HAVE_BEAM, beam_testing.SKIP_REASON)
+class MultiOutputScoringTest(tf.test.TestCase):
+  """Duals of a two-output model: "prediction/<name>", "variation/<name>".
+
+  The base model (`beam_testing.build_model("two_outputs")`) has a list
+  output: "value" (one unit) and "klass" (3-class softmax).
+  """
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp(prefix="beam_scoring_multi_test_")
+    cls.n = 700
+    cls.x = beam_testing.regression_inputs(cls.n, seed=3)
+    cls.export = saved_model.export_saved_model(
+        heads.add_variation_head(beam_testing.build_model("two_outputs"),
+                                 seed=0),
+        os.path.join(cls.root, "two_outputs"), version=1)
+    cls.loaded, cls.fn = model_handler.load_signature(cls.export)
+    # Calibrated on a narrower part of the inputs: many rows lie outside.
+    cls.far_export = saved_model.export_saved_model(
+        fitted_out_of_range_dual(beam_testing.build_model("two_outputs"),
+                                 0.5 * cls.x[:200]),
+        os.path.join(cls.root, "two_outputs_far"), version=1)
+    cls.far_loaded, cls.far_fn = model_handler.load_signature(
+        cls.far_export)
+    cls.files = records.write_examples(
+        os.path.join(cls.root, "ex", "ex"), cls.x,
+        records.signature_input_specs(cls.fn), num_shards=3)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  def new_dir(self):
+    return tempfile.mkdtemp(dir=self.get_temp_dir())
+
+  def test_every_output_in_every_format_bitwise_equal(self):
+    names = ["klass", "value"]
+    keys = contract.output_keys(names)
+    shapes = {"prediction/klass": [3], "prediction/value": [],
+              "variation/klass": [], "variation/value": []}
+    for fn, export, far in ((self.fn, self.export, False),
+                            (self.far_fn, self.far_export, True)):
+      expected = signature_in_batches(fn, self.x, 64, "features")
+      want = keys + ((contract.OUT_OF_RANGE_KEY,) if far else ())
+      self.assertEqual(sorted(expected), sorted(want))
+      if far:
+        # Both kinds of rows, so that the comparison means something.
+        self.assertGreater(np.mean(expected[contract.OUT_OF_RANGE_KEY] > 0),
+                           0.1)
+        self.assertGreater(
+            np.mean(expected[contract.OUT_OF_RANGE_KEY] == 0), 0.02)
+      outputs = {}
+      for fmt in records.SCORE_FORMATS:
+        outputs[fmt] = self.new_dir()
+        summary = scoring_pipeline.run_scoring_pipeline(
+            export, self.files, outputs[fmt], output_format=fmt,
+            batch_size=64, num_shards=3)
+        self.assertEqual(summary["examples_scored"], self.n)
+        self.assertEqual(summary["examples_padded"], 4)  # 700 = 10 * 64 + 60
+        info = read_scoring_json(outputs[fmt])
+        self.assertEqual(info["output_names"], names)
+        self.assertEqual(info["output_shapes"], dict(
+            shapes, **({contract.OUT_OF_RANGE_KEY: []} if far else {})))
+        got = records.read_scores(outputs[fmt])
+        self.assertEqual(list(got), ["key"] + list(want))
+        self.assertAllEqual(got["key"], np.arange(self.n))
+        for name in want:
+          self.assertEqual(got[name].dtype, np.float32)
+          self.assertAllEqual(got[name], expected[name], msg=(fmt, name))
+        self.assertEqual(got["prediction/klass"].shape, (self.n, 3))
+        variation = contract.per_output(got, contract.VARIATION_KEY)
+        self.assertEqual(sorted(variation), names)
+        self.assertGreater(variation["value"].std(), 0.0)
+      # Worker threads write the same bytes.
+      threads = self.new_dir()
+      scoring_pipeline.run_scoring_pipeline(
+          export, self.files, threads, output_format=records.TFRECORD,
+          batch_size=64, num_shards=3, pipeline_args=[
+              "--direct_num_workers=2",
+              "--direct_running_mode=multi_threading"])
+      self.assertEqual(beam_testing.file_bytes(threads),
+                       beam_testing.file_bytes(outputs[records.TFRECORD]))
+
+  def test_rerun_after_a_kill_scores_only_what_is_missing(self):
+    output = self.new_dir()
+    expected = signature_in_batches(self.fn, self.x, 64, "features")
+    names = records.score_names(self.fn.structured_outputs)
+    self.assertEqual(names, contract.output_keys(["klass", "value"]))
+    original = scoring_transforms.DecodeItemFn.process
+    calls = []
+
+    def die_on_third_item(fn_self, item):
+      calls.append(1)
+      if len(calls) == 3:
+        raise RuntimeError("simulated kill")
+      yield from original(fn_self, item)
+
+    run = dict(batch_size=64, beam_batch_size=256, num_shards=2,
+               output_format=records.PARQUET)
+    with mock.patch.object(scoring_transforms.DecodeItemFn, "process",
+                           die_on_third_item):
+      with self.assertRaisesRegex(Exception, "simulated kill"):
+        scoring_pipeline.run_scoring_pipeline(self.export, self.files,
+                                              output, **run)
+    with self.assertRaisesRegex(ValueError, "not a finished scoring"):
+      records.read_scores(output)
+    saved = parts.existing_parts(output)
+    self.assertLen(saved, 2)
+    for path in saved:
+      with open(path, "rb") as f:
+        part_keys, part = parts.decode_part(f.read(), names)
+      for name in names:
+        self.assertAllEqual(part[name], expected[name][part_keys], msg=name)
+    summary = scoring_pipeline.run_scoring_pipeline(self.export, self.files,
+                                                    output, **run)
+    self.assertEqual(summary["examples_skipped"], 512)
+    self.assertEqual(summary["examples_scored"], self.n - 512)
+    got = records.read_scores(output)
+    self.assertAllEqual(got["key"], np.arange(self.n))
+    for name in names:
+      self.assertAllEqual(got[name], expected[name], msg=name)
+    # A rerun of a finished run scores nothing and changes no byte.
+    before = beam_testing.file_bytes(output)
+    summary = scoring_pipeline.run_scoring_pipeline(self.export, self.files,
+                                                    output, **run)
+    self.assertEqual(summary["examples_scored"], 0)
+    self.assertEqual(summary["examples_skipped"], self.n)
+    self.assertEqual(beam_testing.file_bytes(output), before)
+
+  def test_incomplete_multi_output_signature_is_refused(self):
+    model = beam_testing.build_model("two_outputs")
+    plain = os.path.join(self.root, "incomplete")
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        contract.SERVING_SIGNATURE,
+        lambda features: {"prediction/value": model(features)[0],
+                          "variation/value": model(features)[0][:, 0],
+                          "prediction/klass": model(features)[1]},
+        input_signature=[tf.TensorSpec((None, 6), tf.float32,
+                                       name="features")])
+    archive.write_out(plain, verbose=False)
+    output = self.new_dir()
+    with self.assertRaisesRegex(
+        ValueError, r"`saved_model`. Expected a signature returning "
+        r"\['prediction', 'variation'\], or 'prediction/<name>' and "
+        r"'variation/<name>' for each of two or more outputs. Received: "
+        r"saved_model=\"outputs \['prediction/klass', 'prediction/value', "
+        r"'variation/value'\]\""):
+      scoring_pipeline.run_scoring_pipeline(plain, self.files, output)
+    self.assertEqual(os.listdir(output), [])
 
 if __name__ == "__main__":
   tf.test.main()

@@ -3,8 +3,8 @@
 * `targets_pipeline`: MC-dropout DPV targets at scale, keyed and sharded;
   `python -m dropvar_tf.beam.targets_pipeline --help`.
 * `scoring_pipeline`: batch scoring of an exported dual SavedModel
-  (prediction and variation per example, and out_of_range when the
-  signature returns it);
+  (prediction and variation per example, one pair per output of a model
+  of several outputs, and out_of_range when the signature returns it);
   `python -m dropvar_tf.beam.scoring_pipeline --help`.
 * `records`: the file formats, the input adapter `write_examples` and the
   readers `read_targets(path)` / `read_scores(path)` (format and shapes from

@@ -18,9 +18,11 @@ input adapters work in any environment that has dropvar_tf:
   and the settings, never on the runner, the bundling or on how many times
   the shard was retried.
 * Scores output: `scores-*.{parquet,tfrecord,jsonl}` (key, prediction,
-  variation, and out_of_range when the signature returns it) and
-  `scoring.json` (format and per-example shapes); `read_scores(path)` reads
-  them back.
+  variation, and out_of_range when the signature returns it; a dual of
+  several outputs has "prediction/<output name>" and "variation/<output
+  name>" per output in place of prediction and variation) and
+  `scoring.json` (format and per-example shapes; "output_names" for
+  several outputs); `read_scores(path)` reads them back.
 * `read_targets(path)` checks the manifest, every shard's digest, that each
   key lives in its own shard, and that no key is duplicated or missing, then
   returns (keys, targets) ordered by key: what `fit_variation_head` takes
@@ -107,6 +109,27 @@ def check_format(fmt, allowed, arg="output_format"):
   return fmt
 
 
+def score_output_names(outputs):
+  """The output names of a dual whose signature returns `outputs`.
+
+  Args:
+    outputs: names of a signature's outputs (any iterable, e.g. a dict).
+
+  Returns:
+    `[]` when `outputs` hold `contract.OUTPUT_KEYS` (a dual of one output);
+    the sorted output names when they hold "prediction/<name>" and
+    "variation/<name>" for each of two or more names and no other such
+    key (a dual of several outputs, `contract.output_names`); None for
+    anything else. Other outputs (e.g. "out_of_range") do not count.
+  """
+  outputs = set(outputs)
+  if set(contract.OUTPUT_KEYS) <= outputs:
+    return []
+  prefixes = tuple(kind + contract.OUTPUT_SEPARATOR
+                   for kind in contract.OUTPUT_KEYS)
+  return contract.output_names(k for k in outputs if k.startswith(prefixes))
+
+
 def score_names(outputs):
   """The score columns that signature `outputs` hold, in file order.
 
@@ -114,13 +137,16 @@ def score_names(outputs):
     outputs: names of a signature's outputs (any iterable, e.g. a dict).
 
   Returns:
-    `contract.OUTPUT_KEYS`, then `contract.OUT_OF_RANGE_KEY` when
-    `outputs` has it: what the scoring pipeline writes per example.
+    `contract.OUTPUT_KEYS`, or for a dual of several outputs
+    (`score_output_names`) its "prediction/<name>" and "variation/<name>"
+    keys (`contract.output_keys`: sorted); then `contract.OUT_OF_RANGE_KEY`
+    when `outputs` has it: what the scoring pipeline writes per example.
   """
   outputs = set(outputs)
+  names = score_output_names(outputs)
   extra = (contract.OUT_OF_RANGE_KEY,) if (
       contract.OUT_OF_RANGE_KEY in outputs) else ()
-  return contract.OUTPUT_KEYS + extra
+  return contract.output_keys(names or None) + extra
 
 
 def target_feature(output_name=None):
@@ -715,7 +741,12 @@ def read_scores(path):
   Returns:
     dict {"key": (N,) int64 ascending, "prediction": (N, ...) float32,
     "variation": (N, ...) float32}, and "out_of_range" (N,) float32 when
-    the scored signature returns it (`score_names`).
+    the scored signature returns it (`score_names`). For a dual of several
+    outputs the dict is keyed the same way, by the signature's output
+    keys: "prediction/<output name>" and "variation/<output name>" per
+    output (`contract.output_keys` order) in place of "prediction" and
+    "variation"; `contract.per_output(scores, "variation")` gives {output
+    name: array}.
 
   Raises:
     ValueError: `path` has no `scoring.json` (not a finished scoring

@@ -6,6 +6,11 @@ signature returns {"prediction", "variation"}) over a data set and writes one
 record per example: its key, the prediction and the one-pass DPV estimate,
 and "out_of_range" when the signature returns it (a dual made with
 `add_variation_head(out_of_range=True)`); other outputs are not written.
+The dual of a model of several outputs returns, and the pipeline writes,
+"prediction/<output name>" and "variation/<output name>" per output
+(`contract.prediction_key`, `contract.variation_key`) in place of
+"prediction" and "variation"; `scoring.json` then adds "output_names"
+(sorted: a signature's outputs have no order).
 For offline analysis and monitoring (e.g. the share of traffic whose
 variation exceeds a threshold, day over day), without a serving cluster.
 
@@ -28,7 +33,8 @@ variation exceeds a threshold, day over day), without a serving cluster.
 Input features are named after the signature's inputs (`saved_model_cli show
 --dir ... --signature_def serving_default`, or `records.signature_input_specs`).
 Per-example outputs of one value are written as scalars, others as lists.
-Without "out_of_range" the files are {key, prediction, variation} only.
+Without "out_of_range" the files of a single-output dual are {key,
+prediction, variation} only.
 A score file's bytes depend only on its keys and the settings (the same on
 every runner). `scoring.json`, written once every file is there, records the
 format and shapes; `records.read_scores(output)` reads everything back
@@ -85,8 +91,9 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
       is a terminal. Every runner has the Beam counters.
 
   The score files hold, per example, the key, "prediction", "variation"
-  and, when the signature returns it, "out_of_range"
-  (`records.score_names`).
+  (for a dual of several outputs "prediction/<output name>" and
+  "variation/<output name>" per output, sorted) and, when the signature
+  returns it, "out_of_range" (`records.score_names`).
 
   Returns:
     dict: "seconds" and the counters "examples_scored" (this run),
@@ -97,7 +104,8 @@ def run_scoring_pipeline(saved_model_dir, inputs, output,
   Raises:
     ValueError: an invalid argument, an unknown flag in `pipeline_args`, a
       runner that cannot run this (see `options.check_runner`), a
-      signature without the contract's outputs, or `output` holds scores
+      signature without the contract's outputs (neither "prediction" and
+      "variation" nor both per output name), or `output` holds scores
       of other settings (and `resume` is True).
     FileNotFoundError: an input pattern matches nothing.
   """

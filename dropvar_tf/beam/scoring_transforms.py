@@ -44,18 +44,22 @@ def _per_example_shape(spec):
 def output_shapes(fn):
   """{output name: shape} stored per example, in file order.
 
-  "prediction" and "variation", then "out_of_range" when the signature
-  returns it (`records.score_names`); other outputs are not stored.
+  "prediction" and "variation", or for a dual of several outputs
+  "prediction/<name>" and "variation/<name>" per output (sorted), then
+  "out_of_range" when the signature returns it (`records.score_names`);
+  other outputs are not stored.
 
   Raises:
-    ValueError: the signature lacks one of the contract's output keys.
+    ValueError: the signature returns neither the contract's output keys
+      nor a complete set of them per output (`records.score_output_names`).
   """
   outputs = fn.structured_outputs
-  missing = [k for k in contract.OUTPUT_KEYS if k not in outputs]
-  if missing:
+  if records.score_output_names(outputs) is None:
     raise validation.invalid(
-        "saved_model", f"a signature returning {list(contract.OUTPUT_KEYS)}",
-        f"outputs {sorted(outputs)}")
+        "saved_model", f"a signature returning {list(contract.OUTPUT_KEYS)}, "
+        f"or {contract.prediction_key('<name>')!r} and "
+        f"{contract.variation_key('<name>')!r} for each of two or more "
+        f"outputs", f"outputs {sorted(outputs)}")
   return {k: _per_example_shape(outputs[k])
           for k in records.score_names(outputs)}
 
@@ -295,6 +299,10 @@ def prepare_scoring(saved_model_dir, inputs, output,
           "output_shapes": shapes, "key_feature": key_feature,
           "input_format": input_format,
           "input_files": [[p, s] for p, s in files]}
+  names = records.score_output_names(shapes)
+  if names:
+    # Only for several outputs: a single output's settings stay as they were.
+    info["output_names"] = names
   info = json.loads(json.dumps(info))
   parts.check_settings(output, info, resume, written="scored")
   config["parts"] = parts.existing_parts(output) if resume else []
