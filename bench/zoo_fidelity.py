@@ -93,21 +93,32 @@ def perturbed_pixels(pixels, num, seed):
   return np.clip(x, 0.0, 16.0)
 
 
-def run(name, num_samples, num_calibration, num_test, seeds,
-        calibration_samples, epochs=None):
-  """Trains one model, fits both heads; returns a row of the table."""
+def trained_model(name, epochs=None):
+  """One model of `MODELS` trained on the digits (seed 0), BatchNorm set.
+
+  Returns:
+    (model, pixels -> model inputs, digits_split()).
+  """
   build, to_inputs, default_epochs = MODELS[name]
-  x_train, y_train, x_test, y_test = digits_split()
+  split = digits_split()
+  x_train, y_train = split[:2]
   keras.utils.set_random_seed(0)
   model = build()
   model.compile(optimizer=keras.optimizers.Adam(1e-3),
                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-  start = time.perf_counter()
   model.fit(to_inputs(x_train), y_train, epochs=epochs or default_epochs,
             batch_size=64, verbose=0)
   # A few epochs leave BatchNorm's moving statistics far from the data's
   # (momentum 0.99), which makes the inference-mode model useless.
   zoo.calibrate_batchnorm(model, to_inputs(x_train[:256]))
+  return model, to_inputs, split
+
+
+def run(name, num_samples, num_calibration, num_test, seeds,
+        calibration_samples, epochs=None):
+  """Trains one model, fits both heads; returns a row of the table."""
+  start = time.perf_counter()
+  model, to_inputs, (x_train, _, x_test, y_test) = trained_model(name, epochs)
   accuracy = model.evaluate(to_inputs(x_test[:num_test]), y_test[:num_test],
                             verbose=0)[1]
   x_cal = to_inputs(perturbed_pixels(x_train, num_calibration, seed=0))

@@ -51,6 +51,7 @@ _LAZY = {
     "read_export_metadata": "dropvar_tf.saved_model",
     "mc_dropout_model": "dropvar_tf.seeded_dropout",
     "mc_dropout_targets": "dropvar_tf.targets",
+    "predict": "dropvar_tf.predicting",
     "fit_variation_head": "dropvar_tf.training",
     "train_variation_head": "dropvar_tf.training",
 }
@@ -80,6 +81,7 @@ __all__ = [
     "moment_propagation_variation",
     "noise_ceiling",
     "perturb_inputs",
+    "predict",
     "read_export_metadata",
     "register_dropout_source",
     "strip_variation_head",

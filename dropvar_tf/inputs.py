@@ -2,7 +2,7 @@
 
 `normalize(model, x)` is how `perturb_inputs` (given its model),
 `mc_dropout_targets`, `split_half_targets`, `fit_variation_head`,
-`train_variation_head` and `check_inputs` read their inputs `x`,
+`train_variation_head`, `predict` and `check_inputs` read their inputs `x`,
 and `export_saved_model` its warm-up examples. It accepts what the model
 takes:
 
@@ -273,7 +273,7 @@ class ModelInputs:
     """A Dataset of batches of `batch_size` examples, for Keras' `predict`.
 
     Keras' `predict` refuses numpy string arrays (Keras 3.15: "Invalid
-    dtype: str32"); it takes them in a Dataset.
+    dtype: str32"); it takes them in a Dataset (`predicting.predict`).
     """
     if self.dataset is None:
       # A list would be read as one stacked tensor: tf.data takes tuples.

@@ -15,6 +15,7 @@ import numpy as np
 from dropvar_tf import augment
 from dropvar_tf import heads
 from dropvar_tf import inputs
+from dropvar_tf import predicting
 from dropvar_tf import saved_model
 from dropvar_tf import targets
 from dropvar_tf import training
@@ -199,12 +200,8 @@ class FormsTest(tf.test.TestCase):
           dual = heads.add_variation_head(model, seed=0)
           training.fit_variation_head(dual, x, fit_t, epochs=2,
                                       num_samples=6)
-          if kind == "strings":
-            # Keras' `predict` refuses numpy strings: a Dataset it takes.
-            out = dual.predict(inputs.normalize(dual, forms[first])
-                               .as_dataset(8), verbose=0)
-          else:
-            out = dual.predict(forms[first], batch_size=8, verbose=0)
+          # Keras' own `predict` refuses numpy strings.
+          out = predicting.predict(dual, forms[first], batch_size=8)
           self.assertAllEqual(out["variation"].shape, (N,))
           self.assertTrue(np.all(out["variation"] >= 0))
           variations.append(out["variation"])
