@@ -359,12 +359,15 @@ class VariationOutput(keras.layers.Layer):
       prior = _ops.cast(prior, "float32")
       if len(prior.shape) == 1:
         prior = _ops.expand_dims(prior, -1)
-      # A prior overflowed to inf makes the estimate inf, capped below; a
-      # NaN one stays NaN, so that the estimate becomes max_value below.
+      # A prior above max_value (overflowed to inf, or far off the
+      # calibration data) counts as max_value: with a correction below 0
+      # the estimate stays below the cap. A NaN one stays NaN, so that the
+      # estimate becomes max_value below.
       # Weights are read in float32 (a float16 policy autocasts them).
-      eps, low, high = (_ops.cast(w, "float32") for w in (
-          self.eps, self.correction_low, self.correction_high))
-      prior = _ops.relu(prior)
+      eps, low, high, cap = (_ops.cast(w, "float32") for w in (
+          self.eps, self.correction_low, self.correction_high,
+          self.max_value))
+      prior = _ops.minimum(_ops.relu(prior), cap)
       correction = _ops.minimum(_ops.maximum(_ops.cast(z, "float32"), low),
                                 high)
       if self.shrink:

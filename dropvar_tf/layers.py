@@ -171,8 +171,7 @@ def smoothed_sigmoid_std(logit, spread):
   sigmoid(z) equals that of sigmoid(-z), so the nodes sit at
   `-|logit| + spread * eps`, where float32 keeps the small values' relative
   precision; two passes (mean, then squared deviations) avoid cancellation.
-  On (batch, 1) inputs the two weighted sums are matmuls (fewer ops than
-  broadcast, multiply and reduce: what a batch-1 request pays for).
+  (batch, 1) inputs broadcast against the nodes without an expand.
   Finite and >= 0 for every input, with one NaN test at the end: the
   infinities fall out of the quadrature (an infinite logit with a finite
   spread puts every node at sigmoid(-inf) = 0: a certain output, 0; an
@@ -182,15 +181,17 @@ def smoothed_sigmoid_std(logit, spread):
   """
   logit = tf.convert_to_tensor(logit, "float32")
   spread = tf.convert_to_tensor(spread, "float32")
-  if logit.shape.rank == 2 and logit.shape[-1] == 1:
-    weights = _GH_WEIGHTS[:, None]
+  column = logit.shape.rank == 2 and logit.shape[-1] == 1
+  if column:  # (batch, 1) broadcasts against the nodes as it is
     u = tf.sigmoid(spread * _GH_NODES - tf.abs(logit))        # (batch, 64)
-    mean = tf.matmul(u, weights)                               # (batch, 1)
-    std = tf.sqrt(tf.matmul(tf.square(u - mean), weights))
   else:
     u = tf.sigmoid(spread[..., None] * _GH_NODES - tf.abs(logit)[..., None])
-    mean = tf.reduce_sum(u * _GH_WEIGHTS, axis=-1, keepdims=True)
-    std = tf.sqrt(tf.reduce_sum(tf.square(u - mean) * _GH_WEIGHTS, axis=-1))
+  # Sums, not matmuls: a GPU may run matmuls in TF32, whose rounding of the
+  # mean would show as a spread where there is none.
+  mean = tf.reduce_sum(u * _GH_WEIGHTS, axis=-1, keepdims=True)
+  var = tf.reduce_sum(tf.square(u - mean) * _GH_WEIGHTS, axis=-1,
+                      keepdims=column)
+  std = tf.sqrt(var)
   return tf.where(tf.math.is_nan(std), 0.5, std)
 
 

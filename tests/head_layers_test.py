@@ -178,6 +178,21 @@ class HeadLayersTest(tf.test.TestCase):
     self.assertEqual(
         head_layers.VariationOutput.from_config(config).prior_bound, 2.0)
 
+  def test_variation_output_caps_its_prior_before_correcting_it(self):
+    # A prior far above max_value (an input far off the calibration data)
+    # counts as max_value: a correction below 0 then keeps the estimate
+    # below the cap, where an uncapped prior would reach it.
+    layer = head_layers.VariationOutput(units=1, prior_bound=2.0)
+    layer.eps.assign(0.0)
+    layer.max_value.assign(0.5)
+    layer.correction_low.assign(-1.0)
+    layer.correction_high.assign(-1.0)
+    z = np.zeros((3, 1), "float32")
+    prior = np.array([5.0, np.inf, 0.2], "float32")
+    out = np.asarray(layer([z, prior]))
+    self.assertAllClose(out, [0.5 * np.exp(-1.0), 0.5 * np.exp(-1.0),
+                              0.2 * np.exp(-1.0)], rtol=1e-5)
+
   def test_variation_output_prior_bound_errors(self):
     for bound, transform in ((0.0, "log"), ("1", "log"), (1.0, "identity")):
       with self.subTest(bound=bound, transform=transform):

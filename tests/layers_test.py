@@ -298,6 +298,11 @@ class SmoothedSigmoidStdTest(tf.test.TestCase):
     logit = np.array([c[0] for c in cases], "float32")
     spread = np.array([c[1] for c in cases], "float32")
     out = np.asarray(layers.smoothed_sigmoid_std(logit, spread))
+    # (batch, 1), the shape the layer passes, broadcasts another way.
+    column = np.asarray(layers.smoothed_sigmoid_std(logit[:, None],
+                                                    spread[:, None]))
+    self.assertEqual(column.shape, (len(cases), 1))
+    self.assertAllClose(column[:, 0], out, rtol=1e-6)
     for i, (m, s, rtol) in enumerate(cases):
       with self.subTest(logit=m, spread=s):
         # Sampled on the far side, as the quadrature, for precision.
@@ -307,14 +312,19 @@ class SmoothedSigmoidStdTest(tf.test.TestCase):
   def test_finite_and_nonnegative_on_extremes(self):
     logit = np.array([np.inf, -np.inf, np.nan, 1e38, 0.0, 3.0], "float32")
     spread = np.array([1.0, 1.0, 1.0, 1e38, np.inf, 0.0], "float32")
-    out = np.asarray(layers.smoothed_sigmoid_std(logit, spread))
-    self.assertTrue(np.all(np.isfinite(out)))
-    # An infinite logit with a finite spread: certain, 0. NaN or an
-    # infinite spread: as uncertain as a probability gets, 0.5. Huge but
-    # finite: the chance of a flip still counts (a logit one spread from 0
-    # flips with probability 0.16). No spread: 0.
-    self.assertAllEqual(out[[0, 1, 2, 4, 5]], [0.0, 0.0, 0.5, 0.5, 0.0])
-    self.assertBetween(out[3], 0.2, 0.5)
+    for shape in ((-1,), (-1, 1)):
+      out = np.asarray(layers.smoothed_sigmoid_std(
+          logit.reshape(shape), spread.reshape(shape))).ravel()
+      with self.subTest(shape=shape):
+        self.assertTrue(np.all(np.isfinite(out)))
+        # An infinite logit with a finite spread: certain, 0. NaN or an
+        # infinite spread: as uncertain as a probability gets, 0.5 (up to
+        # the rounding of the weights' sum). Huge but finite: the chance of
+        # a flip still counts (a logit one spread from 0 flips with
+        # probability 0.16). No spread: 0.
+        self.assertAllEqual(out[[0, 1, 5]], [0.0, 0.0, 0.0])
+        self.assertAllClose(out[[2, 4]], [0.5, 0.5], atol=1e-6)
+        self.assertBetween(out[3], 0.2, 0.5)
 
 
 class SmoothedOutputDeltaTest(tf.test.TestCase):
