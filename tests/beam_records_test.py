@@ -319,6 +319,18 @@ class RecordsTest(tf.test.TestCase):
                                 "different targets"):
       records.merge_duplicates(keys, {"b": first, "a": second})
 
+  def test_merge_duplicates_of_an_empty_shard(self):
+    # A shard no example hashed to (fewer examples than shards).
+    keys = np.zeros((0,), np.int64)
+    got_keys, got, dropped = records.merge_duplicates(
+        keys, np.zeros((0,), np.float32))
+    self.assertEqual((got_keys.shape, got.shape, dropped), ((0,), (0,), 0))
+    _, got, _ = records.merge_duplicates(
+        keys, {"prediction": np.zeros((0, 3), np.float32),
+               "variation": np.zeros((0,), np.float32)})
+    self.assertEqual(got["prediction"].shape, (0, 3))
+    self.assertEqual(got["variation"].shape, (0,))
+
   def test_write_and_parse_examples_dict_inputs(self):
     model = beam_testing.build_model("dict")
     specs = records.model_input_specs(model)

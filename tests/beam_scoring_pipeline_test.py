@@ -239,6 +239,17 @@ class ScoringPipelineTest(tf.test.TestCase):
     self.assertEqual(sorted(records.read_scores(output)),
                      ["key", "prediction", "variation"])
 
+  def test_fewer_examples_than_shards(self):
+    # Most shards get no example: they are written empty, not refused.
+    files = records.write_examples(
+        os.path.join(self.new_dir(), "few"), self.x[:3], self.specs)
+    output = self.new_dir()
+    scoring_pipeline.run_scoring_pipeline(self.export, files, output,
+                                          batch_size=64, num_shards=8)
+    scores = records.read_scores(output)
+    self.assertAllEqual(scores["key"], [0, 1, 2])
+    self.assertAllEqual(scores["variation"], self.expected["variation"][:3])
+
   def test_out_of_range_in_every_format_bitwise_equal(self):
     names = contract.OUTPUT_KEYS + (contract.OUT_OF_RANGE_KEY,)
     self.assertEqual(sorted(self.far_fn.structured_outputs), sorted(names))

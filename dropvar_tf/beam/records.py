@@ -557,6 +557,11 @@ def sha256(data):
   return hashlib.sha256(data).hexdigest()
 
 
+def _width(array):
+  """Values per example of a (n, ...) array (1 for (n,))."""
+  return int(np.prod(array.shape[1:], dtype=np.int64))
+
+
 def merge_duplicates(keys, values, rtol=1e-4, atol=1e-6):
   """Sorts by key and drops duplicate keys whose values agree.
 
@@ -583,19 +588,20 @@ def merge_duplicates(keys, values, rtol=1e-4, atol=1e-6):
   if isinstance(values, dict):
     n = len(keys)
     arrays = {name: np.asarray(v, np.float32) for name, v in values.items()}
-    flat = np.concatenate([v.reshape(n, -1) for v in arrays.values()] or
-                          [np.zeros((n, 0), np.float32)], axis=1)
+    # Widths spelled out: reshape(0, -1) cannot infer one (an empty shard).
+    parts = [v.reshape(n, _width(v)) for v in arrays.values()]
+    flat = np.concatenate(parts or [np.zeros((n, 0), np.float32)], axis=1)
     keys, flat, dropped = merge_duplicates(keys, flat, rtol, atol)
     out, start = {}, 0
     for name, v in arrays.items():
-      width = int(np.prod(v.shape[1:], dtype=np.int64))
+      width = _width(v)
       out[name] = flat[:, start:start + width].reshape(
           (len(keys),) + v.shape[1:])
       start += width
     return keys, out, dropped
   keys = np.asarray(keys, np.int64)
   values = np.asarray(values, np.float32)
-  flat = values.reshape(len(keys), -1)
+  flat = values.reshape(len(keys), _width(values))
   # Sort by key, then by value (lexicographic), for a deterministic pick.
   order = np.lexsort(tuple(flat[:, j] for j in range(flat.shape[1] - 1, -1,
                                                       -1)) + (keys,))
