@@ -18,19 +18,17 @@ import shutil
 import tempfile
 import unittest
 from unittest import mock
-import warnings
 
 import numpy as np
 
 from dropvar_tf import contract
 from dropvar_tf import heads
 from dropvar_tf import saved_model
-from dropvar_tf import targets
-from dropvar_tf import training
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 from dropvar_tf.beam import records
 import beam_testing
+import testing_models
 
 if beam_testing.HAVE_BEAM:
   from dropvar_tf.beam import model_handler
@@ -60,17 +58,6 @@ def build_regression_model(seed=0):
   return keras.Model(x, keras.layers.Dense(1)(h))
 
 
-def fitted_out_of_range_dual(model, x):
-  """A dual with the "out_of_range" output, its range set on `x` (seeded)."""
-  dual = heads.add_variation_head(model, hidden_units=(8,), seed=0,
-                                  out_of_range=True)
-  t = targets.mc_dropout_targets(model, x, num_samples=8, seed=0,
-                                 progress=False)
-  with warnings.catch_warnings():  # a 2-epoch fit is far below the bound
-    warnings.simplefilter("ignore")
-    training.fit_variation_head(dual, x, t, epochs=2, num_samples=8, seed=0,
-                                report_split=0.2)
-  return dual
 
 
 def read_scoring_json(output):
@@ -115,7 +102,7 @@ class ScoringPipelineTest(tf.test.TestCase):
         cls.x)).items()}
     # Calibrated on a narrower part of the inputs: many rows lie outside.
     cls.far_export = saved_model.export_saved_model(
-        fitted_out_of_range_dual(build_regression_model(),
+        testing_models.fitted_dual(build_regression_model(),
                                  0.5 * cls.x[:300]),
         os.path.join(cls.root, "out_of_range"), version=1)
     cls.far_loaded, cls.far_fn = model_handler.load_signature(
@@ -286,19 +273,9 @@ class ScoringPipelineTest(tf.test.TestCase):
   def test_out_of_range_survives_a_rerun_after_a_kill(self):
     output = self.new_dir()
     expected = signature_in_batches(self.far_fn, self.x, 64)
-    original = scoring_transforms.DecodeItemFn.process
-    calls = []
-
-    def die_on_third_item(fn_self, item):
-      calls.append(1)
-      if len(calls) == 3:
-        raise RuntimeError("simulated kill")
-      yield from original(fn_self, item)
-
     run = dict(batch_size=64, beam_batch_size=256, num_shards=3,
                output_format=records.TFRECORD)
-    with mock.patch.object(scoring_transforms.DecodeItemFn, "process",
-                           die_on_third_item):
+    with beam_testing.killed_on_call(scoring_transforms.DecodeItemFn, 3):
       with self.assertRaisesRegex(Exception, "simulated kill"):
         scoring_pipeline.run_scoring_pipeline(self.far_export, self.files,
                                               output, **run)
@@ -408,7 +385,7 @@ class MultiOutputScoringTest(tf.test.TestCase):
     cls.loaded, cls.fn = model_handler.load_signature(cls.export)
     # Calibrated on a narrower part of the inputs: many rows lie outside.
     cls.far_export = saved_model.export_saved_model(
-        fitted_out_of_range_dual(beam_testing.build_model("two_outputs"),
+        testing_models.fitted_dual(beam_testing.build_model("two_outputs"),
                                  0.5 * cls.x[:200]),
         os.path.join(cls.root, "two_outputs_far"), version=1)
     cls.far_loaded, cls.far_fn = model_handler.load_signature(
@@ -478,19 +455,9 @@ class MultiOutputScoringTest(tf.test.TestCase):
     expected = signature_in_batches(self.fn, self.x, 64, "features")
     names = records.score_names(self.fn.structured_outputs)
     self.assertEqual(names, contract.output_keys(["klass", "value"]))
-    original = scoring_transforms.DecodeItemFn.process
-    calls = []
-
-    def die_on_third_item(fn_self, item):
-      calls.append(1)
-      if len(calls) == 3:
-        raise RuntimeError("simulated kill")
-      yield from original(fn_self, item)
-
     run = dict(batch_size=64, beam_batch_size=256, num_shards=2,
                output_format=records.PARQUET)
-    with mock.patch.object(scoring_transforms.DecodeItemFn, "process",
-                           die_on_third_item):
+    with beam_testing.killed_on_call(scoring_transforms.DecodeItemFn, 3):
       with self.assertRaisesRegex(Exception, "simulated kill"):
         scoring_pipeline.run_scoring_pipeline(self.export, self.files,
                                               output, **run)

@@ -205,17 +205,7 @@ class TargetsPipelineTest(tf.test.TestCase):
     run = dict(num_samples=_NUM_SAMPLES, seed=_SEED, batch_size=_BATCH,
                num_shards=3)
     output = self.new_dir()
-    original = targets_transforms.TargetsFn.process
-    calls = []
-
-    def die_on_third_batch(fn_self, item):
-      calls.append(1)
-      if len(calls) == 3:
-        raise RuntimeError("simulated kill")
-      yield from original(fn_self, item)
-
-    with mock.patch.object(targets_transforms.TargetsFn, "process",
-                           die_on_third_batch):
+    with beam_testing.killed_on_call(targets_transforms.TargetsFn, 3):
       with self.assertRaisesRegex(Exception, "simulated kill"):
         targets_pipeline.run_targets_pipeline(path, self.files, output,
                                               **run)

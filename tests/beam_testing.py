@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -92,6 +93,26 @@ def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def killed_on_call(dofn_class, number):
+  """Makes `dofn_class.process` raise "simulated kill" on its `number`-th call.
+
+  A worker dying mid-run, for resume tests on in-process runners (the
+  patched class is the one the runner calls).
+  """
+  original = dofn_class.process
+  calls = []
+
+  def process(fn_self, item):
+    calls.append(1)
+    if len(calls) == number:
+      raise RuntimeError("simulated kill")
+    yield from original(fn_self, item)
+
+  with mock.patch.object(dofn_class, "process", process):
+    yield
 
 
 @contextlib.contextmanager

@@ -48,17 +48,6 @@ _ERR_UNFITTED = (
 _TIMEOUT = 30.0
 
 
-def _fitted_dual(model, x, out_of_range=True):
-  """A dual (with the signal), fitted on `x` (seeded, a few epochs)."""
-  dual = heads.add_variation_head(model, hidden_units=(8,), seed=0,
-                                  out_of_range=out_of_range)
-  t = targets.mc_dropout_targets(model, x, num_samples=8, seed=0,
-                                 progress=False)
-  with warnings.catch_warnings():  # a 2-epoch fit is far below the bound
-    warnings.simplefilter("ignore")
-    training.fit_variation_head(dual, x, t, epochs=2, num_samples=8, seed=0,
-                                report_split=0.2)
-  return dual
 
 
 def _signal(dual, x):
@@ -140,7 +129,7 @@ class DualOutOfRangeTest(tf.test.TestCase):
     super().setUpClass()
     cls.model = tm.mlp_softmax()
     cls.x = tm.sample_inputs("softmax", 300, seed=1)
-    cls.dual = _fitted_dual(cls.model, cls.x)
+    cls.dual = tm.fitted_dual(cls.model, cls.x)
 
   def test_off_by_default(self):
     dual = heads.add_variation_head(self.model, hidden_units=(8,))
@@ -189,7 +178,7 @@ class DualOutOfRangeTest(tf.test.TestCase):
     # seed, which tf.test.TestCase sets anew for each test.
     x = np.concatenate([self.x[:10], 4.0 * self.x[:10]])
     plain, with_signal = (
-        _fitted_dual(self.model, self.x, out_of_range=flag)(
+        tm.fitted_dual(self.model, self.x, out_of_range=flag)(
             x, training=False)[contract.VARIATION_KEY]
         for flag in (False, True))
     self.assertAllEqual(plain, with_signal)
@@ -263,7 +252,7 @@ class ServedOutOfRangeTest(tf.test.TestCase):
     super().setUpClass()
     cls.model = tm.mlp_softmax()
     cls.x = tm.sample_inputs("softmax", 200, seed=1)
-    cls.dual = _fitted_dual(cls.model, cls.x)
+    cls.dual = tm.fitted_dual(cls.model, cls.x)
     cls.tmp = tempfile.mkdtemp()
     cls.base = os.path.join(cls.tmp, "dual")
     cls.path = saved_model.export_saved_model(cls.dual, cls.base,

@@ -50,9 +50,14 @@ Dual-output models of the serving contract (`dual_dense_model`,
 `dual_ratings_model`; inputs and exports in `serving_testing`).
 """
 
+import warnings
+
 import numpy as np
 
 from dropvar_tf import contract
+from dropvar_tf import heads
+from dropvar_tf import targets
+from dropvar_tf import training
 from dropvar_tf._keras import keras
 
 NUM_FEATURES = 6
@@ -578,3 +583,20 @@ def dual_ratings_model(seed=0):
   return keras.Model({"user_id": user, "movie_id": movie, "context": context},
                      {contract.PREDICTION_KEY: prediction,
                       contract.VARIATION_KEY: variation})
+
+
+def fitted_dual(model, x, out_of_range=True):
+  """A small dual of `model` (with the signal), fitted on `x` (seeded, fast).
+
+  Targets of 8 samples and 2 epochs: far below the noise bound (its warning
+  is silenced), enough for tests of the out-of-range signal's plumbing.
+  """
+  dual = heads.add_variation_head(model, hidden_units=(8,), seed=0,
+                                  out_of_range=out_of_range)
+  t = targets.mc_dropout_targets(model, x, num_samples=8, seed=0,
+                                 progress=False)
+  with warnings.catch_warnings():  # a 2-epoch fit is far below the bound
+    warnings.simplefilter("ignore")
+    training.fit_variation_head(dual, x, t, epochs=2, num_samples=8, seed=0,
+                                report_split=0.2)
+  return dual
