@@ -232,6 +232,52 @@ def _statistic_units(statistic, units):
   return units
 
 
+# At most this many earlier dropout layers feed a smoothed output delta.
+MAX_EARLIER_DROPOUTS = 16
+
+
+def _is_plain_dropout(layer, tensor):
+  """A Dropout of independent units (no noise shape) on a (batch, d) input."""
+  return (isinstance(layer, keras.layers.Dropout) and
+          not isinstance(layer, (keras.layers.SpatialDropout1D,
+                                 keras.layers.SpatialDropout2D,
+                                 keras.layers.SpatialDropout3D)) and
+          layer.noise_shape is None and layer.rate > 0 and
+          len(tensor.shape) == 2)
+
+
+def earlier_dropouts(nodes, tensor):
+  """The plain Dropouts below `tensor` on a path of single-input layers.
+
+  Walks down from `tensor` (the input of the dropout before the output
+  layer) while each layer is called once, on one tensor, with one output,
+  and stops at the first that is not (an input, a merge, a shared layer).
+
+  Args:
+    nodes: `keras_graph.graph_nodes` of the model `tensor` belongs to.
+    tensor: a symbolic tensor of that model.
+
+  Returns:
+    A list, nearest first, of (dropout layer, its input tensor, the layers
+    from it up to `tensor`'s producer, in call order: what maps the
+    dropout's inference output, equal to its input, to `tensor`); at most
+    `MAX_EARLIER_DROPOUTS`.
+  """
+  found, path = [], []
+  while len(found) < MAX_EARLIER_DROPOUTS:
+    layer = keras_graph.source_layer(tensor)
+    calls = nodes.get(id(layer), [])
+    if (isinstance(layer, keras.layers.InputLayer) or len(calls) != 1 or
+        len(calls[0][0]) != 1 or len(calls[0][1]) != 1):
+      break
+    below = calls[0][0][0]
+    if _is_plain_dropout(layer, below):
+      found.append((layer, below, list(reversed(path))))
+    path.append(layer)
+    tensor = below
+  return found
+
+
 def _output_delta(model, out, include_delta, statistic, units, suffix=""):
   """Returns (log feature, DPV) tensors of `OutputDropoutDelta`, or Nones."""
   if not include_delta:
@@ -257,11 +303,15 @@ def _output_delta(model, out, include_delta, statistic, units, suffix=""):
                              "Dense layer right after a Dropout layer", why)
   h = nodes[id(dropout)][0][0][0]
   smoothed = probe_layers.smoothing_applies(activation, statistic)
+  # The smoothed form also sees the plain Dropouts further down (their
+  # sensitivities are set by `fit_variation_head`).
+  earlier = [e[1] for e in earlier_dropouts(nodes, h)] if smoothed else []
   delta = probe_layers.OutputDropoutDelta(
       rate=dropout.rate, activation=activation, statistic=statistic,
       input_dim=int(h.shape[-1]), units=units, smoothed=smoothed,
+      earlier_dims=[int(e.shape[-1]) for e in earlier],
       dtype="float32", name=DELTA_NAME + suffix)
-  value = delta([h, out])
+  value = delta([h, out] + earlier)
   delta.kernel.assign(layer.kernel.numpy())
   if smoothed and layer.use_bias:
     delta.bias.assign(layer.bias.numpy())
@@ -355,8 +405,11 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
       "delta" (the output-delta feature, `include_delta`) costs two small
       matmuls; for sigmoid outputs and softmax's predicted class it is
       smoothed (`layers.OutputDropoutDelta`), so it follows the chance of a
-      flip where the output saturates, with a noise scale that
-      `fit_variation_head` fits for the dropout below the last layer.
+      flip where the output saturates; it also sees the plain Dropout
+      layers further down a path of single-input layers (per-unit
+      sensitivities that `fit_variation_head` sets from the logit's
+      gradients on the calibration inputs), with a noise scale that
+      `fit_variation_head` fits for the dropout it does not see.
       "moments" (moment
       propagation, `dropvar_tf.moments`) holds up on more shifts
       (`docs/shift.md`) but runs a second, heavier pass through the model

@@ -231,6 +231,19 @@ class OutputDropoutDelta(keras.layers.Layer):
   (`smoothing` = 0, non-trainable). The bias is a non-trainable copy, as
   the kernel.
 
+  Earlier dropout (smoothed only, `earlier_dims`): the layer may also take
+  the inputs `h_i` (batch, d_i) of plain Dropout layers further down a
+  single-input path to `h` (`heads.add_variation_head` finds them). Each
+  adds `||a_i * h_i||**2` to the logit's variance, `a_i` (non-trainable, 0
+  until `fit_variation_head` sets it) a per-unit sensitivity: the root mean
+  square, over the calibration inputs, of the logit's gradient with respect
+  to `h_i`, weighted by `h_i**2`, times `sqrt(p_i / (1 - p_i))`. The
+  gradient itself would cost a backward pass on every request; its
+  calibration average costs one multiply and one norm, and still follows
+  how strongly each earlier unit fires, which is what grows when inputs are
+  scaled up and the earlier layers' dropout takes the larger share of the
+  noise.
+
   Args:
     rate: dropout rate before the output layer.
     activation: "linear", "sigmoid" or "softmax".
@@ -238,11 +251,13 @@ class OutputDropoutDelta(keras.layers.Layer):
     input_dim: d. units: k.
     smoothed: Gauss-Hermite smoothing instead of linearisation (see above);
       only where it applies (`smoothing_applies`), else refused.
+    earlier_dims: widths d_i of the earlier dropout inputs the layer takes
+      after `[h, y]` (smoothed only; see above).
     **kwargs: passed to `keras.layers.Layer`.
   """
 
   def __init__(self, rate, activation, statistic, input_dim, units,
-               smoothed=False, **kwargs):
+               smoothed=False, earlier_dims=(), **kwargs):
     super().__init__(**kwargs)
     if activation not in OUTPUT_ACTIVATIONS:
       raise validation.invalid("activation", f"one of {OUTPUT_ACTIVATIONS}",
@@ -269,9 +284,22 @@ class OutputDropoutDelta(keras.layers.Layer):
       # to 0 where the last dropout carries too little of the logit noise).
       self.smoothing = self.add_weight(name="smoothing", shape=(),
                                        trainable=False, initializer="ones")
+    if isinstance(earlier_dims, (str, bytes)) or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
+        for d in earlier_dims):
+      raise validation.invalid("earlier_dims", "a list of positive ints",
+                               earlier_dims)
+    self.earlier_dims = tuple(int(d) for d in earlier_dims)
+    if self.earlier_dims and not self.smoothed:
+      raise validation.invalid("earlier_dims", "() unless smoothed=True",
+                               earlier_dims)
+    self.sensitivities = [
+        self.add_weight(name=f"sensitivity_{i}", shape=(d,), trainable=False,
+                        initializer="zeros")
+        for i, d in enumerate(self.earlier_dims)]
 
   def call(self, inputs):
-    h, y = inputs
+    h, y = inputs[:2]
     h = tf.cast(h, "float32")
     y = tf.cast(y, "float32")
     # std = sqrt(p / (1 - p)) * ||(kernel @ g) * h||: the square root of
@@ -280,8 +308,7 @@ class OutputDropoutDelta(keras.layers.Layer):
     w = tf.cast(self.kernel, "float32")  # autocast under a float16 policy
     if not self.smoothed:
       return self._linearised_std(h, y, w, c)
-    logit, spread = self.logit_and_spread(h, w)
-    spread = spread * c
+    logit, spread = self.logit_and_std(h, inputs[2:], w)
     smoothed = smoothed_sigmoid_std(logit, spread * self.noise_scale)
     # The linearised delta from the same logit: |d sigmoid / d logit| times
     # its std. For softmax's predicted class p_c (1 - p_c) (onehot - q) =
@@ -312,6 +339,28 @@ class OutputDropoutDelta(keras.layers.Layer):
     if self.activation == "sigmoid":
       std = std * (y * (1.0 - y))   # |d sigmoid / d logit|, y in [0, 1]
     return std * c
+
+  def logit_and_std(self, h, earlier=(), w=None):
+    """(logit, std): the logit and its linearised std under dropout.
+
+    `std` is that of the dropout right before the output layer (`h`) and,
+    with `earlier` (the inputs of the earlier dropout layers, in the order
+    of `earlier_dims`), of theirs (see the class docstring); `noise_scale`
+    left out. Both (batch, 1).
+    """
+    if len(earlier) != len(self.earlier_dims):
+      raise validation.invalid(
+          "earlier", f"{len(self.earlier_dims)} tensors (one per earlier "
+          "dropout layer)", f"{len(earlier)} tensors")
+    logit, spread = self.logit_and_spread(h, w)
+    spread = spread * (self.rate / (1.0 - self.rate)) ** 0.5
+    if not earlier:
+      return logit, spread
+    var = tf.square(spread)
+    for x, a in zip(earlier, self.sensitivities):
+      scaled = tf.cast(x, "float32") * tf.cast(a, "float32")
+      var = var + tf.reduce_sum(tf.square(scaled), axis=-1, keepdims=True)
+    return logit, tf.sqrt(var)
 
   def logit_and_spread(self, h, w=None):
     """(logit, s): the logit the statistic depends on, and its std / c.
@@ -352,7 +401,8 @@ class OutputDropoutDelta(keras.layers.Layer):
     config = super().get_config()
     config.update({"rate": self.rate, "activation": self.activation,
                    "statistic": self.statistic, "input_dim": self.input_dim,
-                   "units": self.units, "smoothed": self.smoothed})
+                   "units": self.units, "smoothed": self.smoothed,
+                   "earlier_dims": list(self.earlier_dims)})
     return config
 
 

@@ -15,6 +15,7 @@ from dropvar_tf._keras import keras, tf
 from dropvar_tf import head_layers
 from dropvar_tf import heads
 from dropvar_tf import inputs
+from dropvar_tf import keras_graph
 from dropvar_tf import layers as probe_layers
 from dropvar_tf import metrics
 from dropvar_tf import validation
@@ -122,8 +123,13 @@ def _check_targets(targets, n, units, arg="targets"):
 
 
 _LOGGER = logging.getLogger(__name__)
-# Estimates are capped at this multiple of the largest fitted target.
+# Estimates are capped at this multiple of the largest fitted target...
 _MAX_VALUE_FACTOR = 1.5
+# ... or, with a smoothed output-delta prior (the std of a probability, so
+# never above 0.5, and corrected within bounds), at the largest std a
+# probability has: far off the calibration data the prior is what knows
+# how large the variation gets (docs/measurements.md).
+_PROBABILITY_STD_CAP = 0.5
 # A head with a prior corrects it within the central 99% of the log-space
 # corrections its training targets needed.
 CORRECTION_QUANTILE = 0.99
@@ -312,21 +318,66 @@ MAX_NOISE_SCALE = 2.0
 _NOISE_SCALES = np.exp(np.linspace(np.log(0.25), np.log(16.0), 49))
 
 
-def _fit_prior_noise_scale(layer, h, t, idx, out_layer):
+def _fit_prior_sensitivities(dual, layer, values, idx, chunk=1024):
+  """Sets the earlier-dropout sensitivities of a smoothed output delta.
+
+  For each earlier dropout input `h_i` of `layers.OutputDropoutDelta`
+  `layer` (`values[1 + i]`, `values[0]` its `h`, for every calibration
+  row), the logit's gradient `g` with respect to `h_i` is computed on the
+  training rows `idx` by running the layers between them
+  (`heads.earlier_dropouts`), and the sensitivity becomes
+  `sqrt(p_i / (1 - p_i)) * sqrt(sum g**2 h_i**2 / sum h_i**2)` per unit (0
+  where `h_i` is 0 on every row).
+
+  Raises:
+    RuntimeError: the dual's graph no longer has the dropouts the layer was
+      built on.
+  """
+  h = heads.layer_input_tensors(dual, layer)[0]
+  found = heads.earlier_dropouts(keras_graph.graph_nodes(dual), h)
+  inputs = heads.layer_input_tensors(dual, layer)[2:]
+  if [id(f[1]) for f in found[:len(inputs)]] != [id(t) for t in inputs]:
+    raise RuntimeError(f"{layer.name!r}: its earlier dropout inputs are not "
+                       "those below its input any more")
+  for (dropout, _, chain), value, weight in zip(found, values[1:],
+                                                layer.sensitivities):
+    x = np.asarray(value)[idx]
+    num = np.zeros(x.shape[1], "float64")
+    den = np.zeros(x.shape[1], "float64")
+    for i in range(0, len(x), chunk):
+      part = tf.convert_to_tensor(x[i:i + chunk])
+      with tf.GradientTape() as tape:
+        tape.watch(part)
+        v = part
+        for chained in chain:
+          v = chained(v, training=False)
+        logit, _ = layer.logit_and_spread(v)
+        total = tf.reduce_sum(logit)
+      g = np.asarray(tape.gradient(total, part), "float64")
+      sq = np.square(np.asarray(part, "float64"))
+      num += np.sum(np.square(g) * sq, axis=0)
+      den += np.sum(sq, axis=0)
+    a = np.sqrt(np.divide(num, den, out=np.zeros_like(num), where=den > 0))
+    weight.assign((a * (dropout.rate / (1.0 - dropout.rate)) ** 0.5).astype(
+        "float32"))
+
+
+def _fit_prior_noise_scale(layer, values, t, idx, out_layer):
   """Fits the noise scale (and smoothing) of a smoothed output-delta prior.
 
-  The scale widens the last layer's logit spread for the dropout of the
-  layers below it (`layers.OutputDropoutDelta` `layer`, whose input `h` is
-  for every calibration row). It is the one that leaves the head the least
+  The scale widens the logit spread of the dropouts the layer sees for the
+  dropout it does not see (`layers.OutputDropoutDelta` `layer`, whose
+  inputs `values` (`h`, then the earlier dropout inputs) are for every
+  calibration row). It is the one that leaves the head the least
   to correct: the smallest variance, over the training rows `idx`, of the
   log-space gap between targets `t` and prior. The caller computes the
   head's inputs again at that scale.
   """
-  parts = [layer.logit_and_spread(h[i:i + 4096])
-           for i in range(0, len(h), 4096)]
+  parts = [layer.logit_and_std(values[0][i:i + 4096],
+                               [v[i:i + 4096] for v in values[1:]])
+           for i in range(0, len(values[0]), 4096)]
   logit = tf.concat([p[0] for p in parts], axis=0)
-  spread = tf.concat([p[1] for p in parts], axis=0) * (
-      (layer.rate / (1.0 - layer.rate)) ** 0.5)
+  spread = tf.concat([p[1] for p in parts], axis=0)
   eps = float(out_layer.eps.numpy()) if (
       out_layer.transform == head_layers.LOG) else 1e-6
   target = np.log(np.asarray(t, "float64")[idx].reshape(len(idx), -1) + eps)
@@ -362,10 +413,18 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   _check_targets(targets, n, units, arg)
   smoothed = heads.smoothed_prior_layer(dual, output)
   tensors = list(heads.head_feature_tensors(dual, output))
+  num_prior_inputs = 0
   if smoothed is not None:
-    tensors.append(heads.layer_input_tensors(dual, smoothed)[0])
+    # h, and the inputs of the earlier dropout layers (not y).
+    prior_tensors = heads.layer_input_tensors(dual, smoothed)
+    prior_tensors = [prior_tensors[0]] + list(prior_tensors[2:])
+    num_prior_inputs = len(prior_tensors)
+    tensors.extend(prior_tensors)
   feats = _predict_features(dual, x, tensors, 256)
-  prior_input = feats.pop() if smoothed is not None else None
+  prior_input = None
+  if num_prior_inputs:
+    prior_input = feats[-num_prior_inputs:]
+    del feats[-num_prior_inputs:]
   t = _check_targets(targets, len(feats[0]), units, arg)
   # With a prior, the head's last inputs are the prior and, if the
   # correction shrinks off the calibration range, the out-of-range signal:
@@ -417,6 +476,8 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   out_layer.max_value.assign(np.finfo("float32").max)
   if prior is not None:
     if smoothed is not None:
+      if smoothed.earlier_dims:
+        _fit_prior_sensitivities(dual, smoothed, prior_input, train_idx)
       _fit_prior_noise_scale(smoothed, prior_input, t, train_idx, out_layer)
       # The prior, and the log of it among the head's features, at the
       # fitted scale: every head input again, as the dual now computes it
@@ -487,8 +548,10 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
       out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
   # The cap comes from the training rows only: the report's rows stay
   # unseen.
-  out_layer.max_value.assign(
-      _MAX_VALUE_FACTOR * float(t[train_idx].max()) + 1e-12)
+  cap = _MAX_VALUE_FACTOR * float(t[train_idx].max()) + 1e-12
+  if smoothed is not None:
+    cap = max(cap, _PROBABILITY_STD_CAP)
+  out_layer.max_value.assign(cap)
   report = None
   if n_report:
     report = metrics.fit_report(

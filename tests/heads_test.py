@@ -250,6 +250,46 @@ class AddVariationHeadTest(tf.test.TestCase):
           self.assertAllEqual(dual.get_layer(heads.DELTA_NAME).kernel,
                               output_layer.kernel)
 
+  def test_smoothed_delta_takes_the_earlier_plain_dropouts(self):
+    # The inputs of plain Dropouts further down a single-input path feed the
+    # smoothed delta; a merge ends the path, a SpatialDropout is not one, and
+    # the linearised delta (a linear output) takes none.
+    def residual():
+      keras.utils.set_random_seed(0)
+      inputs = keras.Input((tm.NUM_FEATURES,))
+      h = keras.layers.Dense(8, activation="relu", name="d0")(inputs)
+      h = keras.layers.Dropout(0.2, name="drop0")(h)
+      h = keras.layers.Add()([h, keras.layers.Dense(8, name="skip")(inputs)])
+      h = keras.layers.Dense(6, activation="relu", name="d1")(h)
+      h = keras.layers.Dropout(0.2, name="drop1")(h)
+      h = keras.layers.Dense(5, activation="relu", name="d2")(h)
+      h = keras.layers.Dropout(0.2, name="drop2")(h)
+      return keras.Model(inputs, keras.layers.Dense(
+          1, activation="sigmoid")(h))
+
+    def spatial():
+      keras.utils.set_random_seed(0)
+      inputs = keras.Input((4, tm.NUM_FEATURES))
+      h = keras.layers.SpatialDropout1D(0.2)(inputs)
+      h = keras.layers.Flatten()(h)
+      h = keras.layers.Dense(6, activation="relu")(h)
+      h = keras.layers.Dropout(0.2)(h)
+      return keras.Model(inputs, keras.layers.Dense(
+          3, activation="softmax")(h))
+
+    for name, model, want in [
+        ("binary_bn", tm.binary_bn(), (16,)),
+        ("softmax", tm.mlp_softmax(), (16,)),
+        ("residual", residual(), (6,)), ("spatial", spatial(), ())]:
+      with self.subTest(model=name):
+        dual = heads.add_variation_head(model, **_SMALL_HEAD)
+        layer = dual.get_layer(heads.DELTA_NAME)
+        self.assertTrue(layer.smoothed)
+        self.assertEqual(layer.earlier_dims, want)
+        self.assertLen(heads.layer_input_tensors(dual, layer), 2 + len(want))
+    dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
+    self.assertEqual(dual.get_layer(heads.DELTA_NAME).earlier_dims, ())
+
   def test_include_delta_true_without_dropout_before_output_raises(self):
     with self.assertRaises(ValueError) as cm:
       heads.add_variation_head(tm.nested(), include_delta=True, **_SMALL_HEAD)
@@ -352,15 +392,19 @@ class BaseUntouchedTest(tf.test.TestCase):
                if not np.array_equal(before[id(v)], v.numpy())}
     self.assertTrue(changed)
     self.assertEqual(changed & base_ids, set())
-    # Besides the head, fit sets only the noise scale (and smoothing) of the
-    # smoothed output-delta prior and the range of the out-of-range signal the
-    # prior's correction shrinks with (dual layers, not the base's).
+    # Besides the head, fit sets only the noise scale (and smoothing) and the
+    # earlier-dropout sensitivities of the smoothed output-delta prior and
+    # the range of the out-of-range signal the prior's correction shrinks
+    # with (dual layers, not the base's).
     prior = heads.smoothed_prior_layer(dual)
     far = heads.out_of_range_layer(dual)
     self.assertIsNotNone(prior)
+    self.assertLen(prior.sensitivities, 1)
     self.assertLessEqual(
         changed - head_ids, {id(prior.noise_scale), id(prior.smoothing),
-                             id(far.scale), id(far.offset)})
+                             id(prior.sensitivities[0]), id(far.scale),
+                             id(far.offset)})
+    self.assertIn(id(prior.sensitivities[0]), changed)
     self.assertIn(id(far.scale), changed)
     self.assertIn(id(head.get_layer("head_out").kernel), changed)
     for v in model.trainable_weights:

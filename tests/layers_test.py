@@ -275,7 +275,8 @@ class OutputDropoutDeltaTest(tf.test.TestCase):
     self.assertEqual(config, {**keras.layers.Layer.get_config(layer),
                               "rate": 0.3, "activation": "sigmoid",
                               "statistic": "std", "input_dim": 4,
-                              "units": 1, "smoothed": False})
+                              "units": 1, "smoothed": False,
+                              "earlier_dims": []})
     clone = layers.OutputDropoutDelta.from_config(config)
     self.assertEqual(clone.input_dim, 4)
     self.assertEqual(keras.saving.get_registered_name(
@@ -384,6 +385,51 @@ class SmoothedOutputDeltaTest(tf.test.TestCase):
       with self.assertRaisesRegex(ValueError, "`smoothed`"):
         layers.OutputDropoutDelta(0.3, activation, statistic, 4, 3,
                                   smoothed=True)
+
+  def test_earlier_dropouts_add_their_variance(self):
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(6, 4)).astype("float32")
+    y = rng.uniform(size=(6, 1)).astype("float32")
+    earlier = [rng.normal(size=(6, 5)).astype("float32"),
+               rng.normal(size=(6, 3)).astype("float32")]
+    layer = layers.OutputDropoutDelta(0.2, "sigmoid", "std", 4, 1,
+                                      smoothed=True, earlier_dims=(5, 3))
+    plain = layers.OutputDropoutDelta(0.2, "sigmoid", "std", 4, 1,
+                                      smoothed=True)
+    kernel = rng.normal(size=(4, 1)).astype("float32")
+    for l in (layer, plain):
+      l.build([(None, 4), (None, 1)])
+      l.kernel.assign(kernel)
+    # Sensitivities of 0 (before a fit) leave the last dropout's delta.
+    self.assertAllClose(layer([h, y] + earlier), plain([h, y]))
+    a = [rng.uniform(size=5).astype("float32"),
+         rng.uniform(size=3).astype("float32")]
+    for weight, value in zip(layer.sensitivities, a):
+      weight.assign(value)
+    logit, std = layer.logit_and_std(h, earlier)
+    last = np.linalg.norm(h * kernel[:, 0], axis=-1) * (0.2 / 0.8) ** 0.5
+    want = np.sqrt(last ** 2 + sum(np.sum((e * w) ** 2, axis=-1)
+                                   for e, w in zip(earlier, a)))
+    self.assertAllClose(np.asarray(std)[:, 0], want, rtol=1e-5)
+    self.assertAllClose(np.asarray(logit)[:, 0], h @ kernel[:, 0], rtol=1e-5)
+    self.assertAllClose(layer([h, y] + earlier),
+                        layers.smoothed_sigmoid_std(logit, std))
+    # Saved with the model: the config keeps the widths, the weights follow.
+    config = layer.get_config()
+    self.assertEqual(config["earlier_dims"], [5, 3])
+    restored = layers.OutputDropoutDelta.from_config(config)
+    restored.build([(None, 4), (None, 1), (None, 5), (None, 3)])
+    restored.set_weights(layer.get_weights())
+    self.assertAllClose(restored([h, y] + earlier), layer([h, y] + earlier))
+    with self.assertRaisesRegex(ValueError, "`earlier`"):
+      layer.logit_and_std(h, earlier[:1])
+    for bad in ((0,), (2.5,), "ab", (True,)):
+      with self.subTest(bad=bad), self.assertRaisesRegex(ValueError,
+                                                         "`earlier_dims`"):
+        layers.OutputDropoutDelta(0.2, "sigmoid", "std", 4, 1, smoothed=True,
+                                  earlier_dims=bad)
+    with self.assertRaisesRegex(ValueError, "`earlier_dims`"):
+      layers.OutputDropoutDelta(0.2, "linear", "std", 4, 1, earlier_dims=(5,))
 
 
 class IsReluOutputTest(tf.test.TestCase):

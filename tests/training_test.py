@@ -470,6 +470,24 @@ class FitReportTest(tf.test.TestCase):
     cap = float(heads.variation_output_layer(dual).max_value.numpy())
     self.assertAllClose(cap, 1.5 * t[train_idx].max() + 1e-12, rtol=1e-6)
 
+  def test_cap_of_a_smoothed_prior_is_the_largest_probability_std(self):
+    # A softmax model's smoothed prior is the std of a probability: its cap
+    # is 0.5 (or 1.5x the largest target, were that larger), not a multiple
+    # of the calibration targets, which far off them it would clip.
+    model = tm.mlp_softmax()
+    x = tm.sample_inputs("softmax", 60)
+    t = np.asarray(targets.mc_dropout_targets(model, x, num_samples=10,
+                                              seed=0), "float64")
+    self.assertLess(1.5 * t.max(), 0.5)
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    training.fit_variation_head(dual, x, t, epochs=1, num_samples=10)
+    self.assertAllClose(
+        float(heads.variation_output_layer(dual).max_value.numpy()), 0.5)
+    dual = heads.add_variation_head(model, prior=None, **_SMALL_HEAD)
+    training.fit_variation_head(dual, x, t, epochs=1, num_samples=10)
+    self.assertLess(
+        float(heads.variation_output_layer(dual).max_value.numpy()), 0.5)
+
   def test_no_report_with_report_split_zero(self):
     dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
     training.fit_variation_head(dual, tm.sample_inputs("regression", _N),
@@ -544,6 +562,36 @@ class PriorTest(tf.test.TestCase):
     self.assertLessEqual(at_fit, gap_variance(fitted / 1.5) + 1e-9)
 
 
+  def test_fit_sets_the_earlier_dropout_sensitivities(self):
+    # mlp_softmax: dense_a -> drop_a -> dense_b -> drop_b -> probs. The prior
+    # sees drop_a through a per-unit sensitivity: sqrt(p / (1 - p)) times the
+    # h-weighted root mean square of the predicted class's log-odds gradient
+    # with respect to drop_a's input, computed here by hand.
+    model = tm.mlp_softmax()
+    x = tm.sample_inputs("softmax", 200)
+    t = targets.mc_dropout_targets(model, x, num_samples=20, seed=2)
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    layer = heads.smoothed_prior_layer(dual)
+    self.assertEqual(layer.earlier_dims, (16,))
+    training.fit_variation_head(dual, x, t, epochs=1, seed=1, num_samples=20,
+                                validation_split=0.0, report_split=0.0)
+    h_a = np.asarray(model.get_layer("dense_a")(x), "float64")
+    h_b = np.asarray(model.get_layer("dense_b")(h_a), "float64")
+    w_b = model.get_layer("dense_b").kernel.numpy().astype("float64")
+    w_out = model.get_layer("probs").kernel.numpy().astype("float64")
+    z = h_b @ w_out + model.get_layer("probs").bias.numpy()
+    top = np.argmax(z, axis=-1)
+    others = np.exp(z - z.max(axis=-1, keepdims=True))
+    others[np.arange(len(z)), top] = 0.0
+    dz = -others / others.sum(axis=-1, keepdims=True)
+    dz[np.arange(len(z)), top] = 1.0           # d log-odds / d z
+    g = ((dz @ w_out.T) * (h_b > 0)) @ w_b.T     # d log-odds / d h_a
+    want = np.sqrt(np.sum(g ** 2 * h_a ** 2, axis=0) /
+                   np.sum(h_a ** 2, axis=0)) * (0.3 / 0.7) ** 0.5
+    self.assertAllClose(layer.sensitivities[0].numpy(), want, rtol=1e-4,
+                        atol=1e-7)
+    self.assertGreater(float(np.min(want)), 0.0)
+
   def test_smoothing_falls_back_above_the_largest_noise_scale(self):
     model = tm.mlp_softmax()
     x = tm.sample_inputs("softmax", 300)
@@ -558,17 +606,28 @@ class PriorTest(tf.test.TestCase):
         meta = heads.variation_head_metadata(dual)
         self.assertIs(meta["prior_smoothed"], smoothed)
         layer = heads.smoothed_prior_layer(dual)
+        # h, y and the input of the earlier Dropout ("drop_a").
+        self.assertEqual(layer.earlier_dims, (16,))
         if h_x is None:
-          h_x = keras.Model(dual.input,
-                            heads.layer_input_tensors(dual, layer)[0])(x[:20])
+          h_x = [np.asarray(v) for v in keras.Model(
+              dual.input, heads.layer_input_tensors(dual, layer))(x[:20])]
+        y = np.asarray(model(x[:20]))
         linear = layers_lib.OutputDropoutDelta(
             rate=layer.rate, activation="softmax",
             statistic="predicted_class_std", input_dim=layer.input_dim,
             units=tm.NUM_CLASSES)
         linear.build([(None, layer.input_dim), (None, tm.NUM_CLASSES)])
         linear.kernel.assign(layer.kernel)
-        got = np.asarray(layer([h_x, model(x[:20])]))
-        want = np.asarray(linear([h_x, model(x[:20])]))
+        got = np.asarray(layer([h_x[0], y, h_x[2]]))
+        last = np.asarray(linear([h_x[0], y])).astype("float64")
+        # The linearised delta of both dropouts: the earlier one's logit
+        # variance, times the slope p_c (1 - p_c) squared, adds to the last's.
+        slope = np.max(y, axis=-1, keepdims=True).astype("float64")
+        slope = slope * (1.0 - slope)
+        earlier = np.sum(np.square(
+            h_x[2] * layer.sensitivities[0].numpy()), axis=-1, keepdims=True)
+        self.assertGreater(float(np.max(earlier)), 0.0)
+        want = np.sqrt(np.square(last) + np.square(slope) * earlier)
         if smoothed:
           self.assertGreater(np.max(np.abs(got - want)), 1e-4)
         else:
