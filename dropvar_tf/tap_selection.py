@@ -31,12 +31,13 @@ counted as 1): `bench/zoo_cost_bench.py` measures what the chosen heads cost.
 What a probe computes (`features="auto"`, `probe_features`): per-neuron
 values of a recurrent layer's final state, a summary of any other layer. The
 final state is the only view a one-pass head has of the noise that input and
-recurrent dropout put in over the time steps, and how much of it reaches the
-prediction differs from unit to unit (how saturated each one is, how much the
-output weighs it); a summary of it (mean, norm, share above 0) loses which
-units those are (docs/zoo.md has the measurement on the zoo's LSTM and
-GRU). The state is rank 2, so per-neuron features cost no op in the probe,
-only a wider matmul in the head's first layer.
+recurrent dropout put in over the time steps. A summary of it (mean, norm,
+share above 0) did not tell the head enough, per-neuron values did (a likely
+reason: how much of the noise reaches the prediction differs from unit to
+unit, with each unit's saturation and output weight); docs/zoo.md has the
+measurements on LSTM and GRU models. The state is rank 2, so per-neuron
+features cost no op in the probe, only a wider matmul in the head's first
+layer.
 """
 
 import math
