@@ -24,8 +24,13 @@ BatchNorm is calibrated: its moving statistics are set from one training-
 mode pass over 128 images (scikit-learn's digits, upsampled and tiled to
 RGB), so that the activations the probes read are realistic.
 
+`--also_summary` adds a third dual, the default head with every probe a
+summary (`features="summary"`, the default before recurrent states were read
+per neuron), timed in the same rounds.
+
   python bench/zoo_cost_bench.py [--quick] [--models=efficientnet,lstm]
       [--batch_sizes=32,256] [--image_size=64] [--seq_len=32]
+      [--repeats=7] [--also_summary]
 """
 
 import argparse
@@ -226,11 +231,17 @@ def time_rounds(forwards, x, passes, repeats):
           float(np.median(t["loop"])))
 
 
-def measure(name, size, batch_sizes, repeats, quick):
-  """Prints and returns {batch: {kind: (per-round ratios, best ratio)}}."""
+def measure(name, size, batch_sizes, repeats, quick, also_summary=False):
+  """Prints and returns {batch: {kind: (per-round ratios, best ratio)}}.
+
+  Kinds: "auto" (the default dual), "all" (every candidate layer tapped),
+  and with `also_summary` "summary" (the default taps, summary probes).
+  """
   base, make_input = build(name, size)
   duals = {"auto": heads.add_variation_head(base),
            "all": heads.add_variation_head(base, layers="all")}
+  if also_summary:
+    duals["summary"] = heads.add_variation_head(base, features="summary")
   taps = {k: heads.variation_head_metadata(d)["layers"]
           for k, d in duals.items()}
   print(f"\n{name}: {MODELS[name][0]}; {MODELS[name][3]}={size}; "
@@ -251,7 +262,10 @@ def measure(name, size, batch_sizes, repeats, quick):
           f"{dual_bench.ratio_text(paired['auto'])}, fastest rounds "
           f"{best['auto']:.3f}x; all layers "
           f"{dual_bench.ratio_text(paired['all'])}, fastest rounds "
-          f"{best['all']:.3f}x")
+          f"{best['all']:.3f}x" + (
+              f"; summary probes {dual_bench.ratio_text(paired['summary'])}"
+              f", fastest rounds {best['summary']:.3f}x"
+              if also_summary else ""))
   return results
 
 
@@ -267,6 +281,9 @@ def main(argv=None):
                       help="default 32 (8 with --quick)")
   parser.add_argument("--repeats", type=int, default=None,
                       help="timing rounds (default 7, 2 with --quick)")
+  parser.add_argument("--also_summary", action="store_true",
+                      help="also time the default taps with summary probes "
+                      "(features=\"summary\")")
   args = parser.parse_args(argv)
   names = args.models.split(",")
   unknown = [n for n in names if n not in MODELS]
@@ -283,7 +300,7 @@ def main(argv=None):
   table = {}
   for name in names:
     table[name] = measure(name, sizes[MODELS[name][3]], batch_sizes, repeats,
-                          args.quick)
+                          args.quick, args.also_summary)
   print("\n| model | " + " | ".join(
       f"default / base, batch {b} | all layers / base, batch {b}"
       for b in batch_sizes) + " |")

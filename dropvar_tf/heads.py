@@ -336,7 +336,7 @@ def _moment_features(model, include_moments, statistic):
     raise
 
 
-def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
+def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
                        hidden_units=(16, 64), statistic=contract.STAT_AUTO,
                        include_prediction=True, include_delta="auto",
                        include_moments=False, transform=head_layers.LOG,
@@ -370,11 +370,14 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
       candidate closest to the output), or a list of layer names (for
       layers inside a subclassed model, their name or their path
       "<submodel>/<layer>").
-    features: "summary" (mean, L2 norm and fraction active per layer; default:
-      as good as or better than per-neuron features on every task measured
-      and steadier from fit to fit) or "neurons" (per-neuron activations;
-      the cheaper of the two on conv feature maps, which summaries read
-      four times: `bench/dual_bench.py --model=cnn`).
+    features: what each probe computes: "auto" (default: per-neuron
+      values of a recurrent layer's final state, a summary of any other
+      layer; `tap_selection.probe_features`), "summary" (mean, L2 norm and
+      fraction active per layer: on feed-forward layers as good as or
+      better than per-neuron features on every task measured and steadier
+      from fit to fit) or "neurons" (per-neuron activations; the cheaper of
+      the two on conv feature maps, which summaries read four times:
+      `bench/dual_bench.py --model=cnn`), for every tapped layer.
     hidden_units: widths of the head's hidden ReLU layers. The default
       (16, 64) starts narrow: the first layer, the only one as wide as the
       features, stays cheap next to the base model's layers
@@ -469,7 +472,7 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
   outputs = keras_graph.select_outputs(keras_graph.output_structure(model),
                                        names)
   layers = _check_layers_arg(layers)
-  probe_layers.check_features(features)
+  tap_selection.check_features(features)
   if not isinstance(hidden_units, (list, tuple)):
     raise validation.invalid("hidden_units",
                              "a list or tuple of positive integers",
@@ -500,7 +503,8 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
   # sums of squares overflow on wide layers.
   for layer, tensor in taps:
     probe = probe_layers.ActivationStrength(
-        features=features, nonnegative=probe_layers.is_relu_output(layer),
+        features=tap_selection.probe_features(layer, tensor.shape, features),
+        nonnegative=probe_layers.is_relu_output(layer),
         dtype="float32", name=PROBE_PREFIX + layer.name)
     probes.append(probe(tensor))
   # One signal for every head and the optional output; a tensor no output
@@ -516,6 +520,8 @@ def add_variation_head(model, layers="auto", features=probe_layers.SUMMARY,
         "dropout_rates": dropout_rates(base),
         "layers": [paths.get(id(l), l.name) for l, _ in taps],
         "features": features,
+        "layer_features": [tap_selection.probe_features(l, t.shape, features)
+                           for l, t in taps],
         "include_prediction": bool(include_prediction),
         "transform": transform,
         "base_model": base.name,
@@ -744,7 +750,9 @@ def variation_head_metadata(dual, output=None):
 
   Keys: dropvar_tf_version, statistic, num_samples (of the MC targets it was
   fitted on; None before fitting), dropout_rates (`dropout_rates`), layers,
-  features, include_prediction, include_moments, transform, base_model,
+  features (the argument), layer_features (what each tapped layer's probe
+  computes, "summary" or "neurons", in the order of layers),
+  include_prediction, include_moments, transform, base_model,
   prior, prior_bound, and after fitting seed, num_train_examples,
   prior_noise_scale and prior_smoothed (the fitted noise scale of a
   smoothed output-delta prior and whether it stayed smoothed, else None),

@@ -27,14 +27,34 @@ no layer, and a small model keeps the layers nearest its output.
 
 The estimate is static (shapes and parameter counts, unknown dimensions
 counted as 1): `bench/zoo_cost_bench.py` measures what the chosen heads cost.
+
+What a probe computes (`features="auto"`, `probe_features`): per-neuron
+values of a recurrent layer's final state, a summary of any other layer. The
+final state is the only view a one-pass head has of the noise that input and
+recurrent dropout put in over the time steps. A summary of it (mean, norm,
+share above 0) did not tell the head enough, per-neuron values did (a likely
+reason: how much of the noise reaches the prediction differs from unit to
+unit, with each unit's saturation and output weight); docs/zoo.md has the
+measurements on LSTM and GRU models. The state is rank 2, so per-neuron
+features cost no op in the probe, only a wider matmul in the head's first
+layer.
 """
 
 import math
 
 from dropvar_tf._keras import keras
 from dropvar_tf import keras_graph
+from dropvar_tf import layers as probe_layers
 from dropvar_tf import sources
 from dropvar_tf import validation
+
+# `features` of `add_variation_head` and `select_layers` besides the probe
+# feature sets of `layers.FEATURE_SETS`: chosen per tapped layer.
+AUTO = "auto"
+FEATURE_CHOICES = (AUTO,) + probe_layers.FEATURE_SETS
+# Layers whose rank-2 output is a recurrent final state (LSTM, GRU,
+# SimpleRNN and any other `keras.layers.RNN`, and a Bidirectional one).
+_RECURRENT = (keras.layers.RNN, keras.layers.Bidirectional)
 
 # Multiply-adds one pass over one element of a tensor is counted as: a
 # reduction over an activation runs at memory speed, a matmul's inner loop
@@ -135,13 +155,49 @@ def probe_cost(shape, features):
   return READ_COST * reads + HEAD_WIDTH * channels
 
 
+def check_features(features):
+  """Validates a `features` choice; returns it unchanged.
+
+  Raises:
+    ValueError: `features` is not one of `FEATURE_CHOICES`.
+  """
+  if features not in FEATURE_CHOICES:
+    raise validation.invalid("features", f"one of {FEATURE_CHOICES}",
+                             features)
+  return features
+
+
+def probe_features(layer, shape, features=AUTO):
+  """The feature set a probe on `layer`'s output computes.
+
+  Args:
+    layer: the tapped layer.
+    shape: its output's shape, batch axis first.
+    features: "auto", "summary" or "neurons"; the last two are returned as
+      they are.
+
+  Returns:
+    "summary" or "neurons": for "auto", "neurons" on the rank-2 output of
+    a recurrent layer (its final state; see the module docstring), else
+    "summary".
+
+  Raises:
+    ValueError: invalid `features`.
+  """
+  if check_features(features) != AUTO:
+    return features
+  if isinstance(layer, _RECURRENT) and len(shape) == 2:
+    return probe_layers.NEURONS
+  return probe_layers.SUMMARY
+
+
 def _reads_into_source(tensor, consumers):
   """True when a layer reading `tensor` is or holds a dropout source."""
   return any(sources.layer_sources(layer) for layer in consumers.get(
       id(tensor), ()))
 
 
-def select_layers(model, candidates, features="summary",
+def select_layers(model, candidates, features=AUTO,
                   max_layers=MAX_LAYERS, max_cost=MAX_COST,
                   min_layers=MIN_LAYERS):
   """Returns the candidate layers a cost-bounded head taps.
@@ -152,7 +208,8 @@ def select_layers(model, candidates, features="summary",
     model: a built Functional or Sequential model.
     candidates: its candidate layers (`heads.candidate_layers(model)`), in
       topological order; each called once, with one output.
-    features: "summary" or "neurons": the features the probes compute.
+    features: "auto", "summary" or "neurons": the features the probes
+      compute (`probe_features`).
     max_layers: the most layers to tap (an integer >= 1).
     max_cost: the probes' largest total estimated cost, as a fraction of the
       base's (a number > 0).
@@ -165,8 +222,10 @@ def select_layers(model, candidates, features="summary",
     list.
 
   Raises:
-    ValueError: invalid `max_layers`, `max_cost` or `min_layers`.
+    ValueError: invalid `features`, `max_layers`, `max_cost` or
+      `min_layers`.
   """
+  check_features(features)
   max_layers = validation.check_int(max_layers, "max_layers", 1)
   min_layers = validation.check_int(min_layers, "min_layers", 1)
   if min_layers > max_layers:
@@ -187,7 +246,8 @@ def select_layers(model, candidates, features="summary",
   for position, layer in enumerate(candidates):
     tensor = nodes[id(layer)][0][1][0]
     ranked.append((not _reads_into_source(tensor, consumers), -position,
-                   probe_cost(tensor.shape, features), layer))
+                   probe_cost(tensor.shape, probe_features(
+                       layer, tensor.shape, features)), layer))
   ranked.sort(key=lambda r: r[:2])
   chosen, spent = set(), 0.0
   for i, (_, _, cost, layer) in enumerate(ranked):

@@ -36,8 +36,8 @@ _ERR_HAS_HEAD = (
     _PREFIX + "`model`. Expected a model without a variation head (call "
     "`strip_variation_head` first to replace its head). Received: "
     "model=\"dual model 'mlp_softmax_dual'\"")
-_ERR_FEATURES = (_PREFIX + "`features`. Expected one of ('neurons', "
-                 "'summary'). Received: features='mean'")
+_ERR_FEATURES = (_PREFIX + "`features`. Expected one of ('auto', "
+                 "'neurons', 'summary'). Received: features='mean'")
 _ERR_TRANSFORM = (_PREFIX + "`transform`. Expected one of ('log', "
                   "'identity'). Received: transform='sqrt'")
 _ERR_STATISTIC = (_PREFIX + "`statistic`. Expected one of ('auto', 'std', "
@@ -178,6 +178,7 @@ class AddVariationHeadTest(tf.test.TestCase):
     self.assertIsNone(meta["num_samples"])
     self.assertEqual(meta["layers"], ["dense_b"])
     self.assertEqual(meta["features"], "summary")
+    self.assertEqual(meta["layer_features"], ["summary"])
     self.assertEqual(meta["transform"], "log")
     self.assertEqual(meta["base_model"], "mlp_softmax")
     self.assertEqual(meta["dropout_rates"], {"drop_a": 0.3, "drop_b": 0.3})

@@ -22,6 +22,9 @@ _ERR_MAX_COST = _PREFIX + "`max_cost`. Expected a finite number > 0. "
 _ERR_LAYERS = _PREFIX + ("`layers`. Expected \"auto\", \"all\", \"last\", or "
                          "a non-empty list of layer names. Received: "
                          "layers=['dense_a', 3]")
+_ERR_FEATURES = _PREFIX + ("`features`. Expected one of ('auto', "
+                            "'neurons', 'summary'). Received: "
+                            "features='mean'")
 _SMALL_HEAD = dict(hidden_units=(8,))
 
 
@@ -251,6 +254,67 @@ class SelectLayersTest(tf.test.TestCase):
         [p.name for p in probes],
         [heads.PROBE_PREFIX + n for n in ("conv_5", "conv_6", "conv_7",
                                           "dense")])
+
+
+class ProbeFeaturesTest(tf.test.TestCase):
+
+  def test_auto_reads_a_recurrent_final_state_per_neuron(self):
+    for kind, name in (("lstm", "lstm"), ("gru", "gru"),
+                       ("simple_rnn", "rnn"), ("bidirectional", "bidir")):
+      with self.subTest(kind):
+        layer = tm.source_model(kind).get_layer(name)
+        self.assertLen(layer.output.shape, 2)
+        self.assertEqual(
+            tap_selection.probe_features(layer, layer.output.shape),
+            "neurons")
+
+  def test_auto_summarises_other_layers_and_recurrent_sequences(self):
+    model = tm.source_model("lstm")
+    dense = model.get_layer("dense")
+    sequences = keras.layers.LSTM(4, return_sequences=True)
+    outputs = sequences(keras.Input((tm.SEQ_LEN, tm.SEQ_FEATURES)))
+    conv_lstm = tm.source_model("conv_lstm").get_layer("conv_lstm")
+    for layer, shape in ((dense, dense.output.shape),
+                         (sequences, outputs.shape),
+                         (conv_lstm, conv_lstm.output.shape)):
+      with self.subTest(layer.name):
+        self.assertEqual(tap_selection.probe_features(layer, shape),
+                         "summary")
+
+  def test_explicit_features_apply_to_every_layer(self):
+    model = tm.source_model("lstm")
+    for name in ("lstm", "dense"):
+      layer = model.get_layer(name)
+      for features in ("summary", "neurons"):
+        with self.subTest(name=name, features=features):
+          self.assertEqual(tap_selection.probe_features(
+              layer, layer.output.shape, features), features)
+
+  def test_auto_head_of_a_recurrent_model(self):
+    # The default selection (both candidates of this small model) and
+    # features.
+    dual = heads.add_variation_head(tm.source_model("lstm"), **_SMALL_HEAD)
+    meta = heads.variation_head_metadata(dual)
+    self.assertEqual(meta["features"], "auto")
+    self.assertEqual(dict(zip(meta["layers"], meta["layer_features"])),
+                     {"lstm": "neurons", "dense": "summary"})
+    # 8 LSTM units, 3 summary numbers of the Dense layer.
+    for name, width in (("lstm", 8), ("dense", 3)):
+      probe = dual.get_layer(heads.PROBE_PREFIX + name)
+      self.assertEqual(tuple(probe.output.shape), (None, width))
+
+  def test_bad_features_raise(self):
+    layer = tm.source_model("lstm").get_layer("lstm")
+    for call in (
+        lambda: tap_selection.probe_features(layer, layer.output.shape,
+                                             "mean"),
+        lambda: tap_selection.select_layers(tm.source_model("lstm"), [layer],
+                                            features="mean"),
+        lambda: heads.add_variation_head(tm.source_model("lstm"),
+                                         features="mean")):
+      with self.assertRaises(ValueError) as cm:
+        call()
+      self.assertEqual(str(cm.exception), _ERR_FEATURES)
 
 
 if __name__ == "__main__":

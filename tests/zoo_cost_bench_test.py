@@ -28,6 +28,15 @@ class ZooCostBenchTest(tf.test.TestCase):
         self.assertTrue(np.all(np.isfinite(paired)), msg=kind)
         self.assertTrue(np.isfinite(best), msg=kind)
 
+  def test_also_summary_times_summary_probes_too(self):
+    table = zoo_cost_bench.main(["--quick", "--models=lstm",
+                                 "--batch_sizes=4", "--repeats=1",
+                                 "--also_summary"])
+    self.assertCountEqual(table["lstm"][4], ["auto", "all", "summary"])
+    paired, best = table["lstm"][4]["summary"]
+    self.assertTrue(np.all(np.isfinite(paired)))
+    self.assertTrue(np.isfinite(best))
+
   def test_unknown_model_is_refused(self):
     with self.assertRaises(SystemExit):
       zoo_cost_bench.main(["--quick", "--models=resnet"])
