@@ -236,18 +236,28 @@ def _statistic_units(statistic, units):
 MAX_EARLIER_DROPOUTS = 16
 
 
-def _is_plain_dropout(layer, tensor):
-  """A Dropout of independent units (no noise shape) on a (batch, d) input."""
+def _unit_noise(layer):
+  """Whether `layer` multiplies each unit by its own noise of variance
+  `rate / (1 - rate)` and mean 1: a Dropout without a noise shape, or a
+  GaussianDropout (the output delta's variance rule holds for both)."""
+  if isinstance(layer, keras.layers.GaussianDropout):
+    return True
   return (isinstance(layer, keras.layers.Dropout) and
           not isinstance(layer, (keras.layers.SpatialDropout1D,
                                  keras.layers.SpatialDropout2D,
                                  keras.layers.SpatialDropout3D)) and
-          layer.noise_shape is None and layer.rate > 0 and
-          len(tensor.shape) == 2)
+          layer.noise_shape is None)
+
+
+def _is_plain_dropout(layer, tensor):
+  """Per-unit dropout noise (`_unit_noise`) on a (batch, d) input."""
+  return _unit_noise(layer) and layer.rate > 0 and len(tensor.shape) == 2
 
 
 def earlier_dropouts(nodes, tensor):
-  """The plain Dropouts below `tensor` on a path of single-input layers.
+  """The per-unit dropouts below `tensor` on a path of single-input layers.
+
+  Per-unit: a Dropout without a noise shape, or a GaussianDropout.
 
   Walks down from `tensor` (the input of the dropout before the output
   layer) while each layer is called once, on one tensor, with one output,
@@ -293,14 +303,14 @@ def _output_delta(model, out, include_delta, statistic, units, suffix=""):
   else:
     dropped = nodes[id(layer)][0][0][0]
     dropout = keras_graph.source_layer(dropped)
-    if (not isinstance(dropout, keras.layers.Dropout) or
-        dropout.noise_shape is not None or len(dropped.shape) != 2):
+    if not _unit_noise(dropout) or len(dropped.shape) != 2:
       why = f"the input of {layer.name!r} does not come from a plain Dropout"
   if why:
     if include_delta == "auto":
       return None, None
     raise validation.invalid("include_delta", "a model whose output is a "
-                             "Dense layer right after a Dropout layer", why)
+                             "Dense layer right after a Dropout (or "
+                             "GaussianDropout) layer", why)
   h = nodes[id(dropout)][0][0][0]
   smoothed = probe_layers.smoothing_applies(activation, statistic)
   # The smoothed form also sees the plain Dropouts further down (their
@@ -391,7 +401,7 @@ def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
       before the output layer (`layers.OutputDropoutDelta`, smoothed for
       sigmoid outputs and softmax's predicted class; its noise scale is
       fitted only when it is the prior, else 1): True, False, or "auto"
-      (when the model ends in Dropout -> Dense).
+      (when the model ends in Dropout or GaussianDropout -> Dense).
     include_moments: also feed the moment-propagation estimate
       (`dropvar_tf.moments`): True, False, or "auto" (when supported). It
       costs about two extra forward passes, so it is off by default.
@@ -408,10 +418,10 @@ def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
       "delta" (the output-delta feature, `include_delta`) costs two small
       matmuls; for sigmoid outputs and softmax's predicted class it is
       smoothed (`layers.OutputDropoutDelta`), so it follows the chance of a
-      flip where the output saturates; it also sees the plain Dropout
-      layers further down a path of single-input layers (per-unit
-      sensitivities that `fit_variation_head` sets from the logit's
-      gradients on the calibration inputs), with a noise scale that
+      flip where the output saturates; it also sees the Dropout (and
+      GaussianDropout) layers further down a path of single-input layers
+      (per-unit sensitivities that `fit_variation_head` sets from the
+      logit's gradients on the calibration inputs), with a noise scale that
       `fit_variation_head` fits for the dropout it does not see.
       "moments" (moment
       propagation, `dropvar_tf.moments`) holds up on more shifts

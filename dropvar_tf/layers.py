@@ -200,9 +200,10 @@ class OutputDropoutDelta(keras.layers.Layer):
   """Delta-method DPV of the dropout right before a Dense output layer.
 
   For an output layer `y = act(h_drop @ kernel + bias)` whose input `h` goes
-  through inverted dropout of rate `p`, the masks make each `h_j` vary with
-  variance `h_j**2 * p / (1 - p)`. Linearising `act` at the deterministic
-  pass gives, for a statistic with gradient `g` w.r.t. the logits,
+  through inverted dropout of rate `p` (or Gaussian dropout of rate `p`),
+  the noise makes each `h_j` vary with variance `h_j**2 * p / (1 - p)`.
+  Linearising `act` at the deterministic pass gives, for a statistic with
+  gradient `g` w.r.t. the logits,
   `Var ~ sum_j ((kernel @ g)_j)**2 * h_j**2 * p / (1 - p)`. It ignores the
   dropout of earlier layers, so it is a cheap feature for the head (one small
   matmul), not an estimate on its own. The kernel is a non-trainable copy
@@ -231,18 +232,18 @@ class OutputDropoutDelta(keras.layers.Layer):
   (`smoothing` = 0, non-trainable). The bias is a non-trainable copy, as
   the kernel.
 
-  Earlier dropout (smoothed only, `earlier_dims`): the layer may also take
-  the inputs `h_i` (batch, d_i) of plain Dropout layers further down a
-  single-input path to `h` (`heads.add_variation_head` finds them). Each
-  adds `||a_i * h_i||**2` to the logit's variance, `a_i` (non-trainable, 0
-  until `fit_variation_head` sets it) a per-unit sensitivity: the root mean
-  square, over the calibration inputs, of the logit's gradient with respect
-  to `h_i`, weighted by `h_i**2`, times `sqrt(p_i / (1 - p_i))`. The
-  gradient itself would cost a backward pass on every request; its
-  calibration average costs one multiply and one norm, and still follows
-  how strongly each earlier unit fires, which is what grows when inputs are
-  scaled up and the earlier layers' dropout takes the larger share of the
-  noise.
+  Earlier dropout (smoothed only, `earlier_dims`): the layer may also take the
+  inputs `h_i` (batch, d_i) of Dropout (or GaussianDropout: the same variance)
+  layers further down a single-input path to `h` (`heads.add_variation_head`
+  finds them). Each adds `||a_i * h_i||**2` to the logit's variance, `a_i`
+  (non-trainable, 0 until `fit_variation_head` sets it) a per-unit
+  sensitivity: the root mean square, over the calibration inputs, of the
+  logit's gradient with respect to `h_i`, weighted by `h_i**2`, times
+  `sqrt(p_i / (1 - p_i))`. The gradient itself would cost a backward pass on
+  every request; its calibration average costs one multiply and one norm, and
+  still follows how strongly each earlier unit fires, which is what grows when
+  inputs are scaled up and the earlier layers' dropout takes the larger share
+  of the noise.
 
   Args:
     rate: dropout rate before the output layer.

@@ -66,7 +66,8 @@ _ERR_STRIP_NONE = (_PREFIX + "`dual`. Expected a dual model made by "
                    "`add_variation_head`. Received: dual=None")
 _ERR_DELTA_NESTED = (
     _PREFIX + "`include_delta`. Expected a model whose output is a Dense "
-    "layer right after a Dropout layer. Received: include_delta=\"the input "
+    "layer right after a Dropout (or GaussianDropout) layer. Received: "
+    "include_delta=\"the input "
     "of 'prob' does not come from a plain Dropout\"")
 _ERR_PRIOR = (_PREFIX + "`prior`. Expected one of (None, 'auto', 'delta', "
               "'moments'). Received: prior='mc'")
@@ -278,7 +279,18 @@ class AddVariationHeadTest(tf.test.TestCase):
       return keras.Model(inputs, keras.layers.Dense(
           3, activation="softmax")(h))
 
+    def gaussian():
+      keras.utils.set_random_seed(0)
+      inputs = keras.Input((tm.NUM_FEATURES,))
+      h = keras.layers.Dense(7, activation="relu")(inputs)
+      h = keras.layers.GaussianDropout(0.2)(h)
+      h = keras.layers.Dense(6, activation="relu")(h)
+      h = keras.layers.GaussianDropout(0.2)(h)
+      return keras.Model(inputs, keras.layers.Dense(
+          3, activation="softmax")(h))
+
     for name, model, want in [
+        ("gaussian", gaussian(), (7,)),
         ("binary_bn", tm.binary_bn(), (16,)),
         ("softmax", tm.mlp_softmax(), (16,)),
         ("residual", residual(), (6,)), ("spatial", spatial(), ())]:

@@ -331,12 +331,12 @@ class SmoothedSigmoidStdTest(tf.test.TestCase):
 class SmoothedOutputDeltaTest(tf.test.TestCase):
   """`OutputDropoutDelta(smoothed=True)` against MC dropout of its layer."""
 
-  def _model(self, activation, units):
+  def _model(self, activation, units, noise=keras.layers.Dropout):
     keras.utils.set_random_seed(3)
     inputs = keras.Input((6,))
     h = keras.layers.Dense(64, activation="relu", use_bias=False,
                            name="hidden")(inputs)
-    dropped = keras.layers.Dropout(0.3)(h)
+    dropped = noise(0.3)(h)
     out = keras.layers.Dense(units, activation=activation, use_bias=False,
                              kernel_initializer=keras.initializers.RandomNormal(
                                  stddev=0.6, seed=1), name="out")(dropped)
@@ -354,11 +354,16 @@ class SmoothedOutputDeltaTest(tf.test.TestCase):
     # dropout up to the Gaussian approximation of the logits; scaling the
     # inputs up (a ReLU network without biases scales its logits and their
     # spread together) keeps it there.
+    # GaussianDropout of rate p has dropout's variance: the same delta.
     x = np.random.default_rng(2).normal(size=(64, 6)).astype("float32")
-    for activation, units in (("sigmoid", 1), ("softmax", 4)):
-      model, hidden, layer = self._model(activation, units)
+    for activation, units, noise in (
+        ("sigmoid", 1, keras.layers.Dropout),
+        ("softmax", 4, keras.layers.Dropout),
+        ("sigmoid", 1, keras.layers.GaussianDropout)):
+      model, hidden, layer = self._model(activation, units, noise)
       for scale in (1.0, 16.0):
-        with self.subTest(activation=activation, scale=scale):
+        with self.subTest(activation=activation, scale=scale,
+                          noise=noise.__name__):
           xs = x * scale
           mc = np.asarray(targets.mc_dropout_targets(
               model, xs, num_samples=2000, seed=0, progress=False)).ravel()
