@@ -25,11 +25,15 @@ starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
    cheapest head `add_variation_head` builds (the last layer's summaries
    alone, no prediction or delta feature, no prior): what any head costs.
 
+`--census` only counts the ops each model runs per batch-1 request in a
+TF1 Session (the path TF Serving loads a SavedModel into) and exits.
+
 Everything stays on loopback and is bounded by `--requests` per setting and
 `--max_seconds` per setting. Client and server share the machine, so the
 numbers are for comparing settings, not absolute capacity.
 """
 
+import collections
 import json
 import os
 import re
@@ -90,6 +94,10 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_integer("latency_requests", 1000,
                        "Requests per model for the dual vs base latency.",
                        flag_values=flag_values)
+  flags.DEFINE_bool("census", False,
+                    "Only count the ops each exported model runs per batch-1 "
+                    "request in a TF1 Session (as TF Serving runs it) and "
+                    "exit.", flag_values=flag_values)
 
 
 def _export(model, path, keys, constant_variation=None):
@@ -147,6 +155,35 @@ def _export_models(base_dir):
         for name in _MODELS)
     f.write(f"model_config_list {{ {entries}}}\n")
   return config
+
+
+def census(base_dir):
+  """{model: Counter of op types} run per batch-1 request in a TF1 Session.
+
+  The ops of the Session's partition graphs after Grappler, as
+  `dropvar_model_server` (and TF Serving) runs the `serving_default`
+  signature: every variable costs three (VarHandleOp, Identity,
+  ReadVariableOp), constants count.
+  """
+  counts = {}
+  x = np.ones((1, _FEATURES), np.float32)
+  for name in _MODELS:
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as session:
+      with graph.as_default():
+        meta = tf.compat.v1.saved_model.loader.load(
+            session, ["serve"], os.path.join(base_dir, name, "1"))
+      signature = meta.signature_def[contract.SERVING_SIGNATURE]
+      feeds = {signature.inputs["x"].name: x}
+      fetches = [t.name for t in signature.outputs.values()]
+      session.run(fetches, feeds)
+      run_metadata = tf.compat.v1.RunMetadata()
+      session.run(fetches, feeds, options=tf.compat.v1.RunOptions(
+          output_partition_graphs=True), run_metadata=run_metadata)
+    counts[name] = collections.Counter(
+        node.op for graph_def in run_metadata.partition_graphs
+        for node in graph_def.node)
+  return counts
 
 
 def _free_port():
@@ -311,6 +348,12 @@ def main(argv):
   total = 300 if FLAGS.quick else FLAGS.requests
   latency_requests = 100 if FLAGS.quick else FLAGS.latency_requests
   clients = [int(c) for c in FLAGS.clients]
+  if FLAGS.census:
+    with tempfile.TemporaryDirectory() as base_dir:
+      _export_models(base_dir)
+      for name, count in census(base_dir).items():
+        print(f"{name}: {sum(count.values())} ops {dict(count.most_common())}")
+    return
   print(f"3x{FLAGS.width} MLP dual model, {_FEATURES} features, batch-1 gRPC "
         f"Predicts, {total} per setting, {os.cpu_count()} CPUs shared by "
         "server and clients")
