@@ -25,7 +25,10 @@ starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
    cheapest head `add_variation_head` builds (the last layer's summaries
    alone, no prediction or delta feature, no prior): what any head costs.
 
-`--census` only counts the ops each model runs per batch-1 request in a
+`--extra_models=name=path,...` serves more SavedModels beside these (the
+dual and minimal head exported by another revision's code, say) and
+interleaves them in the latency loop: ratios across revisions from one
+run. `--census` only counts the ops each model runs per batch-1 request in a
 TF1 Session (the path TF Serving loads a SavedModel into) and exits.
 
 Everything stays on loopback and is bounded by `--requests` per setting and
@@ -37,6 +40,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,6 +67,26 @@ _FEATURES = 32
 # The base model, the dual, and the floor: the base's graph answering the
 # dual's two outputs (a constant variation).
 _MODELS = ("base", "dual", "floor", "minimal")
+
+
+def _extra_models():
+  """{name: SavedModel path} of `--extra_models`."""
+  extra = {}
+  for item in FLAGS.extra_models:
+    name, sep, path = item.partition("=")
+    if not sep or not name or name in _MODELS or not os.path.isdir(path):
+      raise ValueError(
+          "Invalid value received for argument `extra_models`. Expected "
+          "name=path pairs, each a new name and a SavedModel directory. "
+          f"Received: extra_models={item!r}")
+    extra[name] = path
+  return extra
+
+
+def _models():
+  return _MODELS + tuple(_extra_models())
+
+
 _BATCHING = """
 max_batch_size { value: 64 }
 batch_timeout_micros { value: 1000 }
@@ -94,6 +118,12 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_integer("latency_requests", 1000,
                        "Requests per model for the dual vs base latency.",
                        flag_values=flag_values)
+  flags.DEFINE_list("extra_models", [],
+                    "name=path pairs: SavedModels (e.g. this bench's dual "
+                    "exported by another revision) served beside the "
+                    "bench's own and interleaved with them in the latency "
+                    "table, as name/base and dual/name.",
+                    flag_values=flag_values)
   flags.DEFINE_bool("census", False,
                     "Only count the ops each exported model runs per batch-1 "
                     "request in a TF1 Session (as TF Serving runs it) and "
@@ -147,12 +177,14 @@ def _export_models(base_dir):
   _export(base, os.path.join(base_dir, "floor", "1"), contract.OUTPUT_KEYS,
           constant_variation=[
               int(d) for d in dual.output[contract.VARIATION_KEY].shape[1:]])
+  for name, path in _extra_models().items():
+    shutil.copytree(path, os.path.join(base_dir, name, "1"))
   config = os.path.join(base_dir, "models.config")
   with open(config, "w") as f:
     entries = "".join(
         f'config {{ name: "{name}" base_path: '
         f'"{os.path.join(base_dir, name)}" model_platform: "tensorflow" }} '
-        for name in _MODELS)
+        for name in _models())
     f.write(f"model_config_list {{ {entries}}}\n")
   return config
 
@@ -167,7 +199,7 @@ def census(base_dir):
   """
   counts = {}
   x = np.ones((1, _FEATURES), np.float32)
-  for name in _MODELS:
+  for name in _models():
     graph = tf.Graph()
     with tf.compat.v1.Session(graph=graph) as session:
       with graph.as_default():
@@ -312,11 +344,11 @@ def _dual_vs_base(server, iterations):
   x = np.random.default_rng(1).normal(size=(1, _FEATURES)).astype(np.float32)
   body = json.dumps({"inputs": x.tolist()})
   url = f"http://127.0.0.1:{server.rest_port}/v1/models/{{}}:predict"
-  times = {(p, m): [] for p in ("grpc", "rest") for m in _MODELS}
+  times = {(p, m): [] for p in ("grpc", "rest") for m in _models()}
   with grpc.insecure_channel(server.target) as channel, \
       requests.Session() as session:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    grpc_requests = {m: _request(m, x) for m in _MODELS}
+    grpc_requests = {m: _request(m, x) for m in _models()}
 
     def once(protocol, model):
       t0 = time.perf_counter()
@@ -413,6 +445,17 @@ def main(argv):
           f"{floor_p50 / base_p50:.3f} | {dual_p50 / floor_p50:.3f} | "
           f"{minimal_p50 / base_p50:.3f} | {base_p99:.3f} | "
           f"{dual_p99:.3f} |")
+  for name in _extra_models():
+    print(f"\n{name}, interleaved with the above:")
+    print(f"| protocol | {name} p50 ms | {name}/base p50 | dual/{name} p50 | "
+          f"minimal/{name} p50 |")
+    print("|---|---|---|---|---|")
+    for protocol in ("grpc", "rest"):
+      p50 = {m: latency[(protocol, m)][0] for m in ("base", "dual", "minimal",
+                                                     name)}
+      print(f"| {protocol} | {p50[name]:.3f} | {p50[name] / p50['base']:.3f} "
+            f"| {p50['dual'] / p50[name]:.3f} | "
+            f"{p50['minimal'] / p50[name]:.3f} |")
 
 
 def run_main():
