@@ -29,7 +29,9 @@ starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
 dual and minimal head exported by another revision's code, say) and
 interleaves them in the latency loop: ratios across revisions from one
 run. `--census` only counts the ops each model runs per batch-1 request in a
-TF1 Session (the path TF Serving loads a SavedModel into) and exits.
+TF1 Session (the path TF Serving loads a SavedModel into), with
+`--census_rounds=N` also times those runs (N interleaved rounds, no RPC),
+and exits.
 
 Everything stays on loopback and is bounded by `--requests` per setting and
 `--max_seconds` per setting. Client and server share the machine, so the
@@ -57,6 +59,7 @@ import requests
 
 from dropvar_tf import contract
 from dropvar_tf import heads
+from dropvar_tf import keras_graph
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.serving import codec
 from tensorflow_serving.apis import predict_pb2
@@ -124,6 +127,10 @@ def define_flags(flag_values=FLAGS):
                     "bench's own and interleaved with them in the latency "
                     "table, as name/base and dual/name.",
                     flag_values=flag_values)
+  flags.DEFINE_integer("census_rounds", 0,
+                       "With --census, also time each model's Session run "
+                       "in this many interleaved rounds of 100.",
+                       flag_values=flag_values)
   flags.DEFINE_bool("census", False,
                     "Only count the ops each exported model runs per batch-1 "
                     "request in a TF1 Session (as TF Serving runs it) and "
@@ -189,33 +196,53 @@ def _export_models(base_dir):
   return config
 
 
-def census(base_dir):
-  """{model: Counter of op types} run per batch-1 request in a TF1 Session.
+def census(base_dir, rounds=0, passes=100):
+  """Ops, and optionally time, of each model's batch-1 run in a TF1 Session.
 
-  The ops of the Session's partition graphs after Grappler, as
+  The ops are those of the Session's partition graphs after Grappler, as
   `dropvar_model_server` (and TF Serving) runs the `serving_default`
   signature: every variable costs three (VarHandleOp, Identity,
-  ReadVariableOp), constants count.
+  ReadVariableOp), constants count. With `rounds`, each model's Session
+  callable is then timed for `passes` runs a round, the models interleaved
+  (in alternating order) round by round.
+
+  Returns:
+    {model: Counter of op types}, and {model: (rounds,) seconds a run}
+    (empty without `rounds`).
   """
-  counts = {}
+  counts, callables, sessions = {}, {}, []
   x = np.ones((1, _FEATURES), np.float32)
   for name in _models():
     graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph) as session:
-      with graph.as_default():
-        meta = tf.compat.v1.saved_model.loader.load(
-            session, ["serve"], os.path.join(base_dir, name, "1"))
-      signature = meta.signature_def[contract.SERVING_SIGNATURE]
-      feeds = {signature.inputs["x"].name: x}
-      fetches = [t.name for t in signature.outputs.values()]
-      session.run(fetches, feeds)
-      run_metadata = tf.compat.v1.RunMetadata()
-      session.run(fetches, feeds, options=tf.compat.v1.RunOptions(
-          output_partition_graphs=True), run_metadata=run_metadata)
+    session = tf.compat.v1.Session(graph=graph)
+    sessions.append(session)
+    with graph.as_default():
+      meta = tf.compat.v1.saved_model.loader.load(
+          session, ["serve"], os.path.join(base_dir, name, "1"))
+    signature = meta.signature_def[contract.SERVING_SIGNATURE]
+    feeds = {signature.inputs["x"].name: x}
+    fetches = [t.name for t in signature.outputs.values()]
+    session.run(fetches, feeds)
+    run_metadata = tf.compat.v1.RunMetadata()
+    session.run(fetches, feeds, options=tf.compat.v1.RunOptions(
+        output_partition_graphs=True), run_metadata=run_metadata)
     counts[name] = collections.Counter(
         node.op for graph_def in run_metadata.partition_graphs
         for node in graph_def.node)
-  return counts
+    callables[name] = keras_graph.session_callable(
+        session, list(feeds), fetches)
+  times = {name: [] for name in callables}
+  order = list(callables.items())
+  for r in range(rounds + 1):  # round 0 warms up
+    for name, run in order[::-1] if r % 2 else order:
+      start = time.perf_counter()
+      for _ in range(passes):
+        run(x)
+      if r:
+        times[name].append((time.perf_counter() - start) / passes)
+  for session in sessions:
+    session.close()
+  return counts, {name: np.asarray(t) for name, t in times.items() if t}
 
 
 def _free_port():
@@ -383,8 +410,24 @@ def main(argv):
   if FLAGS.census:
     with tempfile.TemporaryDirectory() as base_dir:
       _export_models(base_dir)
-      for name, count in census(base_dir).items():
-        print(f"{name}: {sum(count.values())} ops {dict(count.most_common())}")
+      counts, times = census(base_dir, FLAGS.census_rounds)
+    print(f"3x{FLAGS.width} MLP: ops run per batch-1 request in a TF1 "
+          "Session")
+    for name, count in counts.items():
+      print(f"{name}: {sum(count.values())} ops {dict(count.most_common())}")
+    if times:
+      print(f"\nSession run at batch 1, {FLAGS.census_rounds} interleaved "
+            "rounds of 100 runs: median us a run, median of the per-round "
+            "ratio to base (IQR)")
+      for name, t in times.items():
+        q1, med, q3 = np.percentile(t / times["base"], [25, 50, 75])
+        print(f"| {name} | {np.median(t) * 1e6:.1f} | {med:.3f} "
+              f"({q1:.3f}-{q3:.3f}) |")
+      for name in _extra_models():
+        # An extra "minimal..." compares with minimal, any other with dual.
+        mine = "minimal" if name.startswith("minimal") else "dual"
+        q1, med, q3 = np.percentile(times[mine] / times[name], [25, 50, 75])
+        print(f"{mine}/{name}: {med:.3f} ({q1:.3f}-{q3:.3f})")
     return
   print(f"3x{FLAGS.width} MLP dual model, {_FEATURES} features, batch-1 gRPC "
         f"Predicts, {total} per setting, {os.cpu_count()} CPUs shared by "
