@@ -25,14 +25,24 @@ starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
    cheapest head `add_variation_head` builds (the last layer's summaries
    alone, no prediction or delta feature, no prior): what any head costs.
 
+`--extra_models=name=path,...` serves more SavedModels beside these (the
+dual and minimal head exported by another revision's code, say) and
+interleaves them in the latency loop: ratios across revisions from one
+run. `--census` only counts the ops each model runs per batch-1 request in a
+TF1 Session (the path TF Serving loads a SavedModel into), with
+`--census_rounds=N` also times those runs (N interleaved rounds, no RPC),
+and exits.
+
 Everything stays on loopback and is bounded by `--requests` per setting and
 `--max_seconds` per setting. Client and server share the machine, so the
 numbers are for comparing settings, not absolute capacity.
 """
 
+import collections
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,6 +59,7 @@ import requests
 
 from dropvar_tf import contract
 from dropvar_tf import heads
+from dropvar_tf import keras_graph
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.serving import codec
 from tensorflow_serving.apis import predict_pb2
@@ -59,6 +70,26 @@ _FEATURES = 32
 # The base model, the dual, and the floor: the base's graph answering the
 # dual's two outputs (a constant variation).
 _MODELS = ("base", "dual", "floor", "minimal")
+
+
+def _extra_models():
+  """{name: SavedModel path} of `--extra_models`."""
+  extra = {}
+  for item in FLAGS.extra_models:
+    name, sep, path = item.partition("=")
+    if not sep or not name or name in _MODELS or not os.path.isdir(path):
+      raise ValueError(
+          "Invalid value received for argument `extra_models`. Expected "
+          "name=path pairs, each a new name and a SavedModel directory. "
+          f"Received: extra_models={item!r}")
+    extra[name] = path
+  return extra
+
+
+def _models():
+  return _MODELS + tuple(_extra_models())
+
+
 _BATCHING = """
 max_batch_size { value: 64 }
 batch_timeout_micros { value: 1000 }
@@ -90,6 +121,20 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_integer("latency_requests", 1000,
                        "Requests per model for the dual vs base latency.",
                        flag_values=flag_values)
+  flags.DEFINE_list("extra_models", [],
+                    "name=path pairs: SavedModels (e.g. this bench's dual "
+                    "exported by another revision) served beside the "
+                    "bench's own and interleaved with them in the latency "
+                    "table, as name/base and dual/name.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("census_rounds", 0,
+                       "With --census, also time each model's Session run "
+                       "in this many interleaved rounds of 100.",
+                       flag_values=flag_values)
+  flags.DEFINE_bool("census", False,
+                    "Only count the ops each exported model runs per batch-1 "
+                    "request in a TF1 Session (as TF Serving runs it) and "
+                    "exit.", flag_values=flag_values)
 
 
 def _export(model, path, keys, constant_variation=None):
@@ -139,14 +184,65 @@ def _export_models(base_dir):
   _export(base, os.path.join(base_dir, "floor", "1"), contract.OUTPUT_KEYS,
           constant_variation=[
               int(d) for d in dual.output[contract.VARIATION_KEY].shape[1:]])
+  for name, path in _extra_models().items():
+    shutil.copytree(path, os.path.join(base_dir, name, "1"))
   config = os.path.join(base_dir, "models.config")
   with open(config, "w") as f:
     entries = "".join(
         f'config {{ name: "{name}" base_path: '
         f'"{os.path.join(base_dir, name)}" model_platform: "tensorflow" }} '
-        for name in _MODELS)
+        for name in _models())
     f.write(f"model_config_list {{ {entries}}}\n")
   return config
+
+
+def census(base_dir, rounds=0, passes=100):
+  """Ops, and optionally time, of each model's batch-1 run in a TF1 Session.
+
+  The ops are those of the Session's partition graphs after Grappler, as
+  `dropvar_model_server` (and TF Serving) runs the `serving_default`
+  signature: every variable costs three (VarHandleOp, Identity,
+  ReadVariableOp), constants count. With `rounds`, each model's Session
+  callable is then timed for `passes` runs a round, the models interleaved
+  (in alternating order) round by round.
+
+  Returns:
+    {model: Counter of op types}, and {model: (rounds,) seconds a run}
+    (empty without `rounds`).
+  """
+  counts, callables, sessions = {}, {}, []
+  x = np.ones((1, _FEATURES), np.float32)
+  for name in _models():
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    sessions.append(session)
+    with graph.as_default():
+      meta = tf.compat.v1.saved_model.loader.load(
+          session, ["serve"], os.path.join(base_dir, name, "1"))
+    signature = meta.signature_def[contract.SERVING_SIGNATURE]
+    feeds = {signature.inputs["x"].name: x}
+    fetches = [t.name for t in signature.outputs.values()]
+    session.run(fetches, feeds)
+    run_metadata = tf.compat.v1.RunMetadata()
+    session.run(fetches, feeds, options=tf.compat.v1.RunOptions(
+        output_partition_graphs=True), run_metadata=run_metadata)
+    counts[name] = collections.Counter(
+        node.op for graph_def in run_metadata.partition_graphs
+        for node in graph_def.node)
+    callables[name] = keras_graph.session_callable(
+        session, list(feeds), fetches)
+  times = {name: [] for name in callables}
+  order = list(callables.items())
+  for r in range(rounds + 1):  # round 0 warms up
+    for name, run in order[::-1] if r % 2 else order:
+      start = time.perf_counter()
+      for _ in range(passes):
+        run(x)
+      if r:
+        times[name].append((time.perf_counter() - start) / passes)
+  for session in sessions:
+    session.close()
+  return counts, {name: np.asarray(t) for name, t in times.items() if t}
 
 
 def _free_port():
@@ -275,11 +371,11 @@ def _dual_vs_base(server, iterations):
   x = np.random.default_rng(1).normal(size=(1, _FEATURES)).astype(np.float32)
   body = json.dumps({"inputs": x.tolist()})
   url = f"http://127.0.0.1:{server.rest_port}/v1/models/{{}}:predict"
-  times = {(p, m): [] for p in ("grpc", "rest") for m in _MODELS}
+  times = {(p, m): [] for p in ("grpc", "rest") for m in _models()}
   with grpc.insecure_channel(server.target) as channel, \
       requests.Session() as session:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    grpc_requests = {m: _request(m, x) for m in _MODELS}
+    grpc_requests = {m: _request(m, x) for m in _models()}
 
     def once(protocol, model):
       t0 = time.perf_counter()
@@ -311,6 +407,28 @@ def main(argv):
   total = 300 if FLAGS.quick else FLAGS.requests
   latency_requests = 100 if FLAGS.quick else FLAGS.latency_requests
   clients = [int(c) for c in FLAGS.clients]
+  if FLAGS.census:
+    with tempfile.TemporaryDirectory() as base_dir:
+      _export_models(base_dir)
+      counts, times = census(base_dir, FLAGS.census_rounds)
+    print(f"3x{FLAGS.width} MLP: ops run per batch-1 request in a TF1 "
+          "Session")
+    for name, count in counts.items():
+      print(f"{name}: {sum(count.values())} ops {dict(count.most_common())}")
+    if times:
+      print(f"\nSession run at batch 1, {FLAGS.census_rounds} interleaved "
+            "rounds of 100 runs: median us a run, median of the per-round "
+            "ratio to base (IQR)")
+      for name, t in times.items():
+        q1, med, q3 = np.percentile(t / times["base"], [25, 50, 75])
+        print(f"| {name} | {np.median(t) * 1e6:.1f} | {med:.3f} "
+              f"({q1:.3f}-{q3:.3f}) |")
+      for name in _extra_models():
+        # An extra "minimal..." compares with minimal, any other with dual.
+        mine = "minimal" if name.startswith("minimal") else "dual"
+        q1, med, q3 = np.percentile(times[mine] / times[name], [25, 50, 75])
+        print(f"{mine}/{name}: {med:.3f} ({q1:.3f}-{q3:.3f})")
+    return
   print(f"3x{FLAGS.width} MLP dual model, {_FEATURES} features, batch-1 gRPC "
         f"Predicts, {total} per setting, {os.cpu_count()} CPUs shared by "
         "server and clients")
@@ -370,6 +488,17 @@ def main(argv):
           f"{floor_p50 / base_p50:.3f} | {dual_p50 / floor_p50:.3f} | "
           f"{minimal_p50 / base_p50:.3f} | {base_p99:.3f} | "
           f"{dual_p99:.3f} |")
+  for name in _extra_models():
+    print(f"\n{name}, interleaved with the above:")
+    print(f"| protocol | {name} p50 ms | {name}/base p50 | dual/{name} p50 | "
+          f"minimal/{name} p50 |")
+    print("|---|---|---|---|---|")
+    for protocol in ("grpc", "rest"):
+      p50 = {m: latency[(protocol, m)][0] for m in ("base", "dual", "minimal",
+                                                     name)}
+      print(f"| {protocol} | {p50[name]:.3f} | {p50[name] / p50['base']:.3f} "
+            f"| {p50['dual'] / p50[name]:.3f} | "
+            f"{p50['minimal'] / p50[name]:.3f} |")
 
 
 def run_main():
