@@ -236,22 +236,15 @@ def _statistic_units(statistic, units):
 MAX_EARLIER_DROPOUTS = 16
 
 
-def _unit_noise(layer):
-  """Whether `layer` multiplies each unit by its own noise of variance
-  `rate / (1 - rate)` and mean 1: a Dropout without a noise shape, or a
-  GaussianDropout (the output delta's variance rule holds for both)."""
-  if isinstance(layer, keras.layers.GaussianDropout):
-    return True
-  return (isinstance(layer, keras.layers.Dropout) and
-          not isinstance(layer, (keras.layers.SpatialDropout1D,
-                                 keras.layers.SpatialDropout2D,
-                                 keras.layers.SpatialDropout3D)) and
-          layer.noise_shape is None)
-
-
-def _is_plain_dropout(layer, tensor):
-  """Per-unit dropout noise (`_unit_noise`) on a (batch, d) input."""
-  return _unit_noise(layer) and layer.rate > 0 and len(tensor.shape) == 2
+def _unit_noise(layer, tensor):
+  """Whether `layer`, on its input `tensor`, multiplies each unit by its own
+  noise of mean 1 and variance `rate / (1 - rate)`: a Dropout without a
+  noise shape, or a GaussianDropout (the output delta's variance rule holds
+  for both), on a (batch, d) input."""
+  return (isinstance(layer, (keras.layers.Dropout,
+                             keras.layers.GaussianDropout)) and
+          getattr(layer, "noise_shape", None) is None and
+          len(tensor.shape) == 2)
 
 
 def earlier_dropouts(nodes, tensor):
@@ -260,8 +253,10 @@ def earlier_dropouts(nodes, tensor):
   Per-unit: a Dropout without a noise shape, or a GaussianDropout.
 
   Walks down from `tensor` (the input of the dropout before the output
-  layer) while each layer is called once, on one tensor, with one output,
-  and stops at the first that is not (an input, a merge, a shared layer).
+  layer) while each layer is called once, on one tensor and nothing else
+  (no other argument: the fit replays the path as `layer(x,
+  training=False)`), with one output, and stops at the first that is not
+  (an input, a merge, a shared layer, a call with options).
 
   Args:
     nodes: `keras_graph.graph_nodes` of the model `tensor` belongs to.
@@ -278,18 +273,26 @@ def earlier_dropouts(nodes, tensor):
     layer = keras_graph.source_layer(tensor)
     calls = nodes.get(id(layer), [])
     if (isinstance(layer, keras.layers.InputLayer) or len(calls) != 1 or
-        len(calls[0][0]) != 1 or len(calls[0][1]) != 1):
+        len(calls[0][0]) != 1 or len(calls[0][1]) != 1 or
+        not keras_graph.called_on_tensor_alone(tensor)):
       break
     below = calls[0][0][0]
-    if _is_plain_dropout(layer, below):
+    if _unit_noise(layer, below) and layer.rate > 0:
       found.append((layer, below, list(reversed(path))))
     path.append(layer)
     tensor = below
   return found
 
 
-def _output_delta(model, out, include_delta, statistic, units, suffix=""):
-  """Returns (log feature, DPV) tensors of `OutputDropoutDelta`, or Nones."""
+def _output_delta(model, out, include_delta, statistic, units, suffix="",
+                  as_prior=False):
+  """Returns (log feature, DPV) tensors of `OutputDropoutDelta`, or Nones.
+
+  As the prior (`as_prior`), a smoothed delta of one logit (one sigmoid
+  unit, or softmax's predicted class) also takes the earlier dropouts
+  (`earlier_dropouts`), whose sensitivities `fit_variation_head` sets as it
+  fits the prior's noise scale.
+  """
   if not include_delta:
     return None, None
   layer = keras_graph.source_layer(out)
@@ -303,8 +306,9 @@ def _output_delta(model, out, include_delta, statistic, units, suffix=""):
   else:
     dropped = nodes[id(layer)][0][0][0]
     dropout = keras_graph.source_layer(dropped)
-    if not _unit_noise(dropout) or len(dropped.shape) != 2:
-      why = f"the input of {layer.name!r} does not come from a plain Dropout"
+    if not _unit_noise(dropout, dropped):  # same shape as its input
+      why = (f"the input of {layer.name!r} does not come from a Dropout or "
+             "GaussianDropout on (batch, units)")
   if why:
     if include_delta == "auto":
       return None, None
@@ -313,9 +317,11 @@ def _output_delta(model, out, include_delta, statistic, units, suffix=""):
                              "GaussianDropout) layer", why)
   h = nodes[id(dropout)][0][0][0]
   smoothed = probe_layers.smoothing_applies(activation, statistic)
-  # The smoothed form also sees the plain Dropouts further down (their
-  # sensitivities are set by `fit_variation_head`).
-  earlier = [e[1] for e in earlier_dropouts(nodes, h)] if smoothed else []
+  one_logit = (statistic == contract.STAT_PREDICTED_CLASS_STD or
+               units == 1)
+  earlier = []
+  if smoothed and as_prior and one_logit:
+    earlier = [e[1] for e in earlier_dropouts(nodes, h)]
   delta = probe_layers.OutputDropoutDelta(
       rate=dropout.rate, activation=activation, statistic=statistic,
       input_dim=int(h.shape[-1]), units=units, smoothed=smoothed,
@@ -622,7 +628,8 @@ def _output_head(model, prediction, probes, metadata, statistic, suffix,
   if prior == PRIOR_DELTA:
     want_delta = True if not auto or include_delta is True else "auto"
   delta, delta_value = _output_delta(model, prediction, want_delta, statistic,
-                                     units, suffix)
+                                     units, suffix,
+                                     as_prior=prior == PRIOR_DELTA)
   if prior == PRIOR_DELTA and delta is None:
     prior = None  # "auto" on a model that has neither
   if delta is not None:

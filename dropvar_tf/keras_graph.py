@@ -160,6 +160,26 @@ def source_layer(tensor):
   return tensor._keras_history.operation
 
 
+def called_on_tensor_alone(tensor):
+  """Whether the call that produced `tensor` passed one argument, no option.
+
+  The one positional argument may be a tensor or a list of them (a merge:
+  `graph_nodes` tells how many). `training=False` (or None), which
+  Sequential models record, counts as no option: it is what an inference
+  call passes anyway.
+
+  Args:
+    tensor: a symbolic `KerasTensor` of a Functional graph.
+  """
+  history = tensor._keras_history
+  node = history.operation._inbound_nodes[history.node_index]
+  arguments = node.arguments
+  kwargs = dict(arguments.kwargs)
+  training = kwargs.pop("training", None)
+  return (len(arguments.args) == 1 and not kwargs and
+          (training is None or training is False))
+
+
 def graph_nodes(model):
   """Maps id(layer) -> list of (input_tensors, output_tensors) in `model`.
 

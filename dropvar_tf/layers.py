@@ -204,13 +204,14 @@ class OutputDropoutDelta(keras.layers.Layer):
   the noise makes each `h_j` vary with variance `h_j**2 * p / (1 - p)`.
   Linearising `act` at the deterministic pass gives, for a statistic with
   gradient `g` w.r.t. the logits,
-  `Var ~ sum_j ((kernel @ g)_j)**2 * h_j**2 * p / (1 - p)`. It ignores the
-  dropout of earlier layers, so it is a cheap feature for the head (one small
-  matmul), not an estimate on its own. The kernel is a non-trainable copy
-  taken when the head is added.
+  `Var ~ sum_j ((kernel @ g)_j)**2 * h_j**2 * p / (1 - p)`. Unless it takes
+  the earlier dropouts (below), it ignores the dropout of earlier layers, so
+  it is a cheap feature for the head (one small matmul), not an estimate on
+  its own. The kernel is a non-trainable copy taken when the head is added.
 
-  Inputs: `[h, y]`: h (batch, d) the output layer's input before dropout,
-  y (batch, k) the model's output. Output: (batch, 1) for "std" with k = 1
+  Inputs: `[h, y]`, h (batch, d) the output layer's input before dropout,
+  y (batch, k) the model's output, then the earlier dropouts' inputs
+  `h_1 .. h_n` (`earlier_dims`). Output: (batch, 1) for "std" with k = 1
   and "predicted_class_std", else (batch, k): estimated std.
 
   Smoothed (`smoothed=True`, sigmoid and softmax outputs with a "std" or
@@ -218,19 +219,19 @@ class OutputDropoutDelta(keras.layers.Layer):
   activation, which saturates as the output does (a confident output gets a
   std near 0 however much its logits vary), the layer takes the logit the
   statistic depends on (the sigmoid's logit; for softmax, the predicted
-  class's log-odds `z_c - logsumexp(z_others)`), its linearised std `s`
-  under the dropout above, and returns the std of `sigmoid(z + kappa * s *
-  eps)` for `eps ~ N(0, 1)` by Gauss-Hermite quadrature. Scaling the logits
-  and their std together (inputs scaled up, in a ReLU network) then keeps
-  the estimate where MC dropout keeps it, the chance that the prediction
-  flips. `kappa` (`noise_scale`, non-trainable, 1 until
-  `fit_variation_head` fits it) stands for the dropout of the earlier
-  layers, which widens the logits' spread by a factor the last layer alone
-  cannot see. Where it has to widen it a lot (as in recurrent models, where
+  class's log-odds `z_c - logsumexp(z_others)`), its linearised std `s` under
+  the dropout above, and returns the std of `sigmoid(z + kappa * s * eps)` for
+  `eps ~ N(0, 1)` by Gauss-Hermite quadrature. Scaling the logits and their
+  std together (inputs scaled up, in a ReLU network) then keeps the estimate
+  where MC dropout keeps it, the chance that the prediction flips. `kappa`
+  (`noise_scale`, non-trainable, 1 until `fit_variation_head` fits it) stands
+  for the dropout the layer does not see (that of earlier layers, unless it
+  takes them), which widens the logits' spread by a factor the dropouts it
+  sees cannot. Where it has to widen it a lot (as in recurrent models, where
   the last dropout is a small part of the noise), the Gaussian form does not
   hold and the fit switches the layer back to the linearised delta
-  (`smoothing` = 0, non-trainable). The bias is a non-trainable copy, as
-  the kernel.
+  (`smoothing` = 0, non-trainable). The bias is a non-trainable copy, as the
+  kernel.
 
   Earlier dropout (smoothed only, `earlier_dims`): the layer may also take the
   inputs `h_i` (batch, d_i) of Dropout (or GaussianDropout: the same variance)
@@ -253,7 +254,8 @@ class OutputDropoutDelta(keras.layers.Layer):
     smoothed: Gauss-Hermite smoothing instead of linearisation (see above);
       only where it applies (`smoothing_applies`), else refused.
     earlier_dims: widths d_i of the earlier dropout inputs the layer takes
-      after `[h, y]` (smoothed only; see above).
+      after `[h, y]` (smoothed and one logit only: k = 1, or
+      "predicted_class_std"; see above).
     **kwargs: passed to `keras.layers.Layer`.
   """
 
@@ -291,9 +293,12 @@ class OutputDropoutDelta(keras.layers.Layer):
       raise validation.invalid("earlier_dims", "a list of positive ints",
                                earlier_dims)
     self.earlier_dims = tuple(int(d) for d in earlier_dims)
-    if self.earlier_dims and not self.smoothed:
-      raise validation.invalid("earlier_dims", "() unless smoothed=True",
-                               earlier_dims)
+    if self.earlier_dims and not (self.smoothed and (
+        self.units == 1 or
+        statistic == contract.STAT_PREDICTED_CLASS_STD)):
+      raise validation.invalid(
+          "earlier_dims", "() unless smoothed=True with one logit (units=1 "
+          "or statistic='predicted_class_std')", earlier_dims)
     self.sensitivities = [
         self.add_weight(name=f"sensitivity_{i}", shape=(d,), trainable=False,
                         initializer="zeros")

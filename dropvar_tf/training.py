@@ -126,7 +126,7 @@ _LOGGER = logging.getLogger(__name__)
 # Estimates are capped at this multiple of the largest fitted target...
 _MAX_VALUE_FACTOR = 1.5
 # ... or, with a smoothed output-delta prior (the std of a probability, so
-# never above 0.5, and corrected within bounds), at the largest std a
+# never above 0.5, and corrected within bounds), at 0.5, the largest std a
 # probability has: far off the calibration data the prior is what knows
 # how large the variation gets (docs/measurements.md).
 _PROBABILITY_STD_CAP = 0.5
@@ -550,7 +550,7 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   # unseen.
   cap = _MAX_VALUE_FACTOR * float(t[train_idx].max()) + 1e-12
   if smoothed is not None:
-    cap = max(cap, _PROBABILITY_STD_CAP)
+    cap = _PROBABILITY_STD_CAP
   out_layer.max_value.assign(cap)
   report = None
   if n_report:

@@ -68,7 +68,8 @@ _ERR_DELTA_NESTED = (
     _PREFIX + "`include_delta`. Expected a model whose output is a Dense "
     "layer right after a Dropout (or GaussianDropout) layer. Received: "
     "include_delta=\"the input "
-    "of 'prob' does not come from a plain Dropout\"")
+    "of 'prob' does not come from a Dropout or GaussianDropout on (batch, "
+    "units)\"")
 _ERR_PRIOR = (_PREFIX + "`prior`. Expected one of (None, 'auto', 'delta', "
               "'moments'). Received: prior='mc'")
 _ERR_DELTA_OFF = (_PREFIX + "`include_delta`. Expected True or \"auto\" "
@@ -253,9 +254,11 @@ class AddVariationHeadTest(tf.test.TestCase):
                               output_layer.kernel)
 
   def test_smoothed_delta_takes_the_earlier_plain_dropouts(self):
-    # The inputs of plain Dropouts further down a single-input path feed the
-    # smoothed delta; a merge ends the path, a SpatialDropout is not one, and
-    # the linearised delta (a linear output) takes none.
+    # The inputs of the Dropouts and GaussianDropouts further down a
+    # single-input path feed the smoothed prior; a merge ends the path, a
+    # dropout on a rank-3 input (SpatialDropout1D) is not one, and the
+    # linearised delta (a linear output) takes none, nor a delta that is
+    # only a feature, nor one of several sigmoid units.
     def residual():
       keras.utils.set_random_seed(0)
       inputs = keras.Input((tm.NUM_FEATURES,))
@@ -301,6 +304,37 @@ class AddVariationHeadTest(tf.test.TestCase):
         self.assertEqual(layer.earlier_dims, want)
         self.assertLen(heads.layer_input_tensors(dual, layer), 2 + len(want))
     dual = heads.add_variation_head(tm.regression(), **_SMALL_HEAD)
+    self.assertEqual(dual.get_layer(heads.DELTA_NAME).earlier_dims, ())
+    dual = heads.add_variation_head(tm.mlp_softmax(), prior=None,
+                                    include_delta=True, **_SMALL_HEAD)
+    self.assertEqual(dual.get_layer(heads.DELTA_NAME).earlier_dims, ())
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((tm.NUM_FEATURES,))
+    h = keras.layers.Dropout(0.2)(keras.layers.Dense(
+        7, activation="relu")(inputs))
+    h = keras.layers.Dropout(0.2)(keras.layers.Dense(
+        6, activation="relu")(h))
+    several = keras.Model(inputs, keras.layers.Dense(
+        3, activation="sigmoid")(h))
+    dual = heads.add_variation_head(several, statistic="std", **_SMALL_HEAD)
+    self.assertTrue(dual.get_layer(heads.DELTA_NAME).smoothed)
+    self.assertEqual(dual.get_layer(heads.DELTA_NAME).earlier_dims, ())
+    # A layer called with options ends the path: the fit could not replay it.
+
+    class Scaled(keras.layers.Layer):
+
+      def call(self, x, factor=1.0):
+        return x * factor
+
+    inputs = keras.Input((tm.NUM_FEATURES,))
+    h = keras.layers.Dense(7, activation="relu")(inputs)
+    h = keras.layers.Dropout(0.2)(h)
+    h = keras.layers.Dense(6, activation="relu")(h)
+    h = Scaled()(h, factor=2.0)
+    h = keras.layers.Dropout(0.2)(h)
+    optioned = keras.Model(inputs, keras.layers.Dense(
+        1, activation="sigmoid")(h))
+    dual = heads.add_variation_head(optioned, **_SMALL_HEAD)
     self.assertEqual(dual.get_layer(heads.DELTA_NAME).earlier_dims, ())
 
   def test_include_delta_true_without_dropout_before_output_raises(self):

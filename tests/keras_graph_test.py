@@ -183,6 +183,25 @@ class GraphTest(tf.test.TestCase):
     self.assertEqual(seen, [l.name for l in model.layers[1:]])
 
 
+class CalledOnTensorAloneTest(tf.test.TestCase):
+
+  def test_options_other_than_inference_training_count(self):
+    inputs = keras.Input((4,))
+    plain = keras.layers.Dense(3)(inputs)
+    inference = keras.layers.Dropout(0.2)(plain, training=False)
+    forced = keras.layers.Dropout(0.2)(plain, training=True)
+    merged = keras.layers.Add()([plain, inference])
+    self.assertTrue(keras_graph.called_on_tensor_alone(plain))
+    self.assertTrue(keras_graph.called_on_tensor_alone(inference))
+    self.assertFalse(keras_graph.called_on_tensor_alone(forced))
+    # One positional argument, a list: how many tensors is graph_nodes'.
+    self.assertTrue(keras_graph.called_on_tensor_alone(merged))
+    # Sequential records training=False on every call.
+    model = tm.mlp_softmax()
+    for layer in model.layers:
+      self.assertTrue(keras_graph.called_on_tensor_alone(layer.output))
+
+
 class LayerStateTest(tf.test.TestCase):
 
   def test_untracked_attribute_leaves_variables_alone(self):

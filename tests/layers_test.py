@@ -433,8 +433,11 @@ class SmoothedOutputDeltaTest(tf.test.TestCase):
                                                          "`earlier_dims`"):
         layers.OutputDropoutDelta(0.2, "sigmoid", "std", 4, 1, smoothed=True,
                                   earlier_dims=bad)
-    with self.assertRaisesRegex(ValueError, "`earlier_dims`"):
-      layers.OutputDropoutDelta(0.2, "linear", "std", 4, 1, earlier_dims=(5,))
+    for args in (("linear", "std", 4, 1), ("sigmoid", "std", 4, 3)):
+      with self.subTest(args=args), self.assertRaisesRegex(
+          ValueError, "`earlier_dims`"):
+        layers.OutputDropoutDelta(0.2, *args, smoothed=args[0] != "linear",
+                                  earlier_dims=(5,))
 
 
 class IsReluOutputTest(tf.test.TestCase):

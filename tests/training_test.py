@@ -472,8 +472,8 @@ class FitReportTest(tf.test.TestCase):
 
   def test_cap_of_a_smoothed_prior_is_the_largest_probability_std(self):
     # A softmax model's smoothed prior is the std of a probability: its cap
-    # is 0.5 (or 1.5x the largest target, were that larger), not a multiple
-    # of the calibration targets, which far off them it would clip.
+    # is 0.5, the largest such std, not a multiple of the calibration
+    # targets, which far off them it would clip.
     model = tm.mlp_softmax()
     x = tm.sample_inputs("softmax", 60)
     t = np.asarray(targets.mc_dropout_targets(model, x, num_samples=10,
