@@ -19,8 +19,10 @@ import warnings
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from dropvar_tf import validation
+from dropvar_tf._keras import tf
 from dropvar_tf.study import config as config_lib
 from dropvar_tf.study import report
 from dropvar_tf.study import runner
@@ -118,8 +120,15 @@ def main(argv):
                        FLAGS.num_samples, FLAGS.num_perturbed,
                        FLAGS.head_epochs, FLAGS.seed, FLAGS.cache_dir or None)
   # Keras warns on every head fit that a pre-shuffled dataset is not
-  # shuffled again; that is intended and would drown the progress lines.
+  # shuffled again, and on every cached base model that its optimizer state
+  # is not loaded (none is needed); both are intended and would drown the
+  # progress lines, as would TF's tf.function retracing hints (Keras'
+  # predict on inputs of a few sizes).
   warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+  warnings.filterwarnings("ignore",
+                          message="Skipping variable loading for optimizer")
+  tf.get_logger().setLevel("ERROR")
+  logging.set_verbosity(logging.WARNING)
   if FLAGS.shift:
     results = shift.run_shift_study(config, FLAGS.output_dir,
                                     log=lambda m: print(m, flush=True))
