@@ -515,11 +515,13 @@ def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
       raise validation.invalid(arg, "True or False", value)
 
   probes = []
+  layer_features = [tap_selection.probe_features(l, t.shape, features)
+                    for l, t in taps]
   # Feature layers compute in float32 whatever the dtype policy: float16
   # sums of squares overflow on wide layers.
-  for layer, tensor in taps:
+  for (layer, tensor), layer_set in zip(taps, layer_features):
     probe = probe_layers.ActivationStrength(
-        features=tap_selection.probe_features(layer, tensor.shape, features),
+        features=layer_set,
         nonnegative=probe_layers.is_relu_output(layer),
         dtype="float32", name=PROBE_PREFIX + layer.name)
     probes.append(probe(tensor))
@@ -536,8 +538,7 @@ def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
         "dropout_rates": dropout_rates(base),
         "layers": [paths.get(id(l), l.name) for l, _ in taps],
         "features": features,
-        "layer_features": [tap_selection.probe_features(l, t.shape, features)
-                           for l, t in taps],
+        "layer_features": layer_features,
         "include_prediction": bool(include_prediction),
         "transform": transform,
         "base_model": base.name,

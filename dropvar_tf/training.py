@@ -333,9 +333,9 @@ def _fit_prior_sensitivities(dual, layer, values, idx, chunk=1024):
     RuntimeError: the dual's graph no longer has the dropouts the layer was
       built on.
   """
-  h = heads.layer_input_tensors(dual, layer)[0]
-  found = heads.earlier_dropouts(keras_graph.graph_nodes(dual), h)
-  inputs = heads.layer_input_tensors(dual, layer)[2:]
+  tensors = heads.layer_input_tensors(dual, layer)
+  found = heads.earlier_dropouts(keras_graph.graph_nodes(dual), tensors[0])
+  inputs = tensors[2:]
   if [id(f[1]) for f in found[:len(inputs)]] != [id(t) for t in inputs]:
     raise RuntimeError(f"{layer.name!r}: its earlier dropout inputs are not "
                        "those below its input any more")

@@ -20,7 +20,6 @@ from dropvar_tf import contract
 from dropvar_tf import head_layers
 from dropvar_tf import heads
 from dropvar_tf import saved_model
-from dropvar_tf import targets
 from dropvar_tf import training
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.serving import client as client_lib
@@ -222,13 +221,7 @@ class DualOutOfRangeTest(tf.test.TestCase):
   def test_multi_output_dual_has_one_signal(self):
     model = tm.multi_output("dict")
     x = tm.target_features(200, seed=2) * 2.0
-    dual = heads.add_variation_head(model, hidden_units=(8,), seed=0,
-                                    out_of_range=True)
-    t = targets.mc_dropout_targets(model, x, num_samples=8, seed=0,
-                                   progress=False)
-    with warnings.catch_warnings():  # a 1-epoch fit is far below the bound
-      warnings.simplefilter("ignore")
-      training.fit_variation_head(dual, x, t, epochs=1, num_samples=8)
+    dual = tm.fitted_dual(model, x)
     names = ["klass", "value"]
     self.assertEqual(sorted(dual.output),
                      sorted(contract.output_keys(names, out_of_range=True)))
