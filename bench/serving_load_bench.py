@@ -3,8 +3,9 @@
   python bench/serving_load_bench.py [--quick] [--clients=1,16,64]
 
 Exports a dual model (an MLP of 3 hidden layers, 256 units or `--width`
-wide, with a variation head from
-`dropvar_tf.heads.add_variation_head`) and its base model the same way (a
+wide, or with `--model` one of `zoo_cost_bench.py`'s models: EfficientNetB0,
+MobileNetV2, a BERT-style encoder, an LSTM text model; with a variation head
+from `dropvar_tf.heads.add_variation_head`) and its base model the same way (a
 `serving_default` signature; the base returns only "prediction"), then
 starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
 
@@ -65,6 +66,9 @@ from dropvar_tf.serving import codec
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import zoo_cost_bench  # noqa: E402  (a script beside this one)
+
 FLAGS = flags.FLAGS
 _FEATURES = 32
 # The base model, the dual, and the floor: the base's graph answering the
@@ -118,6 +122,13 @@ def define_flags(flag_values=FLAGS):
                        "Width of the MLP's 3 hidden layers: a wider one costs "
                        "more per run, which batching shares.",
                        flag_values=flag_values)
+  flags.DEFINE_enum("model", "mlp", ["mlp"] + list(zoo_cost_bench.MODELS),
+                    "The base model: the MLP, or one of "
+                    "bench/zoo_cost_bench.py's (BatchNorm calibrated, "
+                    "served at --size).", flag_values=flag_values)
+  flags.DEFINE_integer("size", 32,
+                       "With a zoo --model: its image size or sequence "
+                       "length.", flag_values=flag_values)
   flags.DEFINE_integer("latency_requests", 1000,
                        "Requests per model for the dual vs base latency.",
                        flag_values=flag_values)
@@ -135,6 +146,34 @@ def define_flags(flag_values=FLAGS):
                     "Only count the ops each exported model runs per batch-1 "
                     "request in a TF1 Session (as TF Serving runs it) and "
                     "exit.", flag_values=flag_values)
+
+
+def _description():
+  if FLAGS.model == "mlp":
+    return f"3x{FLAGS.width} MLP, {_FEATURES} features"
+  description, _, _, size_arg = zoo_cost_bench.MODELS[FLAGS.model]
+  return f"{description}, {size_arg}={FLAGS.size}"
+
+
+def _inputs(n, seed):
+  """`n` rows of the base model's input "x"."""
+  if FLAGS.model == "mlp":
+    return np.random.default_rng(seed).normal(
+        size=(n, _FEATURES)).astype(np.float32)
+  return zoo_cost_bench.MODELS[FLAGS.model][2](n, FLAGS.size, seed)
+
+
+def _base_model():
+  """The base model (input "x"), built with seed 0."""
+  keras.utils.set_random_seed(0)
+  if FLAGS.model != "mlp":
+    return zoo_cost_bench.build(FLAGS.model, FLAGS.size)[0]
+  x = keras.Input(shape=(_FEATURES,), name="x")
+  h = x
+  for _ in range(3):
+    h = keras.layers.Dense(FLAGS.width, activation="relu")(h)
+    h = keras.layers.Dropout(0.2)(h)
+  return keras.Model(x, keras.layers.Dense(1)(h))
 
 
 def _export(model, path, keys, constant_variation=None):
@@ -156,20 +195,15 @@ def _export(model, path, keys, constant_variation=None):
           [tf.shape(x)[0]] + constant_variation)
     return {key: outputs[key] for key in keys}
 
+  example = _inputs(1, 0)
   archive.add_endpoint(contract.SERVING_SIGNATURE, serve, input_signature=[
-      tf.TensorSpec((None, _FEATURES), tf.float32, name="x")])
+      tf.TensorSpec((None,) + example.shape[1:], example.dtype, name="x")])
   archive.write_out(path, verbose=False)
 
 
 def _export_models(base_dir):
   """Exports base and dual under `base_dir`; returns the config file path."""
-  keras.utils.set_random_seed(0)
-  x = keras.Input(shape=(_FEATURES,), name="x")
-  h = x
-  for _ in range(3):
-    h = keras.layers.Dense(FLAGS.width, activation="relu")(h)
-    h = keras.layers.Dropout(0.2)(h)
-  base = keras.Model(x, keras.layers.Dense(1)(h))
+  base = _base_model()
   dual = heads.add_variation_head(base)
   _export(base, os.path.join(base_dir, "base", "1"),
           [contract.PREDICTION_KEY])
@@ -211,7 +245,7 @@ def census(base_dir, rounds=0, passes=100):
     (empty without `rounds`).
   """
   counts, callables, sessions = {}, {}, []
-  x = np.ones((1, _FEATURES), np.float32)
+  x = _inputs(1, 0)
   for name in _models():
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph)
@@ -324,8 +358,8 @@ def _request(model, x):
 def _load(target, clients, total, max_seconds):
   """`clients` threads send batch-1 Predicts until `total` are done."""
   rng = np.random.default_rng(clients)
-  requests_ = [_request("dual", rng.normal(size=(1, _FEATURES)).astype(
-      np.float32)) for _ in range(64)]
+  requests_ = [_request("dual", _inputs(1, int(rng.integers(1 << 30))))
+               for _ in range(64)]
   lock = threading.Lock()
   state = {"left": total, "errors": 0}
   latencies = []
@@ -368,7 +402,7 @@ def _load(target, clients, total, max_seconds):
 
 def _dual_vs_base(server, iterations):
   """p50/p99 ms of dual and base at batch 1, gRPC and REST, interleaved."""
-  x = np.random.default_rng(1).normal(size=(1, _FEATURES)).astype(np.float32)
+  x = _inputs(1, 1)
   body = json.dumps({"inputs": x.tolist()})
   url = f"http://127.0.0.1:{server.rest_port}/v1/models/{{}}:predict"
   times = {(p, m): [] for p in ("grpc", "rest") for m in _models()}
@@ -411,8 +445,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as base_dir:
       _export_models(base_dir)
       counts, times = census(base_dir, FLAGS.census_rounds)
-    print(f"3x{FLAGS.width} MLP: ops run per batch-1 request in a TF1 "
-          "Session")
+    print(f"{_description()}: ops run per batch-1 request in a TF1 Session")
     for name, count in counts.items():
       print(f"{name}: {sum(count.values())} ops {dict(count.most_common())}")
     if times:
@@ -429,7 +462,7 @@ def main(argv):
         q1, med, q3 = np.percentile(times[mine] / times[name], [25, 50, 75])
         print(f"{mine}/{name}: {med:.3f} ({q1:.3f}-{q3:.3f})")
     return
-  print(f"3x{FLAGS.width} MLP dual model, {_FEATURES} features, batch-1 gRPC "
+  print(f"{_description()}: dual model, batch-1 gRPC "
         f"Predicts, {total} per setting, {os.cpu_count()} CPUs shared by "
         "server and clients")
   print("(server CPU ms/request: the server process's user + system time "
