@@ -280,11 +280,17 @@ def generate(root):
   benches = {os.path.basename(rel)[:-3]: rel
               for rel in _files(root, BENCH_DIR)}
   for stem, rel in benches.items():
-    # A benchmark may import another one (`import dual_bench`): its file
-    # joins the srcs, its deps the deps.
-    siblings = sorted(_imported_modules(
-        os.path.join(root, rel), stem, {b: b for b in benches}))
-    srcs = [rel] + [benches[b] for b in siblings]
+    # A benchmark may import another one (`import dual_bench`), which may
+    # import others in turn: their files join the srcs, their deps the deps.
+    siblings, todo = set(), [stem]
+    while todo:
+      current = todo.pop()
+      for b in _imported_modules(os.path.join(root, benches[current]),
+                                 current, {b: b for b in benches}):
+        if b != stem and b not in siblings:
+          siblings.add(b)
+          todo.append(b)
+    srcs = [rel] + [benches[b] for b in sorted(siblings)]
     deps = sorted({d for src in srcs for d in _deps(
         os.path.join(root, src), os.path.basename(src)[:-3], known)})
     rules.append(_rule("py_binary", stem, [("srcs", srcs), ("deps", deps)]))
