@@ -1,13 +1,16 @@
 """Load test of `dropvar_model_server` on loopback, with and without batching.
 
   python bench/serving_load_bench.py [--quick] [--clients=1,16,64]
+      [--width=2048 | --model=encoder --size=32]
 
-Exports a dual model (an MLP of 3 hidden layers, 256 units or `--width`
-wide, or with `--model` one of `zoo_cost_bench.py`'s models: EfficientNetB0,
-MobileNetV2, a BERT-style encoder, an LSTM text model; with a variation head
-from `dropvar_tf.heads.add_variation_head`) and its base model the same way (a
-`serving_default` signature; the base returns only "prediction"), then
-starts `dropvar_model_server` as a subprocess on 127.0.0.1 and:
+The base model is an MLP of 3 hidden layers (256 units, or `--width`) on
+32 float features, or with `--model` one of `zoo_cost_bench.py`'s models
+(EfficientNetB0, MobileNetV2, the BERT-style encoder, the LSTM text model)
+at `--size`. Exports a dual model (the base with a variation head from
+`dropvar_tf.heads.add_variation_head`) and the base the same way (a
+`serving_default` signature taking "x"; the base returns only
+"prediction"), then starts `dropvar_model_server` as a subprocess on
+127.0.0.1 and:
 
 1. For each batching setting (off, then `--enable_batching`, then a gRPC
    server whose Predict does nothing: the floor of gRPC itself) and each number
@@ -125,10 +128,12 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_enum("model", "mlp", ["mlp"] + list(zoo_cost_bench.MODELS),
                     "The base model: the MLP, or one of "
                     "bench/zoo_cost_bench.py's (BatchNorm calibrated, "
-                    "served at --size).", flag_values=flag_values)
+                    "served at --size; --width is then unused).",
+                    flag_values=flag_values)
   flags.DEFINE_integer("size", 32,
                        "With a zoo --model: its image size or sequence "
-                       "length.", flag_values=flag_values)
+                       "length (zoo_cost_bench.py's own default image size "
+                       "is 64).", flag_values=flag_values)
   flags.DEFINE_integer("latency_requests", 1000,
                        "Requests per model for the dual vs base latency.",
                        flag_values=flag_values)
@@ -164,7 +169,7 @@ def _inputs(n, seed):
 
 
 def _base_model():
-  """The base model (input "x"), built with seed 0."""
+  """The base model, built with seed 0 (served under the input name "x")."""
   keras.utils.set_random_seed(0)
   if FLAGS.model != "mlp":
     return zoo_cost_bench.build(FLAGS.model, FLAGS.size)[0]
@@ -358,8 +363,8 @@ def _request(model, x):
 def _load(target, clients, total, max_seconds):
   """`clients` threads send batch-1 Predicts until `total` are done."""
   rng = np.random.default_rng(clients)
-  requests_ = [_request("dual", _inputs(1, int(rng.integers(1 << 30))))
-               for _ in range(64)]
+  rows = _inputs(64, int(rng.integers(1 << 30)))
+  requests_ = [_request("dual", rows[i:i + 1]) for i in range(len(rows))]
   lock = threading.Lock()
   state = {"left": total, "errors": 0}
   latencies = []
