@@ -34,8 +34,9 @@ dual and minimal head exported by another revision's code, say) and
 interleaves them in the latency loop: ratios across revisions from one
 run. `--census` only counts the ops each model runs per batch-1 request in a
 TF1 Session (the path TF Serving loads a SavedModel into), with
-`--census_rounds=N` also times those runs (N interleaved rounds, no RPC),
-and exits.
+`--census_rounds=N` also times those runs (N interleaved rounds, no RPC;
+`--census_session` and `--census_intra_op` pick the Sessions' executor and
+threads), and exits.
 
 Everything stays on loopback and is bounded by `--requests` per setting and
 `--max_seconds` per setting. Client and server share the machine, so the
@@ -134,6 +135,15 @@ def define_flags(flag_values=FLAGS):
                        "With a zoo --model: its image size or sequence "
                        "length (zoo_cost_bench.py's own default image size "
                        "is 64).", flag_values=flag_values)
+  flags.DEFINE_enum("census_session", "default",
+                    ["default", "caller_thread", "single_threaded"],
+                    "With --census: the Sessions' executor. caller_thread: "
+                    "every op in the calling thread "
+                    "(inter_op_parallelism_threads=-1); single_threaded: "
+                    "TF's SINGLE_THREADED_EXECUTOR.", flag_values=flag_values)
+  flags.DEFINE_integer("census_intra_op", 0,
+                       "With --census: intra-op threads of the process (0: "
+                       "TF's choice).", flag_values=flag_values)
   flags.DEFINE_integer("latency_requests", 1000,
                        "Requests per model for the dual vs base latency.",
                        flag_values=flag_values)
@@ -251,9 +261,15 @@ def census(base_dir, rounds=0, passes=100):
   """
   counts, callables, sessions = {}, {}, []
   x = _inputs(1, 0)
+  config = tf.compat.v1.ConfigProto()
+  if FLAGS.census_session == "caller_thread":
+    config.inter_op_parallelism_threads = -1
+    config.use_per_session_threads = True
+  elif FLAGS.census_session == "single_threaded":
+    config.experimental.executor_type = "SINGLE_THREADED_EXECUTOR"
   for name in _models():
     graph = tf.Graph()
-    session = tf.compat.v1.Session(graph=graph)
+    session = tf.compat.v1.Session(graph=graph, config=config)
     sessions.append(session)
     with graph.as_default():
       meta = tf.compat.v1.saved_model.loader.load(
@@ -447,6 +463,9 @@ def main(argv):
   latency_requests = 100 if FLAGS.quick else FLAGS.latency_requests
   clients = [int(c) for c in FLAGS.clients]
   if FLAGS.census:
+    if FLAGS.census_intra_op:
+      tf.config.threading.set_intra_op_parallelism_threads(
+          FLAGS.census_intra_op)
     with tempfile.TemporaryDirectory() as base_dir:
       _export_models(base_dir)
       counts, times = census(base_dir, FLAGS.census_rounds)
@@ -454,13 +473,16 @@ def main(argv):
     for name, count in counts.items():
       print(f"{name}: {sum(count.values())} ops {dict(count.most_common())}")
     if times:
-      print(f"\nSession run at batch 1, {FLAGS.census_rounds} interleaved "
-            "rounds of 100 runs: median us a run, median of the per-round "
-            "ratio to base (IQR)")
+      print(f"\nSession run at batch 1 ({FLAGS.census_session} executor, "
+            f"intra-op threads {FLAGS.census_intra_op or 'TF choice'}), "
+            f"{FLAGS.census_rounds} interleaved rounds of 100 runs: median "
+            "us a run, median of the per-round ratio to base (IQR), median "
+            "of the per-round extra us over base")
       for name, t in times.items():
         q1, med, q3 = np.percentile(t / times["base"], [25, 50, 75])
+        extra = np.median(t - times["base"]) * 1e6
         print(f"| {name} | {np.median(t) * 1e6:.1f} | {med:.3f} "
-              f"({q1:.3f}-{q3:.3f}) |")
+              f"({q1:.3f}-{q3:.3f}) | {extra:+.0f} |")
       for name in _extra_models():
         # An extra "minimal..." compares with minimal, any other with dual.
         mine = "minimal" if name.startswith("minimal") else "dual"
