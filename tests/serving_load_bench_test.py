@@ -1,0 +1,66 @@
+"""Smoke test of bench/serving_load_bench.py's census on a zoo model."""
+
+import os
+import sys
+import tempfile
+from unittest import mock
+
+from absl import flags
+import numpy as np
+
+from dropvar_tf._keras import tf
+
+sys.path.insert(0, os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import serving_load_bench  # noqa: E402  (a script, not a package)
+
+
+def _flag_values(*argv):
+  flag_values = flags.FlagValues()
+  serving_load_bench.define_flags(flag_values)
+  flag_values(["serving_load_bench"] + list(argv))
+  return flag_values
+
+
+class CensusTest(tf.test.TestCase):
+
+  def _census(self, *argv):
+    with mock.patch.object(serving_load_bench, "FLAGS",
+                           _flag_values(*argv)), \
+        tempfile.TemporaryDirectory() as base_dir:
+      serving_load_bench._export_models(base_dir)
+      return serving_load_bench.census(base_dir, rounds=1, passes=2)
+
+  def test_zoo_model_is_exported_and_run_in_a_session(self):
+    counts, times = self._census("--model=lstm", "--size=6")
+    self.assertCountEqual(counts, serving_load_bench._MODELS)
+    # The head adds ops; the floor answers the dual's outputs with a
+    # constant, so it runs about the base's.
+    self.assertGreater(sum(counts["dual"].values()),
+                       sum(counts["base"].values()) + 20)
+    self.assertGreater(sum(counts["dual"].values()),
+                       sum(counts["minimal"].values()))
+    for name, t in times.items():
+      self.assertLen(t, 1)
+      self.assertTrue(np.all(t > 0), msg=name)
+
+  def test_inputs_follow_the_model(self):
+    with mock.patch.object(serving_load_bench, "FLAGS",
+                           _flag_values("--model=lstm", "--size=6")):
+      tokens = serving_load_bench._inputs(3, 0)
+    with mock.patch.object(serving_load_bench, "FLAGS", _flag_values()):
+      features = serving_load_bench._inputs(3, 0)
+    self.assertEqual((tokens.shape, tokens.dtype), ((3, 6), np.int32))
+    self.assertEqual((features.shape, features.dtype),
+                     ((3, serving_load_bench._FEATURES), np.float32))
+
+  def test_single_threaded_executor_runs_the_mlp(self):
+    counts, times = self._census("--width=8",
+                                 "--census_session=single_threaded")
+    self.assertCountEqual(times, serving_load_bench._MODELS)
+    self.assertGreater(sum(counts["dual"].values()),
+                       sum(counts["base"].values()))
+
+
+if __name__ == "__main__":
+  tf.test.main()
