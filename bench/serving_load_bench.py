@@ -180,9 +180,9 @@ def _inputs(n, seed):
 
 def _base_model():
   """The base model, built with seed 0 (served under the input name "x")."""
-  keras.utils.set_random_seed(0)
   if FLAGS.model != "mlp":
-    return zoo_cost_bench.build(FLAGS.model, FLAGS.size)[0]
+    return zoo_cost_bench.build(FLAGS.model, FLAGS.size, seed=0)[0]
+  keras.utils.set_random_seed(0)
   x = keras.Input(shape=(_FEATURES,), name="x")
   h = x
   for _ in range(3):
@@ -191,7 +191,7 @@ def _base_model():
   return keras.Model(x, keras.layers.Dense(1)(h))
 
 
-def _export(model, path, keys, constant_variation=None):
+def _export(model, path, keys, spec, constant_variation=None):
   """Exports `model` with a `serving_default` returning `keys`.
 
   With `constant_variation` (the dual's variation shape, batch excluded) the
@@ -210,9 +210,8 @@ def _export(model, path, keys, constant_variation=None):
           [tf.shape(x)[0]] + constant_variation)
     return {key: outputs[key] for key in keys}
 
-  example = _inputs(1, 0)
-  archive.add_endpoint(contract.SERVING_SIGNATURE, serve, input_signature=[
-      tf.TensorSpec((None,) + example.shape[1:], example.dtype, name="x")])
+  archive.add_endpoint(contract.SERVING_SIGNATURE, serve,
+                       input_signature=[spec])
   archive.write_out(path, verbose=False)
 
 
@@ -220,18 +219,21 @@ def _export_models(base_dir):
   """Exports base and dual under `base_dir`; returns the config file path."""
   base = _base_model()
   dual = heads.add_variation_head(base)
+  example = _inputs(1, 0)
+  spec = tf.TensorSpec((None,) + example.shape[1:], example.dtype, name="x")
   _export(base, os.path.join(base_dir, "base", "1"),
-          [contract.PREDICTION_KEY])
-  _export(dual, os.path.join(base_dir, "dual", "1"), contract.OUTPUT_KEYS)
+          [contract.PREDICTION_KEY], spec)
+  _export(dual, os.path.join(base_dir, "dual", "1"), contract.OUTPUT_KEYS,
+          spec)
   # The cheapest head the library builds: the last layer's summaries only,
   # no prediction or delta feature, no prior, no shrink.
   minimal = heads.add_variation_head(
       base, layers="last", include_prediction=False, include_delta=False,
       prior=None, shrink_out_of_range=False)
   _export(minimal, os.path.join(base_dir, "minimal", "1"),
-          contract.OUTPUT_KEYS)
+          contract.OUTPUT_KEYS, spec)
   _export(base, os.path.join(base_dir, "floor", "1"), contract.OUTPUT_KEYS,
-          constant_variation=[
+          spec, constant_variation=[
               int(d) for d in dual.output[contract.VARIATION_KEY].shape[1:]])
   for name, path in _extra_models().items():
     shutil.copytree(path, os.path.join(base_dir, name, "1"))

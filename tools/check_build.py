@@ -279,6 +279,7 @@ def generate(root):
         ("args", [rel]), ("data", [":test_data"]), ("deps", deps)]))
   benches = {os.path.basename(rel)[:-3]: rel
               for rel in _files(root, BENCH_DIR)}
+  bench_modules = {b: b for b in benches}
   for stem, rel in benches.items():
     # A benchmark may import another one (`import dual_bench`), which may
     # import others in turn: their files join the srcs, their deps the deps.
@@ -286,7 +287,7 @@ def generate(root):
     while todo:
       current = todo.pop()
       for b in _imported_modules(os.path.join(root, benches[current]),
-                                 current, {b: b for b in benches}):
+                                 current, bench_modules):
         if b != stem and b not in siblings:
           siblings.add(b)
           todo.append(b)
