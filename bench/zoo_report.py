@@ -548,6 +548,8 @@ def run_kind(name, kind, quick=False, levers=True, log=print,
           "reference_noise_bound": metrics.noise_bound(
               ref, reference_samples)["correlation"],
           "fit_report": meta.get("fit_report"),
+          "prior_explained": meta.get("prior_explained"),
+          "prior_silenced": meta.get("prior_silenced"),
           "seconds": time.perf_counter() - t0,
       }
       row["gap"], row["goal_met"] = goal(row)
@@ -574,7 +576,10 @@ def run_kind(name, kind, quick=False, levers=True, log=print,
           f"{row['head_scores']['r2']:.3f}; bound (T={num_samples}) "
           f"{row['bound_scores']['spearman']:.3f} / "
           f"{row['bound_scores']['r2']:.3f}; gap {row['gap']:+.3f} "
-          f"({row['seconds']:.0f} s)")
+          f"({row['seconds']:.0f} s)" + (
+              "" if row["prior_explained"] is None else
+              f"; prior explains {row['prior_explained']:.2f}" +
+              (", silenced" if row["prior_silenced"] else "")))
     return rows
 
   rows = attempt("default", {}, 1, 1)

@@ -434,7 +434,9 @@ def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
       (`docs/shift.md`) but runs a second, heavier pass through the model
       on every request (`docs/measurements.md`). "auto": "delta" when the
       model ends in Dropout -> Dense (and `include_delta` is not False),
-      else None. None: the head alone.
+      else None. None: the head alone. A delta prior that explains none of
+      the calibration targets may be silenced by the fit
+      (`training.fit_variation_head`).
     prior_bound: the largest log-space correction of a prior either way.
     out_of_range: also return "out_of_range" (`contract.OUT_OF_RANGE_KEY`),
       (batch,) float32 >= 0: how far the input's activation strengths (the
@@ -774,7 +776,10 @@ def variation_head_metadata(dual, output=None):
   prior, prior_bound, and after fitting seed, num_train_examples,
   prior_noise_scale and prior_smoothed (the fitted noise scale of a
   smoothed output-delta prior and whether it stayed smoothed, else None),
-  prior_correction_center (with shrink_out_of_range, else None) and
+  prior_correction_center (with shrink_out_of_range, else None),
+  prior_explained and prior_silenced (the share of the variance of the
+  targets' log the prior explained, and whether the fit silenced it; None
+  without a prior: see `training.fit_variation_head`) and
   fit_report (the held-out
   self-assessment of `training.fit_variation_head`, see
   `metrics.fit_report`; None when fitted with `report_split=0`). A head of
@@ -838,13 +843,18 @@ def out_of_range_feature_tensors(dual):
   return _layer_inputs(dual, layer, "out-of-range layer")
 
 
-def smoothed_prior_layer(dual, output=None):
-  """The smoothed `OutputDropoutDelta` that is the head's prior, or None."""
+def prior_layer(dual, output=None):
+  """The layer whose output is the head's prior, or None (no prior)."""
   out = variation_output_layer(dual, output)
   if out.prior_bound is None:
     return None
-  layer = keras_graph.source_layer(
+  return keras_graph.source_layer(
       head_feature_tensors(dual, output)[-2 if out.shrink else -1])
+
+
+def smoothed_prior_layer(dual, output=None):
+  """The smoothed `OutputDropoutDelta` that is the head's prior, or None."""
+  layer = prior_layer(dual, output)
   if isinstance(layer, probe_layers.OutputDropoutDelta) and layer.smoothed:
     return layer
   return None

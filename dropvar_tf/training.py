@@ -123,6 +123,10 @@ def _check_targets(targets, n, units, arg="targets"):
 
 
 _LOGGER = logging.getLogger(__name__)
+_FLOAT32_MAX = float(np.finfo("float32").max)
+# A delta prior that explains less than this share of the variance of the
+# training targets' log (`_prior_explained`) is also tried silenced.
+MIN_PRIOR_EXPLAINED = 0.0
 # Estimates are capped at this multiple of the largest fitted target...
 _MAX_VALUE_FACTOR = 1.5
 # ... or, with a smoothed output-delta prior (the std of a probability, so
@@ -150,6 +154,112 @@ def _reset_head_layers(layers, seed):
       # the fit's seed, so that a refit with the same seed is identical.
       state = layer.seed_generator.state
       state.assign(np.array([seed + i, 0], state.dtype))
+
+
+def _train_head(head, out_layer, feats, prior, mlp_feats, t, train_idx,
+                val_idx, cap, batch_size, epochs, learning_rate, seed,
+                patience, calibrate, verbose):
+  """Trains the head's layers; sets the output's center, cap and scale.
+
+  `feats` are every head input on every row, `mlp_feats` those of its
+  layers, `prior` the prior (or None). The output's correction window (with
+  a prior) is already set, its scale 1 and its cap off. Returns the
+  `keras.callbacks.History`.
+  """
+  raw = out_layer.to_raw(t, prior).astype("float32")
+  if out_layer.units == 1:
+    raw = raw[:, None]
+  if out_layer.shrink:
+    out_layer.correction_center.assign(float(raw[train_idx].mean()))
+  features = np.concatenate(mlp_feats, axis=1)
+  mean = features[train_idx].mean(axis=0)
+  std = features[train_idx].std(axis=0)
+  std = np.where(std > 1e-6, std, 1.0)
+  features = ((features - mean) / std).astype("float32")
+  trainable = [l for l in head.layers
+               if isinstance(l, (head_layers.HeadInputDense,
+                                 keras.layers.Dense, keras.layers.Dropout))]
+  first = trainable[0]
+  _reset_head_layers(trainable, seed)
+
+  def dataset(idx, shuffle):
+    ds = tf.data.Dataset.from_tensor_slices((features[idx], raw[idx]))
+    if shuffle:
+      ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size)
+
+  # Train the head's layers (below the output transform) on standardised
+  # features and transformed targets, then fold the standardisation in.
+  trainer_in = keras.Input((features.shape[1],), name="standardised_features")
+  # The first layer takes the head's inputs as a list: split them back.
+  cuts = [int(i) for i in np.cumsum([f.shape[1] for f in mlp_feats])[:-1]]
+  z = keras.ops.split(trainer_in, cuts, axis=-1) if cuts else [trainer_in]
+  for layer in trainable:
+    z = layer(z)
+  trainer = keras.Model(trainer_in, z)
+  trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+  callbacks = []
+  val_ds = None
+  if len(val_idx):
+    val_ds = dataset(val_idx, shuffle=False)
+    callbacks.append(keras.callbacks.EarlyStopping(
+        patience=patience, restore_best_weights=True))
+  history = trainer.fit(dataset(train_idx, shuffle=True),
+                        validation_data=val_ds, epochs=epochs,
+                        callbacks=callbacks, verbose=verbose,
+                        shuffle=False)  # the dataset shuffles, seeded
+
+  _fold_standardisation(first, mean, std)
+  out_layer.max_value.assign(cap)
+  if calibrate:
+    # On the estimates as served, capped: a few uncapped ones far above the
+    # targets would otherwise shrink every estimate.
+    idx = val_idx if len(val_idx) else train_idx
+    est = _head_outputs(head, [f[idx] for f in feats]).astype("float64")
+    denom = float(np.sum(est * est))
+    if denom > 0:
+      out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
+  return history
+
+
+def _prior_explained(t, prior, eps):
+  """Share of the variance of log(t + eps) that subtracting the prior removes.
+
+  1 - Var(log(t + eps) - log(prior + eps)) / Var(log(t + eps)): what is left
+  for the head to learn with the prior against without it. At most 1; 0 or
+  less when the prior's log scatters the targets more than it aligns them.
+  Per output unit, the smallest; 1 when the targets' log does not vary.
+  """
+  t = np.asarray(t, "float64").reshape(len(t), -1)
+  p = np.maximum(np.asarray(prior, "float64").reshape(t.shape), 0.0)
+  log_t = np.log(t + eps)
+  total = log_t.var(axis=0)
+  left = (log_t - np.log(p + eps)).var(axis=0)
+  share = np.where(total > 0, 1.0 - left / np.where(total > 0, total, 1.0),
+                   1.0)
+  return float(share.min())
+
+
+def _silence_prior(layer):
+  """Makes an `OutputDropoutDelta` prior (and feature) 0 for every input."""
+  for weight in [layer.kernel] + list(layer.sensitivities):
+    weight.assign(np.zeros(weight.shape, weight.dtype))
+  if layer.smoothed:
+    layer.bias.assign(np.zeros(layer.bias.shape, layer.bias.dtype))
+    layer.smoothing.assign(0.0)  # the linearised form: exactly 0
+
+
+def _restore_prior(dual, layer):
+  """Undoes `_silence_prior`: the output layer's kernel (and bias) again.
+
+  The sensitivities and the smoothing are fitted again after this.
+  """
+  dense = keras_graph.source_layer(heads.layer_input_tensors(dual, layer)[1])
+  layer.kernel.assign(np.asarray(dense.kernel.numpy(), "float32"))
+  if layer.smoothed:
+    if dense.use_bias:
+      layer.bias.assign(np.asarray(dense.bias.numpy(), "float32"))
+    layer.smoothing.assign(1.0)
 
 
 def _fold_standardisation(first, mean, std):
@@ -194,10 +304,21 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   fit is far below the bound a `UserWarning` says why.
 
   Side effects: updates only the head's weights (with the feature
-  standardisation folded into its first layer, and the output `eps`, `scale`
-  and `max_value`) and its metadata; base weights and
+  standardisation folded into its first layer, the output `eps`, `scale`
+  and `max_value`, and the prior's own weights: its fitted scale and
+  sensitivities, or zeros where it is silenced) and its metadata; base
+  weights and
   the dual model's compile state are unchanged. Deterministic for a `seed`.
   May warn (see above).
+
+  Prior: a head with an output-delta prior (`add_variation_head(prior=
+  "delta")`, the "auto" choice on models ending in Dropout -> Dense) that
+  explains none of the variance of the targets' log (where the dropout the
+  prior sees makes little of the DPV, as with drop-connect in residual
+  blocks) is fitted a second time with the prior silenced (0 for every
+  input, so the head learns the whole log DPV), and the fit that ranks the
+  validation rows better is kept; "prior_explained" and "prior_silenced"
+  in the head metadata say which. A later fit starts from the prior again.
 
   Out-of-range signal: for a dual made with `out_of_range=True`, the range
   of `head_layers.OutOfRange` is set on the same training part of the
@@ -411,6 +532,10 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   arg = "targets" if output is None else f"targets[{output!r}]"
   units = out_layer.units
   _check_targets(targets, n, units, arg)
+  prior_layer = heads.prior_layer(dual, output)
+  if out_layer.metadata.get("prior_silenced"):
+    # An earlier fit silenced the prior: this one starts from it again.
+    _restore_prior(dual, prior_layer)
   smoothed = heads.smoothed_prior_layer(dual, output)
   tensors = list(heads.head_feature_tensors(dual, output))
   num_prior_inputs = 0
@@ -431,11 +556,10 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
   # the layers learn only the log-space correction of the prior from the
   # other inputs.
   prior = None
-  mlp_feats = feats
   extra = 0
   if out_layer.prior_bound is not None:
     extra = 2 if out_layer.shrink else 1
-    prior, mlp_feats = feats[-extra], feats[:-extra]
+    prior = feats[-extra]
   if out_layer.shrink:
     feats[-1] = feats[-1].reshape(-1)  # the signal is (batch,)
   n = len(t)
@@ -472,8 +596,6 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
     eps = max(0.05 * float(np.median(positive)) if positive.size else 1e-3,
               1e-6)
     out_layer.eps.assign(eps)
-  out_layer.scale.assign(1.0)
-  out_layer.max_value.assign(np.finfo("float32").max)
   if prior is not None:
     if smoothed is not None:
       if smoothed.earlier_dims:
@@ -485,73 +607,67 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
       feats = _predict_features(dual, x, tensors[:len(feats)], 256)
       if out_layer.shrink:
         feats[-1] = feats[-1].reshape(-1)
-      prior, mlp_feats = feats[-extra], feats[:-extra]
-    # The head may correct its prior only as much as the training part of
-    # the calibration targets needed (central CORRECTION_QUANTILE of them).
-    bound = out_layer.prior_bound
-    out_layer.correction_low.assign(-bound)
-    out_layer.correction_high.assign(bound)
-    needed = out_layer.to_raw(t[train_idx], prior[train_idx])
-    low, high = np.quantile(needed, [(1 - CORRECTION_QUANTILE) / 2,
-                                     (1 + CORRECTION_QUANTILE) / 2])
-    out_layer.correction_low.assign(float(low))
-    out_layer.correction_high.assign(float(high))
-  raw = out_layer.to_raw(t, prior).astype("float32")
-  if units == 1:
-    raw = raw[:, None]
-  if out_layer.shrink:
-    out_layer.correction_center.assign(float(raw[train_idx].mean()))
-  features = np.concatenate(mlp_feats, axis=1)
-  mean = features[train_idx].mean(axis=0)
-  std = features[train_idx].std(axis=0)
-  std = np.where(std > 1e-6, std, 1.0)
-  features = ((features - mean) / std).astype("float32")
-  trainable = [l for l in head.layers
-               if isinstance(l, (head_layers.HeadInputDense,
-                                 keras.layers.Dense, keras.layers.Dropout))]
-  first = trainable[0]
-  _reset_head_layers(trainable, seed)
+      prior = feats[-extra]
+    explained = _prior_explained(t[train_idx], prior[train_idx],
+                                 float(out_layer.eps.numpy()))
 
-  def dataset(idx, shuffle):
-    ds = tf.data.Dataset.from_tensor_slices((features[idx], raw[idx]))
-    if shuffle:
-      ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size)
+  def train(feats, silenced):
+    """Fits the head on `feats` (the prior's bound lifted if `silenced`)."""
+    prior, mlp_feats = (feats[-extra], feats[:-extra]) if extra else (
+        None, feats)
+    out_layer.scale.assign(1.0)  # to_raw divides by it
+    out_layer.max_value.assign(_FLOAT32_MAX)
+    if prior is not None:
+      # The head may correct its prior only as much as the training part of
+      # the calibration targets needed (central CORRECTION_QUANTILE of
+      # them), within the prior's bound unless the prior is silenced.
+      bound = _FLOAT32_MAX if silenced else out_layer.prior_bound
+      out_layer.correction_low.assign(-bound)
+      out_layer.correction_high.assign(bound)
+      needed = out_layer.to_raw(t[train_idx], prior[train_idx])
+      low, high = np.quantile(needed, [(1 - CORRECTION_QUANTILE) / 2,
+                                       (1 + CORRECTION_QUANTILE) / 2])
+      out_layer.correction_low.assign(float(low))
+      out_layer.correction_high.assign(float(high))
+    return _train_head(head, out_layer, feats, prior, mlp_feats, t,
+                       train_idx, val_idx, cap, batch_size, epochs,
+                       learning_rate, seed, patience, calibrate, verbose)
 
-  # Train the head's layers (below the output transform) on standardised
-  # features and transformed targets, then fold the standardisation in.
-  trainer_in = keras.Input((features.shape[1],), name="standardised_features")
-  # The first layer takes the head's inputs as a list: split them back.
-  cuts = [int(i) for i in np.cumsum([f.shape[1] for f in mlp_feats])[:-1]]
-  z = keras.ops.split(trainer_in, cuts, axis=-1) if cuts else [trainer_in]
-  for layer in trainable:
-    z = layer(z)
-  trainer = keras.Model(trainer_in, z)
-  trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
-  callbacks = []
-  val_ds = None
-  if n_val:
-    val_ds = dataset(val_idx, shuffle=False)
-    callbacks.append(keras.callbacks.EarlyStopping(
-        patience=patience, restore_best_weights=True))
-  history = trainer.fit(dataset(train_idx, shuffle=True),
-                        validation_data=val_ds, epochs=epochs,
-                        callbacks=callbacks, verbose=verbose,
-                        shuffle=False)  # the dataset shuffles, seeded
-
-  _fold_standardisation(first, mean, std)
-  if calibrate:
-    idx = val_idx if n_val else train_idx
-    est = _head_outputs(head, [f[idx] for f in feats]).astype("float64")
-    denom = float(np.sum(est * est))
-    if denom > 0:
-      out_layer.scale.assign(float(np.sum(est * t[idx])) / denom)
   # The cap comes from the training rows only: the report's rows stay
   # unseen.
   cap = _MAX_VALUE_FACTOR * float(t[train_idx].max()) + 1e-12
   if smoothed is not None:
     cap = _PROBABILITY_STD_CAP
-  out_layer.max_value.assign(cap)
+  history = train(feats, False)
+  silenced = False
+  layer = prior_layer
+  if (prior is not None and n_val >= 2 and explained < MIN_PRIOR_EXPLAINED
+      and isinstance(layer, probe_layers.OutputDropoutDelta)):
+    # A delta prior that explains none of the targets' log-space variance
+    # (the dropout it sees makes little of the DPV, e.g. drop-connect in
+    # residual blocks) may still help as a feature: the head is fitted
+    # again with the prior silenced (0 for every input: the head learns the
+    # whole log DPV, as without a prior, on the same graph), and the fit
+    # that ranks the validation rows better is kept.
+    def ranks(feats):
+      est = _head_outputs(head, [f[val_idx] for f in feats])
+      rho = metrics.fidelity(est.astype("float64").ravel(),
+                             t[val_idx].ravel())["spearman"]
+      return rho if np.isfinite(rho) else -np.inf  # constant: no ranking
+
+    kept = ranks(feats)
+    weights = [w.numpy() for w in head.weights + layer.weights]
+    _silence_prior(layer)
+    quiet = _predict_features(dual, x, tensors[:len(feats)], 256)
+    if out_layer.shrink:
+      quiet[-1] = quiet[-1].reshape(-1)
+    quiet_history = train(quiet, True)
+    if ranks(quiet) > kept:
+      silenced, history, feats = True, quiet_history, quiet
+    else:
+      for w, value in zip(head.weights + layer.weights, weights):
+        w.assign(value)
+  prior = feats[-extra] if extra else None
   report = None
   if n_report:
     report = metrics.fit_report(
@@ -578,6 +694,8 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
           smoothed.smoothing.numpy() > 0.5),
       "prior_correction_center": float(
           out_layer.correction_center.numpy()) if out_layer.shrink else None,
+      "prior_explained": None if prior is None else explained,
+      "prior_silenced": None if prior is None else silenced,
       "prior_correction": None if prior is None else [
           float(out_layer.correction_low.numpy()),
           float(out_layer.correction_high.numpy())],

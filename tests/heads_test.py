@@ -428,30 +428,44 @@ class BaseUntouchedTest(tf.test.TestCase):
   def test_fit_changes_only_head_weights(self):
     model = tm.binary_bn()
     x = tm.sample_inputs("binary_bn", 48)
+    # Random targets (the prior is silenced) and MC targets (it is kept).
+    for silenced, t in (
+        (True, _random_targets(48)),
+        (False, targets.mc_dropout_targets(model, x, num_samples=30,
+                                           seed=0))):
+      with self.subTest(silenced=silenced):
+        self._check_fit_changes_only_head_weights(model, x, t, silenced)
+
+  def _check_fit_changes_only_head_weights(self, model, x, t, silenced):
     dual = heads.add_variation_head(model, **_SMALL_HEAD)
     head = heads.variation_head(dual)
     head_ids = {id(v) for v in head.weights}
     base_ids = {id(v) for v in model.weights}
     before = {id(v): np.array(v.numpy()) for v in dual.weights}
-    training.fit_variation_head(dual, x, _random_targets(48), epochs=2,
-                                batch_size=16)
+    training.fit_variation_head(dual, x, t, epochs=2, batch_size=16)
     changed = {id(v) for v in dual.weights
                if not np.array_equal(before[id(v)], v.numpy())}
     self.assertTrue(changed)
     self.assertEqual(changed & base_ids, set())
     # Besides the head, fit sets only the noise scale (and smoothing) and the
-    # earlier-dropout sensitivities of the smoothed output-delta prior and
-    # the range of the out-of-range signal the prior's correction shrinks
-    # with (dual layers, not the base's).
+    # earlier-dropout sensitivities of the smoothed output-delta prior (and
+    # zeroes its kernel copy and bias where it silences the prior, as with
+    # these random targets) and the range of the out-of-range signal the
+    # prior's correction shrinks with (dual layers, not the base's).
     prior = heads.smoothed_prior_layer(dual)
     far = heads.out_of_range_layer(dual)
     self.assertIsNotNone(prior)
     self.assertLen(prior.sensitivities, 1)
-    self.assertLessEqual(
-        changed - head_ids, {id(prior.noise_scale), id(prior.smoothing),
-                             id(prior.sensitivities[0]), id(far.scale),
-                             id(far.offset)})
-    self.assertIn(id(prior.sensitivities[0]), changed)
+    allowed = {id(prior.noise_scale), id(prior.smoothing),
+               id(prior.sensitivities[0]), id(far.scale), id(far.offset)}
+    self.assertEqual(heads.variation_head_metadata(dual)["prior_silenced"],
+                     silenced)
+    if silenced:
+      allowed |= {id(prior.kernel), id(prior.bias)}
+      self.assertIn(id(prior.kernel), changed)
+    else:
+      self.assertIn(id(prior.sensitivities[0]), changed)
+    self.assertLessEqual(changed - head_ids, allowed)
     self.assertIn(id(far.scale), changed)
     self.assertIn(id(head.get_layer("head_out").kernel), changed)
     for v in model.trainable_weights:

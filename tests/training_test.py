@@ -87,6 +87,15 @@ def _targets(n=_N, seed=0, shape=None):
       0.1, 0.05, (n,) if shape is None else shape))
 
 
+def _softmax_calibration(n=300, num_samples=30, seed=2):
+  """The softmax MLP, n inputs and their MC targets (float64)."""
+  model = tm.mlp_softmax()
+  x = tm.sample_inputs("softmax", n)
+  t = np.asarray(targets.mc_dropout_targets(model, x, num_samples=num_samples,
+                                            seed=seed), "float64")
+  return model, x, t
+
+
 def _eager(model, x):
   return tf.nest.map_structure(np.asarray, model(x, training=False))
 
@@ -530,15 +539,92 @@ class PriorTest(tf.test.TestCase):
     self.assertTrue(np.all(v > 0))
 
 
+  def test_prior_explained_share(self):
+    rng = np.random.default_rng(0)
+    t = rng.lognormal(-3.0, 1.0, 500)
+    eps = 1e-3
+    # A prior equal to the targets leaves nothing to learn; one
+    # proportional to them leaves only a constant.
+    self.assertAllClose(training._prior_explained(t, t, eps), 1.0)
+    self.assertAllClose(training._prior_explained(t, 3.0 * t + 2 * eps, eps),
+                        1.0)
+    # A constant prior neither aligns nor scatters; an unrelated one
+    # scatters (its own log variance adds to the targets').
+    self.assertAllClose(training._prior_explained(t, np.full(500, 0.1), eps),
+                        0.0, atol=1e-12)
+    unrelated = rng.lognormal(-3.0, 1.0, 500)
+    self.assertLess(training._prior_explained(t, unrelated, eps), -0.5)
+    # Several units: the least explained one counts.
+    both = np.stack([t, t], axis=1)
+    self.assertAllClose(training._prior_explained(
+        both, np.stack([t, unrelated], axis=1), eps),
+        training._prior_explained(t, unrelated, eps))
+
+  def test_a_prior_that_explains_nothing_is_silenced(self):
+    # Targets unrelated to the inputs (shuffled MC targets): the delta prior
+    # scatters their log more than it aligns it. The fit silences it (0 for
+    # every input), the head learns the whole log DPV, and the correction
+    # window is the needed range, not capped at the prior's bound.
+    model, x, t = _softmax_calibration()
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    training.fit_variation_head(dual, x, t, epochs=2, seed=1, num_samples=30)
+    meta = heads.variation_head_metadata(dual)
+    self.assertFalse(meta["prior_silenced"])
+    self.assertGreater(meta["prior_explained"], 0.0)
+    fitted = _eager(dual, x)["variation"]
+    shuffled = np.random.default_rng(0).permutation(t)
+    training.fit_variation_head(dual, x, shuffled, epochs=2, seed=1,
+                                num_samples=30)
+    meta = heads.variation_head_metadata(dual)
+    self.assertTrue(meta["prior_silenced"])
+    self.assertLess(meta["prior_explained"], 0.0)
+    output = heads.variation_output_layer(dual)
+    feats = training.head_features(dual, x)
+    self.assertAllEqual(feats[-2], np.zeros_like(feats[-2]))
+    low, high = meta["prior_correction"]
+    eps = float(output.eps.numpy())
+    # With a prior of 0 the correction is log(t + eps) - log(eps).
+    needed = np.log(shuffled + eps) - np.log(eps)
+    self.assertGreater(high, output.prior_bound)
+    self.assertBetween(high, np.quantile(needed, 0.9), needed.max())
+    v = _eager(dual, x)["variation"]
+    self.assertTrue(np.all(np.isfinite(v)) and np.all(v > 0))
+    # The estimate is the head alone: its Spearman against the shuffled
+    # targets it was fitted on is at chance, not the prior's ranking.
+    self.assertLess(abs(metrics.fidelity(v, shuffled)["spearman"]), 0.3)
+    # A refit starts from the prior again (the output layer's kernel).
+    training.fit_variation_head(dual, x, t, epochs=2, seed=1, num_samples=30)
+    self.assertFalse(heads.variation_head_metadata(dual)["prior_silenced"])
+    self.assertAllClose(_eager(dual, x)["variation"], fitted, rtol=1e-6)
+
+  def test_scale_is_calibrated_on_capped_estimates(self):
+    # Targets far above 0.5 (the cap of a smoothed prior's estimates): many
+    # estimates are capped, and the least-squares scale is that of the
+    # served (capped) estimates.
+    model = tm.mlp_softmax()
+    x = tm.sample_inputs("softmax", 200)
+    t = 40.0 * np.asarray(targets.mc_dropout_targets(
+        model, x, num_samples=10, seed=0), "float64")
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    training.fit_variation_head(dual, x, t, epochs=3, seed=2,
+                                validation_split=0.25, num_samples=10)
+    output = heads.variation_output_layer(dual)
+    scale = float(output.scale.numpy())
+    val_idx = np.random.default_rng(2).permutation(200)[:50]
+    output.scale.assign(1.0)
+    e = _eager(dual, tm.take(x, val_idx))["variation"].astype("float64")
+    cap = float(output.max_value.numpy())
+    self.assertEqual(cap, 0.5)
+    self.assertGreater(np.mean(e >= cap), 0.2)
+    self.assertAllClose(scale, np.sum(e * t[val_idx]) / np.sum(e * e),
+                        rtol=1e-5)
+
   def test_fit_sets_the_smoothed_delta_noise_scale(self):
     # The default prior of a Dropout -> Dense(softmax) model is the smoothed
     # output delta; its noise scale is the one of `training._NOISE_SCALES`
     # that leaves the head the least to correct, and the prior values the
     # head was fitted on are the dual's own.
-    model = tm.mlp_softmax()
-    x = tm.sample_inputs("softmax", 300)
-    t = np.asarray(targets.mc_dropout_targets(model, x, num_samples=30,
-                                              seed=2), "float64")
+    model, x, t = _softmax_calibration()
     dual = heads.add_variation_head(model, **_SMALL_HEAD)
     layer = heads.smoothed_prior_layer(dual)
     self.assertEqual(heads.variation_head_metadata(dual)["prior"], "delta")
