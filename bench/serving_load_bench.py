@@ -32,7 +32,9 @@ at `--size`. Exports a dual model (the base with a variation head from
 `--extra_models=name=path,...` serves more SavedModels beside these (the
 dual and minimal head exported by another revision's code, say) and
 interleaves them in the latency loop: ratios across revisions from one
-run. `--census` only counts the ops each model runs per batch-1 request in a
+run. `--variable_head` adds the dual with its head's weights read from
+variables, as exports did before they served them as graph constants.
+`--census` only counts the ops each model runs per batch-1 request in a
 TF1 Session (the path TF Serving loads a SavedModel into), with
 `--census_rounds=N` also times those runs (N interleaved rounds, no RPC;
 `--census_session` and `--census_intra_op` pick the Sessions' executor and
@@ -65,6 +67,7 @@ import requests
 from dropvar_tf import contract
 from dropvar_tf import heads
 from dropvar_tf import keras_graph
+from dropvar_tf import saved_model
 from dropvar_tf._keras import keras, tf
 from dropvar_tf.serving import codec
 from tensorflow_serving.apis import predict_pb2
@@ -78,6 +81,8 @@ _FEATURES = 32
 # The base model, the dual, and the floor: the base's graph answering the
 # dual's two outputs (a constant variation).
 _MODELS = ("base", "dual", "floor", "minimal")
+# With --variable_head: the dual with its head's weights read from variables.
+_VARIABLE_HEAD = "dual_variable_head"
 
 
 def _extra_models():
@@ -85,7 +90,8 @@ def _extra_models():
   extra = {}
   for item in FLAGS.extra_models:
     name, sep, path = item.partition("=")
-    if not sep or not name or name in _MODELS or not os.path.isdir(path):
+    if (not sep or not name or name in _MODELS + (_VARIABLE_HEAD,)
+        or not os.path.isdir(path)):
       raise ValueError(
           "Invalid value received for argument `extra_models`. Expected "
           "name=path pairs, each a new name and a SavedModel directory. "
@@ -95,7 +101,8 @@ def _extra_models():
 
 
 def _models():
-  return _MODELS + tuple(_extra_models())
+  variable = (_VARIABLE_HEAD,) if FLAGS.variable_head else ()
+  return _MODELS + variable + tuple(_extra_models())
 
 
 _BATCHING = """
@@ -153,6 +160,18 @@ def define_flags(flag_values=FLAGS):
                     "bench's own and interleaved with them in the latency "
                     "table, as name/base and dual/name.",
                     flag_values=flag_values)
+  flags.DEFINE_bool("variable_head", False,
+                    "Also serve the dual with its head's weights read from "
+                    "variables instead of graph constants, as model "
+                    f"{_VARIABLE_HEAD!r} (in the latency table as "
+                    f"{_VARIABLE_HEAD}/base and dual/{_VARIABLE_HEAD}).",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("jit_compile", False,
+                    "Export every model's serving_default compiled with XLA "
+                    "(`export_saved_model(jit_compile=True)`; TF Serving "
+                    "runs such exports with "
+                    "--xla_cpu_compilation_enabled=true).",
+                    flag_values=flag_values)
   flags.DEFINE_integer("census_rounds", 0,
                        "With --census, also time each model's Session run "
                        "in this many interleaved rounds of 100.",
@@ -164,10 +183,12 @@ def define_flags(flag_values=FLAGS):
 
 
 def _description():
+  xla = ", every model exported with XLA (jit_compile)" if FLAGS.jit_compile \
+      else ""
   if FLAGS.model == "mlp":
-    return f"3x{FLAGS.width} MLP, {_FEATURES} features"
+    return f"3x{FLAGS.width} MLP, {_FEATURES} features{xla}"
   description, _, _, size_arg = zoo_cost_bench.MODELS[FLAGS.model]
-  return f"{description}, {size_arg}={FLAGS.size}"
+  return f"{description}, {size_arg}={FLAGS.size}{xla}"
 
 
 def _inputs(n, seed):
@@ -191,18 +212,24 @@ def _base_model():
   return keras.Model(x, keras.layers.Dense(1)(h))
 
 
-def _export(model, path, keys, spec, constant_variation=None):
+def _export(model, path, keys, spec, constant_variation=None,
+            variable_head=False):
   """Exports `model` with a `serving_default` returning `keys`.
 
+  As `export_saved_model` does, a dual's small head weights are constants of
+  the serving graph (`saved_model.constant_head`); with `variable_head` they
+  are read from the variables, as exports before that did.
   With `constant_variation` (the dual's variation shape, batch excluded) the
   "variation" output is zeros instead of the head: the dual's outputs at
   the base's graph cost, the floor of what serving the dual can cost.
   """
   archive = keras.export.ExportArchive()
   archive.track(model)
+  head_values = [] if variable_head else saved_model.head_weight_values(model)
 
   def serve(x):
-    outputs = model(x, training=False)
+    with saved_model.constant_head(head_values):
+      outputs = model(x, training=False)
     if not isinstance(outputs, dict):
       outputs = {contract.PREDICTION_KEY: outputs}
     if constant_variation is not None:
@@ -210,6 +237,13 @@ def _export(model, path, keys, spec, constant_variation=None):
           [tf.shape(x)[0]] + constant_variation)
     return {key: outputs[key] for key in keys}
 
+  if FLAGS.jit_compile:
+    # As `export_saved_model(jit_compile=True)` compiles it: one XLA
+    # program per power-of-two batch size, requests padded up to it.
+    run = serve
+    padded = saved_model._padded_to_bucket(  # noqa: SLF001
+        tf.function(lambda inputs: run(inputs["x"]), jit_compile=True))
+    serve = lambda x: padded({"x": x})  # noqa: E731
   archive.add_endpoint(contract.SERVING_SIGNATURE, serve,
                        input_signature=[spec])
   archive.write_out(path, verbose=False)
@@ -225,6 +259,9 @@ def _export_models(base_dir):
           [contract.PREDICTION_KEY], spec)
   _export(dual, os.path.join(base_dir, "dual", "1"), contract.OUTPUT_KEYS,
           spec)
+  if FLAGS.variable_head:
+    _export(dual, os.path.join(base_dir, _VARIABLE_HEAD, "1"),
+            contract.OUTPUT_KEYS, spec, variable_head=True)
   # The cheapest head the library builds: the last layer's summaries only,
   # no prediction or delta feature, no prior, no shrink.
   minimal = heads.add_variation_head(
@@ -485,7 +522,7 @@ def main(argv):
         extra = np.median(t - times["base"]) * 1e6
         print(f"| {name} | {np.median(t) * 1e6:.1f} | {med:.3f} "
               f"({q1:.3f}-{q3:.3f}) | {extra:+.0f} |")
-      for name in _extra_models():
+      for name in _models()[len(_MODELS):]:
         # An extra "minimal..." compares with minimal, any other with dual.
         mine = "minimal" if name.startswith("minimal") else "dual"
         q1, med, q3 = np.percentile(times[mine] / times[name], [25, 50, 75])
@@ -550,7 +587,7 @@ def main(argv):
           f"{floor_p50 / base_p50:.3f} | {dual_p50 / floor_p50:.3f} | "
           f"{minimal_p50 / base_p50:.3f} | {base_p99:.3f} | "
           f"{dual_p99:.3f} |")
-  for name in _extra_models():
+  for name in _models()[len(_MODELS):]:
     print(f"\n{name}, interleaved with the above:")
     print(f"| protocol | {name} p50 ms | {name}/base p50 | dual/{name} p50 | "
           f"minimal/{name} p50 |")

@@ -17,6 +17,7 @@ The version folder appears in one `os.rename` of a complete temporary folder
 not an integer), so a server polling `export_base` never sees half a model.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -407,13 +408,51 @@ def _check_jit_compiles(compiled, specs):
         f"said: {first_line})", True) from e
 
 
+# A head variable up to this many elements is served as a constant of the
+# serving graph (256 KiB of float32): larger ones stay variables, so that the
+# graph stays small whatever the head.
+_MAX_CONSTANT_ELEMENTS = 65536
+
+
+def head_weight_values(dual):
+  """[(variable, numpy value)] of the head's weights that serve as constants.
+
+  Every variable of `dual` that its base model does not use (the variation
+  head's, its probes' and the out-of-range signal's), up to
+  `_MAX_CONSTANT_ELEMENTS` elements each; [] for a model without a
+  variation head. Read now: call it after fitting.
+  """
+  if not heads.has_variation_head(dual):
+    return []
+  base = {id(v) for v in heads.strip_variation_head(dual).variables}
+  return [(v, v.numpy()) for v in dual.variables
+          if id(v) not in base and np.prod(v.shape) <= _MAX_CONSTANT_ELEMENTS]
+
+
+@contextlib.contextmanager
+def constant_head(values):
+  """Within it, a traced call of the dual reads `values`
+  (`head_weight_values`) as graph constants instead of variables.
+
+  A served request then reads only the base model's variables: at batch 1
+  each variable read is an op of its own (a handle and a read in a TF1
+  Session, an argument of an XLA program), and a head has a dozen or more
+  small ones. The SavedModel still holds the head's variables.
+  """
+  with keras.StatelessScope(state_mapping=[
+      (variable, tf.constant(value)) for variable, value in values]):
+    yield
+
+
 def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
                    seed, statistic, variation_shape, jit_compile=False):
   archive = keras.export.ExportArchive()
   archive.track(dual)
+  head_values = head_weight_values(dual)
 
   def serve(inputs):
-    outputs = dual(rebuild(inputs), training=False)
+    with constant_head(head_values):
+      outputs = dual(rebuild(inputs), training=False)
     return {key: outputs[key] for key in dual.output}
 
   if jit_compile:
@@ -471,7 +510,10 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       the dual's outputs: {"prediction", "variation"} (per output name for
       several outputs), and "out_of_range" when the dual has it. Dropout is
       off (training=False), so the same request always gets the same
-      answer.
+      answer. The head's weights (each up to 65536 elements) are
+      constants of this graph (`head_weight_values`), so a request reads
+      only the base model's variables; the SavedModel's variables still
+      hold every weight of `dual`.
     - "metadata": no inputs; returns {"metadata": scalar string}, the JSON
       also written to `assets/dropvar_tf_metadata.json`.
     - "mc_dropout" (when `mc_num_samples` is given): same inputs;

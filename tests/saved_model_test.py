@@ -639,5 +639,88 @@ class JitCompileExportTest(tf.test.TestCase):
                                      jit_compile="yes")
 
 
+def session_run(path, feeds):
+  """Runs serving_default of `path` in a TF1 Session, as TF Serving does.
+
+  Returns its outputs and how many variables the run read (VarHandleOps in
+  the partition graphs the Session ran).
+  """
+  graph = tf.Graph()
+  with tf.compat.v1.Session(graph=graph) as session:
+    with graph.as_default():
+      meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+    signature = meta.signature_def[contract.SERVING_SIGNATURE]
+    run_metadata = tf.compat.v1.RunMetadata()
+    outputs = session.run(
+        {key: t.name for key, t in signature.outputs.items()},
+        {signature.inputs[name].name: value for name, value in feeds.items()},
+        options=tf.compat.v1.RunOptions(output_partition_graphs=True),
+        run_metadata=run_metadata)
+  reads = sum(node.op == "VarHandleOp"
+              for graph_def in run_metadata.partition_graphs
+              for node in graph_def.node)
+  return outputs, reads
+
+
+class ConstantHeadTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.base = fresh_dir(self)
+    keras.utils.set_random_seed(0)
+    x = keras.Input(shape=(4,), name="features")
+    h = keras.layers.Dropout(0.3)(keras.layers.Dense(8, "relu")(x))
+    self.model = keras.Model(x, keras.layers.Dense(1)(h))
+    self.dual = heads.add_variation_head(self.model, hidden_units=(4,))
+    # Weights no initializer gives (the head's scale is 1 before fitting).
+    for i, v in enumerate(self.dual.variables):
+      v.assign(v.numpy() + 0.01 * (i + 1))
+    self.x = float_examples(3)
+
+  def export_and_run(self, **kwargs):
+    path = saved_model.export_saved_model(
+        self.dual, fresh_dir(self), **kwargs)
+    served, reads = session_run(path, {"features": self.x})
+    expected = self.dual(self.x, training=False)
+    for key in contract.OUTPUT_KEYS:
+      self.assertAllClose(served[key], expected[key], rtol=1e-5, atol=1e-6)
+    return path, reads
+
+  def test_served_graph_reads_only_the_base_variables(self):
+    head = saved_model.head_weight_values(self.dual)
+    # Kernel and bias of two Dense layers; the Dropout's seed state is
+    # not read with dropout off.
+    base_reads = 4
+    base_ids = {id(v) for v in self.model.variables}
+    self.assertLen(head, len(self.dual.variables) - len(base_ids))
+    self.assertFalse(base_ids & {id(v) for v, _ in head})
+    for jit_compile in (False, True):
+      with self.subTest(jit_compile=jit_compile):
+        path, reads = self.export_and_run(jit_compile=jit_compile)
+        self.assertEqual(reads, base_reads)
+        # The SavedModel still holds every variable of the dual.
+        loaded = tf.saved_model.load(path)
+        self.assertLen(loaded.variables, len(self.dual.variables))
+
+  def test_large_head_weights_stay_variables(self):
+    sizes = {id(v): int(np.prod(v.shape)) for v, _ in
+             saved_model.head_weight_values(self.dual)}
+    limit = sorted(sizes.values())[len(sizes) // 2]
+    with mock.patch.object(saved_model, "_MAX_CONSTANT_ELEMENTS", limit):
+      kept = saved_model.head_weight_values(self.dual)
+      _, reads = self.export_and_run()
+    self.assertNotEmpty(kept)
+    self.assertLess(len(kept), len(sizes))
+    self.assertTrue(all(np.prod(v.shape) <= limit for v, _ in kept))
+    self.assertEqual(reads, 4 + len(sizes) - len(kept))
+
+  def test_model_without_a_head_keeps_its_variables(self):
+    dual = make_dual("float")
+    self.assertEqual(saved_model.head_weight_values(dual), [])
+    path = saved_model.export_saved_model(dual, fresh_dir(self))
+    _, reads = session_run(path, {"features": float_examples(2)})
+    self.assertEqual(reads, 6)  # three Dense layers, kernel and bias
+
+
 if __name__ == "__main__":
   tf.test.main()

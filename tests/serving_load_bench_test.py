@@ -60,6 +60,29 @@ class CensusTest(tf.test.TestCase):
     self.assertGreater(sum(counts["dual"].values()),
                        sum(counts["base"].values()))
 
+  def test_jit_compiled_exports_run_as_one_xla_program(self):
+    counts, times = self._census("--width=8", "--jit_compile")
+    self.assertCountEqual(times, serving_load_bench._MODELS)
+    for name, count in counts.items():
+      # The model's ops are in the compiled function, not in the Session's
+      # graph: one call of it (XLA compiles it when it runs), and no MatMul
+      # left outside it.
+      self.assertNotIn("MatMul", count, msg=name)
+      self.assertEqual(count["StatefulPartitionedCall"], 1,
+                       msg=(name, dict(count)))
+
+  def test_variable_head_reads_the_head_weights_the_dual_has_as_constants(
+      self):
+    counts, times = self._census("--width=8", "--variable_head")
+    variable = serving_load_bench._VARIABLE_HEAD
+    self.assertCountEqual(times, serving_load_bench._MODELS + (variable,))
+    # The base reads its 4 Dense layers' kernels and biases; so does the
+    # dual, whose head weights are constants; the variable head reads more.
+    self.assertEqual(counts["base"]["VarHandleOp"], 8)
+    self.assertEqual(counts["dual"]["VarHandleOp"], 8)
+    self.assertEqual(counts["minimal"]["VarHandleOp"], 8)
+    self.assertGreater(counts[variable]["VarHandleOp"], 8 + 10)
+
 
 if __name__ == "__main__":
   tf.test.main()
