@@ -33,7 +33,9 @@ at `--size`. Exports a dual model (the base with a variation head from
 dual and minimal head exported by another revision's code, say) and
 interleaves them in the latency loop: ratios across revisions from one
 run. `--variable_head` adds the dual with its head's weights read from
-variables, as exports did before they served them as graph constants.
+variables, as exports did before they served them as graph constants;
+`--jit_compile` exports every model with XLA, and `--plain_too` then adds
+base and dual exported without it.
 `--census` only counts the ops each model runs per batch-1 request in a
 TF1 Session (the path TF Serving loads a SavedModel into), with
 `--census_rounds=N` also times those runs (N interleaved rounds, no RPC;
@@ -83,6 +85,8 @@ _FEATURES = 32
 _MODELS = ("base", "dual", "floor", "minimal")
 # With --variable_head: the dual with its head's weights read from variables.
 _VARIABLE_HEAD = "dual_variable_head"
+# With --jit_compile --plain_too: base and dual exported without XLA.
+_PLAIN = ("base_plain", "dual_plain")
 
 
 def _extra_models():
@@ -90,7 +94,7 @@ def _extra_models():
   extra = {}
   for item in FLAGS.extra_models:
     name, sep, path = item.partition("=")
-    if (not sep or not name or name in _MODELS + (_VARIABLE_HEAD,)
+    if (not sep or not name or name in _MODELS + (_VARIABLE_HEAD,) + _PLAIN
         or not os.path.isdir(path)):
       raise ValueError(
           "Invalid value received for argument `extra_models`. Expected "
@@ -102,7 +106,8 @@ def _extra_models():
 
 def _models():
   variable = (_VARIABLE_HEAD,) if FLAGS.variable_head else ()
-  return _MODELS + variable + tuple(_extra_models())
+  plain = _PLAIN if FLAGS.jit_compile and FLAGS.plain_too else ()
+  return _MODELS + variable + plain + tuple(_extra_models())
 
 
 _BATCHING = """
@@ -160,6 +165,13 @@ def define_flags(flag_values=FLAGS):
                     "bench's own and interleaved with them in the latency "
                     "table, as name/base and dual/name.",
                     flag_values=flag_values)
+  flags.DEFINE_bool("plain_too", False,
+                    "With --jit_compile: also serve base and dual exported "
+                    f"without XLA, as models {_PLAIN[0]!r} and "
+                    f"{_PLAIN[1]!r} (in the latency table as "
+                    f"{_PLAIN[0]}/base, dual/{_PLAIN[0]}, ...): what XLA "
+                    "itself costs or saves.",
+                    flag_values=flag_values)
   flags.DEFINE_bool("variable_head", False,
                     "Also serve the dual with its head's weights read from "
                     "variables instead of graph constants, as model "
@@ -213,12 +225,13 @@ def _base_model():
 
 
 def _export(model, path, keys, spec, constant_variation=None,
-            variable_head=False):
+            variable_head=False, jit_compile=None):
   """Exports `model` with a `serving_default` returning `keys`.
 
   As `export_saved_model` does, a dual's small head weights are constants of
   the serving graph (`saved_model.constant_head`); with `variable_head` they
-  are read from the variables, as exports before that did.
+  are read from the variables, as exports before that did. `jit_compile`
+  None follows --jit_compile.
   With `constant_variation` (the dual's variation shape, batch excluded) the
   "variation" output is zeros instead of the head: the dual's outputs at
   the base's graph cost, the floor of what serving the dual can cost.
@@ -237,7 +250,7 @@ def _export(model, path, keys, spec, constant_variation=None,
           [tf.shape(x)[0]] + constant_variation)
     return {key: outputs[key] for key in keys}
 
-  if FLAGS.jit_compile:
+  if FLAGS.jit_compile if jit_compile is None else jit_compile:
     # As `export_saved_model(jit_compile=True)` compiles it: one XLA
     # program per power-of-two batch size, requests padded up to it.
     run = serve
@@ -262,6 +275,11 @@ def _export_models(base_dir):
   if FLAGS.variable_head:
     _export(dual, os.path.join(base_dir, _VARIABLE_HEAD, "1"),
             contract.OUTPUT_KEYS, spec, variable_head=True)
+  if _PLAIN[0] in _models():
+    _export(base, os.path.join(base_dir, _PLAIN[0], "1"),
+            [contract.PREDICTION_KEY], spec, jit_compile=False)
+    _export(dual, os.path.join(base_dir, _PLAIN[1], "1"),
+            contract.OUTPUT_KEYS, spec, jit_compile=False)
   # The cheapest head the library builds: the last layer's summaries only,
   # no prediction or delta feature, no prior, no shrink.
   minimal = heads.add_variation_head(
@@ -598,6 +616,18 @@ def main(argv):
       print(f"| {protocol} | {p50[name]:.3f} | {p50[name] / p50['base']:.3f} "
             f"| {p50['dual'] / p50[name]:.3f} | "
             f"{p50['minimal'] / p50[name]:.3f} |")
+  if _PLAIN[0] in _models():
+    print("\nXLA against without it, interleaved with the above:")
+    print(f"| protocol | {_PLAIN[1]}/{_PLAIN[0]} p50 | base/{_PLAIN[0]} p50 "
+          f"| dual/{_PLAIN[1]} p50 | dual/{_PLAIN[0]} p50 |")
+    print("|---|---|---|---|---|")
+    for protocol in ("grpc", "rest"):
+      p50 = {m: latency[(protocol, m)][0] for m in ("base", "dual") + _PLAIN}
+      plain_base, plain_dual = (p50[m] for m in _PLAIN)
+      print(f"| {protocol} | {plain_dual / plain_base:.3f} | "
+            f"{p50['base'] / plain_base:.3f} | "
+            f"{p50['dual'] / plain_dual:.3f} | "
+            f"{p50['dual'] / plain_base:.3f} |")
 
 
 def run_main():

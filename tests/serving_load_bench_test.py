@@ -83,6 +83,16 @@ class CensusTest(tf.test.TestCase):
     self.assertEqual(counts["minimal"]["VarHandleOp"], 8)
     self.assertGreater(counts[variable]["VarHandleOp"], 8 + 10)
 
+  def test_plain_too_serves_base_and_dual_without_xla_beside_them(self):
+    counts, times = self._census("--width=8", "--jit_compile", "--plain_too")
+    plain = serving_load_bench._PLAIN
+    self.assertCountEqual(times, serving_load_bench._MODELS + plain)
+    for name in plain:
+      self.assertIn("MatMul", str(dict(counts[name])), msg=name)
+    self.assertNotIn("MatMul", str(dict(counts["dual"])))
+    self.assertGreater(sum(counts["dual_plain"].values()),
+                       sum(counts["base_plain"].values()) + 20)
+
 
 if __name__ == "__main__":
   tf.test.main()
