@@ -268,7 +268,8 @@ class VariationOutput(keras.layers.Layer):
   becomes `max_value`: no estimate is finer than "as uncertain as the head
   can say". `eps`, `scale` and
   `max_value` are non-trainable weights set by `fit_variation_head` (so they
-  are saved with the model and never baked into a traced graph).
+  are saved with the model; `saved_model.export_saved_model` serves them,
+  as the head's other weights, as constants of the exported graph).
 
   With a prior (`prior_bound` set; log transform only) the layer takes
   `[z, prior]`, `prior` an analytic DPV estimate (batch, units) or (batch,),
@@ -276,8 +277,10 @@ class VariationOutput(keras.layers.Layer):
   clip(z, correction_low, correction_high))` replaces `exp(z)` above. The
   bounds are non-trainable weights that `fit_variation_head` sets to the
   range of corrections its calibration targets needed, within
-  [-prior_bound, prior_bound]. However far from its calibration data an
-  input lies, the estimate then stays within the corrections seen there.
+  [-prior_bound, prior_bound] (or beyond, where the fit silences a prior
+  that explains none of the targets). However far from its calibration
+  data an input lies, the estimate then stays within the corrections seen
+  there.
   Where `exp(...) - eps` would be 0 or less, the estimate is `MIN_SHARE *
   exp(...)` instead of 0: a tiny variation, never an exact 0.
 

@@ -437,7 +437,8 @@ def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
       else None. None: the head alone. A delta prior that explains none of
       the calibration targets may be silenced by the fit
       (`training.fit_variation_head`).
-    prior_bound: the largest log-space correction of a prior either way.
+    prior_bound: the largest log-space correction of a prior either way
+      (lifted where the fit silences the prior).
     out_of_range: also return "out_of_range" (`contract.OUT_OF_RANGE_KEY`),
       (batch,) float32 >= 0: how far the input's activation strengths (the
       probe features every head reads, before the head's standardisation)
@@ -858,6 +859,19 @@ def smoothed_prior_layer(dual, output=None):
   if isinstance(layer, probe_layers.OutputDropoutDelta) and layer.smoothed:
     return layer
   return None
+
+
+def head_variables(dual):
+  """Every variable of `dual` that its base model does not use.
+
+  The variation head's, its probes' (a delta prior's copy of the output
+  kernel among them) and the out-of-range signal's: what
+  `fit_variation_head` sets. [] for a model without a variation head.
+  """
+  if not has_variation_head(dual):
+    return []
+  base = {id(v) for v in strip_variation_head(dual).variables}
+  return [v for v in dual.variables if id(v) not in base]
 
 
 def strip_variation_head(dual):

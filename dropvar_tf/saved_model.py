@@ -408,25 +408,32 @@ def _check_jit_compiles(compiled, specs):
         f"said: {first_line})", True) from e
 
 
-# A head variable up to this many elements is served as a constant of the
-# serving graph (256 KiB of float32): larger ones stay variables, so that the
-# graph stays small whatever the head.
+# Head variables up to this many elements each (256 KiB of float32), and up
+# to this many in all (4 MiB), smallest first, are served as constants of the
+# serving graph; the others stay variables, so that the graph stays small
+# whatever the head.
 _MAX_CONSTANT_ELEMENTS = 65536
+_MAX_CONSTANT_TOTAL = 1 << 20
 
 
 def head_weight_values(dual):
   """[(variable, numpy value)] of the head's weights that serve as constants.
 
-  Every variable of `dual` that its base model does not use (the variation
-  head's, its probes' and the out-of-range signal's), up to
-  `_MAX_CONSTANT_ELEMENTS` elements each; [] for a model without a
-  variation head. Read now: call it after fitting.
+  Those of `heads.head_variables(dual)` (the variation head's, its probes'
+  and the out-of-range signal's) of up to `_MAX_CONSTANT_ELEMENTS` elements,
+  smallest first while their total stays within `_MAX_CONSTANT_TOTAL`; the
+  others stay variables. [] for a model without a variation head. Read
+  now: call it after fitting.
   """
-  if not heads.has_variation_head(dual):
-    return []
-  base = {id(v) for v in heads.strip_variation_head(dual).variables}
-  return [(v, v.numpy()) for v in dual.variables
-          if id(v) not in base and np.prod(v.shape) <= _MAX_CONSTANT_ELEMENTS]
+  chosen, total = [], 0
+  for v in sorted(heads.head_variables(dual),
+                  key=lambda v: int(np.prod(v.shape))):
+    size = int(np.prod(v.shape))
+    if size > _MAX_CONSTANT_ELEMENTS or total + size > _MAX_CONSTANT_TOTAL:
+      break
+    chosen.append((v, v.numpy()))
+    total += size
+  return chosen
 
 
 @contextlib.contextmanager
@@ -437,7 +444,10 @@ def constant_head(values):
   A served request then reads only the base model's variables: at batch 1
   each variable read is an op of its own (a handle and a read in a TF1
   Session, an argument of an XLA program), and a head has a dozen or more
-  small ones. The SavedModel still holds the head's variables.
+  small ones. The SavedModel still holds the head's variables, but the
+  served graph does not read them. Variable assignments made during the
+  traced call are dropped (the scope is stateless); a call with
+  training=False makes none.
   """
   with keras.StatelessScope(state_mapping=[
       (variable, tf.constant(value)) for variable, value in values]):
@@ -510,10 +520,11 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       the dual's outputs: {"prediction", "variation"} (per output name for
       several outputs), and "out_of_range" when the dual has it. Dropout is
       off (training=False), so the same request always gets the same
-      answer. The head's weights (each up to 65536 elements) are
-      constants of this graph (`head_weight_values`), so a request reads
-      only the base model's variables; the SavedModel's variables still
-      hold every weight of `dual`.
+      answer. The head's weights are constants of this graph (those of
+      up to 65536 elements, up to 2**20 in all: `head_weight_values`), so
+      a request reads only the base model's variables; the SavedModel's
+      variables still hold every weight of `dual`, but changing them
+      there does not change what this signature serves.
     - "metadata": no inputs; returns {"metadata": scalar string}, the JSON
       also written to `assets/dropvar_tf_metadata.json`.
     - "mc_dropout" (when `mc_num_samples` is given): same inputs;

@@ -6,6 +6,8 @@ using its moving statistics), then only the head's weights are trained on them.
 Calling `dual.fit` directly would instead run the base with dropout on.
 """
 
+import contextlib
+import json
 import logging
 import warnings
 
@@ -212,8 +214,9 @@ def _train_head(head, out_layer, feats, prior, mlp_feats, t, train_idx,
   _fold_standardisation(first, mean, std)
   out_layer.max_value.assign(cap)
   if calibrate:
-    # On the estimates as served, capped: a few uncapped ones far above the
-    # targets would otherwise shrink every estimate.
+    # On the capped estimates: a few uncapped ones far above the targets
+    # would otherwise shrink every estimate. (Served is min(scale * v,
+    # cap), not scale * min(v, cap): the two differ only near the cap.)
     idx = val_idx if len(val_idx) else train_idx
     est = _head_outputs(head, [f[idx] for f in feats]).astype("float64")
     denom = float(np.sum(est * est))
@@ -307,18 +310,21 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   standardisation folded into its first layer, the output `eps`, `scale`
   and `max_value`, and the prior's own weights: its fitted scale and
   sensitivities, or zeros where it is silenced) and its metadata; base
-  weights and
-  the dual model's compile state are unchanged. Deterministic for a `seed`.
-  May warn (see above).
+  weights and the dual model's compile state are unchanged. A call that
+  raises leaves the head's weights and metadata as they were. Deterministic
+  for a `seed`. May warn (see above).
 
   Prior: a head with an output-delta prior (`add_variation_head(prior=
   "delta")`, the "auto" choice on models ending in Dropout -> Dense) that
   explains none of the variance of the targets' log (where the dropout the
   prior sees makes little of the DPV, as with drop-connect in residual
   blocks) is fitted a second time with the prior silenced (0 for every
-  input, so the head learns the whole log DPV), and the fit that ranks the
-  validation rows better is kept; "prior_explained" and "prior_silenced"
-  in the head metadata say which. A later fit starts from the prior again.
+  input, so the head learns the whole log DPV, its correction window
+  lifted; the delta feature, the same layer, is 0 too), and the fit that
+  ranks the validation rows better is kept; "prior_explained" and
+  "prior_silenced" in the head metadata say which. That needs at least 2
+  validation rows (never with `validation_split=0`) and costs a second
+  fit. A later fit starts from the prior again.
 
   Out-of-range signal: for a dual made with `out_of_range=True`, the range
   of `head_layers.OutOfRange` is set on the same training part of the
@@ -386,7 +392,8 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
   # set once, with the first head's split.
   settings["fit_range"] = heads.out_of_range_layer(dual) is not None
   if names is None:
-    return _fit_head(dual, None, data, targets, n, **settings)
+    with _restored_on_error(dual):
+      return _fit_head(dual, None, data, targets, n, **settings)
   if not isinstance(targets, dict) or sorted(targets) != sorted(names):
     raise validation.invalid(
         "targets", f"a dict of target arrays keyed by the output names "
@@ -398,11 +405,36 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
                    heads.variation_output_layer(dual, name).units,
                    f"targets[{name!r}]")
   histories = {}
-  for name in names:
-    histories[name] = _fit_head(dual, name, data, targets[name], n,
-                                **settings)
-    settings["fit_range"] = False
+  with _restored_on_error(dual):
+    for name in names:
+      histories[name] = _fit_head(dual, name, data, targets[name], n,
+                                  **settings)
+      settings["fit_range"] = False
   return histories
+
+
+@contextlib.contextmanager
+def _restored_on_error(dual):
+  """Puts back the head's weights and metadata when the block raises.
+
+  A fit that fails (a bad split, an interrupt, an error half-way through a
+  second fit with the prior silenced) leaves `dual` as it was, never a
+  head whose weights and metadata disagree.
+  """
+  weights = heads.head_variables(dual)
+  values = [w.numpy() for w in weights]
+  layers = [heads.variation_output_layer(dual, name)
+            for name in heads.dual_output_names(dual) or [None]]
+  metadata = [json.dumps(dict(layer.metadata)) for layer in layers]
+  try:
+    yield
+  except BaseException:
+    for weight, value in zip(weights, values):
+      weight.assign(value)
+    for layer, saved in zip(layers, metadata):
+      layer.metadata.clear()
+      layer.metadata.update(json.loads(saved))
+    raise
 
 
 def _fit_out_of_range(dual, x, train_idx, report_idx):
@@ -645,10 +677,11 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
       and isinstance(layer, probe_layers.OutputDropoutDelta)):
     # A delta prior that explains none of the targets' log-space variance
     # (the dropout it sees makes little of the DPV, e.g. drop-connect in
-    # residual blocks) may still help as a feature: the head is fitted
-    # again with the prior silenced (0 for every input: the head learns the
-    # whole log DPV, as without a prior, on the same graph), and the fit
-    # that ranks the validation rows better is kept.
+    # residual blocks) may still rank them (as the GRU's of docs/zoo.md
+    # does): the head is fitted both ways, the second time with the prior
+    # silenced (0 for every input, and so is the delta feature: the head
+    # learns the whole log DPV on the same graph), and the fit that ranks
+    # the validation rows better is kept.
     def ranks(feats):
       est = _head_outputs(head, [f[val_idx] for f in feats])
       rho = metrics.fidelity(est.astype("float64").ravel(),

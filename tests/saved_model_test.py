@@ -666,7 +666,6 @@ class ConstantHeadTest(tf.test.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.base = fresh_dir(self)
     keras.utils.set_random_seed(0)
     x = keras.Input(shape=(4,), name="features")
     h = keras.layers.Dropout(0.3)(keras.layers.Dense(8, "relu")(x))
@@ -712,6 +711,17 @@ class ConstantHeadTest(tf.test.TestCase):
     self.assertNotEmpty(kept)
     self.assertLess(len(kept), len(sizes))
     self.assertTrue(all(np.prod(v.shape) <= limit for v, _ in kept))
+    self.assertEqual(reads, 4 + len(sizes) - len(kept))
+
+  def test_constants_stop_at_their_total_smallest_first(self):
+    sizes = sorted(int(np.prod(v.shape)) for v in
+                   heads.head_variables(self.dual))
+    total = sum(sizes[:len(sizes) // 2])
+    with mock.patch.object(saved_model, "_MAX_CONSTANT_TOTAL", total):
+      kept = saved_model.head_weight_values(self.dual)
+      _, reads = self.export_and_run()
+    self.assertEqual(sorted(int(np.prod(v.shape)) for v, _ in kept),
+                     sizes[:len(sizes) // 2])
     self.assertEqual(reads, 4 + len(sizes) - len(kept))
 
   def test_model_without_a_head_keeps_its_variables(self):

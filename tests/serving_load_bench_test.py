@@ -93,6 +93,11 @@ class CensusTest(tf.test.TestCase):
     self.assertGreater(sum(counts["dual_plain"].values()),
                        sum(counts["base_plain"].values()) + 20)
 
+  def test_plain_too_without_jit_compile_is_a_usage_error(self):
+    with self.assertRaisesRegex(flags.IllegalFlagValueError,
+                                "--plain_too needs --jit_compile"):
+      _flag_values("--plain_too")
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -561,10 +561,11 @@ class PriorTest(tf.test.TestCase):
         training._prior_explained(t, unrelated, eps))
 
   def test_a_prior_that_explains_nothing_is_silenced(self):
-    # Targets unrelated to the inputs (shuffled MC targets): the delta prior
-    # scatters their log more than it aligns it. The fit silences it (0 for
-    # every input), the head learns the whole log DPV, and the correction
-    # window is the needed range, not capped at the prior's bound.
+    # Targets that fall as a head input rises, the input whose log the
+    # prior follows least: the delta prior ranks them backwards. The fit
+    # silences it (0 for every input), the head learns the whole log DPV
+    # from its inputs, and the correction window is the needed range, not
+    # capped at the prior's bound.
     model, x, t = _softmax_calibration()
     dual = heads.add_variation_head(model, **_SMALL_HEAD)
     training.fit_variation_head(dual, x, t, epochs=2, seed=1, num_samples=30)
@@ -572,26 +573,47 @@ class PriorTest(tf.test.TestCase):
     self.assertFalse(meta["prior_silenced"])
     self.assertGreater(meta["prior_explained"], 0.0)
     fitted = _eager(dual, x)["variation"]
-    shuffled = np.random.default_rng(0).permutation(t)
-    training.fit_variation_head(dual, x, shuffled, epochs=2, seed=1,
+    feats = training.head_features(dual, x)
+    prior = feats[-2].ravel().astype("float64")
+    log_prior = np.log(prior + 1e-4)
+    inputs = np.concatenate([f.reshape(len(f), -1) for f in feats[:-2]],
+                            axis=1).astype("float64")
+    column = inputs[:, np.argmin([abs(np.corrcoef(c, log_prior)[0, 1])
+                                  for c in inputs.T])]
+    anti = 1e-3 * np.exp(-3.0 * (column - column.mean()) / column.std())
+    weights = {id(v): np.array(v.numpy()) for v in dual.weights}
+    training.fit_variation_head(dual, x, anti, epochs=40, seed=0,
                                 num_samples=30)
     meta = heads.variation_head_metadata(dual)
     self.assertTrue(meta["prior_silenced"])
     self.assertLess(meta["prior_explained"], 0.0)
+    # Only the head's and the prior's weights changed, not the base's.
+    changed = {id(v) for v in dual.weights
+               if not np.array_equal(weights[id(v)], v.numpy())}
+    self.assertFalse(changed & {id(v) for v in model.weights})
+    self.assertIn(id(heads.prior_layer(dual).kernel), changed)
     output = heads.variation_output_layer(dual)
     feats = training.head_features(dual, x)
     self.assertAllEqual(feats[-2], np.zeros_like(feats[-2]))
     low, high = meta["prior_correction"]
     eps = float(output.eps.numpy())
     # With a prior of 0 the correction is log(t + eps) - log(eps).
-    needed = np.log(shuffled + eps) - np.log(eps)
+    needed = np.log(anti + eps) - np.log(eps)
     self.assertGreater(high, output.prior_bound)
     self.assertBetween(high, np.quantile(needed, 0.9), needed.max())
     v = _eager(dual, x)["variation"]
     self.assertTrue(np.all(np.isfinite(v)) and np.all(v > 0))
-    # The estimate is the head alone: its Spearman against the shuffled
-    # targets it was fitted on is at chance, not the prior's ranking.
-    self.assertLess(abs(metrics.fidelity(v, shuffled)["spearman"]), 0.3)
+    # The head alone ranks the targets it learnt from its inputs; the
+    # prior ranked them backwards.
+    self.assertLess(metrics.fidelity(prior, anti)["spearman"], -0.2)
+    self.assertGreater(metrics.fidelity(v, anti)["spearman"], 0.3)
+    # A fit that fails leaves the silenced head as it was.
+    silenced_meta = heads.variation_head_metadata(dual)
+    with self.assertRaisesRegex(ValueError, "validation_split"):
+      training.fit_variation_head(dual, x, t, epochs=2, seed=1,
+                                  validation_split=0.001)
+    self.assertAllEqual(_eager(dual, x)["variation"], v)
+    self.assertEqual(heads.variation_head_metadata(dual), silenced_meta)
     # A refit starts from the prior again (the output layer's kernel).
     training.fit_variation_head(dual, x, t, epochs=2, seed=1, num_samples=30)
     self.assertFalse(heads.variation_head_metadata(dual)["prior_silenced"])
@@ -599,8 +621,8 @@ class PriorTest(tf.test.TestCase):
 
   def test_scale_is_calibrated_on_capped_estimates(self):
     # Targets far above 0.5 (the cap of a smoothed prior's estimates): many
-    # estimates are capped, and the least-squares scale is that of the
-    # served (capped) estimates.
+    # estimates are capped, and the least-squares scale is fitted on the
+    # capped estimates.
     model = tm.mlp_softmax()
     x = tm.sample_inputs("softmax", 200)
     t = 40.0 * np.asarray(targets.mc_dropout_targets(
