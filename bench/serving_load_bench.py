@@ -184,6 +184,11 @@ def define_flags(flag_values=FLAGS):
                     "runs such exports with "
                     "--xla_cpu_compilation_enabled=true).",
                     flag_values=flag_values)
+  flags.register_multi_flags_validator(
+      ["plain_too", "jit_compile"],
+      lambda values: values["jit_compile"] or not values["plain_too"],
+      message="--plain_too needs --jit_compile (without it every model is "
+      "exported plain already)", flag_values=flag_values)
   flags.DEFINE_integer("census_rounds", 0,
                        "With --census, also time each model's Session run "
                        "in this many interleaved rounds of 100.",
