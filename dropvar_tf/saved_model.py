@@ -441,10 +441,10 @@ def constant_head(values):
   """Within it, a traced call of the dual reads `values`
   (`head_weight_values`) as graph constants instead of variables.
 
-  A served request then reads only the base model's variables: at batch 1
-  each variable read is an op of its own (a handle and a read in a TF1
-  Session, an argument of an XLA program), and a head has a dozen or more
-  small ones. The SavedModel still holds the head's variables, but the
+  A served request then reads none of the variables in `values`: at
+  batch 1 each variable read is an op of its own (a handle and a read in a
+  TF1 Session, an argument of an XLA program), and a head has a dozen or
+  more small ones. The SavedModel still holds those variables, but the
   served graph does not read them. Variable assignments made during the
   traced call are dropped (the scope is stateless); a call with
   training=False makes none.
@@ -521,10 +521,12 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       several outputs), and "out_of_range" when the dual has it. Dropout is
       off (training=False), so the same request always gets the same
       answer. The head's weights are constants of this graph (those of
-      up to 65536 elements, up to 2**20 in all: `head_weight_values`), so
-      a request reads only the base model's variables; the SavedModel's
-      variables still hold every weight of `dual`, but changing them
-      there does not change what this signature serves.
+      up to 65536 elements, up to 2**20 in all, smallest first:
+      `head_weight_values`; larger ones stay variables), so a request
+      reads the base model's variables and no head weight of that size;
+      the SavedModel's variables still hold every weight of `dual`, but
+      changing a head weight served as a constant there does not change
+      what this signature serves.
     - "metadata": no inputs; returns {"metadata": scalar string}, the JSON
       also written to `assets/dropvar_tf_metadata.json`.
     - "mc_dropout" (when `mc_num_samples` is given): same inputs;

@@ -216,7 +216,8 @@ def _train_head(head, out_layer, feats, prior, mlp_feats, t, train_idx,
   if calibrate:
     # On the capped estimates: a few uncapped ones far above the targets
     # would otherwise shrink every estimate. (Served is min(scale * v,
-    # cap), not scale * min(v, cap): the two differ only near the cap.)
+    # cap), not scale * min(v, cap): the two differ only where v or
+    # scale * v is above the cap.)
     idx = val_idx if len(val_idx) else train_idx
     est = _head_outputs(head, [f[idx] for f in feats]).astype("float64")
     denom = float(np.sum(est * est))

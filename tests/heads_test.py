@@ -436,6 +436,17 @@ class BaseUntouchedTest(tf.test.TestCase):
       with self.subTest(targets=kind):
         self._check_fit_changes_only_head_weights(model, x, t, kind == "mc")
 
+  def test_head_variables_are_the_dual_s_less_the_base_s(self):
+    model = tm.binary_bn()
+    dual = heads.add_variation_head(model, **_SMALL_HEAD)
+    head = {id(v) for v in heads.head_variables(dual)}
+    base = {id(v) for v in model.variables}
+    self.assertFalse(head & base)
+    self.assertEqual(head | base, {id(v) for v in dual.variables})
+    self.assertTrue({id(v) for v in heads.variation_head(dual).weights}
+                    <= head)
+    self.assertEqual(heads.head_variables(model), [])
+
   def _check_fit_changes_only_head_weights(self, model, x, t, kept):
     dual = heads.add_variation_head(model, **_SMALL_HEAD)
     head = heads.variation_head(dual)
@@ -449,9 +460,9 @@ class BaseUntouchedTest(tf.test.TestCase):
     self.assertEqual(changed & base_ids, set())
     # Besides the head, fit sets only the noise scale (and smoothing) and the
     # earlier-dropout sensitivities of the smoothed output-delta prior (and
-    # zeroes its kernel copy and bias where it silences the prior, as with
-    # these random targets) and the range of the out-of-range signal the
-    # prior's correction shrinks with (dual layers, not the base's).
+    # zeroes its kernel copy and bias where it silences the prior) and the
+    # range of the out-of-range signal the prior's correction shrinks with
+    # (dual layers, not the base's): `heads.head_variables`.
     prior = heads.smoothed_prior_layer(dual)
     far = heads.out_of_range_layer(dual)
     self.assertIsNotNone(prior)
@@ -469,6 +480,7 @@ class BaseUntouchedTest(tf.test.TestCase):
     else:
       self.assertIn(id(prior.sensitivities[0]), changed)
     self.assertLessEqual(changed - head_ids, allowed)
+    self.assertLessEqual(changed, {id(v) for v in heads.head_variables(dual)})
     self.assertIn(id(far.scale), changed)
     self.assertIn(id(head.get_layer("head_out").kernel), changed)
     for v in model.trainable_weights:

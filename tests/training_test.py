@@ -1,5 +1,6 @@
 """Tests for dropvar_tf.training (fit_variation_head, train_variation_head)."""
 
+import json
 import os
 import sys
 import tempfile
@@ -578,6 +579,7 @@ class PriorTest(tf.test.TestCase):
     log_prior = np.log(prior + 1e-4)
     inputs = np.concatenate([f.reshape(len(f), -1) for f in feats[:-2]],
                             axis=1).astype("float64")
+    inputs = inputs[:, inputs.std(axis=0) > 0]
     column = inputs[:, np.argmin([abs(np.corrcoef(c, log_prior)[0, 1])
                                   for c in inputs.T])]
     anti = 1e-3 * np.exp(-3.0 * (column - column.mean()) / column.std())
@@ -607,13 +609,26 @@ class PriorTest(tf.test.TestCase):
     # prior ranked them backwards.
     self.assertLess(metrics.fidelity(prior, anti)["spearman"], -0.2)
     self.assertGreater(metrics.fidelity(v, anti)["spearman"], 0.3)
-    # A fit that fails leaves the silenced head as it was.
+    # A fit that fails leaves the silenced head as it was: refused (after
+    # the prior's kernel is put back), or interrupted in training (after
+    # the out-of-range range and its metadata are set).
     silenced_meta = heads.variation_head_metadata(dual)
     with self.assertRaisesRegex(ValueError, "validation_split"):
       training.fit_variation_head(dual, x, t, epochs=2, seed=1,
                                   validation_split=0.001)
     self.assertAllEqual(_eager(dual, x)["variation"], v)
     self.assertEqual(heads.variation_head_metadata(dual), silenced_meta)
+    far = heads.out_of_range_layer(dual)
+    ranges = far.ranges()
+    with mock.patch.object(training, "_train_head",
+                           side_effect=KeyboardInterrupt), \
+        self.assertRaises(KeyboardInterrupt):
+      training.fit_variation_head(dual, tm.take(x, np.arange(100)),
+                                  t[:100], epochs=2, seed=3)
+    self.assertAllEqual(_eager(dual, x)["variation"], v)
+    self.assertAllEqual(far.ranges(), ranges)
+    self.assertEqual(heads.variation_head_metadata(dual), silenced_meta)
+    json.dumps(output.get_config())  # the metadata still serialises
     # A refit starts from the prior again (the output layer's kernel).
     training.fit_variation_head(dual, x, t, epochs=2, seed=1, num_samples=30)
     self.assertFalse(heads.variation_head_metadata(dual)["prior_silenced"])
