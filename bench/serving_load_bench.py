@@ -237,6 +237,7 @@ def _export(model, path, keys, spec, constant_variation=None,
   the serving graph (`saved_model.constant_head`); with `variable_head` they
   are read from the variables, as exports before that did. `jit_compile`
   None follows --jit_compile.
+
   With `constant_variation` (the dual's variation shape, batch excluded) the
   "variation" output is zeros instead of the head: the dual's outputs at
   the base's graph cost, the floor of what serving the dual can cost.
