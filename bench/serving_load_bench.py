@@ -106,7 +106,7 @@ def _extra_models():
 
 def _models():
   variable = (_VARIABLE_HEAD,) if FLAGS.variable_head else ()
-  plain = _PLAIN if FLAGS.jit_compile and FLAGS.plain_too else ()
+  plain = _PLAIN if FLAGS.plain_too else ()  # needs --jit_compile
   return _MODELS + variable + plain + tuple(_extra_models())
 
 
