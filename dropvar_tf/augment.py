@@ -89,10 +89,15 @@ def perturb_inputs(x, num, noise=0.3, swap=0.3, seed=0, model=None):
     bytes).
 
   Raises:
-    ValueError: `x` is empty or not array-like, a Dataset without `model`,
-      or does not match `model`; or `num` < 1.
+    ValueError: `x` is empty, not array-like, has NaN or Inf values, is a
+      Dataset without `model`, or does not match `model`; or `num`,
+      `noise`, `swap` or `seed` is out of range.
   """
   num = validation.check_int(num, "num", 1)
+  validation.check_number(noise, "noise", "a number >= 0", lambda v: v >= 0)
+  validation.check_number(swap, "swap", "a probability in [0, 1]",
+                          lambda v: 0 <= v <= 1)
+  seed = validation.check_int(seed, "seed", 0)
   if model is not None:
     x = inputs.normalize(model, x).materialize()
   elif isinstance(x, tf.data.Dataset):
@@ -117,6 +122,13 @@ def perturb_inputs(x, num, noise=0.3, swap=0.3, seed=0, model=None):
     raise validation.invalid("x", "non-empty arrays of one common length",
                              {k: v.shape for k, v in arrays.items()})
   n = lengths.pop()
+  for key, v in arrays.items():
+    values = v.flat_values.numpy() if isinstance(v, tf.RaggedTensor) else v
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+      raise validation.invalid(
+          "x", "finite values (no NaN or Inf)",
+          f"{int(np.sum(~np.isfinite(values)))} NaN or Inf values"
+          + ("" if key is None else f" in x[{key!r}]"))
   rows = rng.integers(0, n, size=num)
   strength = rng.uniform(size=num)
   out = {}

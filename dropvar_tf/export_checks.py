@@ -120,7 +120,8 @@ def check_warmup(warmup_examples, specs):
 
   Raises:
     ValueError: the examples do not match the model inputs (names, rank,
-      fixed dimensions, dtype kind or batch size).
+      fixed dimensions, dtype kind or batch size), or float values are NaN
+      or infinite.
   """
   arg = "warmup_examples"
   if not isinstance(warmup_examples, dict):
@@ -169,6 +170,13 @@ def check_warmup(warmup_examples, specs):
       arrays[name] = array.astype(object)
     else:
       arrays[name] = array.astype(want.as_numpy_dtype)
+      if want.is_floating and array.size:
+        bad = ~np.isfinite(arrays[name].reshape(batch, -1)).all(axis=1)
+        if bad.any():
+          raise validation.invalid(
+              arg, "finite values (no NaN or Inf)",
+              f"{int(bad.sum())} of {batch} rows of input {name!r} with NaN "
+              "or Inf values")
   return arrays
 
 

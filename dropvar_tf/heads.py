@@ -57,6 +57,10 @@ def _check_layers_arg(layers):
     return [layers]
   if isinstance(layers, (list, tuple)) and layers and all(
       isinstance(n, str) for n in layers):
+    repeated = sorted({n for n in layers if list(layers).count(n) > 1})
+    if repeated:
+      raise validation.invalid("layers", "layer names, each once",
+                               f"{list(layers)} (repeated: {repeated})")
     return list(layers)
   raise validation.invalid(
       "layers", '"auto", "all", "last", or a non-empty list of layer names',
@@ -113,12 +117,14 @@ def functional_view(model, arg="model"):
 def candidate_layers(model):
   """Returns the hidden layers of `model` whose outputs can feed a head.
 
-  A layer is a candidate when a Dropout layer reads its output, or when it
+  A layer is a candidate when a Dropout layer reads its output, when it
   applies a nonlinearity (a Dense or Conv layer with a non-linear activation,
-  an Activation-type layer, or a nested model). Input, Dropout and output
-  layers are never candidates, nor are shared layers (called more than once
-  in the model: they have no single output to tap). Order is topological
-  (input to output).
+  an Activation-type layer, or a nested model), or when it holds a dropout
+  source or such a nonlinear layer (a custom layer's blocks, a
+  `Bidirectional` RNN). Input, Dropout and output layers are never
+  candidates, nor are shared layers (called more than once in the model:
+  they have no single output to tap). Order is topological (input to
+  output).
 
   Layers inside a subclassed model (bare, or a node of a Functional model)
   are candidates like any other: see `functional_view`.
@@ -146,13 +152,33 @@ def candidate_layers(model):
     if (isinstance(layer, _SKIPPED) or id(layer) in output_ops or
         len(nodes.get(id(layer), ())) != 1):
       continue
-    activation = getattr(layer, "activation", None)
-    nonlinear = activation is not None and activation not in (
-        keras.activations.linear, None)
-    if (id(layer) in feeds_dropout or nonlinear or
-        isinstance(layer, _ACTIVATION_LAYERS + (keras.Model,))):
+    if (id(layer) in feeds_dropout or _nonlinear(layer) or
+        isinstance(layer, keras.Model) or _holds_source_or_nonlinearity(
+            layer)):
       found.append(layer)
   return found
+
+
+def _nonlinear(layer):
+  """Whether `layer` itself applies a nonlinearity."""
+  activation = getattr(layer, "activation", None)
+  return isinstance(layer, _ACTIVATION_LAYERS) or (
+      activation is not None and activation not in (
+          keras.activations.linear, None))
+
+
+def _holds_source_or_nonlinearity(layer):
+  """Whether a layer `layer` holds (at any depth) is a dropout source or
+  applies a nonlinearity."""
+  if sources.layer_sources(layer):
+    return True
+  pending = keras_graph.sublayers(layer)
+  while pending:
+    inner = pending.pop()
+    if _nonlinear(inner):
+      return True
+    pending.extend(keras_graph.sublayers(inner))
+  return False
 
 
 def _resolve_taps(model, layers, features, paths=None):
@@ -178,6 +204,14 @@ def _resolve_taps(model, layers, features, paths=None):
           "names of layers of the model; candidates are "
           f"{[l.name for l in candidates]}", unknown)
     taps = [by_name[n] for n in layers]
+    output_ops = {id(keras_graph.source_layer(t)) for t in model.outputs}
+    untappable = [n for n in layers if isinstance(by_name[n], _SKIPPED) or
+                  id(by_name[n]) in output_ops]
+    if untappable:
+      raise validation.invalid(
+          "layers", "hidden layers (not an Input, Dropout or output layer: "
+          "the head reads the prediction itself); candidates are "
+          f"{[l.name for l in candidates]}", untappable)
   if not taps:
     raise validation.invalid(
         "layers", "a selection with at least one hidden layer to tap",
@@ -498,6 +532,12 @@ def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
                              hidden_units)
   hidden_units = [validation.check_int(u, "hidden_units", 1)
                   for u in hidden_units]
+  validation.check_number(head_dropout, "head_dropout", "a rate in [0, 1)",
+                          lambda v: 0 <= v < 1)
+  if l2 is not None:
+    validation.check_number(l2, "l2", "a number >= 0 (or None)",
+                            lambda v: v >= 0)
+  seed = validation.check_int(seed, "seed", 0)
   statistics = _resolve_statistics(model, names, outputs, statistic)
   taps = _resolve_taps(model, layers, features, paths)
   if prior not in PRIORS:

@@ -94,6 +94,24 @@ def _compatible_shape(shape, ref):
              for s, r in zip(shape[1:], ref[1:]))
 
 
+def _to_model_rank(value, ref):
+  """`value` (with batch axis) at the rank of the input `ref`.
+
+  Keras squeezes an extra trailing axis of size 1, or adds a missing one,
+  on every call; done once here, every step sees one rank, so that a
+  `tf.function` traced on one rank is never retraced (and generalised to
+  an unknown rank) by a call with the other.
+  """
+  if _is_ragged(value) or ref is None:
+    return value
+  rank = len(ref.shape)
+  if len(value.shape) == rank + 1:
+    return value[..., 0]
+  if len(value.shape) == rank - 1:
+    return value[..., None]
+  return value
+
+
 def _compatible_dtype(dtype, ref):
   """Numeric data for numeric inputs, strings for string inputs."""
   if isinstance(dtype, tf.DType):
@@ -330,7 +348,17 @@ def _normalize_dataset(model, spec, dataset, arg):
       return rebuild(element)
     return fn
 
-  x_dataset = dataset.map(part(0, lambda e: _match(spec, e, model, arg)))
+  def model_rank(element):
+    leaves = tf.nest.flatten(_match(spec, element, model, arg))
+    if not batched:
+      # Examples: the rank check counts the batch axis.
+      leaves = [_to_model_rank(v[None], r)[0] if not _is_ragged(v) else v
+                for v, r in zip(leaves, refs)]
+    else:
+      leaves = [_to_model_rank(v, r) for v, r in zip(leaves, refs)]
+    return tf.nest.pack_sequence_as(spec, leaves)
+
+  x_dataset = dataset.map(part(0, model_rank))
   labels_dataset = dataset.map(part(1, lambda e: e)) if has_labels else None
   if batched:
     x_dataset = x_dataset.unbatch()
@@ -407,7 +435,8 @@ def normalize(model, x, arg="x"):
                                    _leaves_text(leaves))
         _check_exact_in_float(v, ref, arg)
       structure = tf.nest.pack_sequence_as(
-          spec, [_strings_as_bytes(v, arg) for v in leaves])
+          spec, [_strings_as_bytes(_to_model_rank(v, r), arg)
+                 for v, r in zip(leaves, refs)])
     inputs = ModelInputs(x=structure, ragged=any(
         _is_ragged(v) for v in tf.nest.flatten(structure)))
     rows, bad = _check_values(structure, arg)

@@ -88,18 +88,33 @@ def _predict_features(dual, x, tensors, batch_size):
   if not isinstance(x, inputs.ModelInputs):
     x = inputs.normalize(dual, x)
   feature_model = keras.Model(dual.input, tensors)
-  # A Dataset: Keras' `predict` refuses numpy string arrays.
-  feats = feature_model.predict(x.as_dataset(batch_size), verbose=0)
-  if not isinstance(feats, (list, tuple)):
-    feats = [feats]
-  return [np.asarray(f, "float32").reshape(len(f), -1) for f in feats]
+  # Called eagerly batch by batch, not `feature_model.predict`: each new
+  # model's predict step is a new tf.function of the same code, and TF
+  # counts their traces together, so that the next `predict` of the user's
+  # warns of "excessive retracing". A Dataset: it takes numpy strings.
+  parts = []
+  for (batch,) in x.as_dataset(batch_size):
+    # A tuple: the inputs of a list-input model.
+    out = feature_model(list(batch) if isinstance(batch, tuple) else batch,
+                        training=False)
+    parts.append([np.asarray(f, "float32") for f in tf.nest.flatten(out)])
+  return [np.concatenate([p[i] for p in parts]).reshape(x.num_examples, -1)
+          for i in range(len(parts[0]))]
 
 
 def _check_targets(targets, n, units, arg="targets"):
   if targets is None:
     raise validation.invalid(arg, "an array of MC-dropout DPV targets",
                              targets)
-  t = np.asarray(targets, "float64")
+  if isinstance(targets, dict):
+    raise validation.invalid(
+        arg, "an array of MC-dropout DPV targets (a dict is for a dual of a "
+        "model with several outputs)", f"a dict with keys {sorted(targets)}")
+  try:
+    t = np.asarray(targets, "float64")
+  except (TypeError, ValueError) as e:
+    raise validation.invalid(arg, "an array of MC-dropout DPV targets",
+                             type(targets).__name__) from e
   if t.ndim == 2 and t.shape[1] == 1 and units == 1:
     t = t[:, 0]
   expected = (n,) if units == 1 else (n, units)
@@ -379,6 +394,10 @@ def fit_variation_head(dual, x, targets, epochs=30, batch_size=64,
     num_samples = validation.check_int(num_samples, "num_samples", 2)
   epochs = validation.check_int(epochs, "epochs", 1)
   batch_size = validation.check_int(batch_size, "batch_size", 1)
+  patience = validation.check_int(patience, "patience", 0)
+  seed = validation.check_int(seed, "seed", 0)
+  learning_rate = validation.check_number(
+      learning_rate, "learning_rate", "a number > 0", lambda v: v > 0)
   for arg, value in (("validation_split", validation_split),
                      ("report_split", report_split)):
     if not 0.0 <= value < 1.0:
@@ -607,14 +626,19 @@ def _fit_head(dual, output, x, targets, n, epochs, batch_size,
         "No fit report: report_split=%s of %d calibration inputs holds "
         "out %d; a report needs at least 2.", report_split, n, n_report)
     n_report = 0
-  if validation_split and (n_val < 1 or n - n_report - n_val < 1):
-    raise validation.invalid("validation_split",
-                             "a fraction leaving examples on both sides",
-                             validation_split)
+  if validation_split and n_val < 1:
+    raise validation.invalid(
+        "validation_split", f"a fraction holding out at least 1 of the {n} "
+        "calibration inputs for validation (or 0: no validation; more "
+        "calibration inputs are better)", validation_split)
   if n - n_report - n_val < 1:
-    raise validation.invalid("report_split",
-                             "a fraction leaving examples to train on",
-                             report_split)
+    # Name the split that holds out more: shrinking it is the fix.
+    arg, value = (("report_split", report_split) if n_report > n_val else
+                  ("validation_split", validation_split))
+    raise validation.invalid(
+        arg, f"fractions leaving calibration inputs to train on: of {n}, "
+        f"validation_split={validation_split} holds out {n_val} and "
+        f"report_split={report_split} {n_report}", value)
   # Validation first, the report's part last: the validation split is the
   # same whether a report is made or not.
   val_idx = order[:n_val]

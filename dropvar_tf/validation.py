@@ -5,6 +5,8 @@ One error-message shape, as Keras' own layers have it:
 Received: num_samples=1".
 """
 
+import math
+
 from dropvar_tf._keras import keras
 from dropvar_tf import contract
 from dropvar_tf import keras_graph
@@ -79,6 +81,18 @@ def check_int(value, arg, minimum):
   if value < minimum:
     raise invalid(arg, f"an integer >= {minimum}", value)
   return value
+
+
+def check_number(value, arg, expected, ok):
+  """Validates a finite real number for which `ok(value)` holds; returns it
+  as a float. `expected` describes the valid values for the message."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+      hasattr(value, "__float__") and not isinstance(value, str)):
+    raise invalid(arg, expected, value)
+  number = float(value)
+  if not math.isfinite(number) or not ok(number):
+    raise invalid(arg, expected, value)
+  return number
 
 
 def statistic_per_output(statistic, names, count):

@@ -10,7 +10,9 @@ Serving does before it marks a version available. A warm-up request that
 fails fails the load.
 """
 
+import contextlib
 import dataclasses
+import logging as logging_lib
 import os
 import threading
 
@@ -28,6 +30,25 @@ SERVE_TAG = "serve"
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # TF Serving replays at most this many warm-up records.
 MAX_WARMUP_RECORDS = 1000
+
+
+class _DropDeprecation(logging_lib.Filter):
+  """Drops TF's "... is deprecated" warnings: the TF1 loader is the one TF
+  Serving uses, on purpose, and a user can do nothing about the warning."""
+
+  def filter(self, record):
+    return "is deprecated and will be removed" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_deprecation_warning():
+  logger = tf.get_logger()
+  drop = _DropDeprecation()
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +135,7 @@ class SavedModelBundle:
     graph = tf.Graph()
     self._session = tf.compat.v1.Session(graph=graph, config=config)
     try:
-      with graph.as_default():
+      with graph.as_default(), _no_deprecation_warning():
         meta_graph = tf.compat.v1.saved_model.loader.load(
             self._session, [SERVE_TAG], path)
       self.signature_defs = dict(meta_graph.signature_def)
@@ -208,10 +229,8 @@ class SavedModelBundle:
     if not os.path.exists(path):
       return 0
     count = 0
-    for record in tf.compat.v1.io.tf_record_iterator(path):
-      if count == MAX_WARMUP_RECORDS:
-        break
-      log = prediction_log_pb2.PredictionLog.FromString(record)
+    for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+      log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
       if log.WhichOneof("log_type") != "predict_log":
         raise errors.invalid_argument(
             f"Warm-up record {count} in {path} is not a predict_log; only "

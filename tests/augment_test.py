@@ -167,6 +167,29 @@ class PerturbInputsTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, _ERR_EMPTY_PREFIX):
       augment.perturb_inputs(np.zeros((0, 3)), 3)
 
+  def test_bad_values_and_settings(self):
+    bad = np.zeros((4, 3), "float32")
+    bad[1, 2], bad[3, 0] = np.nan, np.inf
+    ragged = tf.RaggedTensor.from_row_lengths(
+        np.array([0.5, np.nan, 1.0], "float32"), [1, 2])
+    cases = [
+        ("`x`. Expected finite values (no NaN or Inf). Received: "
+         "x='2 NaN or Inf values'", bad, {}),
+        ("`x`. Expected finite values (no NaN or Inf). Received: "
+         "x=\"1 NaN or Inf values in x['t']\"", {"t": ragged}, {}),
+        ("`noise`. Expected a number >= 0. Received: noise=-0.1",
+         np.ones((3, 2)), dict(noise=-0.1)),
+        ("`swap`. Expected a probability in [0, 1]. Received: swap=1.5",
+         np.ones((3, 2)), dict(swap=1.5)),
+        ("`seed`. Expected an integer >= 0. Received: seed=-3",
+         np.ones((3, 2)), dict(seed=-3)),
+    ]
+    for message, x, kwargs in cases:
+      with self.subTest(message=message):
+        with self.assertRaises(ValueError) as cm:
+          augment.perturb_inputs(x, 3, **kwargs)
+        self.assertEqual(str(cm.exception), _PREFIX + message)
+
   def test_none_raises_value_error(self):
     with self.assertRaises(ValueError) as cm:
       augment.perturb_inputs(None, 3)

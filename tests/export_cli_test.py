@@ -152,6 +152,9 @@ class ExportCliTest(tf.test.TestCase):
     first = subprocess.run(command, env=env, capture_output=True, text=True,
                            timeout=300, check=False)
     self.assertEqual(first.returncode, 0, first.stderr)
+    # The export's serving check loads the version with TF's TF1 loader,
+    # as TF Serving does, without TF's deprecation warning for it.
+    self.assertNotIn("deprecated", first.stderr)
     self.assertEqual(first.stdout.strip().splitlines()[-1],
                      os.path.join(base, "1"))
     again = subprocess.run(command + ["--version=1"], env=env,

@@ -505,6 +505,51 @@ class LayerSelectionTest(tf.test.TestCase):
     self.assertEqual([l.name for l in heads.candidate_layers(model)],
                      ["linear_a"])
 
+  def test_layers_holding_a_source_or_a_nonlinearity_are_candidates(self):
+    # Neither has an `activation`: a Bidirectional RNN, and a custom layer
+    # whose blocks are a ReLU Dense and a Dropout (a source inside it).
+    class Block(keras.layers.Layer):
+
+      def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8, activation="relu")
+        self.drop = keras.layers.Dropout(0.3)
+
+      def call(self, x, training=None):
+        return self.drop(self.dense(x), training=training)
+
+    class Linear(keras.layers.Layer):
+      """Holds only a linear Dense: no candidate."""
+
+      def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8)
+
+      def call(self, x):
+        return self.dense(x)
+
+    keras.utils.set_random_seed(0)
+    seq = keras.Input((5, 3))
+    rnn = keras.layers.Bidirectional(keras.layers.LSTM(
+        4, dropout=0.2, recurrent_dropout=0.2), name="bi")(seq)
+    bidirectional = keras.Model(seq, keras.layers.Dense(1, name="out")(rnn))
+    flat = keras.Input((4,))
+    h = Linear(name="linear")(flat)
+    block = keras.Model(flat, keras.layers.Dense(1, name="out")(
+        Block(name="block")(h)))
+    for model, x, expected in [
+        (bidirectional, np.random.default_rng(0).normal(
+            size=(6, 5, 3)).astype("float32"), ["bi"]),
+        (block, np.random.default_rng(0).normal(
+            size=(6, 4)).astype("float32"), ["block"])]:
+      with self.subTest(model=expected[0]):
+        self.assertEqual([l.name for l in heads.candidate_layers(model)],
+                         expected)
+        dual = heads.add_variation_head(model, **_SMALL_HEAD)
+        self.assertEqual(heads.variation_head_metadata(dual)["layers"],
+                         expected)
+        self.assertEqual(_predict(dual, x)["variation"].shape, (6,))
+
   def test_all_last_and_named_layers(self):
     model = tm.mlp_softmax()
     for layers, expected in [("all", ["dense_a", "dense_b"]),
@@ -544,6 +589,20 @@ class LayerSelectionTest(tf.test.TestCase):
     with self.assertRaises(ValueError) as cm:
       heads.add_variation_head(tm.mlp_softmax(), layers=["dense_a", "nope"])
     self.assertEqual(str(cm.exception), _ERR_LAYERS_UNKNOWN)
+
+  def test_layers_that_are_not_hidden_cannot_be_tapped(self):
+    model = tm.mlp_softmax()
+    for layers, message in [
+        (["dense_a", "dense_a"], "Expected layer names, each once. Received: "
+         "layers=\"['dense_a', 'dense_a'] (repeated: ['dense_a'])\""),
+        (["drop_a", "probs"], "Expected hidden layers (not an Input, Dropout "
+         "or output layer: the head reads the prediction itself); "
+         "candidates are ['dense_a', 'dense_b']. Received: "
+         "layers=['drop_a', 'probs']")]:
+      with self.subTest(layers=layers):
+        with self.assertRaises(ValueError) as cm:
+          heads.add_variation_head(model, layers=layers)
+        self.assertEqual(str(cm.exception), _PREFIX + "`layers`. " + message)
 
   def test_shared_layer_cannot_be_tapped(self):
     inputs = keras.Input((4,))
@@ -600,6 +659,12 @@ class InvalidArgumentsTest(tf.test.TestCase):
         (_ERR_TRANSFORM, {"transform": "sqrt"}),
         (_ERR_STATISTIC, {"statistic": "var"}),
         (_ERR_HIDDEN_ZERO, {"hidden_units": (8, 0)}),
+        (_PREFIX + "`head_dropout`. Expected a rate in [0, 1). Received: "
+         "head_dropout=1.5", {"head_dropout": 1.5}),
+        (_PREFIX + "`l2`. Expected a number >= 0 (or None). Received: "
+         "l2=-0.1", {"l2": -0.1}),
+        (_PREFIX + "`seed`. Expected an integer >= 0. Received: seed=-1",
+         {"seed": -1}),
     ]
     for message, kwargs in cases:
       with self.subTest(**kwargs):

@@ -94,9 +94,13 @@ def _forms(kind):
   slices = tf.data.Dataset.from_tensor_slices
   if kind == "dense":
     x = tm.target_features(N)
+    # "trailing_axis": Keras squeezes an extra trailing axis of size 1; the
+    # steps read it at the model's rank, so that a step's tf.function
+    # traced on one rank is never retraced on the other.
     forms = {"array": x, "float64": x.astype("float64"),
              "tensor": tf.constant(x), "list": [x],
-             "named": {"features": x}}
+             "named": {"features": x}, "trailing_axis": x[..., None],
+             "trailing_axis_dataset": slices(x[..., None]).batch(5)}
     model = tm.target_model("regression")
     base = slices(x)
   elif kind == "list":
@@ -114,7 +118,9 @@ def _forms(kind):
              "object_str": {"color": color.astype(object), "size": size},
              "object_bytes": {"color": color.astype("S").astype(object),
                               "size": size},
-             "tensor": {"color": tf.constant(color), "size": size}}
+             "tensor": {"color": tf.constant(color), "size": size},
+             # Keras adds a missing trailing axis of size 1.
+             "flat": {"color": color[:, 0], "size": size[:, 0]}}
     model = strings_model()
     base = slices({"color": color, "size": size})
   else:

@@ -273,6 +273,15 @@ class ExportSavedModelTest(tf.test.TestCase):
         "input 'features' of shape [None, 4]")):
       saved_model.export_saved_model(make_dual("float"), self.base,
                                      warmup_examples=float_examples(3, width=5))
+    nan = float_examples(3)
+    nan[1, 2] = np.nan
+    nan[2, 0] = -np.inf
+    message = ("finite values (no NaN or Inf). Received: warmup_examples="
+               "\"2 of 3 rows of input 'features' with NaN or Inf values\"")
+    with self.assertRaisesRegex(ValueError,
+                                re.escape(WARMUP) + ".*" + re.escape(message)):
+      saved_model.export_saved_model(make_dual("float"), self.base,
+                                     warmup_examples=nan)
     self.assertEqual(self.entries(), [])
 
   def test_warmup_records_replay_through_loaded_signature(self):

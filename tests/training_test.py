@@ -38,8 +38,13 @@ _ERR_TARGETS_NONE = (_PREFIX + "`targets`. Expected an array of MC-dropout "
 _ERR_SPLIT_RANGE = (_PREFIX + "`validation_split`. Expected a float in "
                     "[0, 1). Received: validation_split={}")
 _ERR_SPLIT_EMPTY = (_PREFIX + "`validation_split`. Expected a fraction "
-                    "leaving examples on both sides. Received: "
-                    "validation_split=0.01")
+                    "holding out at least 1 of the 40 calibration inputs for "
+                    "validation (or 0: no validation; more calibration "
+                    "inputs are better). Received: validation_split=0.01")
+_ERR_SPLITS_TOO_BIG = (
+    _PREFIX + "`report_split`. Expected fractions leaving calibration inputs "
+    "to train on: of 40, validation_split=0.1 holds out 4 and "
+    "report_split=0.95 38. Received: report_split=0.95")
 _ERR_EPOCHS = (_PREFIX + "`epochs`. Expected an integer >= 1. Received: "
                "epochs=0")
 _ERR_NO_HEAD = (_PREFIX + "`dual`. Expected a dual model made by "
@@ -148,6 +153,26 @@ class FitErrorsTest(tf.test.TestCase):
 
   def test_other_argument_errors(self):
     self._assert_error(_ERR_EPOCHS, self.dual, self.x, _targets(), epochs=0)
+    for kwargs, message in [
+        (dict(learning_rate=0), "`learning_rate`. Expected a number > 0. "
+         "Received: learning_rate=0"),
+        (dict(learning_rate=-1.0), "`learning_rate`. Expected a number > 0. "
+         "Received: learning_rate=-1.0"),
+        (dict(learning_rate=float("nan")), "`learning_rate`. Expected a "
+         "number > 0. Received: learning_rate=nan"),
+        (dict(patience=-1), "`patience`. Expected an integer >= 0. "
+         "Received: patience=-1"),
+        (dict(seed=-1), "`seed`. Expected an integer >= 0. Received: "
+         "seed=-1")]:
+      with self.subTest(**kwargs):
+        self._assert_error(_PREFIX + message, self.dual, self.x, _targets(),
+                           epochs=1, **kwargs)
+    # A dict of targets is for a multi-output dual.
+    self._assert_error(
+        _PREFIX + "`targets`. Expected an array of MC-dropout DPV targets (a "
+        "dict is for a dual of a model with several outputs). Received: "
+        "targets=\"a dict with keys ['out']\"", self.dual, self.x,
+        {"out": _targets()}, epochs=1)
     self._assert_error(_ERR_NO_HEAD, self.model, self.x, _targets(), epochs=1)
 
   def test_bad_inputs(self):
@@ -178,6 +203,9 @@ class FitErrorsTest(tf.test.TestCase):
                                                 "report_split").format(1.0),
                        self.dual, self.x, _targets(), report_split=1.0,
                        epochs=1)
+    # The split that holds out more is named.
+    self._assert_error(_ERR_SPLITS_TOO_BIG, self.dual, self.x, _targets(),
+                       report_split=0.95, epochs=1)
 
   def test_dict_inputs_of_different_lengths(self):
     dual = heads.add_variation_head(tm.recommender(), **_SMALL_HEAD)
