@@ -22,6 +22,7 @@ import numpy as np
 # Importing any dropvar_tf module runs the package's __init__, which registers
 # its Keras layers: `keras.saving.load_model` rebuilds a dual model without
 # custom_objects.
+from dropvar_tf import cli_help
 from dropvar_tf import saved_model
 from dropvar_tf._keras import keras
 
@@ -124,7 +125,7 @@ def main(argv):
 def run_main():
   """Console entry point `dropvar_export`."""
   define_flags()
-  app.run(main)
+  cli_help.run(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
   dropvar_client metadata --target=localhost:8500 --model_name=movies
   dropvar_client status --target=localhost:8500 --model_name=movies
 
-`--input` is a JSON file, either {"inputs": {name: nested list, ...}} (or
-{"inputs": nested list} for a single-input signature) or a bare nested list;
-or a `.npy` file (one array) or `.npz` file (one array per input name).
+`--input` is a JSON file: {"inputs": {name: nested list, ...}} (or
+{"inputs": nested list} for a single-input signature), TF Serving's row
+format {"instances": [row, ...]} (rows, or {name: value} objects), or a
+bare nested list; or a `.npy` file (one array) or `.npz` file (one array
+per input name).
 Output is JSON on stdout: {"prediction", "variation", "model_version"} for
 predict (plus "outputs" for other aliases). A dual of a multi-output model
 gives "prediction" and "variation" null and adds "predictions" and
@@ -17,16 +19,19 @@ gives "prediction" and "variation" null and adds "predictions" and
 signatures and, for a version written by `export_saved_model`, its metadata
 ("export_metadata"), the head's "fit_report" and a one-line "fit_summary",
 indented. Exit code 1 and the gRPC code on stderr when the server refuses the
-request.
+request; exit code 1 and one line on stderr for an unreadable `--input` or
+a bad flag value.
 """
 
 import json
+import logging
 import sys
 
 from absl import app
 from absl import flags
 import numpy as np
 
+from dropvar_tf import cli_help
 from dropvar_tf import contract
 from dropvar_tf import saved_model
 from dropvar_tf.serving import client as client_lib
@@ -91,18 +96,50 @@ def load_inputs(path):
       return {name: data[name] for name in data.files}
   if path.endswith(".json"):
     with open(path) as f:
-      data = json.load(f)
+      try:
+        data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}.") from None
     if isinstance(data, dict):
-      if "inputs" not in data:
-        raise ValueError(f"{path}: expected {{\"inputs\": ...}} or a list; "
-                         f"got keys {sorted(data)}.")
-      data = data["inputs"]
+      keys = sorted(set(data) & {"inputs", "instances"})
+      if len(keys) != 1:
+        raise ValueError(
+            f"{path}: expected {{\"inputs\": ...}} (columns), "
+            f"{{\"instances\": [...]}} (rows, as TF Serving's REST API "
+            f"takes them) or a bare list; got keys {sorted(data)}.")
+      data = (_columns(data["instances"], path) if keys == ["instances"]
+              else data["inputs"])
     if isinstance(data, dict):
-      return {name: np.asarray(value) for name, value in data.items()}
+      return {name: _array(value, f"{path}: input {name!r}")
+              for name, value in data.items()}
     if isinstance(data, list):
-      return np.asarray(data)
+      return _array(data, path)
     raise ValueError(f"{path}: inputs must be a dict or a nested list.")
   raise ValueError(f"--input must end in .json, .npy or .npz; got {path}.")
+
+
+def _array(value, what):
+  """A nested list as a numpy array; ragged rows refused."""
+  try:
+    return np.asarray(value)
+  except ValueError:
+    raise ValueError(f"{what}: rows of different lengths (ragged inputs "
+                     "cannot be sent as one tensor).") from None
+
+
+def _columns(instances, path):
+  """TF Serving's row format: a list of rows, or of {input name: value}."""
+  if not isinstance(instances, list) or not instances:
+    raise ValueError(f"{path}: \"instances\" must be a non-empty list.")
+  if not all(isinstance(row, dict) for row in instances):
+    if any(isinstance(row, dict) for row in instances):
+      raise ValueError(f"{path}: \"instances\" mixes named and bare rows.")
+    return instances
+  names = sorted(instances[0])
+  if any(sorted(row) != names for row in instances):
+    raise ValueError(f"{path}: every instance must name the same inputs "
+                     f"{names}.")
+  return {name: [row[name] for row in instances] for name in names}
 
 
 def _jsonable(array):
@@ -203,8 +240,8 @@ def main(argv):
       (default "predict").
 
   Returns:
-    The exit code: 0, or 1 when the server refused the request (the error
-    is written to stderr).
+    The exit code: 0, or 1 when the server refused the request or
+    `--input` or a flag value is bad (the error is written to stderr).
 
   Raises:
     app.UsageError: an unknown command, or a missing flag.
@@ -216,11 +253,13 @@ def main(argv):
   if not FLAGS.model_name:
     raise app.UsageError("--model_name is required.")
   inputs = None
-  if command == "predict":
-    if not FLAGS.input:
-      raise app.UsageError("predict needs --input (.json, .npy or .npz).")
-    inputs = load_inputs(FLAGS.input)
+  if command == "predict" and not FLAGS.input:
+    raise app.UsageError("predict needs --input (.json, .npy or .npz).")
+  # A retried connection is reported once, as UNAVAILABLE, not per retry.
+  logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
   try:
+    if command == "predict":
+      inputs = load_inputs(FLAGS.input)
     with client_lib.VariationClient(
         FLAGS.target, FLAGS.model_name, signature=FLAGS.signature,
         version=FLAGS.version, version_label=FLAGS.version_label,
@@ -228,6 +267,10 @@ def main(argv):
       out = run_command(command, client, inputs, FLAGS.output_filter)
   except errors.ServingError as e:
     print(str(e), file=sys.stderr)
+    return 1
+  except (OSError, ValueError) as e:
+    # A bad --input file or flag value: one line, no traceback.
+    print(f"dropvar_client: {e}", file=sys.stderr)
     return 1
   # The metadata is read by people: one key a line.
   print(json.dumps(out, indent=2 if command == "metadata" else None))
@@ -237,7 +280,7 @@ def main(argv):
 def run_main():
   """Console entry point `dropvar_client`."""
   define_flags()
-  app.run(main)
+  cli_help.run(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,23 @@ def _input_json(array):
   return array.tolist()
 
 
+def _host_port(target):
+  """"host:port" of a REST target given as that or as "http://host:port".
+
+  Raises:
+    ValueError: another scheme, or a path after the port.
+  """
+  parsed = urllib.parse.urlsplit(target if "://" in target else
+                                 f"http://{target}")
+  if (parsed.scheme != "http" or not parsed.netloc or
+      parsed.path not in ("", "/") or parsed.query or parsed.fragment):
+    raise ValueError(
+        f"Invalid value received for argument `target`. Expected "
+        f"\"host:port\" (or \"http://host:port\") of TF Serving's REST "
+        f"API. Received: target={target!r}")
+  return parsed.netloc
+
+
 class RestStub:
   """TF Serving's REST API with the gRPC stubs' methods and messages."""
 
@@ -70,13 +87,13 @@ class RestStub:
     """Creates the stub; connects lazily.
 
     Args:
-      target: "host:port" of the REST API.
+      target: "host:port" of the REST API (or "http://host:port").
       max_retries: retries after a refused connection, with exponential
         backoff (Predict and the status calls change nothing on the server).
       backoff_seconds: backoff factor of the first retry.
       max_backoff_seconds: longest wait between retries.
     """
-    self._url = f"http://{target}"
+    self._url = f"http://{_host_port(target)}"
     self._session = requests.Session()
     policy = retry_lib.Retry(total=max_retries, connect=max_retries, read=0,
                              status=0, other=0, backoff_factor=backoff_seconds,

@@ -77,6 +77,7 @@ from absl import logging
 import grpc
 from google.protobuf import text_format
 
+from dropvar_tf import cli_help
 from dropvar_tf._keras import tf
 from dropvar_tf.serving import batching as batching_lib
 from dropvar_tf.serving import monitoring
@@ -522,7 +523,7 @@ def _main_or_usage_error(argv):
 def run_main():
   """Console entry point `dropvar_model_server`."""
   define_flags()
-  app.run(_main_or_usage_error)
+  cli_help.run(_main_or_usage_error, __name__, __doc__)
 
 
 if __name__ == "__main__":

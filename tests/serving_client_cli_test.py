@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from unittest import mock
@@ -201,10 +202,56 @@ class ClientCliTest(tf.test.TestCase):
       json.dump([[1.0, 2.0, 3.0, 4.0]], f)
     self.assertAllEqual(client_cli.load_inputs(list_path),
                         [[1.0, 2.0, 3.0, 4.0]])
+    # TF Serving's row format: bare rows, or one object a row.
     with open(list_path, "w") as f:
-      json.dump({"instances": []}, f)
-    with self.assertRaisesRegex(ValueError, "expected {\"inputs\": ...}"):
-      client_cli.load_inputs(list_path)
+      json.dump({"instances": [[1.0, 2.0], [3.0, 4.0]]}, f)
+    self.assertAllEqual(client_cli.load_inputs(list_path),
+                        [[1.0, 2.0], [3.0, 4.0]])
+    with open(list_path, "w") as f:
+      json.dump({"instances": [{"user_id": 3, "movie_id": 5},
+                               {"user_id": 4, "movie_id": 6}]}, f)
+    loaded = client_cli.load_inputs(list_path)
+    self.assertAllEqual(loaded["user_id"], [3, 4])
+    self.assertAllEqual(loaded["movie_id"], [5, 6])
+    for body, message in [
+        ({"instances": []}, "\"instances\" must be a non-empty list"),
+        ({"rows": [1]}, "expected {\"inputs\": ...} (columns), "
+         "{\"instances\": [...]} (rows"),
+        ({"instances": [{"a": 1}, {"b": 2}]},
+         "every instance must name the same inputs ['a']"),
+        ([[1.0, 2.0], [3.0]], "rows of different lengths")]:
+      with self.subTest(body=body):
+        with open(list_path, "w") as f:
+          json.dump(body, f)
+        with self.assertRaisesRegex(ValueError, re.escape(message)):
+          client_cli.load_inputs(list_path)
+
+  def test_a_bad_input_file_or_flag_is_one_line_on_stderr(self):
+    tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
+    broken = os.path.join(tmp, "broken.json")
+    with open(broken, "w") as f:
+      f.write('{"inputs": [[1.0, 2.0]')
+    with self._server() as server:
+      target = f"--target={server.target}"
+      cases = [
+          ([f"--input={broken}"], f"dropvar_client: {broken} is not valid "
+           "JSON: "),
+          ([f"--input={os.path.join(tmp, 'missing.npy')}"],
+           "dropvar_client: [Errno 2] No such file or directory"),
+          ([f"--input={os.path.join(tmp, 'x.txt')}"],
+           "dropvar_client: --input must end in .json, .npy or .npz"),
+          (["metadata", "--version=1", "--version_label=stable"],
+           "dropvar_client: Invalid value received for argument "
+           "`version_label`"),
+      ]
+      for args, message in cases:
+        with self.subTest(args=args):
+          code, stdout, stderr = _run_cli(
+              args + [target, "--model_name=dense"])
+          self.assertEqual(code, 1)
+          self.assertEqual(stdout, "")
+          self.assertStartsWith(stderr, message)
+          self.assertLen(stderr.strip().splitlines(), 1)
 
   def test_usage_errors(self):
     cases = [

@@ -81,6 +81,22 @@ class RestClientTest(tf.test.TestCase):
         self.assertEqual(cm.exception.message, message)
         self.assertEqual(cm.exception.method, "GetModelMetadata")
 
+  def test_an_http_url_is_a_target_and_other_urls_are_refused(self):
+    for target in (f"http://{self.rest_target}",
+                   f"http://{self.rest_target}/"):
+      with self.subTest(target=target):
+        with client_lib.VariationClient(target, "ratings",
+                                        protocol="rest") as rest:
+          self.assertEqual(
+              [s.version for s in rest.get_model_status()], [3])
+    for target in (f"https://{self.rest_target}",
+                   f"http://{self.rest_target}/v1/models", "http://"):
+      with self.subTest(target=target):
+        with self.assertRaisesRegex(
+            ValueError, "argument `target`. Expected \"host:port\" \\(or "
+            "\"http://host:port\"\\) of TF Serving's REST API"):
+          client_lib.VariationClient(target, "ratings", protocol="rest")
+
   def test_unreachable_server_is_unavailable(self):
     with client_lib.VariationClient("127.0.0.1:1", "ratings", max_retries=0,
                                     protocol="rest") as rest:

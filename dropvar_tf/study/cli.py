@@ -17,10 +17,10 @@ import dataclasses
 import sys
 import warnings
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from dropvar_tf import cli_help
 from dropvar_tf import validation
 from dropvar_tf._keras import tf
 from dropvar_tf.study import config as config_lib
@@ -144,7 +144,7 @@ def main(argv):
 def run_main():
   """Console entry point of `python -m dropvar_tf.study.cli`."""
   define_flags()
-  app.run(main)
+  cli_help.run(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+
+from dropvar_tf import cli_help
 
 FLAGS = flags.FLAGS
 
@@ -170,7 +171,7 @@ def main(argv):
 def run_main():
   """Console entry point `dropvar`."""
   define_flags()
-  app.run(main)
+  cli_help.run(main, __name__, __doc__)
 
 
 if __name__ == "__main__":
