@@ -71,6 +71,7 @@ from dropvar_tf import heads
 from dropvar_tf import keras_graph
 from dropvar_tf import saved_model
 from dropvar_tf._keras import keras, tf
+from dropvar_tf.serving import bundle
 from dropvar_tf.serving import codec
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -234,8 +235,9 @@ def _export(model, path, keys, spec, constant_variation=None,
   """Exports `model` with a `serving_default` returning `keys`.
 
   As `export_saved_model` does, a dual's small head weights are constants of
-  the serving graph (`saved_model.constant_head`); with `variable_head` they
-  are read from the variables, as exports before that did. `jit_compile`
+  the serving graph (`saved_model.constant_head`; with `variable_head` they
+  are read from the variables, as exports before that did), and a row with
+  a NaN or infinite input answers the head's cap. `jit_compile`
   None follows --jit_compile.
 
   With `constant_variation` (the dual's variation shape, batch excluded) the
@@ -245,6 +247,9 @@ def _export(model, path, keys, spec, constant_variation=None,
   archive = keras.export.ExportArchive()
   archive.track(model)
   head_values = [] if variable_head else saved_model.head_weight_values(model)
+  # As export_saved_model answers rows of non-finite inputs (empty for the
+  # base: it has no head).
+  unknown = saved_model._unknown_values(model)  # noqa: SLF001
 
   def serve(x):
     with saved_model.constant_head(head_values):
@@ -254,7 +259,9 @@ def _export(model, path, keys, spec, constant_variation=None,
     if constant_variation is not None:
       outputs[contract.VARIATION_KEY] = tf.zeros(
           [tf.shape(x)[0]] + constant_variation)
-    return {key: outputs[key] for key in keys}
+    outputs = {key: outputs[key] for key in keys}
+    return saved_model._flag_non_finite_rows(  # noqa: SLF001
+        {"x": x}, {"x": spec}, outputs, unknown)
 
   if FLAGS.jit_compile if jit_compile is None else jit_compile:
     # As `export_saved_model(jit_compile=True)` compiles it: one XLA
@@ -334,7 +341,7 @@ def census(base_dir, rounds=0, passes=100):
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph, config=config)
     sessions.append(session)
-    with graph.as_default():
+    with graph.as_default(), bundle.no_deprecation_warning():
       meta = tf.compat.v1.saved_model.loader.load(
           session, ["serve"], os.path.join(base_dir, name, "1"))
     signature = meta.signature_def[contract.SERVING_SIGNATURE]

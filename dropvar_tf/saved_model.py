@@ -31,6 +31,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from dropvar_tf import contract
 from dropvar_tf import export_checks
+from dropvar_tf import head_layers
 from dropvar_tf import heads
 from dropvar_tf import inputs as inputs_lib
 from dropvar_tf import keras_graph
@@ -454,16 +455,68 @@ def constant_head(values):
     yield
 
 
+def _unknown_values(dual):
+  """{output key: the value it answers for an input it cannot judge}.
+
+  Each variation: its head's cap (`VariationOutput.max_value`, what a NaN
+  estimate becomes); "out_of_range": `OutOfRange.MAX_VALUE`. Empty for a
+  model without a head of `add_variation_head` (no cap is known).
+  """
+  values = {}
+  if not heads.has_variation_head(dual):
+    return values
+  for name in heads.dual_output_names(dual) or [None]:
+    key = contract.variation_key(name)
+    values[key] = float(heads.variation_output_layer(
+        dual, name).max_value.numpy())
+  if contract.OUT_OF_RANGE_KEY in dual.output:
+    values[contract.OUT_OF_RANGE_KEY] = head_layers.OutOfRange.MAX_VALUE
+  return values
+
+
+def _flag_non_finite_rows(inputs, specs, outputs, values):
+  """`outputs` with `values` in the rows of a NaN or infinite float input.
+
+  A ReLU turns NaN into 0, so such an input can reach the head as ordinary
+  activations, and get a small variation and an "out_of_range" of 0. In
+  process every step refuses it (`inputs.normalize`); served, its row
+  answers the head's cap and `OutOfRange.MAX_VALUE`: the largest
+  uncertainty, not a confident one. The prediction is the model's own. Only
+  dense float inputs are read (padding of a ragged input may be anything).
+  Cost: two ops per float input (IsFinite, All) and a select per output.
+  """
+  finite = [tf.reduce_all(tf.math.is_finite(inputs[name]),
+                          axis=list(range(1, inputs[name].shape.rank)))
+            for name, spec in specs.items()
+            if spec.dtype.is_floating and
+            name + inputs_lib.ROW_LENGTHS_SUFFIX not in specs]
+  if not finite or not values:
+    return outputs
+  ok = finite[0]
+  for more in finite[1:]:
+    ok = tf.logical_and(ok, more)
+  flagged = dict(outputs)
+  for key, value in values.items():
+    out = outputs[key]
+    row = ok if out.shape.rank == 1 else tf.reshape(
+        ok, [-1] + [1] * (out.shape.rank - 1))
+    flagged[key] = tf.where(row, out, tf.constant(value, out.dtype))
+  return flagged
+
+
 def _build_archive(dual, specs, rebuild, metadata_json, mc_model, num_samples,
                    seed, statistic, variation_shape, jit_compile=False):
   archive = keras.export.ExportArchive()
   archive.track(dual)
   head_values = head_weight_values(dual)
 
+  caps = _unknown_values(dual)
+
   def serve(inputs):
     with constant_head(head_values):
       outputs = dual(rebuild(inputs), training=False)
-    return {key: outputs[key] for key in dual.output}
+    outputs = {key: outputs[key] for key in dual.output}
+    return _flag_non_finite_rows(inputs, specs, outputs, caps)
 
   if jit_compile:
     compiled = tf.function(serve, jit_compile=True)
@@ -526,7 +579,9 @@ def export_saved_model(dual, export_base, version=None, warmup_examples=None,
       reads the base model's variables and no head weight of that size;
       the SavedModel's variables still hold every weight of `dual`, but
       changing a head weight served as a constant there does not change
-      what this signature serves.
+      what this signature serves. A row with a NaN or infinite dense float
+      input answers its head's cap as "variation" (and `1e30` as
+      "out_of_range"), not an estimate (`_flag_non_finite_rows`).
     - "metadata": no inputs; returns {"metadata": scalar string}, the JSON
       also written to `assets/dropvar_tf_metadata.json`.
     - "mc_dropout" (when `mc_num_samples` is given): same inputs;

@@ -41,7 +41,8 @@ class _DropDeprecation(logging_lib.Filter):
 
 
 @contextlib.contextmanager
-def _no_deprecation_warning():
+def no_deprecation_warning():
+  """Inside, TF's "... is deprecated" warnings are not logged."""
   logger = tf.get_logger()
   drop = _DropDeprecation()
   logger.addFilter(drop)
@@ -135,7 +136,7 @@ class SavedModelBundle:
     graph = tf.Graph()
     self._session = tf.compat.v1.Session(graph=graph, config=config)
     try:
-      with graph.as_default(), _no_deprecation_warning():
+      with graph.as_default(), no_deprecation_warning():
         meta_graph = tf.compat.v1.saved_model.loader.load(
             self._session, [SERVE_TAG], path)
       self.signature_defs = dict(meta_graph.signature_def)

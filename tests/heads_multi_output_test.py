@@ -122,6 +122,19 @@ class MultiOutputTest(tf.test.TestCase):
         contract.SERVING_SIGNATURE]
     self.assertEqual(sorted(signature.structured_outputs),
                      list(contract.output_keys(names)))
+    # A row with a NaN input answers each head's cap, the others as in
+    # process.
+    nan = np.array(self.x[:3])
+    nan[1, 0] = np.nan
+    (input_name,) = signature.structured_input_signature[1]
+    got = signature(**{input_name: tf.constant(nan)})
+    finite = dual(nan[[0, 2]], training=False)
+    for name in names:
+      key = contract.variation_key(name)
+      cap = heads.variation_output_layer(dual, name).max_value.numpy()
+      self.assertEqual(got[key].numpy()[1], cap)
+      self.assertAllClose(got[key].numpy()[[0, 2]], finite[key], rtol=1e-6,
+                          atol=1e-6)
     x = self.x[:7]
     expected = dual(x, training=False)
     server = server_lib.ModelServer(

@@ -294,6 +294,35 @@ class ServedOutOfRangeTest(tf.test.TestCase):
                         _signal(self.dual, x), rtol=1e-5)
     self.assertTrue(np.all(np.isfinite(served[contract.OUT_OF_RANGE_KEY])))
 
+  def test_rows_with_nan_or_inf_inputs_answer_the_largest_uncertainty(self):
+    # A ReLU turns NaN into 0: unflagged, such a row would get an ordinary
+    # variation and a small signal. Finite rows are served as before.
+    x = np.array(self.x[:4])
+    x[1, 0] = np.nan
+    x[2, :] = np.nan
+    x[3, 5] = -np.inf
+    good = self.dual.predict(x[:1], verbose=0)
+    cap = float(heads.variation_output_layer(self.dual).max_value.numpy())
+    xla = saved_model.export_saved_model(
+        self.dual, os.path.join(self.tmp, "xla_nan"), jit_compile=True)
+    for label, path in (("plain", self.path), ("xla", xla)):
+      with self.subTest(label):
+        served = tf.saved_model.load(path).signatures[
+            contract.SERVING_SIGNATURE](features=tf.constant(x))
+        variation = served[contract.VARIATION_KEY].numpy()
+        far = served[contract.OUT_OF_RANGE_KEY].numpy()
+        self.assertAllClose(variation[:1], good[contract.VARIATION_KEY],
+                            rtol=1e-5)
+        self.assertAllClose(far[:1], good[contract.OUT_OF_RANGE_KEY],
+                            rtol=1e-5)
+        self.assertAllEqual(variation[1:], [cap] * 3)
+        self.assertAllEqual(far[1:], np.full(
+            3, head_layers.OutOfRange.MAX_VALUE, np.float32))
+    with client_lib.VariationClient(self.server.target, "dual",
+                                    timeout=_TIMEOUT) as client:
+      result = client.predict({"features": x})
+    self.assertAllEqual(result.variation[1:], [cap] * 3)
+
   def test_grpc_and_rest_equal_in_process(self):
     x, expected = self._inputs()
     for protocol, target in (("grpc", self.server.target),
