@@ -24,6 +24,7 @@ wording where it has one.
 import base64
 import binascii
 import json
+import math
 
 import numpy as np
 
@@ -47,6 +48,15 @@ def _debug_string(value):
   text = json.dumps(value, separators=(",", ":"), allow_nan=True,
                     default=str)
   return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _parse_float(text):
+  """A JSON number with a fraction or exponent; one too big for a double
+  (1e400) is a parse error, as in TF Serving's parser, not infinity."""
+  value = float(text)
+  if math.isinf(value):
+    raise ValueError(f"Number too big to be stored in double: {text}")
+  return value
 
 
 def _is_base64_object(value):
@@ -168,7 +178,13 @@ def to_array(value, dtype_enum):
   np_dtype = np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
   try:
     array = np.array(value)
-  except (ValueError, OverflowError):
+    if array.dtype == object and np_dtype.kind == "f" and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool)
+        for v in array.ravel()):
+      # Integers of 2**64 and more: doubles, as TF Serving's parser reads
+      # them.
+      array = np.array(value, dtype=np.float64)
+  except (ValueError, OverflowError, TypeError):
     array = None
   if array is None:
     ok = False
@@ -192,6 +208,14 @@ def to_array(value, dtype_enum):
       raise errors.invalid_argument(
           f"JSON Value: {_debug_string(value)} does not fit in "
           f"{codec.dtype_name(dtype_enum)}")
+  elif array.size and array.dtype.kind == "f":
+    # A finite value beyond the dtype's range would become inf: refused, as
+    # TF Serving refuses it (NaN and Infinity tokens pass).
+    finite = np.abs(array[np.isfinite(array)])
+    if finite.size and finite.max() > float(np.finfo(np_dtype).max):
+      raise errors.invalid_argument(
+          f"Cannot convert JSON value: {_debug_string(float(finite.max()))} "
+          f"to {codec.dtype_name(dtype_enum)} without loss of precision.")
   return array.astype(np_dtype, copy=False)
 
 
@@ -211,7 +235,7 @@ def parse_predict_request(body):
   if not body:
     raise errors.invalid_argument("JSON Parse error: The document is empty")
   try:
-    doc = json.loads(body)
+    doc = json.loads(body, parse_float=_parse_float)
   except (ValueError, RecursionError) as e:
     raise errors.invalid_argument(f"JSON Parse error: {e}") from None
   if not isinstance(doc, dict):

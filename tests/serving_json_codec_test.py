@@ -52,11 +52,35 @@ class JsonCodecTest(tf.test.TestCase):
          "not formatted correctly for base64 data"),
         ([None], float32, "JSON Value: null Type: Null is not of expected "
          "type: float32"),
+        # A finite value beyond float32's range would become inf.
+        ([0.5, 4e38], float32, "Cannot convert JSON value: 4e+38 to "
+         "float32 without loss of precision."),
+        ([0.5, -1e300], types_pb2.DT_HALF, "Cannot convert JSON value: "
+         "1e+300 to float16 without loss of precision."),
     ]
     for value, dtype, message in cases:
       with self.subTest(message):
         self.assertInvalid(lambda v=value, d=dtype: json_codec.to_array(v, d),
                            message)
+
+  def test_float_inputs_take_any_json_number_in_their_range(self):
+    # Integers of 2**64 and more are doubles, as TF Serving's parser reads
+    # them; NaN and Infinity tokens pass.
+    got = json_codec.to_array([10**20, 2**64, 2**63, 0.5, 3e38],
+                              types_pb2.DT_FLOAT)
+    self.assertEqual(got.dtype, np.float32)
+    self.assertAllClose(got, [1e20, 2.0**64, 2.0**63, 0.5, 3e38])
+    doc, _ = json_codec.parse_predict_request(
+        '{"inputs": [NaN, Infinity, -Infinity, 1e38]}')
+    got = json_codec.to_array(doc["inputs"], types_pb2.DT_FLOAT)
+    self.assertTrue(np.isnan(got[0]))
+    self.assertAllEqual(got[1:], np.array([np.inf, -np.inf, 1e38],
+                                          np.float32))
+
+  def test_a_number_too_big_for_a_double_is_a_parse_error(self):
+    self.assertInvalid(
+        lambda: json_codec.parse_predict_request('{"inputs": [1e400]}'),
+        "JSON Parse error: Number too big to be stored in double: 1e400")
 
   def test_row_and_columnar_responses(self):
     outputs = {"prediction": np.array([[0.2], [1.0]], np.float32),
