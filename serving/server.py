@@ -106,10 +106,15 @@ class ServerOptions:
       decoded input tensor.
     reject_non_finite: answer INVALID_ARGUMENT for NaN/Inf in float inputs
       instead of passing them to the model.
+    allow_version_labels_for_unavailable_models: accept a config's version
+      label that names a version not loaded at start (its requests get
+      NOT_FOUND until it is); without it `ModelServer.start` refuses the
+      config, as TF Serving does.
   """
   max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
   max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
   reject_non_finite: bool = False
+  allow_version_labels_for_unavailable_models: bool = False
 
 
 def model_configs_from_file(path):
@@ -223,9 +228,23 @@ class ModelServer:
       The bound port.
 
     Raises:
-      RuntimeError: the address cannot be bound.
+      RuntimeError: the address cannot be bound, or (without
+        `allow_version_labels_for_unavailable_models`) a version label
+        names a version that did not load.
     """
     self.manager.start()
+    if not self.options.allow_version_labels_for_unavailable_models:
+      for model in self.manager.models.values():
+        loaded = set(model.loaded_versions)
+        for label, version in sorted(model.labels.items()):
+          if version not in loaded:
+            self.manager.stop()
+            # TF Serving's words (ServerCore), and how to allow it.
+            raise RuntimeError(
+                f"Request to assign label {label!r} to version {version} of "
+                f"model {model.name}, which is not currently available for "
+                "inference (start with "
+                "--allow_version_labels_for_unavailable_models to allow it)")
     if self.batcher is not None:
       self.batcher.start()
     limit = self.options.max_request_bytes
@@ -331,6 +350,10 @@ def define_flags(flag_values=FLAGS):
                        "Largest request accepted, in bytes (gRPC "
                        "max_receive_message_length and decoded tensor size).",
                        flag_values=flag_values)
+  flags.DEFINE_bool("allow_version_labels_for_unavailable_models", False,
+                    "Accept version labels of the config that name versions "
+                    "not loaded at start (as tensorflow_model_server's flag).",
+                    flag_values=flag_values)
   flags.DEFINE_bool("reject_non_finite", False,
                     "Answer INVALID_ARGUMENT for NaN/Inf in float inputs "
                     "instead of passing them to the model.",
@@ -475,7 +498,9 @@ def main(argv):
         poll_seconds=FLAGS.file_system_poll_wait_seconds,
         options=ServerOptions(max_batch_size=FLAGS.max_batch_size,
                               max_request_bytes=FLAGS.max_request_bytes,
-                              reject_non_finite=FLAGS.reject_non_finite),
+                              reject_non_finite=FLAGS.reject_non_finite,
+                              allow_version_labels_for_unavailable_models=(
+                                  FLAGS.allow_version_labels_for_unavailable_models)),
         max_workers=FLAGS.num_workers,
         rest_api_port=FLAGS.rest_api_port or None, metrics=metrics,
         metrics_path=metrics_path, batching=batching)

@@ -143,6 +143,33 @@ class ServerOptionsTest(_TestCase):
     self.assertTrue(_wait_for(lambda: self._status(model_stub)[1][0] == _END))
     self.assertEqual(set(self._status(model_stub)), {1, 2})
 
+  def test_a_label_of_a_version_not_loaded_needs_the_flag(self):
+    config = server_lib.model_config("m", self.base)
+    config.version_labels["stable"] = 1
+    config.version_labels["canary"] = 2  # not exported
+    server = server_lib.ModelServer([config], poll_seconds=0)
+    with self.assertRaisesWithLiteralMatch(
+        RuntimeError, "Request to assign label 'canary' to version 2 of "
+        "model m, which is not currently available for inference (start "
+        "with --allow_version_labels_for_unavailable_models to allow it)"):
+      server.start()
+    allowed = server_lib.ModelServer([config], poll_seconds=0, options=(
+        server_lib.ServerOptions(
+            allow_version_labels_for_unavailable_models=True)))
+    with allowed:
+      channel = grpc.insecure_channel(allowed.target)
+      self.addCleanup(channel.close)
+      stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+      request = _predict_request("m", {"x": testing.dense_inputs(1)},
+                                 label="canary")
+      with self.assertRaises(grpc.RpcError) as cm:
+        stub.Predict(request, timeout=_TIMEOUT)
+      self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+      request = _predict_request("m", {"x": testing.dense_inputs(1)},
+                                 label="stable")
+      self.assertEqual(stub.Predict(request, timeout=_TIMEOUT)
+                       .model_spec.version.value, 1)
+
   def test_broken_version_is_reported_and_old_one_kept(self):
     stub, model_stub = self._start(poll_seconds=0.05)
     broken = os.path.join(self.base, "3")

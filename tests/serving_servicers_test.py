@@ -64,7 +64,9 @@ class ServicersTest(tf.test.TestCase):
         [server_lib.model_config("dense", os.path.join(cls.base, "dense")),
          ratings_config],
         poll_seconds=0,
-        options=server_lib.ServerOptions(max_batch_size=_MAX_BATCH))
+        options=server_lib.ServerOptions(
+            max_batch_size=_MAX_BATCH,
+            allow_version_labels_for_unavailable_models=True))
     cls.server.start()
     cls.channel = grpc.insecure_channel(cls.server.target)
     cls.stub = prediction_service_pb2_grpc.PredictionServiceStub(cls.channel)
