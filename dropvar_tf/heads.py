@@ -181,6 +181,18 @@ def _holds_source_or_nonlinearity(layer):
   return False
 
 
+def _tappable(layer):
+  """Whether a layer named in `layers=[...]` can be probed.
+
+  Dropout layers are not (in the one pass they pass their input through);
+  inputs are when they hold floats (their strength is that of the raw
+  features).
+  """
+  if isinstance(layer, keras.layers.InputLayer):
+    return keras.backend.is_float_dtype(layer.dtype)
+  return not isinstance(layer, _SKIPPED)
+
+
 def _resolve_taps(model, layers, features, paths=None):
   """Returns [(layer, output tensor in `model`'s graph)] to tap.
 
@@ -205,13 +217,14 @@ def _resolve_taps(model, layers, features, paths=None):
           f"{[l.name for l in candidates]}", unknown)
     taps = [by_name[n] for n in layers]
     output_ops = {id(keras_graph.source_layer(t)) for t in model.outputs}
-    untappable = [n for n in layers if isinstance(by_name[n], _SKIPPED) or
+    untappable = [n for n in layers if not _tappable(by_name[n]) or
                   id(by_name[n]) in output_ops]
     if untappable:
       raise validation.invalid(
-          "layers", "hidden layers (not an Input, Dropout or output layer: "
-          "the head reads the prediction itself); candidates are "
-          f"{[l.name for l in candidates]}", untappable)
+          "layers", "hidden layers or float inputs (not a Dropout, an output "
+          "layer, whose prediction the head reads itself, or an integer or "
+          f"string input); candidates are {[l.name for l in candidates]}",
+          untappable)
   if not taps:
     raise validation.invalid(
         "layers", "a selection with at least one hidden layer to tap",
@@ -419,7 +432,8 @@ def add_variation_head(model, layers="auto", features=tap_selection.AUTO,
       (every candidate hidden layer, see `candidate_layers`), "last" (the
       candidate closest to the output), or a list of layer names (for
       layers inside a subclassed model, their name or their path
-      "<submodel>/<layer>").
+      "<submodel>/<layer>"); a list may also name a float input (its
+      probe reads the raw features), not a Dropout or an output layer.
     features: what each probe computes: "auto" (default: per-neuron
       values of a recurrent layer's final state, a summary of any other
       layer; `tap_selection.probe_features`), "summary" (mean, L2 norm and

@@ -595,14 +595,28 @@ class LayerSelectionTest(tf.test.TestCase):
     for layers, message in [
         (["dense_a", "dense_a"], "Expected layer names, each once. Received: "
          "layers=\"['dense_a', 'dense_a'] (repeated: ['dense_a'])\""),
-        (["drop_a", "probs"], "Expected hidden layers (not an Input, Dropout "
-         "or output layer: the head reads the prediction itself); "
-         "candidates are ['dense_a', 'dense_b']. Received: "
-         "layers=['drop_a', 'probs']")]:
+        (["drop_a", "probs"], "Expected hidden layers or float inputs (not "
+         "a Dropout, an output layer, whose prediction the head reads "
+         "itself, or an integer or string input); candidates are "
+         "['dense_a', 'dense_b']. Received: layers=['drop_a', 'probs']")]:
       with self.subTest(layers=layers):
         with self.assertRaises(ValueError) as cm:
           heads.add_variation_head(model, layers=layers)
         self.assertEqual(str(cm.exception), _PREFIX + "`layers`. " + message)
+    ids = tm.target_model("dict")
+    with self.assertRaisesRegex(ValueError, r"Received: layers=\['user_id'\]"):
+      heads.add_variation_head(ids, layers=["user_id"])
+
+  def test_a_float_input_can_be_tapped(self):
+    model = tm.target_model("softmax")
+    hidden = model.layers[1].name
+    dual = heads.add_variation_head(model, layers=["features", hidden],
+                                    features="summary")
+    self.assertEqual(heads.variation_head_metadata(dual)["layers"],
+                     ["features", hidden])
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    self.assertAllClose(dual.predict(x, verbose=0)["prediction"],
+                        model.predict(x, verbose=0))
 
   def test_shared_layer_cannot_be_tapped(self):
     inputs = keras.Input((4,))
