@@ -98,6 +98,25 @@ def sublayers(layer):
   return list(getattr(layer, "_layers", ()))
 
 
+def all_layers(model):
+  """Every layer under `model`, each once, depth first (`model` excluded).
+
+  That is nested models' layers and the layers custom layers hold
+  (`sublayers`).
+  """
+  seen, order = set(), []
+
+  def visit(layer):
+    for child in sublayers(layer):
+      if id(child) not in seen:
+        seen.add(id(child))
+        order.append(child)
+        visit(child)
+
+  visit(model)
+  return order
+
+
 def owns_seed_generator(layer):
   """True when `layer` itself holds a `keras.random.SeedGenerator`.
 

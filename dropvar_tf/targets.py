@@ -41,6 +41,7 @@ half_a, half_b, full = split_half_targets(model, x, num_samples=100)
 
 import collections
 import hashlib
+import json
 import os
 import sys
 import warnings
@@ -55,6 +56,7 @@ from dropvar_tf import sources
 from dropvar_tf import target_outputs
 from dropvar_tf import target_store
 from dropvar_tf import validation
+from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
 
 # Tiled rows per compiled call when `samples_per_pass` is automatic: large
@@ -98,9 +100,38 @@ class _Source:
       start = stop
 
 
+def _layer_config(layer):
+  """A layer's config as canonical JSON, its name left out.
+
+  Containers (models) give their class only: their layers are walked one by
+  one. A layer whose `get_config` cannot run (a custom layer with
+  constructor arguments and no `get_config`) gives its class only.
+  """
+  kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
+  if isinstance(layer, keras.Model):
+    return kind
+  try:
+    config = dict(layer.get_config())
+  except Exception:  # pylint: disable=broad-except
+    return kind
+  config.pop("name", None)
+  return kind + json.dumps(config, sort_keys=True, default=repr)
+
+
 def model_fingerprint(model):
-  """sha256 of every weight (values, shapes, dtypes, in model order)."""
+  """sha256 of what the targets of `model` depend on.
+
+  That is every layer's class and config (activations, rates, shapes; layer
+  names left out, so a model rebuilt in a new process matches), its dropout
+  sources (kind and rate, in sampling order) and every weight (values,
+  shapes, dtypes, in model order). A resumed run with another architecture,
+  dropout rate or weights is refused.
+  """
   digest = hashlib.sha256()
+  for layer in keras_graph.all_layers(model):
+    digest.update(_layer_config(layer).encode())
+  for found in sources.find_sources(model):
+    digest.update(f"|{found.kind}:{found.rate!r}".encode())
   for w in model.weights:
     value = np.ascontiguousarray(w.numpy())
     digest.update(f"{value.dtype.str}|{value.shape}|".encode())

@@ -396,6 +396,35 @@ class ResumeTest(tf.test.TestCase):
                                         samples_per_pass=2))
     compute.assert_not_called()
 
+  def test_same_weights_in_another_architecture_are_refused(self):
+    path = tempfile.mkdtemp(dir=self.get_temp_dir())
+    first = targets.mc_dropout_targets(self.model, self.x, output_path=path,
+                                       **self.kwargs)
+    # Rebuilt the same way (new layer names), the same weights: resumes.
+    rebuilt = tm.target_model("softmax")
+    rebuilt.set_weights(self.model.get_weights())
+    with mock.patch.object(targets, "_compute_chunk") as compute:
+      again = targets.mc_dropout_targets(rebuilt, self.x, output_path=path,
+                                         **self.kwargs)
+    compute.assert_not_called()
+    self.assertAllEqual(again, first)
+    # The same weights with another dropout rate, or another activation,
+    # give other targets: refused, not read back.
+    other_rate = tm.target_model("softmax", rate=0.5)
+    other_rate.set_weights(self.model.get_weights())
+    other_activation = keras.models.clone_model(
+        self.model, clone_function=lambda layer: layer.__class__.from_config(
+            dict(layer.get_config(), activation="tanh")
+            if layer.get_config().get("activation") == "relu"
+            else layer.get_config()))
+    other_activation.set_weights(self.model.get_weights())
+    for model in (other_rate, other_activation):
+      with self.assertRaises(ValueError) as e:
+        targets.mc_dropout_targets(model, self.x, output_path=path,
+                                   **self.kwargs)
+      self.assertStartsWith(str(e.exception),
+                            _ERR_RESUME.format(name="model_fingerprint"))
+
   def test_dataset_resume_checks_chunk_inputs(self):
     path = tempfile.mkdtemp(dir=self.get_temp_dir())
     ds = tf.data.Dataset.from_tensor_slices(self.x).filter(lambda v: True)
