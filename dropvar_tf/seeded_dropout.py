@@ -34,9 +34,12 @@ the model says which rows are which with `row_context(example_seeds(...))`:
 (`saved_model`). Outside a row context, each call draws fresh
 seed-reproducible noise, as Keras' layers do.
 
-Limits: a Dropout layer called twice in one pass uses the same mask both
-times (its source index is the same); a source must see the model's rows as
-its batch (not, e.g., a `TimeDistributed` reshape of them).
+A source called more than once in one pass (a Dropout layer applied to two
+tensors, an RNN layer run on two sequences) draws an independent mask per
+call, as Keras does: its n-th call in the pass (counted from 0 in call order)
+hashes with index `index + n * CALL_STRIDE`, so first calls keep the masks
+of their index. Limit: a source must see the model's rows as its batch (not,
+e.g., a `TimeDistributed` reshape of them).
 
 Example:
 
@@ -60,6 +63,10 @@ from dropvar_tf import sources
 from dropvar_tf import validation
 from dropvar_tf._keras import keras
 from dropvar_tf._keras import tf
+
+
+# A source's n-th call in one pass hashes with `index + n * CALL_STRIDE`.
+CALL_STRIDE = 2**20
 
 
 class _RowContext(threading.local):
@@ -152,6 +159,12 @@ class SeededDropout(keras.layers.Layer):
     self.noise_shape = None if noise_shape is None else tuple(noise_shape)
     self.seed = seed
     self.layer_index = validation.check_int(layer_index, "layer_index", 0)
+    if self.layer_index >= CALL_STRIDE:
+      raise validation.invalid("layer_index", f"an integer below {CALL_STRIDE}",
+                               layer_index)
+    # Which call of the source in the pass this is (`numbered`); 0 outside
+    # `sampling`.
+    self.call_number = 0
     self.seed_generator = keras.random.SeedGenerator(
         0 if seed is None else seed)
     self.supports_masking = True
@@ -174,6 +187,11 @@ class SeededDropout(keras.layers.Layer):
     dynamic = tf.shape(inputs)[1:]
     return tf.stack([dynamic[i] if s is None else s
                      for i, s in enumerate(shape)])
+
+  def _hash_index(self):
+    """The index word of the mask hash: `layer_index` of this call number."""
+    return tf.constant(self.layer_index + self.call_number * CALL_STRIDE,
+                       tf.uint32)
 
   def _unit_words(self, unit_shape):
     """Mixed unit words, (1, *unit_shape) uint32 (`mask_hash.mixed_units`)."""
@@ -215,7 +233,7 @@ class SeededDropout(keras.layers.Layer):
     states, _ = self._row_states(inputs)
     states = tf.reshape(states, [-1] + [1] * rank)
     return mask_hash.finish_hash(states,
-                                 tf.constant(self.layer_index, tf.uint32),
+                                 self._hash_index(),
                                  self._unit_words(unit_shape))
 
   def call(self, inputs, training=None):
@@ -231,7 +249,7 @@ class SeededDropout(keras.layers.Layer):
     apply = _apply_mask_xla if in_context else _apply_mask
     states = tf.reshape(states, [-1] + [1] * (len(inputs.shape) - 1))
     return apply(inputs, states, self._unit_words(unit_shape),
-                 tf.constant(self.layer_index, tf.uint32),
+                 self._hash_index(),
                  tf.constant(mask_hash.keep_threshold(self.rate), tf.uint32),
                  tf.constant(1.0 / (1.0 - self.rate), inputs.dtype))
 
@@ -326,27 +344,72 @@ def _noise_layer(found):
       name=f"source_{found.index}_seeded")
 
 
-def _replaced_call(found, noise):
-  """What `found.layer.call` becomes while sampling (Dropout-like kinds)."""
+@contextlib.contextmanager
+def _numbered(noise, number):
+  """Makes `noise` draw the masks of call `number` of its source."""
+  if noise.layer_index + number * CALL_STRIDE >= 2**32:
+    raise ValueError(
+        f"Dropout source {noise.name!r} is called more than "
+        f"{(2**32 - 1 - noise.layer_index) // CALL_STRIDE} times in one "
+        "forward pass; MC targets cannot draw independent masks for more.")
+  keras_graph.set_untracked_attribute(noise, "call_number", number)
+  try:
+    yield
+  finally:
+    keras_graph.set_untracked_attribute(noise, "call_number", 0)
+
+
+def _replaced_call(found, noise, calls):
+  """What `found.layer.call` becomes while sampling (Dropout-like kinds).
+
+  Each call in the pass draws its own mask: `calls` counts the source's
+  calls since `sampling` began.
+  """
   layer = found.layer
   if found.noise_fn is not None:
     noise_fn = found.noise_fn
-    return lambda inputs, *args, **kwargs: noise_fn(layer, inputs,
-                                                    noise.uniform(inputs))
-  if found.kind == sources.GAUSSIAN_DROPOUT:
-    return lambda inputs, *args, **kwargs: noise.gaussian(inputs)
-  if found.kind == sources.ALPHA_DROPOUT:
-    return lambda inputs, *args, **kwargs: noise.alpha(inputs)
-  return lambda inputs, *args, **kwargs: noise.call(inputs)
+
+    def draw(inputs):
+      return noise_fn(layer, inputs, noise.uniform(inputs))
+  elif found.kind == sources.GAUSSIAN_DROPOUT:
+    draw = noise.gaussian
+  elif found.kind == sources.ALPHA_DROPOUT:
+    draw = noise.alpha
+  else:
+    draw = noise.call
+
+  def call(inputs, *args, **kwargs):
+    del args, kwargs  # training and the like: the noise is always on.
+    number = calls.get(found.index, 0)
+    calls[found.index] = number + 1
+    with _numbered(noise, number):
+      return draw(inputs)
+  return call
 
 
-def _cached_mask(noise, cache, key, count):
-  """RNN mask getter: one seeded mask per sequence (per RNN call)."""
+def _cached_mask(noise, cache, key, count, calls):
+  """RNN mask getter: one seeded mask per sequence (per RNN call).
+
+  The mask of the RNN's n-th call in the pass (`calls[key]`, counted by
+  `_reset_mask`) is that of call number n.
+  """
   def get_mask(step_input):
     if key not in cache:
-      cache[key] = noise.scaled_keep_mask(step_input, count)
+      with _numbered(noise, calls.get(key, 0)):
+        cache[key] = noise.scaled_keep_mask(step_input, count)
     return cache[key]
   return get_mask
+
+
+def _reset_mask(cache, key, calls):
+  """RNN mask resetter: the next call of the RNN draws a new mask.
+
+  Keras resets an RNN's masks after each sequence it runs.
+  """
+  def reset():
+    if cache.pop(key, None) is not None:
+      calls[key] = calls.get(key, 0) + 1
+  return reset
 
 
 def _training_call(call):
@@ -359,10 +422,11 @@ def _training_call(call):
 
 def _patches(found_sources, noise_layers):
   """(object, attribute, value) to set while sampling, for every source."""
-  patches, owners, cache = [], set(), {}
+  patches, owners, cache, calls = [], set(), {}, {}
   for found, noise in zip(found_sources, noise_layers):
     if found.owner is None:
-      patches.append((found.layer, "call", _replaced_call(found, noise)))
+      patches.append((found.layer, "call",
+                      _replaced_call(found, noise, calls)))
       continue
     cell = found.layer
     getter, resetter = (
@@ -371,12 +435,12 @@ def _patches(found_sources, noise_layers):
         ("get_recurrent_dropout_mask", "reset_recurrent_dropout_mask"))
     key = (found.index,)
     patches.append((cell, getter, _cached_mask(
-        noise, cache, key, keras_graph.rnn_mask_count(cell))))
-    patches.append((cell, resetter, lambda key=key: cache.pop(key, None)))
+        noise, cache, key, keras_graph.rnn_mask_count(cell), calls)))
+    patches.append((cell, resetter, _reset_mask(cache, key, calls)))
     if id(found.owner) not in owners:
       owners.add(id(found.owner))
       patches.append((found.owner, "call", _training_call(found.owner.call)))
-  return patches, cache
+  return patches, (cache, calls)
 
 
 _MISSING = object()
@@ -402,7 +466,7 @@ def sampling(found_sources, noise_layers):
     None.
   """
   with _SAMPLING_LOCK:
-    patches, cache = _patches(found_sources, noise_layers)
+    patches, state = _patches(found_sources, noise_layers)
     saved = []
     try:
       for obj, name, value in patches:
@@ -416,7 +480,8 @@ def sampling(found_sources, noise_layers):
           object.__delattr__(obj, name)
         else:
           keras_graph.set_untracked_attribute(obj, name, previous)
-      cache.clear()
+      for counts in state:
+        counts.clear()
 
 
 @keras.saving.register_keras_serializable(package="dropvar_tf")

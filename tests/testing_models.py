@@ -338,6 +338,23 @@ def source_model(kind, seed=0, rate=0.3):
     h = keras.layers.Flatten(name="flat")(h)
     return keras.Model(inputs, keras.layers.Dense(1, name="value")(h),
                        name=kind)
+  if kind == "shared_dropout":  # One Dropout layer on two branches.
+    inputs = keras.Input((NUM_FEATURES,), name="features")
+    drop = keras.layers.Dropout(rate, name="drop")
+    a = keras.layers.Dense(16, activation="relu", name="dense_a")(inputs)
+    b = keras.layers.Dense(16, activation="relu", name="dense_b")(inputs)
+    h = keras.layers.Add(name="add")([drop(a), drop(b)])
+    h = keras.layers.Dense(8, activation="tanh", name="dense")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="value")(h),
+                       name=kind)
+  if kind == "shared_rnn":  # One LSTM run on two sequences (siamese).
+    inputs = keras.Input((SEQ_LEN, SEQ_FEATURES), name="sequence")
+    lstm = keras.layers.LSTM(8, name="lstm", **rnn_args)
+    other = keras.layers.Dense(SEQ_FEATURES, name="project")(inputs)
+    h = keras.layers.Concatenate(name="both")([lstm(inputs), lstm(other)])
+    h = keras.layers.Dense(8, activation="tanh", name="dense")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="value")(h),
+                       name=kind)
   if kind == "wrapped_subclassed":
     inner = SubclassedRegressor(name="inner")
     inputs = keras.Input((NUM_FEATURES,), name="features")
@@ -350,7 +367,8 @@ def source_model(kind, seed=0, rate=0.3):
 SOURCE_KINDS = ("dropout", "spatial_dropout", "transformer", "lstm",
                 "lstm_input_dropout", "gru", "simple_rnn", "bidirectional",
                 "conv_lstm", "gaussian", "alpha", "custom_layer",
-                "wrapped_subclassed", "registered", "batch_norm")
+                "wrapped_subclassed", "registered", "batch_norm",
+                "shared_dropout", "shared_rnn")
 
 
 def source_inputs(kind, n, seed=0):
@@ -361,7 +379,7 @@ def source_inputs(kind, n, seed=0):
   """
   rng = np.random.default_rng(seed)
   if kind in ("spatial_dropout", "transformer", "lstm", "lstm_input_dropout",
-              "gru", "simple_rnn", "bidirectional"):
+              "gru", "simple_rnn", "bidirectional", "shared_rnn"):
     shape = (n, SEQ_LEN, SEQ_FEATURES)
   elif kind == "conv_lstm":
     shape = (n, SEQ_LEN, 4, SEQ_FEATURES)
