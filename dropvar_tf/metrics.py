@@ -28,20 +28,51 @@ from dropvar_tf import targets
 from dropvar_tf import validation
 
 
-def _as_vector(values, arg):
+def _as_array(values, arg):
+  """`values` as a float64 array of finite numbers.
+
+  Raises:
+    ValueError naming `arg`: not numbers (a multi-output dict is refused
+      with how to score it), or NaN or Inf values.
+  """
+  if isinstance(values, dict):
+    raise validation.invalid(
+        arg, "an array of per-example values (for a model with several "
+        "outputs, score each output: e.g. fidelity(estimate[name], "
+        "targets[name]))", f"dict with keys {sorted(values)}")
   if values is None:
     raise validation.invalid(arg, "an array of per-example values", values)
-  v = np.asarray(values, "float64")
-  if v.ndim == 2 and v.shape[1] == 1:
-    v = v[:, 0]
-  if v.ndim != 1 or v.size < 2:
-    raise validation.invalid(arg, "a 1-D array of at least 2 values",
-                             f"array of shape {v.shape}")
+  try:
+    v = np.asarray(values, "float64")
+  except (TypeError, ValueError):
+    raise validation.invalid(
+        arg, "numbers", f"{type(values).__name__} that is not numeric"
+    ) from None
   if not np.all(np.isfinite(v)):
     raise validation.invalid(arg, "finite values (no NaN or Inf)",
                              f"array with {int(np.sum(~np.isfinite(v)))} "
                              "non-finite values")
   return v
+
+
+def _as_vector(values, arg):
+  v = _as_array(values, arg)
+  if v.ndim == 2 and v.shape[1] == 1:
+    v = v[:, 0]
+  if v.ndim != 1 or v.size < 2:
+    raise validation.invalid(arg, "a 1-D array of at least 2 values",
+                             f"array of shape {v.shape}")
+  return v
+
+
+def _as_pair(estimate, target, target_arg="target"):
+  """`estimate` and `target` as vectors of the same length."""
+  e = _as_vector(estimate, "estimate")
+  t = _as_vector(target, target_arg)
+  if e.shape != t.shape:
+    raise validation.invalid("estimate", f"shape {t.shape} like "
+                             f"`{target_arg}`", f"array of shape {e.shape}")
+  return e, t
 
 
 def _r2(target, estimate):
@@ -51,11 +82,12 @@ def _r2(target, estimate):
   -inf or NaN) for an imperfect estimate of constant targets.
   """
   residual = np.sum((target - estimate)**2)
-  total = np.sum((target - np.mean(target))**2)
   if residual == 0:
     return 1.0
-  if total == 0:
+  # Constant targets: their mean, rounded, would leave a total of ~1e-33.
+  if np.ptp(target) == 0:
     return 0.0
+  total = np.sum((target - np.mean(target))**2)
   return float(1.0 - residual / total)
 
 
@@ -74,29 +106,63 @@ def _roc_auc(labels, scores):
 def decile_auc(estimate, target, top=True, fraction=0.1):
   """AUC of `estimate` for telling the top (or bottom) `fraction` of `target`.
 
-  Examples are labelled positive when their target is in the top (bottom)
-  `fraction`; the score is the estimate (negated for the bottom).
+  Examples are labelled positive when their target is at or above (at or
+  below, for the bottom) the target of rank `round(fraction * N)` from the
+  top (bottom); the score is the estimate (negated for the bottom). Targets
+  tied with that one are all positive, so the value does not depend on the
+  examples' order (with many exact zeros, the bottom "decile" is every zero).
+
+  Args:
+    estimate: (N,) estimated DPV.
+    target: (N,) MC-dropout DPV.
+    top: the top (True) or the bottom (False) of the targets.
+    fraction: the share of examples labelled positive, in (0, 1).
+
+  Returns:
+    The AUC, or NaN when every example is positive (constant targets).
+
+  Raises:
+    ValueError: lengths differ, fewer than 2 values, non-finite values, or
+      `fraction` not in (0, 1).
   """
-  e = _as_vector(estimate, "estimate")
-  t = _as_vector(target, "target")
+  e, t = _as_pair(estimate, target)
+  fraction = _check_fraction(fraction)
   k = max(1, int(round(fraction * len(t))))
-  order = np.argsort(t, kind="stable")
-  labels = np.zeros(len(t), bool)
-  labels[order[-k:] if top else order[:k]] = True
+  ordered = np.sort(t)
+  labels = t >= ordered[-k] if top else t <= ordered[k - 1]
   if labels.all():
     return float("nan")
   return _roc_auc(labels, e if top else -e)
 
 
+def _check_fraction(fraction):
+  if (isinstance(fraction, bool) or
+      not isinstance(fraction, (int, float, np.floating)) or
+      not 0.0 < fraction < 1.0):
+    raise validation.invalid("fraction", "a number in (0, 1)", fraction)
+  return float(fraction)
+
+
 def decile_table(estimate, target, bins=10):
   """Mean target and mean estimate per decile of the estimate.
+
+  Args:
+    estimate: (N,) estimated DPV.
+    target: (N,) MC-dropout DPV.
+    bins: number of bins, 1 to N.
 
   Returns:
     A dict of arrays: "estimate_mean", "target_mean", "count", one entry per
     bin, bins ordered by increasing estimate.
+
+  Raises:
+    ValueError: lengths differ, non-finite values, or `bins` out of range.
   """
-  e = _as_vector(estimate, "estimate")
-  t = _as_vector(target, "target")
+  e, t = _as_pair(estimate, target)
+  bins = validation.check_int(bins, "bins", 1)
+  if bins > len(e):
+    raise validation.invalid(
+        "bins", f"at most the number of examples ({len(e)})", bins)
   order = np.argsort(e, kind="stable")
   parts = np.array_split(order, bins)
   return {
@@ -122,11 +188,7 @@ def fidelity(estimate, mc_targets):
   Raises:
     ValueError: shapes differ, fewer than 2 values, or non-finite values.
   """
-  e = _as_vector(estimate, "estimate")
-  t = _as_vector(mc_targets, "mc_targets")
-  if e.shape != t.shape:
-    raise validation.invalid("estimate", f"shape {t.shape} like `mc_targets`",
-                             f"array of shape {e.shape}")
+  e, t = _as_pair(estimate, mc_targets, "mc_targets")
   constant = np.ptp(e) == 0 or np.ptp(t) == 0
   log_e, log_t = np.log(1e-6 + np.maximum(e, 0)), np.log(1e-6 + t)
   return {
@@ -178,6 +240,7 @@ def mc_convergence(model, x, num_samples=100, seed=0, batch_size=256,
     "mean_relative_std_error" (root-mean-square over values with positive
     DPV of |half_a - half_b| / (2 * dpv_full), an estimate of the relative
     standard error of the full-T DPV), "num_samples" and "num_examples".
+    For a model with several outputs, {output name: that dict}.
 
   Raises:
     ValueError: an invalid argument, named in the message.
@@ -185,6 +248,14 @@ def mc_convergence(model, x, num_samples=100, seed=0, batch_size=256,
   a, b, full = targets.split_half_targets(
       model, x, num_samples=num_samples, seed=seed, batch_size=batch_size,
       statistic=statistic, keys=keys)
+  if isinstance(full, dict):
+    return {name: _convergence(a[name], b[name], full[name], num_samples)
+            for name in full}
+  return _convergence(a, b, full, num_samples)
+
+
+def _convergence(a, b, full, num_samples):
+  """`mc_convergence`'s dict for one output's halves and full-T targets."""
   num_examples = full.shape[0]
   a, b, full = (v.astype(np.float64).ravel() for v in (a, b, full))
   r = _correlation(stats.pearsonr, a, b)
@@ -265,8 +336,12 @@ def noise_bound(targets, num_samples):
   Returns:
     A dict: "method" ("gaussian_sampling_noise"), "num_samples", "r2" and
     "correlation" (None when the targets are constant).
+
+  Raises:
+    ValueError: `targets` are not finite numbers (a dict of a model's
+      outputs included: bound each output), or `num_samples` < 2.
   """
-  t = np.asarray(targets, "float64").ravel()
+  t = _as_array(targets, "targets").ravel()
   num_samples = validation.check_int(num_samples, "num_samples", 2)
   variance = float(np.var(t))
   bound = {"method": "gaussian_sampling_noise", "num_samples": num_samples,
@@ -292,12 +367,20 @@ def fit_report(estimate, targets, num_samples=None):
     "noise_bound" (`noise_bound`, or None), and "far_below_bound" with the
     reasons (an empty list when the fit is near the bound). Values that are
     undefined (constant estimates) are None.
+
+  Raises:
+    ValueError: `estimate` or `targets` are not finite numbers (dicts of a
+      model's outputs included: report on each output), or their sizes
+      differ.
   """
-  e = np.asarray(estimate, "float64").ravel()
-  t = np.asarray(targets, "float64").ravel()
+  e = _as_array(estimate, "estimate").ravel()
+  t = _as_array(targets, "targets").ravel()
+  if e.shape != t.shape:
+    raise validation.invalid("estimate", f"{t.size} values like `targets`",
+                             f"{e.size} values")
   scores = fidelity(e, t) if len(t) >= 2 else {}
   report = {
-      "num_examples": int(len(np.asarray(targets))),
+      "num_examples": int(np.shape(targets)[0]) if np.ndim(targets) else 1,
       "spearman": _finite_or_none(scores.get("spearman", float("nan"))),
       "r2": _finite_or_none(scores.get("r2", float("nan"))),
       "mean_ratio": _finite_or_none(np.mean(e) / np.mean(t))

@@ -151,9 +151,40 @@ class DecileTest(tf.test.TestCase):
     self.assertAllClose(metrics.decile_auc(e, t), 0.5)
     self.assertAllClose(metrics.decile_auc(e, t, fraction=0.05), 0.0)
 
-  def test_decile_auc_all_positive_is_nan(self):
-    t = _targets(10)
-    self.assertTrue(np.isnan(metrics.decile_auc(t, t, fraction=1.0)))
+  def test_decile_auc_of_constant_targets_is_nan(self):
+    for top in (True, False):
+      self.assertTrue(np.isnan(metrics.decile_auc(_targets(10), np.ones(10),
+                                                  top=top)))
+
+  def test_decile_auc_ties_at_the_cut_are_all_positive(self):
+    # 30 of 100 targets are exactly 0 (saturated outputs): the bottom 10%
+    # is every zero, whatever the examples' order.
+    rng = np.random.default_rng(5)
+    t = np.where(np.arange(100) < 30, 0.0, rng.gamma(2.0, 0.05, 100))
+    e = t + rng.normal(0.0, 0.05, 100)
+    want = sk_metrics.roc_auc_score(t == 0.0, -e)
+    for seed in range(3):
+      order = np.random.default_rng(seed).permutation(100)
+      self.assertAllClose(metrics.decile_auc(e[order], t[order], top=False),
+                          want, rtol=0, atol=1e-12)
+
+  def test_decile_auc_errors(self):
+    t = _targets(20)
+    cases = [
+        (dict(estimate=t, target=t[:10]),
+         _PREFIX + "`estimate`. Expected shape (10,) like `target`. "
+         "Received: estimate='array of shape (20,)'"),
+        (dict(estimate=t, target=t, fraction=0),
+         _PREFIX + "`fraction`. Expected a number in (0, 1). Received: "
+         "fraction=0"),
+        (dict(estimate=t, target=t, fraction=1.0),
+         _PREFIX + "`fraction`. Expected a number in (0, 1). Received: "
+         "fraction=1.0")]
+    for kwargs, message in cases:
+      with self.subTest(message):
+        with self.assertRaises(ValueError) as cm:
+          metrics.decile_auc(**kwargs)
+        self.assertEqual(str(cm.exception), message)
 
   def test_decile_table(self):
     e = np.arange(100, dtype="float64")
@@ -179,6 +210,19 @@ class DecileTest(tf.test.TestCase):
     with self.assertRaises(ValueError) as cm:
       metrics.decile_table(np.ones(3), np.ones((1, 3)))
     self.assertEqual(str(cm.exception), _ERR_TABLE_TARGET)
+    t = _targets(20)
+    cases = [
+        ((t[:10], t), {}, _PREFIX + "`estimate`. Expected shape (20,) like "
+         "`target`. Received: estimate='array of shape (10,)'"),
+        ((t, t), dict(bins=0), _PREFIX + "`bins`. Expected an integer >= 1. "
+         "Received: bins=0"),
+        ((t, t), dict(bins=21), _PREFIX + "`bins`. Expected at most the "
+         "number of examples (20). Received: bins=21")]
+    for args, kwargs, message in cases:
+      with self.subTest(message):
+        with self.assertRaises(ValueError) as cm:
+          metrics.decile_table(*args, **kwargs)
+        self.assertEqual(str(cm.exception), message)
 
 
 class SklearnAgreementTest(tf.test.TestCase):
@@ -202,10 +246,15 @@ class SklearnAgreementTest(tf.test.TestCase):
           rtol=0, atol=1e-12)
 
   def test_r2_of_constant_targets_matches_sklearn(self):
-    t = np.full(10, 0.2)
-    for e in (t.copy(), _targets(10)):
-      self.assertEqual(metrics.fidelity(e, t)["r2"],
-                       sk_metrics.r2_score(t, e))
+    # 0.1 and 1.0: their float mean is off by one rounding, which used to
+    # give R^2 of -1e33.
+    for value in (0.2, 0.1, 1.0):
+      t = np.full(10, value)
+      for e in (t.copy(), _targets(10)):
+        with self.subTest(value=value):
+          got = metrics.fidelity(e, t)
+          self.assertEqual(got["r2"], sk_metrics.r2_score(t, e))
+          self.assertIn(got["r2_log"], (0.0, 1.0))
 
   def test_auc_matches_sklearn(self):
     rng = np.random.default_rng(4)
@@ -243,6 +292,36 @@ class FitReportTest(tf.test.TestCase):
         self.assertAllClose(bound["correlation"],
                             metrics.fidelity(sigma, t)["pearson"], atol=0.03)
         self.assertEqual(bound["method"], "gaussian_sampling_noise")
+
+  def test_arguments_that_are_not_finite_numbers_are_named(self):
+    t = _targets(10)
+    nan = t.copy()
+    nan[3] = np.nan
+    dict_message = (
+        "Expected an array of per-example values (for a model with several "
+        "outputs, score each output: e.g. fidelity(estimate[name], "
+        "targets[name])). Received: {arg}=\"dict with keys ['a', 'b']\"")
+    cases = [
+        (lambda: metrics.noise_bound({"a": t, "b": t}, 10),
+         _PREFIX + "`targets`. " + dict_message.format(arg="targets")),
+        (lambda: metrics.fit_report(t, {"a": t, "b": t}),
+         _PREFIX + "`targets`. " + dict_message.format(arg="targets")),
+        (lambda: metrics.fidelity({"a": t, "b": t}, t),
+         _PREFIX + "`estimate`. " + dict_message.format(arg="estimate")),
+        (lambda: metrics.noise_bound(nan, 10),
+         _PREFIX + "`targets`. Expected finite values (no NaN or Inf). "
+         "Received: targets='array with 1 non-finite values'"),
+        (lambda: metrics.fit_report(np.array(["x"] * 10), t),
+         _PREFIX + "`estimate`. Expected numbers. Received: "
+         "estimate='ndarray that is not numeric'"),
+        (lambda: metrics.fit_report(t[:9], t),
+         _PREFIX + "`estimate`. Expected 10 values like `targets`. "
+         "Received: estimate='9 values'")]
+    for function, message in cases:
+      with self.subTest(message):
+        with self.assertRaises(ValueError) as cm:
+          function()
+        self.assertEqual(str(cm.exception), message)
 
   def test_noise_bound_of_constant_targets_is_undefined(self):
     bound = metrics.noise_bound(np.full(5, 0.2), 10)
@@ -293,6 +372,17 @@ class ConvergenceTest(tf.test.TestCase):
     self.assertLess(many["mean_relative_std_error"],
                     few["mean_relative_std_error"])
     self.assertBetween(many["spearman"], 0.5, 1.0)
+
+  def test_one_convergence_per_output_of_a_multi_output_model(self):
+    model = tm.multi_output("dict")
+    x = tm.target_features(40)
+    got = metrics.mc_convergence(model, x, num_samples=20)
+    self.assertEqual(set(got), {"value", "klass"})
+    a, b, full = targets.split_half_targets(model, x, num_samples=20)
+    for name in ("value", "klass"):
+      self.assertEqual(got[name]["num_examples"], 40)
+      self.assertAllClose(got[name]["pearson"],
+                          np.corrcoef(a[name].ravel(), b[name].ravel())[0, 1])
 
   def test_statistics_of_the_split_halves(self):
     model = tm.target_model("softmax")
