@@ -31,6 +31,10 @@ Approximations (all standard for moment propagation; say them in reports):
 - Dropout masks must be independent per unit: SpatialDropout and Dropout with
   a `noise_shape` are refused (with the correlation they create dropped, the
   estimate ranks examples poorly against MC dropout; docs/measurements.md).
+- A merge's (Add, Subtract, Average, Multiply) inputs are independent. A
+  residual branch correlated with its shortcut is this approximation; one
+  tensor that varies under dropout entering a merge twice (`Subtract([d, d])`
+  is 0, not random) is refused by name.
 - Overlapping pooling windows (stride < pool size) share inputs; the dropped
   correlation makes a later average underestimate the std
   (docs/measurements.md).
@@ -56,6 +60,7 @@ mp = moment_model(model)                      # keras.Model, same inputs
 
 import numpy as np
 
+from dropvar_tf import inputs as inputs_lib
 from dropvar_tf import keras_graph
 from dropvar_tf import moment_layers
 from dropvar_tf import moment_rules
@@ -120,7 +125,20 @@ def _unsupported(layer, why=""):
       "model",
       "a model made only of layers that moment propagation supports: "
       + ", ".join(_SUPPORTED_KINDS) + why,
-      f"layer {layer.name!r} of class {type(layer).__name__}")
+      f"layer {layer.name!r} of class {_class_text(layer)}")
+
+
+def _class_text(layer):
+  """The class of `layer` for messages; a Keras op says it is not a layer.
+
+  `h + 1.0` on a Keras tensor makes an op node (`keras.ops` class `Add`),
+  which must not read as the supported `Add` layer.
+  """
+  cls = type(layer)
+  if isinstance(layer, keras.layers.Layer):
+    return cls.__name__
+  return (f"{cls.__name__} (the op of an expression on Keras tensors, in "
+          f"{cls.__module__}; write it as a layer)")
 
 
 def _plain_variable(layer, name):
@@ -194,12 +212,16 @@ def _make_moment_layer(layer, name):
 
 
 class _Moments:
-  """Symbolic (det, mean, var) of one base tensor; a leaf for `keras.tree`."""
+  """Symbolic (det, mean, var) of one base tensor; a leaf for `keras.tree`.
 
-  __slots__ = ("det", "mean", "var")
+  `random`: whether a Dropout layer lies upstream (the tensor varies).
+  """
 
-  def __init__(self, det, mean, var):
+  __slots__ = ("det", "mean", "var", "random")
+
+  def __init__(self, det, mean, var, random=False):
     self.det, self.mean, self.var = det, mean, var
+    self.random = random
 
   def as_list(self):
     return [self.det, self.mean, self.var]
@@ -237,12 +259,20 @@ class _GraphWalker:
       if type(layer) not in _MERGE and type(layer) is not (
           keras.layers.Concatenate):
         raise _unsupported(layer, " (only merge layers take a list)")
+      if (type(layer) in _MERGE and any(m.random for m in inputs) and
+          len({id(m) for m in inputs}) < len(inputs)):
+        raise _unsupported(
+            layer, " (a merge of different tensors: one tensor that varies "
+            "under dropout enters it twice, perfectly correlated with itself, "
+            "while moment propagation takes a merge's inputs as independent)")
       outputs = self._moment_layer(layer)([m.as_list() for m in inputs])
+      random = any(m.random for m in inputs)
     elif isinstance(layer, keras.layers.InputLayer):
       return inputs
     else:
       outputs = self._moment_layer(layer)(inputs.as_list())
-    return _Moments(*outputs)
+      random = inputs.random or isinstance(layer, keras.layers.Dropout)
+    return _Moments(*outputs, random=random)
 
   def run(self, model, inputs):
     """Propagates moments through `model` given moments of its inputs."""
@@ -338,7 +368,8 @@ def moment_propagation_variation(model, x, statistic="auto", batch_size=1024):
 
   Args:
     model: the base model (see `moment_model`); not changed.
-    x: inputs as `model` takes them: an array (N, ...) or a dict of arrays.
+    x: inputs as `model` takes them, in any form every other step reads
+      (`inputs.normalize`: arrays, dicts, tf.data; docs/inputs.md).
     statistic: see `moment_model`.
     batch_size: examples per forward pass, an integer >= 1.
 
@@ -347,8 +378,10 @@ def moment_propagation_variation(model, x, statistic="auto", batch_size=1024):
     one output unit, (N, k) otherwise.
 
   Raises:
-    ValueError: for the reasons `moment_model` gives, or a bad `batch_size`.
+    ValueError: for the reasons `moment_model` gives, a bad `batch_size`,
+      or inputs `x` the model does not take (or with NaN/Inf), named `x`.
   """
   batch_size = validation.check_int(batch_size, "batch_size", 1)
   mp = moment_model(model, statistic)
-  return np.asarray(mp.predict(x, batch_size=batch_size, verbose=0))
+  data = inputs_lib.normalize(model, x)
+  return np.asarray(mp.predict(data.as_dataset(batch_size), verbose=0))

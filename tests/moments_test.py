@@ -422,6 +422,46 @@ class ErrorsTest(tf.test.TestCase):
           ValueError, f"layer 'drop' of class {type(layer).__name__}"):
         moments.moment_model(model)
 
+  def test_one_random_tensor_twice_in_a_merge_is_refused(self):
+    x_in = keras.Input((4,))
+    d = L.Dropout(0.3)(L.Dense(4, "relu")(x_in))
+    twice = keras.Model(x_in, L.Dense(1)(L.Subtract(name="sub")([d, d])))
+    with self.assertRaisesRegex(
+        ValueError, r"one tensor that varies under dropout enters it twice.*"
+        r"Received: model=\"layer 'sub' of class Subtract\""):
+      moments.moment_model(twice)
+    # A deterministic tensor twice (a square) and a residual are accepted.
+    h = L.Dense(4, "relu")(x_in)
+    square = L.Multiply()([h, h])
+    residual = L.Add()([square, L.Dropout(0.3)(L.Dense(4)(square))])
+    model = keras.Model(x_in, L.Dense(1)(residual))
+    got = moments.moment_propagation_variation(model, _inputs(8, 4))
+    self.assertAllGreaterEqual(got, 0.0)
+    self.assertGreater(float(np.mean(got)), 0.0)
+
+  def test_an_op_on_keras_tensors_is_not_called_a_layer(self):
+    x_in = keras.Input((4,))
+    h = L.Dropout(0.3)(L.Dense(4, "relu")(x_in)) + 1.0
+    with self.assertRaisesRegex(
+        ValueError, r"of class Add \(the op of an expression on Keras "
+        r"tensors, in keras\.src\.ops\.numpy; write it as a layer\)"):
+      moments.moment_model(keras.Model(x_in, L.Dense(1)(h)))
+
+  def test_inputs_are_read_as_every_step_reads_them(self):
+    model = _mlp()
+    x = _inputs(6)
+    nan = x.copy()
+    nan[2, 1] = np.nan
+    for bad, message in [(nan, "Expected finite values"),
+                         (x[:, :5], "Received: x=")]:
+      with self.assertRaisesRegex(ValueError, message) as cm:
+        moments.moment_propagation_variation(model, bad)
+      self.assertStartsWith(str(cm.exception),
+                            "Invalid value received for argument `x`")
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(4)
+    self.assertAllClose(moments.moment_propagation_variation(model, dataset),
+                        moments.moment_propagation_variation(model, x))
+
   def test_non_elementwise_activation_is_refused(self):
     model = keras.Sequential([keras.Input((4,)), L.Dropout(0.1),
                               L.Dense(4, "log_softmax", name="head")])
