@@ -64,7 +64,9 @@ def check_export_base(export_base):
     The path as a str.
 
   Raises:
-    ValueError: empty, not a path, or an existing file.
+    ValueError: empty, not a path, an existing file or under one, or in a
+      folder this process cannot write (e.g. a read-only mount): said
+      before anything is built.
   """
   if not isinstance(export_base, (str, os.PathLike)) or not os.fspath(
       export_base):
@@ -74,6 +76,18 @@ def check_export_base(export_base):
   if os.path.exists(path) and not os.path.isdir(path):
     raise validation.invalid("export_base", "a directory path",
                              f"{path!r} (an existing file)")
+  # The nearest folder that exists must be one this process can write in.
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise validation.invalid("export_base", "a directory path",
+                             f"{path!r} (under the file {existing!r})")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise validation.invalid(
+        "export_base", "a directory this process can write in",
+        f"{path!r} ({existing!r} is not writable: permissions or a "
+        "read-only file system)")
   return path
 
 

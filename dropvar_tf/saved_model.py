@@ -281,20 +281,41 @@ def read_export_metadata(path):
 # Version folders.
 
 
-def existing_versions(export_base):
-  """Sorted integer versions under `export_base` (temporary folders skipped)."""
+# TF Serving's versions are int64.
+MAX_VERSION = 2**63 - 1
+
+
+def _numbered_names(export_base, folders_only):
+  """Sorted integers named by entries of `export_base` (ASCII digits)."""
   if not os.path.isdir(export_base):
     return []
   return sorted(int(name) for name in os.listdir(export_base)
-                if name.isdigit() and
-                os.path.isdir(os.path.join(export_base, name)))
+                if name.isascii() and name.isdigit() and (
+                    not folders_only or
+                    os.path.isdir(os.path.join(export_base, name))))
+
+
+def existing_versions(export_base):
+  """Sorted integer versions under `export_base` (temporary folders skipped)."""
+  return _numbered_names(export_base, folders_only=True)
 
 
 def _resolve_version(export_base, version):
   if version is None:
-    versions = existing_versions(export_base)
-    return versions[-1] + 1 if versions else 1
+    # A file with a version's name takes that name too: the next is after it.
+    taken = _numbered_names(export_base, folders_only=False)
+    version = taken[-1] + 1 if taken else 1
+    if version > MAX_VERSION:
+      raise validation.invalid(
+          "version", "an explicit free version: the next after "
+          f"{export_base!r}/{taken[-1]} is above TF Serving's largest "
+          "(2**63 - 1)", None)
+    return version
   version = validation.check_int(version, "version", 1)
+  if version > MAX_VERSION:
+    raise validation.invalid(
+        "version", "an integer in [1, 2**63 - 1] (TF Serving's versions are "
+        "int64)", version)
   if os.path.exists(os.path.join(export_base, str(version))):
     raise FileExistsError(
         f"Version {version} already exists in {export_base!r}; versions are "
@@ -331,10 +352,16 @@ def _write_warmup(saved_model_dir, arrays):
 
 
 def _write_json(filename, data):
-  os.makedirs(os.path.dirname(filename), exist_ok=True)
-  with open(filename, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write("\n")
+  try:
+    os.makedirs(os.path.dirname(filename), exist_ok=True)
+    with open(filename, "w", encoding="utf-8") as f:
+      json.dump(data, f, indent=2, sort_keys=True)
+      f.write("\n")
+  except OSError as e:
+    if e.filename is not None:
+      raise
+    # A full disk fails in write or close, which name no file.
+    raise OSError(e.errno, e.strerror, filename) from e
 
 
 def _fsync_tree(root):

@@ -17,14 +17,15 @@ import sys
 
 from absl import app
 from absl import flags
-import numpy as np
 
 # Importing any dropvar_tf module runs the package's __init__, which registers
 # its Keras layers: `keras.saving.load_model` rebuilds a dual model without
 # custom_objects.
+from dropvar_tf import array_files
 from dropvar_tf import cli_help
 from dropvar_tf import saved_model
 from dropvar_tf._keras import keras
+from dropvar_tf._keras import tf
 
 FLAGS = flags.FLAGS
 
@@ -66,15 +67,14 @@ def load_warmup(path):
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    ValueError: not a .npy / .npz file.
+    ValueError: not a .npy / .npz file, or one of Python objects.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--warmup file {path!r} does not exist.")
   if path.endswith(".npy"):
-    return np.load(path, allow_pickle=False)
+    return array_files.load_npy(path)
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {name: data[name] for name in data.files}
+    arrays = array_files.load_npz(path)
     # `np.savez(f, x)` names a positional array "arr_0": one unnamed input.
     if list(arrays) == ["arr_0"]:
       return arrays["arr_0"]
@@ -111,8 +111,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     path = export_from_flags(FLAGS)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, OSError) as e:
+    # Bad flags or files, a full disk: one line, no traceback.
     print(f"dropvar_export: error: {e}", file=sys.stderr)
+    return 1
+  except tf.errors.OpError as e:
+    # TensorFlow's own file errors (a write that failed half-way).
+    print(f"dropvar_export: error: {e.message.splitlines()[0]}",
+          file=sys.stderr)
     return 1
   print(path)
   base = os.path.abspath(FLAGS.export_base)

@@ -143,6 +143,27 @@ class ExportCliTest(tf.test.TestCase):
     self.assertEqual(out.getvalue(), os.path.join(base, "1") + "\n")
     self.assertIn("--model_base_path=" + os.path.abspath(base), err.getvalue())
 
+  def test_file_system_errors_are_one_line(self):
+    base = os.path.join(self.fresh_dir(), "dual")
+    values = self.flag_values(f"--model={self.model_path}",
+                              f"--export_base={base}")
+    for error, message in [
+        (tf.errors.ResourceExhaustedError(
+            None, None, f"{base}/.tmp-1/variables; No space left on device\n"
+            "\t[[{{node SaveV2}}]]"),
+         f"dropvar_export: error: {base}/.tmp-1/variables; No space left on "
+         "device\n"),
+        (PermissionError(13, "Permission denied", base),
+         f"dropvar_export: error: [Errno 13] Permission denied: '{base}'\n")]:
+      with self.subTest(error=type(error).__name__):
+        err, out = io.StringIO(), io.StringIO()
+        with mock.patch.object(export_cli, "FLAGS", values), \
+            mock.patch.object(saved_model, "export_saved_model",
+                              side_effect=error), \
+            contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+          self.assertEqual(export_cli.main(["dropvar_export"]), 1)
+        self.assertEqual((err.getvalue(), out.getvalue()), (message, ""))
+
   def test_console_entry_point_in_a_subprocess(self):
     base = os.path.join(self.fresh_dir(), "dual")
     env = dict(os.environ, PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL="3")

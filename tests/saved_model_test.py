@@ -206,6 +206,54 @@ class ExportSavedModelTest(tf.test.TestCase):
         saved_model.export_saved_model(dual, self.base, version=version)
     self.assertEqual(self.entries(), [])
 
+  def test_versions_stay_within_int64_and_files_take_their_names(self):
+    dual = make_dual("float")
+    with self.assertRaisesWithLiteralMatch(
+        ValueError, "Invalid value received for argument `version`. Expected "
+        "an integer in [1, 2**63 - 1] (TF Serving's versions are int64). "
+        "Received: version=9223372036854775808"):
+      saved_model.export_saved_model(dual, self.base, version=2**63)
+    # A plain file named 1 is in the way of version 1: the next is 2.
+    os.makedirs(self.base)
+    with open(os.path.join(self.base, "1"), "w") as f:
+      f.write("not a version")
+    self.assertEqual(saved_model.export_saved_model(dual, self.base),
+                     os.path.join(self.base, "2"))
+    os.makedirs(os.path.join(self.base, str(2**63 - 1)))
+    with self.assertRaisesRegex(ValueError, re.escape(
+        f"Expected an explicit free version: the next after '{self.base}'/"
+        f"{2**63 - 1} is above TF Serving's largest (2**63 - 1)")):
+      saved_model.export_saved_model(dual, self.base)
+
+  def test_export_base_that_cannot_be_written_is_refused_first(self):
+    dual = make_dual("float")
+    afile = os.path.join(self.base + "_file")
+    with open(afile, "w") as f:
+      f.write("x")
+    with self.assertRaisesWithLiteralMatch(
+        ValueError, "Invalid value received for argument `export_base`. "
+        f"Expected a directory path. Received: export_base=\"'{afile}/sub' "
+        f"(under the file '{afile}')\""):
+      saved_model.export_saved_model(dual, os.path.join(afile, "sub"))
+    # A read-only mount (as root, permissions alone do not stop writes).
+    with mock.patch.object(export_checks.os, "access", return_value=False), \
+        mock.patch.object(saved_model, "_build_archive") as build:
+      with self.assertRaisesRegex(ValueError, re.escape(
+          f"Expected a directory this process can write in. Received: "
+          f"export_base=\"'{self.base}' (")):
+        saved_model.export_saved_model(dual, self.base)
+    build.assert_not_called()
+
+  def test_a_full_disk_while_writing_metadata_names_the_file(self):
+    path = os.path.join(self.get_temp_dir(), "assets", "metadata.json")
+    with mock.patch.object(saved_model.json, "dump",
+                           side_effect=OSError(28, "No space left on device")):
+      with self.assertRaises(OSError) as cm:
+        saved_model._write_json(path, {"a": 1})
+    self.assertEqual((cm.exception.errno, cm.exception.filename), (28, path))
+    self.assertEqual(str(cm.exception),
+                     f"[Errno 28] No space left on device: '{path}'")
+
   def test_invalid_dual_is_refused(self):
     with self.assertRaisesRegex(ValueError,
                                 re.escape(NOT_A_MODEL.format("None"))):
