@@ -8,8 +8,10 @@
 `--input` is a JSON file: {"inputs": {name: nested list, ...}} (or
 {"inputs": nested list} for a single-input signature), TF Serving's row
 format {"instances": [row, ...]} (rows, or {name: value} objects), or a
-bare nested list; or a `.npy` file (one array) or `.npz` file (one array
-per input name).
+bare nested list; bytes as TF Serving's {"b64": "<base64>"}; a
+"signature_name" key of the file is used as `--signature` (a different
+`--signature` given too is refused). Or a `.npy` file (one array) or `.npz`
+file (one array per input name).
 Output is JSON on stdout: {"prediction", "variation", "model_version"} for
 predict (plus "outputs" for other aliases). A dual of a multi-output model
 gives "prediction" and "variation" null and adds "predictions" and
@@ -23,6 +25,8 @@ request; exit code 1 and one line on stderr for an unreadable `--input` or
 a bad flag value.
 """
 
+import base64
+import binascii
 import json
 import logging
 import sys
@@ -31,6 +35,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from dropvar_tf import array_files
 from dropvar_tf import cli_help
 from dropvar_tf import contract
 from dropvar_tf import saved_model
@@ -87,42 +92,83 @@ def load_inputs(path):
     A numpy array (single input) or a dict {name: numpy array}.
 
   Raises:
-    ValueError: unknown extension or JSON of the wrong shape.
+    ValueError: unknown extension, JSON of the wrong shape, or an array of
+      Python objects.
+  """
+  return load_request(path)[0]
+
+
+def load_request(path):
+  """Reads request inputs, and the signature a JSON body names, from a file.
+
+  Args:
+    path: a .json, .npy or .npz file.
+
+  Returns:
+    (inputs as `load_inputs` returns them, the JSON's "signature_name" or
+    None).
+
+  Raises:
+    ValueError: as `load_inputs`, or a "signature_name" that is not a
+      non-empty string.
   """
   if path.endswith(".npy"):
-    return np.load(path, allow_pickle=False)
+    return array_files.load_npy(path), None
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as data:
-      return {name: data[name] for name in data.files}
-  if path.endswith(".json"):
-    with open(path) as f:
-      try:
-        data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}.") from None
-    if isinstance(data, dict):
-      keys = sorted(set(data) & {"inputs", "instances"})
-      if len(keys) != 1:
-        raise ValueError(
-            f"{path}: expected {{\"inputs\": ...}} (columns), "
-            f"{{\"instances\": [...]}} (rows, as TF Serving's REST API "
-            f"takes them) or a bare list; got keys {sorted(data)}.")
-      data = (_columns(data["instances"], path) if keys == ["instances"]
-              else data["inputs"])
-    if isinstance(data, dict):
-      return {name: _array(value, f"{path}: input {name!r}")
-              for name, value in data.items()}
-    if isinstance(data, list):
-      return _array(data, path)
-    raise ValueError(f"{path}: inputs must be a dict or a nested list.")
-  raise ValueError(f"--input must end in .json, .npy or .npz; got {path}.")
+    return array_files.load_npz(path), None
+  if not path.endswith(".json"):
+    raise ValueError(f"--input must end in .json, .npy or .npz; got {path}.")
+  with open(path) as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON: {e}.") from None
+  signature = None
+  if isinstance(data, dict):
+    keys = sorted(set(data) & {"inputs", "instances"})
+    if len(keys) != 1:
+      raise ValueError(
+          f"{path}: expected {{\"inputs\": ...}} (columns), "
+          f"{{\"instances\": [...]}} (rows, as TF Serving's REST API "
+          f"takes them) or a bare list; got keys {sorted(data)}.")
+    signature = data.get("signature_name")
+    if signature is not None and (not isinstance(signature, str) or
+                                  not signature):
+      raise ValueError(f"{path}: \"signature_name\" must be a non-empty "
+                       f"string; got {signature!r}.")
+    data = (_columns(data["instances"], path) if keys == ["instances"]
+            else data["inputs"])
+  if isinstance(data, dict):
+    return {name: _array(value, f"{path}: input {name!r}")
+            for name, value in data.items()}, signature
+  if isinstance(data, list):
+    return _array(data, path), signature
+  raise ValueError(f"{path}: inputs must be a dict or a nested list.")
+
+
+def _decoded(value, what):
+  """Nested JSON with TF Serving's {"b64": "..."} objects decoded to bytes."""
+  if isinstance(value, list):
+    return [_decoded(v, what) for v in value]
+  if isinstance(value, dict):
+    if set(value) != {"b64"} or not isinstance(value["b64"], str):
+      raise ValueError(f"{what}: an object in a tensor must be "
+                       f"{{\"b64\": \"<base64>\"}}; got {value!r}.")
+    try:
+      return base64.b64decode(value["b64"], validate=True)
+    except binascii.Error as e:
+      raise ValueError(f"{what}: {value['b64']!r} is not base64 ({e})."
+                       ) from None
+  return value
 
 
 def _array(value, what):
   """A nested list as a numpy array; ragged rows refused."""
   try:
-    return np.asarray(value)
-  except ValueError:
+    return np.asarray(_decoded(value, what))
+  except ValueError as e:
+    if str(e).startswith(what):
+      raise
     raise ValueError(f"{what}: rows of different lengths (ragged inputs "
                      "cannot be sent as one tensor).") from None
 
@@ -257,11 +303,18 @@ def main(argv):
     raise app.UsageError("predict needs --input (.json, .npy or .npz).")
   # A retried connection is reported once, as UNAVAILABLE, not per retry.
   logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+  signature = FLAGS.signature
   try:
     if command == "predict":
-      inputs = load_inputs(FLAGS.input)
+      inputs, named = load_request(FLAGS.input)
+      if named is not None:
+        if FLAGS["signature"].present and named != FLAGS.signature:
+          raise ValueError(
+              f"--input {FLAGS.input} names signature {named!r} and "
+              f"--signature is {FLAGS.signature!r}; pass one of them.")
+        signature = named
     with client_lib.VariationClient(
-        FLAGS.target, FLAGS.model_name, signature=FLAGS.signature,
+        FLAGS.target, FLAGS.model_name, signature=signature,
         version=FLAGS.version, version_label=FLAGS.version_label,
         timeout=FLAGS.timeout, protocol=FLAGS.protocol) as client:
       out = run_command(command, client, inputs, FLAGS.output_filter)

@@ -122,21 +122,34 @@ def _output_aliases(output_filter, signature_def):
     A list of output aliases.
 
   Raises:
-    ServingError: INVALID_ARGUMENT for an unknown or repeated alias.
+    ServingError: INVALID_ARGUMENT for an unknown or repeated alias, or one
+      that names an operation (the "NoOp" of `__saved_model_init_op`), which
+      has no value to return.
   """
   if not output_filter:
-    return list(signature_def.outputs)
-  seen = set()
-  for alias in output_filter:
-    if alias not in signature_def.outputs:
+    aliases = list(signature_def.outputs)
+  else:
+    seen = set()
+    for alias in output_filter:
+      if alias not in signature_def.outputs:
+        raise errors.invalid_argument(
+            f"output tensor alias not found in signature: {alias} Outputs "
+            "expected to be in the set "
+            f"{{{','.join(sorted(signature_def.outputs))}}}.")
+      if alias in seen:
+        raise errors.invalid_argument(
+            f"duplicate output tensor alias: {alias}")
+      seen.add(alias)
+    aliases = list(output_filter)
+  for alias in aliases:
+    info = signature_def.outputs[alias]
+    name = info.name
+    if info.WhichOneof("encoding") == "name" and ":" not in name:
       raise errors.invalid_argument(
-          f"output tensor alias not found in signature: {alias} Outputs "
-          "expected to be in the set "
-          f"{{{','.join(sorted(signature_def.outputs))}}}.")
-    if alias in seen:
-      raise errors.invalid_argument(f"duplicate output tensor alias: {alias}")
-    seen.add(alias)
-  return list(output_filter)
+          f"Output {alias} names the operation {name}, not a tensor: it has "
+          "no value to return (an initialization signature cannot be "
+          "predicted with).")
+  return aliases
 
 
 def status_of(error):

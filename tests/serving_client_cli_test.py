@@ -226,6 +226,54 @@ class ClientCliTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, re.escape(message)):
           client_cli.load_inputs(list_path)
 
+  def test_json_signature_name_and_b64_strings_are_read(self):
+    tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
+    x = testing.dense_inputs(2, seed=8)
+    path = os.path.join(tmp, "req.json")
+    with self._server() as server:
+      common = [f"--target={server.target}", "--model_name=dense",
+                f"--input={path}"]
+      for signature, args, code, message in [
+          ("serving_default", [], 0, ""),
+          ("nope", [], 1, "GetModelMetadata failed with FAILED_PRECONDITION: "
+           "Serving signature key \"nope\" not found."),
+          ("nope", ["--signature=serving_default"], 1,
+           f"dropvar_client: --input {path} names signature 'nope' and "
+           "--signature is 'serving_default'; pass one of them.")]:
+        with self.subTest(signature=signature, args=args):
+          with open(path, "w") as f:
+            json.dump({"signature_name": signature,
+                       "inputs": {"x": x.tolist()}}, f)
+          got = _run_cli(args + common)
+          self.assertEqual(got[0], code)
+          self.assertStartsWith(got[2], message)
+          if code == 0:
+            self.assertAllClose(json.loads(got[1])["variation"],
+                                self.model(x)["variation"], rtol=1e-6,
+                                atol=1e-6)
+    with open(path, "w") as f:
+      json.dump({"instances": [{"color": {"b64": "cmVk"}, "n": 1},
+                               {"color": {"b64": "cGx1bQ=="}, "n": 2}]}, f)
+    self.assertAllEqual(client_cli.load_inputs(path)["color"],
+                        [b"red", b"plum"])
+    for value, message in [({"b64": "not base64!"}, "is not base64"),
+                           ({"text": "red"}, "an object in a tensor must be")]:
+      with open(path, "w") as f:
+        json.dump({"inputs": {"color": [value]}}, f)
+      with self.assertRaisesRegex(ValueError, message):
+        client_cli.load_inputs(path)
+
+  def test_object_arrays_are_refused_naming_the_file(self):
+    tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
+    path = os.path.join(tmp, "req.npz")
+    np.savez(path, color=np.array(["red", None], dtype=object))
+    with self.assertRaisesWithLiteralMatch(
+        ValueError, f"{path}: array 'color' holds Python objects "
+        "(dtype=object, e.g. strings from pandas), which are not read "
+        "without pickle; save strings with a string dtype, e.g. "
+        "np.asarray(column, dtype=str)."):
+      client_cli.load_inputs(path)
+
   def test_a_bad_input_file_or_flag_is_one_line_on_stderr(self):
     tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
     broken = os.path.join(tmp, "broken.json")

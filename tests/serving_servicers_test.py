@@ -199,6 +199,10 @@ class ServicersTest(tf.test.TestCase):
          _predict_request("dense", {"x": x}, signature="nope"),
          grpc.StatusCode.FAILED_PRECONDITION,
          "Serving signature key \"nope\" not found."),
+        ("initialization signature", predict,
+         _predict_request("dense", {}, signature="__saved_model_init_op"),
+         invalid, "Output __saved_model_init_op names the operation NoOp, "
+         "not a tensor: it has no value to return"),
         ("no model spec", predict, predict_pb2.PredictRequest(), invalid,
          "Missing ModelSpec"),
         ("missing input", predict,

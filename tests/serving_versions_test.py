@@ -67,6 +67,8 @@ class VersionsTest(tf.test.TestCase):
     os.makedirs(os.path.join(base, "\u0665"))  # An Arabic-Indic digit 5.
     with open(os.path.join(base, "6"), "w") as f:
       f.write("not a folder")
+    # Not an int64: TF Serving skips it; it must not replace version 4.
+    testing.write_export(tm.dual_dense_model(), base, 2**63)
     self.assertEqual(versions.list_versions(base),
                      {4: os.path.join(base, "4")})
     with self.assertRaises(OSError):
