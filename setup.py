@@ -63,9 +63,9 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "dropvar=dropvar_tf.study.launch:run_main",
-            "dropvar_model_server=dropvar_tf.serving.server:run_main",
-            "dropvar_client=dropvar_tf.serving.client_cli:run_main",
-            "dropvar_export=dropvar_tf.export.export_cli:run_main",
+            "dropvar_model_server=dropvar_tf.cli_help:server_main",
+            "dropvar_client=dropvar_tf.cli_help:client_main",
+            "dropvar_export=dropvar_tf.cli_help:export_main",
         ],
     },
     license="Apache-2.0",

@@ -106,13 +106,15 @@ def __dir__():
 
 
 # The modules that register Keras-serializable classes.
-_KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
+KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
                          "dropvar_tf.moment_layers",
                          "dropvar_tf.seeded_dropout")
 
 
-# Console scripts that load TensorFlow themselves (`study.launch`).
-_OWN_COMMANDS = ("dropvar",)
+# Console scripts that load TensorFlow themselves (`study.launch`,
+# `cli_help.launch`).
+_OWN_COMMANDS = ("dropvar", "dropvar_export", "dropvar_client",
+                 "dropvar_model_server")
 
 
 def _runs_own_module(argv=None):
@@ -136,6 +138,6 @@ def _runs_own_module(argv=None):
 
 
 if not _runs_own_module():
-  for _module in _KERAS_OBJECT_MODULES:
+  for _module in KERAS_OBJECT_MODULES:
     importlib.import_module(_module)
   del _module

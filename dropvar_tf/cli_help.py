@@ -1,15 +1,104 @@
-"""`--help` of the console entry points: their usage and their own flags.
+"""The console entry points: a quiet start, and `--help` that describes them.
 
-absl's `--help` prints the `__main__` module's docstring and the flags of
-the module named by `sys.argv[0]`. A console entry point's `__main__` is the
-script pip generates, with neither: `--help` printed only "USAGE: prog
-[flags]". `run` gives it the tool's docstring and flags first.
+* TensorFlow's native libraries write INFO and ERROR lines to stderr while
+  they load and first look for devices (oneDNN, CUDA stubs), before absl's
+  logging is set up, so `TF_CPP_MIN_LOG_LEVEL` set later does not hold them
+  back. `launch(module)` (behind `dropvar_export`, `dropvar_client` and
+  `dropvar_model_server`; `study.launch` for `dropvar`) keeps TensorFlow's
+  native INFO and WARNING lines off, loads TensorFlow with the process's
+  stderr pointed at /dev/null, then runs the tool. A failed import still
+  raises, and its error is printed once stderr is back. This module imports
+  no TensorFlow itself.
+* absl's `--help` prints the `__main__` module's docstring and the flags of
+  the module named by `sys.argv[0]`. A console entry point's `__main__` is
+  the script pip generates, with neither: `--help` printed only "USAGE: prog
+  [flags]". `run` gives it the tool's docstring and flags first.
 """
 
+import contextlib
+import importlib
+import os
 import sys
 
 from absl import app
 from absl import flags
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+  """Points file descriptor 2 at /dev/null inside, and back afterwards.
+
+  Side effect: for its duration, whatever the process writes to stderr
+  (native libraries included) is dropped.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  null = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(null, 2)
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
+
+
+def load_tensorflow_quietly():
+  """Imports TensorFlow and finds its devices without their start-up lines.
+
+  Side effect: sets `TF_CPP_MIN_LOG_LEVEL` to 2 (TensorFlow's native errors
+  only) unless it is set already.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  with native_stderr_silenced():
+    import tensorflow as tf  # noqa: PLC0415 - loaded here, quietly
+    tf.config.list_physical_devices()
+
+
+def launch(module, keras_objects=False):
+  """Loads TensorFlow quietly, then runs `run_main()` of `module`.
+
+  Args:
+    module: the tool's module name.
+    keras_objects: also register dropvar_tf's Keras layers first (which
+      `import dropvar_tf` skips for the package's own commands), for a
+      tool that loads `.keras` files.
+  """
+  load_tensorflow_quietly()
+  if keras_objects:
+    import dropvar_tf  # noqa: PLC0415 - after TensorFlow
+    for name in dropvar_tf.KERAS_OBJECT_MODULES:
+      importlib.import_module(name)
+  importlib.import_module(module).run_main()
+
+
+def export_main():
+  """Console entry point `dropvar_export`."""
+  launch("dropvar_tf.export.export_cli", keras_objects=True)
+
+
+def client_main():
+  """Console entry point `dropvar_client`."""
+  launch("dropvar_tf.serving.client_cli")
+
+
+def server_main():
+  """Console entry point `dropvar_model_server`."""
+  launch("dropvar_tf.serving.server")
+
+
+def quiet_python_logs(flag_values=flags.FLAGS):
+  """Keeps TensorFlow's and absl's Python INFO lines off the terminal.
+
+  TensorFlow's (asset writes, restores) always; absl's unless `--verbosity`
+  was given.
+  """
+  import tensorflow as tf  # noqa: PLC0415 - the tools have loaded it
+  tf.get_logger().setLevel("ERROR")
+  if "verbosity" not in flag_values or not flag_values["verbosity"].present:
+    from absl import logging  # noqa: PLC0415
+    logging.set_verbosity(logging.WARNING)
 
 
 def run(main, module_name, doc, flag_values=flags.FLAGS):

@@ -109,6 +109,7 @@ def export_from_flags(flag_values=FLAGS):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli_help.quiet_python_logs(FLAGS)
   try:
     path = export_from_flags(FLAGS)
   except (ValueError, OSError) as e:

@@ -298,6 +298,7 @@ def main(argv):
                          "--model_name=... [flags]")
   if not FLAGS.model_name:
     raise app.UsageError("--model_name is required.")
+  cli_help.quiet_python_logs(FLAGS)
   inputs = None
   if command == "predict" and not FLAGS.input:
     raise app.UsageError("predict needs --input (.json, .npy or .npz).")

@@ -51,7 +51,10 @@ class InitTest(tf.test.TestCase):
         ([python, "script.py", "-m", "dropvar_tf.x"], False),
         ([python], False),
         ([python, "/venv/bin/dropvar", "--quick"], True),
-        ([python, "/venv/bin/dropvar_client", "predict"], False),
+        ([python, "/venv/bin/dropvar_client", "predict"], True),
+        ([python, "/venv/bin/dropvar_export", "--model=m.keras"], True),
+        ([python, "/venv/bin/dropvar_model_server", "--port=1"], True),
+        ([python, "/venv/bin/other_tool", "--x"], False),
     ]:
       self.assertEqual(dv._runs_own_module(argv), own, msg=argv)
 
