@@ -106,7 +106,7 @@ def __dir__():
 
 
 # The modules that register Keras-serializable classes.
-KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
+_KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
                          "dropvar_tf.moment_layers",
                          "dropvar_tf.seeded_dropout")
 
@@ -138,6 +138,6 @@ def _runs_own_module(argv=None):
 
 
 if not _runs_own_module():
-  for _module in KERAS_OBJECT_MODULES:
+  for _module in _KERAS_OBJECT_MODULES:
     importlib.import_module(_module)
   del _module

@@ -14,6 +14,10 @@ named = load_npz("inputs.npz")    # {name: numpy array}
 
 import numpy as np
 
+# The start of numpy's message for an object array read without pickle (a
+# file that is no .npy at all gets another).
+_OBJECT_ARRAYS = "Object arrays cannot be loaded"
+
 
 def _object_array_error(path, name=None):
   where = path if name is None else f"{path}: array {name!r}"
@@ -33,7 +37,7 @@ def load_npy(path):
   try:
     return np.load(path, allow_pickle=False)
   except ValueError as e:
-    if "allow_pickle" in str(e):
+    if str(e).startswith(_OBJECT_ARRAYS):
       raise _object_array_error(path) from None
     raise
 
@@ -51,7 +55,7 @@ def load_npz(path):
       try:
         arrays[name] = data[name]
       except ValueError as e:
-        if "allow_pickle" in str(e):
+        if str(e).startswith(_OBJECT_ARRAYS):
           raise _object_array_error(path, name) from None
         raise
   return arrays

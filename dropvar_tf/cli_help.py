@@ -8,7 +8,7 @@
   native INFO and WARNING lines off, loads TensorFlow with the process's
   stderr pointed at /dev/null, then runs the tool. A failed import still
   raises, and its error is printed once stderr is back. This module imports
-  no TensorFlow itself.
+  TensorFlow only inside those functions, never at import.
 * absl's `--help` prints the `__main__` module's docstring and the flags of
   the module named by `sys.argv[0]`. A console entry point's `__main__` is
   the script pip generates, with neither: `--help` printed only "USAGE: prog
@@ -67,8 +67,9 @@ def launch(module, keras_objects=False):
   """
   load_tensorflow_quietly()
   if keras_objects:
-    import dropvar_tf  # noqa: PLC0415 - after TensorFlow
-    for name in dropvar_tf.KERAS_OBJECT_MODULES:
+    # What `import dropvar_tf` does for every other program.
+    package = importlib.import_module("dropvar_tf")
+    for name in package._KERAS_OBJECT_MODULES:  # noqa: SLF001
       importlib.import_module(name)
   importlib.import_module(module).run_main()
 
@@ -91,14 +92,16 @@ def server_main():
 def quiet_python_logs(flag_values=flags.FLAGS):
   """Keeps TensorFlow's and absl's Python INFO lines off the terminal.
 
-  TensorFlow's (asset writes, restores) always; absl's unless `--verbosity`
-  was given.
+  Those are TensorFlow's asset-write and restore lines of an export, and
+  absl's INFO; their warnings and errors still show. With `--verbosity`
+  given, both keep absl's level.
   """
-  import tensorflow as tf  # noqa: PLC0415 - the tools have loaded it
-  tf.get_logger().setLevel("ERROR")
-  if "verbosity" not in flag_values or not flag_values["verbosity"].present:
-    from absl import logging  # noqa: PLC0415
-    logging.set_verbosity(logging.WARNING)
+  if "verbosity" in flag_values and flag_values["verbosity"].present:
+    return
+  from absl import logging  # noqa: PLC0415
+  from dropvar_tf._keras import tf  # noqa: PLC0415 - the tools load it
+  tf.get_logger().setLevel("WARNING")
+  logging.set_verbosity(logging.WARNING)
 
 
 def run(main, module_name, doc, flag_values=flags.FLAGS):

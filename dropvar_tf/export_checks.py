@@ -76,10 +76,17 @@ def check_export_base(export_base):
   if os.path.exists(path) and not os.path.isdir(path):
     raise validation.invalid("export_base", "a directory path",
                              f"{path!r} (an existing file)")
-  # The nearest folder that exists must be one this process can write in.
-  existing = os.path.abspath(path)
+  if os.path.islink(path) and not os.path.exists(path):
+    raise validation.invalid("export_base", "a directory path",
+                             f"{path!r} (a symlink to nothing)")
+  # The nearest folder that exists must be one this process can write in
+  # (symlinks resolved, as the writes will resolve them).
+  existing = os.path.realpath(path)
   while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+    parent = os.path.dirname(existing)
+    if parent == existing:
+      break
+    existing = parent
   if not os.path.isdir(existing):
     raise validation.invalid("export_base", "a directory path",
                              f"{path!r} (under the file {existing!r})")

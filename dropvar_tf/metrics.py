@@ -110,7 +110,10 @@ def decile_auc(estimate, target, top=True, fraction=0.1):
   below, for the bottom) the target of rank `round(fraction * N)` from the
   top (bottom); the score is the estimate (negated for the bottom). Targets
   tied with that one are all positive, so the value does not depend on the
-  examples' order (with many exact zeros, the bottom "decile" is every zero).
+  examples' order (with many exact zeros, the bottom "decile" is every
+  zero). When that makes every example positive, those strictly above
+  (below) it are the positives instead (the 5 nonzero targets of 100, for
+  the top 10% of 95 zeros).
 
   Args:
     estimate: (N,) estimated DPV.
@@ -119,7 +122,7 @@ def decile_auc(estimate, target, top=True, fraction=0.1):
     fraction: the share of examples labelled positive, in (0, 1).
 
   Returns:
-    The AUC, or NaN when every example is positive (constant targets).
+    The AUC, or NaN when the targets are constant.
 
   Raises:
     ValueError: lengths differ, fewer than 2 values, non-finite values, or
@@ -129,8 +132,11 @@ def decile_auc(estimate, target, top=True, fraction=0.1):
   fraction = _check_fraction(fraction)
   k = max(1, int(round(fraction * len(t))))
   ordered = np.sort(t)
-  labels = t >= ordered[-k] if top else t <= ordered[k - 1]
+  cut = ordered[-k] if top else ordered[k - 1]
+  labels = t >= cut if top else t <= cut
   if labels.all():
+    labels = t > cut if top else t < cut
+  if labels.all() or not labels.any():
     return float("nan")
   return _roc_auc(labels, e if top else -e)
 

@@ -259,12 +259,13 @@ class _GraphWalker:
       if type(layer) not in _MERGE and type(layer) is not (
           keras.layers.Concatenate):
         raise _unsupported(layer, " (only merge layers take a list)")
-      if (type(layer) in _MERGE and any(m.random for m in inputs) and
-          len({id(m) for m in inputs}) < len(inputs)):
+      repeated = [m for i, m in enumerate(inputs)
+                  if any(m is other for other in inputs[:i])]
+      if type(layer) in _MERGE and any(m.random for m in repeated):
         raise _unsupported(
-            layer, " (a merge of different tensors: one tensor that varies "
-            "under dropout enters it twice, perfectly correlated with itself, "
-            "while moment propagation takes a merge's inputs as independent)")
+            layer, " (no merge that takes one tensor varying under dropout "
+            "twice: it is perfectly correlated with itself, while moment "
+            "propagation takes a merge's inputs as independent)")
       outputs = self._moment_layer(layer)([m.as_list() for m in inputs])
       random = any(m.random for m in inputs)
     elif isinstance(layer, keras.layers.InputLayer):

@@ -286,13 +286,19 @@ MAX_VERSION = 2**63 - 1
 
 
 def _numbered_names(export_base, folders_only):
-  """Sorted integers named by entries of `export_base` (ASCII digits)."""
+  """Sorted integers named by entries of `export_base` (ASCII digits).
+
+  Numbers above `MAX_VERSION` are left out, as TF Serving skips them.
+  """
   if not os.path.isdir(export_base):
     return []
-  return sorted(int(name) for name in os.listdir(export_base)
-                if name.isascii() and name.isdigit() and (
-                    not folders_only or
-                    os.path.isdir(os.path.join(export_base, name))))
+  numbers = []
+  for name in os.listdir(export_base):
+    if not (name.isascii() and name.isdigit()) or int(name) > MAX_VERSION:
+      continue
+    if not folders_only or os.path.isdir(os.path.join(export_base, name)):
+      numbers.append(int(name))
+  return sorted(numbers)
 
 
 def existing_versions(export_base):

@@ -26,9 +26,10 @@ as before.
 The noise of each source is drawn by a `SeededDropout` (one per source, held
 by the `MCDropoutModel`): the counter-based hash of `dropvar_tf.mask_hash`,
 a pure function of (seed, example key, sample index, source index, unit).
-For models whose only sources are Dropout layers, masks, indices and units
-are those of the earlier graph-cloning implementation, so targets, the Beam
-pipeline and exported `mc_dropout` signatures are bit-identical. Whoever runs
+For models whose only sources are Dropout layers, each called once per pass,
+masks, indices and units are those of the earlier graph-cloning
+implementation, so targets, the Beam pipeline and exported `mc_dropout`
+signatures are bit-identical. Whoever runs
 the model says which rows are which with `row_context(example_seeds(...))`:
 `targets.mc_dropout_targets` does, and so does the SavedModel's MC signature
 (`saved_model`). Outside a row context, each call draws fresh
@@ -142,8 +143,9 @@ class SeededDropout(keras.layers.Layer):
       (ignored: every row gets its own mask); None entries take the input's
       size.
     seed: integer seed of the stand-alone mode.
-    layer_index: integer, position of the source in
-      `sources.find_sources(model)`; part of the mask hash.
+    layer_index: integer in [0, 2**20), position of the source in
+      `sources.find_sources(model)`; part of the mask hash (call n of the
+      source in a pass hashes `layer_index + n * CALL_STRIDE`).
     **kwargs: base `keras.layers.Layer` arguments.
 
   Input shape: (batch, ...). Output shape: same as input.
@@ -162,7 +164,7 @@ class SeededDropout(keras.layers.Layer):
     if self.layer_index >= CALL_STRIDE:
       raise validation.invalid("layer_index", f"an integer below {CALL_STRIDE}",
                                layer_index)
-    # Which call of the source in the pass this is (`numbered`); 0 outside
+    # Which call of the source in the pass this is (`_numbered`); 0 outside
     # `sampling`.
     self.call_number = 0
     self.seed_generator = keras.random.SeedGenerator(
@@ -348,10 +350,11 @@ def _noise_layer(found):
 def _numbered(noise, number):
   """Makes `noise` draw the masks of call `number` of its source."""
   if noise.layer_index + number * CALL_STRIDE >= 2**32:
-    raise ValueError(
-        f"Dropout source {noise.name!r} is called more than "
-        f"{(2**32 - 1 - noise.layer_index) // CALL_STRIDE} times in one "
-        "forward pass; MC targets cannot draw independent masks for more.")
+    limit = (2**32 - 1 - noise.layer_index) // CALL_STRIDE + 1
+    raise validation.invalid(
+        "model", f"dropout sources called at most {limit} times in one "
+        "forward pass (each call draws its own masks)",
+        f"source {noise.layer_index} ({noise.name!r}) called more often")
   keras_graph.set_untracked_attribute(noise, "call_number", number)
   try:
     yield

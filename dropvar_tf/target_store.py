@@ -33,8 +33,9 @@ from dropvar_tf import validation
 from dropvar_tf._keras import tf
 
 MANIFEST_FILENAME = "manifest.json"
-# Stored in the manifest: a directory of another format is refused.
-FORMAT_VERSION = 1
+# Stored in the manifest: a directory of another format is refused. 2: the
+# model fingerprint covers the architecture, not only the weights.
+FORMAT_VERSION = 2
 
 
 def chunk_path(output_path, index):

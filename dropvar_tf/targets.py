@@ -100,29 +100,48 @@ class _Source:
       start = stop
 
 
+def _without_names(value):
+  """`value` with every "name" entry of its (nested) dicts left out."""
+  if isinstance(value, dict):
+    return {k: _without_names(v) for k, v in value.items() if k != "name"}
+  if isinstance(value, (list, tuple)):
+    return [_without_names(v) for v in value]
+  return value
+
+
+def _type_name(value):
+  """What a config value JSON cannot hold is hashed as: its type's name.
+
+  Never its repr, which may hold a memory address that differs from
+  process to process (a Beam worker must get the launcher's fingerprint).
+  """
+  return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
 def _layer_config(layer):
-  """A layer's config as canonical JSON, its name left out.
+  """A layer's config as canonical JSON, names left out at every depth.
 
   Containers (models) give their class only: their layers are walked one by
   one. A layer whose `get_config` cannot run (a custom layer with
-  constructor arguments and no `get_config`) gives its class only.
+  constructor arguments and no `get_config`) or whose config JSON cannot
+  hold gives its class only.
   """
   kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
   if isinstance(layer, keras.Model):
     return kind
   try:
-    config = dict(layer.get_config())
+    config = _without_names(dict(layer.get_config()))
+    return kind + json.dumps(config, sort_keys=True, default=_type_name)
   except Exception:  # pylint: disable=broad-except
     return kind
-  config.pop("name", None)
-  return kind + json.dumps(config, sort_keys=True, default=repr)
 
 
 def model_fingerprint(model):
   """sha256 of what the targets of `model` depend on.
 
   That is every layer's class and config (activations, rates, shapes; layer
-  names left out, so a model rebuilt in a new process matches), its dropout
+  names left out, also those of wrapped layers, so a model rebuilt under
+  other names matches), its dropout
   sources (kind and rate, in sampling order) and every weight (values,
   shapes, dtypes, in model order). A resumed run with another architecture,
   dropout rate or weights is refused.

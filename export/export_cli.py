@@ -18,9 +18,9 @@ import sys
 from absl import app
 from absl import flags
 
-# Importing any dropvar_tf module runs the package's __init__, which registers
-# its Keras layers: `keras.saving.load_model` rebuilds a dual model without
-# custom_objects.
+# `keras.saving.load_model` rebuilds a dual model without custom_objects:
+# the package's Keras layers are registered by `import dropvar_tf` in other
+# programs, and by `cli_help.launch` for the `dropvar_export` command.
 from dropvar_tf import array_files
 from dropvar_tf import cli_help
 from dropvar_tf import saved_model
@@ -118,8 +118,8 @@ def main(argv):
     return 1
   except tf.errors.OpError as e:
     # TensorFlow's own file errors (a write that failed half-way).
-    print(f"dropvar_export: error: {e.message.splitlines()[0]}",
-          file=sys.stderr)
+    first = (e.message or str(e) or type(e).__name__).splitlines()[0]
+    print(f"dropvar_export: error: {first}", file=sys.stderr)
     return 1
   print(path)
   base = os.path.abspath(FLAGS.export_base)

@@ -138,9 +138,11 @@ def load_request(path):
                        f"string; got {signature!r}.")
     data = (_columns(data["instances"], path) if keys == ["instances"]
             else data["inputs"])
-  if isinstance(data, dict):
+  if isinstance(data, dict) and not _is_bytes_value(data):
     return {name: _array(value, f"{path}: input {name!r}")
             for name, value in data.items()}, signature
+  if _is_bytes_value(data):
+    return _array(data, path), signature
   if isinstance(data, list):
     return _array(data, path), signature
   raise ValueError(f"{path}: inputs must be a dict or a nested list.")
@@ -173,12 +175,19 @@ def _array(value, what):
                      "cannot be sent as one tensor).") from None
 
 
+def _is_bytes_value(value):
+  """TF Serving's {"b64": ...}: a value, not a row of named inputs."""
+  return isinstance(value, dict) and set(value) == {"b64"}
+
+
 def _columns(instances, path):
   """TF Serving's row format: a list of rows, or of {input name: value}."""
   if not isinstance(instances, list) or not instances:
     raise ValueError(f"{path}: \"instances\" must be a non-empty list.")
-  if not all(isinstance(row, dict) for row in instances):
-    if any(isinstance(row, dict) for row in instances):
+  named = [isinstance(row, dict) and not _is_bytes_value(row)
+           for row in instances]
+  if not all(named):
+    if any(named):
       raise ValueError(f"{path}: \"instances\" mixes named and bare rows.")
     return instances
   names = sorted(instances[0])

@@ -479,6 +479,7 @@ def main(argv):
         f"{tf.config.threading.get_intra_op_parallelism_threads()}, inter-op "
         f"{tf.config.threading.get_inter_op_parallelism_threads()} "
         "(0: TF's choice)", flush=True)
+  allow_labels = FLAGS.allow_version_labels_for_unavailable_models
   try:
     configs = _configs_from_flags()
     metrics = metrics_path = None
@@ -500,7 +501,7 @@ def main(argv):
                               max_request_bytes=FLAGS.max_request_bytes,
                               reject_non_finite=FLAGS.reject_non_finite,
                               allow_version_labels_for_unavailable_models=(
-                                  FLAGS.allow_version_labels_for_unavailable_models)),
+                                  allow_labels)),
         max_workers=FLAGS.num_workers,
         rest_api_port=FLAGS.rest_api_port or None, metrics=metrics,
         metrics_path=metrics_path, batching=batching)

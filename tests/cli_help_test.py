@@ -1,5 +1,6 @@
 """Tests for dropvar_tf.cli_help: the commands' quiet start and --help."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -7,15 +8,20 @@ import sys
 from dropvar_tf._keras import tf
 
 
-def _stderr(code, check=True):
-  """stderr of a fresh process running `code`.
+def _run(code, check=True):
+  """A fresh process running `code`, as a user's shell starts the commands.
 
-  Without TF_CPP_MIN_LOG_LEVEL, as a user's shell starts the commands.
+  That is without TF_CPP_MIN_LOG_LEVEL.
   """
   return subprocess.run(
       [sys.executable, "-c", code], check=check, capture_output=True,
       text=True, env={k: v for k, v in os.environ.items()
-                      if k != "TF_CPP_MIN_LOG_LEVEL"}).stderr
+                      if k != "TF_CPP_MIN_LOG_LEVEL"})
+
+
+def _stderr(code):
+  """stderr of `_run(code)`."""
+  return _run(code).stderr
 
 
 class QuietStartTest(tf.test.TestCase):
@@ -41,17 +47,25 @@ class QuietStartTest(tf.test.TestCase):
 
   def test_the_commands_print_no_tensorflow_start_up_lines(self):
     # As each console script starts: its name in sys.orig_argv, --help.
-    for command, entry in [("dropvar_export", "export_main"),
-                           ("dropvar_client", "client_main"),
-                           ("dropvar_model_server", "server_main")]:
+    for command, entry, module in [
+        ("dropvar_export", "export_main", "dropvar_tf.export.export_cli"),
+        ("dropvar_client", "client_main", "dropvar_tf.serving.client_cli"),
+        ("dropvar_model_server", "server_main", "dropvar_tf.serving.server")]:
       with self.subTest(command=command):
-        stderr = _stderr(
+        run = _run(
             "import sys\n"
             f"sys.orig_argv = [sys.executable, '/venv/bin/{command}', "
             "'--help']\n"
             f"sys.argv = ['{command}', '--help']\n"
             "from dropvar_tf import cli_help\n"
             f"cli_help.{entry}()\n", check=False)
+        # The tool's usage and flags (absl's --help exits with 1), not a
+        # crash.
+        self.assertEqual(run.returncode, 1, run.stderr)
+        self.assertStartsWith(run.stdout, importlib.import_module(
+            module).__doc__.splitlines()[0])
+        self.assertIn("--model", run.stdout)
+        stderr = run.stderr
         self.assertNotIn("oneDNN", stderr)
         self.assertNotIn("absl::InitializeLog", stderr)
         self.assertNotIn("cuda", stderr.lower())

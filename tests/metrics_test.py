@@ -168,6 +168,17 @@ class DecileTest(tf.test.TestCase):
       self.assertAllClose(metrics.decile_auc(e[order], t[order], top=False),
                           want, rtol=0, atol=1e-12)
 
+  def test_decile_auc_when_ties_at_the_cut_would_take_every_example(self):
+    # 95 zeros: the top "10%" is the 5 nonzero targets, not everything.
+    t = np.concatenate([np.zeros(95), np.arange(1.0, 6.0)])
+    e = np.random.default_rng(6).normal(size=100)
+    self.assertAllClose(metrics.decile_auc(e, t),
+                        sk_metrics.roc_auc_score(t > 0, e), rtol=0,
+                        atol=1e-12)
+    self.assertAllClose(metrics.decile_auc(e, -t, top=False),
+                        sk_metrics.roc_auc_score(t > 0, -e), rtol=0,
+                        atol=1e-12)
+
   def test_decile_auc_errors(self):
     t = _targets(20)
     cases = [

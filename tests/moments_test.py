@@ -427,12 +427,14 @@ class ErrorsTest(tf.test.TestCase):
     d = L.Dropout(0.3)(L.Dense(4, "relu")(x_in))
     twice = keras.Model(x_in, L.Dense(1)(L.Subtract(name="sub")([d, d])))
     with self.assertRaisesRegex(
-        ValueError, r"one tensor that varies under dropout enters it twice.*"
+        ValueError, r"no merge that takes one tensor varying under dropout "
+        r"twice.*"
         r"Received: model=\"layer 'sub' of class Subtract\""):
       moments.moment_model(twice)
-    # A deterministic tensor twice (a square) and a residual are accepted.
+    # A deterministic tensor twice (a square, also next to a random one)
+    # and a residual are accepted.
     h = L.Dense(4, "relu")(x_in)
-    square = L.Multiply()([h, h])
+    square = L.Add()([L.Multiply()([h, h]), d, h, h])
     residual = L.Add()([square, L.Dropout(0.3)(L.Dense(4)(square))])
     model = keras.Model(x_in, L.Dense(1)(residual))
     got = moments.moment_propagation_variation(model, _inputs(8, 4))

@@ -235,6 +235,11 @@ class ExportSavedModelTest(tf.test.TestCase):
         f"Expected a directory path. Received: export_base=\"'{afile}/sub' "
         f"(under the file '{afile}')\""):
       saved_model.export_saved_model(dual, os.path.join(afile, "sub"))
+    dangling = self.base + "_link"
+    os.symlink(os.path.join(self.base, "nowhere"), dangling)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        f"Received: export_base=\"'{dangling}' (a symlink to nothing)\"")):
+      saved_model.export_saved_model(dual, dangling)
     # A read-only mount (as root, permissions alone do not stop writes).
     with mock.patch.object(export_checks.os, "access", return_value=False), \
         mock.patch.object(saved_model, "_build_archive") as build:

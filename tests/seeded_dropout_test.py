@@ -173,6 +173,43 @@ class RowContextTest(tf.test.TestCase):
       self.assertAllClose(got, _reference(self.x, seed, self.keys, t),
                           rtol=1e-6, msg=(seed, t))
 
+  def test_each_call_of_a_shared_dropout_draws_its_own_documented_mask(self):
+    inputs = keras.Input((4,))
+    drop = keras.layers.Dropout(0.5)
+    model = keras.Model(inputs, keras.layers.Concatenate()(
+        [drop(inputs), drop(inputs), drop(inputs)]))
+    clone = seeded_dropout.mc_dropout_model(model)
+    seed, t = 7, 3
+    with seeded_dropout.row_context(self._states(seed, t)):
+      got = clone(self.x).numpy()
+    units = np.arange(4)[None, :]
+    for call in range(3):
+      keep = mask_hash.keep_mask(seed, self.keys[:, None], t,
+                                 call * seeded_dropout.CALL_STRIDE, units, 0.5)
+      # Call 0 keeps the masks of a source called once.
+      self.assertAllClose(got[:, 4 * call:4 * call + 4],
+                          np.where(keep, self.x / 0.5, 0.0), rtol=1e-6,
+                          msg=call)
+    self.assertNotAllClose(got[:, :4], got[:, 4:8])
+    # Counting starts again with every pass.
+    with seeded_dropout.row_context(self._states(seed, t)):
+      self.assertAllEqual(clone(self.x).numpy(), got)
+
+  def test_call_numbers_stay_within_the_hash_index(self):
+    with self.assertRaisesRegex(ValueError, "an integer below 1048576"):
+      seeded_dropout.SeededDropout(0.5, layer_index=2**20)
+    noise = seeded_dropout.SeededDropout(0.5, layer_index=5, name="drop")
+    with seeded_dropout._numbered(noise, 4095):
+      self.assertEqual(noise.call_number, 4095)
+    self.assertEqual(noise.call_number, 0)
+    with self.assertRaisesWithLiteralMatch(
+        ValueError, "Invalid value received for argument `model`. Expected "
+        "dropout sources called at most 4096 times in one forward pass (each "
+        "call draws its own masks). Received: model=\"source 5 ('drop') "
+        "called more often\""):
+      with seeded_dropout._numbered(noise, 4096):
+        pass
+
   def test_same_states_same_masks(self):
     states = self._states(5, 2)
     with seeded_dropout.row_context(states):

@@ -256,6 +256,14 @@ class ClientCliTest(tf.test.TestCase):
                                {"color": {"b64": "cGx1bQ=="}, "n": 2}]}, f)
     self.assertAllEqual(client_cli.load_inputs(path)["color"],
                         [b"red", b"plum"])
+    # Bare rows of one bytes input, and one bytes value as the input.
+    for body, want in [
+        ({"instances": [{"b64": "cmVk"}, {"b64": "cGx1bQ=="}]},
+         [b"red", b"plum"]),
+        ({"inputs": {"b64": "cmVk"}}, b"red")]:
+      with open(path, "w") as f:
+        json.dump(body, f)
+      self.assertAllEqual(client_cli.load_inputs(path), want)
     for value, message in [({"b64": "not base64!"}, "is not base64"),
                            ({"text": "red"}, "an object in a tensor must be")]:
       with open(path, "w") as f:

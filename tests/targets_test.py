@@ -425,6 +425,29 @@ class ResumeTest(tf.test.TestCase):
       self.assertStartsWith(str(e.exception),
                             _ERR_RESUME.format(name="model_fingerprint"))
 
+  def test_fingerprint_leaves_out_names_and_addresses(self):
+    def bidirectional():
+      inputs = keras.Input((5, 3))
+      h = keras.layers.Bidirectional(keras.layers.LSTM(4, dropout=0.2))(
+          inputs)
+      return keras.Model(inputs, keras.layers.Dense(1)(h))
+    first, second = bidirectional(), bidirectional()  # lstm, lstm_1 ...
+    second.set_weights(first.get_weights())
+    self.assertEqual(targets.model_fingerprint(first),
+                     targets.model_fingerprint(second))
+
+    class Scaled(keras.layers.Layer):
+      def __init__(self, fn=np.tanh, **kwargs):
+        super().__init__(**kwargs)
+        self.fn = fn
+
+      def get_config(self):
+        return dict(super().get_config(), fn=self.fn, kinds={"a", "b"})
+
+    config = targets._layer_config(Scaled())
+    self.assertNotIn("0x", config)
+    self.assertIn("<numpy.ufunc>", config)
+
   def test_dataset_resume_checks_chunk_inputs(self):
     path = tempfile.mkdtemp(dir=self.get_temp_dir())
     ds = tf.data.Dataset.from_tensor_slices(self.x).filter(lambda v: True)

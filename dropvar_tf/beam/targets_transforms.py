@@ -129,7 +129,8 @@ class TargetsFn(beam.DoFn):
     self._model = load_keras_model(self._model_path, c["import_modules"])
     if targets.model_fingerprint(self._model) != c["model_fingerprint"]:
       raise ValueError(f"The model file {self._model_path!r} changed while "
-                       f"the pipeline ran (weight fingerprint differs).")
+                       f"the pipeline ran (its fingerprint, of architecture "
+                       "and weights, differs).")
 
   def process(self, item):
     c = self._config
