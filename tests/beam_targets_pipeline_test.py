@@ -388,6 +388,40 @@ class TargetsPipelineTest(tf.test.TestCase):
     self.assertIn("did you mean --num_samples?", stderr.getvalue())
     self.assertFalse(os.path.exists(output))
 
+  def test_cli_refuses_out_of_range_values_before_any_work(self):
+    output = os.path.join(self.new_dir(), "out")
+    for extra, message in [
+        (["--num_samples", "0"], "argument --num_samples: expected an "
+         "integer >= 2, got 0"),
+        (["--output_format", "csv"], "argument --output_format: expected "
+         "one of tfrecord, parquet, got 'csv'")]:
+      with self.subTest(extra=extra):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+          with self.assertRaises(SystemExit) as ctx:
+            targets_pipeline.main(self.cli_args(output) + extra)
+        self.assertEqual(ctx.exception.code, 2)
+        self.assertTrue(stderr.getvalue().endswith(f"error: {message}\n"),
+                        stderr.getvalue())
+    self.assertFalse(os.path.exists(output))
+
+  def test_cli_answers_a_bad_file_in_one_line(self):
+    keys = os.path.join(self.root, "float_keys.npz")
+    np.savez(keys, key=np.arange(5) + 0.5, features=self.x[:5])
+    for args, message in [
+        (["--model", os.path.join(self.root, "missing.keras")], "missing"),
+        (["--input", keys], "Expected an integer 'key' array (keys are "
+         "int64)")]:
+      with self.subTest(args=args):
+        cli = self.cli_args(os.path.join(self.new_dir(), "out"))
+        for flag, value in zip(args[::2], args[1::2]):
+          cli[cli.index(flag) + 1] = value
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+          self.assertEqual(targets_pipeline.main(cli), 1)
+        self.assertIn(message, stderr.getvalue())
+        self.assertLen(stderr.getvalue().strip().splitlines(), 1)
+
   def test_cli(self):
     output = self.new_dir()
     code = targets_pipeline.main([

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from unittest import mock
 
+from absl import app
 from absl import flags
 import numpy as np
 
@@ -131,6 +132,23 @@ class MainTest(tf.test.TestCase):
     self.assertEqual(kwargs["num_samples"], 20)
     self.assertEqual(kwargs["num_perturbed"], 1500)
     self.assertNotIn("quick", kwargs)
+
+  def test_quick_keeps_the_sizes_given(self):
+    kwargs = self._main_kwargs(["--quick", "--num_samples=7",
+                                "--output_dir=/tmp/x"])
+    self.assertEqual((kwargs["num_samples"], kwargs["base_epochs"]), (7, 15))
+
+  def test_bad_sizes_and_an_output_file_are_usage_errors(self):
+    for argv in (["--num_samples=-5"], ["--base_epochs=0"],
+                 ["--dropout_rate=1.0"]):
+      with self.subTest(argv=argv):
+        with self.assertRaises(flags.IllegalFlagValueError):
+          self._main_kwargs(argv)
+    afile = os.path.join(self.get_temp_dir(), "a_file")
+    with open(afile, "w") as f:
+      f.write("x")
+    with self.assertRaisesRegex(app.UsageError, "is a file, not a directory"):
+      self._main_kwargs([f"--output_dir={afile}"])
 
   def test_flags_passed_through(self):
     kwargs = self._main_kwargs(["--num_samples=7", "--noexport",

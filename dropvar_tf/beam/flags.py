@@ -155,4 +155,46 @@ def parse(pipeline, argv):
   """
   args, rest = parser(pipeline).parse_known_args(list(argv))
   require(args, PIPELINES[pipeline][3])
+  check_values(pipeline, args)
   return args, rest
+
+
+# Per pipeline: the smallest value of each integer flag.
+_LOWER_BOUNDS = {
+    TARGETS: {"num_samples": 2, "batch_size": 1, "num_shards": 1,
+              "beam_batch_size": 1},
+    SCORING: {"batch_size": 1, "num_shards": 1, "beam_batch_size": 1},
+}
+
+
+def check_values(pipeline, args):
+  """Exits with a usage error for an out-of-range number or unknown format.
+
+  argparse checks types and `choices`; `--output_format` has no `choices`
+  (see `add_targets_flags`) and the numbers no bounds, so they are checked
+  here, before any work.
+
+  Raises:
+    SystemExit: with status 2, the flag and its value on stderr.
+  """
+  for name, lowest in _LOWER_BOUNDS[pipeline].items():
+    value = getattr(args, name)
+    if value is not None and value < lowest:
+      usage_error(f"argument --{name}: expected an integer >= {lowest}, "
+                  f"got {value}")
+  allowed = (formats.TARGET_FORMATS if pipeline == TARGETS
+             else formats.SCORE_FORMATS)
+  if args.output_format not in allowed:
+    usage_error(f"argument --output_format: expected one of "
+                f"{', '.join(allowed)}, got {args.output_format!r}")
+
+
+def run_error(error):
+  """Writes `prog: error: <error>` to stderr; returns exit status 1.
+
+  A bad file or input found once the pipeline runs: its message, without a
+  traceback.
+  """
+  prog = os.path.basename(sys.argv[0])
+  sys.stderr.write(f"{prog}: error: {error}\n")
+  return 1

@@ -50,6 +50,7 @@ Example:
 import json
 import sys
 
+from dropvar_tf import cli_help
 from dropvar_tf import contract
 from dropvar_tf.beam import flags
 from dropvar_tf.beam import formats
@@ -128,7 +129,8 @@ def main(argv=None):
   summary as JSON. Beam's INFO logs are off unless `--verbose`.
 
   Returns:
-    0 (the exit status).
+    0 (the exit status), or 1 after one line on stderr for a model or
+    input the pipeline cannot use (a ValueError or OSError).
 
   Raises:
     SystemExit: status 2 (a usage error, before any work) for an unknown
@@ -142,13 +144,19 @@ def main(argv=None):
     options.refuse_unknown(argv)
   if not args.verbose:
     argv = options.quiet_beam_logs(argv)
-  summary = run_scoring_pipeline(
-      args.saved_model, args.input, args.output,
-      output_format=args.output_format, input_format=args.input_format,
-      key_feature=args.key_feature, batch_size=args.batch_size,
-      num_shards=args.num_shards, signature=args.signature,
-      beam_batch_size=args.beam_batch_size, resume=not args.no_resume,
-      pipeline_args=argv)
+    # TensorFlow's native start-up lines (oneDNN, CUDA stubs) off too.
+    cli_help.load_tensorflow_quietly()
+  try:
+    summary = run_scoring_pipeline(
+        args.saved_model, args.input, args.output,
+        output_format=args.output_format, input_format=args.input_format,
+        key_feature=args.key_feature, batch_size=args.batch_size,
+        num_shards=args.num_shards, signature=args.signature,
+        beam_batch_size=args.beam_batch_size, resume=not args.no_resume,
+        pipeline_args=argv)
+  except (ValueError, OSError) as e:
+    # A bad model or input file, found at launch or while running.
+    return flags.run_error(e)
   print(json.dumps(summary, sort_keys=True))
   return 0
 

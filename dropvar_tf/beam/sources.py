@@ -75,14 +75,32 @@ def resolve_input_format(input_format, files):
 
 def _npz_header(path, name):
   """Shape of array `name` of an .npz file, read from its header only."""
+  return _npz_shape_and_dtype(path, name)[0]
+
+
+def _npz_shape_and_dtype(path, name):
+  """(shape, dtype) of array `name` of an .npz file, from its header only."""
   with FileSystems.open(path) as f, zipfile.ZipFile(f) as z:
     with z.open(f"{name}.npy") as member:
       version = np.lib.format.read_magic(member)
       if version == (1, 0):
-        shape, _, _ = np.lib.format.read_array_header_1_0(member)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
       else:
-        shape, _, _ = np.lib.format.read_array_header_2_0(member)
-  return shape
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+  return shape, dtype
+
+
+def _check_key_dtype(path, key_feature):
+  """Keys are int64 (as TFRecord keys are): refuse floats and uint64.
+
+  A float key would be truncated to an integer (two examples could share
+  one) and a uint64 key of 2**63 or more would not fit.
+  """
+  dtype = _npz_shape_and_dtype(path, key_feature)[1]
+  if not (dtype.kind == "i" or (dtype.kind == "u" and dtype.itemsize < 8)):
+    raise validation.invalid(
+        "input", f"an integer {key_feature!r} array (keys are int64)",
+        f"{path!r} with {key_feature!r} of dtype {dtype}")
 
 
 def _npz_names(path):
@@ -110,6 +128,8 @@ def npz_ranges(files, input_specs, key_feature, range_rows=NPZ_RANGE_ROWS):
     has_keys = key_feature in names
     if not has_keys:
       keyless.append(path)
+    else:
+      _check_key_dtype(path, key_feature)
     rows = {_npz_header(path, n)[0] for n in needed + (
         [key_feature] if has_keys else [])}
     if len(rows) != 1:

@@ -54,6 +54,7 @@ Then `keys, dpv = read_targets("targets/")`.
 import json
 import sys
 
+from dropvar_tf import cli_help
 from dropvar_tf.beam import flags
 from dropvar_tf.beam import formats
 
@@ -134,7 +135,8 @@ def main(argv=None):
   summary as JSON. Beam's INFO logs are off unless `--verbose`.
 
   Returns:
-    0 (the exit status).
+    0 (the exit status), or 1 after one line on stderr for a model or
+    input the pipeline cannot use (a ValueError or OSError).
 
   Raises:
     SystemExit: status 2 (a usage error, before any work) for an unknown
@@ -148,14 +150,20 @@ def main(argv=None):
     options.refuse_unknown(argv)
   if not args.verbose:
     argv = options.quiet_beam_logs(argv)
-  summary = run_targets_pipeline(
-      args.model, args.input, args.output, num_samples=args.num_samples,
-      seed=args.seed, statistic=args.statistic, batch_size=args.batch_size,
-      num_shards=args.num_shards, output_format=args.output_format,
-      input_format=args.input_format, key_feature=args.key_feature,
-      input_feature=args.input_feature, beam_batch_size=args.beam_batch_size,
-      resume=not args.no_resume, extra_modules=args.import_module,
-      pipeline_args=argv)
+    # TensorFlow's native start-up lines (oneDNN, CUDA stubs) off too.
+    cli_help.load_tensorflow_quietly()
+  try:
+    summary = run_targets_pipeline(
+        args.model, args.input, args.output, num_samples=args.num_samples,
+        seed=args.seed, statistic=args.statistic, batch_size=args.batch_size,
+        num_shards=args.num_shards, output_format=args.output_format,
+        input_format=args.input_format, key_feature=args.key_feature,
+        input_feature=args.input_feature, beam_batch_size=args.beam_batch_size,
+        resume=not args.no_resume, extra_modules=args.import_module,
+        pipeline_args=argv)
+  except (ValueError, OSError) as e:
+    # A bad model or input file, found at launch or while running.
+    return flags.run_error(e)
   manifest = summary.pop("manifest")
   if manifest is not None:
     summary["num_keys"] = manifest["num_keys"]

@@ -14,9 +14,11 @@ cache.
 """
 
 import dataclasses
+import os
 import sys
 import warnings
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -116,9 +118,16 @@ def main(argv):
   task_names = FLAGS.tasks
   if FLAGS.shift and not task_names:
     task_names = list(shift.SHIFT_TASKS)
-  config = make_config(FLAGS.small, task_names, FLAGS.rates,
-                       FLAGS.num_samples, FLAGS.num_perturbed,
-                       FLAGS.head_epochs, FLAGS.seed, FLAGS.cache_dir or None)
+  if os.path.exists(FLAGS.output_dir) and not os.path.isdir(FLAGS.output_dir):
+    raise app.UsageError(f"--output_dir={FLAGS.output_dir} is a file, not a "
+                         "directory.")
+  try:
+    config = make_config(FLAGS.small, task_names, FLAGS.rates,
+                         FLAGS.num_samples, FLAGS.num_perturbed,
+                         FLAGS.head_epochs, FLAGS.seed,
+                         FLAGS.cache_dir or None)
+  except ValueError as e:  # A bad flag value, named: before any work.
+    raise app.UsageError(str(e)) from None
   # Keras warns on every head fit that a pre-shuffled dataset is not
   # shuffled again, and on every cached base model that its optimizer state
   # is not loaded (none is needed); both are intended and would drown the

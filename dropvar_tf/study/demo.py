@@ -13,6 +13,7 @@ import json
 import os
 import time
 
+from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
@@ -28,24 +29,29 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_string(
       "output_dir", "runs/digits", "Where plots, report and export go.",
       flag_values=flag_values)
+  # Bounds are checked as the flags are parsed: a bad value is one usage
+  # line before any work, not a traceback after the base model trained.
   flags.DEFINE_integer(
       "num_samples", 100, "T: stochastic passes per MC target.",
-      flag_values=flag_values)
+      lower_bound=2, flag_values=flag_values)
   flags.DEFINE_float(
       "dropout_rate", 0.3, "Dropout rate of the base model.",
-      flag_values=flag_values)
+      lower_bound=0.0, upper_bound=0.99, flag_values=flag_values)
   flags.DEFINE_integer(
-      "num_perturbed", 16000, "Perturbed calibration inputs for the head.",
-      flag_values=flag_values)
+      "num_perturbed", 16000,
+      "Perturbed calibration inputs for the head (at least 100).",
+      lower_bound=100, flag_values=flag_values)
   flags.DEFINE_integer(
       "base_epochs", 60, "Epochs of base-model training.",
-      flag_values=flag_values)
+      lower_bound=1, flag_values=flag_values)
   flags.DEFINE_integer(
       "head_epochs", 60, "Maximum epochs of head training.",
-      flag_values=flag_values)
+      lower_bound=1, flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "Global seed.", flag_values=flag_values)
   flags.DEFINE_bool(
-      "quick", False, "Small settings for a smoke run (CI).",
+      "quick", False, "Small settings for a smoke run (CI): --num_samples=20 "
+      "--num_perturbed=1500 --base_epochs=15 --head_epochs=15, except those "
+      "given.",
       flag_values=flag_values)
   flags.DEFINE_bool(
       "export", True, "Export the dual SavedModel at the end.",
@@ -153,6 +159,9 @@ def run(output_dir, num_samples=100, dropout_rate=0.3, num_perturbed=16000,
 
 def main(argv):
   del argv
+  if os.path.exists(FLAGS.output_dir) and not os.path.isdir(FLAGS.output_dir):
+    raise app.UsageError(f"--output_dir={FLAGS.output_dir} is a file, not a "
+                         "directory.")
   # The terminal shows the job's results, not TF's INFO lines (export) or
   # its tf.function retracing hints (Keras' predict on a few data sizes).
   from dropvar_tf._keras import tf
@@ -162,8 +171,10 @@ def main(argv):
                num_perturbed=FLAGS.num_perturbed,
                base_epochs=FLAGS.base_epochs, head_epochs=FLAGS.head_epochs)
   if FLAGS.quick:
-    sizes.update(num_samples=20, num_perturbed=1500, base_epochs=15,
+    quick = dict(num_samples=20, num_perturbed=1500, base_epochs=15,
                  head_epochs=15)
+    sizes.update({name: value for name, value in quick.items()
+                  if not FLAGS[name].present})
   run(output_dir=FLAGS.output_dir, dropout_rate=FLAGS.dropout_rate,
       seed=FLAGS.seed, export=FLAGS.export, **sizes)
 
