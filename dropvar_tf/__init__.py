@@ -20,6 +20,7 @@ import importlib
 import os
 import sys
 
+from dropvar_tf import contract as _contract
 from dropvar_tf.version import __version__
 from dropvar_tf.contract import OUT_OF_RANGE_KEY
 from dropvar_tf.contract import OUTPUT_KEYS
@@ -105,12 +106,6 @@ def __dir__():
   return sorted(set(globals()) | set(_LAZY))
 
 
-# The modules that register Keras-serializable classes.
-_KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
-                         "dropvar_tf.moment_layers",
-                         "dropvar_tf.seeded_dropout")
-
-
 # Console scripts that load TensorFlow themselves (`study.launch`,
 # `cli_help.launch`).
 _OWN_COMMANDS = ("dropvar", "dropvar_export", "dropvar_client",
@@ -138,6 +133,6 @@ def _runs_own_module(argv=None):
 
 
 if not _runs_own_module():
-  for _module in _KERAS_OBJECT_MODULES:
+  for _module in _contract.KERAS_OBJECT_MODULES:
     importlib.import_module(_module)
   del _module

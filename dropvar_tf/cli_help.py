@@ -23,6 +23,8 @@ import sys
 from absl import app
 from absl import flags
 
+from dropvar_tf import contract
+
 
 @contextlib.contextmanager
 def native_stderr_silenced():
@@ -68,8 +70,7 @@ def launch(module, keras_objects=False):
   load_tensorflow_quietly()
   if keras_objects:
     # What `import dropvar_tf` does for every other program.
-    package = importlib.import_module("dropvar_tf")
-    for name in package._KERAS_OBJECT_MODULES:  # noqa: SLF001
+    for name in contract.KERAS_OBJECT_MODULES:
       importlib.import_module(name)
   importlib.import_module(module).run_main()
 

@@ -86,6 +86,13 @@ def output_names(keys):
   return names
 
 # SavedModel signature names.
+# The modules that register dropvar_tf's Keras-serializable classes: a
+# `.keras` dual loads only once they are imported (`import dropvar_tf` does,
+# and `cli_help.launch` for the package's own commands).
+KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
+                        "dropvar_tf.moment_layers",
+                        "dropvar_tf.seeded_dropout")
+
 SERVING_SIGNATURE = "serving_default"
 MC_DROPOUT_SIGNATURE = "mc_dropout"
 
