@@ -93,6 +93,10 @@ KERAS_OBJECT_MODULES = ("dropvar_tf.layers", "dropvar_tf.head_layers",
                         "dropvar_tf.moment_layers",
                         "dropvar_tf.seeded_dropout")
 
+# The largest version TF Serving loads (its versions are int64): exports
+# refuse larger ones, the server skips their folders.
+MAX_VERSION = 2**63 - 1
+
 SERVING_SIGNATURE = "serving_default"
 MC_DROPOUT_SIGNATURE = "mc_dropout"
 

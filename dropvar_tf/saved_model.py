@@ -281,20 +281,17 @@ def read_export_metadata(path):
 # Version folders.
 
 
-# TF Serving's versions are int64.
-MAX_VERSION = 2**63 - 1
-
-
 def _numbered_names(export_base, folders_only):
   """Sorted integers named by entries of `export_base` (ASCII digits).
 
-  Numbers above `MAX_VERSION` are left out, as TF Serving skips them.
+  Numbers above `contract.MAX_VERSION` are left out, as TF Serving skips them.
   """
   if not os.path.isdir(export_base):
     return []
   numbers = []
   for name in os.listdir(export_base):
-    if not (name.isascii() and name.isdigit()) or int(name) > MAX_VERSION:
+    if not (name.isascii() and name.isdigit()) or (
+        int(name) > contract.MAX_VERSION):
       continue
     if not folders_only or os.path.isdir(os.path.join(export_base, name)):
       numbers.append(int(name))
@@ -311,14 +308,14 @@ def _resolve_version(export_base, version):
     # A file with a version's name takes that name too: the next is after it.
     taken = _numbered_names(export_base, folders_only=False)
     version = taken[-1] + 1 if taken else 1
-    if version > MAX_VERSION:
+    if version > contract.MAX_VERSION:
       raise validation.invalid(
           "version", "an explicit free version: the next after "
           f"{export_base!r}/{taken[-1]} is above TF Serving's largest "
           "(2**63 - 1)", None)
     return version
   version = validation.check_int(version, "version", 1)
-  if version > MAX_VERSION:
+  if version > contract.MAX_VERSION:
     raise validation.invalid(
         "version", "an integer in [1, 2**63 - 1] (TF Serving's versions are "
         "int64)", version)

@@ -41,6 +41,7 @@ from dropvar_tf import contract
 from dropvar_tf import saved_model
 from dropvar_tf.serving import client as client_lib
 from dropvar_tf.serving import errors
+from dropvar_tf.serving import json_codec
 
 FLAGS = flags.FLAGS
 
@@ -138,10 +139,10 @@ def load_request(path):
                        f"string; got {signature!r}.")
     data = (_columns(data["instances"], path) if keys == ["instances"]
             else data["inputs"])
-  if isinstance(data, dict) and not _is_bytes_value(data):
+  if isinstance(data, dict) and not json_codec.is_base64_object(data):
     return {name: _array(value, f"{path}: input {name!r}")
             for name, value in data.items()}, signature
-  if _is_bytes_value(data):
+  if json_codec.is_base64_object(data):
     return _array(data, path), signature
   if isinstance(data, list):
     return _array(data, path), signature
@@ -153,7 +154,8 @@ def _decoded(value, what):
   if isinstance(value, list):
     return [_decoded(v, what) for v in value]
   if isinstance(value, dict):
-    if set(value) != {"b64"} or not isinstance(value["b64"], str):
+    if (not json_codec.is_base64_object(value) or
+        not isinstance(value["b64"], str)):
       raise ValueError(f"{what}: an object in a tensor must be "
                        f"{{\"b64\": \"<base64>\"}}; got {value!r}.")
     try:
@@ -175,16 +177,11 @@ def _array(value, what):
                      "cannot be sent as one tensor).") from None
 
 
-def _is_bytes_value(value):
-  """TF Serving's {"b64": ...}: a value, not a row of named inputs."""
-  return isinstance(value, dict) and set(value) == {"b64"}
-
-
 def _columns(instances, path):
   """TF Serving's row format: a list of rows, or of {input name: value}."""
   if not isinstance(instances, list) or not instances:
     raise ValueError(f"{path}: \"instances\" must be a non-empty list.")
-  named = [isinstance(row, dict) and not _is_bytes_value(row)
+  named = [isinstance(row, dict) and not json_codec.is_base64_object(row)
            for row in instances]
   if not all(named):
     if any(named):

@@ -59,7 +59,8 @@ def _parse_float(text):
   return value
 
 
-def _is_base64_object(value):
+def is_base64_object(value):
+  """Whether a JSON value is TF Serving's {"b64": ...}: bytes, not a row."""
   return isinstance(value, dict) and len(value) == 1 and _BASE64_KEY in value
 
 
@@ -100,7 +101,7 @@ def _dense_shape(value):
 def _check_leaf(value, dtype_enum):
   """Raises TF Serving's type error when a JSON leaf cannot be `dtype`."""
   if dtype_enum == types_pb2.DT_STRING:
-    ok = isinstance(value, str) or _is_base64_object(value)
+    ok = isinstance(value, str) or is_base64_object(value)
   elif dtype_enum == types_pb2.DT_BOOL:
     ok = isinstance(value, bool)
   elif isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -288,7 +289,7 @@ def _instances(doc, dtypes):
         f"JSON Value: {_debug_string(doc)} No values in 'instances' array")
 
   def is_object(value):
-    return isinstance(value, dict) and not _is_base64_object(value)
+    return isinstance(value, dict) and not is_base64_object(value)
 
   if not is_object(instances[0]) and len(dtypes) > 1:
     raise errors.invalid_argument(
@@ -334,7 +335,7 @@ def _instances(doc, dtypes):
 
 
 def _columnar(value, dtypes):
-  if not isinstance(value, dict) or _is_base64_object(value):
+  if not isinstance(value, dict) or is_base64_object(value):
     if len(dtypes) > 1:
       raise errors.invalid_argument(
           "inputs is a plain value/list, but expecting an object as multiple "

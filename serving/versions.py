@@ -17,13 +17,12 @@ import time
 from absl import logging
 import grpc
 
+from dropvar_tf import contract
 from dropvar_tf.serving import bundle
 from dropvar_tf.serving import errors
 from tensorflow_serving.apis import get_model_status_pb2
 
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
-# Versions are int64 (TF Serving skips a folder whose name is larger).
-MAX_VERSION = 2**63 - 1
 _State = get_model_status_pb2.ModelVersionStatus.State
 
 DEFAULT_POLL_SECONDS = 1.0
@@ -68,12 +67,12 @@ def list_versions(base_path):
     if not any(os.path.exists(os.path.join(path, f))
                for f in _SAVED_MODEL_FILES):
       continue
-    if int(name) > MAX_VERSION:
+    if int(name) > contract.MAX_VERSION:
       # Not an int64, so not a version TF Serving would load (it skips the
       # folder); it must not replace the versions being served.
       logging.log_every_n_seconds(
           logging.WARNING, "Ignoring %s: version numbers are int64 (at most "
-          "%d).", 60, path, MAX_VERSION)
+          "%d).", 60, path, contract.MAX_VERSION)
       continue
     versions[int(name)] = path
   return versions

@@ -90,13 +90,12 @@ def _npz_shape_and_dtype(path, name):
   return shape, dtype
 
 
-def _check_key_dtype(path, key_feature):
+def _check_key_dtype(path, key_feature, dtype):
   """Keys are int64 (as TFRecord keys are): refuse floats and uint64.
 
   A float key would be truncated to an integer (two examples could share
   one) and a uint64 key of 2**63 or more would not fit.
   """
-  dtype = _npz_shape_and_dtype(path, key_feature)[1]
   if not (dtype.kind == "i" or (dtype.kind == "u" and dtype.itemsize < 8)):
     raise validation.invalid(
         "input", f"an integer {key_feature!r} array (keys are int64)",
@@ -126,12 +125,13 @@ def npz_ranges(files, input_specs, key_feature, range_rows=NPZ_RANGE_ROWS):
           "input", f".npz files with the arrays {needed} (and optionally "
           f"{key_feature!r})", f"{path!r} without {missing}")
     has_keys = key_feature in names
-    if not has_keys:
-      keyless.append(path)
+    rows = {_npz_header(path, n)[0] for n in needed}
+    if has_keys:
+      key_shape, key_dtype = _npz_shape_and_dtype(path, key_feature)
+      _check_key_dtype(path, key_feature, key_dtype)
+      rows.add(key_shape[0])
     else:
-      _check_key_dtype(path, key_feature)
-    rows = {_npz_header(path, n)[0] for n in needed + (
-        [key_feature] if has_keys else [])}
+      keyless.append(path)
     if len(rows) != 1:
       raise validation.invalid("input", "arrays with one number of rows",
                                f"{path!r} with row counts {sorted(rows)}")

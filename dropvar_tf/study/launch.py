@@ -1,7 +1,7 @@
 """The `dropvar` command: the main job, without TensorFlow's start-up lines.
 
 The main job prints its results only: TensorFlow is loaded as the other
-commands load it (`cli_help.load_tensorflow_quietly`), then `demo` runs.
+commands load it (`cli_help.launch`), then `demo` runs.
 """
 
 from dropvar_tf import cli_help
@@ -13,6 +13,4 @@ def run_main():
   Side effect: sets `TF_CPP_MIN_LOG_LEVEL` to 2 (TensorFlow's native errors
   only) unless it is set already.
   """
-  cli_help.load_tensorflow_quietly()
-  from dropvar_tf.study import demo  # noqa: PLC0415 - after TensorFlow
-  demo.run_main()
+  cli_help.launch("dropvar_tf.study.demo")
